@@ -1,0 +1,497 @@
+//! The building blocks shared by the UNet and the ControlNet, mirroring diffusers' modules one to one
+//! (`ResnetBlock2D`, `Transformer2DModel`, `DownBlock2D`, `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`,
+//! `UpBlock2D`, `CrossAttnUpBlock2D`, `Timesteps`, `TimestepEmbedding`).
+//!
+//! candle-transformers has similar blocks, but they hard-code details that differ from diffusers' configs (the
+//! resnets of its down/up blocks always use 32 groups, whatever `norm_num_groups` says), so sketchx owns these:
+//! every width, group count and epsilon comes from the model's `config.json`. Variable paths equal checkpoint keys.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear, VarBuilder,
+};
+
+type CResult<T> = candle_core::Result<T>;
+
+fn conv3(vb: VarBuilder, cin: usize, cout: usize, stride: usize, padding: usize) -> CResult<Conv2d> {
+    conv2d(
+        cin,
+        cout,
+        3,
+        Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> CResult<Conv2d> {
+    conv2d(cin, cout, 1, Default::default(), vb)
+}
+
+/// diffusers' `get_timestep_embedding` (sinusoidal) followed by `TimestepEmbedding` (linear, SiLU, linear).
+#[derive(Debug)]
+pub struct TimeEmbedding {
+    freqs: Vec<f32>,
+    flip_sin_to_cos: bool,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimeEmbedding {
+    /// `channels` sinusoidal features projected to `embed_dim`; weights under `time_embedding`.
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        embed_dim: usize,
+        flip_sin_to_cos: bool,
+        freq_shift: f64,
+    ) -> CResult<Self> {
+        let half = channels / 2;
+        // Same float32 arithmetic as torch: exp((-ln(10000) * arange(half)) / (half - shift)).
+        let neg_log = -(10000f64.ln()) as f32;
+        let denom = (half as f64 - freq_shift) as f32;
+        let freqs = (0..half).map(|i| ((neg_log * i as f32) / denom).exp()).collect();
+        Ok(Self {
+            freqs,
+            flip_sin_to_cos,
+            linear_1: linear(channels, embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear(embed_dim, embed_dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    /// The embedding `(batch, embed_dim)` of one timestep repeated `batch` times.
+    pub fn forward(&self, timestep: f64, batch: usize, vb_dtype: DType, device: &candle_core::Device) -> CResult<Tensor> {
+        let t = timestep as f32;
+        let args: Vec<f32> = self.freqs.iter().map(|f| t * f).collect();
+        let sin = args.iter().map(|a| a.sin());
+        let cos = args.iter().map(|a| a.cos());
+        let mut emb: Vec<f32> = if self.flip_sin_to_cos {
+            cos.chain(sin).collect()
+        } else {
+            sin.chain(cos).collect()
+        };
+        if emb.len() < self.linear_1.weight().dim(1)? {
+            emb.push(0.0); // odd channel count: zero padding, as diffusers does
+        }
+        let n = emb.len();
+        let emb = Tensor::from_vec(emb, (1, n), device)?
+            .to_dtype(vb_dtype)?
+            .repeat((batch, 1))?;
+        let h = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
+        self.linear_2.forward(&h)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` (time-embedding shift "default", SiLU).
+#[derive(Debug)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// The per-model numbers every block needs.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockParams {
+    /// Groups of every group norm (`norm_num_groups`).
+    pub groups: usize,
+    /// Epsilon of the resnets' group norms (`norm_eps`).
+    pub eps: f64,
+    /// Width of the time embedding.
+    pub temb: usize,
+    /// Width of the text embeddings (`cross_attention_dim`).
+    pub cross_dim: usize,
+    /// Whether transformers project with linear layers instead of 1x1 convolutions.
+    pub linear_projection: bool,
+}
+
+impl ResnetBlock {
+    /// A resnet from `cin` to `cout` channels.
+    pub fn new(vb: VarBuilder, cin: usize, cout: usize, p: &BlockParams, scale: f64) -> CResult<Self> {
+        Ok(Self {
+            norm1: group_norm(p.groups, cin, p.eps, vb.pp("norm1"))?,
+            conv1: conv3(vb.pp("conv1"), cin, cout, 1, 1)?,
+            time_emb_proj: if p.temb > 0 {
+                Some(linear(p.temb, cout, vb.pp("time_emb_proj"))?)
+            } else {
+                None
+            },
+            norm2: group_norm(p.groups, cout, p.eps, vb.pp("norm2"))?,
+            conv2: conv3(vb.pp("conv2"), cout, cout, 1, 1)?,
+            shortcut: if cin != cout {
+                Some(conv1(vb.pp("conv_shortcut"), cin, cout)?)
+            } else {
+                None
+            },
+            output_scale_factor: scale,
+        })
+    }
+
+    /// `(x + block(x, temb)) / output_scale_factor`.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
+        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = match &self.time_emb_proj {
+            Some(p) => {
+                let t = p.forward(&candle_nn::ops::silu(temb)?)?;
+                h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
+            }
+            None => h,
+        };
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// Multi-head attention (`Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`).
+#[derive(Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, head_dim: usize) -> CResult<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(ctx_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(ctx_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> CResult<Tensor> {
+        let ctx = ctx.unwrap_or(xs);
+        let (b, n, _) = xs.dims3()?;
+        let m = ctx.dim(1)?;
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let inner = q.dim(D::Minus1)?;
+        let hd = inner / self.heads;
+        let split = |t: Tensor, len: usize| -> CResult<Tensor> {
+            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(q, n)?;
+        let k = split(k, m)?;
+        let v = split(v, m)?;
+        let in_dtype = q.dtype();
+        let att = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * self.scale)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(in_dtype)?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
+        self.to_out.forward(&o)
+    }
+}
+
+#[derive(Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, ctx_dim: usize) -> CResult<Self> {
+        let ff_inner = dim * 4;
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, head_dim)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_in: linear(dim, ff_inner * 2, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(ff_inner, dim, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
+        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let geglu = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&geglu)? + xs
+    }
+}
+
+#[derive(Debug)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` for spatial inputs: group norm, projection in, transformer blocks (self- and
+/// cross-attention, GEGLU feed-forward), projection out, residual.
+#[derive(Debug)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl SpatialTransformer {
+    /// `depth` transformer blocks over `channels` channels split into `heads` heads.
+    pub fn new(vb: VarBuilder, channels: usize, heads: usize, depth: usize, p: &BlockParams) -> CResult<Self> {
+        let head_dim = channels / heads;
+        let inner = heads * head_dim;
+        let (proj_in, proj_out) = if p.linear_projection {
+            (
+                Proj::Linear(linear(channels, inner, vb.pp("proj_in"))?),
+                Proj::Linear(linear(inner, channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Proj::Conv(conv1(vb.pp("proj_in"), channels, inner)?),
+                Proj::Conv(conv1(vb.pp("proj_out"), inner, channels)?),
+            )
+        };
+        let blocks = (0..depth)
+            .map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), inner, heads, head_dim, p.cross_dim))
+            .collect::<CResult<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(p.groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    /// Applies the transformer to `xs` `(b, c, h, w)` attending to `ctx` `(b, tokens, cross_dim)`.
+    pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+        let (b, _, h, w) = xs.dims4()?;
+        let to_seq = |t: Tensor| -> CResult<Tensor> {
+            let c = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let normed = self.norm.forward(xs)?;
+        let mut hs = match &self.proj_in {
+            Proj::Conv(c) => to_seq(c.forward(&normed)?)?,
+            Proj::Linear(l) => l.forward(&to_seq(normed)?)?,
+        };
+        for blk in &self.blocks {
+            hs = blk.forward(&hs, ctx)?;
+        }
+        let inner = hs.dim(D::Minus1)?;
+        let to_img = |t: Tensor, c: usize| -> CResult<Tensor> {
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(c) => c.forward(&to_img(hs, inner)?)?,
+            Proj::Linear(l) => {
+                let o = l.forward(&hs)?;
+                let c = o.dim(D::Minus1)?;
+                to_img(o, c)?
+            }
+        };
+        out + xs
+    }
+}
+
+/// A down block: resnets (each optionally followed by a transformer), then an optional stride-2 convolution.
+/// Returns the output and every intermediate state (the UNet's skip connections).
+#[derive(Debug)]
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    downsample: Option<(Conv2d, usize)>,
+}
+
+/// What kind of block and how wide: one entry of `down_block_types` with its config values.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSpec {
+    /// Output channels of the block.
+    pub channels: usize,
+    /// `Some(depth)` for cross-attention blocks (transformer layers per attention), `None` for plain blocks.
+    pub cross_attention: Option<usize>,
+    /// Attention heads.
+    pub heads: usize,
+}
+
+impl DownBlock {
+    /// A down block from `cin` channels with `layers` resnets; `downsample_padding` as in the config.
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        spec: &BlockSpec,
+        layers: usize,
+        downsample: Option<usize>,
+        p: &BlockParams,
+    ) -> CResult<Self> {
+        let c = spec.channels;
+        let resnets = (0..layers)
+            .map(|i| ResnetBlock::new(vb.pp("resnets").pp(i), if i == 0 { cin } else { c }, c, p, 1.0))
+            .collect::<CResult<Vec<_>>>()?;
+        let attentions = match spec.cross_attention {
+            Some(depth) => (0..layers)
+                .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p))
+                .collect::<CResult<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let downsample = match downsample {
+            Some(pad) => Some((conv3(vb.pp("downsamplers.0.conv"), c, c, 2, pad)?, pad)),
+            None => None,
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsample,
+        })
+    }
+
+    /// Runs the block, appending each intermediate state to `states`.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor, states: &mut Vec<Tensor>) -> CResult<Tensor> {
+        let mut xs = xs.clone();
+        for (i, r) in self.resnets.iter().enumerate() {
+            xs = r.forward(&xs, temb)?;
+            if let Some(a) = self.attentions.get(i) {
+                xs = a.forward(&xs, ctx)?;
+            }
+            states.push(xs.clone());
+        }
+        if let Some((conv, pad)) = &self.downsample {
+            let input = if *pad == 0 {
+                xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?
+            } else {
+                xs
+            };
+            xs = conv.forward(&input)?;
+            states.push(xs.clone());
+        }
+        Ok(xs)
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) per layer.
+#[derive(Debug)]
+pub struct MidBlock {
+    first: ResnetBlock,
+    rest: Vec<(SpatialTransformer, ResnetBlock)>,
+}
+
+impl MidBlock {
+    /// The mid block over `channels` channels with one attention layer of `depth` transformer blocks.
+    pub fn new(vb: VarBuilder, channels: usize, heads: usize, depth: usize, scale: f64, p: &BlockParams) -> CResult<Self> {
+        Ok(Self {
+            first: ResnetBlock::new(vb.pp("resnets.0"), channels, channels, p, scale)?,
+            rest: vec![(
+                SpatialTransformer::new(vb.pp("attentions.0"), channels, heads, depth, p)?,
+                ResnetBlock::new(vb.pp("resnets.1"), channels, channels, p, scale)?,
+            )],
+        })
+    }
+
+    /// Runs the block.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+        let mut xs = self.first.forward(xs, temb)?;
+        for (a, r) in &self.rest {
+            xs = r.forward(&a.forward(&xs, ctx)?, temb)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// An up block: resnets over the concatenation with skip connections (each optionally followed by a transformer),
+/// then an optional nearest-neighbour upsampling and convolution.
+#[derive(Debug)]
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    upsample: Option<Conv2d>,
+}
+
+impl UpBlock {
+    /// diffusers' channel bookkeeping: `prev` channels come from below, skip connections have `skip_in` channels
+    /// for the last resnet and `spec.channels` for the others.
+    pub fn new(
+        vb: VarBuilder,
+        prev: usize,
+        skip_in: usize,
+        spec: &BlockSpec,
+        layers: usize,
+        upsample: bool,
+        p: &BlockParams,
+    ) -> CResult<Self> {
+        let c = spec.channels;
+        let resnets = (0..layers)
+            .map(|i| {
+                let skip = if i == layers - 1 { skip_in } else { c };
+                let rin = if i == 0 { prev } else { c };
+                ResnetBlock::new(vb.pp("resnets").pp(i), rin + skip, c, p, 1.0)
+            })
+            .collect::<CResult<Vec<_>>>()?;
+        let attentions = match spec.cross_attention {
+            Some(depth) => (0..layers)
+                .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p))
+                .collect::<CResult<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let upsample = if upsample {
+            Some(conv3(vb.pp("upsamplers.0.conv"), c, c, 1, 1)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsample,
+        })
+    }
+
+    /// Number of skip connections this block consumes.
+    pub fn num_resnets(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// Runs the block, consuming skip connections from the end of `skips`; `size` forces the upsampled size.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        ctx: &Tensor,
+        size: Option<(usize, usize)>,
+    ) -> CResult<Tensor> {
+        let mut xs = xs.clone();
+        for (i, r) in self.resnets.iter().enumerate() {
+            let skip = skips.pop().expect("the UNet supplies one skip connection per resnet");
+            xs = r.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
+            if let Some(a) = self.attentions.get(i) {
+                xs = a.forward(&xs, ctx)?;
+            }
+        }
+        if let Some(conv) = &self.upsample {
+            let (_, _, h, w) = xs.dims4()?;
+            let (nh, nw) = size.unwrap_or((2 * h, 2 * w));
+            xs = conv.forward(&xs.upsample_nearest2d(nh, nw)?)?;
+        }
+        Ok(xs)
+    }
+}

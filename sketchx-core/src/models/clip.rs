@@ -1,0 +1,208 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`), built from `text_encoder/config.json`.
+//!
+//! Stable Diffusion conditions on the encoder's last hidden state (after the final layer norm). Weight names are
+//! the checkpoint keys (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The activation named by `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `quick_gelu`: `x * sigmoid(1.702 x)` (OpenAI CLIP, SD1.x).
+    QuickGelu,
+    /// `gelu`: the exact, erf-based GELU (SD2.x, many test models).
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+}
+
+impl Activation {
+    fn parse(name: &str, origin: &str) -> Result<Self> {
+        match name {
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            other => Err(Error::unsupported(origin, format!("hidden_act {other:?}"))),
+        }
+    }
+
+    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
+            Self::Gelu => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+/// The fields of a transformers `CLIPTextConfig` that the encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    /// Token vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Longest token sequence.
+    pub max_position_embeddings: usize,
+    /// Activation of the MLP.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Epsilon of the layer norms.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// CLIP's text transformer.
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    heads: usize,
+    act: Activation,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Builds the model from its config and weights; `origin` names the config file in errors.
+    pub fn new(vb: VarBuilder, config: &ClipTextConfig, origin: &str) -> Result<Self> {
+        let act = Activation::parse(&config.hidden_act, origin)?;
+        let h = config.hidden_size;
+        if config.num_attention_heads == 0 || h % config.num_attention_heads != 0 {
+            return Err(Error::unsupported(
+                origin,
+                format!(
+                    "hidden_size {h} is not divisible by num_attention_heads {}",
+                    config.num_attention_heads
+                ),
+            ));
+        }
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let emb = vb.pp("embeddings");
+        let token_embedding = embedding(config.vocab_size, h, emb.pp("token_embedding"))?;
+        let position_embedding =
+            embedding(config.max_position_embeddings, h, emb.pp("position_embedding"))?;
+        let eps = config.layer_norm_eps;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp("encoder.layers").pp(i.to_string());
+                let a = l.pp("self_attn");
+                Ok(Layer {
+                    ln1: layer_norm(h, eps, l.pp("layer_norm1"))?,
+                    q: linear(h, h, a.pp("q_proj"))?,
+                    k: linear(h, h, a.pp("k_proj"))?,
+                    v: linear(h, h, a.pp("v_proj"))?,
+                    out: linear(h, h, a.pp("out_proj"))?,
+                    ln2: layer_norm(h, eps, l.pp("layer_norm2"))?,
+                    fc1: linear(h, config.intermediate_size, l.pp("mlp.fc1"))?,
+                    fc2: linear(config.intermediate_size, h, l.pp("mlp.fc2"))?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let final_layer_norm = layer_norm(h, eps, vb.pp("final_layer_norm"))?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            heads: config.num_attention_heads,
+            act,
+            config: config.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Encodes token ids of shape `(batch, seq)` into the last hidden state `(batch, seq, hidden)`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, seq) = input_ids.dims2()?;
+        if seq > self.config.max_position_embeddings {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "{seq} tokens exceed the text encoder's {} positions",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let device = input_ids.device();
+        let positions = Tensor::arange(0u32, seq as u32, device)?;
+        let mut xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq, xs.dtype(), device)?;
+        let h = self.config.hidden_size;
+        let hd = h / self.heads;
+        let scale = (hd as f64).powf(-0.5);
+        for l in &self.layers {
+            let residual = &xs;
+            let x = l.ln1.forward(&xs)?;
+            let split = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.reshape((b, seq, self.heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = split((l.q.forward(&x)? * scale)?)?;
+            let k = split(l.k.forward(&x)?)?;
+            let v = split(l.v.forward(&x)?)?;
+            let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, seq, h))?;
+            xs = (l.out.forward(&o)? + residual)?;
+            let residual = &xs;
+            let x = l.ln2.forward(&xs)?;
+            let x = l.fc2.forward(&self.act.apply(&l.fc1.forward(&x)?)?)?;
+            xs = (x + residual)?;
+        }
+        Ok(self.final_layer_norm.forward(&xs)?)
+    }
+}
+
+fn causal_mask(seq: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq, seq), device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?
+        .unsqueeze(0)
+}

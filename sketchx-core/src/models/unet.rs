@@ -1,0 +1,490 @@
+//! The denoising UNet (diffusers' `UNet2DConditionModel`), built from `unet/config.json` with [`super::blocks`].
+//!
+//! Also holds the config reading shared with the ControlNet, whose encoder half has the UNet's shape: every
+//! size comes from the file, and options that would change results but are not implemented are refused with
+//! [`Error::UnsupportedModel`] instead of being ignored.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use serde_json::{Map, Value};
+
+use super::blocks::{BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock};
+
+use crate::error::{Error, Result};
+
+/// A parsed `config.json`, with typed getters whose errors name the file and the key.
+pub struct ConfigMap<'a> {
+    map: &'a Map<String, Value>,
+    origin: &'a str,
+}
+
+impl<'a> ConfigMap<'a> {
+    /// Wraps a JSON object; `origin` names the file in errors.
+    pub fn new(value: &'a Value, origin: &'a str) -> Result<Self> {
+        match value.as_object() {
+            Some(map) => Ok(Self { map, origin }),
+            None => Err(Error::malformed(origin, "expected a JSON object")),
+        }
+    }
+
+    /// The file name used in errors.
+    pub fn origin(&self) -> &str {
+        self.origin
+    }
+
+    /// The value of `key`, treating JSON `null` as absent.
+    pub fn present(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn bad(&self, key: &str, want: &str) -> Error {
+        Error::malformed(self.origin, format!("`{key}` must be {want}"))
+    }
+
+    /// An unsigned integer, or `default` when absent.
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.bad(key, "a non-negative integer")),
+        }
+    }
+
+    /// A required unsigned integer.
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        match self.present(key) {
+            None => Err(self.bad(key, "present")),
+            Some(_) => self.usize_or(key, 0),
+        }
+    }
+
+    /// A number, or `default` when absent.
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number")),
+        }
+    }
+
+    /// A boolean, or `default` when absent.
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.bad(key, "true or false")),
+        }
+    }
+
+    /// A string, or `None` when absent or null.
+    pub fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a string")),
+        }
+    }
+
+    /// A list of unsigned integers.
+    pub fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
+        match self.present(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| self.bad(key, "a list of non-negative integers")),
+            _ => Err(self.bad(key, "a list of non-negative integers")),
+        }
+    }
+
+    /// A list of strings.
+    pub fn str_list(&self, key: &str) -> Result<Vec<String>> {
+        match self.present(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| self.bad(key, "a list of strings")),
+            _ => Err(self.bad(key, "a list of strings")),
+        }
+    }
+
+    /// An integer applied to every one of `n` blocks, or a per-block list of length `n`.
+    pub fn per_block(&self, key: &str, n: usize, default: Option<usize>) -> Result<Vec<usize>> {
+        match self.present(key) {
+            None => match default {
+                Some(d) => Ok(vec![d; n]),
+                None => Err(self.bad(key, "present")),
+            },
+            Some(Value::Array(_)) => {
+                let v = self.usize_list(key)?;
+                if v.len() != n {
+                    return Err(self.bad(key, &format!("a list of {n} entries (one per block)")));
+                }
+                Ok(v)
+            }
+            Some(_) => Ok(vec![self.usize(key)?; n]),
+        }
+    }
+
+    /// Refuses a key whose value differs from the only one sketchx implements.
+    pub fn require(&self, key: &str, allowed: &[Value]) -> Result<()> {
+        match self.present(key) {
+            None => Ok(()),
+            Some(v) if allowed.contains(v) => Ok(()),
+            Some(v) => Err(Error::unsupported(self.origin, format!("`{key}` = {v}"))),
+        }
+    }
+}
+
+/// The UNet-shaped part of a UNet or ControlNet config.
+#[derive(Debug, Clone)]
+pub struct UNetShape {
+    /// Latent channels in.
+    pub in_channels: usize,
+    /// One entry per down block.
+    pub blocks: Vec<BlockSpec>,
+    /// Resnets per down block (up blocks have one more).
+    pub layers_per_block: usize,
+    /// Widths, groups and epsilon shared by every block.
+    pub params: BlockParams,
+    /// Sinusoidal embedding order (`flip_sin_to_cos`).
+    pub flip_sin_to_cos: bool,
+    /// Sinusoidal embedding shift (`freq_shift`).
+    pub freq_shift: f64,
+    /// Padding of the stride-2 down-sampling convolutions.
+    pub downsample_padding: usize,
+    /// Output scale of the mid block's resnets.
+    pub mid_block_scale_factor: f64,
+    /// Transformer blocks per attention in the mid block.
+    pub mid_depth: usize,
+    /// Whether inputs are mapped from [0, 1] to [-1, 1] first.
+    pub center_input_sample: bool,
+}
+
+/// Reads the shared UNet/ControlNet fields, refusing options sketchx does not implement.
+pub fn parse_unet_shape(c: &ConfigMap) -> Result<UNetShape> {
+    let down = c.str_list("down_block_types")?;
+    let channels = c.usize_list("block_out_channels")?;
+    let n = down.len();
+    if n == 0 || channels.len() != n {
+        return Err(Error::malformed(
+            c.origin(),
+            format!(
+                "block_out_channels ({} entries) must match down_block_types ({n} entries)",
+                channels.len()
+            ),
+        ));
+    }
+    // `attention_head_dim` historically holds the number of heads (diffusers' naming quirk); an explicit
+    // `num_attention_heads` wins.
+    let heads = if c.present("num_attention_heads").is_some() {
+        c.per_block("num_attention_heads", n, None)?
+    } else {
+        c.per_block("attention_head_dim", n, Some(8))?
+    };
+    let depth = c.per_block("transformer_layers_per_block", n, Some(1))?;
+    let groups = c.usize_or("norm_num_groups", 32)?;
+    let mut blocks = Vec::with_capacity(n);
+    for i in 0..n {
+        let cross = match down[i].as_str() {
+            "CrossAttnDownBlock2D" => Some(depth[i]),
+            "DownBlock2D" => None,
+            other => {
+                return Err(Error::unsupported(
+                    c.origin(),
+                    format!("down block type {other:?}"),
+                ))
+            }
+        };
+        if groups == 0 || channels[i] % groups != 0 {
+            return Err(Error::malformed(
+                c.origin(),
+                format!(
+                    "block_out_channels[{i}] = {} is not divisible by norm_num_groups = {groups}",
+                    channels[i]
+                ),
+            ));
+        }
+        if heads[i] == 0 || channels[i] % heads[i] != 0 {
+            return Err(Error::malformed(
+                c.origin(),
+                format!(
+                    "block_out_channels[{i}] = {} is not divisible by its {} attention heads",
+                    channels[i], heads[i]
+                ),
+            ));
+        }
+        blocks.push(BlockSpec {
+            channels: channels[i],
+            cross_attention: cross,
+            heads: heads[i],
+        });
+    }
+    for key in ["layers_per_block", "cross_attention_dim"] {
+        if c.present(key).is_some_and(Value::is_array) {
+            return Err(Error::unsupported(
+                c.origin(),
+                format!("a per-block list for `{key}`"),
+            ));
+        }
+    }
+    let null = Value::Null;
+    let f = Value::Bool(false);
+    c.require("only_cross_attention", &[f.clone()])?;
+    c.require("dual_cross_attention", &[f.clone()])?;
+    c.require("class_embed_type", &[null.clone()])?;
+    c.require("num_class_embeds", &[null.clone()])?;
+    c.require("addition_embed_type", &[null.clone()])?;
+    c.require("encoder_hid_dim", &[null.clone()])?;
+    c.require("encoder_hid_dim_type", &[null.clone()])?;
+    c.require("time_cond_proj_dim", &[null.clone()])?;
+    c.require("timestep_post_act", &[null.clone()])?;
+    c.require("act_fn", &["silu".into()])?;
+    c.require("resnet_time_scale_shift", &["default".into()])?;
+    c.require("time_embedding_type", &["positional".into()])?;
+    c.require("mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
+    c.require("conv_in_kernel", &[3.into()])?;
+    c.require("conv_out_kernel", &[3.into()])?;
+    c.require("attention_type", &["default".into()])?;
+    c.require("cross_attention_norm", &[null])?;
+    c.require("resnet_skip_time_act", &[f])?;
+    c.require("time_embedding_dim", &[Value::Null])?;
+    let b0 = channels[0];
+    Ok(UNetShape {
+        in_channels: c.usize_or("in_channels", 4)?,
+        blocks,
+        layers_per_block: c.usize_or("layers_per_block", 2)?,
+        params: BlockParams {
+            groups,
+            eps: c.f64_or("norm_eps", 1e-5)?,
+            temb: b0 * 4,
+            cross_dim: c.usize_or("cross_attention_dim", 1280)?,
+            linear_projection: c.bool_or("use_linear_projection", false)?,
+        },
+        flip_sin_to_cos: c.bool_or("flip_sin_to_cos", true)?,
+        freq_shift: c.f64_or("freq_shift", 0.0)?,
+        downsample_padding: c.usize_or("downsample_padding", 1)?,
+        mid_block_scale_factor: c.f64_or("mid_block_scale_factor", 1.0)?,
+        mid_depth: depth[n - 1],
+        center_input_sample: c.bool_or("center_input_sample", false)?,
+    })
+}
+
+impl UNetShape {
+    /// Builds the conv_in, time embedding, down blocks and mid block shared by the UNet and the ControlNet.
+    pub fn build_encoder(&self, vb: &VarBuilder) -> candle_core::Result<Encoder> {
+        let b0 = self.blocks[0].channels;
+        let p = &self.params;
+        let conv_in = conv2d(
+            self.in_channels,
+            b0,
+            3,
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+            vb.pp("conv_in"),
+        )?;
+        let time = TimeEmbedding::new(
+            vb.pp("time_embedding"),
+            b0,
+            p.temb,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        )?;
+        let n = self.blocks.len();
+        let mut down = Vec::with_capacity(n);
+        let mut cin = b0;
+        for (i, spec) in self.blocks.iter().enumerate() {
+            let pad = (i + 1 < n).then_some(self.downsample_padding);
+            down.push(DownBlock::new(
+                vb.pp("down_blocks").pp(i),
+                cin,
+                spec,
+                self.layers_per_block,
+                pad,
+                p,
+            )?);
+            cin = spec.channels;
+        }
+        let last = self.blocks[n - 1];
+        let mid = MidBlock::new(
+            vb.pp("mid_block"),
+            last.channels,
+            last.heads,
+            self.mid_depth,
+            self.mid_block_scale_factor,
+            p,
+        )?;
+        Ok(Encoder {
+            conv_in,
+            time,
+            down,
+            mid,
+            center_input_sample: self.center_input_sample,
+        })
+    }
+}
+
+/// The UNet's encoder half: what the ControlNet copies.
+#[derive(Debug)]
+pub struct Encoder {
+    conv_in: Conv2d,
+    time: TimeEmbedding,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    center_input_sample: bool,
+}
+
+impl Encoder {
+    /// The time embedding of `timestep` for a batch of `b`, in `dtype`.
+    pub fn time_embedding(&self, timestep: f64, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.time.forward(timestep, xs.dim(0)?, xs.dtype(), xs.device())
+    }
+
+    /// `conv_in` of the (optionally centred) latents.
+    pub fn conv_in(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.center_input_sample {
+            self.conv_in.forward(&((xs * 2.0)? - 1.0)?)
+        } else {
+            self.conv_in.forward(xs)
+        }
+    }
+
+    /// Runs the down blocks from the `conv_in` output `xs`; returns the last state and every skip connection
+    /// (the `conv_in` output first).
+    pub fn down(&self, xs: Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut states = vec![xs.clone()];
+        let mut xs = xs;
+        for b in &self.down {
+            xs = b.forward(&xs, temb, ctx, &mut states)?;
+        }
+        Ok((xs, states))
+    }
+
+    /// Runs the mid block.
+    pub fn mid(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        self.mid.forward(xs, temb, ctx)
+    }
+}
+
+/// A loaded UNet with the facts the sampler needs.
+#[derive(Debug)]
+pub struct UNet {
+    encoder: Encoder,
+    up: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    /// Latent channels in.
+    pub in_channels: usize,
+    /// Width of the text embeddings it attends to.
+    pub cross_attention_dim: usize,
+}
+
+impl UNet {
+    /// Builds the UNet from its `config.json` (parsed) and weights; `origin` names the file in errors.
+    pub fn new(vb: VarBuilder, value: &Value, origin: &str) -> Result<Self> {
+        let c = ConfigMap::new(value, origin)?;
+        let shape = parse_unet_shape(&c)?;
+        let down = c.str_list("down_block_types")?;
+        if c.present("up_block_types").is_some() {
+            let up = c.str_list("up_block_types")?;
+            let expected: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
+            if up != expected {
+                return Err(Error::unsupported(
+                    origin,
+                    format!("up_block_types {up:?} do not mirror down_block_types (expected {expected:?})"),
+                ));
+            }
+        }
+        let out_channels = c.usize_or("out_channels", 4)?;
+        let encoder = shape.build_encoder(&vb)?;
+        let n = shape.blocks.len();
+        let rev: Vec<BlockSpec> = shape.blocks.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        let mut prev = rev[0].channels;
+        for (i, spec) in rev.iter().enumerate() {
+            let skip_in = rev[(i + 1).min(n - 1)].channels;
+            up.push(UpBlock::new(
+                vb.pp("up_blocks").pp(i),
+                prev,
+                skip_in,
+                spec,
+                shape.layers_per_block + 1,
+                i + 1 < n,
+                &shape.params,
+            )?);
+            prev = spec.channels;
+        }
+        let b0 = shape.blocks[0].channels;
+        let conv_norm_out = group_norm(shape.params.groups, b0, shape.params.eps, vb.pp("conv_norm_out"))?;
+        let conv_out = conv2d(
+            b0,
+            out_channels,
+            3,
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            encoder,
+            up,
+            conv_norm_out,
+            conv_out,
+            in_channels: shape.in_channels,
+            cross_attention_dim: shape.params.cross_dim,
+        })
+    }
+
+    /// Predicts the noise in `xs` at `timestep` given text embeddings `ctx`, optionally adding ControlNet
+    /// residuals to the skip connections (`down`) and the mid block output (`mid`).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        ctx: &Tensor,
+        down: Option<&[Tensor]>,
+        mid: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let temb = self.encoder.time_embedding(timestep, xs)?;
+        let x = self.encoder.conv_in(xs)?;
+        let (x, mut skips) = self.encoder.down(x, &temb, ctx)?;
+        if let Some(extra) = down {
+            if extra.len() != skips.len() {
+                return Err(Error::JobFailed(format!(
+                    "the ControlNet returned {} residuals but the UNet has {} skip connections",
+                    extra.len(),
+                    skips.len()
+                )));
+            }
+            for (s, e) in skips.iter_mut().zip(extra) {
+                *s = (&*s + e)?;
+            }
+        }
+        let mut x = self.encoder.mid(&x, &temb, ctx)?;
+        if let Some(m) = mid {
+            x = (x + m)?;
+        }
+        let factor = 1usize << (self.up.len() - 1);
+        let force_size = h % factor != 0 || w % factor != 0;
+        for (i, blk) in self.up.iter().enumerate() {
+            let last = i + 1 == self.up.len();
+            let size = if !last && force_size {
+                let remaining = skips.len() - blk.num_resnets();
+                let (_, _, sh, sw) = skips[remaining - 1].dims4()?;
+                Some((sh, sw))
+            } else {
+                None
+            };
+            x = blk.forward(&x, &mut skips, &temb, ctx, size)?;
+        }
+        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        Ok(self.conv_out.forward(&x)?)
+    }
+}

@@ -1,0 +1,193 @@
+//! What a caller may ask for: [`GenerationRequest`], its defaults (those of the original service) and its
+//! validation, which names the offending field and the allowed range.
+
+use crate::error::{Error, Result};
+use crate::sampling::schedulers::SchedulerKind;
+use crate::sketch::Preprocess;
+
+/// The original service's fixed negative prompt, used when a request does not set one.
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "lowres, bad anatomy, bad hands, cropped, worst quality";
+
+/// Allowed `num_images`.
+pub const NUM_IMAGES_RANGE: std::ops::RangeInclusive<u32> = 1..=8;
+/// Allowed `steps`.
+pub const STEPS_RANGE: std::ops::RangeInclusive<u32> = 1..=150;
+/// Allowed `width` and `height` (also multiples of 8).
+pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
+/// Allowed `guidance_scale`.
+pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=30.0;
+/// Allowed explicit `controlnet_scale`.
+pub const CONTROLNET_SCALE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=5.0;
+/// Longest accepted prompt or negative prompt, in bytes (the text encoder reads 77 tokens; this only bounds work).
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+
+/// One generation request. `Default` gives the original service's defaults.
+///
+/// ```
+/// use sketchx_core::request::GenerationRequest;
+/// let req = GenerationRequest { prompt: Some("a red sports car".into()), seed: Some(42), ..Default::default() };
+/// req.validate().unwrap();
+/// assert_eq!(req.conditioning_scale(), 1.65 - 0.65);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    /// What the image should show. Empty or absent: the ControlNet works from the sketch alone (guess mode).
+    pub prompt: Option<String>,
+    /// What to steer away from; absent: [`DEFAULT_NEGATIVE_PROMPT`]; an explicit empty string: none.
+    pub negative_prompt: Option<String>,
+    /// How freely the image may depart from the sketch, in `[0, 1]`: the ControlNet's conditioning scale is
+    /// `1.65 - temperature` (0.65 gives diffusers' default of 1.0).
+    pub temperature: f64,
+    /// Overrides the conditioning scale derived from `temperature`, in `[0, 5]`.
+    pub controlnet_scale: Option<f64>,
+    /// Classifier-free guidance strength in `[0, 30]`; `<= 1` turns guidance off (as in diffusers).
+    pub guidance_scale: f64,
+    /// Images to generate, `1..=8`.
+    pub num_images: u32,
+    /// Denoising steps, `1..=150`.
+    pub steps: u32,
+    /// Seed of the torch-compatible generator; absent: a random seed, reported in the result.
+    pub seed: Option<u64>,
+    /// Output width in pixels (multiple of 8, `64..=2048`); absent: derived from the sketch.
+    pub width: Option<u32>,
+    /// Output height in pixels (multiple of 8, `64..=2048`); absent: derived from the sketch.
+    pub height: Option<u32>,
+    /// The sampler.
+    pub scheduler: SchedulerKind,
+    /// How the sketch becomes the control image.
+    pub preprocess: Preprocess,
+    /// Forces guess mode on or off; absent: on exactly when the prompt is empty.
+    pub guess_mode: Option<bool>,
+    /// Fraction of the steps after which the ControlNet starts to act, in `[0, 1]`.
+    pub control_guidance_start: f64,
+    /// Fraction of the steps after which the ControlNet stops acting, in `[0, 1]`, greater than the start.
+    pub control_guidance_end: f64,
+}
+
+impl Default for GenerationRequest {
+    fn default() -> Self {
+        Self {
+            prompt: None,
+            negative_prompt: None,
+            temperature: 0.65,
+            controlnet_scale: None,
+            guidance_scale: 7.5,
+            num_images: 1,
+            steps: 30,
+            seed: None,
+            width: None,
+            height: None,
+            scheduler: SchedulerKind::EulerAncestral,
+            preprocess: Preprocess::Scribble,
+            guess_mode: None,
+            control_guidance_start: 0.0,
+            control_guidance_end: 1.0,
+        }
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &'static str,
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<()> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "{value} is outside the allowed range {}..={}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
+fn check_finite(field: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, format!("{value} is not a finite number")))
+    }
+}
+
+fn check_text(field: &'static str, text: Option<&str>) -> Result<()> {
+    match text {
+        Some(t) if t.len() > MAX_PROMPT_BYTES => Err(Error::invalid(
+            field,
+            format!("{} bytes exceed the limit of {MAX_PROMPT_BYTES}", t.len()),
+        )),
+        Some(t) if t.contains('\0') => Err(Error::invalid(field, "contains a NUL character")),
+        _ => Ok(()),
+    }
+}
+
+impl GenerationRequest {
+    /// Checks every field; the error names the first invalid one and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        check_text("prompt", self.prompt.as_deref())?;
+        check_text("negative_prompt", self.negative_prompt.as_deref())?;
+        check_finite("temperature", self.temperature)?;
+        check_range("temperature", self.temperature, &(0.0..=1.0))?;
+        if let Some(s) = self.controlnet_scale {
+            check_finite("controlnet_scale", s)?;
+            check_range("controlnet_scale", s, &CONTROLNET_SCALE_RANGE)?;
+        }
+        check_finite("guidance_scale", self.guidance_scale)?;
+        check_range("guidance_scale", self.guidance_scale, &GUIDANCE_RANGE)?;
+        check_range("num_images", self.num_images, &NUM_IMAGES_RANGE)?;
+        check_range("steps", self.steps, &STEPS_RANGE)?;
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v {
+                check_range(field, v, &SIZE_RANGE)?;
+                if v % 8 != 0 {
+                    return Err(Error::invalid(field, format!("{v} is not a multiple of 8")));
+                }
+            }
+        }
+        check_finite("control_guidance_start", self.control_guidance_start)?;
+        check_finite("control_guidance_end", self.control_guidance_end)?;
+        check_range("control_guidance_start", self.control_guidance_start, &(0.0..=1.0))?;
+        check_range("control_guidance_end", self.control_guidance_end, &(0.0..=1.0))?;
+        if self.control_guidance_start >= self.control_guidance_end {
+            return Err(Error::invalid(
+                "control_guidance_start",
+                format!(
+                    "{} must be below control_guidance_end ({})",
+                    self.control_guidance_start, self.control_guidance_end
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The ControlNet conditioning scale: `controlnet_scale` if set, else `1.65 - temperature`.
+    pub fn conditioning_scale(&self) -> f64 {
+        self.controlnet_scale.unwrap_or(1.65 - self.temperature)
+    }
+
+    /// The prompt, `""` when absent.
+    pub fn prompt_text(&self) -> &str {
+        self.prompt.as_deref().unwrap_or("")
+    }
+
+    /// The negative prompt actually used: the default when absent, none (`""`) when explicitly empty.
+    pub fn negative_prompt_text(&self) -> &str {
+        self.negative_prompt
+            .as_deref()
+            .unwrap_or(DEFAULT_NEGATIVE_PROMPT)
+    }
+
+    /// Whether guess mode is on: as forced, else exactly when the prompt is empty or blank.
+    pub fn guess_mode(&self) -> bool {
+        self.guess_mode
+            .unwrap_or_else(|| self.prompt_text().trim().is_empty())
+    }
+
+    /// Whether classifier-free guidance runs (`guidance_scale > 1`, as in diffusers).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}

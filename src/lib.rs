@@ -1,0 +1,1 @@
+pub use sketchx_core::*;
