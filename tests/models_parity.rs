@@ -123,3 +123,32 @@ fn vae_decode_matches_diffusers() {
     let out = vae.decode(&r["vae.latents"]).unwrap();
     assert_close("vae decode", &out, &r["vae.image"], 1e-5);
 }
+
+#[test]
+fn fp16_variant_files_are_preferred_when_asked_and_upcast() {
+    let r = refs();
+    let dir = std::env::temp_dir().join(format!("sketchx-fp16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("unet")).unwrap();
+    let src = fixtures().join("tiny-sd/unet");
+    std::fs::copy(src.join("config.json"), dir.join("unet/config.json")).unwrap();
+    let weights = candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let half: HashMap<String, Tensor> =
+        weights.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap())).collect();
+    candle_core::safetensors::save(&half, dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    std::fs::write(dir.join("unet/diffusion_pytorch_model.safetensors"), b"not used").unwrap();
+
+    let res = Resolver::new(ModelSource::Local(dir.clone())).unwrap();
+    let picked = res.weights("unet", Some("fp16")).unwrap();
+    assert!(picked.ends_with("diffusion_pytorch_model.fp16.safetensors"), "{picked:?}");
+    let plain = res.weights("unet", None).unwrap();
+    assert!(plain.ends_with("diffusion_pytorch_model.safetensors"), "{plain:?}");
+
+    let cfg: serde_json::Value = res.json("unet/config.json").unwrap();
+    let unet = UNet::new(var_builder(&picked, DType::F32, &Device::Cpu).unwrap(), &cfg, "unet/config.json").unwrap();
+    let t = r["cn.timestep"].to_vec1::<f32>().unwrap()[0] as f64;
+    let out = unet.forward(&r["cn.sample"], t, &r["text.hidden"], None, None).unwrap();
+    // f16 weights round to ~3 significant digits: close to, but not equal to, the f32 reference.
+    assert_close("unet from fp16 weights", &out, &r["unet.out_plain"], 2e-2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -104,16 +104,23 @@ def text_config():
 
 
 def perturb_zero_layers(controlnet, gen):
-    """Give diffusers' zero-initialised ControlNet layers random weights (see the module doc)."""
+    """Make the sketch matter in a random-weight ControlNet (see the module doc).
+
+    diffusers zero-initialises the zero convolutions and the conditioning embedding's output; they get random
+    weights here. The conditioning embedding's hidden convolutions also get a variance-preserving init: with
+    PyTorch's default init the signal of the sketch dies out in the 7-layer stack and only the biases remain.
+    """
     with torch.no_grad():
-        mods = list(controlnet.controlnet_down_blocks) + [
-            controlnet.controlnet_mid_block,
-            controlnet.controlnet_cond_embedding.conv_out,
-        ]
-        for m in mods:
+        for m in list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]:
             fan_in = m.weight[0].numel()
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / fan_in**0.5)
             m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.05)
+        ce = controlnet.controlnet_cond_embedding
+        for m in [ce.conv_in, *ce.blocks, ce.conv_out]:
+            fan_in = m.weight[0].numel()
+            std = 8.0 / fan_in**0.5 if m is ce.conv_out else (2.0 / fan_in) ** 0.5
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.01)
 
 
 def build_models(out: Path, seed: int = 1234):
@@ -173,25 +180,14 @@ def draw_sketches(out: Path):
     draw((96, 80), (0, 0, 0), (255, 255, 255)).save(d / "house_black_on_white.png")
     draw((96, 80), (255, 255, 255), (0, 0, 0)).save(d / "house_white_on_black.png")
     draw((80, 120), (20, 20, 30, 255), (0, 0, 0, 0), mode="RGBA").save(d / "house_transparent.png")
-    draw((200, 140), (0, 0, 0), (250, 250, 245)).save(d / "house_large.jpg", quality=92)
-
-
-def load_sketch_rgb(path: Path) -> np.ndarray:
-    """Decodes like sketchx: RGBA composited over white with integer rounding, then RGB8."""
-    im = Image.open(path)
-    if im.mode in ("RGBA", "LA", "P"):
-        rgba = np.asarray(im.convert("RGBA")).astype(np.uint32)
-        a = rgba[..., 3:4]
-        rgb = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255
-        return rgb.astype(np.uint8)
-    return np.asarray(im.convert("RGB"))
+    draw((200, 140), (0, 0, 0), (250, 250, 245)).save(d / "house_large.png")
 
 
 def control_image(path: Path, width: int, height: int, mode: str = "scribble") -> Image.Image:
-    """The Python twin of sketchx's preprocessing: Lanczos resize (PIL), then the scribble threshold."""
-    from sketch import reference_preprocess  # noqa: WPS433 (tools/fixturegen/sketch.py)
+    """The Python twin of sketchx's decoding and preprocessing (tools/fixturegen/sketch.py)."""
+    from sketch import reference_preprocess
 
-    return reference_preprocess(load_sketch_rgb(path), width, height, mode)
+    return reference_preprocess(path, width, height, mode)
 
 
 def component_references(out: Path, unet, vae, text, controlnet):
@@ -248,7 +244,7 @@ E2E_CASES = [
          steps=5, seed=3, guidance_scale=4.0, temperature=0.65, num_images=1),
     dict(name="transparent_sketch", sketch="house_transparent.png", prompt="a tall tower", width=64, height=128,
          steps=5, seed=123456789, guidance_scale=7.5, temperature=0.9, num_images=1, negative_prompt=""),
-    dict(name="odd_latents_default_size", sketch="house_large.jpg", prompt="a villa by the sea", width=72,
+    dict(name="odd_latents_default_size", sketch="house_large.png", prompt="a villa by the sea", width=72,
          height=72, steps=4, seed=2**40 + 3, guidance_scale=6.0, temperature=0.0, num_images=1),
     dict(name="control_window_ddim", sketch="house_black_on_white.png", prompt="a cabin in snow", width=64,
          height=64, steps=6, seed=11, guidance_scale=7.5, temperature=0.65, num_images=1, scheduler="ddim",

@@ -87,6 +87,15 @@ fn offline() -> bool {
         .unwrap_or(false)
 }
 
+/// The Hugging Face cache as huggingface_hub finds it: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`; so models downloaded by diffusers are reused.
+pub fn hf_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(p) if !p.is_empty() => hf_hub::Cache::new(PathBuf::from(p)),
+        _ => hf_hub::Cache::from_env(),
+    }
+}
+
 impl Resolver {
     /// Prepares a resolver; for the Hub this sets up the cache (honouring `HF_HOME` / `HF_HUB_CACHE`) and, unless
     /// `HF_HUB_OFFLINE` is set, an API client with progress bars.
@@ -103,11 +112,13 @@ impl Resolver {
             ModelSource::Hub { repo, revision } => {
                 let rev = revision.clone().unwrap_or_else(|| "main".to_string());
                 let hf_repo = hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, rev);
-                let cache = hf_hub::Cache::from_env().repo(hf_repo.clone());
+                let cache_root = hf_cache();
+                let cache = cache_root.repo(hf_repo.clone());
                 let api = if offline() {
                     None
                 } else {
                     let api = hf_hub::api::sync::ApiBuilder::from_env()
+                        .with_cache_dir(cache_root.path().clone())
                         .with_progress(true)
                         .build()
                         .map_err(|e| Error::Download {

@@ -1,0 +1,9 @@
+//! The networks of a Stable Diffusion + ControlNet pipeline, built from diffusers-layout checkpoints.
+
+pub mod blocks;
+pub mod clip;
+pub mod controlnet;
+pub mod loader;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

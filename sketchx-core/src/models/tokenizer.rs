@@ -1,0 +1,624 @@
+//! CLIP byte-level BPE tokenizer: turns a prompt into the token ids Stable Diffusion's text encoder expects.
+//!
+//! It reproduces transformers' `CLIPTokenizer` (the tokenizers-backed one diffusers uses) on a diffusers
+//! `tokenizer/` folder (`vocab.json`, `merges.txt`, `tokenizer_config.json`, `special_tokens_map.json`):
+//!
+//! 1. special ("added") tokens are split out of the raw text (those with `normalized: false`), each remaining
+//!    segment is normalized (NFC, every run of Unicode whitespace to one space, per-character lowercase) and
+//!    split again on the special tokens with `normalized: true`;
+//! 2. each segment is pre-tokenized with CLIP's pattern
+//!    (`<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+`, whitespace dropped),
+//!    each piece split again with GPT-2's byte-level pattern, and its UTF-8 bytes mapped to GPT-2's printable
+//!    byte alphabet;
+//! 3. each piece is BPE-merged, its last symbol carrying the `</w>` end-of-word suffix.
+//!
+//! [`ClipTokenizer::encode_padded`] then adds the start/end tokens, truncates and pads to `model_max_length`
+//! exactly as `tokenizer(text, padding="max_length", max_length=model_max_length, truncation=True)` does.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use regex::Regex;
+use serde_json::Value;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::error::{Error, Result};
+
+/// Suffix BPE appends to the last symbol of every word.
+const END_OF_WORD: &str = "</w>";
+/// CLIP's context length, used when `tokenizer_config.json` does not give `model_max_length`.
+const DEFAULT_MAX_LENGTH: usize = 77;
+/// transformers writes ~1e30 ("no limit") when a tokenizer has no `model_max_length`; anything this large is treated as unset.
+const MAX_SANE_LENGTH: u64 = 1 << 20;
+/// Cached BPE results are dropped once the cache holds this many words.
+const CACHE_CAPACITY: usize = 16_384;
+
+/// CLIP's pre-tokenizer pattern (transformers' `CLIPTokenizer` split regex); regex's alternation is
+/// leftmost-first, like the Oniguruma engine tokenizers uses.
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
+/// GPT-2's byte-level pattern as it acts on whitespace-free text (its whitespace alternatives and optional
+/// leading spaces never match there, so no look-ahead is needed).
+const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
+
+/// A special token matched in the text before BPE.
+#[derive(Debug, Clone)]
+struct AddedToken {
+    content: String,
+    id: u32,
+    /// Matched in the normalized text (`true`) or in the raw text (`false`).
+    normalized: bool,
+}
+
+/// A merge rule: its priority and the id of the merged symbol.
+#[derive(Debug, Clone, Copy)]
+struct Merge {
+    rank: u32,
+    new_id: u32,
+}
+
+/// CLIP's BPE tokenizer, loaded from a diffusers `tokenizer/` folder. Cheap to share (`Send + Sync`).
+pub struct ClipTokenizer {
+    vocab: HashMap<String, u32>,
+    merges: HashMap<(u32, u32), Merge>,
+    /// Id of each byte's symbol, without and with the end-of-word suffix.
+    byte_ids: [[Option<u32>; 2]; 256],
+    /// Printable character standing for each byte.
+    byte_chars: [char; 256],
+    added: Vec<AddedToken>,
+    clip_re: Regex,
+    byte_level_re: Regex,
+    max_length: usize,
+    bos_id: u32,
+    eos_id: u32,
+    pad_id: u32,
+    unk_id: u32,
+    cache: Mutex<HashMap<String, Vec<u32>>>,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("vocab_size", &self.vocab.len())
+            .field("merges", &self.merges.len())
+            .field("max_length", &self.max_length)
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .field("pad_id", &self.pad_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// GPT-2/CLIP's reversible byte -> printable character table.
+fn bytes_to_unicode() -> [char; 256] {
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for (b, slot) in table.iter_mut().enumerate() {
+        let b = b as u32;
+        *slot = if printable(b) {
+            char::from_u32(b).unwrap_or('\0')
+        } else {
+            let c = char::from_u32(next).unwrap_or('\0');
+            next += 1;
+            c
+        };
+    }
+    table
+}
+
+/// Whitespace as the normalizer's `\s+` sees it (Unicode `White_Space`).
+fn is_whitespace(c: char) -> bool {
+    matches!(
+        c,
+        '\u{9}'..='\u{d}'
+            | ' '
+            | '\u{85}'
+            | '\u{a0}'
+            | '\u{1680}'
+            | '\u{2000}'..='\u{200a}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202f}'
+            | '\u{205f}'
+            | '\u{3000}'
+    )
+}
+
+/// CLIP's normalizer: NFC, each whitespace run to one space, per-character lowercase (no final-sigma rule).
+fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_space = false;
+    for c in text.nfc() {
+        if is_whitespace(c) {
+            if !in_space {
+                out.push(' ');
+            }
+            in_space = true;
+        } else {
+            in_space = false;
+            out.extend(c.to_lowercase());
+        }
+    }
+    out
+}
+
+/// Splits `text` on the leftmost-longest occurrences of `tokens`, yielding text segments and token ids.
+fn split_on_tokens<'a>(text: &'a str, tokens: &[(&str, u32)], out: &mut Vec<Segment<'a>>) {
+    if tokens.is_empty() {
+        if !text.is_empty() {
+            out.push(Segment::Text(text));
+        }
+        return;
+    }
+    let mut start = 0;
+    let mut pos = 0;
+    while pos < text.len() {
+        let rest = &text[pos..];
+        let best = tokens
+            .iter()
+            .filter(|(t, _)| !t.is_empty() && rest.starts_with(t))
+            .max_by_key(|(t, _)| t.len());
+        if let Some(&(t, id)) = best {
+            if start < pos {
+                out.push(Segment::Text(&text[start..pos]));
+            }
+            out.push(Segment::Token(id));
+            pos += t.len();
+            start = pos;
+        } else {
+            pos += rest.chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    if start < text.len() {
+        out.push(Segment::Text(&text[start..]));
+    }
+}
+
+enum Segment<'a> {
+    Text(&'a str),
+    Token(u32),
+}
+
+fn read_file(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile {
+                path: path.display().to_string(),
+            }
+        } else {
+            Error::io(path, e)
+        }
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = read_file(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::malformed(path.display(), e))
+}
+
+/// Reads an optional JSON file: `None` when it does not exist.
+fn read_optional_json(path: &Path) -> Result<Option<Value>> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A special token's value: a plain string (matched in the raw text) or a `{"content": ..., "normalized": ...}` object.
+fn parse_token(value: &Value, path: &Path, key: &str) -> Result<Option<(String, bool)>> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some((s.clone(), false))),
+        Value::Object(map) => {
+            let content = map.get("content").and_then(Value::as_str).ok_or_else(|| {
+                Error::malformed(path.display(), format!("{key} has no string \"content\""))
+            })?;
+            // transformers' AddedToken defaults `normalized` to `not special`; these objects do not say `special`.
+            let normalized = map
+                .get("normalized")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            Ok(Some((content.to_string(), normalized)))
+        }
+        _ => Err(Error::malformed(
+            path.display(),
+            format!("{key} must be a string or an object"),
+        )),
+    }
+}
+
+impl ClipTokenizer {
+    /// Loads `vocab.json` + `merges.txt` (+ optional `tokenizer_config.json` / `special_tokens_map.json` for
+    /// model_max_length and the bos/eos/pad/unk tokens, which may be plain strings or `{"content": ...}`
+    /// objects) from a diffusers `tokenizer/` folder.
+    ///
+    /// Defaults: `model_max_length` 77, bos `<|startoftext|>`, eos/unk/pad `<|endoftext|>`; values in
+    /// `special_tokens_map.json` override those in `tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let vocab_path = dir.join("vocab.json");
+        let merges_path = dir.join("merges.txt");
+        let config_path = dir.join("tokenizer_config.json");
+        let map_path = dir.join("special_tokens_map.json");
+
+        let vocab: HashMap<String, u32> = serde_json::from_value(read_json(&vocab_path)?)
+            .map_err(|e| Error::malformed(vocab_path.display(), e))?;
+        if vocab.is_empty() {
+            return Err(Error::malformed(
+                vocab_path.display(),
+                "the vocabulary is empty",
+            ));
+        }
+        let merges = Self::parse_merges(&read_file(&merges_path)?, &vocab, &merges_path)?;
+
+        let byte_chars = bytes_to_unicode();
+        let mut byte_ids = [[None; 2]; 256];
+        for (ids, &c) in byte_ids.iter_mut().zip(byte_chars.iter()) {
+            ids[0] = vocab.get(c.to_string().as_str()).copied();
+            ids[1] = vocab.get(format!("{c}{END_OF_WORD}").as_str()).copied();
+        }
+
+        let config = read_optional_json(&config_path)?;
+        let map = read_optional_json(&map_path)?;
+        if config.as_ref().is_some_and(|v| !v.is_object()) {
+            return Err(Error::malformed(
+                config_path.display(),
+                "expected a JSON object",
+            ));
+        }
+        if map.as_ref().is_some_and(|v| !v.is_object()) {
+            return Err(Error::malformed(
+                map_path.display(),
+                "expected a JSON object",
+            ));
+        }
+
+        let max_length = match config.as_ref().and_then(|c| c.get("model_max_length")) {
+            None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
+            Some(v) => match v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            {
+                Some(n) if n > MAX_SANE_LENGTH => DEFAULT_MAX_LENGTH,
+                Some(n) if n >= 2 => n as usize,
+                _ => {
+                    return Err(Error::malformed(
+                        config_path.display(),
+                        format!("model_max_length must be an integer >= 2, got {v}"),
+                    ))
+                }
+            },
+        };
+
+        // Tokens listed in `added_tokens_decoder` (configs saved by recent transformers) keep their own flags.
+        let mut added: Vec<AddedToken> = Vec::new();
+        if let Some(Value::Object(decoder)) =
+            config.as_ref().and_then(|c| c.get("added_tokens_decoder"))
+        {
+            for (key, entry) in decoder {
+                let content = entry
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        Error::malformed(
+                            config_path.display(),
+                            format!("added_tokens_decoder[{key}] has no content"),
+                        )
+                    })?;
+                let id = match vocab.get(content) {
+                    Some(&id) => id,
+                    None => key.parse().map_err(|_| {
+                        Error::malformed(
+                            config_path.display(),
+                            format!("added_tokens_decoder key {key:?} is not an id"),
+                        )
+                    })?,
+                };
+                let special = entry
+                    .get("special")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let normalized = entry
+                    .get("normalized")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(!special);
+                added.push(AddedToken {
+                    content: content.to_string(),
+                    id,
+                    normalized,
+                });
+            }
+        }
+        let from_decoder = added.len();
+
+        // bos, eos, unk, pad in transformers' order: a later token with the same content sets its flag.
+        let mut ids = [0u32; 4];
+        let defaults = [
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|endoftext|>",
+            "<|endoftext|>",
+        ];
+        for (i, key) in ["bos_token", "eos_token", "unk_token", "pad_token"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut chosen: Option<((String, bool), &Path)> = None;
+            for (file, path) in [(&config, &config_path), (&map, &map_path)] {
+                if let Some(value) = file.as_ref().and_then(|f| f.get(key)) {
+                    if let Some(token) = parse_token(value, path, key)? {
+                        chosen = Some((token, path));
+                    }
+                }
+            }
+            let ((content, normalized), source) =
+                chosen.unwrap_or(((defaults[i].to_string(), false), vocab_path.as_path()));
+            let id = *vocab.get(&content).ok_or_else(|| {
+                Error::malformed(
+                    source.display(),
+                    format!("{key} {content:?} is not in the vocabulary"),
+                )
+            })?;
+            ids[i] = id;
+            if added[..from_decoder].iter().any(|t| t.content == content) {
+                continue;
+            }
+            match added[from_decoder..]
+                .iter_mut()
+                .find(|t| t.content == content)
+            {
+                Some(t) => t.normalized = normalized,
+                None => added.push(AddedToken {
+                    content,
+                    id,
+                    normalized,
+                }),
+            }
+        }
+        // Normalized tokens are matched in normalized text, so match their normalized form.
+        for t in added.iter_mut().filter(|t| t.normalized) {
+            t.content = normalize(&t.content);
+        }
+
+        let [bos_id, eos_id, unk_id, pad_id] = ids;
+        Ok(Self {
+            vocab,
+            merges,
+            byte_ids,
+            byte_chars,
+            added,
+            clip_re: Regex::new(CLIP_PATTERN).expect("valid CLIP pattern"),
+            byte_level_re: Regex::new(BYTE_LEVEL_PATTERN).expect("valid byte-level pattern"),
+            max_length,
+            bos_id,
+            eos_id,
+            pad_id,
+            unk_id,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn parse_merges(
+        text: &str,
+        vocab: &HashMap<String, u32>,
+        path: &Path,
+    ) -> Result<HashMap<(u32, u32), Merge>> {
+        let mut merges = HashMap::new();
+        let mut rank = 0u32;
+        for (n, line) in text.lines().enumerate() {
+            if (n == 0 && line.starts_with("#version")) || line.trim().is_empty() {
+                continue;
+            }
+            let bad = |message: String| {
+                Error::malformed(path.display(), format!("line {}: {message}", n + 1))
+            };
+            let mut parts = line.split(' ');
+            let (Some(a), Some(b), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(bad(format!(
+                    "expected two symbols separated by one space, got {line:?}"
+                )));
+            };
+            if a.is_empty() || b.is_empty() {
+                return Err(bad(format!(
+                    "expected two symbols separated by one space, got {line:?}"
+                )));
+            }
+            let id = |s: &str| {
+                vocab
+                    .get(s)
+                    .copied()
+                    .ok_or_else(|| bad(format!("{s:?} is not in vocab.json")))
+            };
+            let (a_id, b_id, new_id) = (id(a)?, id(b)?, id(&format!("{a}{b}"))?);
+            merges.entry((a_id, b_id)).or_insert(Merge { rank, new_id });
+            rank += 1;
+        }
+        Ok(merges)
+    }
+
+    /// Token ids without special tokens (like `tokenizer(text, add_special_tokens=False)`).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let raw_tokens: Vec<(&str, u32)> = self
+            .added
+            .iter()
+            .filter(|t| !t.normalized)
+            .map(|t| (t.content.as_str(), t.id))
+            .collect();
+        let norm_tokens: Vec<(&str, u32)> = self
+            .added
+            .iter()
+            .filter(|t| t.normalized)
+            .map(|t| (t.content.as_str(), t.id))
+            .collect();
+
+        let mut raw_segments = Vec::new();
+        split_on_tokens(text, &raw_tokens, &mut raw_segments);
+        let mut ids = Vec::new();
+        for segment in raw_segments {
+            match segment {
+                Segment::Token(id) => ids.push(id),
+                Segment::Text(raw) => {
+                    let normalized = normalize(raw);
+                    let mut segments = Vec::new();
+                    split_on_tokens(&normalized, &norm_tokens, &mut segments);
+                    for segment in segments {
+                        match segment {
+                            Segment::Token(id) => ids.push(id),
+                            Segment::Text(text) => self.encode_normalized(text, &mut ids),
+                        }
+                    }
+                }
+            }
+        }
+        ids
+    }
+
+    /// Pre-tokenizes normalized text and appends the BPE ids of every piece.
+    fn encode_normalized(&self, text: &str, ids: &mut Vec<u32>) {
+        for clip_piece in self.clip_re.find_iter(text) {
+            for piece in self.byte_level_re.find_iter(clip_piece.as_str()) {
+                let piece = piece.as_str();
+                let cached = self.cache.lock().ok().and_then(|c| c.get(piece).cloned());
+                let word_ids = match cached {
+                    Some(w) => w,
+                    None => {
+                        let w = self.bpe(piece.as_bytes());
+                        if let Ok(mut cache) = self.cache.lock() {
+                            if cache.len() >= CACHE_CAPACITY {
+                                cache.clear();
+                            }
+                            cache.insert(piece.to_string(), w.clone());
+                        }
+                        w
+                    }
+                };
+                ids.extend_from_slice(&word_ids);
+            }
+        }
+    }
+
+    /// BPE-merges one word (its UTF-8 bytes), lowest merge rank first, leftmost first among equal ranks.
+    fn bpe(&self, bytes: &[u8]) -> Vec<u32> {
+        struct Symbol {
+            id: u32,
+            prev: Option<usize>,
+            next: Option<usize>,
+            alive: bool,
+        }
+        let last = bytes.len().saturating_sub(1);
+        let mut symbols: Vec<Symbol> = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| Symbol {
+                id: self.byte_ids[b as usize][usize::from(i == last)].unwrap_or(self.unk_id),
+                prev: i.checked_sub(1),
+                next: (i < last).then_some(i + 1),
+                alive: true,
+            })
+            .collect();
+
+        let mut heap = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<_>, symbols: &[Symbol], pos: usize| {
+            if let Some(next) = symbols[pos].next {
+                if let Some(m) = self.merges.get(&(symbols[pos].id, symbols[next].id)) {
+                    heap.push(Reverse((m.rank, pos, m.new_id)));
+                }
+            }
+        };
+        for pos in 0..symbols.len() {
+            push(&mut heap, &symbols, pos);
+        }
+        while let Some(Reverse((rank, pos, new_id))) = heap.pop() {
+            let Some(next) = symbols[pos].next.filter(|_| symbols[pos].alive) else {
+                continue;
+            };
+            // Skip stale entries: the pair at `pos` changed since this merge was queued.
+            match self.merges.get(&(symbols[pos].id, symbols[next].id)) {
+                Some(m) if m.rank == rank && m.new_id == new_id => {}
+                _ => continue,
+            }
+            symbols[pos].id = new_id;
+            symbols[next].alive = false;
+            symbols[pos].next = symbols[next].next;
+            if let Some(after) = symbols[next].next {
+                symbols[after].prev = Some(pos);
+            }
+            if let Some(prev) = symbols[pos].prev {
+                push(&mut heap, &symbols, prev);
+            }
+            push(&mut heap, &symbols, pos);
+        }
+        symbols.iter().filter(|s| s.alive).map(|s| s.id).collect()
+    }
+
+    /// `[bos] + ids (truncated so that the total is max_length) + [eos] + padding to max_length`, i.e. what
+    /// diffusers' pipeline passes to the text encoder.
+    pub fn encode_padded(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        let body = self.encode(text);
+        let keep = body.len().min(self.max_length - 2);
+        ids.extend_from_slice(&body[..keep]);
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        ids
+    }
+
+    /// The padded sequence length (`model_max_length`, 77 for CLIP).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Id of the start-of-text token.
+    pub fn bos_id(&self) -> u32 {
+        self.bos_id
+    }
+
+    /// Id of the end-of-text token.
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    /// Id of the padding token (`<|endoftext|>` for SD1.x, `!` for SD2.x).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Size of the vocabulary in `vocab.json`.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// Maps token ids back to text (special tokens dropped, `</w>` as word breaks); for diagnostics.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut by_id: HashMap<u32, &str> = HashMap::with_capacity(self.vocab.len());
+        for (token, &id) in &self.vocab {
+            by_id.insert(id, token);
+        }
+        let mut char_to_byte = HashMap::with_capacity(256);
+        for (b, &c) in self.byte_chars.iter().enumerate() {
+            char_to_byte.insert(c, b as u8);
+        }
+        let mut bytes = Vec::new();
+        for id in ids {
+            if self.added.iter().any(|t| t.id == *id) {
+                continue;
+            }
+            let Some(token) = by_id.get(id) else { continue };
+            let (body, eow) = match token.strip_suffix(END_OF_WORD) {
+                Some(body) => (body, true),
+                None => (*token, false),
+            };
+            bytes.extend(body.chars().filter_map(|c| char_to_byte.get(&c).copied()));
+            if eow {
+                bytes.push(b' ');
+            }
+        }
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+}

@@ -1,0 +1,28 @@
+"""Regenerates every committed test fixture under tests/fixtures/ (CI never runs this; it needs torch).
+
+    python3 -m venv /tmp/fx && /tmp/fx/bin/pip install -r tools/requirements-fixtures.txt
+    /tmp/fx/bin/python tools/make_fixtures.py [tests/fixtures]
+
+Order matters: the tokenizer files come first (the models' references tokenize with them), then the RNG and
+scheduler references, the sketch references, and finally the tiny models with diffusers' outputs.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixturegen"))
+
+import models  # noqa: E402
+import sampling  # noqa: E402
+import sketch  # noqa: E402
+import tokenizer  # noqa: E402
+
+
+def main(out: str) -> None:
+    for module in (tokenizer, sampling, sketch, models):
+        print(f"== {module.__name__}", flush=True)
+        module.generate(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
