@@ -14,20 +14,41 @@ use sketchx::sketch::Sketch;
 
 /// The candidates, named for the report; the first is the library default.
 fn candidates() -> Vec<(&'static str, PngSettings)> {
-    let s = |compression, filter| PngSettings { compression, filter };
+    let s = |compression, filter| PngSettings {
+        compression,
+        filter,
+    };
     vec![
         ("default", PngSettings::default()),
         ("fast+none", s(PngCompression::Fast, PngFilter::NoFilter)),
         ("fast+sub", s(PngCompression::Fast, PngFilter::Sub)),
         ("fast+up", s(PngCompression::Fast, PngFilter::Up)),
         ("fast+paeth", s(PngCompression::Fast, PngFilter::Paeth)),
-        ("fast+adaptive", s(PngCompression::Fast, PngFilter::Adaptive)),
-        ("level1+adaptive", s(PngCompression::Level(1), PngFilter::Adaptive)),
+        (
+            "fast+adaptive",
+            s(PngCompression::Fast, PngFilter::Adaptive),
+        ),
+        (
+            "level1+adaptive",
+            s(PngCompression::Level(1), PngFilter::Adaptive),
+        ),
         ("level1+up", s(PngCompression::Level(1), PngFilter::Up)),
-        ("level3+adaptive", s(PngCompression::Level(3), PngFilter::Adaptive)),
-        ("level6+adaptive", s(PngCompression::Level(6), PngFilter::Adaptive)),
-        ("level9+adaptive", s(PngCompression::Level(9), PngFilter::Adaptive)),
-        ("uncompressed", s(PngCompression::Uncompressed, PngFilter::NoFilter)),
+        (
+            "level3+adaptive",
+            s(PngCompression::Level(3), PngFilter::Adaptive),
+        ),
+        (
+            "level6+adaptive",
+            s(PngCompression::Level(6), PngFilter::Adaptive),
+        ),
+        (
+            "level9+adaptive",
+            s(PngCompression::Level(9), PngFilter::Adaptive),
+        ),
+        (
+            "uncompressed",
+            s(PngCompression::Uncompressed, PngFilter::NoFilter),
+        ),
     ]
 }
 
@@ -60,7 +81,9 @@ fn photo_like(w: u32, h: u32) -> Vec<u8> {
             }
         }
     }
-    img.iter().map(|&v| (128.0 + v + 6.0 * (rand() - 0.5)).clamp(0.0, 255.0) as u8).collect()
+    img.iter()
+        .map(|&v| (128.0 + v + 6.0 * (rand() - 0.5)).clamp(0.0, 255.0) as u8)
+        .collect()
 }
 
 fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
@@ -96,7 +119,9 @@ fn main() {
     if files.is_empty() {
         let dir = std::env::var_os("SKETCHX_EXAMPLES")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sketches")));
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sketches"))
+            });
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();

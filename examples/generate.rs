@@ -102,9 +102,11 @@ fn run(args: Args) -> sketchx::Result<()> {
     let (w, h) = engine.output_size(&request, &sketch)?;
     let bar = ProgressBar::new(u64::from(request.steps) + u64::from(request.num_images));
     bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(format!("{w}x{h}"));
     let t1 = Instant::now();
@@ -125,7 +127,13 @@ fn run(args: Args) -> sketchx::Result<()> {
     let stem = format!("seed{}", result.seed);
     for (i, rgb) in result.images.iter().enumerate() {
         let path = args.out.join(image_file_name(&stem, i));
-        write_png_atomic(&path, result.width, result.height, rgb, &PngSettings::default())?;
+        write_png_atomic(
+            &path,
+            result.width,
+            result.height,
+            rgb,
+            &PngSettings::default(),
+        )?;
         println!("{}", path.display());
     }
     Ok(())

@@ -66,7 +66,11 @@ fn generate(req: &GenerationRequest, sketch: &str) -> Generated {
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join("reference/e2e/cases.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap().as_array().unwrap().clone()
+    serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 #[test]
@@ -79,13 +83,24 @@ fn every_case_matches_diffusers() {
         let refs = case["images"].as_array().unwrap();
         assert_eq!(out.images.len(), refs.len(), "{name}: image count");
         for (i, (ours, file)) in out.images.iter().zip(refs).enumerate() {
-            let theirs = image::open(fixtures().join("reference/e2e").join(file.as_str().unwrap()))
-                .unwrap()
-                .to_rgb8();
-            assert_eq!((theirs.width(), theirs.height()), (out.width, out.height), "{name}: size");
+            let theirs = image::open(
+                fixtures()
+                    .join("reference/e2e")
+                    .join(file.as_str().unwrap()),
+            )
+            .unwrap()
+            .to_rgb8();
+            assert_eq!(
+                (theirs.width(), theirs.height()),
+                (out.width, out.height),
+                "{name}: size"
+            );
             let (mean, p999) = diff_stats(ours, theirs.as_raw());
             report.push(format!("{name}[{i}]: mean {mean:.4}, p99.9 {p999}"));
-            assert!(mean <= 0.25 && p999 <= 4.0, "{name}[{i}]: mean {mean}, p99.9 {p999}");
+            assert!(
+                mean <= 0.25 && p999 <= 4.0,
+                "{name}[{i}]: mean {mean}, p99.9 {p999}"
+            );
         }
     }
     eprintln!("{}", report.join("\n"));
@@ -95,15 +110,32 @@ fn every_case_matches_diffusers() {
 fn control_images_match_the_python_preprocessing() {
     for case in cases() {
         let name = case["name"].as_str().unwrap();
-        let sketch = Sketch::open(&fixtures().join("sketches").join(case["sketch"].as_str().unwrap())).unwrap();
+        let sketch = Sketch::open(
+            &fixtures()
+                .join("sketches")
+                .join(case["sketch"].as_str().unwrap()),
+        )
+        .unwrap();
         let req = request_for(&case);
         let ours = sketch.to_control(req.width.unwrap(), req.height.unwrap(), req.preprocess);
         let theirs = image::open(fixtures().join(format!("reference/e2e/{name}.control.png")))
             .unwrap()
             .to_rgb8();
-        let differing = ours.rgb.iter().zip(theirs.as_raw()).filter(|(a, b)| a != b).count();
-        assert_eq!(ours.rgb.len(), theirs.as_raw().len(), "{name}: control image size");
-        assert_eq!(differing, 0, "{name}: {differing} control image bytes differ");
+        let differing = ours
+            .rgb
+            .iter()
+            .zip(theirs.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            ours.rgb.len(),
+            theirs.as_raw().len(),
+            "{name}: control image size"
+        );
+        assert_eq!(
+            differing, 0,
+            "{name}: {differing} control image bytes differ"
+        );
     }
 }
 
@@ -149,7 +181,10 @@ fn sketch_prompt_seed_and_scale_each_change_the_image() {
         let b = generate(&req, sketch);
         let (mean, _) = diff_stats(&a.images[0], &b.images[0]);
         eprintln!("changing the {what}: mean |diff| {mean:.2}");
-        assert!(mean > 2.5, "changing the {what} barely changed the image (mean |diff| {mean})");
+        assert!(
+            mean > 2.5,
+            "changing the {what} barely changed the image (mean |diff| {mean})"
+        );
     }
     // And the same request twice is bit-identical.
     let again = generate(&base, "house_black_on_white.png");
@@ -196,5 +231,8 @@ fn no_seed_draws_a_json_safe_random_seed_and_reports_it() {
         "house_black_on_white.png",
     );
     assert!(a.seed < (1u64 << 53));
-    assert_eq!(a.images, b.images, "the reported seed reproduces the images");
+    assert_eq!(
+        a.images, b.images,
+        "the reported seed reproduces the images"
+    );
 }

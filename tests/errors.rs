@@ -24,24 +24,121 @@ fn field_of(req: GenerationRequest) -> (&'static str, String) {
 fn every_invalid_field_is_named() {
     let d = GenerationRequest::default;
     let cases: Vec<(GenerationRequest, &str)> = vec![
-        (GenerationRequest { temperature: -0.1, ..d() }, "temperature"),
-        (GenerationRequest { temperature: 1.5, ..d() }, "temperature"),
-        (GenerationRequest { temperature: f64::NAN, ..d() }, "temperature"),
-        (GenerationRequest { guidance_scale: 31.0, ..d() }, "guidance_scale"),
-        (GenerationRequest { guidance_scale: -1.0, ..d() }, "guidance_scale"),
-        (GenerationRequest { guidance_scale: f64::INFINITY, ..d() }, "guidance_scale"),
-        (GenerationRequest { num_images: 0, ..d() }, "num_images"),
-        (GenerationRequest { num_images: 9, ..d() }, "num_images"),
+        (
+            GenerationRequest {
+                temperature: -0.1,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            GenerationRequest {
+                temperature: 1.5,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            GenerationRequest {
+                temperature: f64::NAN,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            GenerationRequest {
+                guidance_scale: 31.0,
+                ..d()
+            },
+            "guidance_scale",
+        ),
+        (
+            GenerationRequest {
+                guidance_scale: -1.0,
+                ..d()
+            },
+            "guidance_scale",
+        ),
+        (
+            GenerationRequest {
+                guidance_scale: f64::INFINITY,
+                ..d()
+            },
+            "guidance_scale",
+        ),
+        (
+            GenerationRequest {
+                num_images: 0,
+                ..d()
+            },
+            "num_images",
+        ),
+        (
+            GenerationRequest {
+                num_images: 9,
+                ..d()
+            },
+            "num_images",
+        ),
         (GenerationRequest { steps: 0, ..d() }, "steps"),
         (GenerationRequest { steps: 151, ..d() }, "steps"),
-        (GenerationRequest { width: Some(100), ..d() }, "width"),
-        (GenerationRequest { width: Some(56), ..d() }, "width"),
-        (GenerationRequest { height: Some(4096), ..d() }, "height"),
-        (GenerationRequest { controlnet_scale: Some(-0.5), ..d() }, "controlnet_scale"),
-        (GenerationRequest { control_guidance_start: 0.8, control_guidance_end: 0.5, ..d() }, "control_guidance_start"),
-        (GenerationRequest { control_guidance_end: 1.5, ..d() }, "control_guidance_end"),
-        (GenerationRequest { prompt: Some("a\0b".into()), ..d() }, "prompt"),
-        (GenerationRequest { negative_prompt: Some("x".repeat(20_000)), ..d() }, "negative_prompt"),
+        (
+            GenerationRequest {
+                width: Some(100),
+                ..d()
+            },
+            "width",
+        ),
+        (
+            GenerationRequest {
+                width: Some(56),
+                ..d()
+            },
+            "width",
+        ),
+        (
+            GenerationRequest {
+                height: Some(4096),
+                ..d()
+            },
+            "height",
+        ),
+        (
+            GenerationRequest {
+                controlnet_scale: Some(-0.5),
+                ..d()
+            },
+            "controlnet_scale",
+        ),
+        (
+            GenerationRequest {
+                control_guidance_start: 0.8,
+                control_guidance_end: 0.5,
+                ..d()
+            },
+            "control_guidance_start",
+        ),
+        (
+            GenerationRequest {
+                control_guidance_end: 1.5,
+                ..d()
+            },
+            "control_guidance_end",
+        ),
+        (
+            GenerationRequest {
+                prompt: Some("a\0b".into()),
+                ..d()
+            },
+            "prompt",
+        ),
+        (
+            GenerationRequest {
+                negative_prompt: Some("x".repeat(20_000)),
+                ..d()
+            },
+            "negative_prompt",
+        ),
     ];
     for (req, want) in cases {
         let (field, message) = field_of(req);
@@ -49,16 +146,39 @@ fn every_invalid_field_is_named() {
         assert!(!message.is_empty());
     }
     let (_, message) = field_of(GenerationRequest { steps: 500, ..d() });
-    assert!(message.contains("1..=150"), "the message names the range: {message}");
+    assert!(
+        message.contains("1..=150"),
+        "the message names the range: {message}"
+    );
     GenerationRequest::default().validate().unwrap();
 }
 
 #[test]
 fn unknown_scheduler_and_preprocess_names_are_errors() {
-    let e = "karras".parse::<sketchx::sampling::schedulers::SchedulerKind>().unwrap_err();
-    assert!(matches!(e, Error::InvalidRequest { field: "scheduler", .. }), "{e}");
+    let e = "karras"
+        .parse::<sketchx::sampling::schedulers::SchedulerKind>()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidRequest {
+                field: "scheduler",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = "canny".parse::<sketchx::sketch::Preprocess>().unwrap_err();
-    assert!(matches!(e, Error::InvalidRequest { field: "preprocess", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::InvalidRequest {
+                field: "preprocess",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -81,7 +201,10 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn load(model: &Path, controlnet: &Path) -> Result<Engine, Error> {
-    Engine::load(&EngineConfig::new(model.to_str().unwrap(), controlnet.to_str().unwrap())?)
+    Engine::load(&EngineConfig::new(
+        model.to_str().unwrap(),
+        controlnet.to_str().unwrap(),
+    )?)
 }
 
 #[test]
@@ -102,8 +225,13 @@ fn a_missing_component_is_named() {
         } else {
             std::fs::remove_file(&p).unwrap();
         }
-        let err = load(&dir, &f.join("tiny-controlnet")).err().expect("load must fail");
-        assert!(matches!(err, Error::MissingFile { .. }), "{component}: {err}");
+        let err = load(&dir, &f.join("tiny-controlnet"))
+            .err()
+            .expect("load must fail");
+        assert!(
+            matches!(err, Error::MissingFile { .. }),
+            "{component}: {err}"
+        );
         assert!(err.to_string().contains(needle), "{component}: {err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -116,21 +244,30 @@ fn malformed_and_unsupported_configs_are_typed_errors() {
     copy_dir(&f.join("tiny-sd"), &dir);
     std::fs::write(dir.join("unet/config.json"), "{ not json").unwrap();
     let err = load(&dir, &f.join("tiny-controlnet")).err().unwrap();
-    assert!(matches!(err, Error::MalformedFile { ref path, .. } if path.contains("unet")), "{err}");
+    assert!(
+        matches!(err, Error::MalformedFile { ref path, .. } if path.contains("unet")),
+        "{err}"
+    );
 
     let cfg = std::fs::read_to_string(f.join("tiny-sd/unet/config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["addition_embed_type"] = "text_time".into();
     std::fs::write(dir.join("unet/config.json"), v.to_string()).unwrap();
     let err = load(&dir, &f.join("tiny-controlnet")).err().unwrap();
-    assert!(matches!(err, Error::UnsupportedModel { ref message, .. } if message.contains("addition_embed_type")), "{err}");
+    assert!(
+        matches!(err, Error::UnsupportedModel { ref message, .. } if message.contains("addition_embed_type")),
+        "{err}"
+    );
 
     // Sizes in the config that do not match the weights: an error naming the weights file.
     let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     v["block_out_channels"] = serde_json::json!([32, 32, 32]);
     std::fs::write(dir.join("unet/config.json"), v.to_string()).unwrap();
     let err = load(&dir, &f.join("tiny-controlnet")).err().unwrap();
-    assert!(matches!(err, Error::MalformedFile { ref path, .. } if path.contains("diffusion_pytorch_model")), "{err}");
+    assert!(
+        matches!(err, Error::MalformedFile { ref path, .. } if path.contains("diffusion_pytorch_model")),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

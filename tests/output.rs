@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sketchx::output::{
-    encode_png, image_file_name, to_u8_like_diffusers, write_png_atomic, PngCompression, PngFilter, PngSettings,
+    encode_png, image_file_name, to_u8_like_diffusers, write_png_atomic, PngCompression, PngFilter,
+    PngSettings,
 };
 use sketchx::Error;
 
@@ -52,7 +53,11 @@ fn test_image(w: u32, h: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
         for x in 0..w {
-            v.extend_from_slice(&[(x * 255 / w) as u8, (y * 255 / h) as u8, ((x * 7 + y * 13) % 256) as u8]);
+            v.extend_from_slice(&[
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x * 7 + y * 13) % 256) as u8,
+            ]);
         }
     }
     v
@@ -69,7 +74,10 @@ fn to_u8_matches_numpy_and_torch() {
     let dir = fixtures();
     let raw = std::fs::read(dir.join("to_u8.f32")).unwrap();
     let want = std::fs::read(dir.join("to_u8.u8")).unwrap();
-    let values: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let values: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     assert_eq!(values.len(), want.len());
     assert!(values.iter().any(|v| v.is_nan()), "fixture covers NaN");
     let got = to_u8_like_diffusers(&values);
@@ -80,7 +88,16 @@ fn to_u8_matches_numpy_and_torch() {
 
 #[test]
 fn to_u8_known_values() {
-    let v = to_u8_like_diffusers(&[-1.0, 1.0, 0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -7.0, 3.0]);
+    let v = to_u8_like_diffusers(&[
+        -1.0,
+        1.0,
+        0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -7.0,
+        3.0,
+    ]);
     // 0 -> 0.5 * 255 = 127.5 -> 128 (half to even)
     assert_eq!(v, vec![0, 255, 128, 0, 255, 0, 0, 255]);
     // Ties round to even: y * 255 == 0.5 -> 0, 1.5 -> 2, 2.5 -> 2.
@@ -123,7 +140,10 @@ fn encode_roundtrips_for_every_setting() {
     ];
     for compression in compressions {
         for filter in filters {
-            let settings = PngSettings { compression, filter };
+            let settings = PngSettings {
+                compression,
+                filter,
+            };
             let png = encode_png(w, h, &rgb, &settings).unwrap();
             assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
             assert_eq!(decode_png(&png), (w, h, rgb.clone()), "{settings:?}");
@@ -136,8 +156,14 @@ fn encode_roundtrips_for_every_setting() {
 #[test]
 fn encode_rejects_bad_buffers() {
     let s = PngSettings::default();
-    assert!(matches!(encode_png(2, 2, &[0; 11], &s), Err(Error::InvalidRequest { .. })));
-    assert!(matches!(encode_png(0, 2, &[], &s), Err(Error::InvalidRequest { .. })));
+    assert!(matches!(
+        encode_png(2, 2, &[0; 11], &s),
+        Err(Error::InvalidRequest { .. })
+    ));
+    assert!(matches!(
+        encode_png(0, 2, &[], &s),
+        Err(Error::InvalidRequest { .. })
+    ));
 }
 
 #[test]
@@ -226,5 +252,8 @@ fn concurrent_writers_to_one_path() {
     });
     assert_eq!(dir.entries(), vec!["same.png".to_owned()]);
     let (_, _, rgb) = decode_png(&std::fs::read(path).unwrap());
-    assert!(rgb.iter().all(|&v| v == rgb[0]), "one writer's complete image");
+    assert!(
+        rgb.iter().all(|&v| v == rgb[0]),
+        "one writer's complete image"
+    );
 }

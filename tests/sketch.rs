@@ -68,7 +68,12 @@ fn lanczos_is_bit_exact_with_pil() {
     let cases = manifest("lanczos.txt");
     assert!(cases.len() >= 12, "expected at least a dozen size pairs");
     for case in cases {
-        let (input, w, h, expected) = (&case[0], case[1].parse().unwrap(), case[2].parse().unwrap(), &case[3]);
+        let (input, w, h, expected) = (
+            &case[0],
+            case[1].parse().unwrap(),
+            case[2].parse().unwrap(),
+            &case[3],
+        );
         let src = open(input);
         let want = open(expected);
         assert_eq!((want.width(), want.height()), (w, h), "{expected}: size");
@@ -105,7 +110,10 @@ fn preprocessing_matches_the_python_twin() {
         let got = open(input).to_control(w, h, mode);
         assert_same_pixels(&format!("{input} {w}x{h} {mode}"), &got.rgb, want.rgb(), w);
         if mode == Preprocess::Scribble {
-            assert!(got.rgb.iter().all(|&v| v == 0 || v == 255), "{input}: binary output");
+            assert!(
+                got.rgb.iter().all(|&v| v == 0 || v == 255),
+                "{input}: binary output"
+            );
             // Strokes are the minority: the background must come out black whatever the input's polarity.
             let white = got.rgb.iter().filter(|&&v| v == 255).count();
             assert!(white * 3 < got.rgb.len(), "{input}: background is black");
@@ -136,14 +144,22 @@ fn polarity_detection_and_thresholds() {
     // Mean exactly 127.5 counts as light: pixels (127,128,127.5 avg) -> use two pixels 127 and 128.
     let mut px = vec![127, 127, 127, 128, 128, 128];
     scribble_threshold(&mut px);
-    assert_eq!(px, vec![0; 6], "mean 127.5 is dark-on-light; neither pixel is < 127");
+    assert_eq!(
+        px,
+        vec![0; 6],
+        "mean 127.5 is dark-on-light; neither pixel is < 127"
+    );
     // Just below 127.5: light on dark; neither pixel is > 128.
     let mut px = vec![127, 127, 127, 128, 128, 127];
     scribble_threshold(&mut px);
     assert_eq!(px, vec![0; 6]);
     let mut px = vec![0, 0, 0, 255, 255, 254];
     scribble_threshold(&mut px);
-    assert_eq!(px, vec![0, 0, 0, 255, 255, 255], "mean < 127.5: light strokes on dark");
+    assert_eq!(
+        px,
+        vec![0, 0, 0, 255, 255, 255],
+        "mean < 127.5: light strokes on dark"
+    );
 }
 
 #[test]
@@ -167,7 +183,11 @@ fn transparency_is_composited_over_white() {
     for a in 0..=255u8 {
         for c in [0u8, 1, 77, 127, 128, 200, 254, 255] {
             let exact = (f64::from(c) * f64::from(a) + 255.0 * (255.0 - f64::from(a))) / 255.0;
-            assert_eq!(f64::from(composite_over_white(c, a)), exact.round(), "c={c} a={a}");
+            assert_eq!(
+                f64::from(composite_over_white(c, a)),
+                exact.round(),
+                "c={c} a={a}"
+            );
         }
     }
     // Transparent black background with black strokes: composited to white, so strokes stay strokes.
@@ -200,9 +220,15 @@ fn target_size_rules() {
 
 #[test]
 fn preprocess_parses() {
-    assert_eq!("scribble".parse::<Preprocess>().unwrap(), Preprocess::Scribble);
+    assert_eq!(
+        "scribble".parse::<Preprocess>().unwrap(),
+        Preprocess::Scribble
+    );
     assert_eq!("none".parse::<Preprocess>().unwrap(), Preprocess::None);
-    assert_eq!(" Scribble ".parse::<Preprocess>().unwrap(), Preprocess::Scribble);
+    assert_eq!(
+        " Scribble ".parse::<Preprocess>().unwrap(),
+        Preprocess::Scribble
+    );
     assert_eq!(Preprocess::default(), Preprocess::Scribble);
     match "canny".parse::<Preprocess>() {
         Err(Error::InvalidRequest { field, .. }) => assert_eq!(field, "preprocess"),
@@ -236,12 +262,19 @@ fn error_truncated_png_and_jpeg() {
             }
         }
     }
+    // Bytes after the JPEG's end-of-image marker (some cameras append data) are fine.
+    let mut jpeg = read("sketch.jpg");
+    jpeg.extend_from_slice(b"trailing data");
+    assert!(Sketch::decode(&jpeg).is_ok());
     // A valid signature followed by garbage.
     let mut bytes = read("pre_black_on_white.png");
     for b in &mut bytes[16..] {
         *b ^= 0x5a;
     }
-    assert!(matches!(sketch_err(Sketch::decode(&bytes)), SketchError::Corrupt(_)));
+    assert!(matches!(
+        sketch_err(Sketch::decode(&bytes)),
+        SketchError::Corrupt(_)
+    ));
 }
 
 #[test]
@@ -283,7 +316,11 @@ fn error_decompression_bomb_allocation() {
     };
     assert!(matches!(
         sketch_err(Sketch::decode_with_limits(&png, &limits)),
-        SketchError::TooLarge { width: 4096, height: 4096, .. }
+        SketchError::TooLarge {
+            width: 4096,
+            height: 4096,
+            ..
+        }
     ));
     // Side and pixel limits apply before decoding.
     let limits = SketchLimits {
@@ -311,12 +348,26 @@ fn error_decompression_bomb_allocation() {
 fn error_zero_sized() {
     assert_eq!(
         sketch_err(Sketch::from_rgb8(0, 5, vec![])),
-        SketchError::ZeroSized { width: 0, height: 5 }
+        SketchError::ZeroSized {
+            width: 0,
+            height: 5
+        }
     );
     assert_eq!(
         sketch_err(Sketch::from_rgba8(3, 0, &[])),
-        SketchError::ZeroSized { width: 3, height: 0 }
+        SketchError::ZeroSized {
+            width: 3,
+            height: 0
+        }
     );
+    assert_eq!(
+        sketch_err(Sketch::decode(&read("zero_size.gif"))),
+        SketchError::ZeroSized {
+            width: 0,
+            height: 0
+        }
+    );
+    // The BMP decoder itself refuses a 0-pixel width while reading the header.
     match sketch_err(Sketch::decode(&read("zero_width.bmp"))) {
         SketchError::ZeroSized { width: 0, .. } | SketchError::Corrupt(_) => {}
         e => panic!("{e:?}"),
@@ -362,13 +413,21 @@ fn decodes_every_lossless_format() {
     let mut rgba = Vec::new();
     for (i, px) in rgb.chunks(3).enumerate() {
         rgba.extend_from_slice(px);
-        rgba.push(if i % 3 == 0 { 255 } else { (i * 17 % 256) as u8 });
+        rgba.push(if i % 3 == 0 {
+            255
+        } else {
+            (i * 17 % 256) as u8
+        });
     }
     let want_rgba = Sketch::from_rgba8(w, h, &rgba).unwrap();
     for format in [ImageFormat::Png, ImageFormat::Bmp, ImageFormat::WebP] {
         for (data, color, want) in [
             (&rgb, image::ExtendedColorType::Rgb8, &rgb),
-            (&rgba, image::ExtendedColorType::Rgba8, &want_rgba.rgb().to_vec()),
+            (
+                &rgba,
+                image::ExtendedColorType::Rgba8,
+                &want_rgba.rgb().to_vec(),
+            ),
         ] {
             let mut bytes = std::io::Cursor::new(Vec::new());
             image::write_buffer_with_format(&mut bytes, data, w, h, color, format).unwrap();
@@ -379,14 +438,26 @@ fn decodes_every_lossless_format() {
     }
     // GIF is palettised: a 4-colour image survives exactly.
     let pal: Vec<u8> = (0..w * h)
-        .flat_map(|i| [[0u8, 0, 0, 255], [255, 255, 255, 255], [200, 10, 10, 255], [9, 9, 200, 255]][(i % 4) as usize])
+        .flat_map(|i| {
+            [
+                [0u8, 0, 0, 255],
+                [255, 255, 255, 255],
+                [200, 10, 10, 255],
+                [9, 9, 200, 255],
+            ][(i % 4) as usize]
+        })
         .collect();
     let mut gif = Vec::new();
     image::codecs::gif::GifEncoder::new(&mut gif)
         .encode(&pal, w, h, image::ExtendedColorType::Rgba8)
         .unwrap();
     let s = Sketch::decode(&gif).unwrap();
-    assert_same_pixels("gif", s.rgb(), Sketch::from_rgba8(w, h, &pal).unwrap().rgb(), w);
+    assert_same_pixels(
+        "gif",
+        s.rgb(),
+        Sketch::from_rgba8(w, h, &pal).unwrap().rgb(),
+        w,
+    );
 
     // 16-bit RGB: rounded to 8 bits with (v + 128) / 257.
     let rgb16: Vec<u16> = (0..w * h * 3).map(|i| (i * 1013 % 65536) as u16).collect();
@@ -396,7 +467,10 @@ fn decodes_every_lossless_format() {
         .write_image(&bytes16, w, h, image::ExtendedColorType::Rgb16)
         .unwrap();
     let s = Sketch::decode(&png).unwrap();
-    let want: Vec<u8> = rgb16.iter().map(|&v| ((u32::from(v) + 128) / 257) as u8).collect();
+    let want: Vec<u8> = rgb16
+        .iter()
+        .map(|&v| ((u32::from(v) + 128) / 257) as u8)
+        .collect();
     assert_same_pixels("png16", s.rgb(), &want, w);
 
     // Grayscale: replicated into R, G and B.
@@ -415,7 +489,13 @@ fn jpeg_decodes_close_to_pil() {
     let s = open("sketch.jpg");
     let pil = open("sketch_jpg_pil.png");
     assert_eq!((s.width(), s.height()), (pil.width(), pil.height()));
-    let max = s.rgb().iter().zip(pil.rgb()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let max = s
+        .rgb()
+        .iter()
+        .zip(pil.rgb())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
     assert!(max <= 3, "JPEG decoders differ by {max}");
 }
 
@@ -428,7 +508,10 @@ fn control_tensor_layout() {
     assert_eq!(t.dims(), &[1, 3, 1, 2]);
     assert_eq!(t.dtype(), candle_core::DType::F32);
     let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    let want: Vec<f32> = [0u8, 102, 51, 153, 255, 204].iter().map(|&x| f32::from(x) / 255.0).collect();
+    let want: Vec<f32> = [0u8, 102, 51, 153, 255, 204]
+        .iter()
+        .map(|&x| f32::from(x) / 255.0)
+        .collect();
     assert_eq!(v, want);
 }
 
@@ -444,10 +527,19 @@ fn example_sketches_decode_and_preprocess() {
         if path.extension().is_some_and(|e| e == "png") {
             let s = Sketch::open(&path).unwrap();
             let (w, h) = s.target_size(None, None);
-            assert_eq!((w % 64, h % 64, w.min(h)), (0, 0, 512), "{}", path.display());
+            assert_eq!(
+                (w % 64, h % 64, w.min(h)),
+                (0, 0, 512),
+                "{}",
+                path.display()
+            );
             let c = s.to_control(w, h, Preprocess::Scribble);
             let strokes = c.rgb.iter().filter(|&&v| v == 255).count();
-            assert!(strokes > 0 && strokes * 5 < c.rgb.len(), "{}: white strokes on black", path.display());
+            assert!(
+                strokes > 0 && strokes * 5 < c.rgb.len(),
+                "{}: white strokes on black",
+                path.display()
+            );
             n += 1;
         }
     }

@@ -163,11 +163,12 @@ impl Engine {
         let tokenizer = ClipTokenizer::from_dir(&tok_dir.expect("tokenizer dir"))?;
 
         let (te_json, te_origin) = load_json(&base, "text_encoder/config.json")?;
-        let te_config: ClipTextConfig = serde_json::from_value(te_json)
-            .map_err(|e| Error::malformed(&te_origin, e))?;
+        let te_config: ClipTextConfig =
+            serde_json::from_value(te_json).map_err(|e| Error::malformed(&te_origin, e))?;
         let te_path = base.weights("text_encoder", variant)?;
-        let text_encoder = ClipTextModel::new(var_builder(&te_path, dt, dev)?, &te_config, &te_origin)
-            .map_err(|e| candle_to_file(e, &te_path))?;
+        let text_encoder =
+            ClipTextModel::new(var_builder(&te_path, dt, dev)?, &te_config, &te_origin)
+                .map_err(|e| candle_to_file(e, &te_path))?;
 
         let (unet_json, unet_origin) = load_json(&base, "unet/config.json")?;
         let unet_path = base.weights("unet", variant)?;
@@ -373,9 +374,9 @@ impl Engine {
                 } else {
                     model_in.clone()
                 };
-                let r = self
-                    .controlnet
-                    .forward(&control_in, t, &cn_embeds, &control, scale, guess)?;
+                let r =
+                    self.controlnet
+                        .forward(&control_in, t, &cn_embeds, &control, scale, guess)?;
                 Some(if guess && cfg { pad_uncond(r)? } else { r })
             };
             let noise = self.unet.forward(
@@ -410,7 +411,11 @@ impl Engine {
         for k in 0..n {
             let lat = latents.narrow(0, k, 1)?.to_dtype(dt)?;
             let img = self.vae.decode(&lat)?.to_dtype(DType::F32)?;
-            let hwc = img.squeeze(0)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
+            let hwc = img
+                .squeeze(0)?
+                .permute((1, 2, 0))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             images.push(to_u8_like_diffusers(&hwc));
             let info = StepInfo {
                 step: total,
@@ -434,7 +439,8 @@ impl Engine {
 
 /// Guess mode with guidance: the ControlNet saw only the conditional half; the unconditional half gets zeros.
 fn pad_uncond(r: ControlResiduals) -> Result<ControlResiduals> {
-    let pad = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&[&t.zeros_like()?, t], 0) };
+    let pad =
+        |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&[&t.zeros_like()?, t], 0) };
     Ok(ControlResiduals {
         down: r.down.iter().map(pad).collect::<candle_core::Result<_>>()?,
         mid: pad(&r.mid)?,

@@ -119,6 +119,9 @@ pub enum Error {
     /// No job has this id (never submitted, or forgotten after cleanup).
     #[error("unknown job id {0:?}")]
     UnknownJob(String),
+    /// Waiting for a job took longer than the caller's timeout (the job goes on).
+    #[error("timed out waiting for job {0}")]
+    Timeout(String),
     /// The operation was cancelled.
     #[error("cancelled")]
     Cancelled,

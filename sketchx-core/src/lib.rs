@@ -4,14 +4,21 @@
 //! The layers, bottom up: [`sketch`] decodes and preprocesses the drawing, [`models`] loads and runs the
 //! networks (CLIP tokenizer and text encoder, ControlNet, UNet, VAE), [`sampling`] holds the torch-compatible
 //! RNG, the schedulers and the denoising loop, [`engine`] ties them into one generation call, [`output`] writes
-//! PNG files atomically, and [`request`] defines and validates what a caller may ask for.
+//! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs requests as asynchronous
+//! jobs ([`jobs`], [`executor`], [`cleanup`]).
 
+pub mod cleanup;
 pub mod engine;
 pub mod error;
+pub mod executor;
+pub mod jobs;
 pub mod models;
 pub mod output;
+pub mod pipeline;
 pub mod request;
 pub mod sampling;
 pub mod sketch;
 
 pub use error::{Error, Result, SketchError};
+pub use jobs::{JobId, JobState, JobStatus};
+pub use pipeline::{Pipeline, PipelineConfig, ShutdownPolicy, SketchInput};

@@ -109,7 +109,10 @@ fn check_finite(field: &'static str, value: f64) -> Result<()> {
     if value.is_finite() {
         Ok(())
     } else {
-        Err(Error::invalid(field, format!("{value} is not a finite number")))
+        Err(Error::invalid(
+            field,
+            format!("{value} is not a finite number"),
+        ))
     }
 }
 
@@ -149,8 +152,16 @@ impl GenerationRequest {
         }
         check_finite("control_guidance_start", self.control_guidance_start)?;
         check_finite("control_guidance_end", self.control_guidance_end)?;
-        check_range("control_guidance_start", self.control_guidance_start, &(0.0..=1.0))?;
-        check_range("control_guidance_end", self.control_guidance_end, &(0.0..=1.0))?;
+        check_range(
+            "control_guidance_start",
+            self.control_guidance_start,
+            &(0.0..=1.0),
+        )?;
+        check_range(
+            "control_guidance_end",
+            self.control_guidance_end,
+            &(0.0..=1.0),
+        )?;
         if self.control_guidance_start >= self.control_guidance_end {
             return Err(Error::invalid(
                 "control_guidance_start",

@@ -139,7 +139,11 @@ fn check_buffer(width: u32, height: u32, len: usize, channels: u32) -> Result<()
 fn is_supported(format: ImageFormat) -> bool {
     matches!(
         format,
-        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif
+        ImageFormat::Png
+            | ImageFormat::Jpeg
+            | ImageFormat::WebP
+            | ImageFormat::Bmp
+            | ImageFormat::Gif
     )
 }
 
@@ -288,7 +292,8 @@ impl Sketch {
     pub fn target_size(&self, width: Option<u32>, height: Option<u32>) -> (u32, u32) {
         let (w, h) = (u64::from(self.width.max(1)), u64::from(self.height.max(1)));
         // round(num / den) to the nearest multiple of `step`, halves up.
-        let round_to = |num: u64, den: u64, step: u64| (2 * num + step * den) / (2 * step * den) * step;
+        let round_to =
+            |num: u64, den: u64, step: u64| (2 * num + step * den) / (2 * step * den) * step;
         let clamp = |v: u64, lo: u64, hi: u64| v.clamp(lo, hi) as u32;
         match (width, height) {
             (Some(tw), Some(th)) => (tw, th),
@@ -308,7 +313,10 @@ impl Sketch {
     /// # Panics
     /// If `width` or `height` is 0.
     pub fn to_control(&self, width: u32, height: u32, mode: Preprocess) -> ControlImage {
-        assert!(width > 0 && height > 0, "control image size must be non-zero");
+        assert!(
+            width > 0 && height > 0,
+            "control image size must be non-zero"
+        );
         let mut rgb = resize_lanczos_rgb8(&self.rgb, self.width, self.height, width, height);
         if mode == Preprocess::Scribble {
             scribble_threshold(&mut rgb);
@@ -514,13 +522,26 @@ pub fn pil_vertical_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool 
 /// # Panics
 /// If a size is 0 or `src` is not `in_w * in_h * 3` bytes.
 pub fn resize_lanczos_rgb8(src: &[u8], in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> Vec<u8> {
-    assert!(in_w > 0 && in_h > 0 && out_w > 0 && out_h > 0, "sizes must be non-zero");
-    assert_eq!(src.len(), in_w as usize * in_h as usize * 3, "RGB8 buffer size");
+    assert!(
+        in_w > 0 && in_h > 0 && out_w > 0 && out_h > 0,
+        "sizes must be non-zero"
+    );
+    assert_eq!(
+        src.len(),
+        in_w as usize * in_h as usize * 3,
+        "RGB8 buffer size"
+    );
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
     match (need_h, need_v) {
         (false, false) => src.to_vec(),
-        (true, false) => horizontal(src, in_w as usize, 0, in_h as usize, &coefficients(in_w, out_w)),
+        (true, false) => horizontal(
+            src,
+            in_w as usize,
+            0,
+            in_h as usize,
+            &coefficients(in_w, out_w),
+        ),
         (false, true) => vertical(src, in_w as usize, &coefficients(in_h, out_h), 0),
         (true, true) => {
             let horiz = coefficients(in_w, out_w);

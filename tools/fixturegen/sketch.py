@@ -19,7 +19,7 @@
 * ``to_u8.f32`` / ``to_u8.u8``: diffusers' float -> u8 conversion (``torch.clamp(x / 2 + 0.5, 0, 1)``, then numpy's
   ``(x * 255).round().astype("uint8")``) on tricky values (ties, NaN, infinities, signed zeros, subnormals);
 * ``bomb_header.png``: a tiny PNG whose header claims 60000x60000 pixels;
-* ``zero_width.bmp``: a BMP with a 0-pixel width;
+* ``zero_width.bmp``, ``zero_size.gif``: a BMP with a 0-pixel width, a GIF of 0x0 pixels;
 * ``sketch.jpg`` + ``sketch_jpg_pil.png``: a small JPEG (to truncate) and PIL's decoding of it.
 
 Usage: ``python tools/fixturegen/sketch.py tests/fixtures`` (needs Pillow, numpy and torch).
@@ -196,6 +196,13 @@ def _zero_width_bmp(height=4) -> bytes:
     return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
 
 
+def _zero_size_gif() -> bytes:
+    """A GIF whose logical screen and only frame are 0x0 pixels."""
+    screen = struct.pack("<HHBBB", 0, 0, 0x80, 0, 0) + bytes([0, 0, 0, 255, 255, 255])
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 0, 0, 0) + bytes([2, 2, 0x44, 0x01, 0])
+    return b"GIF89a" + screen + frame + b"\x3b"
+
+
 def _to_u8_values(rng) -> np.ndarray:
     f = np.float32
     special = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1e-45, -1e-45, 1e-38, -1e-38, 3.4e38, -3.4e38,
@@ -280,6 +287,7 @@ def generate(fixtures_dir):
 
     (out / "bomb_header.png").write_bytes(_bomb_header_png())
     (out / "zero_width.bmp").write_bytes(_zero_width_bmp())
+    (out / "zero_size.gif").write_bytes(_zero_size_gif())
     _sketch_rgb(128, 96, (0, 0, 0), (255, 255, 255)).save(out / "sketch.jpg", quality=90)
     # PIL's (libjpeg's) decoding of it: JPEG decoders are not bit-identical, the test bounds the difference.
     Image.open(out / "sketch.jpg").convert("RGB").save(out / "sketch_jpg_pil.png")

@@ -14,7 +14,13 @@ use candle_nn::{
 
 type CResult<T> = candle_core::Result<T>;
 
-fn conv3(vb: VarBuilder, cin: usize, cout: usize, stride: usize, padding: usize) -> CResult<Conv2d> {
+fn conv3(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    padding: usize,
+) -> CResult<Conv2d> {
     conv2d(
         cin,
         cout,
@@ -54,7 +60,9 @@ impl TimeEmbedding {
         // Same float32 arithmetic as torch: exp((-ln(10000) * arange(half)) / (half - shift)).
         let neg_log = -(10000f64.ln()) as f32;
         let denom = (half as f64 - freq_shift) as f32;
-        let freqs = (0..half).map(|i| ((neg_log * i as f32) / denom).exp()).collect();
+        let freqs = (0..half)
+            .map(|i| ((neg_log * i as f32) / denom).exp())
+            .collect();
         Ok(Self {
             freqs,
             flip_sin_to_cos,
@@ -64,7 +72,13 @@ impl TimeEmbedding {
     }
 
     /// The embedding `(batch, embed_dim)` of one timestep repeated `batch` times.
-    pub fn forward(&self, timestep: f64, batch: usize, vb_dtype: DType, device: &candle_core::Device) -> CResult<Tensor> {
+    pub fn forward(
+        &self,
+        timestep: f64,
+        batch: usize,
+        vb_dtype: DType,
+        device: &candle_core::Device,
+    ) -> CResult<Tensor> {
         let t = timestep as f32;
         let args: Vec<f32> = self.freqs.iter().map(|f| t * f).collect();
         let sin = args.iter().map(|a| a.sin());
@@ -115,7 +129,13 @@ pub struct BlockParams {
 
 impl ResnetBlock {
     /// A resnet from `cin` to `cout` channels.
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, p: &BlockParams, scale: f64) -> CResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        p: &BlockParams,
+        scale: f64,
+    ) -> CResult<Self> {
         Ok(Self {
             norm1: group_norm(p.groups, cin, p.eps, vb.pp("norm1"))?,
             conv1: conv3(vb.pp("conv1"), cin, cout, 1, 1)?,
@@ -137,7 +157,9 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
         let h = match &self.time_emb_proj {
             Some(p) => {
                 let t = p.forward(&candle_nn::ops::silu(temb)?)?;
@@ -145,7 +167,9 @@ impl ResnetBlock {
             }
             None => h,
         };
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -171,7 +195,13 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, head_dim: usize) -> CResult<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        ctx_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> CResult<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
@@ -193,13 +223,18 @@ impl Attention {
         let inner = q.dim(D::Minus1)?;
         let hd = inner / self.heads;
         let split = |t: Tensor, len: usize| -> CResult<Tensor> {
-            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, len, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split(q, n)?;
         let k = split(k, m)?;
         let v = split(v, m)?;
         let in_dtype = q.dtype();
-        let att = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * self.scale)?;
+        let att = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * self.scale)?;
         let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(in_dtype)?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
         self.to_out.forward(&o)
@@ -218,7 +253,13 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, ctx_dim: usize) -> CResult<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        ctx_dim: usize,
+    ) -> CResult<Self> {
         let ff_inner = dim * 4;
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
@@ -236,7 +277,8 @@ impl TransformerBlock {
         let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
         let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
         let half = h.dim(D::Minus1)? / 2;
-        let geglu = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let geglu =
+            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
         self.ff_out.forward(&geglu)? + xs
     }
 }
@@ -259,7 +301,13 @@ pub struct SpatialTransformer {
 
 impl SpatialTransformer {
     /// `depth` transformer blocks over `channels` channels split into `heads` heads.
-    pub fn new(vb: VarBuilder, channels: usize, heads: usize, depth: usize, p: &BlockParams) -> CResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        p: &BlockParams,
+    ) -> CResult<Self> {
         let head_dim = channels / heads;
         let inner = heads * head_dim;
         let (proj_in, proj_out) = if p.linear_projection {
@@ -274,7 +322,15 @@ impl SpatialTransformer {
             )
         };
         let blocks = (0..depth)
-            .map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), inner, heads, head_dim, p.cross_dim))
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    inner,
+                    heads,
+                    head_dim,
+                    p.cross_dim,
+                )
+            })
             .collect::<CResult<Vec<_>>>()?;
         Ok(Self {
             norm: group_norm(p.groups, channels, 1e-6, vb.pp("norm"))?,
@@ -347,11 +403,21 @@ impl DownBlock {
     ) -> CResult<Self> {
         let c = spec.channels;
         let resnets = (0..layers)
-            .map(|i| ResnetBlock::new(vb.pp("resnets").pp(i), if i == 0 { cin } else { c }, c, p, 1.0))
+            .map(|i| {
+                ResnetBlock::new(
+                    vb.pp("resnets").pp(i),
+                    if i == 0 { cin } else { c },
+                    c,
+                    p,
+                    1.0,
+                )
+            })
             .collect::<CResult<Vec<_>>>()?;
         let attentions = match spec.cross_attention {
             Some(depth) => (0..layers)
-                .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p))
+                .map(|i| {
+                    SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p)
+                })
                 .collect::<CResult<Vec<_>>>()?,
             None => Vec::new(),
         };
@@ -367,7 +433,13 @@ impl DownBlock {
     }
 
     /// Runs the block, appending each intermediate state to `states`.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor, states: &mut Vec<Tensor>) -> CResult<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        states: &mut Vec<Tensor>,
+    ) -> CResult<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             xs = r.forward(&xs, temb)?;
@@ -378,7 +450,8 @@ impl DownBlock {
         }
         if let Some((conv, pad)) = &self.downsample {
             let input = if *pad == 0 {
-                xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?
+                xs.pad_with_zeros(D::Minus1, 0, 1)?
+                    .pad_with_zeros(D::Minus2, 0, 1)?
             } else {
                 xs
             };
@@ -398,7 +471,14 @@ pub struct MidBlock {
 
 impl MidBlock {
     /// The mid block over `channels` channels with one attention layer of `depth` transformer blocks.
-    pub fn new(vb: VarBuilder, channels: usize, heads: usize, depth: usize, scale: f64, p: &BlockParams) -> CResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        scale: f64,
+        p: &BlockParams,
+    ) -> CResult<Self> {
         Ok(Self {
             first: ResnetBlock::new(vb.pp("resnets.0"), channels, channels, p, scale)?,
             rest: vec![(
@@ -449,7 +529,9 @@ impl UpBlock {
             .collect::<CResult<Vec<_>>>()?;
         let attentions = match spec.cross_attention {
             Some(depth) => (0..layers)
-                .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p))
+                .map(|i| {
+                    SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p)
+                })
                 .collect::<CResult<Vec<_>>>()?,
             None => Vec::new(),
         };
@@ -481,7 +563,9 @@ impl UpBlock {
     ) -> CResult<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().expect("the UNet supplies one skip connection per resnet");
+            let skip = skips
+                .pop()
+                .expect("the UNet supplies one skip connection per resnet");
             xs = r.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 xs = a.forward(&xs, ctx)?;

@@ -34,7 +34,13 @@ impl ConditioningEmbedding {
         let vbb = vb.pp("blocks");
         for i in 0..channels.len() - 1 {
             blocks.push(conv2d(channels[i], channels[i], 3, pad, vbb.pp(2 * i))?);
-            blocks.push(conv2d(channels[i], channels[i + 1], 3, stride, vbb.pp(2 * i + 1))?);
+            blocks.push(conv2d(
+                channels[i],
+                channels[i + 1],
+                3,
+                stride,
+                vbb.pp(2 * i + 1),
+            )?);
         }
         let conv_out = conv2d(*channels.last().unwrap(), out_ch, 3, pad, vb.pp("conv_out"))?;
         Ok(Self {
@@ -78,7 +84,7 @@ impl ControlNet {
     pub fn new(vb: VarBuilder, value: &Value, origin: &str) -> Result<Self> {
         let c = ConfigMap::new(value, origin)?;
         let shape = parse_unet_shape(&c)?;
-                let cond_channels = match c.present("conditioning_embedding_out_channels") {
+        let cond_channels = match c.present("conditioning_embedding_out_channels") {
             Some(_) => c.usize_list("conditioning_embedding_out_channels")?,
             None => vec![16, 32, 96, 256],
         };
@@ -116,11 +122,23 @@ impl ControlNet {
             let extra = shape.layers_per_block + usize::from(i + 1 < n);
             for _ in 0..extra {
                 let idx = zero_convs.len();
-                zero_convs.push(conv2d(spec.channels, spec.channels, 1, Default::default(), vb_zero.pp(idx))?);
+                zero_convs.push(conv2d(
+                    spec.channels,
+                    spec.channels,
+                    1,
+                    Default::default(),
+                    vb_zero.pp(idx),
+                )?);
             }
         }
         let last = shape.blocks[n - 1].channels;
-        let mid_zero_conv = conv2d(last, last, 1, Default::default(), vb.pp("controlnet_mid_block"))?;
+        let mid_zero_conv = conv2d(
+            last,
+            last,
+            1,
+            Default::default(),
+            vb.pp("controlnet_mid_block"),
+        )?;
         Ok(Self {
             encoder,
             cond_embedding,
@@ -155,7 +173,11 @@ impl ControlNet {
         scale: f64,
         guess_mode: bool,
     ) -> Result<ControlResiduals> {
-        let cond = if self.bgr { cond.flip(&[1])? } else { cond.clone() };
+        let cond = if self.bgr {
+            cond.flip(&[1])?
+        } else {
+            cond.clone()
+        };
         let temb = self.encoder.time_embedding(timestep, sample)?;
         let xs = (self.encoder.conv_in(sample)? + self.cond_embedding.forward(&cond)?)?;
         let (xs, res) = self.encoder.down(xs, &temb, encoder_hidden_states)?;

@@ -51,7 +51,9 @@ impl ModelSource {
             })
         } else {
             Err(Error::MissingFile {
-                path: format!("{spec} (neither an existing directory nor a Hub repo id like owner/name)"),
+                path: format!(
+                    "{spec} (neither an existing directory nor a Hub repo id like owner/name)"
+                ),
             })
         }
     }
@@ -111,7 +113,8 @@ impl Resolver {
             }
             ModelSource::Hub { repo, revision } => {
                 let rev = revision.clone().unwrap_or_else(|| "main".to_string());
-                let hf_repo = hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, rev);
+                let hf_repo =
+                    hf_hub::Repo::with_revision(repo.clone(), hf_hub::RepoType::Model, rev);
                 let cache_root = hf_cache();
                 let cache = cache_root.repo(hf_repo.clone());
                 let api = if offline() {
@@ -193,7 +196,10 @@ impl Resolver {
                 }
                 let Some(api) = &hub.api else {
                     return Err(Error::MissingFile {
-                        path: format!("{}/{rel} (not in the HF cache and HF_HUB_OFFLINE is set)", hub.repo),
+                        path: format!(
+                            "{}/{rel} (not in the HF cache and HF_HUB_OFFLINE is set)",
+                            hub.repo
+                        ),
                     });
                 };
                 api.get(rel).map_err(|e| {

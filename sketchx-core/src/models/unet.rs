@@ -231,27 +231,31 @@ pub fn parse_unet_shape(c: &ConfigMap) -> Result<UNetShape> {
             ));
         }
     }
-    let null = Value::Null;
-    let f = Value::Bool(false);
-    c.require("only_cross_attention", &[f.clone()])?;
-    c.require("dual_cross_attention", &[f.clone()])?;
-    c.require("class_embed_type", &[null.clone()])?;
-    c.require("num_class_embeds", &[null.clone()])?;
-    c.require("addition_embed_type", &[null.clone()])?;
-    c.require("encoder_hid_dim", &[null.clone()])?;
-    c.require("encoder_hid_dim_type", &[null.clone()])?;
-    c.require("time_cond_proj_dim", &[null.clone()])?;
-    c.require("timestep_post_act", &[null.clone()])?;
-    c.require("act_fn", &["silu".into()])?;
-    c.require("resnet_time_scale_shift", &["default".into()])?;
-    c.require("time_embedding_type", &["positional".into()])?;
-    c.require("mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
-    c.require("conv_in_kernel", &[3.into()])?;
-    c.require("conv_out_kernel", &[3.into()])?;
-    c.require("attention_type", &["default".into()])?;
-    c.require("cross_attention_norm", &[null])?;
-    c.require("resnet_skip_time_act", &[f])?;
-    c.require("time_embedding_dim", &[Value::Null])?;
+    // Options that change results and that sketchx does not implement: refused unless at their SD1.5 value.
+    let expected: [(&str, Value); 19] = [
+        ("only_cross_attention", false.into()),
+        ("dual_cross_attention", false.into()),
+        ("class_embed_type", Value::Null),
+        ("num_class_embeds", Value::Null),
+        ("addition_embed_type", Value::Null),
+        ("encoder_hid_dim", Value::Null),
+        ("encoder_hid_dim_type", Value::Null),
+        ("time_cond_proj_dim", Value::Null),
+        ("timestep_post_act", Value::Null),
+        ("act_fn", "silu".into()),
+        ("resnet_time_scale_shift", "default".into()),
+        ("time_embedding_type", "positional".into()),
+        ("mid_block_type", "UNetMidBlock2DCrossAttn".into()),
+        ("conv_in_kernel", 3.into()),
+        ("conv_out_kernel", 3.into()),
+        ("attention_type", "default".into()),
+        ("cross_attention_norm", Value::Null),
+        ("resnet_skip_time_act", false.into()),
+        ("time_embedding_dim", Value::Null),
+    ];
+    for (key, value) in &expected {
+        c.require(key, std::slice::from_ref(value))?;
+    }
     let b0 = channels[0];
     Ok(UNetShape {
         in_channels: c.usize_or("in_channels", 4)?,
@@ -342,7 +346,8 @@ pub struct Encoder {
 impl Encoder {
     /// The time embedding of `timestep` for a batch of `b`, in `dtype`.
     pub fn time_embedding(&self, timestep: f64, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.time.forward(timestep, xs.dim(0)?, xs.dtype(), xs.device())
+        self.time
+            .forward(timestep, xs.dim(0)?, xs.dtype(), xs.device())
     }
 
     /// `conv_in` of the (optionally centred) latents.
@@ -356,7 +361,12 @@ impl Encoder {
 
     /// Runs the down blocks from the `conv_in` output `xs`; returns the last state and every skip connection
     /// (the `conv_in` output first).
-    pub fn down(&self, xs: Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    pub fn down(
+        &self,
+        xs: Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut states = vec![xs.clone()];
         let mut xs = xs;
         for b in &self.down {
@@ -392,7 +402,8 @@ impl UNet {
         let down = c.str_list("down_block_types")?;
         if c.present("up_block_types").is_some() {
             let up = c.str_list("up_block_types")?;
-            let expected: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
+            let expected: Vec<String> =
+                down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
             if up != expected {
                 return Err(Error::unsupported(
                     origin,
@@ -420,7 +431,12 @@ impl UNet {
             prev = spec.channels;
         }
         let b0 = shape.blocks[0].channels;
-        let conv_norm_out = group_norm(shape.params.groups, b0, shape.params.eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = group_norm(
+            shape.params.groups,
+            b0,
+            shape.params.eps,
+            vb.pp("conv_norm_out"),
+        )?;
         let conv_out = conv2d(
             b0,
             out_channels,
