@@ -1,0 +1,267 @@
+//! The original service's REST API on one shared [`Pipeline`] (used by `main.rs` and by `tests/server.rs`).
+//!
+//! - `POST /api/generate` (multipart: `sketch` file, `prompt`, `negative_prompt`, `temperature`,
+//!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`) -> `{"status": "queued", "job_id": ...}`
+//! - `GET /api/status/{job_id}` -> the job's JSON status (images as `/generated/...` URLs)
+//! - `DELETE /api/jobs/{job_id}` -> `{"job_id": ..., "cancelled": bool}`
+//! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
+//!
+//! Bad input is 422 naming the field, an unknown job 404, a full queue 429 with `Retry-After`, an upload over
+//! the size limit 413; nothing a client sends produces a 500.
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use sketchx::request::GenerationRequest;
+use sketchx::{Error, JobId, Pipeline};
+use tower_http::services::ServeDir;
+
+/// Largest accepted upload (the whole multipart body).
+pub const MAX_UPLOAD_BYTES: usize = 10 * 1024 * 1024;
+
+/// An HTTP error response: a status code and a JSON body `{"detail": ..., "field": ...}`.
+pub struct ApiError {
+    status: StatusCode,
+    detail: String,
+    field: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn unprocessable(field: &str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            detail: detail.into(),
+            field: Some(field.to_string()),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, field, retry_after) = match &e {
+            Error::InvalidRequest { field, .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some(field.to_string()),
+                None,
+            ),
+            Error::InvalidSketch(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("sketch".to_string()),
+                None,
+            ),
+            Error::UnknownJob(_) => (StatusCode::NOT_FOUND, None, None),
+            Error::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, None, Some(30)),
+            Error::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, None, Some(60)),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, None, None),
+        };
+        ApiError {
+            status,
+            detail: e.to_string(),
+            field,
+            retry_after,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "detail": self.detail });
+        if let Some(f) = self.field {
+            body["field"] = Value::String(f);
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+fn parse<T: std::str::FromStr>(field: &str, text: &str) -> Result<T, ApiError> {
+    text.trim().parse().map_err(|_| {
+        ApiError::unprocessable(field, format!("{field}: {text:?} is not a valid number"))
+    })
+}
+
+async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<Response, ApiError> {
+    let mut req = GenerationRequest::default();
+    let mut sketch: Option<Vec<u8>> = None;
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                let status = e.status();
+                return Err(ApiError {
+                    status,
+                    detail: e.body_text(),
+                    field: None,
+                    retry_after: None,
+                });
+            }
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        if name == "sketch" {
+            let data = field.bytes().await.map_err(|e| ApiError {
+                status: e.status(),
+                detail: e.body_text(),
+                field: Some("sketch".into()),
+                retry_after: None,
+            })?;
+            sketch = Some(data.to_vec());
+            continue;
+        }
+        let text = field
+            .text()
+            .await
+            .map_err(|_| ApiError::unprocessable(&name, format!("{name}: not valid UTF-8 text")))?;
+        match name.as_str() {
+            "prompt" => req.prompt = Some(text),
+            "negative_prompt" => req.negative_prompt = Some(text),
+            "temperature" => req.temperature = parse("temperature", &text)?,
+            "guidance_scale" => req.guidance_scale = parse("guidance_scale", &text)?,
+            "num_images" => req.num_images = parse("num_images", &text)?,
+            "steps" => req.steps = parse("steps", &text)?,
+            "seed" if text.trim().is_empty() => req.seed = None,
+            "seed" => req.seed = Some(parse("seed", &text)?),
+            "width" => req.width = Some(parse("width", &text)?),
+            "height" => req.height = Some(parse("height", &text)?),
+            "scheduler" => req.scheduler = text.parse()?,
+            other => {
+                return Err(ApiError::unprocessable(
+                    other,
+                    format!("unknown field {other:?}"),
+                ))
+            }
+        }
+    }
+    let sketch =
+        sketch.ok_or_else(|| ApiError::unprocessable("sketch", "sketch: a file is required"))?;
+    // Decoding the sketch takes milliseconds: keep it off the async executor.
+    let id = tokio::task::spawn_blocking(move || pipe.submit(req, sketch))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            detail: e.to_string(),
+            field: None,
+            retry_after: None,
+        })??;
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "status": "queued", "job_id": id.as_str() })),
+    )
+        .into_response())
+}
+
+fn job_id(text: &str) -> Result<JobId, ApiError> {
+    Ok(text.parse::<JobId>()?)
+}
+
+async fn status(
+    State(pipe): State<Pipeline>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let st = pipe.poll(&job_id(&id)?)?;
+    let mut body = serde_json::to_value(&st).expect("status serialises");
+    body["images"] = st
+        .images
+        .iter()
+        .filter_map(|p| {
+            p.file_name()
+                .map(|n| format!("/generated/{}", n.to_string_lossy()))
+        })
+        .collect();
+    Ok(Json(body))
+}
+
+async fn cancel(
+    State(pipe): State<Pipeline>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = job_id(&id)?;
+    let cancelled = pipe.cancel(&id)?;
+    Ok(Json(
+        json!({ "job_id": id.as_str(), "cancelled": cancelled }),
+    ))
+}
+
+/// The OpenAPI 3.1 description of this API.
+pub fn openapi() -> Value {
+    let err = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "sketchx", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "Sketch to image with Stable Diffusion 1.5 + scribble ControlNet." },
+        "paths": {
+            "/api/generate": { "post": {
+                "summary": "Queue a generation job",
+                "requestBody": { "required": true, "content": { "multipart/form-data": { "schema": {
+                    "type": "object", "required": ["sketch"],
+                    "properties": {
+                        "sketch": { "type": "string", "format": "binary" },
+                        "prompt": { "type": "string" },
+                        "negative_prompt": { "type": "string" },
+                        "temperature": { "type": "number", "minimum": 0, "maximum": 1, "default": 0.65 },
+                        "guidance_scale": { "type": "number", "minimum": 0, "maximum": 30, "default": 7.5 },
+                        "num_images": { "type": "integer", "minimum": 1, "maximum": 8, "default": 1 },
+                        "steps": { "type": "integer", "minimum": 1, "maximum": 150, "default": 30 },
+                        "seed": { "type": "integer", "minimum": 0 },
+                        "width": { "type": "integer", "minimum": 64, "maximum": 2048, "multipleOf": 8 },
+                        "height": { "type": "integer", "minimum": 64, "maximum": 2048, "multipleOf": 8 },
+                        "scheduler": { "type": "string", "enum": ["euler_a", "euler", "ddim"] } } } } } },
+                "responses": {
+                    "200": { "description": "queued", "content": { "application/json": { "schema": {
+                        "type": "object", "properties": { "status": { "const": "queued" }, "job_id": { "type": "string" } } } } } },
+                    "413": err, "422": err, "429": err } } },
+            "/api/status/{job_id}": { "get": {
+                "summary": "A job's status",
+                "parameters": [{ "name": "job_id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": { "200": { "description": "status", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JobStatus" } } } }, "404": err } } },
+            "/api/jobs/{job_id}": { "delete": {
+                "summary": "Cancel a job",
+                "parameters": [{ "name": "job_id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": { "200": { "description": "cancel result" }, "404": err } } }
+        },
+        "components": { "schemas": {
+            "Error": { "type": "object", "properties": { "detail": { "type": "string" }, "field": { "type": "string" } } },
+            "JobStatus": { "type": "object", "required": ["job_id", "status", "progress", "images", "message"], "properties": {
+                "job_id": { "type": "string" },
+                "status": { "type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"] },
+                "progress": { "type": "number", "minimum": 0, "maximum": 100 },
+                "images": { "type": "array", "items": { "type": "string" } },
+                "message": { "type": "string" },
+                "step": { "type": "integer" }, "total_steps": { "type": "integer" },
+                "queue_position": { "type": ["integer", "null"] }, "eta_secs": { "type": ["number", "null"] },
+                "seed": { "type": "integer" } } } } }
+    })
+}
+
+async fn docs() -> Html<String> {
+    Html(format!(
+        "<!doctype html><title>sketchx API</title><h1>sketchx API</h1>\
+         <p>The OpenAPI description: <a href=\"/openapi.json\">/openapi.json</a></p><pre>{}</pre>",
+        serde_json::to_string_pretty(&openapi())
+            .unwrap()
+            .replace('<', "&lt;")
+    ))
+}
+
+/// The router serving the API on `pipe` (images from its output directory).
+pub fn router(pipe: Pipeline) -> Router {
+    let files = ServeDir::new(pipe.output_dir());
+    Router::new()
+        .route("/api/generate", post(generate))
+        .route("/api/status/{job_id}", get(status))
+        .route("/api/jobs/{job_id}", delete(cancel))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/docs", get(docs))
+        .nest_service("/generated", files)
+        .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
+        .with_state(pipe)
+}

@@ -1,0 +1,243 @@
+//! The REST example (`examples/server`) over real HTTP on loopback, with the tiny fixture models: the original
+//! service's endpoints, status codes for bad input (422), unknown jobs (404), a full queue (429 + Retry-After),
+//! oversized uploads (413), cancellation and the served images.
+
+#[path = "../examples/server/app.rs"]
+mod app;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sketchx::{Pipeline, PipelineConfig};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("SKETCHX_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
+}
+
+struct Server {
+    base: String,
+    _rt: tokio::runtime::Runtime,
+    dir: PathBuf,
+}
+
+fn start(queue_capacity: usize) -> Server {
+    let f = fixtures();
+    let mut cfg = PipelineConfig::new(
+        f.join("tiny-sd").to_str().unwrap(),
+        f.join("tiny-controlnet").to_str().unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "sketchx-server-{queue_capacity}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    cfg.output_dir = dir.clone();
+    cfg.queue_capacity = queue_capacity;
+    cfg.cleanup_interval = None;
+    let pipe = Pipeline::new(cfg).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app::router(pipe)).await.unwrap() });
+    Server { base, _rt: rt, dir }
+}
+
+/// A multipart/form-data body with text fields and an optional `sketch` file.
+fn multipart(fields: &[(&str, &str)], sketch: Option<&[u8]>) -> (String, Vec<u8>) {
+    let boundary = "sketchxBoundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .bytes(),
+        );
+    }
+    if let Some(data) = sketch {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"sketch\"; filename=\"s.png\"\r\nContent-Type: image/png\r\n\r\n")
+                .bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// (status, JSON body, Retry-After) of a request; HTTP error statuses are returned, not raised.
+fn call(req: ureq::Request, body: Option<(String, Vec<u8>)>) -> (u16, Value, Option<String>) {
+    let resp = match body {
+        Some((ct, bytes)) => req.set("Content-Type", &ct).send_bytes(&bytes),
+        None => req.call(),
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let retry = resp.header("Retry-After").map(str::to_string);
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        retry,
+    )
+}
+
+fn sketch() -> Vec<u8> {
+    std::fs::read(fixtures().join("sketches/house_black_on_white.png")).unwrap()
+}
+
+/// Text fields of a multipart form.
+type Form = Vec<(&'static str, String)>;
+
+fn small(steps: &str) -> Form {
+    vec![
+        ("prompt", "a house".into()),
+        ("steps", steps.into()),
+        ("width", "64".into()),
+        ("height", "64".into()),
+        ("seed", "3".into()),
+    ]
+}
+
+fn post(
+    s: &Server,
+    fields: &[(&str, String)],
+    sketch: Option<&[u8]>,
+) -> (u16, Value, Option<String>) {
+    let f: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    call(
+        ureq::post(&format!("{}/api/generate", s.base)),
+        Some(multipart(&f, sketch)),
+    )
+}
+
+#[test]
+fn the_original_rest_api_over_http() {
+    let s = start(64);
+    let sk = sketch();
+    let (code, body, _) = post(&s, &small("2"), Some(&sk));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "queued");
+    let id = body["job_id"].as_str().unwrap().to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (code, st, _) = call(ureq::get(&format!("{}/api/status/{id}", s.base)), None);
+        assert_eq!(code, 200);
+        for key in ["job_id", "status", "progress", "images", "message"] {
+            assert!(st.get(key).is_some(), "{key} missing from {st}");
+        }
+        if st["status"] == "completed" || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["progress"], 100.0);
+    let url = status["images"][0].as_str().unwrap();
+    assert!(url.starts_with("/generated/"), "{url}");
+    let png = ureq::get(&format!("{}{url}", s.base)).call().unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut png.into_reader(), &mut bytes).unwrap();
+    assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 64);
+
+    // Unknown ids: well-formed or not, 404.
+    for bad in ["0123456789abcdef0123456789abcdef", "nope", "..%2F..%2Fetc"] {
+        let (code, _, _) = call(ureq::get(&format!("{}/api/status/{bad}", s.base)), None);
+        assert_eq!(code, 404, "{bad}");
+    }
+    let (code, _, _) = call(
+        ureq::delete(&format!(
+            "{}/api/jobs/0123456789abcdef0123456789abcdef",
+            s.base
+        )),
+        None,
+    );
+    assert_eq!(code, 404);
+
+    // Cancel a long job.
+    let (_, body, _) = post(&s, &small("150"), Some(&sk));
+    let long = body["job_id"].as_str().unwrap().to_string();
+    let (code, body, _) = call(ureq::delete(&format!("{}/api/jobs/{long}", s.base)), None);
+    assert_eq!((code, body["cancelled"].as_bool()), (200, Some(true)));
+
+    // The API description.
+    let (code, doc, _) = call(ureq::get(&format!("{}/openapi.json", s.base)), None);
+    assert_eq!(code, 200);
+    assert!(doc["paths"]["/api/generate"]["post"].is_object());
+    let (code, _, _) = call(ureq::get(&format!("{}/docs", s.base)), None);
+    assert_eq!(code, 200);
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+#[test]
+fn bad_input_is_422_naming_the_field_never_500() {
+    let s = start(64);
+    let sk = sketch();
+    let cases: Vec<(Form, Option<&[u8]>, &str)> = vec![
+        (small("0"), Some(&sk), "steps"),
+        (small("abc"), Some(&sk), "steps"),
+        (vec![("temperature", "2".into())], Some(&sk), "temperature"),
+        (
+            vec![("guidance_scale", "nan".into())],
+            Some(&sk),
+            "guidance_scale",
+        ),
+        (vec![("num_images", "-1".into())], Some(&sk), "num_images"),
+        (vec![("seed", "x".into())], Some(&sk), "seed"),
+        (vec![("width", "100".into())], Some(&sk), "width"),
+        (small("2"), None, "sketch"),
+        (small("2"), Some(b"not an image"), "sketch"),
+        (small("2"), Some(b""), "sketch"),
+        (vec![("bogus", "1".into())], Some(&sk), "bogus"),
+    ];
+    for (fields, sketch, field) in cases {
+        let (code, body, _) = post(&s, &fields, sketch);
+        assert_eq!(code, 422, "{field}: {body}");
+        assert_eq!(body["field"], field, "{body}");
+    }
+    // Over the upload limit: 413.
+    let big = vec![0u8; app::MAX_UPLOAD_BYTES + 1024];
+    let (code, _, _) = post(&s, &small("2"), Some(&big));
+    assert_eq!(code, 413);
+    // Not multipart at all: a client error, not a 500.
+    let (code, _, _) = call(
+        ureq::post(&format!("{}/api/generate", s.base)),
+        Some(("text/plain".into(), b"hi".to_vec())),
+    );
+    assert!((400..500).contains(&code), "{code}");
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+#[test]
+fn a_full_queue_is_429_with_retry_after() {
+    let s = start(1);
+    let sk = sketch();
+    let (code, first, _) = post(&s, &small("150"), Some(&sk));
+    assert_eq!(code, 200);
+    // Wait for the first job to leave the queue, then fill the single place.
+    let id = first["job_id"].as_str().unwrap().to_string();
+    while call(ureq::get(&format!("{}/api/status/{id}", s.base)), None).1["status"] == "queued" {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, _, _) = post(&s, &small("1"), Some(&sk));
+    assert_eq!(code, 200);
+    let (code, body, retry) = post(&s, &small("1"), Some(&sk));
+    assert_eq!(code, 429, "{body}");
+    assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok()));
+    call(ureq::delete(&format!("{}/api/jobs/{id}", s.base)), None);
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
