@@ -268,6 +268,9 @@ fn cancel_while_queued_and_while_running_leaves_no_files() {
             sketch_bytes(),
         )
         .unwrap();
+    while pipe.poll(&running).unwrap().state == JobState::Queued {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let queued = pipe.submit(req(2), sketch_bytes()).unwrap();
     assert_eq!(pipe.poll(&queued).unwrap().queue_position, Some(1));
     assert!(pipe.cancel(&queued).unwrap());
@@ -359,7 +362,8 @@ fn a_full_queue_says_so_at_once() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Fault injection: the real engine, except that a prompt of "PANIC" panics mid-run and "FAIL" errors.
+/// Fault injection: the real engine, except that a prompt of "PANIC" panics mid-run, "FAIL" errors and "SHORT"
+/// returns one image fewer than asked.
 struct Faulty(Engine);
 
 impl Generator for Faulty {
@@ -373,6 +377,12 @@ impl Generator for Faulty {
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> sketchx::Result<Generated> {
         let mode = req.prompt.clone().unwrap_or_default();
+        if mode == "SHORT" {
+            // A generator that silently returns fewer images than asked (the old service's failure mode).
+            let mut g = self.0.generate(req, sketch, observer)?;
+            g.images.pop();
+            return Ok(g);
+        }
         self.0
             .generate(req, sketch, &mut |s| {
                 if s.step == 2 && mode == "PANIC" {
@@ -417,7 +427,24 @@ fn a_panic_or_error_fails_only_its_job_and_the_next_job_runs() {
             sketch_bytes(),
         )
         .unwrap();
+    let short = pipe
+        .submit(
+            GenerationRequest {
+                prompt: Some("SHORT".into()),
+                num_images: 2,
+                ..req(2)
+            },
+            sketch_bytes(),
+        )
+        .unwrap();
     let good = pipe.submit(req(2), sketch_bytes()).unwrap();
+    let st = pipe.wait(&short, Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(
+        st.state,
+        JobState::Failed,
+        "fewer images than asked is a failure, never a completion"
+    );
+    assert!(st.message.contains("1 of 2"), "{}", st.message);
     let st = pipe.wait(&bad, Some(Duration::from_secs(60))).unwrap();
     assert_eq!(st.state, JobState::Failed);
     assert!(st.message.contains("injected panic"), "{}", st.message);

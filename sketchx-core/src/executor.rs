@@ -338,7 +338,7 @@ fn run_job(shared: &Shared, generator: &dyn Generator, id: &JobId) {
                     t.decode_secs = Some(t.decode_secs.map_or(d, |old| 0.5 * (old + d)));
                 }
             }
-            write_images(shared, id, &generated, &cancel);
+            write_images(shared, id, &generated, request.num_images as usize, &cancel);
         }
         Err(Error::Cancelled) => {
             shared.finish(id, JobState::Cancelled, messages::CANCELLED.into(), vec![]);
@@ -351,7 +351,13 @@ fn generated_steps(t: &Table, id: &JobId) -> usize {
     t.jobs.get(id).map_or(0, |r| r.total_steps)
 }
 
-fn write_images(shared: &Shared, id: &JobId, generated: &Generated, cancel: &AtomicBool) {
+fn write_images(
+    shared: &Shared,
+    id: &JobId,
+    generated: &Generated,
+    asked: usize,
+    cancel: &AtomicBool,
+) {
     let mut written: Vec<PathBuf> = Vec::with_capacity(generated.images.len());
     let mut failure = None;
     for (i, rgb) in generated.images.iter().enumerate() {
@@ -368,7 +374,7 @@ fn write_images(shared: &Shared, id: &JobId, generated: &Generated, cancel: &Ato
         }
     }
     let cancelled = cancel.load(Ordering::SeqCst);
-    if failure.is_some() || cancelled || written.len() != generated.images.len() {
+    if failure.is_some() || cancelled || written.len() != asked {
         remove_all(&written);
         match failure {
             Some(e) => shared.finish(id, JobState::Failed, e.to_string(), vec![]),
@@ -378,11 +384,7 @@ fn write_images(shared: &Shared, id: &JobId, generated: &Generated, cancel: &Ato
             None => shared.finish(
                 id,
                 JobState::Failed,
-                format!(
-                    "only {} of {} images were produced",
-                    written.len(),
-                    generated.images.len()
-                ),
+                format!("only {} of {asked} images were produced", written.len()),
                 vec![],
             ),
         }
