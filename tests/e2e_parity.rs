@@ -3,19 +3,15 @@
 //! |difference| <= 0.25 and 99.9th percentile <= 4 (0..255 units). Also proves the fixtures are sensitive: the
 //! sketch, prompt, seed and scale each change the image far beyond that bound.
 
-use std::path::PathBuf;
+mod common;
+use common::*;
+
 use std::sync::OnceLock;
 
 use serde_json::Value;
 use sketchx::engine::{Engine, EngineConfig, Generated};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();

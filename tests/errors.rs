@@ -1,17 +1,14 @@
 //! Bad input gets a specific, typed error naming what is wrong: every request field, and model directories with a
 //! component missing, a malformed config, mismatched weights, or an unsupported option.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 
 use sketchx::engine::{Engine, EngineConfig};
 use sketchx::request::GenerationRequest;
 use sketchx::Error;
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 fn field_of(req: GenerationRequest) -> (&'static str, String) {
     match req.validate() {
@@ -179,19 +176,6 @@ fn unknown_scheduler_and_preprocess_names_are_errors() {
         ),
         "{e}"
     );
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), to).unwrap();
-        }
-    }
 }
 
 fn temp_dir(name: &str) -> PathBuf {

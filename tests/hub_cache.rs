@@ -2,16 +2,13 @@
 //! huggingface_hub leave it) loads with `HF_HUB_OFFLINE=1` and no network, and an uncached one is a typed error.
 //! One test in its own binary, because it sets process-wide environment variables.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
+
+use std::path::Path;
 
 use sketchx::engine::{Engine, EngineConfig};
 use sketchx::Error;
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 /// Lays `src` out as `repo` would be in `$HF_HOME/hub`: `models--owner--name/{refs/main, snapshots/<commit>/...}`.
 fn cache_repo(hf_home: &Path, repo: &str, src: &Path) {
@@ -22,19 +19,6 @@ fn cache_repo(hf_home: &Path, repo: &str, src: &Path) {
     std::fs::create_dir_all(root.join("refs")).unwrap();
     std::fs::write(root.join("refs/main"), commit).unwrap();
     copy_dir(src, &root.join("snapshots").join(commit));
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to);
-        } else {
-            std::fs::copy(entry.path(), to).unwrap();
-        }
-    }
 }
 
 #[test]

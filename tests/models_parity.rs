@@ -1,8 +1,10 @@
 //! Parity of each network with diffusers / transformers on the tiny fixture models: the same weights and inputs
 //! (saved by `tools/fixturegen/models.py` in `reference/components.safetensors`) must give the same outputs.
 
+mod common;
+use common::*;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sketchx::models::clip::{ClipTextConfig, ClipTextModel};
@@ -10,12 +12,6 @@ use sketchx::models::controlnet::ControlNet;
 use sketchx::models::loader::{read_json, var_builder, ModelSource, Resolver};
 use sketchx::models::unet::UNet;
 use sketchx::models::vae::Vae;
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 fn refs() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(

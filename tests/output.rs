@@ -1,5 +1,7 @@
 //! Output: diffusers-exact float -> u8 conversion, PNG encoding and atomic writes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -10,11 +12,7 @@ use sketchx::output::{
 use sketchx::Error;
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("SKETCHX_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")),
-    }
-    .join("sketch")
+    common::fixtures().join("sketch")
 }
 
 /// A fresh empty directory, removed on drop.

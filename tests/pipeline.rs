@@ -1,6 +1,9 @@
 //! The job pipeline on the tiny fixture models: concurrency, cancellation, queue limits, fault isolation,
 //! cleanup and shutdown. Only the fault-injection tests wrap the real engine in a generator that panics or fails.
 
+mod common;
+use common::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,12 +15,6 @@ use sketchx::executor::Generator;
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
 use sketchx::{Error, JobId, JobState, JobStatus, Pipeline, PipelineConfig, ShutdownPolicy};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sketchx-pipeline-{name}-{}", std::process::id()));

@@ -4,17 +4,12 @@
 //! seeds and shapes, and consecutive draws from one generator, recorded with torch's dispatched CPU kernels (AVX2 /
 //! AVX-512 on x86-64) and with its scalar kernels (`ATEN_CPU_CAPABILITY=default`).
 
-use std::path::PathBuf;
+mod common;
+use common::fixtures as fixtures_dir;
 
 use candle_core::{DType, Device};
 use serde_json::Value;
 use sketchx::sampling::rng::{FloatNormalPath, TorchRng};
-
-fn fixtures_dir() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 fn load() -> Value {
     let path = fixtures_dir().join("sampling/rng.json");

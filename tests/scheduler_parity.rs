@@ -5,7 +5,9 @@
 //! (timesteps, sigmas, init_noise_sigma) for several configs and step counts, and full trajectories with a fake
 //! model `0.1 * scaled_input + F`, Euler-Ancestral noise coming from the torch generator.
 
-use std::path::PathBuf;
+mod common;
+use common::fixtures as fixtures_dir;
+
 use std::str::FromStr;
 
 use candle_core::{Device, Tensor};
@@ -13,12 +15,6 @@ use serde_json::Value;
 use sketchx::sampling::rng::TorchRng;
 use sketchx::sampling::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use sketchx::Error;
-
-fn fixtures_dir() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 fn load() -> Value {
     let path = fixtures_dir().join("sampling/schedulers.json");

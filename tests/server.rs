@@ -2,6 +2,9 @@
 //! service's endpoints, status codes for bad input (422), unknown jobs (404), a full queue (429 + Retry-After),
 //! oversized uploads (413), cancellation and the served images.
 
+mod common;
+use common::*;
+
 #[path = "../examples/server/app.rs"]
 mod app;
 
@@ -10,12 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sketchx::{Pipeline, PipelineConfig};
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("SKETCHX_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
-}
 
 struct Server {
     base: String,

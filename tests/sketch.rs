@@ -1,6 +1,8 @@
 //! Sketch decoding and preprocessing: PIL-exact Lanczos, the scribble threshold, target sizes and every
 //! decoding error. Reference data comes from `tools/fixturegen/sketch.py` (PIL + numpy).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -10,11 +12,7 @@ use sketchx::sketch::{
 use sketchx::{Error, SketchError};
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("SKETCHX_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")),
-    }
-    .join("sketch")
+    common::fixtures().join("sketch")
 }
 
 fn fixture(name: &str) -> PathBuf {

@@ -5,18 +5,14 @@
 //! Fixtures are read from `$SKETCHX_FIXTURES` when that variable is set (for builds whose manifest is not the
 //! repository root), else from `tests/fixtures` next to this crate's `Cargo.toml`.
 
+mod common;
+use common::fixtures;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use sketchx::models::tokenizer::ClipTokenizer;
 use sketchx::Error;
-
-fn fixtures() -> PathBuf {
-    match std::env::var_os("SKETCHX_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")),
-    }
-}
 
 fn tokenizer_dir() -> PathBuf {
     fixtures().join("tiny-sd").join("tokenizer")

@@ -1,0 +1,41 @@
+//! Helpers shared by the integration tests: where the fixtures are, the tiny models, scratch directories.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+
+/// The fixtures directory: `$SKETCHX_FIXTURES` if set, else `tests/fixtures` of this repository.
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("SKETCHX_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")))
+}
+
+/// The tiny SD model directory and the tiny ControlNet directory, as strings for the config constructors.
+pub fn tiny_models() -> (String, String) {
+    let f = fixtures();
+    (
+        f.join("tiny-sd").to_string_lossy().into_owned(),
+        f.join("tiny-controlnet").to_string_lossy().into_owned(),
+    )
+}
+
+/// A fresh (removed if present) scratch directory path under the system temp dir, unique per process and name.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sketchx-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+}
