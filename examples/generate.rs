@@ -17,6 +17,7 @@ use sketchx::engine::{device_from_name, Engine, EngineConfig, DEFAULT_CONTROLNET
 use sketchx::output::{image_file_name, write_png_atomic, PngSettings};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
+use sketchx::JobId;
 
 /// Sketch in, images out.
 #[derive(Parser, Debug)]
@@ -124,9 +125,10 @@ fn run(args: Args) -> sketchx::Result<()> {
         result.seed
     );
     std::fs::create_dir_all(&args.out).map_err(|e| sketchx::Error::io(&args.out, e))?;
-    let stem = format!("seed{}", result.seed);
+    // Named like the pipeline's jobs (`<job_id>_<i>.png`), so the same retention rules apply to them.
+    let job = JobId::random();
     for (i, rgb) in result.images.iter().enumerate() {
-        let path = args.out.join(image_file_name(&stem, i));
+        let path = args.out.join(image_file_name(job.as_str(), i));
         write_png_atomic(
             &path,
             result.width,
