@@ -6,24 +6,32 @@
 mod common;
 use common::*;
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use serde_json::Value;
 use sketchx::engine::{Engine, EngineConfig, Generated};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
 
+/// The engine for a (model, controlnet) pair of fixture directories, loaded once per test binary.
+fn engine_for(model: &str, controlnet: &str) -> &'static Engine {
+    static ENGINES: OnceLock<Mutex<HashMap<(String, String), &'static Engine>>> = OnceLock::new();
+    let mut map = ENGINES.get_or_init(Default::default).lock().unwrap();
+    map.entry((model.to_string(), controlnet.to_string()))
+        .or_insert_with(|| {
+            let f = fixtures();
+            let cfg = EngineConfig::new(
+                f.join(model).to_str().unwrap(),
+                f.join(controlnet).to_str().unwrap(),
+            )
+            .unwrap();
+            Box::leak(Box::new(Engine::load(&cfg).expect("fixture models load")))
+        })
+}
+
 fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let f = fixtures();
-        let cfg = EngineConfig::new(
-            f.join("tiny-sd").to_str().unwrap(),
-            f.join("tiny-controlnet").to_str().unwrap(),
-        )
-        .unwrap();
-        Engine::load(&cfg).expect("tiny fixture models load")
-    })
+    engine_for("tiny-sd", "tiny-controlnet")
 }
 
 /// (mean |diff|, 99.9th percentile |diff|) between two RGB8 images.
@@ -75,7 +83,17 @@ fn every_case_matches_diffusers() {
     for case in cases() {
         let name = case["name"].as_str().unwrap().to_string();
         let req = request_for(&case);
-        let out = generate(&req, case["sketch"].as_str().unwrap());
+        let sketch = Sketch::open(
+            &fixtures()
+                .join("sketches")
+                .join(case["sketch"].as_str().unwrap()),
+        )
+        .unwrap();
+        let engine = engine_for(
+            case["model"].as_str().unwrap(),
+            case["controlnet"].as_str().unwrap(),
+        );
+        let out = engine.generate(&req, &sketch, &mut |_| true).unwrap();
         let refs = case["images"].as_array().unwrap();
         assert_eq!(out.images.len(), refs.len(), "{name}: image count");
         for (i, (ours, file)) in out.images.iter().zip(refs).enumerate() {

@@ -162,6 +162,58 @@ def build_models(out: Path, seed: int = 1234):
     return unet, vae, text, controlnet
 
 
+# A second model pair shaped like diffusers' own test models rather than SD1.5: plain block first, per-block head
+# counts, linear projections, two transformer layers, 2 groups, a 2x VAE, an erf-GELU text encoder of another
+# width, a BGR ControlNet, and an SD2-style "leading" scheduler config. Parity on it shows that nothing about
+# SD1.5's shape is assumed.
+ALT_SCHEDULER_CONFIG = dict(SD15_SCHEDULER_CONFIG, timestep_spacing="leading", beta_schedule="linear",
+                            beta_start=0.0001, beta_end=0.02)
+
+
+def alt_unet_kwargs():
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=16,
+        attention_head_dim=(2, 4), norm_num_groups=2, use_linear_projection=True,
+        transformer_layers_per_block=2, norm_eps=1e-6,
+    )
+
+
+def build_alt_models(out: Path, seed: int = 99):
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sd = out / "tiny-sd-alt"
+    UNet2DConditionModel(**alt_unet_kwargs()).eval().save_pretrained(sd / "unet", safe_serialization=True)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=2, sample_size=32, scaling_factor=0.5,
+    ).eval().save_pretrained(sd / "vae", safe_serialization=True)
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=16, bos_token_id=49406, eos_token_id=49407,
+    )).eval().save_pretrained(sd / "text_encoder", safe_serialization=True)
+    (sd / "scheduler").mkdir(parents=True, exist_ok=True)
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(ALT_SCHEDULER_CONFIG, indent=2) + "\n")
+    shutil.copy(out / "tiny-sd" / "model_index.json", sd / "model_index.json")
+    tok = sd / "tokenizer"
+    if tok.is_symlink() or tok.exists():
+        tok.unlink() if tok.is_symlink() else shutil.rmtree(tok)
+    os.symlink("../tiny-sd/tokenizer", tok)  # the same CLIP vocabulary, stored once
+    kw = alt_unet_kwargs()
+    for k in ("sample_size", "out_channels", "up_block_types"):
+        kw.pop(k)
+    cn = ControlNetModel(conditioning_embedding_out_channels=(8, 16),
+                         controlnet_conditioning_channel_order="bgr", **kw).eval()
+    perturb_zero_layers(cn, gen)
+    cn.save_pretrained(out / "tiny-controlnet-alt", safe_serialization=True)
+
+
 def draw_sketches(out: Path):
     """Small deterministic test sketches (a house with a sun), in the three polarities/encodings we accept."""
     d = out / "sketches"
@@ -251,6 +303,13 @@ E2E_CASES = [
          control_guidance_start=0.2, control_guidance_end=0.7),
     dict(name="euler", sketch="house_black_on_white.png", prompt="a lighthouse", width=64, height=64, steps=5,
          seed=5, guidance_scale=7.5, temperature=0.65, num_images=1, scheduler="euler"),
+    # The differently shaped model pair (see ALT_SCHEDULER_CONFIG).
+    dict(name="alt_model_nonsquare", model="tiny-sd-alt", controlnet="tiny-controlnet-alt",
+         sketch="house_black_on_white.png", prompt="a red barn", width=80, height=64, steps=5, seed=21,
+         guidance_scale=7.5, temperature=0.4, num_images=2),
+    dict(name="alt_model_guess_ddim", model="tiny-sd-alt", controlnet="tiny-controlnet-alt",
+         sketch="house_transparent.png", prompt="", width=64, height=88, steps=4, seed=8, guidance_scale=3.0,
+         temperature=0.65, num_images=1, scheduler="ddim"),
 ]
 
 
@@ -264,13 +323,19 @@ def make_scheduler(name, config):
 def e2e_references(out: Path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    controlnet = ControlNetModel.from_pretrained(out / "tiny-controlnet")
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        out / "tiny-sd", controlnet=controlnet, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    base_sched = dict(pipe.scheduler.config)
+    pipes = {}
+
+    def pipeline(model, controlnet):
+        if (model, controlnet) not in pipes:
+            cn = ControlNetModel.from_pretrained(out / controlnet)
+            p = StableDiffusionControlNetPipeline.from_pretrained(
+                out / model, controlnet=cn, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            p.set_progress_bar_config(disable=True)
+            pipes[(model, controlnet)] = (p, dict(p.scheduler.config))
+        return pipes[(model, controlnet)]
+
     e2e = out / "reference" / "e2e"
     e2e.mkdir(parents=True, exist_ok=True)
     cases = []
@@ -280,6 +345,9 @@ def e2e_references(out: Path):
         c.setdefault("scheduler", "euler_a")
         c.setdefault("control_guidance_start", 0.0)
         c.setdefault("control_guidance_end", 1.0)
+        c.setdefault("model", "tiny-sd")
+        c.setdefault("controlnet", "tiny-controlnet")
+        pipe, base_sched = pipeline(c["model"], c["controlnet"])
         pipe.scheduler = make_scheduler(c["scheduler"], base_sched)
         image = control_image(out / "sketches" / c["sketch"], c["width"], c["height"])
         image.save(e2e / f"{c['name']}.control.png")
@@ -313,9 +381,10 @@ def generate(fixtures_dir):
     out = Path(fixtures_dir)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for sub in ("tiny-sd/unet", "tiny-sd/vae", "tiny-sd/text_encoder", "tiny-controlnet", "tiny-controlnet-bin",
-                "reference"):
+                "tiny-sd-alt", "tiny-controlnet-alt", "reference"):
         shutil.rmtree(out / sub, ignore_errors=True)
     unet, vae, text, controlnet = build_models(out)
+    build_alt_models(out)
     draw_sketches(out)
     component_references(out, unet, vae, text, controlnet)
     e2e_references(out)

@@ -208,11 +208,14 @@ pub fn parse_unet_shape(c: &ConfigMap) -> Result<UNetShape> {
                 ),
             ));
         }
-        if heads[i] == 0 || channels[i] % heads[i] != 0 {
+        // Blocks with attention (cross-attention blocks, and the last block whose width the mid block's attention
+        // uses) need at least one channel per head; like diffusers, head_dim = channels / heads, rounded down.
+        let has_attention = cross.is_some() || i == n - 1;
+        if has_attention && (heads[i] == 0 || channels[i] < heads[i]) {
             return Err(Error::malformed(
                 c.origin(),
                 format!(
-                    "block_out_channels[{i}] = {} is not divisible by its {} attention heads",
+                    "block_out_channels[{i}] = {} is fewer than its {} attention heads",
                     channels[i], heads[i]
                 ),
             ));
