@@ -198,9 +198,13 @@ impl ClipTextModel {
 }
 
 fn causal_mask(seq: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    // -inf above the diagonal: token i attends to tokens 0..=i.
+    let mut mask = vec![0f32; seq * seq];
+    for i in 0..seq {
+        for v in &mut mask[i * seq + i + 1..(i + 1) * seq] {
+            *v = f32::NEG_INFINITY;
+        }
+    }
     Tensor::from_vec(mask, (seq, seq), device)?
         .to_dtype(dtype)?
         .unsqueeze(0)?
