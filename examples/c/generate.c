@@ -25,7 +25,7 @@ static void usage(const char *argv0) {
 /* Called on the worker thread (and on this thread during submit): print progress to stderr. */
 static void on_progress(const sketchx_job_info *info, void *user_data) {
     int *last_step = user_data;
-    if (info->state == SKETCHX_JOB_RUNNING && (int)info->step != *last_step) {
+    if (info->state == SKETCHX_STATE_RUNNING && (int)info->step != *last_step) {
         *last_step = (int)info->step;
         fprintf(stderr, "\r%ux%u step %zu/%zu  %5.1f%%", info->width, info->height, info->step,
                 info->total_steps, info->progress);
@@ -118,7 +118,7 @@ int main(int argc, char **argv) {
         sketchx_job_info info;
         sketchx_status_info(status, &info);
         fputc('\n', stderr);
-        if (info.state == SKETCHX_JOB_COMPLETED) {
+        if (info.state == SKETCHX_STATE_COMPLETED) {
             fprintf(stderr, "generated %zu image(s) of %ux%u (seed %llu, job %s)\n", info.image_count,
                     info.width, info.height, (unsigned long long)info.seed, id.id);
             for (size_t i = 0; i < sketchx_status_image_count(status); i++)

@@ -143,23 +143,23 @@ enum sketchx_job_state
   /**
    * Waiting in the queue.
    */
-  SKETCHX_JOB_QUEUED = 0,
+  SKETCHX_STATE_QUEUED = 0,
   /**
    * Being generated.
    */
-  SKETCHX_JOB_RUNNING = 1,
+  SKETCHX_STATE_RUNNING = 1,
   /**
    * Every image was written.
    */
-  SKETCHX_JOB_COMPLETED = 2,
+  SKETCHX_STATE_COMPLETED = 2,
   /**
    * An error stopped it; the status message says why.
    */
-  SKETCHX_JOB_FAILED = 3,
+  SKETCHX_STATE_FAILED = 3,
   /**
    * Cancelled by the caller or by shutdown.
    */
-  SKETCHX_JOB_CANCELLED = 4,
+  SKETCHX_STATE_CANCELLED = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

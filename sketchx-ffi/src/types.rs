@@ -44,25 +44,25 @@ impl sketchx_job_id {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum sketchx_job_state {
     /// Waiting in the queue.
-    SKETCHX_JOB_QUEUED = 0,
+    SKETCHX_STATE_QUEUED = 0,
     /// Being generated.
-    SKETCHX_JOB_RUNNING = 1,
+    SKETCHX_STATE_RUNNING = 1,
     /// Every image was written.
-    SKETCHX_JOB_COMPLETED = 2,
+    SKETCHX_STATE_COMPLETED = 2,
     /// An error stopped it; the status message says why.
-    SKETCHX_JOB_FAILED = 3,
+    SKETCHX_STATE_FAILED = 3,
     /// Cancelled by the caller or by shutdown.
-    SKETCHX_JOB_CANCELLED = 4,
+    SKETCHX_STATE_CANCELLED = 4,
 }
 
 impl From<JobState> for sketchx_job_state {
     fn from(s: JobState) -> Self {
         match s {
-            JobState::Queued => sketchx_job_state::SKETCHX_JOB_QUEUED,
-            JobState::Running => sketchx_job_state::SKETCHX_JOB_RUNNING,
-            JobState::Completed => sketchx_job_state::SKETCHX_JOB_COMPLETED,
-            JobState::Failed => sketchx_job_state::SKETCHX_JOB_FAILED,
-            JobState::Cancelled => sketchx_job_state::SKETCHX_JOB_CANCELLED,
+            JobState::Queued => sketchx_job_state::SKETCHX_STATE_QUEUED,
+            JobState::Running => sketchx_job_state::SKETCHX_STATE_RUNNING,
+            JobState::Completed => sketchx_job_state::SKETCHX_STATE_COMPLETED,
+            JobState::Failed => sketchx_job_state::SKETCHX_STATE_FAILED,
+            JobState::Cancelled => sketchx_job_state::SKETCHX_STATE_CANCELLED,
         }
     }
 }

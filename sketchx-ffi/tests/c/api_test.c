@@ -86,8 +86,8 @@ static int file_exists(const char *path) {
 static atomic_int events, running_events, final_events;
 static void on_progress(const sketchx_job_info *info, void *user_data) {
     atomic_fetch_add(&events, 1);
-    if (info->state == SKETCHX_JOB_RUNNING) atomic_fetch_add(&running_events, 1);
-    if (info->state >= SKETCHX_JOB_COMPLETED) atomic_fetch_add(&final_events, 1);
+    if (info->state == SKETCHX_STATE_RUNNING) atomic_fetch_add(&running_events, 1);
+    if (info->state >= SKETCHX_STATE_COMPLETED) atomic_fetch_add(&final_events, 1);
     if (strlen(info->job_id.id) != SKETCHX_JOB_ID_LEN) abort();
     *(int *)user_data = 1;
 }
@@ -351,7 +351,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
         sketchx_job_info done;
         CHECK_ERR(sketchx_status_info(st, NULL), SKETCHX_NULL_ARGUMENT, "");
         CHECK_OK(sketchx_status_info(st, &done));
-        CHECK(done.state == SKETCHX_JOB_COMPLETED && done.progress == 100.0 && done.step == 2);
+        CHECK(done.state == SKETCHX_STATE_COMPLETED && done.progress == 100.0 && done.step == 2);
         CHECK(done.width == 64 && done.height == 64 && done.image_count == 1 && done.queue_position == 0);
         CHECK(strcmp(sketchx_status_message(st), "Task completed successfully.") == 0);
         CHECK(sketchx_status_image_count(st) == 1);
@@ -362,6 +362,8 @@ static void test_pipeline(const char *fixtures, const char *work) {
         sketchx_status_free(st);
         st = NULL;
     }
+    /* the callback of the final state runs just after waiters are woken: give it a moment */
+    for (int tries = 0; tries < 500 && atomic_load(&final_events) < 1; tries++) usleep(10000);
     CHECK(called == 1 && atomic_load(&running_events) >= 2 && atomic_load(&final_events) == 1);
     CHECK_OK(sketchx_pipeline_cancel(p, id.id, &cancelled));
     CHECK(cancelled == 0); /* already finished */
@@ -386,7 +388,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK(full == SKETCHX_QUEUE_FULL && submitted <= 1);
     CHECK(strstr(sketchx_last_error_message(), "full") != NULL);
     CHECK_OK(sketchx_pipeline_poll(p, b.id, &info));
-    CHECK(info.state == SKETCHX_JOB_QUEUED && info.queue_position >= 1 && info.progress == 0.0);
+    CHECK(info.state == SKETCHX_STATE_QUEUED && info.queue_position >= 1 && info.progress == 0.0);
 
     /* wait until job a shows a preview */
     for (int tries = 0; tries < 6000; tries++) {
@@ -405,20 +407,20 @@ static void test_pipeline(const char *fixtures, const char *work) {
         free(rgb);
     }
     CHECK_OK(sketchx_pipeline_poll(p, a.id, &info));
-    CHECK(info.state == SKETCHX_JOB_RUNNING && info.step >= 1 && info.progress > 0.0);
+    CHECK(info.state == SKETCHX_STATE_RUNNING && info.step >= 1 && info.progress > 0.0);
 
     /* cancel the queued one (removed at once), then the running one (stops at its next step) */
     CHECK_OK(sketchx_pipeline_cancel(p, b.id, &cancelled));
     CHECK(cancelled == 1);
     CHECK_OK(sketchx_pipeline_poll(p, b.id, &info));
-    CHECK(info.state == SKETCHX_JOB_CANCELLED);
+    CHECK(info.state == SKETCHX_STATE_CANCELLED);
     for (int i = 0; i < submitted; i++) CHECK_OK(sketchx_pipeline_cancel(p, extra[i].id, NULL));
     CHECK_OK(sketchx_pipeline_cancel(p, a.id, &cancelled));
     CHECK(cancelled == 1);
     CHECK_OK(sketchx_pipeline_wait(p, a.id, 120000, &st));
     if (st) {
         sketchx_status_info(st, &info);
-        CHECK(info.state == SKETCHX_JOB_CANCELLED && info.image_count == 0);
+        CHECK(info.state == SKETCHX_STATE_CANCELLED && info.image_count == 0);
         CHECK(strcmp(sketchx_status_message(st), "Task was cancelled.") == 0);
         sketchx_status_free(st);
         st = NULL;
@@ -432,12 +434,15 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK_OK(sketchx_pipeline_cleanup_older_than(p, 0, &rep));
     CHECK(rep.files_removed == 1 && rep.bytes_removed > 0 && rep.jobs_forgotten >= 1);
     CHECK_ERR(sketchx_pipeline_poll(p, id.id, &info), SKETCHX_UNKNOWN_JOB, "");
+    CHECK_ERR(sketchx_pipeline_poll(p, a.id, &info), SKETCHX_UNKNOWN_JOB, ""); /* no files, finished: forgotten */
 
-    /* shutdown: idempotent; later submissions fail; jobs stay readable */
+    /* shutdown: idempotent; later submissions fail; the handle stays usable until freed */
     CHECK_OK(sketchx_pipeline_shutdown(p));
     CHECK_OK(sketchx_pipeline_shutdown(p));
     CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, &id), SKETCHX_SHUT_DOWN, "");
-    CHECK_OK(sketchx_pipeline_poll(p, a.id, &info));
+    CHECK_OK(sketchx_pipeline_queued(p, &queued));
+    CHECK(queued == 0);
+    CHECK_ERR(sketchx_pipeline_poll(p, UNKNOWN_ID, &info), SKETCHX_UNKNOWN_JOB, "");
     sketchx_pipeline_free(p);
     sketchx_pipeline_free(NULL);
     free(sketch);
