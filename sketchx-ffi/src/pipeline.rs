@@ -96,7 +96,7 @@ pub unsafe extern "C" fn sketchx_pipeline_new(
         let options = unsafe { arg_ref(options, "options") }?;
         let out = arg_out(out, "out")?;
         // SAFETY: caller's guarantee on the string fields.
-        let config = unsafe { options.to_config() }?;
+        let config = unsafe { options.core_config() }?;
         let inner = Pipeline::new(config)?;
         let p = Box::into_raw(Box::new(sketchx_pipeline { inner }));
         // SAFETY: non-NULL and writable.
@@ -142,7 +142,7 @@ unsafe fn submit(
         let out = arg_out(out, "out_id")?;
         let sketch = sketch()?;
         // SAFETY: caller's guarantee on the string fields.
-        let request = unsafe { request.to_request() }?;
+        let request = unsafe { request.core_request() }?;
         let id = p.submit(request, sketch)?;
         // SAFETY: non-NULL and writable.
         unsafe { out.write(sketchx_job_id::from_str(id.as_str())) };

@@ -292,7 +292,7 @@ impl sketchx_pipeline_options {
     ///
     /// # Safety
     /// The string fields are NULL or NUL-terminated strings.
-    pub(crate) unsafe fn to_config(&self) -> Result<PipelineConfig, Failure> {
+    pub(crate) unsafe fn core_config(&self) -> Result<PipelineConfig, Failure> {
         // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
         let model = unsafe { opt_str(self.model, "options.model") }?;
         let controlnet = unsafe { opt_str(self.controlnet, "options.controlnet") }?;
@@ -377,7 +377,7 @@ impl sketchx_request {
     ///
     /// # Safety
     /// The string fields are NULL or NUL-terminated strings.
-    pub(crate) unsafe fn to_request(&self) -> Result<GenerationRequest, Failure> {
+    pub(crate) unsafe fn core_request(&self) -> Result<GenerationRequest, Failure> {
         let d = GenerationRequest::default();
         // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
         let prompt = unsafe { opt_str(self.prompt, "request.prompt") }?;
@@ -450,7 +450,7 @@ mod tests {
     fn request_defaults_round_trip_to_the_core_defaults() {
         let r = sketchx_request::defaults();
         // SAFETY: the default's strings are NULL.
-        let g = unsafe { r.to_request() }.unwrap();
+        let g = unsafe { r.core_request() }.unwrap();
         assert_eq!(g, GenerationRequest::default());
     }
 
@@ -458,7 +458,7 @@ mod tests {
     fn options_defaults_round_trip_to_the_core_defaults() {
         let o = sketchx_pipeline_options::defaults().unwrap();
         // SAFETY: the default's strings are NULL.
-        let c = unsafe { o.to_config() }.unwrap();
+        let c = unsafe { o.core_config() }.unwrap();
         let d = PipelineConfig::default_models().unwrap();
         assert_eq!(c.output_dir, d.output_dir);
         assert_eq!(c.queue_capacity, d.queue_capacity);
@@ -480,19 +480,19 @@ mod tests {
         r.width = 64;
         r.guess_mode = 1;
         // SAFETY: static strings.
-        let g = unsafe { r.to_request() }.unwrap();
+        let g = unsafe { r.core_request() }.unwrap();
         assert_eq!(g.prompt.as_deref(), Some("a house"));
         assert_eq!(g.scheduler.as_str(), "ddim");
         assert_eq!((g.seed, g.width, g.height), (Some(7), Some(64), None));
         assert_eq!(g.guess_mode, Some(true));
         r.guess_mode = 2;
         // SAFETY: static strings.
-        let e = unsafe { r.to_request() }.unwrap_err();
+        let e = unsafe { r.core_request() }.unwrap_err();
         assert_eq!(e.field, Some("guess_mode"));
         r.guess_mode = -1;
         r.scheduler = c"plms".as_ptr();
         // SAFETY: static strings.
-        let e = unsafe { r.to_request() }.unwrap_err();
+        let e = unsafe { r.core_request() }.unwrap_err();
         assert_eq!(e.code, sketchx_result::SKETCHX_INVALID_REQUEST);
     }
 
