@@ -1,0 +1,506 @@
+//! The plain C structs: pipeline options, the request, job ids and job information, with their `_init`
+//! functions and their translation to and from `sketchx-core` types. Defaults come from the core
+//! ([`PipelineConfig`], [`GenerationRequest::default`]); validation happens in the core.
+
+use std::ffi::{c_char, c_int, c_void};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::DType;
+use sketchx_core::engine::{device_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
+use sketchx_core::request::GenerationRequest;
+use sketchx_core::{Error, JobState, JobStatus, PipelineConfig, ShutdownPolicy};
+
+use crate::error::{guard, sketchx_result, Failure};
+use crate::ptr::{arg_out, opt_str};
+
+/// Length of a job id in characters (32 lowercase hex digits), without the terminating NUL.
+pub const SKETCHX_JOB_ID_LEN: usize = 32;
+
+/// A job's id as a fixed, NUL-terminated string of [`SKETCHX_JOB_ID_LEN`] lowercase hex digits (no allocation).
+/// Pass `id.id` wherever a `const char *job_id` is expected.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sketchx_job_id {
+    /// The id, NUL-terminated.
+    pub id: [c_char; 33],
+}
+
+impl sketchx_job_id {
+    pub(crate) fn from_str(s: &str) -> Self {
+        let mut id = [0 as c_char; 33];
+        for (d, b) in id.iter_mut().zip(s.bytes().take(SKETCHX_JOB_ID_LEN)) {
+            *d = b as c_char;
+        }
+        sketchx_job_id { id }
+    }
+}
+
+/// Where a job is in its life. `COMPLETED`, `FAILED` and `CANCELLED` are final. Stable values.
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum sketchx_job_state {
+    /// Waiting in the queue.
+    SKETCHX_STATE_QUEUED = 0,
+    /// Being generated.
+    SKETCHX_STATE_RUNNING = 1,
+    /// Every image was written.
+    SKETCHX_STATE_COMPLETED = 2,
+    /// An error stopped it; the status message says why.
+    SKETCHX_STATE_FAILED = 3,
+    /// Cancelled by the caller or by shutdown.
+    SKETCHX_STATE_CANCELLED = 4,
+}
+
+impl From<JobState> for sketchx_job_state {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Queued => sketchx_job_state::SKETCHX_STATE_QUEUED,
+            JobState::Running => sketchx_job_state::SKETCHX_STATE_RUNNING,
+            JobState::Completed => sketchx_job_state::SKETCHX_STATE_COMPLETED,
+            JobState::Failed => sketchx_job_state::SKETCHX_STATE_FAILED,
+            JobState::Cancelled => sketchx_job_state::SKETCHX_STATE_CANCELLED,
+        }
+    }
+}
+
+/// A job's status without its strings: filled by `sketchx_pipeline_poll` (no allocation for the caller), by
+/// `sketchx_status_info`, and passed to the progress callback.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sketchx_job_info {
+    /// The job.
+    pub job_id: sketchx_job_id,
+    /// Its state.
+    pub state: sketchx_job_state,
+    /// 0..=100; 100 only when every image file is written.
+    pub progress: f64,
+    /// Denoising steps done.
+    pub step: usize,
+    /// Denoising steps in all.
+    pub total_steps: usize,
+    /// The seed the job uses (the request's, or the random one drawn at submission).
+    pub seed: u64,
+    /// Images requested.
+    pub num_images: u32,
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// 1-based position in the queue while queued (1 = next); 0 otherwise.
+    pub queue_position: usize,
+    /// Estimated seconds to completion while running; negative when unknown.
+    pub eta_secs: f64,
+    /// Image files written (non-zero only when completed).
+    pub image_count: usize,
+}
+
+impl From<&JobStatus> for sketchx_job_info {
+    fn from(s: &JobStatus) -> Self {
+        sketchx_job_info {
+            job_id: sketchx_job_id::from_str(s.job_id.as_str()),
+            state: s.state.into(),
+            progress: s.progress,
+            step: s.step,
+            total_steps: s.total_steps,
+            seed: s.seed,
+            num_images: s.num_images,
+            width: s.width,
+            height: s.height,
+            queue_position: s.queue_position.unwrap_or(0),
+            eta_secs: s.eta_secs.unwrap_or(-1.0),
+            image_count: s.images.len(),
+        }
+    }
+}
+
+/// The progress callback: called with a snapshot after every change of a job (queued, started, each denoising
+/// step, each decoded image, final state) and `user_data` as given in the options.
+///
+/// Threads: called on the pipeline's worker thread for progress and completion, and on the calling thread
+/// inside `sketchx_pipeline_submit_*`, `sketchx_pipeline_cancel` and `sketchx_pipeline_shutdown`/`_free` for
+/// the changes they make. It must be thread-safe, return quickly, and not throw (C++); it may call
+/// `sketchx_pipeline_poll`/`_status`/`_cancel`/`_submit_*` but never `sketchx_pipeline_shutdown` or
+/// `sketchx_pipeline_free` (which wait for the worker thread and would deadlock). `info` is valid only during
+/// the call.
+#[allow(non_camel_case_types)]
+pub type sketchx_progress_fn =
+    Option<unsafe extern "C" fn(info: *const sketchx_job_info, user_data: *mut c_void)>;
+
+/// How to build a pipeline. Fill it with `sketchx_pipeline_options_init`, then set fields: fields are only ever
+/// appended, so code that calls `_init` first keeps compiling and working against newer versions.
+/// Strings are borrowed UTF-8 (NULL: the default) and only read during `sketchx_pipeline_new`.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sketchx_pipeline_options {
+    /// Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`) or local diffusers directory.
+    /// NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+    pub model: *const c_char,
+    /// ControlNet: repo id or local directory. NULL: `lllyasviel/sd-controlnet-scribble`.
+    pub controlnet: *const c_char,
+    /// `cpu`, `cuda`, `cuda:N` or `metal` (GPUs need a build with the matching feature). NULL: `cpu`.
+    pub device: *const c_char,
+    /// `f32`, `f16` or `bf16`. NULL: `f32` on the CPU, `f16` on GPUs.
+    pub dtype: *const c_char,
+    /// Weights variant to prefer, e.g. `fp16`. NULL: the plain files.
+    pub variant: *const c_char,
+    /// Directory images are written to (created if missing). NULL: `generated`.
+    pub output_dir: *const c_char,
+    /// Most jobs waiting at once (at least 1); beyond it, submissions fail with `SKETCHX_QUEUE_FULL`.
+    pub queue_capacity: usize,
+    /// Age in seconds after which finished jobs' files are deleted by cleanup.
+    pub retention_secs: u64,
+    /// How often the background sweeper runs cleanup, in seconds; 0: never.
+    pub cleanup_interval_secs: u64,
+    /// A live preview is computed every this many steps (0: never).
+    pub preview_every: usize,
+    /// Non-zero: shutdown finishes queued jobs first; 0: shutdown cancels them (the default).
+    pub drain_on_shutdown: c_int,
+    /// Optional progress callback (NULL: none); see [`sketchx_progress_fn`] for its threads and rules.
+    pub progress_callback: sketchx_progress_fn,
+    /// Passed unchanged to `progress_callback`; owned by the caller, who must keep it valid until the pipeline
+    /// is freed.
+    pub user_data: *mut c_void,
+}
+
+/// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
+/// fields are only ever appended. Strings are borrowed UTF-8, only read during the submit call.
+/// Ranges are checked by the library (`SKETCHX_INVALID_REQUEST` naming the field).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sketchx_request {
+    /// What the image should show. NULL or empty: the ControlNet works from the sketch alone (guess mode).
+    pub prompt: *const c_char,
+    /// What to avoid. NULL: the default negative prompt; `""`: none.
+    pub negative_prompt: *const c_char,
+    /// How freely the image may depart from the sketch, 0..=1 (ControlNet scale = 1.65 - temperature).
+    pub temperature: f64,
+    /// Non-zero: use `controlnet_scale` (0..=5) instead of the one derived from `temperature`.
+    pub has_controlnet_scale: c_int,
+    /// Explicit ControlNet conditioning scale (read only when `has_controlnet_scale`).
+    pub controlnet_scale: f64,
+    /// Classifier-free guidance, 0..=30 (<= 1 turns it off).
+    pub guidance_scale: f64,
+    /// Images to generate, 1..=8.
+    pub num_images: u32,
+    /// Denoising steps, 1..=150.
+    pub steps: u32,
+    /// Non-zero: use `seed`; 0: a random seed (reported in the job's status).
+    pub has_seed: c_int,
+    /// Seed of the torch-compatible generator (read only when `has_seed`).
+    pub seed: u64,
+    /// Output width in pixels (multiple of 8, 64..=2048); 0: derived from the sketch.
+    pub width: u32,
+    /// Output height in pixels (multiple of 8, 64..=2048); 0: derived from the sketch.
+    pub height: u32,
+    /// `euler_a`, `euler` or `ddim`. NULL: `euler_a`.
+    pub scheduler: *const c_char,
+    /// `scribble` or `none`. NULL: `scribble`.
+    pub preprocess: *const c_char,
+    /// -1: guess mode exactly when the prompt is empty (the default); 0: off; 1: on.
+    pub guess_mode: c_int,
+    /// Fraction of the steps after which the ControlNet starts to act, 0..=1.
+    pub control_guidance_start: f64,
+    /// Fraction of the steps after which it stops, 0..=1, above the start.
+    pub control_guidance_end: f64,
+}
+
+/// What a cleanup removed.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct sketchx_cleanup_report {
+    /// Files deleted.
+    pub files_removed: usize,
+    /// Bytes freed.
+    pub bytes_removed: u64,
+    /// Finished jobs forgotten (their ids now give `SKETCHX_UNKNOWN_JOB`).
+    pub jobs_forgotten: usize,
+}
+
+/// A running job's latest live preview (RGB8 at latent resolution, 1/8 of the image).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct sketchx_preview_info {
+    /// Non-zero if a preview exists yet (the other fields are 0 otherwise).
+    pub available: c_int,
+    /// Denoising step the preview shows.
+    pub step: usize,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Bytes of RGB8 pixels (`width * height * 3`), the buffer size needed.
+    pub rgb_len: usize,
+}
+
+struct UserData(*mut c_void);
+
+impl UserData {
+    /// The pointer (a method, so that closures capture the whole `Send + Sync` wrapper, not its field).
+    fn get(&self) -> *mut c_void {
+        self.0
+    }
+}
+// SAFETY: the caller promises (documented on `user_data` and `sketchx_progress_fn`) that the callback and its
+// user data may be used from any thread.
+unsafe impl Send for UserData {}
+// SAFETY: as above.
+unsafe impl Sync for UserData {}
+
+fn dtype_from_name(name: &str) -> Result<DType, Error> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(Error::invalid(
+            "dtype",
+            format!("{name:?} is not one of f32, f16, bf16"),
+        )),
+    }
+}
+
+impl sketchx_pipeline_options {
+    /// The core's defaults.
+    fn defaults() -> Result<Self, Error> {
+        let c = PipelineConfig::default_models()?;
+        Ok(sketchx_pipeline_options {
+            model: std::ptr::null(),
+            controlnet: std::ptr::null(),
+            device: std::ptr::null(),
+            dtype: std::ptr::null(),
+            variant: std::ptr::null(),
+            output_dir: std::ptr::null(),
+            queue_capacity: c.queue_capacity,
+            retention_secs: c.retention.as_secs(),
+            cleanup_interval_secs: c.cleanup_interval.map_or(0, |d| d.as_secs()),
+            preview_every: c.preview_every,
+            drain_on_shutdown: c_int::from(c.shutdown == ShutdownPolicy::Drain),
+            progress_callback: None,
+            user_data: std::ptr::null_mut(),
+        })
+    }
+
+    /// Translates to the core's configuration.
+    ///
+    /// # Safety
+    /// The string fields are NULL or NUL-terminated strings.
+    pub(crate) unsafe fn core_config(&self) -> Result<PipelineConfig, Failure> {
+        // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
+        let model = unsafe { opt_str(self.model, "options.model") }?;
+        let controlnet = unsafe { opt_str(self.controlnet, "options.controlnet") }?;
+        let device = unsafe { opt_str(self.device, "options.device") }?;
+        let dtype = unsafe { opt_str(self.dtype, "options.dtype") }?;
+        let variant = unsafe { opt_str(self.variant, "options.variant") }?;
+        let output_dir = unsafe { opt_str(self.output_dir, "options.output_dir") }?;
+        let mut c = PipelineConfig::new(
+            model.unwrap_or(DEFAULT_MODEL),
+            controlnet.unwrap_or(DEFAULT_CONTROLNET),
+        )?;
+        if let Some(d) = device {
+            c.engine.device = device_from_name(d)?;
+        }
+        // As the Rust example and the README: f32 on the CPU, f16 on GPUs, unless asked otherwise.
+        c.engine.dtype = match dtype {
+            Some(d) => dtype_from_name(d)?,
+            None if c.engine.device.is_cpu() => DType::F32,
+            None => DType::F16,
+        };
+        c.engine.variant = variant.map(String::from);
+        if let Some(o) = output_dir {
+            c.output_dir = PathBuf::from(o);
+        }
+        c.queue_capacity = self.queue_capacity;
+        c.retention = Duration::from_secs(self.retention_secs);
+        c.cleanup_interval = (self.cleanup_interval_secs != 0)
+            .then(|| Duration::from_secs(self.cleanup_interval_secs));
+        c.preview_every = self.preview_every;
+        c.shutdown = if self.drain_on_shutdown != 0 {
+            ShutdownPolicy::Drain
+        } else {
+            ShutdownPolicy::Cancel
+        };
+        if let Some(cb) = self.progress_callback {
+            let user_data = UserData(self.user_data);
+            c.on_event = Some(Arc::new(move |s: &JobStatus| {
+                let info = sketchx_job_info::from(s);
+                // SAFETY: the caller supplied a valid callback and user data usable from any thread.
+                unsafe { cb(&info, user_data.get()) }
+            }));
+        }
+        Ok(c)
+    }
+}
+
+fn tri_state(field: &'static str, v: c_int) -> Result<Option<bool>, Error> {
+    match v {
+        -1 => Ok(None),
+        0 => Ok(Some(false)),
+        1 => Ok(Some(true)),
+        _ => Err(Error::invalid(field, format!("{v} is not one of -1, 0, 1"))),
+    }
+}
+
+impl sketchx_request {
+    /// The core's defaults.
+    fn defaults() -> Self {
+        let r = GenerationRequest::default();
+        sketchx_request {
+            prompt: std::ptr::null(),
+            negative_prompt: std::ptr::null(),
+            temperature: r.temperature,
+            has_controlnet_scale: c_int::from(r.controlnet_scale.is_some()),
+            controlnet_scale: r.controlnet_scale.unwrap_or(r.conditioning_scale()),
+            guidance_scale: r.guidance_scale,
+            num_images: r.num_images,
+            steps: r.steps,
+            has_seed: c_int::from(r.seed.is_some()),
+            seed: r.seed.unwrap_or(0),
+            width: r.width.unwrap_or(0),
+            height: r.height.unwrap_or(0),
+            scheduler: std::ptr::null(),
+            preprocess: std::ptr::null(),
+            guess_mode: r.guess_mode.map_or(-1, c_int::from),
+            control_guidance_start: r.control_guidance_start,
+            control_guidance_end: r.control_guidance_end,
+        }
+    }
+
+    /// Translates to the core's request (validated later, by the core).
+    ///
+    /// # Safety
+    /// The string fields are NULL or NUL-terminated strings.
+    pub(crate) unsafe fn core_request(&self) -> Result<GenerationRequest, Failure> {
+        let d = GenerationRequest::default();
+        // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
+        let prompt = unsafe { opt_str(self.prompt, "request.prompt") }?;
+        let negative_prompt = unsafe { opt_str(self.negative_prompt, "request.negative_prompt") }?;
+        let scheduler = unsafe { opt_str(self.scheduler, "request.scheduler") }?;
+        let preprocess = unsafe { opt_str(self.preprocess, "request.preprocess") }?;
+        Ok(GenerationRequest {
+            prompt: prompt.map(String::from),
+            negative_prompt: negative_prompt.map(String::from),
+            temperature: self.temperature,
+            controlnet_scale: (self.has_controlnet_scale != 0).then_some(self.controlnet_scale),
+            guidance_scale: self.guidance_scale,
+            num_images: self.num_images,
+            steps: self.steps,
+            seed: (self.has_seed != 0).then_some(self.seed),
+            width: (self.width != 0).then_some(self.width),
+            height: (self.height != 0).then_some(self.height),
+            scheduler: scheduler.map_or(Ok(d.scheduler), str::parse)?,
+            preprocess: preprocess.map_or(Ok(d.preprocess), str::parse)?,
+            guess_mode: tri_state("guess_mode", self.guess_mode)?,
+            control_guidance_start: self.control_guidance_start,
+            control_guidance_end: self.control_guidance_end,
+        })
+    }
+}
+
+/// Fills `options` with the defaults (the Rust `PipelineConfig`'s: default Hub models, CPU, `generated/`,
+/// queue of 64, one-hour retention and sweep, preview every 5 steps, cancel on shutdown, no callback).
+///
+/// Returns `SKETCHX_NULL_ARGUMENT` if `options` is NULL. Ownership: `options` is the caller's.
+///
+/// # Safety
+/// `options` is NULL or points to writable memory for a `sketchx_pipeline_options`.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_pipeline_options_init(
+    options: *mut sketchx_pipeline_options,
+) -> sketchx_result {
+    guard(|| {
+        let out = arg_out(options, "options")?;
+        let d = sketchx_pipeline_options::defaults()?;
+        // SAFETY: non-NULL and writable (caller's guarantee).
+        unsafe { out.write(d) };
+        Ok(())
+    })
+}
+
+/// Fills `request` with the defaults (those of the Rust `GenerationRequest::default()`: no prompt, default
+/// negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
+/// `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
+///
+/// Returns `SKETCHX_NULL_ARGUMENT` if `request` is NULL. Ownership: `request` is the caller's.
+///
+/// # Safety
+/// `request` is NULL or points to writable memory for a `sketchx_request`.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_request_init(request: *mut sketchx_request) -> sketchx_result {
+    guard(|| {
+        let out = arg_out(request, "request")?;
+        // SAFETY: non-NULL and writable (caller's guarantee).
+        unsafe { out.write(sketchx_request::defaults()) };
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_defaults_round_trip_to_the_core_defaults() {
+        let r = sketchx_request::defaults();
+        // SAFETY: the default's strings are NULL.
+        let g = unsafe { r.core_request() }.unwrap();
+        assert_eq!(g, GenerationRequest::default());
+    }
+
+    #[test]
+    fn options_defaults_round_trip_to_the_core_defaults() {
+        let o = sketchx_pipeline_options::defaults().unwrap();
+        // SAFETY: the default's strings are NULL.
+        let c = unsafe { o.core_config() }.unwrap();
+        let d = PipelineConfig::default_models().unwrap();
+        assert_eq!(c.output_dir, d.output_dir);
+        assert_eq!(c.queue_capacity, d.queue_capacity);
+        assert_eq!(c.retention, d.retention);
+        assert_eq!(c.cleanup_interval, d.cleanup_interval);
+        assert_eq!(c.preview_every, d.preview_every);
+        assert_eq!(c.shutdown, d.shutdown);
+        assert_eq!(c.engine.dtype, DType::F32);
+        assert!(c.on_event.is_none());
+    }
+
+    #[test]
+    fn fields_translate() {
+        let mut r = sketchx_request::defaults();
+        r.prompt = c"a house".as_ptr();
+        r.scheduler = c"ddim".as_ptr();
+        r.has_seed = 1;
+        r.seed = 7;
+        r.width = 64;
+        r.guess_mode = 1;
+        // SAFETY: static strings.
+        let g = unsafe { r.core_request() }.unwrap();
+        assert_eq!(g.prompt.as_deref(), Some("a house"));
+        assert_eq!(g.scheduler.as_str(), "ddim");
+        assert_eq!((g.seed, g.width, g.height), (Some(7), Some(64), None));
+        assert_eq!(g.guess_mode, Some(true));
+        r.guess_mode = 2;
+        // SAFETY: static strings.
+        let e = unsafe { r.core_request() }.unwrap_err();
+        assert_eq!(e.field, Some("guess_mode"));
+        r.guess_mode = -1;
+        r.scheduler = c"plms".as_ptr();
+        // SAFETY: static strings.
+        let e = unsafe { r.core_request() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_INVALID_REQUEST);
+    }
+
+    #[test]
+    fn job_ids_are_nul_terminated() {
+        let id = sketchx_job_id::from_str("0123456789abcdef0123456789abcdef");
+        // SAFETY: `id.id` is NUL-terminated by construction.
+        let s = unsafe { std::ffi::CStr::from_ptr(id.id.as_ptr()) };
+        assert_eq!(s.to_str().unwrap(), "0123456789abcdef0123456789abcdef");
+    }
+}

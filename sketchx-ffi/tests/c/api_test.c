@@ -1,0 +1,460 @@
+/*
+ * Exercises the C API on the tiny fixture models, error paths first: NULL everywhere, invalid UTF-8, unknown
+ * job ids, invalid parameters, bad sketches and models, buffers too small, calls after shutdown, and the frees
+ * documented as safe (NULL, shutdown twice). Then a full job lifecycle: submit, progress callback, poll, wait,
+ * timeout, cancel, queue full, preview, cleanup, shutdown.
+ *
+ *   api_test FIXTURES_DIR WORK_DIR      (WORK_DIR: an empty, writable directory)
+ *
+ * Prints one line per failed check and a closing "api_test: N checks, N passed, F failed"; exit status 0 iff
+ * every check passed. Built with -fsanitize=address,undefined and run under valgrind by scripts/c-tests.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "sketchx.h"
+#include "sketchx.h" /* including twice is harmless */
+
+static int checks, failures;
+
+#define CHECK(cond)                                                                                      \
+    do {                                                                                                 \
+        checks++;                                                                                        \
+        if (!(cond)) {                                                                                   \
+            failures++;                                                                                  \
+            fprintf(stderr, "FAIL %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond,             \
+                    sketchx_last_error_message());                                                       \
+        }                                                                                                \
+    } while (0)
+
+/* A call that must fail with `code`, leave a non-empty message, and (if `field` is not NULL) name the field. */
+#define CHECK_ERR(call, code, field)                                                                     \
+    do {                                                                                                 \
+        sketchx_result r_ = (call);                                                                      \
+        checks++;                                                                                        \
+        if (r_ != (code) || sketchx_last_error_message()[0] == '\0' ||                                   \
+            ((field) != NULL && strcmp(sketchx_last_error_field(), (field) ? (field) : "") != 0)) {     \
+            failures++;                                                                                  \
+            fprintf(stderr, "FAIL %s:%d: %s gave %s (message \"%s\", field \"%s\"), expected %s %s\n",   \
+                    __FILE__, __LINE__, #call, sketchx_result_name(r_), sketchx_last_error_message(),    \
+                    sketchx_last_error_field(), sketchx_result_name(code), (field) ? (field) : "");      \
+        }                                                                                                \
+    } while (0)
+
+#define CHECK_OK(call)                                                                                   \
+    do {                                                                                                 \
+        sketchx_result r_ = (call);                                                                      \
+        checks++;                                                                                        \
+        if (r_ != SKETCHX_OK || sketchx_last_error_message()[0] != '\0') {                               \
+            failures++;                                                                                  \
+            fprintf(stderr, "FAIL %s:%d: %s gave %s: %s\n", __FILE__, __LINE__, #call,                   \
+                    sketchx_result_name(r_), sketchx_last_error_message());                              \
+        }                                                                                                \
+    } while (0)
+
+static const char BAD_UTF8[] = {'a', (char)0xff, 'b', 0};
+static const char UNKNOWN_ID[] = "0123456789abcdef0123456789abcdef";
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n);
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* Progress callback: counts events per state; runs on the worker thread (and the caller's, on submit). */
+static atomic_int events, running_events, final_events;
+static void on_progress(const sketchx_job_info *info, void *user_data) {
+    atomic_fetch_add(&events, 1);
+    if (info->state == SKETCHX_STATE_RUNNING) atomic_fetch_add(&running_events, 1);
+    if (info->state >= SKETCHX_STATE_COMPLETED) atomic_fetch_add(&final_events, 1);
+    if (strlen(info->job_id.id) != SKETCHX_JOB_ID_LEN) abort();
+    *(int *)user_data = 1;
+}
+
+/* The last error is per thread: a failure on another thread leaves this thread's message alone. */
+static void *fail_on_other_thread(void *arg) {
+    (void)arg;
+    sketchx_result r = sketchx_request_init(NULL);
+    return (void *)(size_t)(r == SKETCHX_NULL_ARGUMENT && sketchx_last_error_message()[0] != '\0');
+}
+
+static void request_for_tests(sketchx_request *req, uint32_t steps) {
+    sketchx_request_init(req);
+    req->prompt = "a house";
+    req->steps = steps;
+    req->width = 64;
+    req->height = 64;
+    req->has_seed = 1;
+    req->seed = 1;
+}
+
+static void test_static_functions(void) {
+    CHECK(strcmp(sketchx_version(), SKETCHX_VERSION_STRING) == 0);
+    char expect[32];
+    snprintf(expect, sizeof expect, "%d.%d.%d", SKETCHX_VERSION_MAJOR, SKETCHX_VERSION_MINOR,
+             SKETCHX_VERSION_PATCH);
+    CHECK(strcmp(expect, SKETCHX_VERSION_STRING) == 0);
+    CHECK(strcmp(sketchx_result_name(SKETCHX_OK), "SKETCHX_OK") == 0);
+    CHECK(strcmp(sketchx_result_name(SKETCHX_QUEUE_FULL), "SKETCHX_QUEUE_FULL") == 0);
+    CHECK(strcmp(sketchx_result_name(12345), "SKETCHX_UNKNOWN_RESULT") == 0);
+    CHECK(SKETCHX_OK == 0 && SKETCHX_NULL_ARGUMENT == 1 && SKETCHX_BUFFER_TOO_SMALL == 19);
+
+    /* _init with NULL */
+    CHECK_ERR(sketchx_pipeline_options_init(NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_request_init(NULL), SKETCHX_NULL_ARGUMENT, "");
+
+    /* a success clears the last error */
+    sketchx_request req;
+    CHECK_OK(sketchx_request_init(&req));
+    CHECK(req.steps == 30 && req.num_images == 1 && req.temperature == 0.65 && req.guidance_scale == 7.5);
+    CHECK(req.prompt == NULL && req.has_seed == 0 && req.width == 0 && req.guess_mode == -1);
+    sketchx_pipeline_options opt;
+    CHECK_OK(sketchx_pipeline_options_init(&opt));
+    CHECK(opt.queue_capacity == 64 && opt.retention_secs == 3600 && opt.preview_every == 5);
+    CHECK(opt.model == NULL && opt.progress_callback == NULL && opt.drain_on_shutdown == 0);
+
+    /* thread-local last error */
+    CHECK_ERR(sketchx_request_init(NULL), SKETCHX_NULL_ARGUMENT, "");
+    char mine[256];
+    snprintf(mine, sizeof mine, "%s", sketchx_last_error_message());
+    pthread_t t;
+    void *ok = NULL;
+    pthread_create(&t, NULL, fail_on_other_thread, NULL);
+    pthread_join(t, &ok);
+    CHECK(ok != NULL);
+    CHECK(strcmp(mine, sketchx_last_error_message()) == 0);
+
+    /* the free functions accept NULL */
+    sketchx_pipeline_free(NULL);
+    sketchx_status_free(NULL);
+    /* status accessors on NULL */
+    sketchx_job_info info;
+    CHECK_ERR(sketchx_status_info(NULL, &info), SKETCHX_NULL_ARGUMENT, "");
+    CHECK(sketchx_status_message(NULL) == NULL);
+    CHECK(sketchx_status_json(NULL) == NULL);
+    CHECK(sketchx_status_image_count(NULL) == 0);
+    CHECK(sketchx_status_image_path(NULL, 0) == NULL);
+
+    /* every pipeline function with a NULL pipeline */
+    sketchx_job_id id;
+    sketchx_status *st = NULL;
+    size_t n;
+    sketchx_preview_info pv;
+    CHECK_ERR(sketchx_pipeline_submit_file(NULL, &req, "x.png", &id), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_submit_buffer(NULL, &req, (const uint8_t *)"x", 1, &id), SKETCHX_NULL_ARGUMENT,
+              "");
+    CHECK_ERR(sketchx_pipeline_poll(NULL, UNKNOWN_ID, &info), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_status(NULL, UNKNOWN_ID, &st), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_wait(NULL, UNKNOWN_ID, 0, &st), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_cancel(NULL, UNKNOWN_ID, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_preview(NULL, UNKNOWN_ID, NULL, 0, &pv), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_cleanup(NULL, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_cleanup_older_than(NULL, 0, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_queued(NULL, &n), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_shutdown(NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK(st == NULL);
+}
+
+static void test_pipeline_new_errors(const char *sd, const char *cn, const char *work) {
+    sketchx_pipeline_options opt;
+    sketchx_pipeline *p = (sketchx_pipeline *)0x1; /* must stay untouched on failure */
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = work;
+
+    CHECK_ERR(sketchx_pipeline_new(NULL, &p), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_new(&opt, NULL), SKETCHX_NULL_ARGUMENT, "");
+
+    sketchx_pipeline_options bad = opt;
+    bad.model = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_INVALID_UTF8, "");
+    bad = opt;
+    bad.output_dir = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_INVALID_UTF8, "");
+    bad = opt;
+    bad.queue_capacity = 0;
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_INVALID_REQUEST, "queue_capacity");
+    bad = opt;
+    bad.device = "tpu";
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_INVALID_REQUEST, "device");
+    bad = opt;
+    bad.dtype = "f64x";
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_INVALID_REQUEST, "dtype");
+    bad = opt;
+    bad.device = "metal"; /* not in this build (CPU-only, or CUDA) */
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_DEVICE, "");
+    bad = opt;
+    bad.model = "/nonexistent/sketchx/model/dir";
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_MODEL_NOT_FOUND, "");
+    bad = opt;
+    bad.controlnet = work; /* an existing directory without a ControlNet in it */
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_MODEL_NOT_FOUND, "");
+
+    char malformed[1024];
+    snprintf(malformed, sizeof malformed, "%s/malformed-controlnet", work);
+    mkdir(malformed, 0755);
+    char cfg[1100];
+    snprintf(cfg, sizeof cfg, "%s/config.json", malformed);
+    FILE *f = fopen(cfg, "w");
+    fputs("{ this is not JSON", f);
+    fclose(f);
+    bad = opt;
+    bad.controlnet = malformed;
+    CHECK_ERR(sketchx_pipeline_new(&bad, &p), SKETCHX_MODEL_MALFORMED, "");
+    CHECK(p == (sketchx_pipeline *)0x1);
+}
+
+static void test_pipeline(const char *fixtures, const char *work) {
+    char sd[1024], cn[1024], sketch_path[1024], out_dir[1100];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    snprintf(out_dir, sizeof out_dir, "%s/out", work);
+
+    test_pipeline_new_errors(sd, cn, work);
+
+    int called = 0;
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.queue_capacity = 2;
+    opt.cleanup_interval_secs = 0;
+    opt.preview_every = 1;
+    opt.progress_callback = on_progress;
+    opt.user_data = &called;
+    sketchx_pipeline *p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return;
+
+    sketchx_request req;
+    request_for_tests(&req, 2);
+    sketchx_job_id id, untouched;
+    memset(&untouched, 'z', sizeof untouched);
+    id = untouched;
+    size_t sketch_len = 0;
+    char *sketch = read_file(sketch_path, &sketch_len);
+    CHECK(sketch != NULL);
+
+    /* submit: NULL arguments, bad UTF-8, invalid parameters, bad sketches; nothing is queued */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, NULL, sketch_path, &id), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, NULL, &id), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_submit_buffer(p, &req, NULL, 10, &id), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, BAD_UTF8, &id), SKETCHX_INVALID_UTF8, "");
+    sketchx_request bad = req;
+    bad.prompt = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_UTF8, "");
+    bad = req;
+    bad.negative_prompt = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_submit_buffer(p, &bad, (const uint8_t *)sketch, sketch_len, &id),
+              SKETCHX_INVALID_UTF8, "");
+    bad = req;
+    bad.scheduler = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_UTF8, "");
+
+    bad = req; bad.steps = 0;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "steps");
+    bad = req; bad.steps = 151;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "steps");
+    bad = req; bad.num_images = 9;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "num_images");
+    bad = req; bad.guidance_scale = NAN;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "guidance_scale");
+    bad = req; bad.temperature = 1.5;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "temperature");
+    bad = req; bad.has_controlnet_scale = 1; bad.controlnet_scale = -1;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "controlnet_scale");
+    bad = req; bad.width = 65;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "width");
+    bad = req; bad.height = 4096;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "height");
+    bad = req; bad.scheduler = "plms";
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "scheduler");
+    bad = req; bad.preprocess = "canny";
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "preprocess");
+    bad = req; bad.guess_mode = 7;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "guess_mode");
+    bad = req; bad.control_guidance_start = 0.9; bad.control_guidance_end = 0.5;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "control_guidance_start");
+
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, "/nonexistent/sketch.png", &id), SKETCHX_INVALID_SKETCH, "");
+    CHECK_ERR(sketchx_pipeline_submit_buffer(p, &req, (const uint8_t *)"not an image", 12, &id),
+              SKETCHX_INVALID_SKETCH, "");
+    CHECK_ERR(sketchx_pipeline_submit_buffer(p, &req, (const uint8_t *)"", 0, &id), SKETCHX_INVALID_SKETCH, "");
+    CHECK_ERR(sketchx_pipeline_submit_buffer(p, &req, (const uint8_t *)sketch, sketch_len / 2, &id),
+              SKETCHX_INVALID_SKETCH, "");
+    CHECK(memcmp(&id, &untouched, sizeof id) == 0); /* out-parameters untouched on failure */
+    size_t queued = 99;
+    CHECK_OK(sketchx_pipeline_queued(p, &queued));
+    CHECK(queued == 0);
+    CHECK_ERR(sketchx_pipeline_queued(p, NULL), SKETCHX_NULL_ARGUMENT, "");
+
+    /* unknown, malformed, NULL and non-UTF-8 job ids, for every function taking one */
+    sketchx_job_info info;
+    sketchx_status *st = NULL;
+    sketchx_preview_info pv;
+    int cancelled = -1;
+    const char *ids[] = {UNKNOWN_ID, "not-a-job", "", "0123456789ABCDEF0123456789ABCDEF"};
+    for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) {
+        CHECK_ERR(sketchx_pipeline_poll(p, ids[i], &info), SKETCHX_UNKNOWN_JOB, "");
+        CHECK_ERR(sketchx_pipeline_status(p, ids[i], &st), SKETCHX_UNKNOWN_JOB, "");
+        CHECK_ERR(sketchx_pipeline_wait(p, ids[i], 10, &st), SKETCHX_UNKNOWN_JOB, "");
+        CHECK_ERR(sketchx_pipeline_cancel(p, ids[i], &cancelled), SKETCHX_UNKNOWN_JOB, "");
+        CHECK_ERR(sketchx_pipeline_preview(p, ids[i], NULL, 0, &pv), SKETCHX_UNKNOWN_JOB, "");
+    }
+    CHECK_ERR(sketchx_pipeline_poll(p, NULL, &info), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_wait(p, NULL, 0, &st), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_cancel(p, NULL, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_poll(p, BAD_UTF8, &info), SKETCHX_INVALID_UTF8, "");
+    CHECK_ERR(sketchx_pipeline_status(p, BAD_UTF8, &st), SKETCHX_INVALID_UTF8, "");
+    CHECK(st == NULL && cancelled == -1);
+
+    /* a job from a buffer: the whole lifecycle */
+    CHECK_OK(sketchx_pipeline_submit_buffer(p, &req, (const uint8_t *)sketch, sketch_len, &id));
+    CHECK(strlen(id.id) == SKETCHX_JOB_ID_LEN);
+    CHECK_ERR(sketchx_pipeline_poll(p, id.id, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_status(p, id.id, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_wait(p, id.id, -1, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_preview(p, id.id, NULL, 0, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_OK(sketchx_pipeline_poll(p, id.id, &info));
+    CHECK(strcmp(info.job_id.id, id.id) == 0 && info.total_steps == 2 && info.seed == 1);
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, 120000, &st));
+    CHECK(st != NULL);
+    if (st) {
+        sketchx_job_info done;
+        CHECK_ERR(sketchx_status_info(st, NULL), SKETCHX_NULL_ARGUMENT, "");
+        CHECK_OK(sketchx_status_info(st, &done));
+        CHECK(done.state == SKETCHX_STATE_COMPLETED && done.progress == 100.0 && done.step == 2);
+        CHECK(done.width == 64 && done.height == 64 && done.image_count == 1 && done.queue_position == 0);
+        CHECK(strcmp(sketchx_status_message(st), "Task completed successfully.") == 0);
+        CHECK(sketchx_status_image_count(st) == 1);
+        CHECK(sketchx_status_image_path(st, 0) != NULL && file_exists(sketchx_status_image_path(st, 0)));
+        CHECK(sketchx_status_image_path(st, 1) == NULL);
+        CHECK(strstr(sketchx_status_json(st), "\"status\":\"completed\"") != NULL);
+        CHECK(strstr(sketchx_status_json(st), id.id) != NULL);
+        sketchx_status_free(st);
+        st = NULL;
+    }
+    /* the callback of the final state runs just after waiters are woken: give it a moment */
+    for (int tries = 0; tries < 500 && atomic_load(&final_events) < 1; tries++) usleep(10000);
+    CHECK(called == 1 && atomic_load(&running_events) >= 2 && atomic_load(&final_events) == 1);
+    CHECK_OK(sketchx_pipeline_cancel(p, id.id, &cancelled));
+    CHECK(cancelled == 0); /* already finished */
+    CHECK_OK(sketchx_pipeline_cancel(p, id.id, NULL));
+    CHECK_OK(sketchx_pipeline_preview(p, id.id, NULL, 0, &pv));
+    CHECK(pv.available == 0); /* previews are dropped when a job finishes */
+
+    /* a long job, a job queued behind it: timeout, preview, queue full, cancel */
+    sketchx_request slow;
+    request_for_tests(&slow, 150);
+    sketchx_job_id a, b, extra[4];
+    CHECK_OK(sketchx_pipeline_submit_file(p, &slow, sketch_path, &a));
+    CHECK_OK(sketchx_pipeline_submit_file(p, &slow, sketch_path, &b));
+    CHECK_ERR(sketchx_pipeline_wait(p, b.id, 0, &st), SKETCHX_TIMEOUT, "");
+    CHECK(st == NULL);
+    sketchx_result full = SKETCHX_OK;
+    int submitted = 0;
+    for (int i = 0; i < 4 && full == SKETCHX_OK; i++) {
+        full = sketchx_pipeline_submit_file(p, &slow, sketch_path, &extra[i]);
+        if (full == SKETCHX_OK) submitted++;
+    }
+    CHECK(full == SKETCHX_QUEUE_FULL && submitted <= 1);
+    CHECK(strstr(sketchx_last_error_message(), "full") != NULL);
+    CHECK_OK(sketchx_pipeline_poll(p, b.id, &info));
+    CHECK(info.state == SKETCHX_STATE_QUEUED && info.queue_position >= 1 && info.progress == 0.0);
+
+    /* wait until job a shows a preview */
+    for (int tries = 0; tries < 6000; tries++) {
+        if (sketchx_pipeline_preview(p, a.id, NULL, 0, &pv) != SKETCHX_OK || pv.available) break;
+        usleep(10000);
+    }
+    CHECK(pv.available == 1 && pv.width == 8 && pv.height == 8 && pv.rgb_len == 8 * 8 * 3 && pv.step >= 1);
+    if (pv.available) {
+        uint8_t small[4];
+        sketchx_preview_info pv2 = {0};
+        CHECK_ERR(sketchx_pipeline_preview(p, a.id, small, sizeof small, &pv2), SKETCHX_BUFFER_TOO_SMALL, "");
+        CHECK(pv2.available == 0); /* untouched */
+        uint8_t *rgb = malloc(pv.rgb_len);
+        CHECK_OK(sketchx_pipeline_preview(p, a.id, rgb, pv.rgb_len, &pv2));
+        CHECK(pv2.available == 1 && pv2.rgb_len == pv.rgb_len);
+        free(rgb);
+    }
+    CHECK_OK(sketchx_pipeline_poll(p, a.id, &info));
+    CHECK(info.state == SKETCHX_STATE_RUNNING && info.step >= 1 && info.progress > 0.0);
+
+    /* cancel the queued one (removed at once), then the running one (stops at its next step) */
+    CHECK_OK(sketchx_pipeline_cancel(p, b.id, &cancelled));
+    CHECK(cancelled == 1);
+    CHECK_OK(sketchx_pipeline_poll(p, b.id, &info));
+    CHECK(info.state == SKETCHX_STATE_CANCELLED);
+    for (int i = 0; i < submitted; i++) CHECK_OK(sketchx_pipeline_cancel(p, extra[i].id, NULL));
+    CHECK_OK(sketchx_pipeline_cancel(p, a.id, &cancelled));
+    CHECK(cancelled == 1);
+    CHECK_OK(sketchx_pipeline_wait(p, a.id, 120000, &st));
+    if (st) {
+        sketchx_status_info(st, &info);
+        CHECK(info.state == SKETCHX_STATE_CANCELLED && info.image_count == 0);
+        CHECK(strcmp(sketchx_status_message(st), "Task was cancelled.") == 0);
+        sketchx_status_free(st);
+        st = NULL;
+    }
+
+    /* cleanup: removes the completed job's file and forgets it */
+    sketchx_cleanup_report rep = {0};
+    CHECK_OK(sketchx_pipeline_cleanup(p, NULL));
+    CHECK_OK(sketchx_pipeline_cleanup(p, &rep));
+    CHECK(rep.files_removed == 0); /* younger than the retention period */
+    CHECK_OK(sketchx_pipeline_cleanup_older_than(p, 0, &rep));
+    CHECK(rep.files_removed == 1 && rep.bytes_removed > 0 && rep.jobs_forgotten >= 1);
+    CHECK_ERR(sketchx_pipeline_poll(p, id.id, &info), SKETCHX_UNKNOWN_JOB, "");
+    CHECK_ERR(sketchx_pipeline_poll(p, a.id, &info), SKETCHX_UNKNOWN_JOB, ""); /* no files, finished: forgotten */
+
+    /* shutdown: idempotent; later submissions fail; the handle stays usable until freed */
+    CHECK_OK(sketchx_pipeline_shutdown(p));
+    CHECK_OK(sketchx_pipeline_shutdown(p));
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, &id), SKETCHX_SHUT_DOWN, "");
+    CHECK_OK(sketchx_pipeline_queued(p, &queued));
+    CHECK(queued == 0);
+    CHECK_ERR(sketchx_pipeline_poll(p, UNKNOWN_ID, &info), SKETCHX_UNKNOWN_JOB, "");
+    sketchx_pipeline_free(p);
+    sketchx_pipeline_free(NULL);
+    free(sketch);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s FIXTURES_DIR WORK_DIR\n", argv[0]);
+        return 2;
+    }
+    test_static_functions();
+    test_pipeline(argv[1], argv[2]);
+    printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
+    return failures == 0 ? 0 : 1;
+}
