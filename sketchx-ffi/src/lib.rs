@@ -68,7 +68,7 @@ mod tests {
         // SAFETY: a static NUL-terminated string.
         let v = unsafe { std::ffi::CStr::from_ptr(sketchx_version()) };
         assert_eq!(v.to_str().unwrap(), SKETCHX_VERSION_STRING);
-        let header = include_str!("../include/sketchx.h");
+        let header = include_str!("../../include/sketchx.h");
         for line in [
             format!("#define SKETCHX_VERSION_MAJOR {SKETCHX_VERSION_MAJOR}"),
             format!("#define SKETCHX_VERSION_MINOR {SKETCHX_VERSION_MINOR}"),
