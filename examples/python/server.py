@@ -6,7 +6,7 @@ pipeline runs jobs in-process.
     uvicorn --app-dir examples/python server:app
 
     POST /api/generate          multipart: sketch (file), prompt, temperature, guidance_scale, num_images, steps,
-                                seed -> {"status": "queued", "job_id": "..."}
+                                seed (and, new, optional width and height) -> {"status": "queued", "job_id": "..."}
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
 
@@ -74,6 +74,8 @@ def create_app(
         num_images: int = Form(1),
         steps: int = Form(30),
         seed: Optional[int] = Form(None),
+        width: Optional[int] = Form(None),
+        height: Optional[int] = Form(None),
     ) -> dict:
         data = await sketch.read(MAX_SKETCH_BYTES + 1)
         if len(data) > MAX_SKETCH_BYTES:
@@ -88,6 +90,8 @@ def create_app(
                 num_images=num_images,
                 steps=steps,
                 seed=seed,
+                width=width,
+                height=height,
             )
         except sketchx.InvalidRequestError as e:
             raise HTTPException(422, str(e)) from None

@@ -371,7 +371,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("model", DEFAULT_MODEL)?;
     d.set_item("controlnet", DEFAULT_CONTROLNET)?;
     d.set_item("device", "cpu")?;
-    d.set_item("output_dir", c.output_dir)?;
+    d.set_item("output_dir", c.output_dir.to_string_lossy())?;
     d.set_item("queue_capacity", c.queue_capacity)?;
     d.set_item("retention_secs", c.retention.as_secs_f64())?;
     d.set_item(

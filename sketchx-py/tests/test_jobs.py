@@ -47,7 +47,7 @@ def test_random_seed_is_reported(pipe: sketchx.Pipeline) -> None:
 
 def test_status_and_progress_while_running(tmp_path: Path) -> None:
     with make_pipeline(tmp_path) as p:
-        first = p.submit(str(HOUSE), **small(steps=40, width=128, height=128))
+        first = p.submit(str(HOUSE), **small(steps=15, width=128, height=128))
         second = p.submit(str(HOUSE), **small(steps=2))
         # The second waits behind the first.
         st2 = p.poll(second)
@@ -74,7 +74,7 @@ def test_status_and_progress_while_running(tmp_path: Path) -> None:
 
 def test_wait_timeout_raises_timeout_error_and_the_job_goes_on(tmp_path: Path) -> None:
     with make_pipeline(tmp_path) as p:
-        job = p.submit(str(HOUSE), **small(steps=60, width=128, height=128))
+        job = p.submit(str(HOUSE), **small(steps=10, width=128, height=128))
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             p.wait(job, timeout=0.1)

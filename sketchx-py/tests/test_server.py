@@ -39,7 +39,7 @@ def client(server) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
 
 
 def form(**overrides: object) -> dict:
-    data = {"prompt": "a house", "steps": "2", "seed": "7", "num_images": "1"}
+    data = {"prompt": "a house", "steps": "2", "seed": "7", "num_images": "1", "width": "64", "height": "64"}
     data.update({k: str(v) for k, v in overrides.items()})
     return data
 
@@ -81,10 +81,16 @@ def test_generate_poll_and_download(client: TestClient) -> None:
 
 def test_the_default_form_values(client: TestClient) -> None:
     files = {"sketch": ("house.png", HOUSE.read_bytes(), "image/png")}
-    r = client.post("/api/generate", files=files, data={"steps": "1"})
+    # Only the sketch (the original service's defaults otherwise: 30 steps, size from the sketch).
+    r = client.post("/api/generate", files=files)
     assert r.status_code == 200, r.text
-    st = poll_until_final(client, r.json()["job_id"])
-    assert st["status"] == "completed" and st["total_steps"] == 1
+    job_id = r.json()["job_id"]
+    st = client.get(f"/api/status/{job_id}").json()
+    assert st["status"] in ("queued", "running") and st["total_steps"] == 30 and st["num_images"] == 1
+    assert (st["width"], st["height"]) == (640, 512)  # short side 512, from the 96x80 sketch
+    assert client.get(f"/api/status/{job_id}").status_code == 200
+    client.app.state.pipe.cancel(job_id)  # type: ignore[attr-defined]
+    assert poll_until_final(client, job_id)["status"] == "cancelled"
 
 
 def test_unknown_ids_are_404(client: TestClient) -> None:
@@ -107,6 +113,8 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
         (dict(guidance_scale="inf"), "guidance_scale"),
         (dict(seed=-5), "seed"),
         (dict(seed="x"), "seed"),
+        (dict(width=100), "width"),
+        (dict(height=8), "height"),
     ],
 )
 def test_bad_parameters_are_422(client: TestClient, overrides: dict, needle: str) -> None:

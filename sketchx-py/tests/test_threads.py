@@ -20,7 +20,7 @@ SLOW = dict(steps=150, width=128, height=128)
 
 def test_other_threads_run_while_one_waits(tmp_path: Path) -> None:
     with make_pipeline(tmp_path) as p:
-        job = p.submit(str(HOUSE), **small(steps=30, width=128, height=128))
+        job = p.submit(str(HOUSE), **small(steps=10, width=128, height=128))
         count = 0
         stop = threading.Event()
 
@@ -99,7 +99,7 @@ def test_wait_async_does_not_block_the_event_loop(tmp_path: Path) -> None:
     with make_pipeline(tmp_path) as p:
 
         async def main() -> tuple:
-            job = p.submit(str(HOUSE), **small(steps=30, width=128, height=128))
+            job = p.submit(str(HOUSE), **small(steps=10, width=128, height=128))
             ticks = 0
 
             async def ticker() -> None:
