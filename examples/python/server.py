@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Dict, Optional
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -62,7 +62,8 @@ def create_app(
     app = FastAPI(title="sketchx", lifespan=lifespan)
 
     def pipeline(request: Request) -> sketchx.Pipeline:
-        return request.app.state.pipe
+        pipe: sketchx.Pipeline = request.app.state.pipe
+        return pipe
 
     @app.post("/api/generate")
     async def generate(
@@ -76,7 +77,7 @@ def create_app(
         seed: Optional[int] = Form(None),
         width: Optional[int] = Form(None),
         height: Optional[int] = Form(None),
-    ) -> dict:
+    ) -> Dict[str, Any]:
         data = await sketch.read(MAX_SKETCH_BYTES + 1)
         if len(data) > MAX_SKETCH_BYTES:
             raise HTTPException(413, f"the sketch exceeds {MAX_SKETCH_BYTES} bytes")
@@ -100,7 +101,7 @@ def create_app(
         return {"status": "queued", "job_id": job_id}
 
     @app.get("/api/status/{job_id}")
-    def status(request: Request, job_id: str) -> dict:
+    def status(request: Request, job_id: str) -> Dict[str, Any]:
         try:
             st = pipeline(request).poll(job_id)
         except sketchx.UnknownJobError:

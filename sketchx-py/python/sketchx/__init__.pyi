@@ -3,7 +3,7 @@ hosted inside this process."""
 
 import os
 from types import TracebackType
-from typing import Any, List, Optional, Type, Union
+from typing import Any, Optional, Type, Union
 
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import ModelLoadError as ModelLoadError
@@ -13,7 +13,18 @@ from ._errors import UnknownJobError as UnknownJobError
 from ._sketchx import JobStatus as JobStatus
 
 __version__: str
-__all__: List[str]
+__all__ = [
+    "__version__",
+    "Pipeline",
+    "JobStatus",
+    "SketchxError",
+    "InvalidRequestError",
+    "UnknownJobError",
+    "ModelLoadError",
+    "QueueFullError",
+    "DEFAULT_MODEL",
+    "DEFAULT_CONTROLNET",
+]
 
 DEFAULT_MODEL: str
 DEFAULT_CONTROLNET: str

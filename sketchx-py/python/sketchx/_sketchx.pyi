@@ -3,6 +3,8 @@
 import os
 from typing import Any, Dict, List, Optional, Tuple, final
 
+__all__ = ["__version__", "Pipeline", "JobStatus", "defaults"]
+
 __version__: str
 
 def defaults() -> Dict[str, Any]: ...
