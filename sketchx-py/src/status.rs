@@ -132,7 +132,8 @@ impl PyJobStatus {
     /// The original service's JSON object (`job_id`, `status`, `progress`, `images`, `message`, then the extra
     /// fields) as a dict.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        py.import("json")?.call_method1("loads", (self.inner.to_json(),))
+        py.import("json")?
+            .call_method1("loads", (self.inner.to_json(),))
     }
 
     /// The same as JSON text.
