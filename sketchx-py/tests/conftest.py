@@ -21,7 +21,7 @@ HOUSE = SKETCHES / "house_black_on_white.png"
 
 def make_pipeline(out: Path, **kwargs: object) -> sketchx.Pipeline:
     kwargs.setdefault("cleanup_interval_secs", None)
-    return sketchx.Pipeline(str(TINY_SD), str(TINY_CONTROLNET), output_dir=out, **kwargs)  # type: ignore[arg-type]
+    return sketchx.Pipeline(TINY_SD, TINY_CONTROLNET, output_dir=out, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

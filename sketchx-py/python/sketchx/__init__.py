@@ -101,8 +101,8 @@ class Pipeline:
 
     def __init__(
         self,
-        model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        controlnet: str = "lllyasviel/sd-controlnet-scribble",
+        model: Union[str, "os.PathLike[str]"] = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        controlnet: Union[str, "os.PathLike[str]"] = "lllyasviel/sd-controlnet-scribble",
         *,
         device: str = "cpu",
         output_dir: Union[str, "os.PathLike[str]"] = "generated",
