@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""The original sketch-to-image REST service, rebuilt on the sketchx module: no Redis, Celery or Docker — the
+pipeline runs jobs in-process.
+
+    pip install ./sketchx-py fastapi uvicorn python-multipart
+    uvicorn --app-dir examples/python server:app
+
+    POST /api/generate          multipart: sketch (file), prompt, temperature, guidance_scale, num_images, steps,
+                                seed (and, new, optional width and height) -> {"status": "queued", "job_id": "..."}
+    GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
+    GET  /generated/<file>      the images
+
+Bad parameters or sketches answer 422 with the message naming the field; a full queue 503. Environment:
+SKETCHX_MODEL, SKETCHX_CONTROLNET, SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR (default "generated"),
+SKETCHX_RETENTION_SECS (default 3600).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Dict, Optional
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.staticfiles import StaticFiles
+
+import sketchx
+
+# A sketch upload larger than this is refused before decoding (the decoder has its own pixel limits too).
+MAX_SKETCH_BYTES = 32 * 1024 * 1024
+
+
+def create_app(
+    model: Optional[str] = None,
+    controlnet: Optional[str] = None,
+    *,
+    device: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    retention_secs: Optional[float] = None,
+) -> FastAPI:
+    """The app; the pipeline (models) loads at startup and shuts down with the app."""
+    model = model or os.environ.get("SKETCHX_MODEL", sketchx.DEFAULT_MODEL)
+    controlnet = controlnet or os.environ.get("SKETCHX_CONTROLNET", sketchx.DEFAULT_CONTROLNET)
+    device = device or os.environ.get("SKETCHX_DEVICE", "cpu")
+    output_dir = output_dir or os.environ.get("SKETCHX_OUTPUT_DIR", "generated")
+    if retention_secs is None:
+        retention_secs = float(os.environ.get("SKETCHX_RETENTION_SECS", "3600"))
+    os.makedirs(output_dir, exist_ok=True)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipe = await run_in_threadpool(
+            sketchx.Pipeline, model, controlnet, device=device, output_dir=output_dir, retention_secs=retention_secs
+        )
+        app.state.pipe = pipe
+        try:
+            yield
+        finally:
+            await run_in_threadpool(pipe.close)
+
+    app = FastAPI(title="sketchx", lifespan=lifespan)
+
+    def pipeline(request: Request) -> sketchx.Pipeline:
+        pipe: sketchx.Pipeline = request.app.state.pipe
+        return pipe
+
+    @app.post("/api/generate")
+    async def generate(
+        request: Request,
+        sketch: UploadFile = File(...),
+        prompt: Optional[str] = Form(None),
+        temperature: float = Form(0.65),
+        guidance_scale: float = Form(7.5),
+        num_images: int = Form(1),
+        steps: int = Form(30),
+        seed: Optional[int] = Form(None),
+        width: Optional[int] = Form(None),
+        height: Optional[int] = Form(None),
+    ) -> Dict[str, Any]:
+        data = await sketch.read(MAX_SKETCH_BYTES + 1)
+        if len(data) > MAX_SKETCH_BYTES:
+            raise HTTPException(413, f"the sketch exceeds {MAX_SKETCH_BYTES} bytes")
+        try:
+            job_id = await run_in_threadpool(
+                pipeline(request).submit,
+                data,
+                prompt,
+                temperature=temperature,
+                guidance_scale=guidance_scale,
+                num_images=num_images,
+                steps=steps,
+                seed=seed,
+                width=width,
+                height=height,
+            )
+        except sketchx.InvalidRequestError as e:
+            raise HTTPException(422, str(e)) from None
+        except sketchx.QueueFullError as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "10"}) from None
+        return {"status": "queued", "job_id": job_id}
+
+    @app.get("/api/status/{job_id}")
+    def status(request: Request, job_id: str) -> Dict[str, Any]:
+        try:
+            st = pipeline(request).poll(job_id)
+        except sketchx.UnknownJobError:
+            raise HTTPException(404, "Job not found") from None
+        body = st.to_dict()
+        body["images"] = [f"/generated/{os.path.basename(p)}" for p in st.images]
+        return body
+
+    app.mount("/generated", StaticFiles(directory=output_dir), name="generated")
+    return app
+
+
+app = create_app()

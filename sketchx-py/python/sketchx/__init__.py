@@ -1,0 +1,232 @@
+"""sketchx: turn a sketch into images with Stable Diffusion 1.5 + a scribble ControlNet, as asynchronous jobs
+hosted inside this process (a Rust core on candle; no Redis, Celery or Docker).
+
+>>> import sketchx
+>>> with sketchx.Pipeline() as pipe:                                   # doctest: +SKIP
+...     job_id = pipe.submit("car.png", "a red sports car", seed=42)
+...     print(pipe.wait(job_id).images)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from types import TracebackType
+from typing import Any, Optional, Tuple, Type, Union
+
+from . import _sketchx
+from ._errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    QueueFullError,
+    SketchxError,
+    UnknownJobError,
+)
+from ._sketchx import JobStatus
+
+__version__: str = _sketchx.__version__
+
+__all__ = [
+    "__version__",
+    "Pipeline",
+    "JobStatus",
+    "SketchxError",
+    "InvalidRequestError",
+    "UnknownJobError",
+    "ModelLoadError",
+    "QueueFullError",
+    "DEFAULT_MODEL",
+    "DEFAULT_CONTROLNET",
+]
+
+_DEFAULTS = _sketchx.defaults()
+
+#: The default Stable Diffusion 1.5 repository.
+DEFAULT_MODEL: str = _DEFAULTS["model"]
+#: The default scribble ControlNet repository.
+DEFAULT_CONTROLNET: str = _DEFAULTS["controlnet"]
+
+# How long one slice of ``wait_async`` blocks an executor thread.
+_ASYNC_SLICE_SECS = 0.2
+
+
+def _sketch_args(sketch: Any) -> Tuple[Any, Optional[Tuple[int, int, int]]]:
+    """The sketch as the extension takes it: a path or encoded bytes as they are, PIL images and numpy arrays as
+    raw pixel bytes plus ``(height, width, channels)``. numpy and Pillow are only used if already imported by the
+    caller (they are optional)."""
+    if isinstance(sketch, (bytes, str)):
+        return sketch, None
+    if isinstance(sketch, (bytearray, memoryview)):
+        return bytes(sketch), None
+    if isinstance(sketch, os.PathLike):
+        path = os.fspath(sketch)
+        return (os.fsdecode(path) if isinstance(path, bytes) else path), None
+    pil = sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(sketch, pil.Image):
+        has_alpha = "A" in sketch.getbands() or "transparency" in sketch.info
+        mode = "RGBA" if has_alpha else "RGB"
+        img = sketch if sketch.mode == mode else sketch.convert(mode)
+        return img.tobytes(), (img.height, img.width, len(mode))
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(sketch, np.ndarray):
+        if sketch.dtype != np.uint8:
+            raise InvalidRequestError(
+                f"invalid sketch: numpy array of dtype {sketch.dtype}; expected uint8", "sketch"
+            )
+        if sketch.ndim != 3 or sketch.shape[2] not in (3, 4):
+            raise InvalidRequestError(
+                f"invalid sketch: numpy array of shape {tuple(sketch.shape)}; expected (H, W, 3) or (H, W, 4)",
+                "sketch",
+            )
+        height, width, channels = (int(n) for n in sketch.shape)
+        return np.ascontiguousarray(sketch).tobytes(), (height, width, channels)
+    raise InvalidRequestError(
+        "invalid sketch: expected a path (str or os.PathLike), bytes, a PIL image or a numpy array of shape "
+        f"(H, W, 3) or (H, W, 4) and dtype uint8, got {type(sketch).__name__}",
+        "sketch",
+    )
+
+
+class Pipeline:
+    """The sketch-to-image job pipeline: models loaded once, a worker thread running jobs one at a time, a job
+    table, and a retention sweeper deleting old images. Thread-safe: share one between threads and requests.
+
+    ``model`` / ``controlnet``: Hugging Face repo ids (``owner/name`` or ``owner/name@revision``, downloaded into
+    the standard HF cache) or local diffusers-layout directories. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or
+    ``metal`` (GPU devices need a build with that feature). ``cleanup_interval_secs=None``: no background sweeper.
+    Raises ``ModelLoadError`` if a model cannot load, ``InvalidRequestError`` for bad arguments.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, "os.PathLike[str]"] = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        controlnet: Union[str, "os.PathLike[str]"] = "lllyasviel/sd-controlnet-scribble",
+        *,
+        device: str = "cpu",
+        output_dir: Union[str, "os.PathLike[str]"] = "generated",
+        queue_capacity: int = 64,
+        retention_secs: float = 3600.0,
+        cleanup_interval_secs: Optional[float] = 3600.0,
+    ) -> None:
+        self._native = _sketchx.Pipeline(
+            os.fspath(model),
+            os.fspath(controlnet),
+            device,
+            os.fspath(output_dir),
+            queue_capacity,
+            retention_secs,
+            cleanup_interval_secs,
+        )
+
+    def submit(
+        self,
+        sketch: Any,
+        prompt: Optional[str] = None,
+        *,
+        negative_prompt: Optional[str] = None,
+        temperature: float = 0.65,
+        guidance_scale: float = 7.5,
+        num_images: int = 1,
+        steps: int = 30,
+        seed: Optional[int] = None,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        scheduler: str = "euler_a",
+        preprocess: str = "scribble",
+        controlnet_scale: Optional[float] = None,
+        guess_mode: Optional[bool] = None,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+    ) -> str:
+        """Validates the request, decodes the sketch and queues the job; returns its id at once.
+
+        ``sketch``: a path (``str`` / ``os.PathLike``), encoded image ``bytes`` (PNG, JPEG, WebP, BMP, GIF), a
+        ``PIL.Image.Image`` or a ``numpy.ndarray`` of shape (H, W, 3) or (H, W, 4) and dtype uint8.
+        Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad parameters or an
+        undecodable sketch, ``QueueFullError`` when the queue is full.
+        """
+        data, raw = _sketch_args(sketch)
+        return self._native.submit(
+            data,
+            raw,
+            prompt,
+            negative_prompt,
+            temperature,
+            guidance_scale,
+            num_images,
+            steps,
+            seed,
+            width,
+            height,
+            scheduler,
+            preprocess,
+            controlnet_scale,
+            guess_mode,
+            control_guidance_start,
+            control_guidance_end,
+        )
+
+    def poll(self, job_id: str) -> JobStatus:
+        """The job's current status. Raises ``UnknownJobError`` for an unknown id."""
+        return self._native.poll(job_id)
+
+    def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus:
+        """Blocks until the job is completed, failed or cancelled, and returns its status. Other Python threads
+        run meanwhile and Ctrl-C interrupts it. Raises ``TimeoutError`` after ``timeout`` seconds (the job goes
+        on), ``UnknownJobError`` for an unknown id."""
+        return self._native.wait(job_id, timeout)
+
+    async def wait_async(self, job_id: str, timeout: Optional[float] = None) -> JobStatus:
+        """``wait`` for asyncio: waits in short slices on the default executor, so the event loop never blocks
+        and cancelling the awaiting task stops waiting promptly."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_secs = _ASYNC_SLICE_SECS
+            if deadline is not None:
+                slice_secs = max(0.0, min(slice_secs, deadline - time.monotonic()))
+            try:
+                return await loop.run_in_executor(None, self._native.wait, job_id, slice_secs)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"timed out waiting for job {job_id}") from None
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancels the job: a queued one at once, a running one at its next step (no files are left). ``False``
+        if it had already finished. Raises ``UnknownJobError`` for an unknown id."""
+        return self._native.cancel(job_id)
+
+    def cleanup(self, max_age_secs: Optional[float] = None) -> int:
+        """Deletes this pipeline's image files older than ``max_age_secs`` (default: ``retention_secs``) and
+        forgets finished jobs whose files are gone; returns the number of files removed."""
+        return self._native.cleanup(max_age_secs)
+
+    def queued(self) -> int:
+        """Number of jobs waiting in the queue."""
+        return self._native.queued()
+
+    @property
+    def output_dir(self) -> str:
+        """The directory images are written to."""
+        return os.fspath(self._native.output_dir)
+
+    def close(self) -> None:
+        """Stops accepting jobs, cancels pending ones and stops the worker. Idempotent. Statuses can still be
+        polled; ``submit`` raises ``SketchxError``."""
+        self._native.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"sketchx.Pipeline(output_dir={self.output_dir!r}, queued={self.queued()})"

@@ -1,0 +1,84 @@
+"""sketchx: turn a sketch into images with Stable Diffusion 1.5 + a scribble ControlNet, as asynchronous jobs
+hosted inside this process."""
+
+import os
+from types import TracebackType
+from typing import Any, Optional, Type, Union
+
+from ._errors import InvalidRequestError as InvalidRequestError
+from ._errors import ModelLoadError as ModelLoadError
+from ._errors import QueueFullError as QueueFullError
+from ._errors import SketchxError as SketchxError
+from ._errors import UnknownJobError as UnknownJobError
+from ._sketchx import JobStatus as JobStatus
+
+__version__: str
+__all__ = [
+    "__version__",
+    "Pipeline",
+    "JobStatus",
+    "SketchxError",
+    "InvalidRequestError",
+    "UnknownJobError",
+    "ModelLoadError",
+    "QueueFullError",
+    "DEFAULT_MODEL",
+    "DEFAULT_CONTROLNET",
+]
+
+DEFAULT_MODEL: str
+DEFAULT_CONTROLNET: str
+
+# A sketch: a path (str or os.PathLike), encoded image bytes (PNG, JPEG, WebP, BMP, GIF), a PIL.Image.Image, or a
+# numpy.ndarray of shape (H, W, 3) or (H, W, 4) and dtype uint8. numpy and Pillow are optional dependencies, so
+# their types are not named here.
+_SketchLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
+
+class Pipeline:
+    def __init__(
+        self,
+        model: Union[str, "os.PathLike[str]"] = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        controlnet: Union[str, "os.PathLike[str]"] = "lllyasviel/sd-controlnet-scribble",
+        *,
+        device: str = "cpu",
+        output_dir: Union[str, "os.PathLike[str]"] = "generated",
+        queue_capacity: int = 64,
+        retention_secs: float = 3600.0,
+        cleanup_interval_secs: Optional[float] = 3600.0,
+    ) -> None: ...
+    def submit(
+        self,
+        sketch: _SketchLike,
+        prompt: Optional[str] = None,
+        *,
+        negative_prompt: Optional[str] = None,
+        temperature: float = 0.65,
+        guidance_scale: float = 7.5,
+        num_images: int = 1,
+        steps: int = 30,
+        seed: Optional[int] = None,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        scheduler: str = "euler_a",
+        preprocess: str = "scribble",
+        controlnet_scale: Optional[float] = None,
+        guess_mode: Optional[bool] = None,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+    ) -> str: ...
+    def poll(self, job_id: str) -> JobStatus: ...
+    def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...
+    async def wait_async(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...
+    def cancel(self, job_id: str) -> bool: ...
+    def cleanup(self, max_age_secs: Optional[float] = None) -> int: ...
+    def queued(self) -> int: ...
+    @property
+    def output_dir(self) -> str: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> "Pipeline": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...

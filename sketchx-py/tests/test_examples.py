@@ -1,0 +1,39 @@
+"""examples/python/generate.py runs end to end with the Rust example's flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import HOUSE, REPO, TINY_CONTROLNET, TINY_SD
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples/python/generate.py"), *args],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_generate_writes_and_prints_images(tmp_path: Path) -> None:
+    r = run("--sketch", str(HOUSE), "--prompt", "a house", "--negative-prompt", "", "--temperature", "0.5",
+            "--guidance-scale", "5", "--num-images", "2", "--steps", "2", "--seed", "9", "--width", "64",
+            "--height", "64", "--scheduler", "euler", "--preprocess", "scribble", "--model", str(TINY_SD),
+            "--controlnet", str(TINY_CONTROLNET), "--out", str(tmp_path), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    paths = r.stdout.split()
+    assert paths == [str(tmp_path / "seed9_0.png"), str(tmp_path / "seed9_1.png")]
+    for p in paths:
+        assert np.asarray(Image.open(p)).shape == (64, 64, 3)
+    assert "seed 9" in r.stderr
+
+
+def test_generate_reports_bad_flags(tmp_path: Path) -> None:
+    r = run("--sketch", str(HOUSE), "--steps", "0", "--model", str(TINY_SD), "--controlnet", str(TINY_CONTROLNET),
+            "--out", str(tmp_path))
+    assert r.returncode == 1
+    assert "steps" in r.stderr and "1..=150" in r.stderr

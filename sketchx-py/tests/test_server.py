@@ -1,0 +1,137 @@
+"""examples/python/server.py: the original REST API on the module, through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import HOUSE, REPO, TINY_CONTROLNET, TINY_SD
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("server-out")
+    os.environ["SKETCHX_OUTPUT_DIR"] = str(out)  # for the module-level app built at import
+    spec = importlib.util.spec_from_file_location("sketchx_server", REPO / "examples/python/server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sketchx_server"] = module
+    spec.loader.exec_module(module)
+    return module, out
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    module, out = server
+    app = module.create_app(str(TINY_SD), str(TINY_CONTROLNET), output_dir=str(out))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def form(**overrides: object) -> dict:
+    data = {"prompt": "a house", "steps": "2", "seed": "7", "num_images": "1", "width": "64", "height": "64"}
+    data.update({k: str(v) for k, v in overrides.items()})
+    return data
+
+
+def post(client: TestClient, sketch: bytes = b"", **overrides: object):  # type: ignore[no-untyped-def]
+    files = {"sketch": ("house.png", sketch or HOUSE.read_bytes(), "image/png")}
+    return client.post("/api/generate", data=form(**overrides), files=files)
+
+
+def poll_until_final(client: TestClient, job_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        r = client.get(f"/api/status/{job_id}")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["status"] in ("completed", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_generate_poll_and_download(client: TestClient) -> None:
+    r = post(client, num_images=2)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "queued" and len(body["job_id"]) == 32
+    st = poll_until_final(client, body["job_id"])
+    assert st["status"] == "completed", st
+    for key in ["job_id", "status", "progress", "images", "message"]:
+        assert key in st
+    assert st["progress"] == 100.0 and st["message"] == "Task completed successfully."
+    assert len(st["images"]) == 2
+    for url in st["images"]:
+        assert url.startswith("/generated/")
+        img = client.get(url)
+        assert img.status_code == 200
+        assert img.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_form_values(client: TestClient) -> None:
+    files = {"sketch": ("house.png", HOUSE.read_bytes(), "image/png")}
+    # Only the sketch (the original service's defaults otherwise: 30 steps, size from the sketch).
+    r = client.post("/api/generate", files=files)
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    st = client.get(f"/api/status/{job_id}").json()
+    assert st["status"] in ("queued", "running") and st["total_steps"] == 30 and st["num_images"] == 1
+    assert (st["width"], st["height"]) == (640, 512)  # short side 512, from the 96x80 sketch
+    assert client.get(f"/api/status/{job_id}").status_code == 200
+    client.app.state.pipe.cancel(job_id)  # type: ignore[attr-defined]
+    assert poll_until_final(client, job_id)["status"] == "cancelled"
+
+
+def test_unknown_ids_are_404(client: TestClient) -> None:
+    for job_id in ["0" * 32, "nope", "..%2F..%2Fetc%2Fpasswd"]:
+        r = client.get(f"/api/status/{job_id}")
+        assert r.status_code == 404, (job_id, r.status_code, r.text)
+    assert client.get("/generated/" + "0" * 32 + "_0.png").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (dict(steps=0), "steps"),
+        (dict(steps=1000), "steps"),
+        (dict(steps="many"), "steps"),
+        (dict(num_images=9), "num_images"),
+        (dict(temperature=3), "temperature"),
+        (dict(temperature="nan"), "temperature"),
+        (dict(guidance_scale=-1), "guidance_scale"),
+        (dict(guidance_scale="inf"), "guidance_scale"),
+        (dict(seed=-5), "seed"),
+        (dict(seed="x"), "seed"),
+        (dict(width=100), "width"),
+        (dict(height=8), "height"),
+    ],
+)
+def test_bad_parameters_are_422(client: TestClient, overrides: dict, needle: str) -> None:
+    r = post(client, **overrides)
+    assert r.status_code == 422, (r.status_code, r.text)
+    assert needle in r.text
+
+
+@pytest.mark.parametrize("sketch", [b"not an image", HOUSE.read_bytes()[:64]])
+def test_bad_sketches_are_422(client: TestClient, sketch: bytes) -> None:
+    r = post(client, sketch=sketch)
+    assert r.status_code == 422, (r.status_code, r.text)
+    assert "sketch" in r.text
+
+
+def test_missing_or_empty_sketch_is_422(client: TestClient) -> None:
+    assert client.post("/api/generate", data=form()).status_code == 422
+    files = {"sketch": ("empty.png", b"", "image/png")}
+    r = client.post("/api/generate", data=form(), files=files)
+    assert r.status_code == 422 and "sketch" in r.text
