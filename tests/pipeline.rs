@@ -49,6 +49,15 @@ fn req(steps: u32) -> GenerationRequest {
     }
 }
 
+/// A job that runs for many seconds (150 steps at 256x256), to be cancelled or to block the worker.
+fn long_req() -> GenerationRequest {
+    GenerationRequest {
+        width: Some(256),
+        height: Some(256),
+        ..req(150)
+    }
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -255,16 +264,7 @@ fn cancel_while_queued_and_while_running_leaves_no_files() {
         }));
     }
     let pipe = Pipeline::new(cfg).unwrap();
-    let running = pipe
-        .submit(
-            GenerationRequest {
-                width: Some(256),
-                height: Some(256),
-                ..req(150)
-            },
-            sketch_bytes(),
-        )
-        .unwrap();
+    let running = pipe.submit(long_req(), sketch_bytes()).unwrap();
     while pipe.poll(&running).unwrap().state == JobState::Queued {
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -321,16 +321,7 @@ fn a_full_queue_says_so_at_once() {
     let dir = cfg.output_dir.clone();
     cfg.queue_capacity = 2;
     let pipe = Pipeline::new(cfg).unwrap();
-    let first = pipe
-        .submit(
-            GenerationRequest {
-                width: Some(256),
-                height: Some(256),
-                ..req(150)
-            },
-            sketch_bytes(),
-        )
-        .unwrap();
+    let first = pipe.submit(long_req(), sketch_bytes()).unwrap();
     while pipe.poll(&first).unwrap().state == JobState::Queued {
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -584,16 +575,7 @@ fn shutdown_while_a_job_runs_cancels_it_and_joins_every_thread() {
     let cfg = config("shutdown");
     let dir = cfg.output_dir.clone();
     let pipe = Pipeline::new(cfg).unwrap();
-    let running = pipe
-        .submit(
-            GenerationRequest {
-                width: Some(256),
-                height: Some(256),
-                ..req(150)
-            },
-            sketch_bytes(),
-        )
-        .unwrap();
+    let running = pipe.submit(long_req(), sketch_bytes()).unwrap();
     let queued = pipe.submit(req(1), sketch_bytes()).unwrap();
     while pipe.poll(&running).unwrap().step < 1 {
         std::thread::sleep(Duration::from_millis(5));
