@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod error;
 pub mod models;
+pub mod ops;
 pub mod output;
 pub mod request;
 pub mod sampling;

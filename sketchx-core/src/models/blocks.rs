@@ -12,9 +12,52 @@ use candle_nn::{
     LayerNorm, Linear, VarBuilder,
 };
 
+use crate::ops::profile::scope;
+
 type CResult<T> = candle_core::Result<T>;
 
-fn conv3(vb: VarBuilder, cin: usize, cout: usize, stride: usize, padding: usize) -> CResult<Conv2d> {
+/// A convolution, timed as `conv3x3` or `conv1x1`.
+pub(crate) fn conv(c: &Conv2d, xs: &Tensor) -> CResult<Tensor> {
+    let kind = if c.weight().dim(3)? == 1 {
+        "conv1x1"
+    } else {
+        "conv3x3"
+    };
+    scope(kind, || c.forward(xs))
+}
+
+/// A group norm, timed as `group_norm`.
+pub(crate) fn gn(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
+    scope("group_norm", || n.forward(xs))
+}
+
+/// SiLU, timed as `activation`.
+pub(crate) fn silu(xs: &Tensor) -> CResult<Tensor> {
+    scope("activation", || candle_nn::ops::silu(xs))
+}
+
+/// A linear layer, timed as `linear`.
+fn lin(l: &Linear, xs: &Tensor) -> CResult<Tensor> {
+    scope("linear", || l.forward(xs))
+}
+
+/// Element-wise arithmetic (residual adds, scaling), timed as `elementwise`.
+pub(crate) fn ew<T>(f: impl FnOnce() -> CResult<T>) -> CResult<T> {
+    scope("elementwise", f)
+}
+
+/// Layout changes (contiguous copies, concatenation, padding, upsampling), timed as `copies`.
+pub(crate) fn copy<T>(f: impl FnOnce() -> CResult<T>) -> CResult<T> {
+    scope("copies", f)
+}
+
+fn conv3(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    padding: usize,
+) -> CResult<Conv2d> {
     conv2d(
         cin,
         cout,
@@ -54,7 +97,9 @@ impl TimeEmbedding {
         // Same float32 arithmetic as torch: exp((-ln(10000) * arange(half)) / (half - shift)).
         let neg_log = -(10000f64.ln()) as f32;
         let denom = (half as f64 - freq_shift) as f32;
-        let freqs = (0..half).map(|i| ((neg_log * i as f32) / denom).exp()).collect();
+        let freqs = (0..half)
+            .map(|i| ((neg_log * i as f32) / denom).exp())
+            .collect();
         Ok(Self {
             freqs,
             flip_sin_to_cos,
@@ -64,7 +109,13 @@ impl TimeEmbedding {
     }
 
     /// The embedding `(batch, embed_dim)` of one timestep repeated `batch` times.
-    pub fn forward(&self, timestep: f64, batch: usize, vb_dtype: DType, device: &candle_core::Device) -> CResult<Tensor> {
+    pub fn forward(
+        &self,
+        timestep: f64,
+        batch: usize,
+        vb_dtype: DType,
+        device: &candle_core::Device,
+    ) -> CResult<Tensor> {
         let t = timestep as f32;
         let args: Vec<f32> = self.freqs.iter().map(|f| t * f).collect();
         let sin = args.iter().map(|a| a.sin());
@@ -81,8 +132,8 @@ impl TimeEmbedding {
         let emb = Tensor::from_vec(emb, (1, n), device)?
             .to_dtype(vb_dtype)?
             .repeat((batch, 1))?;
-        let h = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
-        self.linear_2.forward(&h)
+        let h = silu(&lin(&self.linear_1, &emb)?)?;
+        lin(&self.linear_2, &h)
     }
 }
 
@@ -115,7 +166,13 @@ pub struct BlockParams {
 
 impl ResnetBlock {
     /// A resnet from `cin` to `cout` channels.
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, p: &BlockParams, scale: f64) -> CResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        p: &BlockParams,
+        scale: f64,
+    ) -> CResult<Self> {
         Ok(Self {
             norm1: group_norm(p.groups, cin, p.eps, vb.pp("norm1"))?,
             conv1: conv3(vb.pp("conv1"), cin, cout, 1, 1)?,
@@ -137,24 +194,24 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = conv(&self.conv1, &silu(&gn(&self.norm1, xs)?)?)?;
         let h = match &self.time_emb_proj {
             Some(p) => {
-                let t = p.forward(&candle_nn::ops::silu(temb)?)?;
-                h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
+                let t = lin(p, &silu(temb)?)?;
+                ew(|| h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?))?
             }
             None => h,
         };
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = conv(&self.conv2, &silu(&gn(&self.norm2, &h)?)?)?;
         let skip = match &self.shortcut {
-            Some(c) => c.forward(xs)?,
+            Some(c) => conv(c, xs)?,
             None => xs.clone(),
         };
-        let out = (skip + h)?;
+        let out = ew(|| skip + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
-            out / self.output_scale_factor
+            ew(|| out / self.output_scale_factor)
         }
     }
 }
@@ -171,7 +228,13 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, dim: usize, ctx_dim: usize, heads: usize, head_dim: usize) -> CResult<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        ctx_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> CResult<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
@@ -187,22 +250,30 @@ impl Attention {
         let ctx = ctx.unwrap_or(xs);
         let (b, n, _) = xs.dims3()?;
         let m = ctx.dim(1)?;
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
+        let q = lin(&self.to_q, xs)?;
+        let k = lin(&self.to_k, ctx)?;
+        let v = lin(&self.to_v, ctx)?;
         let inner = q.dim(D::Minus1)?;
         let hd = inner / self.heads;
         let split = |t: Tensor, len: usize| -> CResult<Tensor> {
-            t.reshape((b, len, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, len, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
-        let q = split(q, n)?;
-        let k = split(k, m)?;
-        let v = split(v, m)?;
+        let q = copy(|| split(q, n))?;
+        let k = copy(|| split(k, m))?;
+        let v = copy(|| split(v, m))?;
         let in_dtype = q.dtype();
-        let att = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * self.scale)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(in_dtype)?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
-        self.to_out.forward(&o)
+        let o = scope("attention", || {
+            let att = (q
+                .to_dtype(DType::F32)?
+                .matmul(&k.to_dtype(DType::F32)?.t()?)?
+                * self.scale)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(in_dtype)?;
+            att.matmul(&v)
+        })?;
+        let o = copy(|| o.transpose(1, 2)?.reshape((b, n, inner)))?;
+        lin(&self.to_out, &o)
     }
 }
 
@@ -218,7 +289,13 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, ctx_dim: usize) -> CResult<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        ctx_dim: usize,
+    ) -> CResult<Self> {
         let ff_inner = dim * 4;
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
@@ -232,12 +309,18 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
-        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let ln = |n: &LayerNorm, x: &Tensor| scope("layer_norm", || n.forward(x));
+        let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
+        let xs = ew(|| a + xs)?;
+        let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
+        let xs = ew(|| a + xs)?;
+        let h = lin(&self.ff_in, &ln(&self.norm3, &xs)?)?;
         let half = h.dim(D::Minus1)? / 2;
-        let geglu = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-        self.ff_out.forward(&geglu)? + xs
+        let geglu = scope("activation", || {
+            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
+        })?;
+        let o = lin(&self.ff_out, &geglu)?;
+        ew(|| o + xs)
     }
 }
 
@@ -259,7 +342,13 @@ pub struct SpatialTransformer {
 
 impl SpatialTransformer {
     /// `depth` transformer blocks over `channels` channels split into `heads` heads.
-    pub fn new(vb: VarBuilder, channels: usize, heads: usize, depth: usize, p: &BlockParams) -> CResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        p: &BlockParams,
+    ) -> CResult<Self> {
         let head_dim = channels / heads;
         let inner = heads * head_dim;
         let (proj_in, proj_out) = if p.linear_projection {
@@ -274,7 +363,15 @@ impl SpatialTransformer {
             )
         };
         let blocks = (0..depth)
-            .map(|i| TransformerBlock::new(vb.pp("transformer_blocks").pp(i), inner, heads, head_dim, p.cross_dim))
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    inner,
+                    heads,
+                    head_dim,
+                    p.cross_dim,
+                )
+            })
             .collect::<CResult<Vec<_>>>()?;
         Ok(Self {
             norm: group_norm(p.groups, channels, 1e-6, vb.pp("norm"))?,
@@ -289,29 +386,29 @@ impl SpatialTransformer {
         let (b, _, h, w) = xs.dims4()?;
         let to_seq = |t: Tensor| -> CResult<Tensor> {
             let c = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+            copy(|| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)))
         };
-        let normed = self.norm.forward(xs)?;
+        let normed = gn(&self.norm, xs)?;
         let mut hs = match &self.proj_in {
-            Proj::Conv(c) => to_seq(c.forward(&normed)?)?,
-            Proj::Linear(l) => l.forward(&to_seq(normed)?)?,
+            Proj::Conv(c) => to_seq(conv(c, &normed)?)?,
+            Proj::Linear(l) => lin(l, &to_seq(normed)?)?,
         };
         for blk in &self.blocks {
             hs = blk.forward(&hs, ctx)?;
         }
         let inner = hs.dim(D::Minus1)?;
         let to_img = |t: Tensor, c: usize| -> CResult<Tensor> {
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            copy(|| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous())
         };
         let out = match &self.proj_out {
-            Proj::Conv(c) => c.forward(&to_img(hs, inner)?)?,
+            Proj::Conv(c) => conv(c, &to_img(hs, inner)?)?,
             Proj::Linear(l) => {
-                let o = l.forward(&hs)?;
+                let o = lin(l, &hs)?;
                 let c = o.dim(D::Minus1)?;
                 to_img(o, c)?
             }
         };
-        out + xs
+        ew(|| out + xs)
     }
 }
 
@@ -347,11 +444,21 @@ impl DownBlock {
     ) -> CResult<Self> {
         let c = spec.channels;
         let resnets = (0..layers)
-            .map(|i| ResnetBlock::new(vb.pp("resnets").pp(i), if i == 0 { cin } else { c }, c, p, 1.0))
+            .map(|i| {
+                ResnetBlock::new(
+                    vb.pp("resnets").pp(i),
+                    if i == 0 { cin } else { c },
+                    c,
+                    p,
+                    1.0,
+                )
+            })
             .collect::<CResult<Vec<_>>>()?;
         let attentions = match spec.cross_attention {
             Some(depth) => (0..layers)
-                .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p))
+                .map(|i| {
+                    SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p)
+                })
                 .collect::<CResult<Vec<_>>>()?,
             None => Vec::new(),
         };
@@ -367,7 +474,13 @@ impl DownBlock {
     }
 
     /// Runs the block, appending each intermediate state to `states`.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor, states: &mut Vec<Tensor>) -> CResult<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        states: &mut Vec<Tensor>,
+    ) -> CResult<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
             xs = r.forward(&xs, temb)?;
@@ -378,11 +491,14 @@ impl DownBlock {
         }
         if let Some((conv, pad)) = &self.downsample {
             let input = if *pad == 0 {
-                xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?
+                copy(|| {
+                    xs.pad_with_zeros(D::Minus1, 0, 1)?
+                        .pad_with_zeros(D::Minus2, 0, 1)
+                })?
             } else {
                 xs
             };
-            xs = conv.forward(&input)?;
+            xs = self::conv(conv, &input)?;
             states.push(xs.clone());
         }
         Ok(xs)
@@ -398,7 +514,14 @@ pub struct MidBlock {
 
 impl MidBlock {
     /// The mid block over `channels` channels with one attention layer of `depth` transformer blocks.
-    pub fn new(vb: VarBuilder, channels: usize, heads: usize, depth: usize, scale: f64, p: &BlockParams) -> CResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        scale: f64,
+        p: &BlockParams,
+    ) -> CResult<Self> {
         Ok(Self {
             first: ResnetBlock::new(vb.pp("resnets.0"), channels, channels, p, scale)?,
             rest: vec![(
@@ -449,7 +572,9 @@ impl UpBlock {
             .collect::<CResult<Vec<_>>>()?;
         let attentions = match spec.cross_attention {
             Some(depth) => (0..layers)
-                .map(|i| SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p))
+                .map(|i| {
+                    SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p)
+                })
                 .collect::<CResult<Vec<_>>>()?,
             None => Vec::new(),
         };
@@ -481,8 +606,11 @@ impl UpBlock {
     ) -> CResult<Tensor> {
         let mut xs = xs.clone();
         for (i, r) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().expect("the UNet supplies one skip connection per resnet");
-            xs = r.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
+            let skip = skips
+                .pop()
+                .expect("the UNet supplies one skip connection per resnet");
+            let cat = copy(|| Tensor::cat(&[&xs, &skip], 1))?;
+            xs = r.forward(&cat, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 xs = a.forward(&xs, ctx)?;
             }
@@ -490,7 +618,8 @@ impl UpBlock {
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;
             let (nh, nw) = size.unwrap_or((2 * h, 2 * w));
-            xs = conv.forward(&xs.upsample_nearest2d(nh, nw)?)?;
+            let up = copy(|| xs.upsample_nearest2d(nh, nw))?;
+            xs = self::conv(conv, &up)?;
         }
         Ok(xs)
     }

@@ -112,8 +112,11 @@ impl ClipTextModel {
         };
         let emb = vb.pp("embeddings");
         let token_embedding = embedding(config.vocab_size, h, emb.pp("token_embedding"))?;
-        let position_embedding =
-            embedding(config.max_position_embeddings, h, emb.pp("position_embedding"))?;
+        let position_embedding = embedding(
+            config.max_position_embeddings,
+            h,
+            emb.pp("position_embedding"),
+        )?;
         let eps = config.layer_norm_eps;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -183,10 +186,7 @@ impl ClipTextModel {
             let v = split(l.v.forward(&x)?)?;
             let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let o = att
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, seq, h))?;
+            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, seq, h))?;
             xs = (l.out.forward(&o)? + residual)?;
             let residual = &xs;
             let x = l.ln2.forward(&xs)?;

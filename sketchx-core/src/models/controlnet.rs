@@ -4,10 +4,11 @@
 //! candle has no ControlNet, so it is assembled here from the UNet's encoder ([`super::blocks`]). Variable paths equal
 //! the checkpoint keys (`controlnet_cond_embedding.blocks.N`, `controlnet_down_blocks.N`, `controlnet_mid_block`).
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Tensor, D};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
+use super::blocks::{conv, ew, silu};
 use super::unet::{parse_unet_shape, ConfigMap, Encoder};
 use crate::error::{Error, Result};
 
@@ -34,7 +35,13 @@ impl ConditioningEmbedding {
         let vbb = vb.pp("blocks");
         for i in 0..channels.len() - 1 {
             blocks.push(conv2d(channels[i], channels[i], 3, pad, vbb.pp(2 * i))?);
-            blocks.push(conv2d(channels[i], channels[i + 1], 3, stride, vbb.pp(2 * i + 1))?);
+            blocks.push(conv2d(
+                channels[i],
+                channels[i + 1],
+                3,
+                stride,
+                vbb.pp(2 * i + 1),
+            )?);
         }
         let conv_out = conv2d(*channels.last().unwrap(), out_ch, 3, pad, vb.pp("conv_out"))?;
         Ok(Self {
@@ -45,11 +52,11 @@ impl ConditioningEmbedding {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = candle_nn::ops::silu(&self.conv_in.forward(xs)?)?;
+        let mut xs = silu(&conv(&self.conv_in, xs)?)?;
         for b in &self.blocks {
-            xs = candle_nn::ops::silu(&b.forward(&xs)?)?;
+            xs = silu(&conv(b, &xs)?)?;
         }
-        self.conv_out.forward(&xs)
+        conv(&self.conv_out, &xs)
     }
 }
 
@@ -78,7 +85,7 @@ impl ControlNet {
     pub fn new(vb: VarBuilder, value: &Value, origin: &str) -> Result<Self> {
         let c = ConfigMap::new(value, origin)?;
         let shape = parse_unet_shape(&c)?;
-                let cond_channels = match c.present("conditioning_embedding_out_channels") {
+        let cond_channels = match c.present("conditioning_embedding_out_channels") {
             Some(_) => c.usize_list("conditioning_embedding_out_channels")?,
             None => vec![16, 32, 96, 256],
         };
@@ -116,11 +123,23 @@ impl ControlNet {
             let extra = shape.layers_per_block + usize::from(i + 1 < n);
             for _ in 0..extra {
                 let idx = zero_convs.len();
-                zero_convs.push(conv2d(spec.channels, spec.channels, 1, Default::default(), vb_zero.pp(idx))?);
+                zero_convs.push(conv2d(
+                    spec.channels,
+                    spec.channels,
+                    1,
+                    Default::default(),
+                    vb_zero.pp(idx),
+                )?);
             }
         }
         let last = shape.blocks[n - 1].channels;
-        let mid_zero_conv = conv2d(last, last, 1, Default::default(), vb.pp("controlnet_mid_block"))?;
+        let mid_zero_conv = conv2d(
+            last,
+            last,
+            1,
+            Default::default(),
+            vb.pp("controlnet_mid_block"),
+        )?;
         Ok(Self {
             encoder,
             cond_embedding,
@@ -155,9 +174,15 @@ impl ControlNet {
         scale: f64,
         guess_mode: bool,
     ) -> Result<ControlResiduals> {
-        let cond = if self.bgr { cond.flip(&[1])? } else { cond.clone() };
+        let cond = if self.bgr {
+            cond.flip(&[1])?
+        } else {
+            cond.clone()
+        };
         let temb = self.encoder.time_embedding(timestep, sample)?;
-        let xs = (self.encoder.conv_in(sample)? + self.cond_embedding.forward(&cond)?)?;
+        let a = self.encoder.conv_in(sample)?;
+        let c = self.cond_embedding.forward(&cond)?;
+        let xs = ew(|| a + c)?;
         let (xs, res) = self.encoder.down(xs, &temb, encoder_hidden_states)?;
         let xs = self.encoder.mid(&xs, &temb, encoder_hidden_states)?;
         let n = res.len();
@@ -174,9 +199,11 @@ impl ControlNet {
         };
         let mut down = Vec::with_capacity(n);
         for (i, (r, conv)) in res.iter().zip(&self.zero_convs).enumerate() {
-            down.push((conv.forward(r)? * scales[i])?);
+            let o = super::blocks::conv(conv, r)?;
+            down.push(ew(|| o * scales[i])?);
         }
-        let mut mid = (self.mid_zero_conv.forward(&xs)? * scales[n])?;
+        let o = conv(&self.mid_zero_conv, &xs)?;
+        let mut mid = ew(|| o * scales[n])?;
         if self.global_pool_conditions {
             for d in down.iter_mut() {
                 *d = d.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;

@@ -4,11 +4,13 @@
 //! size comes from the file, and options that would change results but are not implemented are refused with
 //! [`Error::UnsupportedModel`] instead of being ignored.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use serde_json::{Map, Value};
 
-use super::blocks::{BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock};
+use super::blocks::{
+    conv, ew, gn, silu, BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock,
+};
 
 use crate::error::{Error, Result};
 
@@ -342,21 +344,27 @@ pub struct Encoder {
 impl Encoder {
     /// The time embedding of `timestep` for a batch of `b`, in `dtype`.
     pub fn time_embedding(&self, timestep: f64, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.time.forward(timestep, xs.dim(0)?, xs.dtype(), xs.device())
+        self.time
+            .forward(timestep, xs.dim(0)?, xs.dtype(), xs.device())
     }
 
     /// `conv_in` of the (optionally centred) latents.
     pub fn conv_in(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.center_input_sample {
-            self.conv_in.forward(&((xs * 2.0)? - 1.0)?)
+            conv(&self.conv_in, &((xs * 2.0)? - 1.0)?)
         } else {
-            self.conv_in.forward(xs)
+            conv(&self.conv_in, xs)
         }
     }
 
     /// Runs the down blocks from the `conv_in` output `xs`; returns the last state and every skip connection
     /// (the `conv_in` output first).
-    pub fn down(&self, xs: Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    pub fn down(
+        &self,
+        xs: Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut states = vec![xs.clone()];
         let mut xs = xs;
         for b in &self.down {
@@ -392,7 +400,8 @@ impl UNet {
         let down = c.str_list("down_block_types")?;
         if c.present("up_block_types").is_some() {
             let up = c.str_list("up_block_types")?;
-            let expected: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
+            let expected: Vec<String> =
+                down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
             if up != expected {
                 return Err(Error::unsupported(
                     origin,
@@ -420,7 +429,12 @@ impl UNet {
             prev = spec.channels;
         }
         let b0 = shape.blocks[0].channels;
-        let conv_norm_out = group_norm(shape.params.groups, b0, shape.params.eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = group_norm(
+            shape.params.groups,
+            b0,
+            shape.params.eps,
+            vb.pp("conv_norm_out"),
+        )?;
         let conv_out = conv2d(
             b0,
             out_channels,
@@ -464,12 +478,12 @@ impl UNet {
                 )));
             }
             for (s, e) in skips.iter_mut().zip(extra) {
-                *s = (&*s + e)?;
+                *s = ew(|| &*s + e)?;
             }
         }
         let mut x = self.encoder.mid(&x, &temb, ctx)?;
         if let Some(m) = mid {
-            x = (x + m)?;
+            x = ew(|| x + m)?;
         }
         let factor = 1usize << (self.up.len() - 1);
         let force_size = h % factor != 0 || w % factor != 0;
@@ -484,7 +498,7 @@ impl UNet {
             };
             x = blk.forward(&x, &mut skips, &temb, ctx, size)?;
         }
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
-        Ok(self.conv_out.forward(&x)?)
+        let x = silu(&gn(&self.conv_norm_out, &x)?)?;
+        Ok(conv(&self.conv_out, &x)?)
     }
 }
