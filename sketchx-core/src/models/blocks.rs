@@ -8,10 +8,11 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
+    conv2d, layer_norm, linear, linear_no_bias, Conv2dConfig, LayerNorm, Linear, VarBuilder,
 };
 
+use crate::ops::conv::FastConv2d as Conv2d;
+use crate::ops::norm::FastGroupNorm as GroupNorm;
 use crate::ops::profile::scope;
 
 type CResult<T> = candle_core::Result<T>;
@@ -28,7 +29,33 @@ pub(crate) fn conv(c: &Conv2d, xs: &Tensor) -> CResult<Tensor> {
 
 /// A group norm, timed as `group_norm`.
 pub(crate) fn gn(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
-    scope("group_norm", || n.forward(xs))
+    scope("group_norm", || n.forward(xs, false))
+}
+
+/// A group norm followed by SiLU (fused), timed as `group_norm`.
+pub(crate) fn gn_silu(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
+    scope("group_norm", || n.forward(xs, true))
+}
+
+/// A group norm loaded from `vb` (weights `weight` and `bias`).
+pub(crate) fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> CResult<GroupNorm> {
+    GroupNorm::new(groups, channels, eps, vb)
+}
+
+/// A convolution loaded from `vb` that runs the crate's CPU kernel when it can.
+pub(crate) fn fast_conv2d(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> CResult<Conv2d> {
+    Ok(Conv2d::new(conv2d(cin, cout, k, cfg, vb)?))
 }
 
 /// SiLU, timed as `activation`.
@@ -58,7 +85,7 @@ fn conv3(
     stride: usize,
     padding: usize,
 ) -> CResult<Conv2d> {
-    conv2d(
+    fast_conv2d(
         cin,
         cout,
         3,
@@ -72,7 +99,7 @@ fn conv3(
 }
 
 fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> CResult<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb)
+    fast_conv2d(cin, cout, 1, Default::default(), vb)
 }
 
 /// diffusers' `get_timestep_embedding` (sinusoidal) followed by `TimestepEmbedding` (linear, SiLU, linear).
@@ -194,7 +221,7 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = conv(&self.conv1, &silu(&gn(&self.norm1, xs)?)?)?;
+        let h = conv(&self.conv1, &gn_silu(&self.norm1, xs)?)?;
         let h = match &self.time_emb_proj {
             Some(p) => {
                 let t = lin(p, &silu(temb)?)?;
@@ -202,7 +229,7 @@ impl ResnetBlock {
             }
             None => h,
         };
-        let h = conv(&self.conv2, &silu(&gn(&self.norm2, &h)?)?)?;
+        let h = conv(&self.conv2, &gn_silu(&self.norm2, &h)?)?;
         let skip = match &self.shortcut {
             Some(c) => conv(c, xs)?,
             None => xs.clone(),
@@ -248,31 +275,12 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> CResult<Tensor> {
         let ctx = ctx.unwrap_or(xs);
-        let (b, n, _) = xs.dims3()?;
-        let m = ctx.dim(1)?;
         let q = lin(&self.to_q, xs)?;
         let k = lin(&self.to_k, ctx)?;
         let v = lin(&self.to_v, ctx)?;
-        let inner = q.dim(D::Minus1)?;
-        let hd = inner / self.heads;
-        let split = |t: Tensor, len: usize| -> CResult<Tensor> {
-            t.reshape((b, len, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = copy(|| split(q, n))?;
-        let k = copy(|| split(k, m))?;
-        let v = copy(|| split(v, m))?;
-        let in_dtype = q.dtype();
         let o = scope("attention", || {
-            let att = (q
-                .to_dtype(DType::F32)?
-                .matmul(&k.to_dtype(DType::F32)?.t()?)?
-                * self.scale)?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(in_dtype)?;
-            att.matmul(&v)
+            crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale)
         })?;
-        let o = copy(|| o.transpose(1, 2)?.reshape((b, n, inner)))?;
         lin(&self.to_out, &o)
     }
 }

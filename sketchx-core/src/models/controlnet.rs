@@ -5,12 +5,13 @@
 //! the checkpoint keys (`controlnet_cond_embedding.blocks.N`, `controlnet_down_blocks.N`, `controlnet_mid_block`).
 
 use candle_core::{Tensor, D};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
-use super::blocks::{conv, ew, silu};
+use super::blocks::{conv, ew, fast_conv2d as conv2d, silu};
 use super::unet::{parse_unet_shape, ConfigMap, Encoder};
 use crate::error::{Error, Result};
+use crate::ops::conv::FastConv2d as Conv2d;
 
 /// The sketch encoder: a small strided CNN mapping the control image to the first block's feature map.
 struct ConditioningEmbedding {

@@ -5,14 +5,17 @@
 //! [`Error::UnsupportedModel`] instead of being ignored.
 
 use candle_core::Tensor;
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::{Map, Value};
 
 use super::blocks::{
-    conv, ew, gn, silu, BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock,
+    conv, ew, fast_conv2d as conv2d, gn_silu, group_norm, BlockParams, BlockSpec, DownBlock,
+    MidBlock, TimeEmbedding, UpBlock,
 };
 
 use crate::error::{Error, Result};
+use crate::ops::conv::FastConv2d as Conv2d;
+use crate::ops::norm::FastGroupNorm as GroupNorm;
 
 /// A parsed `config.json`, with typed getters whose errors name the file and the key.
 pub struct ConfigMap<'a> {
@@ -498,7 +501,7 @@ impl UNet {
             };
             x = blk.forward(&x, &mut skips, &temb, ctx, size)?;
         }
-        let x = silu(&gn(&self.conv_norm_out, &x)?)?;
+        let x = gn_silu(&self.conv_norm_out, &x)?;
         Ok(conv(&self.conv_out, &x)?)
     }
 }
