@@ -139,6 +139,7 @@ def main():
     ap.add_argument("--baseline", action="store_true",
                     help="also time sketchx with its kernels off (SKETCHX_PLAIN_CANDLE=1): the 'before' column")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--sketchx-bin", help="run this already built speed bench binary instead of `cargo bench`")
     ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help=argparse.SUPPRESS)
@@ -149,8 +150,12 @@ def main():
     common = ["--model", a.model, "--controlnet", a.controlnet, "--runs", str(a.runs), "--step-size",
               str(a.step_size), "--vae-size", str(a.vae_size), "--job-size", str(a.job_size), "--job-steps",
               str(a.job_steps), "--pieces", a.pieces, "--dtype", a.dtype]
-    subprocess.run(["cargo", "build", "--release", "--bench", "speed", "-q"], check=True, cwd=a.repo)
-    sx_cmd = ["cargo", "bench", "-q", "--bench", "speed", "--"] + common + (["--profile"] if a.profile else [])
+    if a.sketchx_bin:
+        sx_cmd = [a.sketchx_bin]
+    else:
+        subprocess.run(["cargo", "build", "--release", "--bench", "speed", "-q"], check=True, cwd=a.repo)
+        sx_cmd = ["cargo", "bench", "-q", "--bench", "speed", "--"]
+    sx_cmd += common + (["--profile"] if a.profile else [])
     df_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "diffusers"] + common
     res = {"sketchx": [], "diffusers": [], "plain": []}
     for r in range(a.rounds):

@@ -238,15 +238,15 @@ pub fn parse_unet_shape(c: &ConfigMap) -> Result<UNetShape> {
     }
     let null = Value::Null;
     let f = Value::Bool(false);
-    c.require("only_cross_attention", &[f.clone()])?;
-    c.require("dual_cross_attention", &[f.clone()])?;
-    c.require("class_embed_type", &[null.clone()])?;
-    c.require("num_class_embeds", &[null.clone()])?;
-    c.require("addition_embed_type", &[null.clone()])?;
-    c.require("encoder_hid_dim", &[null.clone()])?;
-    c.require("encoder_hid_dim_type", &[null.clone()])?;
-    c.require("time_cond_proj_dim", &[null.clone()])?;
-    c.require("timestep_post_act", &[null.clone()])?;
+    c.require("only_cross_attention", std::slice::from_ref(&f))?;
+    c.require("dual_cross_attention", std::slice::from_ref(&f))?;
+    c.require("class_embed_type", std::slice::from_ref(&null))?;
+    c.require("num_class_embeds", std::slice::from_ref(&null))?;
+    c.require("addition_embed_type", std::slice::from_ref(&null))?;
+    c.require("encoder_hid_dim", std::slice::from_ref(&null))?;
+    c.require("encoder_hid_dim_type", std::slice::from_ref(&null))?;
+    c.require("time_cond_proj_dim", std::slice::from_ref(&null))?;
+    c.require("timestep_post_act", std::slice::from_ref(&null))?;
     c.require("act_fn", &["silu".into()])?;
     c.require("resnet_time_scale_shift", &["default".into()])?;
     c.require("time_embedding_type", &["positional".into()])?;
