@@ -49,18 +49,36 @@ macro_rules! dispatch {
 }
 
 dispatch! {
-    /// Softmax of one row in place, like torch: subtract the max, exponentiate, divide by the sum.
+    /// Softmax of one row in place, like torch: subtract the max, exponentiate, divide by the sum. The max and
+    /// the sum are kept in 16 lanes so that the loops vectorise (a float reduction in one accumulator cannot).
     pub fn softmax_row(row: &mut [f32]) {
+        const L: usize = 16;
+        let mut lanes = [f32::NEG_INFINITY; L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
         let mut max = f32::NEG_INFINITY;
-        for &x in row.iter() {
-            max = max.max(x);
+        for &m in lanes.iter().chain(rest) {
+            if m > max {
+                max = m;
+            }
         }
-        let mut sum = 0f32;
         for x in row.iter_mut() {
-            let e = exp_f32(*x - max);
-            *x = e;
-            sum += e;
+            *x = exp_f32(*x - max);
         }
+        let mut acc = [0f32; L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                acc[i] += c[i];
+            }
+        }
+        let sum = acc.iter().sum::<f32>() + rest.iter().sum::<f32>();
         let inv = 1.0 / sum;
         for x in row.iter_mut() {
             *x *= inv;
