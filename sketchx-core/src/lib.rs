@@ -13,6 +13,7 @@ pub mod error;
 pub mod executor;
 pub mod jobs;
 pub mod models;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod request;

@@ -8,11 +8,75 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
+    conv2d, layer_norm, linear, linear_no_bias, Conv2dConfig, LayerNorm, Linear, VarBuilder,
 };
 
+use crate::ops::conv::FastConv2d as Conv2d;
+use crate::ops::norm::FastGroupNorm as GroupNorm;
+use crate::ops::profile::scope;
+
 type CResult<T> = candle_core::Result<T>;
+
+/// A convolution, timed as `conv3x3` or `conv1x1`.
+pub(crate) fn conv(c: &Conv2d, xs: &Tensor) -> CResult<Tensor> {
+    let kind = if c.weight().dim(3)? == 1 {
+        "conv1x1"
+    } else {
+        "conv3x3"
+    };
+    scope(kind, || c.forward(xs))
+}
+
+/// A group norm, timed as `group_norm`.
+pub(crate) fn gn(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
+    scope("group_norm", || n.forward(xs, false))
+}
+
+/// A group norm followed by SiLU (fused), timed as `group_norm`.
+pub(crate) fn gn_silu(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
+    scope("group_norm", || n.forward(xs, true))
+}
+
+/// A group norm loaded from `vb` (weights `weight` and `bias`).
+pub(crate) fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> CResult<GroupNorm> {
+    GroupNorm::new(groups, channels, eps, vb)
+}
+
+/// A convolution loaded from `vb` that runs the crate's CPU kernel when it can.
+pub(crate) fn fast_conv2d(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> CResult<Conv2d> {
+    Ok(Conv2d::new(conv2d(cin, cout, k, cfg, vb)?))
+}
+
+/// SiLU, timed as `activation`.
+pub(crate) fn silu(xs: &Tensor) -> CResult<Tensor> {
+    scope("activation", || candle_nn::ops::silu(xs))
+}
+
+/// A linear layer, timed as `linear`.
+fn lin(l: &Linear, xs: &Tensor) -> CResult<Tensor> {
+    scope("linear", || l.forward(xs))
+}
+
+/// Element-wise arithmetic (residual adds, scaling), timed as `elementwise`.
+pub(crate) fn ew<T>(f: impl FnOnce() -> CResult<T>) -> CResult<T> {
+    scope("elementwise", f)
+}
+
+/// Layout changes (contiguous copies, concatenation, padding, upsampling), timed as `copies`.
+pub(crate) fn copy<T>(f: impl FnOnce() -> CResult<T>) -> CResult<T> {
+    scope("copies", f)
+}
 
 fn conv3(
     vb: VarBuilder,
@@ -21,7 +85,7 @@ fn conv3(
     stride: usize,
     padding: usize,
 ) -> CResult<Conv2d> {
-    conv2d(
+    fast_conv2d(
         cin,
         cout,
         3,
@@ -35,7 +99,7 @@ fn conv3(
 }
 
 fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> CResult<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb)
+    fast_conv2d(cin, cout, 1, Default::default(), vb)
 }
 
 /// diffusers' `get_timestep_embedding` (sinusoidal) followed by `TimestepEmbedding` (linear, SiLU, linear).
@@ -95,8 +159,8 @@ impl TimeEmbedding {
         let emb = Tensor::from_vec(emb, (1, n), device)?
             .to_dtype(vb_dtype)?
             .repeat((batch, 1))?;
-        let h = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
-        self.linear_2.forward(&h)
+        let h = silu(&lin(&self.linear_1, &emb)?)?;
+        lin(&self.linear_2, &h)
     }
 }
 
@@ -157,28 +221,24 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = conv(&self.conv1, &gn_silu(&self.norm1, xs)?)?;
         let h = match &self.time_emb_proj {
             Some(p) => {
-                let t = p.forward(&candle_nn::ops::silu(temb)?)?;
-                h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
+                let t = lin(p, &silu(temb)?)?;
+                ew(|| h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?))?
             }
             None => h,
         };
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = conv(&self.conv2, &gn_silu(&self.norm2, &h)?)?;
         let skip = match &self.shortcut {
-            Some(c) => c.forward(xs)?,
+            Some(c) => conv(c, xs)?,
             None => xs.clone(),
         };
-        let out = (skip + h)?;
+        let out = ew(|| skip + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
-            out / self.output_scale_factor
+            ew(|| out / self.output_scale_factor)
         }
     }
 }
@@ -215,29 +275,13 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> CResult<Tensor> {
         let ctx = ctx.unwrap_or(xs);
-        let (b, n, _) = xs.dims3()?;
-        let m = ctx.dim(1)?;
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
-        let inner = q.dim(D::Minus1)?;
-        let hd = inner / self.heads;
-        let split = |t: Tensor, len: usize| -> CResult<Tensor> {
-            t.reshape((b, len, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(q, n)?;
-        let k = split(k, m)?;
-        let v = split(v, m)?;
-        let in_dtype = q.dtype();
-        let att = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * self.scale)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(in_dtype)?;
-        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
-        self.to_out.forward(&o)
+        let q = lin(&self.to_q, xs)?;
+        let k = lin(&self.to_k, ctx)?;
+        let v = lin(&self.to_v, ctx)?;
+        let o = scope("attention", || {
+            crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale)
+        })?;
+        lin(&self.to_out, &o)
     }
 }
 
@@ -273,13 +317,18 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))? + xs)?;
-        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let ln = |n: &LayerNorm, x: &Tensor| scope("layer_norm", || n.forward(x));
+        let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
+        let xs = ew(|| a + xs)?;
+        let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
+        let xs = ew(|| a + xs)?;
+        let h = lin(&self.ff_in, &ln(&self.norm3, &xs)?)?;
         let half = h.dim(D::Minus1)? / 2;
-        let geglu =
-            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-        self.ff_out.forward(&geglu)? + xs
+        let geglu = scope("activation", || {
+            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
+        })?;
+        let o = lin(&self.ff_out, &geglu)?;
+        ew(|| o + xs)
     }
 }
 
@@ -345,29 +394,29 @@ impl SpatialTransformer {
         let (b, _, h, w) = xs.dims4()?;
         let to_seq = |t: Tensor| -> CResult<Tensor> {
             let c = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+            copy(|| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)))
         };
-        let normed = self.norm.forward(xs)?;
+        let normed = gn(&self.norm, xs)?;
         let mut hs = match &self.proj_in {
-            Proj::Conv(c) => to_seq(c.forward(&normed)?)?,
-            Proj::Linear(l) => l.forward(&to_seq(normed)?)?,
+            Proj::Conv(c) => to_seq(conv(c, &normed)?)?,
+            Proj::Linear(l) => lin(l, &to_seq(normed)?)?,
         };
         for blk in &self.blocks {
             hs = blk.forward(&hs, ctx)?;
         }
         let inner = hs.dim(D::Minus1)?;
         let to_img = |t: Tensor, c: usize| -> CResult<Tensor> {
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            copy(|| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous())
         };
         let out = match &self.proj_out {
-            Proj::Conv(c) => c.forward(&to_img(hs, inner)?)?,
+            Proj::Conv(c) => conv(c, &to_img(hs, inner)?)?,
             Proj::Linear(l) => {
-                let o = l.forward(&hs)?;
+                let o = lin(l, &hs)?;
                 let c = o.dim(D::Minus1)?;
                 to_img(o, c)?
             }
         };
-        out + xs
+        ew(|| out + xs)
     }
 }
 
@@ -450,12 +499,14 @@ impl DownBlock {
         }
         if let Some((conv, pad)) = &self.downsample {
             let input = if *pad == 0 {
-                xs.pad_with_zeros(D::Minus1, 0, 1)?
-                    .pad_with_zeros(D::Minus2, 0, 1)?
+                copy(|| {
+                    xs.pad_with_zeros(D::Minus1, 0, 1)?
+                        .pad_with_zeros(D::Minus2, 0, 1)
+                })?
             } else {
                 xs
             };
-            xs = conv.forward(&input)?;
+            xs = self::conv(conv, &input)?;
             states.push(xs.clone());
         }
         Ok(xs)
@@ -566,7 +617,8 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .expect("the UNet supplies one skip connection per resnet");
-            xs = r.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
+            let cat = copy(|| Tensor::cat(&[&xs, &skip], 1))?;
+            xs = r.forward(&cat, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 xs = a.forward(&xs, ctx)?;
             }
@@ -574,7 +626,8 @@ impl UpBlock {
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;
             let (nh, nw) = size.unwrap_or((2 * h, 2 * w));
-            xs = conv.forward(&xs.upsample_nearest2d(nh, nw)?)?;
+            let up = copy(|| xs.upsample_nearest2d(nh, nw))?;
+            xs = self::conv(conv, &up)?;
         }
         Ok(xs)
     }

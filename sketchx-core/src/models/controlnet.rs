@@ -4,12 +4,14 @@
 //! candle has no ControlNet, so it is assembled here from the UNet's encoder ([`super::blocks`]). Variable paths equal
 //! the checkpoint keys (`controlnet_cond_embedding.blocks.N`, `controlnet_down_blocks.N`, `controlnet_mid_block`).
 
-use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Tensor, D};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
+use super::blocks::{conv, ew, fast_conv2d as conv2d, silu};
 use super::unet::{parse_unet_shape, ConfigMap, Encoder};
 use crate::error::{Error, Result};
+use crate::ops::conv::FastConv2d as Conv2d;
 
 /// The sketch encoder: a small strided CNN mapping the control image to the first block's feature map.
 struct ConditioningEmbedding {
@@ -51,11 +53,11 @@ impl ConditioningEmbedding {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = candle_nn::ops::silu(&self.conv_in.forward(xs)?)?;
+        let mut xs = silu(&conv(&self.conv_in, xs)?)?;
         for b in &self.blocks {
-            xs = candle_nn::ops::silu(&b.forward(&xs)?)?;
+            xs = silu(&conv(b, &xs)?)?;
         }
-        self.conv_out.forward(&xs)
+        conv(&self.conv_out, &xs)
     }
 }
 
@@ -179,7 +181,9 @@ impl ControlNet {
             cond.clone()
         };
         let temb = self.encoder.time_embedding(timestep, sample)?;
-        let xs = (self.encoder.conv_in(sample)? + self.cond_embedding.forward(&cond)?)?;
+        let a = self.encoder.conv_in(sample)?;
+        let c = self.cond_embedding.forward(&cond)?;
+        let xs = ew(|| a + c)?;
         let (xs, res) = self.encoder.down(xs, &temb, encoder_hidden_states)?;
         let xs = self.encoder.mid(&xs, &temb, encoder_hidden_states)?;
         let n = res.len();
@@ -196,9 +200,11 @@ impl ControlNet {
         };
         let mut down = Vec::with_capacity(n);
         for (i, (r, conv)) in res.iter().zip(&self.zero_convs).enumerate() {
-            down.push((conv.forward(r)? * scales[i])?);
+            let o = super::blocks::conv(conv, r)?;
+            down.push(ew(|| o * scales[i])?);
         }
-        let mut mid = (self.mid_zero_conv.forward(&xs)? * scales[n])?;
+        let o = conv(&self.mid_zero_conv, &xs)?;
+        let mut mid = ew(|| o * scales[n])?;
         if self.global_pool_conditions {
             for d in down.iter_mut() {
                 *d = d.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;

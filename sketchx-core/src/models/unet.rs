@@ -4,13 +4,18 @@
 //! size comes from the file, and options that would change results but are not implemented are refused with
 //! [`Error::UnsupportedModel`] instead of being ignored.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::{Map, Value};
 
-use super::blocks::{BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock};
+use super::blocks::{
+    conv, ew, fast_conv2d as conv2d, gn_silu, group_norm, BlockParams, BlockSpec, DownBlock,
+    MidBlock, TimeEmbedding, UpBlock,
+};
 
 use crate::error::{Error, Result};
+use crate::ops::conv::FastConv2d as Conv2d;
+use crate::ops::norm::FastGroupNorm as GroupNorm;
 
 /// A parsed `config.json`, with typed getters whose errors name the file and the key.
 pub struct ConfigMap<'a> {
@@ -356,9 +361,9 @@ impl Encoder {
     /// `conv_in` of the (optionally centred) latents.
     pub fn conv_in(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.center_input_sample {
-            self.conv_in.forward(&((xs * 2.0)? - 1.0)?)
+            conv(&self.conv_in, &((xs * 2.0)? - 1.0)?)
         } else {
-            self.conv_in.forward(xs)
+            conv(&self.conv_in, xs)
         }
     }
 
@@ -483,12 +488,12 @@ impl UNet {
                 )));
             }
             for (s, e) in skips.iter_mut().zip(extra) {
-                *s = (&*s + e)?;
+                *s = ew(|| &*s + e)?;
             }
         }
         let mut x = self.encoder.mid(&x, &temb, ctx)?;
         if let Some(m) = mid {
-            x = (x + m)?;
+            x = ew(|| x + m)?;
         }
         let factor = 1usize << (self.up.len() - 1);
         let force_size = h % factor != 0 || w % factor != 0;
@@ -503,7 +508,7 @@ impl UNet {
             };
             x = blk.forward(&x, &mut skips, &temb, ctx, size)?;
         }
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
-        Ok(self.conv_out.forward(&x)?)
+        let x = gn_silu(&self.conv_norm_out, &x)?;
+        Ok(conv(&self.conv_out, &x)?)
     }
 }

@@ -1,0 +1,173 @@
+//! sketchx's side of the side-by-side CPU benchmark (`tools/bench_side_by_side.py` runs it next to diffusers).
+//!
+//! `cargo bench --bench speed -- --model DIR --controlnet DIR [options]` loads the models and times, each
+//! `--runs` times after one warm-up: `load` (Engine::load), `text` (tokenizer + text encoder, no cache),
+//! `step` (ControlNet + UNet at batch 2, i.e. classifier-free guidance, on `--step-size` pixels), `vae` (decode
+//! of one `--vae-size` image) and `job` (a whole `Engine::generate` at `--job-size` with `--job-steps` steps).
+//! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's time goes per operation
+//! kind; `--dtype f32|bf16`. The last stdout line is a JSON object: seconds per run for each piece, the profile,
+//! and the peak resident memory (VmHWM).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use sketchx::engine::{Engine, EngineConfig};
+use sketchx::ops::profile;
+use sketchx::request::GenerationRequest;
+use sketchx::sketch::Sketch;
+
+fn vm_kib(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed().as_secs_f64(), out)
+}
+
+fn main() {
+    let mut opts: BTreeMap<String, String> = BTreeMap::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if let Some(k) = a.strip_prefix("--") {
+            if k == "profile" || k == "bench" {
+                opts.insert(k.into(), "1".into());
+            } else {
+                opts.insert(k.into(), args.next().expect("option value"));
+            }
+        }
+    }
+    let get = |k: &str, d: &str| opts.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let model = get("model", "target/full-size/sd15");
+    let cn = get("controlnet", "target/full-size/controlnet");
+    let runs: usize = get("runs", "3").parse().unwrap();
+    let step_size: usize = get("step-size", "256").parse().unwrap();
+    let vae_size: usize = get("vae-size", "512").parse().unwrap();
+    let job_size: u32 = get("job-size", "512").parse().unwrap();
+    let job_steps: u32 = get("job-steps", "2").parse().unwrap();
+    let pieces = get("pieces", "load,text,step,vae,job");
+    let pieces: Vec<&str> = pieces.split(',').collect();
+    let dtype = match get("dtype", "f32").as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => panic!("unknown dtype {other}"),
+    };
+    let want_profile = opts.contains_key("profile");
+
+    let mut config = EngineConfig::new(&model, &cn).expect("config");
+    config.dtype = dtype;
+    let mut out = serde_json::Map::new();
+    let mut record = |name: &str, v: Vec<f64>| {
+        eprintln!("sketchx {name}: {v:?}");
+        out.insert(name.to_string(), json!(v));
+    };
+
+    let (t_load, mut engine) = time(|| Engine::load(&config).expect("load"));
+    let rss_loaded = vm_kib("VmRSS:");
+    if pieces.contains(&"load") {
+        let mut v = vec![t_load];
+        for _ in 1..runs {
+            drop(engine);
+            let (t, e) = time(|| Engine::load(&config).expect("load"));
+            engine = e;
+            v.push(t);
+        }
+        record("load", v);
+    }
+    let dev = Device::Cpu;
+
+    if pieces.contains(&"text") {
+        let text = "a red sports car on a mountain road, highly detailed";
+        let run = || {
+            let ids = engine.tokenizer().encode_padded(text);
+            let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &dev).unwrap();
+            engine.text_encoder().forward(&ids).unwrap()
+        };
+        run();
+        record("text", (0..runs).map(|_| time(run).0).collect());
+    }
+
+    let mut prof = Value::Null;
+    if pieces.contains(&"step") {
+        let l = step_size / 8;
+        let hidden = engine.unet().cross_attention_dim;
+        let lat = Tensor::randn(0f32, 1., (2, 4, l, l), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let ctx = Tensor::randn(0f32, 1., (2, 77, hidden), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let cond = Tensor::rand(0f32, 1., (2, 3, step_size, step_size), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = || {
+            let r = engine
+                .controlnet()
+                .forward(&lat, 500.0, &ctx, &cond, 1.0, false)
+                .unwrap();
+            engine
+                .unet()
+                .forward(&lat, 500.0, &ctx, Some(&r.down), Some(&r.mid))
+                .unwrap()
+        };
+        run();
+        profile::enable(want_profile);
+        record("step", (0..runs).map(|_| time(run).0).collect());
+        profile::enable(false);
+        if want_profile {
+            let mut m = serde_json::Map::new();
+            for (k, secs, calls) in profile::take() {
+                m.insert(k.into(), json!({"seconds_per_step": secs / runs as f64, "calls_per_step": calls / runs as u64}));
+            }
+            prof = Value::Object(m);
+        }
+    }
+
+    if pieces.contains(&"vae") {
+        let l = vae_size / 8;
+        let lat = Tensor::randn(0f32, 1., (1, 4, l, l), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = || engine.vae().decode(&lat).unwrap();
+        run();
+        record("vae", (0..runs).map(|_| time(run).0).collect());
+    }
+
+    if pieces.contains(&"job") {
+        let sketch = Sketch::open("examples/sketches/car.png".as_ref()).expect("sketch");
+        let req = GenerationRequest {
+            prompt: Some("a red sports car".into()),
+            seed: Some(42),
+            steps: job_steps,
+            width: Some(job_size),
+            height: Some(job_size),
+            ..Default::default()
+        };
+        let run = || engine.generate(&req, &sketch, &mut |_| true).unwrap();
+        run();
+        record("job", (0..runs).map(|_| time(run).0).collect());
+    }
+
+    out.insert("profile".into(), prof);
+    out.insert(
+        "rss_after_load_mib".into(),
+        json!(rss_loaded as f64 / 1024.0),
+    );
+    out.insert(
+        "peak_rss_mib".into(),
+        json!(vm_kib("VmHWM:") as f64 / 1024.0),
+    );
+    println!("{}", Value::Object(out));
+}

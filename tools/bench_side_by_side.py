@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Side-by-side CPU benchmark: sketchx (candle) against diffusers (PyTorch) on the same weights, same machine.
+
+One run times, for each side in its own process (so that peak memory is each side's own):
+  load  - loading text encoder, UNet, VAE and ControlNet (weights from the same diffusers-layout directories)
+  text  - tokenizer + CLIP text encoder for one prompt (sketchx's prompt cache bypassed)
+  step  - ControlNet + UNet at batch 2 (classifier-free guidance) at --step-size pixels (latents / 8)
+  vae   - VAE decode of one --vae-size image
+  job   - a whole generation at --job-size with --job-steps steps (Euler ancestral, guidance 7.5, 1 image)
+and prints min / median / max seconds per side and the ratio sketchx/diffusers of the medians (< 1: sketchx
+faster), plus peak RSS (VmHWM / ru_maxrss) of each worker. --rounds alternates the two sides to spread noise.
+
+  /root/fixvenv/bin/python tools/bench_side_by_side.py --model target/full-size/sd15 \
+      --controlnet target/full-size/controlnet --runs 3 --rounds 1 [--dtype f32|bf16]
+
+The sketchx worker is `cargo bench --bench speed` (built in release first). Random full-size weights come from
+tools/make_full_size.py.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PIECES = ["load", "text", "step", "vae", "job"]
+
+
+def diffusers_worker(a):
+    import numpy as np
+    import torch
+    from diffusers import (ControlNetModel, EulerAncestralDiscreteScheduler,
+                           StableDiffusionControlNetPipeline)
+    from PIL import Image
+
+    torch.set_num_threads(os.cpu_count())
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    pieces = a.pieces.split(",")
+    out = {}
+
+    def load():
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+        sub = lambda s: os.path.join(a.model, s)
+        p = StableDiffusionControlNetPipeline(
+            vae=AutoencoderKL.from_pretrained(sub("vae"), torch_dtype=dtype),
+            text_encoder=CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype),
+            tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+            unet=UNet2DConditionModel.from_pretrained(sub("unet"), torch_dtype=dtype),
+            controlnet=ControlNetModel.from_pretrained(a.controlnet, torch_dtype=dtype),
+            scheduler=EulerAncestralDiscreteScheduler.from_pretrained(sub("scheduler")),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    def timed(f):
+        t = time.perf_counter()
+        r = f()
+        return time.perf_counter() - t, r
+
+    t, pipe = timed(load)
+    rss_loaded = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+    if "load" in pieces:
+        v = [t]
+        for _ in range(1, a.runs):
+            del pipe
+            t, pipe = timed(load)
+            v.append(t)
+        out["load"] = v
+
+    def repeat(name, f):
+        f()
+        out[name] = [timed(f)[0] for _ in range(a.runs)]
+        print(f"diffusers {name}: {out[name]}", file=sys.stderr)
+
+    with torch.inference_mode():
+        if "text" in pieces:
+            text = "a red sports car on a mountain road, highly detailed"
+
+            def enc():
+                ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids
+                return pipe.text_encoder(ids)[0]
+            repeat("text", enc)
+        if "step" in pieces:
+            g = torch.Generator().manual_seed(0)
+            l = a.step_size // 8
+            lat = torch.randn(2, 4, l, l, generator=g).to(dtype)
+            ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).to(dtype)
+            cond = torch.rand(2, 3, a.step_size, a.step_size, generator=g).to(dtype)
+
+            def step():
+                d, m = pipe.controlnet(lat, 500, encoder_hidden_states=ctx, controlnet_cond=cond,
+                                       conditioning_scale=1.0, return_dict=False)
+                return pipe.unet(lat, 500, encoder_hidden_states=ctx, down_block_additional_residuals=d,
+                                 mid_block_additional_residual=m, return_dict=False)[0]
+            repeat("step", step)
+        if "vae" in pieces:
+            l = a.vae_size // 8
+            lat = torch.randn(1, 4, l, l, generator=torch.Generator().manual_seed(0)).to(dtype)
+            repeat("vae", lambda: pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0])
+        if "job" in pieces:
+            sk = Image.open(os.path.join(a.repo, "examples/sketches/car.png")).convert("RGB")
+            sk = sk.resize((a.job_size, a.job_size), Image.LANCZOS)
+
+            def job():
+                return pipe("a red sports car", image=sk, num_inference_steps=a.job_steps, guidance_scale=7.5,
+                            negative_prompt="lowres, bad anatomy, bad hands, cropped, worst quality",
+                            height=a.job_size, width=a.job_size,
+                            generator=torch.Generator().manual_seed(42)).images
+            repeat("job", job)
+    out["rss_after_load_mib"] = rss_loaded
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def run_worker(cmd, env=None):
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"worker failed ({p.returncode}): {' '.join(cmd)}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="target/full-size/sd15")
+    ap.add_argument("--controlnet", default="target/full-size/controlnet")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--step-size", type=int, default=256)
+    ap.add_argument("--vae-size", type=int, default=512)
+    ap.add_argument("--job-size", type=int, default=512)
+    ap.add_argument("--job-steps", type=int, default=2)
+    ap.add_argument("--pieces", default=",".join(PIECES))
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--profile", action="store_true", help="also print sketchx's per-op-kind step profile")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time sketchx with its kernels off (SKETCHX_PLAIN_CANDLE=1): the 'before' column")
+    ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--sketchx-bin", help="run this already built speed bench binary instead of `cargo bench`")
+    ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return diffusers_worker(a)
+
+    common = ["--model", a.model, "--controlnet", a.controlnet, "--runs", str(a.runs), "--step-size",
+              str(a.step_size), "--vae-size", str(a.vae_size), "--job-size", str(a.job_size), "--job-steps",
+              str(a.job_steps), "--pieces", a.pieces, "--dtype", a.dtype]
+    if a.sketchx_bin:
+        sx_cmd = [a.sketchx_bin]
+    else:
+        subprocess.run(["cargo", "build", "--release", "--bench", "speed", "-q"], check=True, cwd=a.repo)
+        sx_cmd = ["cargo", "bench", "-q", "--bench", "speed", "--"]
+    sx_cmd += common + (["--profile"] if a.profile else [])
+    df_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "diffusers"] + common
+    res = {"sketchx": [], "diffusers": [], "plain": []}
+    for r in range(a.rounds):
+        if a.baseline:
+            print(f"round {r + 1}/{a.rounds}: sketchx on plain candle", file=sys.stderr)
+            res["plain"].append(run_worker(sx_cmd, env=dict(os.environ, SKETCHX_PLAIN_CANDLE="1")))
+        print(f"round {r + 1}/{a.rounds}: sketchx", file=sys.stderr)
+        res["sketchx"].append(run_worker(sx_cmd))
+        print(f"round {r + 1}/{a.rounds}: diffusers", file=sys.stderr)
+        res["diffusers"].append(run_worker(df_cmd))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+    def stats(side, piece):
+        v = [x for r in res[side] for x in r.get(piece, [])]
+        return (min(v), statistics.median(v), max(v)) if v else None
+
+    print(f"\nCPU, {os.cpu_count()} threads, dtype {a.dtype}; step at {a.step_size}px (batch 2), VAE at "
+          f"{a.vae_size}px, job {a.job_size}px x {a.job_steps} steps; {a.runs * a.rounds} runs per piece\n")
+    sides = [("sketchx", "sketchx")] + ([("plain", "sketchx on plain candle (before)")] if a.baseline else [])
+    for side, label in sides:
+        print(f"\n{label} vs diffusers:\n")
+        print("| piece | sketchx s (min / median / max) | diffusers s (min / median / max) | ratio sketchx/diffusers "
+              "(median; min/min) |")
+        print("|---|---|---|---|")
+        for p in a.pieces.split(","):
+            s, d = stats(side, p), stats("diffusers", p)
+            if not s or not d:
+                continue
+            fmt = lambda t: " / ".join(f"{x:.3f}" for x in t)
+            print(f"| {p} | {fmt(s)} | {fmt(d)} | {s[1] / d[1]:.2f}x; {s[0] / d[0]:.2f}x |")
+        for key in ["rss_after_load_mib", "peak_rss_mib"]:
+            s = max(r[key] for r in res[side])
+            d = max(r[key] for r in res["diffusers"])
+            print(f"| {key} | {s:.0f} MiB | {d:.0f} MiB | {s / d:.2f}x |")
+    if a.profile:
+        for side, label in sides:
+            prof = res[side][-1].get("profile") or {}
+            total = sum(v["seconds_per_step"] for v in prof.values())
+            print(f"\n{label} step profile (seconds per step, share; total {total:.2f} s):")
+            for k, v in sorted(prof.items(), key=lambda kv: -kv[1]["seconds_per_step"]):
+                print(f"  {k:12s} {v['seconds_per_step']:8.3f} s  {100 * v['seconds_per_step'] / total:5.1f}%  "
+                      f"({v['calls_per_step']} calls)")
+
+
+if __name__ == "__main__":
+    main()
