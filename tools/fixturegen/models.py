@@ -32,19 +32,8 @@ sys.path.insert(0, str(HERE))
 # The old service's fixed negative prompt (sketchx's default).
 DEFAULT_NEGATIVE = "lowres, bad anatomy, bad hands, cropped, worst quality"
 
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+# The scheduler config of stable-diffusion-v1-5 (one definition, shared with the scheduler references).
+from sampling import SD15_CONFIG as SD15_SCHEDULER_CONFIG  # noqa: E402
 
 
 def unet_kwargs():
