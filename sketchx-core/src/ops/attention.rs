@@ -198,14 +198,7 @@ mod tests {
             let scale = (d as f64).powf(-0.5);
             let want = reference(&q, &k, &v, heads, scale).unwrap();
             let got = attention(&q, &k, &v, heads, scale).unwrap();
-            let diff = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::ops::max_abs_diff(&want, &got);
             assert!(
                 diff < 1e-5,
                 "n {n} m {m} heads {heads} d {d}: max diff {diff}"

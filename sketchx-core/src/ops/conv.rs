@@ -237,14 +237,7 @@ mod tests {
         let want = conv.forward(&xs).unwrap();
         let got = FastConv2d::new(conv).forward(&xs).unwrap();
         assert_eq!(want.dims(), got.dims());
-        let diff = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::ops::max_abs_diff(&want, &got);
         assert!(
             diff < 1e-4,
             "cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"

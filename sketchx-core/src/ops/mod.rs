@@ -21,3 +21,16 @@ pub mod conv;
 pub mod norm;
 pub mod profile;
 pub(crate) mod simd;
+
+/// Largest absolute element-wise difference of two tensors (the kernels' unit tests compare against candle).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

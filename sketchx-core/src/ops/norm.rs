@@ -164,14 +164,7 @@ mod tests {
             let xs = (Tensor::randn(0f32, 2., (2, c, h, w), &dev).unwrap() + 3.0).unwrap();
             let want = gn.reference(&xs, silu).unwrap();
             let got = gn.forward(&xs, silu).unwrap();
-            let diff = (want - got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::ops::max_abs_diff(&want, &got);
             assert!(
                 diff < 1e-5,
                 "groups {groups} c {c} {h}x{w} silu {silu}: max diff {diff}"
