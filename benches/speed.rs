@@ -83,6 +83,7 @@ fn main() {
         record("load", v);
     }
     let dev = Device::Cpu;
+    let dtype = engine.activation_dtype();
 
     if pieces.contains(&"text") {
         let text = "a red sports car on a mountain road, highly detailed";

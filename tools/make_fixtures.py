@@ -16,10 +16,11 @@ import models  # noqa: E402
 import sampling  # noqa: E402
 import sketch  # noqa: E402
 import tokenizer  # noqa: E402
+import bf16  # noqa: E402  (after models: it reads the f32 references)
 
 
 def main(out: str) -> None:
-    for module in (tokenizer, sampling, sketch, models):
+    for module in (tokenizer, sampling, sketch, models, bf16):
         print(f"== {module.__name__}", flush=True)
         module.generate(out)
 

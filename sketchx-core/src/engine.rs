@@ -40,7 +40,9 @@ pub struct EngineConfig {
     pub controlnet: ModelSource,
     /// Where the networks run.
     pub device: Device,
-    /// Weights and activations type: F32 (reference precision), or F16/BF16 on GPUs.
+    /// Precision. F32: the reference. BF16 on the CPU: matrix products (convolutions, linear layers) take bf16
+    /// weights and bf16-rounded inputs and accumulate in f32, everything else stays f32 (fast with AVX-512 BF16).
+    /// F16/BF16 on GPUs: weights and activations in that type.
     pub dtype: DType,
     /// A weights variant to prefer, e.g. `fp16` for `*.fp16.safetensors`; the plain files are used otherwise.
     pub variant: Option<String>,
@@ -120,6 +122,16 @@ pub fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("the operating system's random source is unavailable");
     u64::from_le_bytes(b) >> (64 - RANDOM_SEED_BITS)
+}
+
+/// The type of the activations for a model loaded in `dtype` on `device`: f32 in the CPU bf16 mode (see
+/// [`EngineConfig::dtype`]), `dtype` otherwise.
+pub fn activation_dtype(device: &Device, dtype: DType) -> DType {
+    if device.is_cpu() && dtype == DType::BF16 {
+        DType::F32
+    } else {
+        dtype
+    }
 }
 
 /// The loaded networks and what is needed to run them.
@@ -224,7 +236,7 @@ impl Engine {
             vae,
             scheduler_config,
             device: config.device.clone(),
-            dtype: config.dtype,
+            dtype: activation_dtype(&config.device, config.dtype),
             prompt_cache: Mutex::new(VecDeque::new()),
         })
     }
@@ -232,6 +244,11 @@ impl Engine {
     /// The device the networks run on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The type the networks take and return (f32 in the CPU bf16 mode, see [`EngineConfig::dtype`]).
+    pub fn activation_dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Image pixels per latent pixel (8 for SD1.5).

@@ -309,54 +309,66 @@ def make_scheduler(name, config):
     return cls.from_config(config)
 
 
-def e2e_references(out: Path):
+def e2e_pipeline(out: Path, model: str, controlnet: str, dtype=torch.float32):
+    """diffusers' ControlNet pipeline for a pair of fixture models, and its scheduler config."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
+    cn = ControlNetModel.from_pretrained(out / controlnet, torch_dtype=dtype)
+    p = StableDiffusionControlNetPipeline.from_pretrained(
+        out / model, controlnet=cn, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, torch_dtype=dtype,
+    )
+    p.set_progress_bar_config(disable=True)
+    return p, dict(p.scheduler.config)
+
+
+def e2e_case(case: dict) -> dict:
+    """A case of E2E_CASES with every default filled in."""
+    c = dict(case)
+    c.setdefault("negative_prompt", DEFAULT_NEGATIVE)
+    c.setdefault("scheduler", "euler_a")
+    c.setdefault("control_guidance_start", 0.0)
+    c.setdefault("control_guidance_end", 1.0)
+    c.setdefault("model", "tiny-sd")
+    c.setdefault("controlnet", "tiny-controlnet")
+    return c
+
+
+def e2e_run(pipe, base_sched, c: dict, image):
+    """Runs one case through diffusers; returns the images as uint8 arrays (H, W, 3)."""
+    pipe.scheduler = make_scheduler(c["scheduler"], base_sched)
+    result = pipe(
+        prompt=c["prompt"],
+        negative_prompt=c["negative_prompt"] or None,
+        image=image,
+        width=c["width"],
+        height=c["height"],
+        num_inference_steps=c["steps"],
+        guidance_scale=c["guidance_scale"],
+        num_images_per_prompt=c["num_images"],
+        generator=torch.Generator("cpu").manual_seed(c["seed"]),
+        controlnet_conditioning_scale=1.65 - c["temperature"],
+        guess_mode=c["prompt"] == "",
+        control_guidance_start=c["control_guidance_start"],
+        control_guidance_end=c["control_guidance_end"],
+        output_type="np",
+    )
+    return (result.images.astype("float32") * 255).round().astype("uint8")
+
+
+def e2e_references(out: Path):
     pipes = {}
-
-    def pipeline(model, controlnet):
-        if (model, controlnet) not in pipes:
-            cn = ControlNetModel.from_pretrained(out / controlnet)
-            p = StableDiffusionControlNetPipeline.from_pretrained(
-                out / model, controlnet=cn, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            p.set_progress_bar_config(disable=True)
-            pipes[(model, controlnet)] = (p, dict(p.scheduler.config))
-        return pipes[(model, controlnet)]
-
     e2e = out / "reference" / "e2e"
     e2e.mkdir(parents=True, exist_ok=True)
     cases = []
     for case in E2E_CASES:
-        c = dict(case)
-        c.setdefault("negative_prompt", DEFAULT_NEGATIVE)
-        c.setdefault("scheduler", "euler_a")
-        c.setdefault("control_guidance_start", 0.0)
-        c.setdefault("control_guidance_end", 1.0)
-        c.setdefault("model", "tiny-sd")
-        c.setdefault("controlnet", "tiny-controlnet")
-        pipe, base_sched = pipeline(c["model"], c["controlnet"])
-        pipe.scheduler = make_scheduler(c["scheduler"], base_sched)
+        c = e2e_case(case)
+        key = (c["model"], c["controlnet"])
+        if key not in pipes:
+            pipes[key] = e2e_pipeline(out, *key)
         image = control_image(out / "sketches" / c["sketch"], c["width"], c["height"])
         image.save(e2e / f"{c['name']}.control.png")
-        result = pipe(
-            prompt=c["prompt"],
-            negative_prompt=c["negative_prompt"] or None,
-            image=image,
-            width=c["width"],
-            height=c["height"],
-            num_inference_steps=c["steps"],
-            guidance_scale=c["guidance_scale"],
-            num_images_per_prompt=c["num_images"],
-            generator=torch.Generator("cpu").manual_seed(c["seed"]),
-            controlnet_conditioning_scale=1.65 - c["temperature"],
-            guess_mode=c["prompt"] == "",
-            control_guidance_start=c["control_guidance_start"],
-            control_guidance_end=c["control_guidance_end"],
-            output_type="np",
-        )
-        imgs = (result.images * 255).round().astype("uint8")
+        imgs = e2e_run(*pipes[key], c, image)
         c["images"] = []
         for i, arr in enumerate(imgs):
             name = f"{c['name']}_{i}.png"

@@ -7,11 +7,10 @@
 //! every width, group count and epsilon comes from the model's `config.json`. Variable paths equal checkpoint keys.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{
-    conv2d, layer_norm, linear, linear_no_bias, Conv2dConfig, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::ops::conv::FastConv2d as Conv2d;
+use crate::ops::linear::FastLinear as Linear;
 use crate::ops::norm::FastGroupNorm as GroupNorm;
 use crate::ops::profile::scope;
 
@@ -55,7 +54,13 @@ pub(crate) fn fast_conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> CResult<Conv2d> {
-    Ok(Conv2d::new(conv2d(cin, cout, k, cfg, vb)?))
+    let bf16 = crate::ops::linear::cpu_bf16(&vb);
+    let c = Conv2d::new(conv2d(cin, cout, k, cfg, vb)?);
+    if bf16 {
+        c.into_cpu_bf16()
+    } else {
+        Ok(c)
+    }
 }
 
 /// SiLU, timed as `activation`.
@@ -63,8 +68,18 @@ pub(crate) fn silu(xs: &Tensor) -> CResult<Tensor> {
     scope("activation", || candle_nn::ops::silu(xs))
 }
 
+/// A linear layer with a bias (bf16 product in the CPU bf16 mode).
+pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> CResult<Linear> {
+    Linear::load(in_dim, out_dim, true, vb)
+}
+
+/// A linear layer without a bias.
+fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> CResult<Linear> {
+    Linear::load(in_dim, out_dim, false, vb)
+}
+
 /// A linear layer, timed as `linear`.
-fn lin(l: &Linear, xs: &Tensor) -> CResult<Tensor> {
+pub(crate) fn lin(l: &Linear, xs: &Tensor) -> CResult<Tensor> {
     scope("linear", || l.forward(xs))
 }
 
@@ -152,7 +167,7 @@ impl TimeEmbedding {
         } else {
             sin.chain(cos).collect()
         };
-        if emb.len() < self.linear_1.weight().dim(1)? {
+        if emb.len() < self.linear_1.in_dim()? {
             emb.push(0.0); // odd channel count: zero padding, as diffusers does
         }
         let n = emb.len();

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
@@ -282,8 +284,27 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// Opens a weights file (memory-mapped safetensors, or a pickled PyTorch `.bin`) as a [`VarBuilder`] whose tensors
 /// are converted to `dtype` on `device` as they are read.
+///
+/// bf16 on the CPU is the exception: the builder says bf16 but hands out f32 tensors. The layers with matrix
+/// products (convolutions, linear layers) see the bf16 builder and keep their weights in bf16 for the crate's bf16
+/// kernels ([`crate::ops::bf16`]); every other parameter (norms, biases, embeddings) and every activation stays f32,
+/// because candle's CPU bf16 operations are slow or missing.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let is_bin = path.extension().is_some_and(|e| e == "bin");
+    let malformed = |e| Error::malformed(path.display(), e);
+    if dtype == DType::BF16 && device.is_cpu() {
+        let backend: Box<dyn SimpleBackend> = if is_bin {
+            Box::new(candle_core::pickle::PthTensors::new(path, None).map_err(malformed)?)
+        } else {
+            // SAFETY: as below.
+            Box::new(unsafe { MmapedSafetensors::new(path) }.map_err(malformed)?)
+        };
+        return Ok(VarBuilder::from_backend(
+            Box::new(AsF32(backend)),
+            DType::BF16,
+            device.clone(),
+        ));
+    }
     let vb = if is_bin {
         VarBuilder::from_pth(path, dtype, device)
     } else {
@@ -291,7 +312,36 @@ pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuil
         // the model is loaded (the HF cache and model directories are not rewritten in place).
         unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
     };
-    vb.map_err(|e| Error::malformed(path.display(), e))
+    vb.map_err(malformed)
+}
+
+/// A weights source that reads every tensor as f32, whatever dtype its builder asks for (see [`var_builder`]).
+struct AsF32(Box<dyn SimpleBackend>);
+
+impl SimpleBackend for AsF32 {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        _dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0.get(s, name, h, DType::F32, dev)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0.get_unchecked(name, DType::F32, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
 }
 
 /// Wraps a candle error raised while building a network from `path` into a typed error naming the file.

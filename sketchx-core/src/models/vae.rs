@@ -5,13 +5,16 @@
 //! the decoder's weights are loaded (the encoder is never used).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
-use super::blocks::{conv, fast_conv2d, gn, gn_silu, group_norm, BlockParams, ResnetBlock};
+use super::blocks::{
+    conv, fast_conv2d, gn, gn_silu, group_norm, linear, BlockParams, ResnetBlock,
+};
 use super::unet::ConfigMap;
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d;
+use crate::ops::linear::FastLinear as Linear;
 use crate::ops::norm::FastGroupNorm;
 
 type CResult<T> = candle_core::Result<T>;

@@ -3,11 +3,15 @@
 //! candle 0.11's CPU conv2d re-flattens the kernel on every call, converts the input to NHWC serially and scatters
 //! its im2col tiles; here the kernel is used as stored (`[c_out, c_in * kh * kw]` is already the GEMM's left
 //! matrix), im2col writes whole shifted rows in parallel (`[c_in * kh * kw, h_out * w_out]`, output lands in NCHW
-//! directly), and the bias is the GEMM's initial destination. Other dtypes and devices use candle's conv2d.
+//! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
+//! im2col rows are rounded and packed two at a time for [`super::bf16::gemm`] (the f32 im2col matrix is never
+//! built). Other dtypes and devices use candle's conv2d.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Conv2d;
 use rayon::prelude::*;
+
+use super::bf16::{self, PackedB};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
@@ -28,7 +32,22 @@ impl FastConv2d {
         Self { inner, op }
     }
 
-    /// The kernel `[c_out, c_in, kh, kw]`.
+    /// For the CPU bf16 mode: the kernel rounded to bf16 (the bias stays f32), run by the bf16 GEMM. A convolution
+    /// the kernel cannot run stays as it is.
+    pub fn into_cpu_bf16(self) -> Result<Self> {
+        if self.op.is_none() || !self.inner.weight().device().is_cpu() {
+            return Ok(self);
+        }
+        let cfg = *self.inner.config();
+        let weight = self.inner.weight().to_dtype(DType::BF16)?;
+        let bias = self.inner.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self {
+            inner: Conv2d::new(weight, bias, cfg),
+            op: self.op,
+        })
+    }
+
+    /// The kernel `[c_out, c_in, kh, kw]` (bf16 in the CPU bf16 mode).
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
@@ -46,7 +65,7 @@ impl Module for FastConv2d {
                 if super::kernels_enabled()
                     && xs.device().is_cpu()
                     && xs.dtype() == DType::F32
-                    && self.inner.weight().dtype() == DType::F32 =>
+                    && matches!(self.inner.weight().dtype(), DType::F32 | DType::BF16) =>
             {
                 xs.contiguous()?
                     .apply_op3_no_bwd(self.inner.weight(), bias, op)
@@ -90,7 +109,6 @@ impl CustomOp3 for Conv2dOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "conv input")?;
-        let w = f32_slice(s2, l2, "conv kernel")?;
         let bias = f32_slice(s3, l3, "conv bias")?;
         let (b, cin, h, wd) = l1.shape().dims4()?;
         let (cout, wcin, kh, kw) = l2.shape().dims4()?;
@@ -106,53 +124,98 @@ impl CustomOp3 for Conv2dOp {
         }
         let oh = (h + 2 * p - kh) / s + 1;
         let ow = (wd + 2 * p - kw) / s + 1;
+        let g = Geometry {
+            h,
+            w: wd,
+            kh,
+            kw,
+            s,
+            p,
+            oh,
+            ow,
+        };
         let n = oh * ow;
         let k = cin * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
-        let mut col = if direct {
-            Vec::new()
-        } else {
-            vec![0f32; k * n]
-        };
         let mut out = vec![0f32; b * cout * n];
+        let weight = match (s2, l2.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, e))) => Weight::F32(&v[a..e]),
+            (CpuStorage::BF16(v), Some((a, e))) => Weight::Bf16(bf16_bits(&v[a..e])),
+            _ => candle_core::bail!("conv kernel: expected a contiguous f32 or bf16 tensor"),
+        };
+        let mut col = match weight {
+            Weight::F32(_) if !direct => vec![0f32; k * n],
+            _ => Vec::new(),
+        };
         for bi in 0..b {
             let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
-            let rhs: &[f32] = if direct {
-                xb
-            } else {
-                im2col(xb, &mut col, (cin, h, wd), (kh, kw), (s, p), (oh, ow));
-                &col
-            };
             let ob = &mut out[bi * cout * n..(bi + 1) * cout * n];
             ob.par_chunks_mut(n)
                 .zip(bias.par_iter())
                 .for_each(|(row, &bv)| row.fill(bv));
-            // SAFETY: the slices have the sizes the strides describe: dst [cout, n], lhs [cout, k], rhs [k, n].
-            unsafe {
-                gemm::gemm(
-                    cout,
-                    n,
-                    k,
-                    ob.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    true,
-                    w.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    1,
-                    n as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
+            match weight {
+                Weight::F32(w) => {
+                    let rhs: &[f32] = if direct {
+                        xb
+                    } else {
+                        im2col(xb, &mut col, &g);
+                        &col
+                    };
+                    gemm_f32(cout, n, k, w, rhs, ob);
+                }
+                Weight::Bf16(w) => {
+                    let rhs = if direct {
+                        PackedB::from_rows(k, n, |r, row| row.copy_from_slice(&xb[r * n..(r + 1) * n]))
+                    } else {
+                        PackedB::from_rows(k, n, |r, row| im2col_row(xb, r, row, &g))
+                    };
+                    bf16::gemm(cout, w, k, &rhs, ob, n);
+                }
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// A kernel `[c_out, c_in * kh * kw]` as stored: f32, or bf16 bit patterns for the CPU bf16 mode.
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+/// The bit patterns of bf16 values.
+pub(crate) fn bf16_bits(v: &[half::bf16]) -> &[u16] {
+    // SAFETY: `half::bf16` is `repr(transparent)` over `u16`: same size, alignment and validity.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) }
+}
+
+/// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32, all row-major and contiguous.
+fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
+    // SAFETY: the slices have the sizes the strides describe (checked above): dst [m, n], lhs [m, k], rhs [k, n].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
     }
 }
 
@@ -167,48 +230,68 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
 }
 
 /// Writes the patches of one image `x` `(cin, h, w)` into `col` `[cin * kh * kw, oh * ow]`, zeros for padding.
-fn im2col(
-    x: &[f32],
-    col: &mut [f32],
-    (_, h, w): (usize, usize, usize),
-    (kh, kw): (usize, usize),
-    (s, p): (usize, usize),
-    (oh, ow): (usize, usize),
-) {
-    let n = oh * ow;
-    col.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-        let c = r / (kh * kw);
-        let dy = (r / kw) % kh;
-        let dx = r % kw;
-        let plane = &x[c * h * w..(c + 1) * h * w];
-        // Output columns whose input column ix = ox * s + dx - p lies inside [0, w).
-        let ox_lo = p.saturating_sub(dx).div_ceil(s).min(ow);
-        let ox_hi = if w + p > dx {
-            ((w + p - dx - 1) / s + 1).min(ow)
+fn im2col(x: &[f32], col: &mut [f32], g: &Geometry) {
+    col.par_chunks_mut(g.oh * g.ow)
+        .enumerate()
+        .for_each(|(r, row)| im2col_row(x, r, row, g));
+}
+
+/// The shape of one convolution: input planes, kernel, stride, padding and output size.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// Row `r` of the im2col matrix of `x` (channel `r / (kh kw)`, kernel offset `r % (kh kw)`): `oh * ow` values.
+fn im2col_row(x: &[f32], r: usize, row: &mut [f32], g: &Geometry) {
+    let Geometry {
+        h,
+        w,
+        kh,
+        kw,
+        s,
+        p,
+        oh,
+        ow,
+    } = *g;
+    let c = r / (kh * kw);
+    let dy = (r / kw) % kh;
+    let dx = r % kw;
+    let plane = &x[c * h * w..(c + 1) * h * w];
+    // Output columns whose input column ix = ox * s + dx - p lies inside [0, w).
+    let ox_lo = p.saturating_sub(dx).div_ceil(s).min(ow);
+    let ox_hi = if w + p > dx {
+        ((w + p - dx - 1) / s + 1).min(ow)
+    } else {
+        0
+    }
+    .max(ox_lo);
+    for oy in 0..oh {
+        let dst = &mut row[oy * ow..(oy + 1) * ow];
+        let iy = (oy * s + dy) as isize - p as isize;
+        if iy < 0 || iy >= h as isize {
+            dst.fill(0.0);
+            continue;
+        }
+        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+        dst[..ox_lo].fill(0.0);
+        dst[ox_hi..].fill(0.0);
+        if s == 1 {
+            let ix0 = ox_lo + dx - p;
+            dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
         } else {
-            0
-        }
-        .max(ox_lo);
-        for oy in 0..oh {
-            let dst = &mut row[oy * ow..(oy + 1) * ow];
-            let iy = (oy * s + dy) as isize - p as isize;
-            if iy < 0 || iy >= h as isize {
-                dst.fill(0.0);
-                continue;
-            }
-            let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-            dst[..ox_lo].fill(0.0);
-            dst[ox_hi..].fill(0.0);
-            if s == 1 {
-                let ix0 = ox_lo + dx - p;
-                dst[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
-            } else {
-                for (ox, d) in dst.iter_mut().enumerate().take(ox_hi).skip(ox_lo) {
-                    *d = src[ox * s + dx - p];
-                }
+            for (ox, d) in dst.iter_mut().enumerate().take(ox_hi).skip(ox_lo) {
+                *d = src[ox * s + dx - p];
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]

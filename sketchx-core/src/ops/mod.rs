@@ -17,7 +17,9 @@ pub fn kernels_enabled() -> bool {
 }
 
 pub mod attention;
+pub mod bf16;
 pub mod conv;
+pub mod linear;
 pub mod norm;
 pub mod profile;
 pub(crate) mod simd;

@@ -1,0 +1,670 @@
+//! The crate's own matrix product for the CPU, in f32 and in bf16 (f32 accumulation).
+//!
+//! `C += A B` with `A` row-major (`m x k`: a layer's kernel, or the activations of a linear layer) and `B` packed
+//! once into [`PackedB`]: column panels of [`NR`] columns, each 32-bit word holding one `k` entry (f32) or two
+//! consecutive ones (bf16: the operand layout of AVX-512 BF16's `vdpbf16ps`, 16 lanes each adding a two-term dot
+//! product to an f32 accumulator). The AVX-512 micro-kernel keeps an 8-row x 48-column block of `C` in 24
+//! registers, broadcasts one word of `A` per row and loads three words of `B` per step; tiles of `C` run in
+//! parallel on rayon's threads. Products of bf16 numbers are exact in f32, so the bf16 result differs from an f32
+//! product of the bf16-rounded inputs only by the order of the additions.
+//!
+//! Without AVX-512 (or AVX-512 BF16 for bf16) the same operands go through the `gemm` crate in f32: the same
+//! numbers up to summation order, without the speed.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Columns per packed panel (one 512-bit register of f32 accumulators).
+pub const NR: usize = 16;
+/// Rows of `C` per micro-kernel call.
+const MR: usize = 8;
+/// Panels per micro-kernel call (8 x 3 accumulators + 3 operands of `B` + 1 of `A` fit in 32 registers).
+const NP: usize = 3;
+/// Words of `k` per block: one block of three panels (`KC x 48` words, 24 KiB) stays in the L1 cache while the
+/// rows of a tile stream past it.
+const KC: usize = 128;
+/// Largest number of rows per parallel task.
+const MB_MAX: usize = 128;
+
+/// The element type of the operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands.
+    F32,
+    /// bf16 operands (rounded to nearest, ties to even), f32 accumulation.
+    Bf16,
+}
+
+impl Precision {
+    /// `k` entries per packed word.
+    fn per_word(self) -> usize {
+        match self {
+            Self::F32 => 1,
+            Self::Bf16 => 2,
+        }
+    }
+
+    /// Whether this CPU runs the AVX-512 micro-kernel for this precision.
+    pub fn has_fast_kernel(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static F32: OnceLock<bool> = OnceLock::new();
+            static BF16: OnceLock<bool> = OnceLock::new();
+            let f32 = *F32.get_or_init(|| {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            });
+            match self {
+                Self::F32 => f32,
+                Self::Bf16 => {
+                    f32 && *BF16
+                        .get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// Rounds to the nearest bf16 (ties to even), as `vcvtneps2bf16` and torch do.
+#[inline]
+pub fn round_bf16(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+
+/// The right-hand operand of [`gemm_f32`] / [`gemm_bf16`]: a `k x n` matrix packed in column panels of [`NR`]
+/// (zeros past `k` and `n`).
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    precision: Precision,
+    /// `panels x words x NR`, `words = ceil(k / per_word)`: word `(panel, p, j)` holds `b[p][panel * NR + j]`
+    /// (f32 bits), or `b[2p][..]` in the low half and `b[2p + 1][..]` in the high half (bf16).
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// Rows (`k`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns (`n`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The element type.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn words(&self) -> usize {
+        self.k.div_ceil(self.precision.per_word())
+    }
+
+    fn panel_len(&self) -> usize {
+        self.words() * NR
+    }
+
+    /// Packs the transpose of a row-major `n x k` f32 matrix, i.e. `B = W^T` for a linear layer's weight `W`
+    /// (`[out, in]`): `k = in`, `n = out`.
+    pub fn from_transposed(w: &[f32], n: usize, k: usize, precision: Precision) -> Self {
+        assert_eq!(w.len(), n * k, "weight size");
+        let words = k.div_ceil(precision.per_word());
+        let mut data = vec![0u32; n.div_ceil(NR) * words * NR];
+        data.par_chunks_mut(words * NR)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for j in 0..(n - panel * NR).min(NR) {
+                    let row = &w[(panel * NR + j) * k..(panel * NR + j + 1) * k];
+                    for p in 0..words {
+                        out[p * NR + j] = match precision {
+                            Precision::F32 => row[p].to_bits(),
+                            Precision::Bf16 => {
+                                let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
+                                round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
+                            }
+                        };
+                    }
+                }
+            });
+        Self {
+            k,
+            n,
+            precision,
+            data,
+        }
+    }
+
+    /// Packs a `k x n` f32 matrix given row by row: `fill(r, row)` writes row `r` (`n` values) into `row`.
+    /// Rows are produced in parallel (a word's worth at a time) and copied or rounded straight into the panels, so
+    /// a matrix that is generated (im2col) never exists in full.
+    pub fn from_rows(
+        k: usize,
+        n: usize,
+        precision: Precision,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
+        let per = precision.per_word();
+        let words = k.div_ceil(per);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * words * NR];
+        let out = SendPtr(data.as_mut_ptr());
+        // Enough words per task to amortise the scratch rows, enough tasks to balance the threads.
+        let chunk = (words / (8 * rayon::current_num_threads().max(1))).clamp(1, 64);
+        (0..words.div_ceil(chunk)).into_par_iter().for_each(|t| {
+            let out = &out;
+            let mut rows = vec![0f32; per * panels * NR];
+            let (r0, r1) = rows.split_at_mut(panels * NR);
+            for p in t * chunk..((t + 1) * chunk).min(words) {
+                fill(per * p, &mut r0[..n]);
+                if precision == Precision::Bf16 {
+                    if 2 * p + 1 < k {
+                        fill(2 * p + 1, &mut r1[..n]);
+                    } else {
+                        r1[..n].fill(0.0);
+                    }
+                }
+                // SAFETY: words (.., p, ..) belong to word row p only, and each word row to one task; every
+                // `(panel * words + p) * NR + NR` is within `data` (panels * words * NR words).
+                unsafe { write_word_row(precision, r0, r1, out.0, p, words, panels) };
+            }
+        });
+        Self {
+            k,
+            n,
+            precision,
+            data,
+        }
+    }
+
+    /// The matrix back in f32, row-major `k x n` (the portable path, and tests).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let (k, n, words) = (self.k, self.n, self.words());
+        let mut m = vec![0f32; k * n];
+        for r in 0..k {
+            for c in 0..n {
+                let at = |p: usize| self.data[((c / NR) * words + p) * NR + c % NR];
+                m[r * n + c] = match self.precision {
+                    Precision::F32 => f32::from_bits(at(r)),
+                    Precision::Bf16 => {
+                        let w = at(r / 2);
+                        let bits = if r % 2 == 0 { w & 0xffff } else { w >> 16 };
+                        bf16::from_bits(bits as u16).to_f32()
+                    }
+                };
+            }
+        }
+        m
+    }
+}
+
+/// Writes word row `p` of every panel from one (f32) or two (bf16) source rows of `panels * NR` values (past `n`
+/// they are stale, but only ever multiplied into columns that are not stored).
+///
+/// # Safety
+/// `out` must hold `panels * words * NR` words, and no other thread may write word row `p`.
+unsafe fn write_word_row(
+    precision: Precision,
+    r0: &[f32],
+    r1: &[f32],
+    out: *mut u32,
+    p: usize,
+    words: usize,
+    panels: usize,
+) {
+    for panel in 0..panels {
+        let dst = out.add((panel * words + p) * NR);
+        let (a, b) = (&r0[panel * NR..][..NR], &r1[panel * NR..][..NR]);
+        match precision {
+            Precision::F32 => std::ptr::copy_nonoverlapping(a.as_ptr().cast::<u32>(), dst, NR),
+            Precision::Bf16 => {
+                #[cfg(target_arch = "x86_64")]
+                if Precision::Bf16.has_fast_kernel() {
+                    x86::interleave16(a.as_ptr(), b.as_ptr(), dst);
+                    continue;
+                }
+                for j in 0..NR {
+                    *dst.add(j) = round_bf16(a[j]) as u32 | ((round_bf16(b[j]) as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// Converts f32 to bf16 bit patterns (round to nearest, ties to even), in parallel.
+pub fn to_bf16(src: &[f32]) -> Vec<u16> {
+    let mut out = vec![0u16; src.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(d, s)| {
+            #[cfg(target_arch = "x86_64")]
+            if Precision::Bf16.has_fast_kernel() {
+                // SAFETY: the CPU has the features; `d` and `s` have the same length.
+                unsafe { x86::convert(s, d) };
+                return;
+            }
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = round_bf16(s);
+            }
+        });
+    out
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: the users write disjoint parts of the pointee (see each use).
+unsafe impl<T> Sync for SendPtr<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
+
+/// `C += A B` in f32: `A` row-major `m x b.k()` with row stride `lda`, `C` row-major `m x b.n()` with row stride
+/// `ldc`; `b` must be packed in f32.
+pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    assert_eq!(b.precision, Precision::F32, "B is packed in bf16");
+    if check(m, a.len(), lda, b, c.len(), ldc) {
+        run(m, a.as_ptr().cast(), 4, lda, b, c, ldc, || {
+            a.chunks(lda).take(m).flat_map(|r| &r[..b.k]).copied().collect()
+        });
+    }
+}
+
+/// `C += A B` with bf16 inputs and f32 accumulation: `A` row-major bf16 bit patterns `m x b.k()` with row stride
+/// `lda`, `C` as in [`gemm_f32`]; `b` must be packed in bf16.
+pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    assert_eq!(b.precision, Precision::Bf16, "B is packed in f32");
+    if check(m, a.len(), lda, b, c.len(), ldc) {
+        run(m, a.as_ptr().cast(), 2, lda, b, c, ldc, || {
+            a.chunks(lda)
+                .take(m)
+                .flat_map(|r| &r[..b.k])
+                .map(|&v| bf16::from_bits(v).to_f32())
+                .collect()
+        });
+    }
+}
+
+/// Checks the operands' sizes; `false` when there is nothing to compute.
+fn check(m: usize, a_len: usize, lda: usize, b: &PackedB, c_len: usize, ldc: usize) -> bool {
+    if m == 0 || b.n == 0 || b.k == 0 {
+        return false;
+    }
+    assert!(lda >= b.k && a_len >= (m - 1) * lda + b.k, "A is too small");
+    assert!(ldc >= b.n && c_len >= (m - 1) * ldc + b.n, "C is too small");
+    true
+}
+
+/// Runs the AVX-512 kernels, or the `gemm` crate on `A` widened by `widen` (contiguous `m x k` f32).
+#[allow(clippy::too_many_arguments)]
+fn run(
+    m: usize,
+    a: *const u8,
+    elem: usize,
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    widen: impl FnOnce() -> Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if b.precision.has_fast_kernel() {
+        tiles(m, a, elem, lda, b, c, ldc);
+        return;
+    }
+    let _ = (a, elem);
+    let (k, n) = (b.k, b.n);
+    let (af, bf) = (widen(), b.to_f32());
+    // SAFETY: dst is m x n with row stride ldc (checked), lhs m x k and rhs k x n are contiguous.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            true,
+            af.as_ptr(),
+            1,
+            k as isize,
+            bf.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            super::conv::parallelism(),
+        );
+    }
+}
+
+/// Splits `C` into tiles of up to [`MB_MAX`] rows x `NP * NR` columns, run in parallel, each walking `k` in
+/// blocks of [`KC`] words and its rows in groups of [`MR`].
+#[cfg(target_arch = "x86_64")]
+fn tiles(
+    m: usize,
+    a: *const u8,
+    elem: usize,
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let (k, n) = (b.k, b.n);
+    let panels = n.div_ceil(NR);
+    let col_blocks = panels.div_ceil(NP);
+    // Rows per task: as many as fit the L2 budget, fewer when that leaves threads idle.
+    let threads = rayon::current_num_threads().max(1);
+    let mut mb = MB_MAX.min(m.div_ceil(MR) * MR);
+    while mb > MR && m.div_ceil(mb) * col_blocks < 4 * threads {
+        mb = (mb / 2).div_ceil(MR) * MR;
+    }
+    let row_blocks = m.div_ceil(mb);
+    let (cptr, aptr) = (SendPtr(c.as_mut_ptr()), SendPtr(a.cast_mut()));
+    let (words, panel_len, per) = (b.words(), b.panel_len(), b.precision.per_word());
+    let bf16 = b.precision == Precision::Bf16;
+    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+        let (cptr, aptr) = (&cptr, &aptr);
+        let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
+        let p0 = cb * NP;
+        let np = (panels - p0).min(NP);
+        let last_cols = n - (p0 + np - 1) * NR;
+        for w0 in (0..words).step_by(KC) {
+            let w1 = (w0 + KC).min(words);
+            // Whole words in this block, and whether it ends with a lone bf16 entry (odd k).
+            let tail = bf16 && w1 == words && k % 2 == 1;
+            let full = w1 - w0 - tail as usize;
+            let mut r = r0;
+            while r < r1 {
+                let mr = (r1 - r).min(MR);
+                let call = x86::Call {
+                    full,
+                    tail,
+                    // SAFETY (for the pointer offsets): row r < m of A from entry per * w0 < k; panels
+                    // p0..p0 + np exist; rows r..r + mr and columns from p0 * NR are the task's own tile of C.
+                    a: unsafe { aptr.0.add((r * lda + per * w0) * elem) },
+                    lda: lda * elem,
+                    b: unsafe { b.data.as_ptr().add(p0 * panel_len + w0 * NR) },
+                    panel_len,
+                    c: unsafe { cptr.0.add(r * ldc + p0 * NR) },
+                    ldc,
+                    last_cols,
+                };
+                // SAFETY: the CPU has the kernel's features (checked by `run`); tiles of C are disjoint.
+                unsafe { x86::dispatch(bf16, mr, np, &call) };
+                r += mr;
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NP, NR};
+
+    /// `dst[j] = bf16(a[j]) | bf16(b[j]) << 16` for 16 lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave16(a: *const f32, b: *const f32, dst: *mut u32) {
+        let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+            _mm512_cvtneps_pbh(_mm512_loadu_ps(a)),
+        ));
+        let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+            _mm512_cvtneps_pbh(_mm512_loadu_ps(b)),
+        ));
+        _mm512_storeu_si512(
+            dst.cast(),
+            _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
+        );
+    }
+
+    /// f32 to bf16 bits, 16 at a time, scalar for the rest.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert(s: &[f32], d: &mut [u16]) {
+        let n = s.len().min(d.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr().add(i)));
+            _mm256_storeu_si256(
+                d.as_mut_ptr().add(i).cast(),
+                std::mem::transmute::<__m256bh, __m256i>(v),
+            );
+            i += 16;
+        }
+        for j in i..n {
+            d[j] = super::round_bf16(s[j]);
+        }
+    }
+
+    /// One micro-kernel call: `C[rows x np*16] += A B` over `full` words (+ a lone bf16 entry when `tail`).
+    pub(super) struct Call {
+        pub full: usize,
+        pub tail: bool,
+        /// Row 0 of `A` at the block's first entry; `lda` in bytes.
+        pub a: *const u8,
+        pub lda: usize,
+        /// Panel 0 of `B` at the block's first word; panels are `panel_len` words apart.
+        pub b: *const u32,
+        pub panel_len: usize,
+        pub c: *mut f32,
+        pub ldc: usize,
+        /// Columns stored of the last panel (1..=16).
+        pub last_cols: usize,
+    }
+
+    /// Calls the micro-kernel instance for the precision, `mr` rows (1..=8) and `np` panels (1..=3).
+    #[inline]
+    pub(super) unsafe fn dispatch(bf16: bool, mr: usize, np: usize, k: &Call) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match (bf16, mr, np) {
+                    $(
+                        (true, $r, 1) => kernel_bf16::<$r, 1>(k),
+                        (true, $r, 2) => kernel_bf16::<$r, 2>(k),
+                        (true, $r, 3) => kernel_bf16::<$r, 3>(k),
+                        (false, $r, 1) => kernel_f32::<$r, 1>(k),
+                        (false, $r, 2) => kernel_f32::<$r, 2>(k),
+                        (false, $r, 3) => kernel_f32::<$r, 3>(k),
+                    )*
+                    _ => unreachable!("micro-kernel for {mr} rows and {np} panels"),
+                }
+            };
+        }
+        const _: () = assert!(MR == 8 && NP == 3);
+        go!(1 2 3 4 5 6 7 8)
+    }
+
+    /// The micro-kernel body: load the `C` block, one step per word (broadcast `A`'s word of each row, multiply
+    /// into the `P` panels' words), the tail, store. `$bcast(row pointer, word)` gives the broadcast word and
+    /// `$fma(acc, a, b)` the accumulation.
+    macro_rules! micro_kernel {
+        ($name:ident, $features:literal, $bcast:expr, $tail_bcast:expr, $fma:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize, const P: usize>(k: &Call) {
+                let last_mask: __mmask16 = if k.last_cols >= NR {
+                    0xffff
+                } else {
+                    (1u16 << k.last_cols) - 1
+                };
+                let mask = |q: usize| if q + 1 == P { last_mask } else { 0xffff };
+                let mut acc = [[_mm512_setzero_ps(); P]; R];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (q, v) in row.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
+                    }
+                }
+                let step = |acc: &mut [[__m512; P]; R], p: usize, tail: bool| {
+                    let mut bv = [_mm512_setzero_si512(); P];
+                    for q in 0..P {
+                        bv[q] = _mm512_loadu_si512(k.b.add(q * k.panel_len + p * NR).cast());
+                    }
+                    for r in 0..R {
+                        let row = k.a.add(r * k.lda);
+                        let av: __m512i = if tail { $tail_bcast(row, p) } else { $bcast(row, p) };
+                        for q in 0..P {
+                            acc[r][q] = $fma(acc[r][q], av, bv[q]);
+                        }
+                    }
+                };
+                for p in 0..k.full {
+                    step(&mut acc, p, false);
+                }
+                if k.tail {
+                    step(&mut acc, k.full, true);
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    for (q, v) in row.iter().enumerate() {
+                        _mm512_mask_storeu_ps(k.c.add(r * k.ldc + q * NR), mask(q), *v);
+                    }
+                }
+            }
+        };
+    }
+
+    micro_kernel!(
+        kernel_f32,
+        "avx512f,avx512bw",
+        |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<i32>().read_unaligned()),
+        |_: *const u8, _: usize| _mm512_setzero_si512(),
+        |acc: __m512, a: __m512i, b: __m512i| _mm512_fmadd_ps(
+            _mm512_castsi512_ps(a),
+            _mm512_castsi512_ps(b),
+            acc
+        )
+    );
+
+    micro_kernel!(
+        kernel_bf16,
+        "avx512f,avx512bw,avx512bf16",
+        // Two consecutive bf16 entries of the row: one 32-bit word.
+        |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<i32>().read_unaligned()),
+        // The lone last entry, paired with zero (B's pad is zero too).
+        |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<u16>().read_unaligned() as i32),
+        |acc: __m512, a: __m512i, b: __m512i| _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(a),
+            std::mem::transmute::<__m512i, __m512bh>(b)
+        )
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// The f64 product of the operands, rounded to bf16 first for bf16.
+    fn reference(p: Precision, (m, n, k): (usize, usize, usize), a: &[f32], bt: &[f32], c0: &[f32]) -> Vec<f32> {
+        let r = |x: f32| match p {
+            Precision::F32 => x as f64,
+            Precision::Bf16 => bf16::from_f32(x).to_f64(),
+        };
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = c0[i * n + j] as f64;
+                for l in 0..k {
+                    s += r(a[i * k + l]) * r(bt[j * k + l]);
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn check(p: Precision, m: usize, n: usize, k: usize) {
+        let mut seed = (m * 1000003 + n * 1009 + k) as u64;
+        let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+        let bt: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+        let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+        let want = reference(p, (m, n, k), &a, &bt, &c0);
+        let packed = PackedB::from_transposed(&bt, n, k, p);
+        let by_rows = PackedB::from_rows(k, n, p, |r, row| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = bt[j * k + r];
+            }
+        });
+        assert_eq!(packed.data, by_rows.data, "both packings agree");
+        let mut c = c0.clone();
+        match p {
+            Precision::F32 => gemm_f32(m, &a, k, &packed, &mut c, n),
+            Precision::Bf16 => gemm_bf16(m, &to_bf16(&a), k, &packed, &mut c, n),
+        }
+        let worst = want
+            .iter()
+            .zip(&c)
+            .map(|(w, g)| (w - g).abs())
+            .fold(0f32, f32::max);
+        // Summation-order differences of k products of size <= 1.
+        let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
+        assert!(worst <= bound, "{p:?} {m}x{n}x{k}: max diff {worst} > {bound}");
+    }
+
+    const SHAPES: [(usize, usize, usize); 11] = [
+        (1, 1, 1),
+        (1, 16, 2),
+        (8, 48, 256),
+        (9, 49, 257),
+        (7, 15, 3),
+        (17, 33, 255),
+        (3, 100, 600),
+        (130, 20, 31),
+        (64, 96, 1000),
+        (2, 1280, 320),
+        (300, 50, 129),
+    ];
+
+    #[test]
+    fn f32_matches_the_product_on_every_edge() {
+        for (m, n, k) in SHAPES {
+            check(Precision::F32, m, n, k);
+        }
+    }
+
+    #[test]
+    fn bf16_matches_the_rounded_product_on_every_edge() {
+        for (m, n, k) in SHAPES {
+            check(Precision::Bf16, m, n, k);
+        }
+    }
+
+    #[test]
+    fn portable_path_round_trips_the_packing() {
+        let (k, n) = (5, 19);
+        let b: Vec<f32> = (0..k * n).map(|i| i as f32 * 0.25 - 3.0).collect();
+        for p in [Precision::F32, Precision::Bf16] {
+            let packed = PackedB::from_rows(k, n, p, |r, row| row.copy_from_slice(&b[r * n..(r + 1) * n]));
+            // All of these values are exact in bf16.
+            assert_eq!(packed.to_f32(), b, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn rounds_to_nearest_even_like_torch() {
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1.0078125: ties go to the even mantissa (1.0).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), bf16::from_f32(1.0).to_bits());
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), bf16::from_f32(1.015625).to_bits());
+        let xs = [0.1f32, -3.7, 1e-30, 65504.0, f32::INFINITY, -0.0];
+        let want: Vec<u16> = xs.iter().map(|&x| round_bf16(x)).collect();
+        let mut long = xs.repeat(7);
+        long.push(2.5);
+        let got = to_bf16(&long);
+        assert_eq!(&got[..6], &want[..]);
+        assert_eq!(got[42], round_bf16(2.5));
+        assert!(bf16::from_bits(to_bf16(&[f32::NAN])[0]).is_nan());
+    }
+}

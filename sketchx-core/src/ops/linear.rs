@@ -1,0 +1,150 @@
+//! Linear layers that run their matrix product in bf16 in the CPU bf16 mode, and candle's `Linear` otherwise.
+//!
+//! In the CPU bf16 mode (see [`cpu_bf16`]) the weight is rounded to bf16 and packed once, at load, into the
+//! layout of [`super::bf16`]'s kernel, and the f32 copy is dropped; each call rounds the input to bf16 and
+//! accumulates in f32 on top of the (f32) bias. Everything around the product stays f32.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::bf16::{self, PackedB};
+
+/// Whether layers built from `vb` use the CPU bf16 mode: the model was asked for in bf16 on the CPU (whose
+/// weights then load as f32, see `models::loader::var_builder`) and the crate's kernels are on.
+pub fn cpu_bf16(vb: &VarBuilder) -> bool {
+    vb.dtype() == DType::BF16 && vb.device().is_cpu() && super::kernels_enabled()
+}
+
+/// A linear layer `y = x W^T + b`.
+#[derive(Debug, Clone)]
+pub enum FastLinear {
+    /// candle's layer (f32, or any dtype on other devices).
+    Candle(Linear),
+    /// The weight in bf16, packed for the bf16 kernel; f32 in and out.
+    Bf16(Bf16LinearOp),
+}
+
+/// The bf16 product of a [`FastLinear`], as a candle custom op on f32 CPU tensors.
+#[derive(Debug, Clone)]
+pub struct Bf16LinearOp {
+    weight: Arc<PackedB>,
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+impl FastLinear {
+    /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`) from `vb`.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let bf16_mode = cpu_bf16(&vb);
+        let w = vb.get((out_dim, in_dim), "weight")?;
+        let b = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        if !bf16_mode {
+            return Ok(Self::Candle(Linear::new(w, b)));
+        }
+        let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = match b {
+            Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            None => None,
+        };
+        Ok(Self::Bf16(Bf16LinearOp {
+            weight: Arc::new(PackedB::from_transposed(&w, out_dim, in_dim)),
+            bias,
+        }))
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> Result<usize> {
+        match self {
+            Self::Candle(l) => l.weight().dim(0),
+            Self::Bf16(op) => Ok(op.weight.n()),
+        }
+    }
+
+    /// Input features.
+    pub fn in_dim(&self) -> Result<usize> {
+        match self {
+            Self::Candle(l) => l.weight().dim(1),
+            Self::Bf16(op) => Ok(op.weight.k()),
+        }
+    }
+}
+
+impl Module for FastLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(l) => l.forward(xs),
+            Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
+        }
+    }
+}
+
+impl CustomOp1 for Bf16LinearOp {
+    fn name(&self) -> &'static str {
+        "sketchx-linear-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("bf16 linear: expected an f32 input");
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("bf16 linear: expected a contiguous input");
+        };
+        let x = &v[start..end];
+        let (k, n) = (self.weight.k(), self.weight.n());
+        let dims = l.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("bf16 linear: input {:?}, weight has {k} input features", dims);
+        }
+        let m = x.len() / k;
+        let mut out = vec![0f32; m * n];
+        if let Some(b) = &self.bias {
+            for row in out.chunks_mut(n) {
+                row.copy_from_slice(b);
+            }
+        }
+        bf16::gemm(m, &bf16::to_bf16(x), k, &self.weight, &mut out, n);
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("at least one dimension") = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn bf16_layer_matches_candle_on_rounded_weights() {
+        let dev = Device::Cpu;
+        let (i, o) = (37, 53);
+        let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 5, i), &dev).unwrap();
+        let vm = VarMap::new();
+        vm.data().lock().unwrap().extend([
+            ("l.weight".to_string(), candle_core::Var::from_tensor(&w).unwrap()),
+            ("l.bias".to_string(), candle_core::Var::from_tensor(&b).unwrap()),
+        ]);
+        let vb = VarBuilder::from_varmap(&vm, DType::BF16, &dev);
+        // A varmap hands out bf16 tensors for a bf16 builder; the layer widens them again.
+        let layer = FastLinear::load(i, o, true, vb.pp("l")).unwrap();
+        assert!(matches!(layer, FastLinear::Bf16(_)));
+        assert_eq!((layer.in_dim().unwrap(), layer.out_dim().unwrap()), (i, o));
+        let got = layer.forward(&x).unwrap();
+        assert_eq!(got.dims(), &[2, 5, o]);
+        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let want = Linear::new(round(&w), Some(b)).forward(&round(&x)).unwrap();
+        let diff = crate::ops::max_abs_diff(&want, &got);
+        assert!(diff < 1e-4, "max diff {diff}");
+        let f32_layer = FastLinear::load(i, o, true, vb.pp("l").to_dtype(DType::F32)).unwrap();
+        assert!(matches!(f32_layer, FastLinear::Candle(_)));
+    }
+}
