@@ -57,32 +57,41 @@ fn group_norm(c: &mut Criterion) {
     g.finish();
 }
 
-/// The bf16 GEMM (`C += A B`, inputs rounded to bf16, f32 accumulation) against the f32 GEMM of the `gemm` crate
+/// sketchx's GEMM in bf16 (inputs rounded to bf16, f32 accumulation) and f32 against the f32 GEMM of the `gemm` crate
 /// that candle uses, at the shapes of a 3x3 convolution (640 channels, 16x16) and of a feed-forward linear layer
 /// (2 x 1024 tokens, 320 -> 1280).
 fn matmul(c: &mut Criterion) {
-    use sketchx::ops::bf16::{gemm, to_bf16, PackedB};
+    use sketchx::ops::gemm::{gemm_bf16, gemm_f32, to_bf16, PackedB, Precision};
     for (name, m, n, k) in [
         ("conv3x3_640x16x16", 640, 256, 5760),
         ("linear_2048x320_to_1280", 2048, 1280, 320),
         ("linear_2048x1280_to_320", 2048, 320, 1280),
     ] {
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0)
+            .collect();
         let a16 = to_bf16(&a);
-        let packed = PackedB::from_rows(k, n, |r, row| row.copy_from_slice(&b[r * n..(r + 1) * n]));
+        let rows = |p| {
+            PackedB::from_rows(k, n, p, |r, row| {
+                row.copy_from_slice(&b[r * n..(r + 1) * n])
+            })
+        };
+        let (packed, packed32) = (rows(Precision::Bf16), rows(Precision::F32));
         let mut out = vec![0f32; m * n];
         let mut g = c.benchmark_group(format!("gemm_{name}"));
         g.sample_size(10);
         g.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
         g.bench_function("sketchx_bf16", |bch| {
-            bch.iter(|| gemm(m, &a16, k, &packed, &mut out, n))
+            bch.iter(|| gemm_bf16(m, &a16, k, &packed, &mut out, n))
+        });
+        g.bench_function("sketchx_f32", |bch| {
+            bch.iter(|| gemm_f32(m, &a, k, &packed32, &mut out, n))
         });
         g.bench_function("sketchx_bf16_with_packing", |bch| {
-            bch.iter(|| {
-                let p = PackedB::from_rows(k, n, |r, row| row.copy_from_slice(&b[r * n..(r + 1) * n]));
-                gemm(m, &to_bf16(&a), k, &p, &mut out, n)
-            })
+            bch.iter(|| gemm_bf16(m, &to_bf16(&a), k, &rows(Precision::Bf16), &mut out, n))
         });
         let ta = Tensor::from_vec(a.clone(), (m, k), &Device::Cpu).unwrap();
         let tb = Tensor::from_vec(b.clone(), (k, n), &Device::Cpu).unwrap();

@@ -158,7 +158,10 @@ fn cpu_bf16_stays_as_close_to_the_f32_references_as_diffusers_bf16() {
         );
     });
     eprintln!("{}", report.join("\n"));
-    assert!(total > 0.0, "bf16 gave the f32 images exactly: the bf16 kernels did not run");
+    assert!(
+        total > 0.0,
+        "bf16 gave the f32 images exactly: the bf16 kernels did not run"
+    );
 }
 
 #[test]

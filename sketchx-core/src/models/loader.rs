@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;

@@ -8,9 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
-use super::blocks::{
-    conv, fast_conv2d, gn, gn_silu, group_norm, linear, BlockParams, ResnetBlock,
-};
+use super::blocks::{conv, fast_conv2d, gn, gn_silu, group_norm, linear, BlockParams, ResnetBlock};
 use super::unet::ConfigMap;
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d;

@@ -4,14 +4,14 @@
 //! its im2col tiles; here the kernel is used as stored (`[c_out, c_in * kh * kw]` is already the GEMM's left
 //! matrix), im2col writes whole shifted rows in parallel (`[c_in * kh * kw, h_out * w_out]`, output lands in NCHW
 //! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
-//! im2col rows are rounded and packed two at a time for [`super::bf16::gemm`] (the f32 im2col matrix is never
+//! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_bf16`] (the f32 im2col matrix is never
 //! built). Other dtypes and devices use candle's conv2d.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Conv2d;
 use rayon::prelude::*;
 
-use super::bf16::{self, PackedB};
+use super::gemm::{gemm_bf16, gemm_f32 as packed_gemm_f32, PackedB, Precision};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
@@ -40,7 +40,11 @@ impl FastConv2d {
         }
         let cfg = *self.inner.config();
         let weight = self.inner.weight().to_dtype(DType::BF16)?;
-        let bias = self.inner.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let bias = self
+            .inner
+            .bias()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
         Ok(Self {
             inner: Conv2d::new(weight, bias, cfg),
             op: self.op,
@@ -144,7 +148,7 @@ impl CustomOp3 for Conv2dOp {
             _ => candle_core::bail!("conv kernel: expected a contiguous f32 or bf16 tensor"),
         };
         let mut col = match weight {
-            Weight::F32(_) if !direct => vec![0f32; k * n],
+            Weight::F32(_) if !direct && !Precision::F32.has_fast_kernel() => vec![0f32; k * n],
             _ => Vec::new(),
         };
         for bi in 0..b {
@@ -154,6 +158,10 @@ impl CustomOp3 for Conv2dOp {
                 .zip(bias.par_iter())
                 .for_each(|(row, &bv)| row.fill(bv));
             match weight {
+                Weight::F32(w) if Precision::F32.has_fast_kernel() => {
+                    let rhs = pack(xb, direct, n, k, &g, Precision::F32);
+                    packed_gemm_f32(cout, w, k, &rhs, ob, n);
+                }
                 Weight::F32(w) => {
                     let rhs: &[f32] = if direct {
                         xb
@@ -164,16 +172,24 @@ impl CustomOp3 for Conv2dOp {
                     gemm_f32(cout, n, k, w, rhs, ob);
                 }
                 Weight::Bf16(w) => {
-                    let rhs = if direct {
-                        PackedB::from_rows(k, n, |r, row| row.copy_from_slice(&xb[r * n..(r + 1) * n]))
-                    } else {
-                        PackedB::from_rows(k, n, |r, row| im2col_row(xb, r, row, &g))
-                    };
-                    bf16::gemm(cout, w, k, &rhs, ob, n);
+                    let rhs = pack(xb, direct, n, k, &g, Precision::Bf16);
+                    gemm_bf16(cout, w, k, &rhs, ob, n);
                 }
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// The GEMM's right operand for one image `x`: `x` itself (`[c_in, n]`) for a plain 1x1 convolution, its im2col
+/// matrix otherwise, packed row by row (the im2col matrix never exists in full).
+fn pack(x: &[f32], direct: bool, n: usize, k: usize, g: &Geometry, p: Precision) -> PackedB {
+    if direct {
+        PackedB::from_rows(k, n, p, |r, row| {
+            row.copy_from_slice(&x[r * n..(r + 1) * n])
+        })
+    } else {
+        PackedB::from_rows(k, n, p, |r, row| im2col_row(x, r, row, g))
     }
 }
 

@@ -58,8 +58,7 @@ impl Precision {
             match self {
                 Self::F32 => f32,
                 Self::Bf16 => {
-                    f32 && *BF16
-                        .get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
+                    f32 && *BF16.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
                 }
             }
         }
@@ -205,7 +204,7 @@ impl PackedB {
     }
 }
 
-/// Writes word row `p` of every panel from one (f32) or two (bf16) source rows of `panels * NR` values (past `n`
+/// Writes word row `p` of every panel from one (f32: `r1` unused) or two (bf16) source rows of `panels * NR` values (past `n`
 /// they are stale, but only ever multiplied into columns that are not stored).
 ///
 /// # Safety
@@ -219,17 +218,20 @@ unsafe fn write_word_row(
     words: usize,
     panels: usize,
 ) {
+    if precision == Precision::Bf16 {
+        #[cfg(target_arch = "x86_64")]
+        if Precision::Bf16.has_fast_kernel() {
+            x86::interleave_rows(r0.as_ptr(), r1.as_ptr(), out, p, words, panels);
+            return;
+        }
+    }
     for panel in 0..panels {
         let dst = out.add((panel * words + p) * NR);
-        let (a, b) = (&r0[panel * NR..][..NR], &r1[panel * NR..][..NR]);
+        let a = &r0[panel * NR..][..NR];
         match precision {
             Precision::F32 => std::ptr::copy_nonoverlapping(a.as_ptr().cast::<u32>(), dst, NR),
             Precision::Bf16 => {
-                #[cfg(target_arch = "x86_64")]
-                if Precision::Bf16.has_fast_kernel() {
-                    x86::interleave16(a.as_ptr(), b.as_ptr(), dst);
-                    continue;
-                }
+                let b = &r1[panel * NR..][..NR];
                 for j in 0..NR {
                     *dst.add(j) = round_bf16(a[j]) as u32 | ((round_bf16(b[j]) as u32) << 16);
                 }
@@ -268,7 +270,11 @@ pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc
     assert_eq!(b.precision, Precision::F32, "B is packed in bf16");
     if check(m, a.len(), lda, b, c.len(), ldc) {
         run(m, a.as_ptr().cast(), 4, lda, b, c, ldc, || {
-            a.chunks(lda).take(m).flat_map(|r| &r[..b.k]).copied().collect()
+            a.chunks(lda)
+                .take(m)
+                .flat_map(|r| &r[..b.k])
+                .copied()
+                .collect()
         });
     }
 }
@@ -347,15 +353,7 @@ fn run(
 /// Splits `C` into tiles of up to [`MB_MAX`] rows x `NP * NR` columns, run in parallel, each walking `k` in
 /// blocks of [`KC`] words and its rows in groups of [`MR`].
 #[cfg(target_arch = "x86_64")]
-fn tiles(
-    m: usize,
-    a: *const u8,
-    elem: usize,
-    lda: usize,
-    b: &PackedB,
-    c: &mut [f32],
-    ldc: usize,
-) {
+fn tiles(m: usize, a: *const u8, elem: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     let (k, n) = (b.k, b.n);
     let panels = n.div_ceil(NR);
     let col_blocks = panels.div_ceil(NP);
@@ -411,19 +409,28 @@ mod x86 {
 
     use super::{MR, NP, NR};
 
-    /// `dst[j] = bf16(a[j]) | bf16(b[j]) << 16` for 16 lanes.
+    /// Word row `p` of every panel: `bf16(a[j]) | bf16(b[j]) << 16`, 16 lanes per panel.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn interleave16(a: *const f32, b: *const f32, dst: *mut u32) {
-        let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-            _mm512_cvtneps_pbh(_mm512_loadu_ps(a)),
-        ));
-        let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-            _mm512_cvtneps_pbh(_mm512_loadu_ps(b)),
-        ));
-        _mm512_storeu_si512(
-            dst.cast(),
-            _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
-        );
+    pub(super) unsafe fn interleave_rows(
+        a: *const f32,
+        b: *const f32,
+        out: *mut u32,
+        p: usize,
+        words: usize,
+        panels: usize,
+    ) {
+        for panel in 0..panels {
+            let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                _mm512_cvtneps_pbh(_mm512_loadu_ps(a.add(panel * NR))),
+            ));
+            let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                _mm512_cvtneps_pbh(_mm512_loadu_ps(b.add(panel * NR))),
+            ));
+            _mm512_storeu_si512(
+                out.add((panel * words + p) * NR).cast(),
+                _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
+            );
+        }
     }
 
     /// f32 to bf16 bits, 16 at a time, scalar for the rest.
@@ -508,7 +515,11 @@ mod x86 {
                     }
                     for r in 0..R {
                         let row = k.a.add(r * k.lda);
-                        let av: __m512i = if tail { $tail_bcast(row, p) } else { $bcast(row, p) };
+                        let av: __m512i = if tail {
+                            $tail_bcast(row, p)
+                        } else {
+                            $bcast(row, p)
+                        };
                         for q in 0..P {
                             acc[r][q] = $fma(acc[r][q], av, bv[q]);
                         }
@@ -547,7 +558,9 @@ mod x86 {
         // Two consecutive bf16 entries of the row: one 32-bit word.
         |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<i32>().read_unaligned()),
         // The lone last entry, paired with zero (B's pad is zero too).
-        |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<u16>().read_unaligned() as i32),
+        |row: *const u8, p: usize| _mm512_set1_epi32(
+            row.add(4 * p).cast::<u16>().read_unaligned() as i32
+        ),
         |acc: __m512, a: __m512i, b: __m512i| _mm512_dpbf16_ps(
             acc,
             std::mem::transmute::<__m512i, __m512bh>(a),
@@ -568,7 +581,13 @@ mod tests {
     }
 
     /// The f64 product of the operands, rounded to bf16 first for bf16.
-    fn reference(p: Precision, (m, n, k): (usize, usize, usize), a: &[f32], bt: &[f32], c0: &[f32]) -> Vec<f32> {
+    fn reference(
+        p: Precision,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        bt: &[f32],
+        c0: &[f32],
+    ) -> Vec<f32> {
         let r = |x: f32| match p {
             Precision::F32 => x as f64,
             Precision::Bf16 => bf16::from_f32(x).to_f64(),
@@ -611,7 +630,10 @@ mod tests {
             .fold(0f32, f32::max);
         // Summation-order differences of k products of size <= 1.
         let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
-        assert!(worst <= bound, "{p:?} {m}x{n}x{k}: max diff {worst} > {bound}");
+        assert!(
+            worst <= bound,
+            "{p:?} {m}x{n}x{k}: max diff {worst} > {bound}"
+        );
     }
 
     const SHAPES: [(usize, usize, usize); 11] = [
@@ -647,7 +669,9 @@ mod tests {
         let (k, n) = (5, 19);
         let b: Vec<f32> = (0..k * n).map(|i| i as f32 * 0.25 - 3.0).collect();
         for p in [Precision::F32, Precision::Bf16] {
-            let packed = PackedB::from_rows(k, n, p, |r, row| row.copy_from_slice(&b[r * n..(r + 1) * n]));
+            let packed = PackedB::from_rows(k, n, p, |r, row| {
+                row.copy_from_slice(&b[r * n..(r + 1) * n])
+            });
             // All of these values are exact in bf16.
             assert_eq!(packed.to_f32(), b, "{p:?}");
         }
@@ -657,7 +681,10 @@ mod tests {
     fn rounds_to_nearest_even_like_torch() {
         // 1 + 2^-8 is halfway between bf16 1.0 and 1.0078125: ties go to the even mantissa (1.0).
         assert_eq!(round_bf16(1.0 + 1.0 / 256.0), bf16::from_f32(1.0).to_bits());
-        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), bf16::from_f32(1.015625).to_bits());
+        assert_eq!(
+            round_bf16(1.0 + 3.0 / 256.0),
+            bf16::from_f32(1.015625).to_bits()
+        );
         let xs = [0.1f32, -3.7, 1e-30, 65504.0, f32::INFINITY, -0.0];
         let want: Vec<u16> = xs.iter().map(|&x| round_bf16(x)).collect();
         let mut long = xs.repeat(7);

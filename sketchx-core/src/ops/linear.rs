@@ -1,7 +1,7 @@
 //! Linear layers that run their matrix product in bf16 in the CPU bf16 mode, and candle's `Linear` otherwise.
 //!
 //! In the CPU bf16 mode (see [`cpu_bf16`]) the weight is rounded to bf16 and packed once, at load, into the
-//! layout of [`super::bf16`]'s kernel, and the f32 copy is dropped; each call rounds the input to bf16 and
+//! layout of [`super::gemm`]'s kernel, and the f32 copy is dropped; each call rounds the input to bf16 and
 //! accumulates in f32 on top of the (f32) bias. Everything around the product stays f32.
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::bf16::{self, PackedB};
+use super::gemm::{gemm_bf16, gemm_f32, to_bf16, PackedB, Precision};
 
 /// Whether layers built from `vb` use the CPU bf16 mode: the model was asked for in bf16 on the CPU (whose
 /// weights then load as f32, see `models::loader::var_builder`) and the crate's kernels are on.
@@ -52,7 +52,12 @@ impl FastLinear {
             None => None,
         };
         Ok(Self::Bf16(Bf16LinearOp {
-            weight: Arc::new(PackedB::from_transposed(&w, out_dim, in_dim)),
+            weight: Arc::new(PackedB::from_transposed(
+                &w,
+                out_dim,
+                in_dim,
+                Precision::Bf16,
+            )),
             bias,
         }))
     }
@@ -99,7 +104,10 @@ impl CustomOp1 for Bf16LinearOp {
         let (k, n) = (self.weight.k(), self.weight.n());
         let dims = l.shape().dims();
         if dims.last() != Some(&k) {
-            candle_core::bail!("bf16 linear: input {:?}, weight has {k} input features", dims);
+            candle_core::bail!(
+                "bf16 linear: input {:?}, weight has {k} input features",
+                dims
+            );
         }
         let m = x.len() / k;
         let mut out = vec![0f32; m * n];
@@ -108,7 +116,10 @@ impl CustomOp1 for Bf16LinearOp {
                 row.copy_from_slice(b);
             }
         }
-        bf16::gemm(m, &bf16::to_bf16(x), k, &self.weight, &mut out, n);
+        match self.weight.precision() {
+            Precision::F32 => gemm_f32(m, x, k, &self.weight, &mut out, n),
+            Precision::Bf16 => gemm_bf16(m, &to_bf16(x), k, &self.weight, &mut out, n),
+        }
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("at least one dimension") = n;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -130,8 +141,14 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (2, 5, i), &dev).unwrap();
         let vm = VarMap::new();
         vm.data().lock().unwrap().extend([
-            ("l.weight".to_string(), candle_core::Var::from_tensor(&w).unwrap()),
-            ("l.bias".to_string(), candle_core::Var::from_tensor(&b).unwrap()),
+            (
+                "l.weight".to_string(),
+                candle_core::Var::from_tensor(&w).unwrap(),
+            ),
+            (
+                "l.bias".to_string(),
+                candle_core::Var::from_tensor(&b).unwrap(),
+            ),
         ]);
         let vb = VarBuilder::from_varmap(&vm, DType::BF16, &dev);
         // A varmap hands out bf16 tensors for a bf16 builder; the layer widens them again.
@@ -140,7 +157,12 @@ mod tests {
         assert_eq!((layer.in_dim().unwrap(), layer.out_dim().unwrap()), (i, o));
         let got = layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 5, o]);
-        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
         let want = Linear::new(round(&w), Some(b)).forward(&round(&x)).unwrap();
         let diff = crate::ops::max_abs_diff(&want, &got);
         assert!(diff < 1e-4, "max diff {diff}");

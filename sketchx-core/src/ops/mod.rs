@@ -17,8 +17,8 @@ pub fn kernels_enabled() -> bool {
 }
 
 pub mod attention;
-pub mod bf16;
 pub mod conv;
+pub mod gemm;
 pub mod linear;
 pub mod norm;
 pub mod profile;
