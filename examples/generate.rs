@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use sketchx::engine::{device_from_name, Engine, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL};
+use sketchx::engine::{
+    device_from_name, dtype_from_name, Engine, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL,
+};
 use sketchx::output::{image_file_name, write_png_atomic, PngSettings};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
@@ -71,6 +73,10 @@ struct Args {
     /// cpu, cuda, cuda:N or metal (GPU devices need the `cuda` / `metal` cargo feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// f32, bf16 or f16. Default: f32 on the CPU, f16 on GPUs. On the CPU, bf16 runs the matrix products in bf16
+    /// (fast with AVX-512 BF16) and everything else in f32.
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 fn run(args: Args) -> sketchx::Result<()> {
@@ -92,9 +98,7 @@ fn run(args: Args) -> sketchx::Result<()> {
     let sketch = Sketch::open(&args.sketch)?;
     let mut config = EngineConfig::new(&args.model, &args.controlnet)?;
     config.device = device_from_name(&args.device)?;
-    if !config.device.is_cpu() {
-        config.dtype = candle_core::DType::F16;
-    }
+    config.dtype = dtype_from_name(args.dtype.as_deref(), &config.device)?;
     eprintln!("loading {} + {} ...", args.model, args.controlnet);
     let t0 = Instant::now();
     let engine = Engine::load(&config)?;

@@ -89,6 +89,33 @@ pub fn device_from_name(name: &str) -> Result<Device> {
     }
 }
 
+/// Parses a precision name: `f32`, `bf16` or `f16` (see [`EngineConfig::dtype`]); `None` or an empty name gives
+/// [`default_dtype`] for the device.
+pub fn dtype_from_name(name: Option<&str>, device: &Device) -> Result<DType> {
+    match name.map(|n| n.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") => Ok(default_dtype(device)),
+        Some("f32") => Ok(DType::F32),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f16") => Ok(DType::F16),
+        Some(_) => Err(Error::invalid(
+            "dtype",
+            format!(
+                "{:?} is not one of f32, bf16, f16",
+                name.unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// The default precision on `device`: f32 on the CPU (the reference; bf16 is opt-in), f16 on GPUs.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
 /// Where a generation is, reported after every denoising step and every decoded image.
 #[derive(Debug, Clone, Copy)]
 pub struct StepInfo<'a> {

@@ -296,7 +296,8 @@ fn run_job(shared: &Shared, generator: &dyn Generator, id: &JobId) {
             last_step_at = now;
             let preview = match (info.latents, shared.preview_every) {
                 (Some(l), every)
-                    if every > 0 && (info.step % every == 0 || info.step == info.total_steps) =>
+                    if every > 0
+                        && (info.step.is_multiple_of(every) || info.step == info.total_steps) =>
                 {
                     latent_preview(l, info.step)
                 }

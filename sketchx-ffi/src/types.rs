@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::DType;
-use sketchx_core::engine::{device_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
+use sketchx_core::engine::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use sketchx_core::request::GenerationRequest;
 use sketchx_core::{Error, JobState, JobStatus, PipelineConfig, ShutdownPolicy};
 
@@ -145,7 +144,8 @@ pub struct sketchx_pipeline_options {
     pub controlnet: *const c_char,
     /// `cpu`, `cuda`, `cuda:N` or `metal` (GPUs need a build with the matching feature). NULL: `cpu`.
     pub device: *const c_char,
-    /// `f32`, `f16` or `bf16`. NULL: `f32` on the CPU, `f16` on GPUs.
+    /// `f32`, `bf16` or `f16`. NULL: `f32` on the CPU, `f16` on GPUs. On the CPU, `bf16` runs the matrix products
+    /// in bf16 (fast with AVX-512 BF16) and everything else in f32.
     pub dtype: *const c_char,
     /// Weights variant to prefer, e.g. `fp16`. NULL: the plain files.
     pub variant: *const c_char,
@@ -255,18 +255,6 @@ unsafe impl Send for UserData {}
 // SAFETY: as above.
 unsafe impl Sync for UserData {}
 
-fn dtype_from_name(name: &str) -> Result<DType, Error> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        _ => Err(Error::invalid(
-            "dtype",
-            format!("{name:?} is not one of f32, f16, bf16"),
-        )),
-    }
-}
-
 impl sketchx_pipeline_options {
     /// The core's defaults.
     fn defaults() -> Result<Self, Error> {
@@ -307,12 +295,8 @@ impl sketchx_pipeline_options {
         if let Some(d) = device {
             c.engine.device = device_from_name(d)?;
         }
-        // As the Rust example and the README: f32 on the CPU, f16 on GPUs, unless asked otherwise.
-        c.engine.dtype = match dtype {
-            Some(d) => dtype_from_name(d)?,
-            None if c.engine.device.is_cpu() => DType::F32,
-            None => DType::F16,
-        };
+        // f32 on the CPU, f16 on GPUs, unless asked otherwise.
+        c.engine.dtype = dtype_from_name(dtype, &c.engine.device)?;
         c.engine.variant = variant.map(String::from);
         if let Some(o) = output_dir {
             c.output_dir = PathBuf::from(o);
@@ -466,7 +450,7 @@ mod tests {
         assert_eq!(c.cleanup_interval, d.cleanup_interval);
         assert_eq!(c.preview_every, d.preview_every);
         assert_eq!(c.shutdown, d.shutdown);
-        assert_eq!(c.engine.dtype, DType::F32);
+        assert_eq!(c.engine.dtype, candle_core::DType::F32);
         assert!(c.on_event.is_none());
     }
 

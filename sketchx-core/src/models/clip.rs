@@ -96,7 +96,7 @@ impl ClipTextModel {
     pub fn new(vb: VarBuilder, config: &ClipTextConfig, origin: &str) -> Result<Self> {
         let act = Activation::parse(&config.hidden_act, origin)?;
         let h = config.hidden_size;
-        if config.num_attention_heads == 0 || h % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !h.is_multiple_of(config.num_attention_heads) {
             return Err(Error::unsupported(
                 origin,
                 format!(

@@ -106,7 +106,7 @@ impl CustomOp3 for GroupNormOp {
         if dims.len() < 2
             || dims[1] != w.len()
             || dims[1] != bias.len()
-            || dims[1] % self.groups != 0
+            || !dims[1].is_multiple_of(self.groups)
         {
             candle_core::bail!(
                 "group norm: input {dims:?}, {} weights, {} groups",

@@ -203,7 +203,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             Self::normal_fill_16(block, self.path);
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             let tail = &mut data[numel - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
