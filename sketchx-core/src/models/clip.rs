@@ -4,10 +4,12 @@
 //! the checkpoint keys (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
+use super::blocks::linear;
 use crate::error::{Error, Result};
+use crate::ops::linear::FastLinear as Linear;
 
 /// The activation named by `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,9 @@
-//! Linear layers that run their matrix product in bf16 in the CPU bf16 mode, and candle's `Linear` otherwise.
+//! Linear layers on the crate's GEMM ([`super::gemm`]) on the CPU, candle's `Linear` elsewhere.
 //!
-//! In the CPU bf16 mode (see [`cpu_bf16`]) the weight is rounded to bf16 and packed once, at load, into the
-//! layout of [`super::gemm`]'s kernel, and the f32 copy is dropped; each call rounds the input to bf16 and
-//! accumulates in f32 on top of the (f32) bias. Everything around the product stays f32.
+//! The weight is packed once, at load, into the layout of the GEMM's right operand (`W^T` in column panels),
+//! replacing the plain copy: in f32 when the CPU has AVX-512, and rounded to bf16 in the CPU bf16 mode (see
+//! [`cpu_bf16`]), where each call also rounds the input to bf16 and accumulates in f32 on top of the (f32) bias.
+//! Everything around the product stays f32.
 
 use std::sync::Arc;
 
@@ -20,15 +21,15 @@ pub fn cpu_bf16(vb: &VarBuilder) -> bool {
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
 pub enum FastLinear {
-    /// candle's layer (f32, or any dtype on other devices).
+    /// candle's layer (other devices and dtypes, CPUs without AVX-512, or the kernels turned off).
     Candle(Linear),
-    /// The weight in bf16, packed for the bf16 kernel; f32 in and out.
-    Bf16(Bf16LinearOp),
+    /// The weight packed for the crate's GEMM, in f32 or bf16; f32 in and out.
+    Packed(PackedLinearOp),
 }
 
-/// The bf16 product of a [`FastLinear`], as a candle custom op on f32 CPU tensors.
+/// The product of a packed [`FastLinear`], as a candle custom op on f32 CPU tensors.
 #[derive(Debug, Clone)]
-pub struct Bf16LinearOp {
+pub struct PackedLinearOp {
     weight: Arc<PackedB>,
     bias: Option<Arc<Vec<f32>>>,
 }
@@ -36,14 +37,23 @@ pub struct Bf16LinearOp {
 impl FastLinear {
     /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`) from `vb`.
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let bf16_mode = cpu_bf16(&vb);
+        let precision = if cpu_bf16(&vb) {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        };
+        let packed = precision == Precision::Bf16
+            || (vb.dtype() == DType::F32
+                && vb.device().is_cpu()
+                && super::kernels_enabled()
+                && Precision::F32.has_fast_kernel());
         let w = vb.get((out_dim, in_dim), "weight")?;
         let b = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        if !bf16_mode {
+        if !packed {
             return Ok(Self::Candle(Linear::new(w, b)));
         }
         let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -51,13 +61,8 @@ impl FastLinear {
             Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
             None => None,
         };
-        Ok(Self::Bf16(Bf16LinearOp {
-            weight: Arc::new(PackedB::from_transposed(
-                &w,
-                out_dim,
-                in_dim,
-                Precision::Bf16,
-            )),
+        Ok(Self::Packed(PackedLinearOp {
+            weight: Arc::new(PackedB::from_transposed(&w, out_dim, in_dim, precision)),
             bias,
         }))
     }
@@ -66,7 +71,7 @@ impl FastLinear {
     pub fn out_dim(&self) -> Result<usize> {
         match self {
             Self::Candle(l) => l.weight().dim(0),
-            Self::Bf16(op) => Ok(op.weight.n()),
+            Self::Packed(op) => Ok(op.weight.n()),
         }
     }
 
@@ -74,7 +79,7 @@ impl FastLinear {
     pub fn in_dim(&self) -> Result<usize> {
         match self {
             Self::Candle(l) => l.weight().dim(1),
-            Self::Bf16(op) => Ok(op.weight.k()),
+            Self::Packed(op) => Ok(op.weight.k()),
         }
     }
 }
@@ -83,22 +88,22 @@ impl Module for FastLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(l) => l.forward(xs),
-            Self::Bf16(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
+            Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
         }
     }
 }
 
-impl CustomOp1 for Bf16LinearOp {
+impl CustomOp1 for PackedLinearOp {
     fn name(&self) -> &'static str {
-        "sketchx-linear-bf16"
+        "sketchx-linear"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(v) = s else {
-            candle_core::bail!("bf16 linear: expected an f32 input");
+            candle_core::bail!("linear: expected an f32 input");
         };
         let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("bf16 linear: expected a contiguous input");
+            candle_core::bail!("linear: expected a contiguous input");
         };
         let x = &v[start..end];
         let (k, n) = (self.weight.k(), self.weight.n());
@@ -153,7 +158,9 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::BF16, &dev);
         // A varmap hands out bf16 tensors for a bf16 builder; the layer widens them again.
         let layer = FastLinear::load(i, o, true, vb.pp("l")).unwrap();
-        assert!(matches!(layer, FastLinear::Bf16(_)));
+        assert!(
+            matches!(&layer, FastLinear::Packed(op) if op.weight.precision() == Precision::Bf16)
+        );
         assert_eq!((layer.in_dim().unwrap(), layer.out_dim().unwrap()), (i, o));
         let got = layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 5, o]);
@@ -163,10 +170,15 @@ mod tests {
                 .to_dtype(DType::F32)
                 .unwrap()
         };
-        let want = Linear::new(round(&w), Some(b)).forward(&round(&x)).unwrap();
+        let want = Linear::new(round(&w), Some(b.clone()))
+            .forward(&round(&x))
+            .unwrap();
         let diff = crate::ops::max_abs_diff(&want, &got);
         assert!(diff < 1e-4, "max diff {diff}");
+        // In f32 the layer computes candle's product (packed when the CPU has AVX-512).
         let f32_layer = FastLinear::load(i, o, true, vb.pp("l").to_dtype(DType::F32)).unwrap();
-        assert!(matches!(f32_layer, FastLinear::Candle(_)));
+        let want = Linear::new(w, Some(b)).forward(&x).unwrap();
+        let diff = crate::ops::max_abs_diff(&want, &f32_layer.forward(&x).unwrap());
+        assert!(diff < 1e-4, "f32: max diff {diff}");
     }
 }
