@@ -61,7 +61,9 @@ fn group_norm(c: &mut Criterion) {
 /// that candle uses, at the shapes of a 3x3 convolution (640 channels, 16x16) and of a feed-forward linear layer
 /// (2 x 1024 tokens, 320 -> 1280).
 fn matmul(c: &mut Criterion) {
-    use sketchx::ops::gemm::{gemm_bf16, gemm_f32, to_bf16, PackedB, Precision};
+    use sketchx::ops::gemm::{
+        gemm_bf16, gemm_f32, gemm_packed, to_bf16, PackedA, PackedB, Precision,
+    };
     for (name, m, n, k) in [
         ("conv3x3_640x16x16", 640, 256, 5760),
         ("linear_2048x320_to_1280", 2048, 1280, 320),
@@ -86,6 +88,16 @@ fn matmul(c: &mut Criterion) {
         g.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
         g.bench_function("sketchx_bf16", |bch| {
             bch.iter(|| gemm_bf16(m, &a16, k, &packed, &mut out, n))
+        });
+        let (pa16, pa32) = (
+            PackedA::new(&a, m, k, Precision::Bf16),
+            PackedA::new(&a, m, k, Precision::F32),
+        );
+        g.bench_function("sketchx_bf16_packed_a", |bch| {
+            bch.iter(|| gemm_packed(&pa16, &packed, &mut out, n))
+        });
+        g.bench_function("sketchx_f32_packed_a", |bch| {
+            bch.iter(|| gemm_packed(&pa32, &packed32, &mut out, n))
         });
         g.bench_function("sketchx_f32", |bch| {
             bch.iter(|| gemm_f32(m, &a, k, &packed32, &mut out, n))

@@ -18,7 +18,7 @@ type CResult<T> = candle_core::Result<T>;
 
 /// A convolution, timed as `conv3x3` or `conv1x1`.
 pub(crate) fn conv(c: &Conv2d, xs: &Tensor) -> CResult<Tensor> {
-    let kind = if c.weight().dim(3)? == 1 {
+    let kind = if c.kernel_shape()[3] == 1 {
         "conv1x1"
     } else {
         "conv3x3"

@@ -4,20 +4,31 @@
 //! its im2col tiles; here the kernel is used as stored (`[c_out, c_in * kh * kw]` is already the GEMM's left
 //! matrix), im2col writes whole shifted rows in parallel (`[c_in * kh * kw, h_out * w_out]`, output lands in NCHW
 //! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
-//! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_bf16`] (the f32 im2col matrix is never
+//! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_packed`] (the f32 im2col matrix is never
 //! built). Other dtypes and devices use candle's conv2d.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Conv2d;
 use rayon::prelude::*;
 
-use super::gemm::{gemm_bf16, PackedB, Precision};
+use super::gemm::{gemm_packed, PackedA, PackedB, Precision};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
 pub struct FastConv2d {
-    inner: Conv2d,
-    op: Option<Conv2dOp>,
+    /// `[c_out, c_in, kh, kw]`.
+    kernel: [usize; 4],
+    imp: ConvImpl,
+}
+
+#[derive(Debug, Clone)]
+enum ConvImpl {
+    /// candle's convolution, and the op that replaces it for f32 CPU inputs when it can.
+    Candle { inner: Conv2d, op: Option<Conv2dOp> },
+    /// The CPU bf16 mode: the kernel packed in bf16 inside the op, the bias in f32.
+    Packed { op: Conv2dOp, bias: Tensor },
 }
 
 impl FastConv2d {
@@ -25,67 +36,87 @@ impl FastConv2d {
     pub fn new(inner: Conv2d) -> Self {
         let cfg = inner.config();
         let op =
-            (cfg.groups == 1 && cfg.dilation == 1 && inner.bias().is_some()).then_some(Conv2dOp {
+            (cfg.groups == 1 && cfg.dilation == 1 && inner.bias().is_some()).then(|| Conv2dOp {
                 stride: cfg.stride,
                 padding: cfg.padding,
+                packed: None,
             });
-        Self { inner, op }
+        let d = inner.weight().dims();
+        let kernel = [d[0], d[1], d[2], d[3]];
+        Self {
+            kernel,
+            imp: ConvImpl::Candle { inner, op },
+        }
     }
 
-    /// For the CPU bf16 mode: the kernel rounded to bf16 (the bias stays f32), run by the bf16 GEMM. A convolution
-    /// the kernel cannot run stays as it is.
+    /// For the CPU bf16 mode: the kernel rounded to bf16 and packed for the bf16 GEMM (the f32 copy is dropped;
+    /// the bias stays f32). A convolution the op cannot run stays as it is.
     pub fn into_cpu_bf16(self) -> Result<Self> {
-        if self.op.is_none() || !self.inner.weight().device().is_cpu() {
+        let ConvImpl::Candle {
+            inner,
+            op: Some(op),
+        } = &self.imp
+        else {
             return Ok(self);
-        }
-        let cfg = *self.inner.config();
-        let weight = self.inner.weight().to_dtype(DType::BF16)?;
-        let bias = self
-            .inner
-            .bias()
-            .map(|b| b.to_dtype(DType::F32))
-            .transpose()?;
+        };
+        let (Some(bias), true) = (inner.bias(), inner.weight().device().is_cpu()) else {
+            return Ok(self);
+        };
+        let [cout, cin, kh, kw] = self.kernel;
+        let w = inner
+            .weight()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let packed = PackedA::new(&w, cout, cin * kh * kw, Precision::Bf16);
         Ok(Self {
-            inner: Conv2d::new(weight, bias, cfg),
-            op: self.op,
+            kernel: self.kernel,
+            imp: ConvImpl::Packed {
+                op: Conv2dOp {
+                    packed: Some(Arc::new((packed, self.kernel))),
+                    ..op.clone()
+                },
+                bias: bias.to_dtype(DType::F32)?,
+            },
         })
     }
 
-    /// The kernel `[c_out, c_in, kh, kw]` (bf16 in the CPU bf16 mode).
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
-    }
-
-    /// The wrapped candle convolution.
-    pub fn inner(&self) -> &Conv2d {
-        &self.inner
+    /// The kernel's shape `[c_out, c_in, kh, kw]`.
+    pub fn kernel_shape(&self) -> [usize; 4] {
+        self.kernel
     }
 }
 
 impl Module for FastConv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match (&self.op, self.inner.bias()) {
-            (Some(op), Some(bias))
-                if super::kernels_enabled()
-                    && xs.device().is_cpu()
-                    && xs.dtype() == DType::F32
-                    && matches!(self.inner.weight().dtype(), DType::F32 | DType::BF16) =>
-            {
-                xs.contiguous()?
-                    .apply_op3_no_bwd(self.inner.weight(), bias, op)
+        let fast = super::kernels_enabled() && xs.device().is_cpu() && xs.dtype() == DType::F32;
+        match &self.imp {
+            ConvImpl::Candle {
+                inner,
+                op: Some(op),
+            } if fast && inner.weight().dtype() == DType::F32 => {
+                let bias = inner.bias().expect("an op only exists with a bias");
+                xs.contiguous()?.apply_op3_no_bwd(inner.weight(), bias, op)
             }
-            _ => self.inner.forward(xs),
+            ConvImpl::Candle { inner, .. } => inner.forward(xs),
+            ConvImpl::Packed { op, bias } => xs
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op2_no_bwd(bias, op),
         }
     }
 }
 
-/// The im2col + GEMM convolution of an f32 input `(b, c_in, h, w)` with a kernel and a bias.
-#[derive(Debug, Clone, Copy)]
+/// The im2col + GEMM convolution of an f32 input `(b, c_in, h, w)` with a kernel and a bias: a custom op on
+/// (input, kernel, bias), or on (input, bias) when the kernel is packed inside it.
+#[derive(Debug, Clone)]
 pub struct Conv2dOp {
     /// Stride along both axes.
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
+    /// The kernel packed for the GEMM (CPU bf16 mode), with its shape `[c_out, c_in, kh, kw]`.
+    packed: Option<Arc<(PackedA, [usize; 4])>>,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -112,10 +143,44 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let (cout, cin, kh, kw) = l2.shape().dims4()?;
+        let w = f32_slice(s2, l2, "conv kernel")?;
+        self.run(s1, l1, Weight::F32(w), [cout, cin, kh, kw], s3, l3)
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "sketchx-conv2d-packed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some(packed) = &self.packed else {
+            candle_core::bail!("conv: no packed kernel");
+        };
+        self.run(s1, l1, Weight::Packed(&packed.0), packed.1, s2, l2)
+    }
+}
+
+impl Conv2dOp {
+    fn run(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        weight: Weight,
+        [cout, wcin, kh, kw]: [usize; 4],
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "conv input")?;
         let bias = f32_slice(s3, l3, "conv bias")?;
         let (b, cin, h, wd) = l1.shape().dims4()?;
-        let (cout, wcin, kh, kw) = l2.shape().dims4()?;
         if wcin != cin || bias.len() != cout {
             candle_core::bail!(
                 "conv: input has {cin} channels, kernel {wcin}, bias {}",
@@ -142,11 +207,6 @@ impl CustomOp3 for Conv2dOp {
         let k = cin * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
         let mut out = vec![0f32; b * cout * n];
-        let weight = match (s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, e))) => Weight::F32(&v[a..e]),
-            (CpuStorage::BF16(v), Some((a, e))) => Weight::Bf16(bf16_bits(&v[a..e])),
-            _ => candle_core::bail!("conv kernel: expected a contiguous f32 or bf16 tensor"),
-        };
         let mut col = match weight {
             Weight::F32(_) if !direct => vec![0f32; k * n],
             _ => Vec::new(),
@@ -167,9 +227,9 @@ impl CustomOp3 for Conv2dOp {
                     };
                     gemm_f32(cout, n, k, w, rhs, ob);
                 }
-                Weight::Bf16(w) => {
+                Weight::Packed(w) => {
                     let rhs = pack(xb, direct, n, k, &g, Precision::Bf16);
-                    gemm_bf16(cout, w, k, &rhs, ob, n);
+                    gemm_packed(w, &rhs, ob, n);
                 }
             }
         }
@@ -191,17 +251,11 @@ fn pack(x: &[f32], direct: bool, n: usize, k: usize, g: &Geometry, p: Precision)
     }
 }
 
-/// A kernel `[c_out, c_in * kh * kw]` as stored: f32, or bf16 bit patterns for the CPU bf16 mode.
+/// A kernel `[c_out, c_in * kh * kw]`: f32 as stored, or packed for the GEMM (CPU bf16 mode).
 #[derive(Clone, Copy)]
 enum Weight<'a> {
     F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-/// The bit patterns of bf16 values.
-pub(crate) fn bf16_bits(v: &[half::bf16]) -> &[u16] {
-    // SAFETY: `half::bf16` is `repr(transparent)` over `u16`: same size, alignment and validity.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len()) }
+    Packed(&'a PackedA),
 }
 
 /// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32, all row-major and contiguous.
@@ -332,12 +386,28 @@ mod tests {
         );
         let xs = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
         let want = conv.forward(&xs).unwrap();
-        let got = FastConv2d::new(conv).forward(&xs).unwrap();
+        let got = FastConv2d::new(conv.clone()).forward(&xs).unwrap();
         assert_eq!(want.dims(), got.dims());
         let diff = crate::ops::max_abs_diff(&want, &got);
         assert!(
             diff < 1e-4,
             "cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
+        );
+        // bf16: candle's f32 convolution of the bf16-rounded kernel and input.
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let rounded = Conv2d::new(round(conv.weight()), conv.bias().cloned(), cfg);
+        let want = rounded.forward(&round(&xs)).unwrap();
+        let fast = FastConv2d::new(conv).into_cpu_bf16().unwrap();
+        assert!(matches!(fast.imp, ConvImpl::Packed { .. }));
+        let diff = crate::ops::max_abs_diff(&want, &fast.forward(&xs).unwrap());
+        assert!(
+            diff < 1e-4,
+            "bf16: cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
         );
     }
 

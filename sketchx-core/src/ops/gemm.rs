@@ -204,6 +204,78 @@ impl PackedB {
     }
 }
 
+/// A left operand packed once (a layer's kernel): blocks of [`MR`] rows, word-interleaved so that the micro-kernel
+/// reads its 8 broadcast words from one 32-byte line per step instead of 8 rows.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    precision: Precision,
+    /// `ceil(m / MR) x words x MR` words; rows past `m` and entries past `k` are zero.
+    data: Vec<u32>,
+}
+
+impl PackedA {
+    /// Packs a row-major `m x k` f32 matrix (rounded to bf16 for [`Precision::Bf16`]).
+    pub fn new(a: &[f32], m: usize, k: usize, precision: Precision) -> Self {
+        assert_eq!(a.len(), m * k, "matrix size");
+        let words = k.div_ceil(precision.per_word());
+        let mut data = vec![0u32; m.div_ceil(MR) * words * MR];
+        data.par_chunks_mut(words * MR)
+            .enumerate()
+            .for_each(|(blk, out)| {
+                for r in 0..(m - blk * MR).min(MR) {
+                    let row = &a[(blk * MR + r) * k..][..k];
+                    for p in 0..words {
+                        out[p * MR + r] = match precision {
+                            Precision::F32 => row[p].to_bits(),
+                            Precision::Bf16 => {
+                                let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
+                                round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
+                            }
+                        };
+                    }
+                }
+            });
+        Self {
+            m,
+            k,
+            precision,
+            data,
+        }
+    }
+
+    /// Rows (`m`).
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Columns (`k`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The matrix back in f32, row-major `m x k` (the portable path, and tests).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let per = self.precision.per_word();
+        let words = self.k.div_ceil(per);
+        let mut out = vec![0f32; self.m * self.k];
+        for r in 0..self.m {
+            for c in 0..self.k {
+                let w = self.data[((r / MR) * words + c / per) * MR + r % MR];
+                out[r * self.k + c] = match self.precision {
+                    Precision::F32 => f32::from_bits(w),
+                    Precision::Bf16 => {
+                        let bits = if c % 2 == 0 { w & 0xffff } else { w >> 16 };
+                        bf16::from_bits(bits as u16).to_f32()
+                    }
+                };
+            }
+        }
+        out
+    }
+}
+
 /// Writes word row `p` of every panel from one (f32: `r1` unused) or two (bf16) source rows of `panels * NR` values (past `n`
 /// they are stale, but only ever multiplied into columns that are not stored).
 ///
@@ -269,7 +341,12 @@ unsafe impl<T> Send for SendPtr<T> {}
 pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     assert_eq!(b.precision, Precision::F32, "B is packed in bf16");
     if check(m, a.len(), lda, b, c.len(), ldc) {
-        run(m, a.as_ptr().cast(), 4, lda, b, c, ldc, || {
+        let view = AView::Rows {
+            ptr: a.as_ptr().cast(),
+            elem: 4,
+            lda,
+        };
+        run(m, view, b, c, ldc, || {
             a.chunks(lda)
                 .take(m)
                 .flat_map(|r| &r[..b.k])
@@ -284,7 +361,12 @@ pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc
 pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     assert_eq!(b.precision, Precision::Bf16, "B is packed in f32");
     if check(m, a.len(), lda, b, c.len(), ldc) {
-        run(m, a.as_ptr().cast(), 2, lda, b, c, ldc, || {
+        let view = AView::Rows {
+            ptr: a.as_ptr().cast(),
+            elem: 2,
+            lda,
+        };
+        run(m, view, b, c, ldc, || {
             a.chunks(lda)
                 .take(m)
                 .flat_map(|r| &r[..b.k])
@@ -292,6 +374,29 @@ pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ld
                 .collect()
         });
     }
+}
+
+/// `C += A B` with both operands packed in the same precision; `C` row-major `a.m() x b.n()` with row stride
+/// `ldc`.
+pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
+    assert_eq!(
+        a.precision, b.precision,
+        "A and B are packed in different precisions"
+    );
+    assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
+    let m = a.m;
+    if m == 0 || b.n == 0 || b.k == 0 {
+        return;
+    }
+    assert!(
+        ldc >= b.n && c.len() >= (m - 1) * ldc + b.n,
+        "C is too small"
+    );
+    let view = AView::Packed {
+        ptr: a.data.as_ptr(),
+        words: b.words(),
+    };
+    run(m, view, b, c, ldc, || a.to_f32());
 }
 
 /// Checks the operands' sizes; `false` when there is nothing to compute.
@@ -304,13 +409,26 @@ fn check(m: usize, a_len: usize, lda: usize, b: &PackedB, c_len: usize, ldc: usi
     true
 }
 
+/// Where the micro-kernel finds `A`.
+#[derive(Clone, Copy)]
+enum AView {
+    /// Row-major, `elem` bytes per entry, `lda` entries per row.
+    Rows {
+        ptr: *const u8,
+        elem: usize,
+        lda: usize,
+    },
+    /// A [`PackedA`] with `words` words per row.
+    Packed { ptr: *const u32, words: usize },
+}
+// SAFETY: a view only reads, and the matrix outlives the product.
+unsafe impl Send for AView {}
+unsafe impl Sync for AView {}
+
 /// Runs the AVX-512 kernels, or the `gemm` crate on `A` widened by `widen` (contiguous `m x k` f32).
-#[allow(clippy::too_many_arguments)]
 fn run(
     m: usize,
-    a: *const u8,
-    elem: usize,
-    lda: usize,
+    a: AView,
     b: &PackedB,
     c: &mut [f32],
     ldc: usize,
@@ -318,10 +436,10 @@ fn run(
 ) {
     #[cfg(target_arch = "x86_64")]
     if b.precision.has_fast_kernel() {
-        tiles(m, a, elem, lda, b, c, ldc);
+        tiles(m, a, b, c, ldc);
         return;
     }
-    let _ = (a, elem);
+    let _ = a;
     let (k, n) = (b.k, b.n);
     let (af, bf) = (widen(), b.to_f32());
     // SAFETY: dst is m x n with row stride ldc (checked), lhs m x k and rhs k x n are contiguous.
@@ -353,7 +471,7 @@ fn run(
 /// Splits `C` into tiles of up to [`MB_MAX`] rows x `NP * NR` columns, run in parallel, each walking `k` in
 /// blocks of [`KC`] words and its rows in groups of [`MR`].
 #[cfg(target_arch = "x86_64")]
-fn tiles(m: usize, a: *const u8, elem: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+fn tiles(m: usize, a: AView, b: &PackedB, c: &mut [f32], ldc: usize) {
     let (k, n) = (b.k, b.n);
     let panels = n.div_ceil(NR);
     let col_blocks = panels.div_ceil(NP);
@@ -364,11 +482,11 @@ fn tiles(m: usize, a: *const u8, elem: usize, lda: usize, b: &PackedB, c: &mut [
         mb = (mb / 2).div_ceil(MR) * MR;
     }
     let row_blocks = m.div_ceil(mb);
-    let (cptr, aptr) = (SendPtr(c.as_mut_ptr()), SendPtr(a.cast_mut()));
+    let cptr = SendPtr(c.as_mut_ptr());
     let (words, panel_len, per) = (b.words(), b.panel_len(), b.precision.per_word());
     let bf16 = b.precision == Precision::Bf16;
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
-        let (cptr, aptr) = (&cptr, &aptr);
+        let cptr = &cptr;
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
         let p0 = cb * NP;
@@ -376,19 +494,34 @@ fn tiles(m: usize, a: *const u8, elem: usize, lda: usize, b: &PackedB, c: &mut [
         let last_cols = n - (p0 + np - 1) * NR;
         for w0 in (0..words).step_by(KC) {
             let w1 = (w0 + KC).min(words);
-            // Whole words in this block, and whether it ends with a lone bf16 entry (odd k).
-            let tail = bf16 && w1 == words && k % 2 == 1;
+            // Whole words in this block, and whether it ends with a lone bf16 entry (odd k) of a row-major A
+            // (a packed A pairs it with zero).
+            let tail = bf16 && w1 == words && k % 2 == 1 && matches!(a, AView::Rows { .. });
             let full = w1 - w0 - tail as usize;
             let mut r = r0;
             while r < r1 {
                 let mr = (r1 - r).min(MR);
+                // SAFETY (for the pointer offsets): row r < m of A from entry per * w0 < k (r is a multiple of MR
+                // for a packed A); panels p0..p0 + np exist; rows r..r + mr and columns from p0 * NR are the
+                // task's own tile of C.
+                let (a_ptr, lda, a_step) = match a {
+                    AView::Rows { ptr, elem, lda } => (
+                        unsafe { ptr.add((r * lda + per * w0) * elem) },
+                        lda * elem,
+                        4,
+                    ),
+                    AView::Packed { ptr, words } => (
+                        unsafe { ptr.add(((r / MR) * words + w0) * MR) }.cast::<u8>(),
+                        4,
+                        4 * MR,
+                    ),
+                };
                 let call = x86::Call {
                     full,
                     tail,
-                    // SAFETY (for the pointer offsets): row r < m of A from entry per * w0 < k; panels
-                    // p0..p0 + np exist; rows r..r + mr and columns from p0 * NR are the task's own tile of C.
-                    a: unsafe { aptr.0.add((r * lda + per * w0) * elem) },
-                    lda: lda * elem,
+                    a: a_ptr,
+                    lda,
+                    a_step,
                     b: unsafe { b.data.as_ptr().add(p0 * panel_len + w0 * NR) },
                     panel_len,
                     c: unsafe { cptr.0.add(r * ldc + p0 * NR) },
@@ -455,9 +588,10 @@ mod x86 {
     pub(super) struct Call {
         pub full: usize,
         pub tail: bool,
-        /// Row 0 of `A` at the block's first entry; `lda` in bytes.
+        /// Row 0 of `A` at the block's first entry; `lda` (next row) and `a_step` (next word) in bytes.
         pub a: *const u8,
         pub lda: usize,
+        pub a_step: usize,
         /// Panel 0 of `B` at the block's first word; panels are `panel_len` words apart.
         pub b: *const u32,
         pub panel_len: usize,
@@ -515,10 +649,11 @@ mod x86 {
                     }
                     for r in 0..R {
                         let row = k.a.add(r * k.lda);
+                        let off = p * k.a_step;
                         let av: __m512i = if tail {
-                            $tail_bcast(row, p)
+                            $tail_bcast(row, off)
                         } else {
-                            $bcast(row, p)
+                            $bcast(row, off)
                         };
                         for q in 0..P {
                             acc[r][q] = $fma(acc[r][q], av, bv[q]);
@@ -543,7 +678,7 @@ mod x86 {
     micro_kernel!(
         kernel_f32,
         "avx512f,avx512bw",
-        |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<i32>().read_unaligned()),
+        |row: *const u8, off: usize| _mm512_set1_epi32(row.add(off).cast::<i32>().read_unaligned()),
         |_: *const u8, _: usize| _mm512_setzero_si512(),
         |acc: __m512, a: __m512i, b: __m512i| _mm512_fmadd_ps(
             _mm512_castsi512_ps(a),
@@ -556,10 +691,10 @@ mod x86 {
         kernel_bf16,
         "avx512f,avx512bw,avx512bf16",
         // Two consecutive bf16 entries of the row: one 32-bit word.
-        |row: *const u8, p: usize| _mm512_set1_epi32(row.add(4 * p).cast::<i32>().read_unaligned()),
+        |row: *const u8, off: usize| _mm512_set1_epi32(row.add(off).cast::<i32>().read_unaligned()),
         // The lone last entry, paired with zero (B's pad is zero too).
-        |row: *const u8, p: usize| _mm512_set1_epi32(
-            row.add(4 * p).cast::<u16>().read_unaligned() as i32
+        |row: *const u8, off: usize| _mm512_set1_epi32(
+            row.add(off).cast::<u16>().read_unaligned() as i32
         ),
         |acc: __m512, a: __m512i, b: __m512i| _mm512_dpbf16_ps(
             acc,
@@ -674,6 +809,7 @@ mod tests {
             });
             // All of these values are exact in bf16.
             assert_eq!(packed.to_f32(), b, "{p:?}");
+            assert_eq!(PackedA::new(&b, k, n, p).to_f32(), b, "{p:?}");
         }
     }
 
