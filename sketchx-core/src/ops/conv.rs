@@ -36,7 +36,7 @@ impl FastConv2d {
     pub fn new(inner: Conv2d) -> Self {
         let cfg = inner.config();
         let op =
-            (cfg.groups == 1 && cfg.dilation == 1 && inner.bias().is_some()).then(|| Conv2dOp {
+            (cfg.groups == 1 && cfg.dilation == 1 && inner.bias().is_some()).then_some(Conv2dOp {
                 stride: cfg.stride,
                 padding: cfg.padding,
                 packed: None,
