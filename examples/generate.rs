@@ -71,6 +71,9 @@ struct Args {
     /// cpu, cuda, cuda:N or metal (GPU devices need the `cuda` / `metal` cargo feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Decode in overlapping tiles (diffusers' `vae.enable_tiling()`): far less memory for large images.
+    #[arg(long)]
+    vae_tiling: bool,
 }
 
 fn run(args: Args) -> sketchx::Result<()> {
@@ -92,6 +95,7 @@ fn run(args: Args) -> sketchx::Result<()> {
     let sketch = Sketch::open(&args.sketch)?;
     let mut config = EngineConfig::new(&args.model, &args.controlnet)?;
     config.device = device_from_name(&args.device)?;
+    config.vae_tiling = args.vae_tiling;
     if !config.device.is_cpu() {
         config.dtype = candle_core::DType::F16;
     }
