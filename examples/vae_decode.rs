@@ -73,7 +73,7 @@ fn run(args: Args) -> sketchx::Result<()> {
     let mut seconds = Vec::with_capacity(args.runs);
     let mut image = None;
     for _ in 0..args.runs.max(1) {
-        image = None; // the previous image is freed before the next decode, as in a job
+        drop(image.take()); // the previous image is freed before the next decode, as in a job
         let t = Instant::now();
         let img = if args.vae_tiling {
             vae.decode_tiled(&latents)?
