@@ -77,6 +77,9 @@ struct Args {
     /// (fast with AVX-512 BF16) and everything else in f32.
     #[arg(long)]
     dtype: Option<String>,
+    /// Decode in overlapping tiles (diffusers' `vae.enable_tiling()`): far less memory for large images.
+    #[arg(long)]
+    vae_tiling: bool,
 }
 
 fn run(args: Args) -> sketchx::Result<()> {
@@ -99,6 +102,7 @@ fn run(args: Args) -> sketchx::Result<()> {
     let mut config = EngineConfig::new(&args.model, &args.controlnet)?;
     config.device = device_from_name(&args.device)?;
     config.dtype = dtype_from_name(args.dtype.as_deref(), &config.device)?;
+    config.vae_tiling = args.vae_tiling;
     eprintln!("loading {} + {} ...", args.model, args.controlnet);
     let t0 = Instant::now();
     let engine = Engine::load(&config)?;

@@ -322,6 +322,13 @@ typedef struct sketchx_pipeline_options {
    * is freed.
    */
   void *user_data;
+  /**
+   * Non-zero: decode images in overlapping tiles, as diffusers after `vae.enable_tiling()` (the VAE
+   * decoder's memory stays that of one 512x512 tile for SD1.5, whatever the image size; pixels near the
+   * seams differ from an untiled decode). 0: one piece (the default). A VAE whose config gives no
+   * usable tile size then fails `sketchx_pipeline_new` with `SKETCHX_MODEL_UNSUPPORTED`.
+   */
+  int vae_tiling;
 } sketchx_pipeline_options;
 
 /**

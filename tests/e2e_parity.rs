@@ -1,7 +1,8 @@
 //! End-to-end parity with diffusers' `StableDiffusionControlNetPipeline` on the tiny fixture models: the same
 //! request (prompt, seed, scale, size, scheduler, sketch) must give the same pixels. Bound per image: mean
 //! |difference| <= 0.25 and 99.9th percentile <= 4 (0..255 units). Also proves the fixtures are sensitive: the
-//! sketch, prompt, seed and scale each change the image far beyond that bound.
+//! sketch, prompt, seed and scale each change the image far beyond that bound. With `vae_tiling`, the same holds
+//! against diffusers' pipeline after `vae.enable_tiling()` (`reference/e2e_vae_tiling`).
 
 mod common;
 use common::*;
@@ -15,12 +16,17 @@ use sketchx::engine::{Engine, EngineConfig, Generated};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
 
-/// The engine for a (model, controlnet) pair of fixture directories in `dtype`, loaded once per test binary.
-fn engine_in(model: &str, controlnet: &str, dtype: DType) -> &'static Engine {
-    type Key = (String, String, DType);
+/// The engine for a (model, controlnet) pair of fixture directories in f32, loaded once per test binary.
+fn engine_for(model: &str, controlnet: &str) -> &'static Engine {
+    engine_with(model, controlnet, DType::F32, false)
+}
+
+/// As [`engine_for`], in `dtype` and with [`EngineConfig::vae_tiling`] set to `vae_tiling`.
+fn engine_with(model: &str, controlnet: &str, dtype: DType, vae_tiling: bool) -> &'static Engine {
+    type Key = (String, String, DType, bool);
     static ENGINES: OnceLock<Mutex<HashMap<Key, &'static Engine>>> = OnceLock::new();
     let mut map = ENGINES.get_or_init(Default::default).lock().unwrap();
-    map.entry((model.to_string(), controlnet.to_string(), dtype))
+    map.entry((model.to_string(), controlnet.to_string(), dtype, vae_tiling))
         .or_insert_with(|| {
             let f = fixtures();
             let mut cfg = EngineConfig::new(
@@ -29,12 +35,15 @@ fn engine_in(model: &str, controlnet: &str, dtype: DType) -> &'static Engine {
             )
             .unwrap();
             cfg.dtype = dtype;
-            Box::leak(Box::new(Engine::load(&cfg).expect("fixture models load")))
+            cfg.vae_tiling = vae_tiling;
+            let engine = Engine::load(&cfg).expect("fixture models load");
+            assert_eq!(engine.vae_tiling(), vae_tiling);
+            Box::leak(Box::new(engine))
         })
 }
 
 fn engine() -> &'static Engine {
-    engine_in("tiny-sd", "tiny-controlnet", DType::F32)
+    engine_for("tiny-sd", "tiny-controlnet")
 }
 
 /// (mean |diff|, 99.9th percentile |diff|) between two RGB8 images.
@@ -72,7 +81,12 @@ fn generate(req: &GenerationRequest, sketch: &str) -> Generated {
 }
 
 fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("reference/e2e/cases.json")).unwrap();
+    cases_in("e2e")
+}
+
+fn cases_in(dir: &str) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(fixtures().join("reference").join(dir).join("cases.json")).unwrap();
     serde_json::from_str::<Value>(&text)
         .unwrap()
         .as_array()
@@ -91,10 +105,11 @@ fn for_every_case(dtype: DType, mut check: impl FnMut(&str, usize, &[u8], &[u8])
                 .join(case["sketch"].as_str().unwrap()),
         )
         .unwrap();
-        let engine = engine_in(
+        let engine = engine_with(
             case["model"].as_str().unwrap(),
             case["controlnet"].as_str().unwrap(),
             dtype,
+            false,
         );
         let out = engine.generate(&req, &sketch, &mut |_| true).unwrap();
         let refs = case["images"].as_array().unwrap();
@@ -293,4 +308,110 @@ fn no_seed_draws_a_json_safe_random_seed_and_reports_it() {
         a.images, b.images,
         "the reported seed reproduces the images"
     );
+}
+
+fn reference_image(dir: &str, file: &Value) -> image::RgbImage {
+    image::open(
+        fixtures()
+            .join("reference")
+            .join(dir)
+            .join(file.as_str().unwrap()),
+    )
+    .unwrap()
+    .to_rgb8()
+}
+
+fn generate_case(case: &Value, vae_tiling: bool) -> Generated {
+    let sketch = Sketch::open(
+        &fixtures()
+            .join("sketches")
+            .join(case["sketch"].as_str().unwrap()),
+    )
+    .unwrap();
+    let model = case["model"].as_str().unwrap();
+    let controlnet = case["controlnet"].as_str().unwrap();
+    engine_with(model, controlnet, DType::F32, vae_tiling)
+        .generate(&request_for(case), &sketch, &mut |_| true)
+        .unwrap()
+}
+
+#[test]
+fn vae_tiling_cases_match_diffusers_with_enable_tiling() {
+    let cases = cases_in("e2e_vae_tiling");
+    assert_eq!(cases.len(), 2);
+    let mut report = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap().to_string();
+        assert_eq!(case["vae_tiling"], Value::Bool(true), "{name}");
+        let tiled = generate_case(&case, true);
+        let untiled = generate_case(&case, false);
+        let refs = case["images"].as_array().unwrap();
+        assert_eq!(tiled.images.len(), refs.len(), "{name}: image count");
+        for (i, file) in refs.iter().enumerate() {
+            let theirs = reference_image("e2e_vae_tiling", file);
+            assert_eq!(
+                (theirs.width(), theirs.height()),
+                (tiled.width, tiled.height)
+            );
+            let (mean, p999) = diff_stats(&tiled.images[i], theirs.as_raw());
+            let (umean, up999) = diff_stats(&untiled.images[i], theirs.as_raw());
+            report.push(format!(
+                "{name}[{i}]: tiled mean {mean:.4}, p99.9 {p999}; untiled mean {umean:.4}, p99.9 {up999}"
+            ));
+            assert!(
+                mean <= 0.25 && p999 <= 4.0,
+                "{name}[{i}]: mean {mean}, p99.9 {p999}"
+            );
+            // Without tiling the seams are missing: the reference tells tiled from untiled decoding.
+            assert!(
+                up999 > 4.0,
+                "{name}[{i}]: the untiled image is within the bound too (p99.9 {up999})"
+            );
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn vae_tiling_leaves_images_within_one_tile_unchanged() {
+    // 64x64 on tiny-sd: 8x8 latents, exactly one tile (diffusers tiles only latents larger than a tile).
+    let case = cases()
+        .into_iter()
+        .find(|c| c["name"] == "square_cfg")
+        .unwrap();
+    let tiled = generate_case(&case, true);
+    assert_eq!(tiled.images, generate_case(&case, false).images);
+}
+
+#[test]
+fn pipeline_with_vae_tiling_matches_diffusers_with_enable_tiling() {
+    use sketchx::{JobState, Pipeline, PipelineConfig};
+    let case = cases_in("e2e_vae_tiling")
+        .into_iter()
+        .find(|c| c["name"] == "tiled_nonsquare")
+        .unwrap();
+    let (model, controlnet) = tiny_models();
+    let mut config = PipelineConfig::new(&model, &controlnet).unwrap();
+    config.engine.vae_tiling = true;
+    config.cleanup_interval = None;
+    let out = scratch_dir("vae-tiling");
+    config.output_dir = out.clone();
+    let pipe = Pipeline::new(config).unwrap();
+    let sketch = fixtures()
+        .join("sketches")
+        .join(case["sketch"].as_str().unwrap());
+    let id = pipe.submit(request_for(&case), sketch.as_path()).unwrap();
+    let status = pipe
+        .wait(&id, Some(std::time::Duration::from_secs(300)))
+        .unwrap();
+    assert_eq!(status.state, JobState::Completed, "{}", status.message);
+    let ours = image::open(&status.images[0]).unwrap().to_rgb8();
+    let theirs = reference_image("e2e_vae_tiling", &case["images"][0]);
+    let (mean, p999) = diff_stats(ours.as_raw(), theirs.as_raw());
+    assert!(
+        mean <= 0.25 && p999 <= 4.0,
+        "pipeline with vae_tiling: mean {mean}, p99.9 {p999}"
+    );
+    pipe.shutdown();
+    std::fs::remove_dir_all(out).unwrap();
 }

@@ -274,3 +274,133 @@ fn fp16_variant_files_are_preferred_when_asked_and_upcast() {
     assert_close("unet from fp16 weights", &out, &r["unet.out_plain"], 2e-2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The tiny VAE of `dir` (`tiny-sd`: 4 blocks, sample_size 64; `tiny-sd-alt`: 2 blocks, sample_size 32).
+fn vae(dir: &str) -> Vae {
+    let r = Resolver::new(ModelSource::Local(fixtures().join(dir))).unwrap();
+    let cfg: serde_json::Value = r.json("vae/config.json").unwrap();
+    let w = r.weights("vae", None).unwrap();
+    Vae::new(
+        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
+        &cfg,
+        "vae/config.json",
+    )
+    .unwrap()
+}
+
+#[test]
+fn tiled_vae_decode_matches_diffusers_enable_tiling() {
+    let r = candle_core::safetensors::load(
+        fixtures().join("reference/vae_tiling.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("reference tensors (run tools/make_fixtures.py)");
+    // (case, model, tile geometry from its config.json: latent tile, stride, blended px, kept px)
+    for (case, dir, geometry) in [
+        ("tiny", "tiny-sd", (8, 6, 16, 48)),
+        ("tiny_stride_multiple", "tiny-sd", (8, 6, 16, 48)),
+        ("alt", "tiny-sd-alt", (16, 12, 8, 24)),
+    ] {
+        let vae = vae(dir);
+        let t = vae.tiling().unwrap();
+        assert_eq!(
+            (t.latent_size, t.latent_stride, t.blend_extent, t.row_limit),
+            geometry,
+            "{case}"
+        );
+        let latents = &r[&format!("{case}.latents")];
+        let (_, _, h, w) = latents.dims4().unwrap();
+        assert!(
+            h > t.latent_size && w > t.latent_size && h != w,
+            "{case}: tiled both ways"
+        );
+        let tiled = vae.decode_tiled(latents).unwrap();
+        assert_close(
+            &format!("tiled vae decode {case}"),
+            &tiled,
+            &r[&format!("{case}.image")],
+            1e-5,
+        );
+        // Tiling changes the pixels (each tile's group norms and attention see only the tile): the reference
+        // is not the untiled decode, so this test could not pass with tiling ignored.
+        let (d, _) = max_diff(&vae.decode(latents).unwrap(), &tiled);
+        assert!(d > 1e-2, "{case}: tiled equals untiled (max |diff| {d})");
+    }
+}
+
+#[test]
+fn tiled_vae_decode_of_one_tile_or_less_is_the_untiled_decode() {
+    // Smooth, deterministic latents of roughly unit scale.
+    let all = (Tensor::arange(0f32, (4 * 20 * 20) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 4, 20, 20))
+        .unwrap()
+        * 0.37)
+        .unwrap()
+        .sin()
+        .unwrap();
+    for (dir, sizes) in [
+        ("tiny-sd", [(8, 12), (8, 8), (5, 7), (1, 1)]),
+        ("tiny-sd-alt", [(17, 16), (16, 16), (16, 9), (2, 2)]),
+    ] {
+        let vae = vae(dir);
+        let t = vae.tiling().unwrap();
+        for (h, w) in sizes {
+            let latents = all.narrow(2, 0, h).unwrap().narrow(3, 0, w).unwrap();
+            let expect_tiled = h > t.latent_size || w > t.latent_size;
+            assert_eq!(t.applies_to(h, w), expect_tiled);
+            let plain = vae.decode(&latents).unwrap();
+            let tiled = vae.decode_tiled(&latents).unwrap();
+            assert_eq!(plain.dims(), tiled.dims());
+            let (d, _) = max_diff(&plain, &tiled);
+            if expect_tiled {
+                // Just over one tile along one side: tiled, and different.
+                assert!(d > 1e-2, "{dir} {h}x{w}: tiled equals untiled");
+            } else {
+                assert_eq!(
+                    d, 0.0,
+                    "{dir} {h}x{w}: within one tile, must be the untiled decode exactly"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn vae_whose_sample_size_gives_no_usable_tiles_is_refused_for_tiling_only() {
+    let sd = sd();
+    let w = sd.weights("vae", None).unwrap();
+    let mut cfg: serde_json::Value = sd.json("vae/config.json").unwrap();
+    for (bad, needle) in [
+        (serde_json::json!(8), "stride of 0"),
+        (serde_json::json!([64, 96]), "not one size"),
+        (serde_json::json!(72), "requested size"),
+    ] {
+        cfg["sample_size"] = bad;
+        let vae = Vae::new(
+            var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
+            &cfg,
+            "vae/config.json",
+        )
+        .unwrap();
+        let err = vae.tiling().unwrap_err();
+        assert!(
+            matches!(&err, sketchx::Error::UnsupportedModel { path, message }
+                if path == "vae/config.json" && message.contains(needle)),
+            "{err}"
+        );
+        let latents = Tensor::zeros((1, 4, 9, 9), DType::F32, &Device::Cpu).unwrap();
+        assert!(vae.decode_tiled(&latents).is_err());
+        // Untiled decoding does not need the tile size.
+        assert_eq!(vae.decode(&latents).unwrap().dims(), &[1, 3, 72, 72]);
+    }
+    // A list of one size is that size (diffusers reads sample_size[0] for the latent tile).
+    cfg["sample_size"] = serde_json::json!([64, 64]);
+    let vae = Vae::new(
+        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
+        &cfg,
+        "vae/config.json",
+    )
+    .unwrap();
+    assert_eq!(vae.tiling().unwrap().latent_size, 8);
+}

@@ -18,7 +18,7 @@ static void usage(const char *argv0) {
             "usage: %s --sketch PATH [--prompt TEXT] [--negative-prompt TEXT] [--temperature X]\n"
             "          [--guidance-scale X] [--num-images N] [--steps N] [--seed N] [--width N] [--height N]\n"
             "          [--scheduler euler_a|euler|ddim] [--preprocess scribble|none] [--model ID_OR_DIR]\n"
-            "          [--controlnet ID_OR_DIR] [--out DIR] [--device cpu|cuda|metal]\n",
+            "          [--controlnet ID_OR_DIR] [--out DIR] [--device cpu|cuda|metal] [--vae-tiling]\n",
             argv0);
 }
 
@@ -59,6 +59,10 @@ int main(int argc, char **argv) {
         if (strcmp(flag, "--version") == 0) {
             printf("generate (sketchx %s)\n", sketchx_version());
             return 0;
+        }
+        if (strcmp(flag, "--vae-tiling") == 0) { /* the only flag without a value */
+            options.vae_tiling = 1;
+            continue;
         }
         if (i + 1 >= argc) {
             fprintf(stderr, "error: %s needs a value\n", flag);

@@ -35,6 +35,8 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     p.add_argument("--controlnet", default=sketchx.DEFAULT_CONTROLNET, help="ControlNet: Hub repo id or directory")
     p.add_argument("--out", default="generated", help="output directory (created if missing)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or metal")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping tiles (diffusers' vae.enable_tiling()): less memory for large images")
     return p.parse_args(argv)
 
 
@@ -44,7 +46,12 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"loading {args.model} + {args.controlnet} ...", file=sys.stderr)
         t0 = time.monotonic()
         with sketchx.Pipeline(
-            args.model, args.controlnet, device=args.device, output_dir=args.out, cleanup_interval_secs=None
+            args.model,
+            args.controlnet,
+            device=args.device,
+            output_dir=args.out,
+            cleanup_interval_secs=None,
+            vae_tiling=args.vae_tiling,
         ) as pipe:
             print(f"models loaded in {time.monotonic() - t0:.1f}s", file=sys.stderr)
             t1 = time.monotonic()

@@ -46,6 +46,12 @@ pub struct EngineConfig {
     pub dtype: DType,
     /// A weights variant to prefer, e.g. `fp16` for `*.fp16.safetensors`; the plain files are used otherwise.
     pub variant: Option<String>,
+    /// Decode images in overlapping tiles, as diffusers after `vae.enable_tiling()` (see
+    /// [`Vae::decode_tiled`]): the VAE decoder's memory stays that of one tile (512x512 pixels for SD1.5)
+    /// whatever the image size, and pixels near the seams differ from an untiled decode. Only images larger
+    /// than one tile are affected. Default `false`, as in diffusers. With it on, [`Engine::load`] refuses a VAE
+    /// whose config gives no usable tile size ([`Error::UnsupportedModel`]).
+    pub vae_tiling: bool,
 }
 
 impl EngineConfig {
@@ -57,6 +63,7 @@ impl EngineConfig {
             device: Device::Cpu,
             dtype: DType::F32,
             variant: None,
+            vae_tiling: false,
         })
     }
 
@@ -68,6 +75,7 @@ impl EngineConfig {
             device: Device::Cpu,
             dtype: DType::F32,
             variant: None,
+            vae_tiling: false,
         })
     }
 }
@@ -171,6 +179,7 @@ pub struct Engine {
     scheduler_config: SchedulerConfig,
     device: Device,
     dtype: DType,
+    vae_tiling: bool,
     prompt_cache: Mutex<VecDeque<(String, Tensor)>>,
 }
 
@@ -218,6 +227,9 @@ impl Engine {
         let vae_path = base.weights("vae", variant)?;
         let vae = Vae::new(var_builder(&vae_path, dt, dev)?, &vae_json, &vae_origin)
             .map_err(|e| candle_to_file(e, &vae_path))?;
+        if config.vae_tiling {
+            vae.tiling()?;
+        }
 
         let sched_path = base.get("scheduler/scheduler_config.json")?;
         let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
@@ -264,6 +276,7 @@ impl Engine {
             scheduler_config,
             device: config.device.clone(),
             dtype: activation_dtype(&config.device, config.dtype),
+            vae_tiling: config.vae_tiling,
             prompt_cache: Mutex::new(VecDeque::new()),
         })
     }
@@ -276,6 +289,11 @@ impl Engine {
     /// The type the networks take and return (f32 in the CPU bf16 mode, see [`EngineConfig::dtype`]).
     pub fn activation_dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Whether images are decoded in tiles ([`EngineConfig::vae_tiling`]).
+    pub fn vae_tiling(&self) -> bool {
+        self.vae_tiling
     }
 
     /// Image pixels per latent pixel (8 for SD1.5).
@@ -454,7 +472,12 @@ impl Engine {
         let mut images = Vec::with_capacity(n);
         for k in 0..n {
             let lat = latents.narrow(0, k, 1)?.to_dtype(dt)?;
-            let img = self.vae.decode(&lat)?.to_dtype(DType::F32)?;
+            let img = if self.vae_tiling {
+                self.vae.decode_tiled(&lat)?
+            } else {
+                self.vae.decode(&lat)?
+            };
+            let img = img.to_dtype(DType::F32)?;
             let hwc = img
                 .squeeze(0)?
                 .permute((1, 2, 0))?

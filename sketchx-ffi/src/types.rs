@@ -166,6 +166,11 @@ pub struct sketchx_pipeline_options {
     /// Passed unchanged to `progress_callback`; owned by the caller, who must keep it valid until the pipeline
     /// is freed.
     pub user_data: *mut c_void,
+    /// Non-zero: decode images in overlapping tiles, as diffusers after `vae.enable_tiling()` (the VAE
+    /// decoder's memory stays that of one 512x512 tile for SD1.5, whatever the image size; pixels near the
+    /// seams differ from an untiled decode). 0: one piece (the default). A VAE whose config gives no
+    /// usable tile size then fails `sketchx_pipeline_new` with `SKETCHX_MODEL_UNSUPPORTED`.
+    pub vae_tiling: c_int,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -273,6 +278,7 @@ impl sketchx_pipeline_options {
             drain_on_shutdown: c_int::from(c.shutdown == ShutdownPolicy::Drain),
             progress_callback: None,
             user_data: std::ptr::null_mut(),
+            vae_tiling: c_int::from(c.engine.vae_tiling),
         })
     }
 
@@ -298,6 +304,7 @@ impl sketchx_pipeline_options {
         // f32 on the CPU, f16 on GPUs, unless asked otherwise.
         c.engine.dtype = dtype_from_name(dtype, &c.engine.device)?;
         c.engine.variant = variant.map(String::from);
+        c.engine.vae_tiling = self.vae_tiling != 0;
         if let Some(o) = output_dir {
             c.output_dir = PathBuf::from(o);
         }
@@ -451,7 +458,20 @@ mod tests {
         assert_eq!(c.preview_every, d.preview_every);
         assert_eq!(c.shutdown, d.shutdown);
         assert_eq!(c.engine.dtype, candle_core::DType::F32);
+        assert_eq!(o.vae_tiling, 0);
+        assert!(!c.engine.vae_tiling);
         assert!(c.on_event.is_none());
+    }
+
+    #[test]
+    fn vae_tiling_translates() {
+        let mut o = sketchx_pipeline_options::defaults().unwrap();
+        for (v, want) in [(1, true), (-3, true), (0, false)] {
+            o.vae_tiling = v;
+            // SAFETY: the default's strings are NULL.
+            let c = unsafe { o.core_config() }.unwrap();
+            assert_eq!(c.engine.vae_tiling, want, "vae_tiling = {v}");
+        }
     }
 
     #[test]

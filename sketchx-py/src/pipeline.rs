@@ -127,7 +127,8 @@ pub struct NativePipeline {
 impl NativePipeline {
     /// Loads the models (without the GIL) and starts the worker.
     #[new]
-    #[pyo3(signature = (model, controlnet, device, output_dir, queue_capacity, retention_secs, cleanup_interval_secs))]
+    #[pyo3(signature = (model, controlnet, device, output_dir, queue_capacity, retention_secs, cleanup_interval_secs,
+                        vae_tiling))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -138,7 +139,19 @@ impl NativePipeline {
         queue_capacity: &Bound<'_, PyAny>,
         retention_secs: &Bound<'_, PyAny>,
         cleanup_interval_secs: Option<&Bound<'_, PyAny>>,
+        vae_tiling: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
+        // Only a real bool: a truthy string or number here is far more likely a mistake than a wish.
+        let vae_tiling = match vae_tiling.cast::<pyo3::types::PyBool>() {
+            Ok(b) => b.is_true(),
+            Err(_) => {
+                return Err(invalid(
+                    py,
+                    "vae_tiling",
+                    format!("expected a bool, got {}", type_name(vae_tiling)),
+                ))
+            }
+        };
         let queue_capacity = int_field(py, "queue_capacity", queue_capacity, &(1..=u32::MAX))?;
         let retention_secs = float_field(py, "retention_secs", retention_secs)?;
         let retention = seconds(py, "retention_secs", retention_secs)?;
@@ -166,6 +179,7 @@ impl NativePipeline {
                     engine.dtype = candle_core::DType::F16;
                 }
                 engine.device = device;
+                engine.vae_tiling = vae_tiling;
                 let mut config = PipelineConfig::with_engine(engine);
                 config.output_dir = output_dir;
                 config.queue_capacity = queue_capacity as usize;
@@ -378,5 +392,6 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         "cleanup_interval_secs",
         c.cleanup_interval.map(|d| d.as_secs_f64()),
     )?;
+    d.set_item("vae_tiling", c.engine.vae_tiling)?;
     Ok(d)
 }

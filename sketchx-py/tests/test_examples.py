@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conftest import HOUSE, REPO, TINY_CONTROLNET, TINY_SD
+from conftest import FIXTURES, HOUSE, REPO, SKETCHES, TINY_CONTROLNET, TINY_SD
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -37,3 +38,19 @@ def test_generate_reports_bad_flags(tmp_path: Path) -> None:
             "--out", str(tmp_path))
     assert r.returncode == 1
     assert "steps" in r.stderr and "1..=150" in r.stderr
+
+
+def test_generate_vae_tiling_flag_matches_the_tiled_reference(tmp_path: Path) -> None:
+    """--vae-tiling reaches the decoder: the image is diffusers' with vae.enable_tiling() (128x96: 2 x 3 tiles)."""
+    c = next(c for c in json.loads((FIXTURES / "reference/e2e_vae_tiling/cases.json").read_text())
+             if c["name"] == "tiled_nonsquare")
+    r = run("--sketch", str(SKETCHES / c["sketch"]), "--prompt", c["prompt"], "--steps", str(c["steps"]),
+            "--seed", str(c["seed"]), "--width", str(c["width"]), "--height", str(c["height"]),
+            "--guidance-scale", str(c["guidance_scale"]), "--temperature", str(c["temperature"]),
+            "--model", str(TINY_SD), "--controlnet", str(TINY_CONTROLNET), "--out", str(tmp_path), "--vae-tiling")
+    assert r.returncode == 0, r.stderr
+    got = np.asarray(Image.open(r.stdout.split()[0]).convert("RGB"), dtype=np.float64)
+    ref = np.asarray(Image.open(FIXTURES / "reference/e2e_vae_tiling" / c["images"][0]).convert("RGB"),
+                     dtype=np.float64)
+    diff = np.abs(got - ref)
+    assert diff.mean() <= 0.25 and np.percentile(diff, 99.9) <= 4, (diff.mean(), np.percentile(diff, 99.9))

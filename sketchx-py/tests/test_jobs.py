@@ -211,6 +211,8 @@ def test_model_load_errors(tmp_path: Path) -> None:
         (dict(retention_secs=-1.0), "retention_secs"),
         (dict(retention_secs=math.nan), "retention_secs"),
         (dict(cleanup_interval_secs=0.0), "cleanup_interval_secs"),
+        (dict(vae_tiling="yes"), "vae_tiling"),
+        (dict(vae_tiling=1), "vae_tiling"),
     ],
 )
 def test_bad_pipeline_arguments(tmp_path: Path, kwargs: dict, field: str) -> None:

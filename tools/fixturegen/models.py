@@ -12,6 +12,8 @@ Outputs (under ``fixtures_dir``):
   sketches/                 input sketches (black-on-white, white-on-black, transparent RGBA)
   reference/components.safetensors   per-component inputs and outputs (text encoder, ControlNet, UNet, VAE)
   reference/e2e/<case>.png + reference/e2e/cases.json   whole-pipeline images from diffusers
+  reference/vae_tiling.safetensors   tiled VAE decodes (``vae.enable_tiling()``) of latents larger than a tile
+  reference/e2e_vae_tiling/          whole-pipeline images from diffusers with ``vae.enable_tiling()``
 """
 
 from __future__ import annotations
@@ -309,8 +311,9 @@ def make_scheduler(name, config):
     return cls.from_config(config)
 
 
-def e2e_pipeline(out: Path, model: str, controlnet: str, dtype=torch.float32):
-    """diffusers' ControlNet pipeline for a pair of fixture models, and its scheduler config."""
+def e2e_pipeline(out: Path, model: str, controlnet: str, dtype=torch.float32, vae_tiling: bool = False):
+    """diffusers' ControlNet pipeline for a pair of fixture models, and its scheduler config; ``vae_tiling``: with
+    ``pipe.vae.enable_tiling()``."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     cn = ControlNetModel.from_pretrained(out / controlnet, torch_dtype=dtype)
@@ -319,6 +322,8 @@ def e2e_pipeline(out: Path, model: str, controlnet: str, dtype=torch.float32):
         requires_safety_checker=False, torch_dtype=dtype,
     )
     p.set_progress_bar_config(disable=True)
+    if vae_tiling:
+        p.vae.enable_tiling()
     return p, dict(p.scheduler.config)
 
 
@@ -356,16 +361,17 @@ def e2e_run(pipe, base_sched, c: dict, image):
     return (result.images.astype("float32") * 255).round().astype("uint8")
 
 
-def e2e_references(out: Path):
+def e2e_references(out: Path, cases_in=E2E_CASES, subdir: str = "e2e", vae_tiling: bool = False):
+    """Runs diffusers' pipeline on each case; ``vae_tiling``: with ``pipe.vae.enable_tiling()``."""
     pipes = {}
-    e2e = out / "reference" / "e2e"
+    e2e = out / "reference" / subdir
     e2e.mkdir(parents=True, exist_ok=True)
     cases = []
-    for case in E2E_CASES:
+    for case in cases_in:
         c = e2e_case(case)
         key = (c["model"], c["controlnet"])
         if key not in pipes:
-            pipes[key] = e2e_pipeline(out, *key)
+            pipes[key] = e2e_pipeline(out, *key, vae_tiling=vae_tiling)
         image = control_image(out / "sketches" / c["sketch"], c["width"], c["height"])
         image.save(e2e / f"{c['name']}.control.png")
         imgs = e2e_run(*pipes[key], c, image)
@@ -376,6 +382,52 @@ def e2e_references(out: Path):
             c["images"].append(name)
         cases.append(c)
     (e2e / "cases.json").write_text(json.dumps(cases, indent=2) + "\n")
+
+
+# Tiled VAE decode (diffusers' AutoencoderKL.enable_tiling()). The tile geometry comes from each VAE's config:
+# tiny-sd (sample_size 64, 4 blocks): 8-latent tiles every 6 latents, 16 px blended, 48 px kept per tile;
+# tiny-sd-alt (sample_size 32, 2 blocks): 16-latent tiles every 12, 8 px blended, 24 px kept.
+# Each case: (name, model directory, latent shape). Several tiles with overlap in both directions, non-square.
+VAE_TILING_CASES = [
+    # 3 x 4 tiles; 14 and 20 are not multiples of the stride 6, so the last row and column are 2-latent slivers.
+    ("tiny", "tiny-sd", (1, 4, 14, 20)),
+    # 2 x 3 tiles; 12 and 18 are multiples of the stride (the last tiles are 6 latents).
+    ("tiny_stride_multiple", "tiny-sd", (1, 4, 12, 18)),
+    # 3 x 4 tiles, batch 2, the 2x VAE.
+    ("alt", "tiny-sd-alt", (2, 4, 30, 40)),
+]
+
+
+def vae_tiling_references(out: Path, seed: int = 2024):
+    """Inputs and outputs of diffusers' tiled decode, in ``reference/vae_tiling.safetensors``:
+    ``<case>.latents`` (before the division by ``scaling_factor``, as the Rust side takes them) and
+    ``<case>.image`` = ``vae.decode(latents / scaling_factor)`` with tiling enabled."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    with torch.no_grad():
+        for name, model, shape in VAE_TILING_CASES:
+            vae = AutoencoderKL.from_pretrained(out / model / "vae").eval()
+            vae.enable_tiling()
+            latents = torch.randn(shape, generator=g)
+            assert latents.shape[-1] > vae.tile_latent_min_size and latents.shape[-2] > vae.tile_latent_min_size
+            t[f"{name}.latents"] = latents
+            t[f"{name}.image"] = vae.decode(latents / vae.config.scaling_factor).sample
+    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "reference" / "vae_tiling.safetensors"))
+
+
+# Whole-pipeline cases with vae.enable_tiling(); sizes larger than one VAE tile (tiny-sd: 64 px; alt: 32 px).
+E2E_TILING_CASES = [
+    # latents 12 x 16: 2 x 3 tiles.
+    dict(name="tiled_nonsquare", sketch="house_black_on_white.png", prompt="a red barn at dusk", width=128,
+         height=96, steps=4, seed=17, guidance_scale=7.5, temperature=0.65, num_images=1, vae_tiling=True),
+    # latents 36 x 40 with the 2x VAE: 3 x 4 tiles, two images.
+    dict(name="tiled_alt_two_images", model="tiny-sd-alt", controlnet="tiny-controlnet-alt",
+         sketch="house_black_on_white.png", prompt="a red barn", width=80, height=72, steps=3, seed=23,
+         guidance_scale=7.5, temperature=0.4, num_images=2, vae_tiling=True),
+]
 
 
 def generate(fixtures_dir):
@@ -389,6 +441,9 @@ def generate(fixtures_dir):
     draw_sketches(out)
     component_references(out, unet, vae, text, controlnet)
     e2e_references(out)
+    # Last, with their own generators: the fixtures above stay byte-identical.
+    vae_tiling_references(out)
+    e2e_references(out, E2E_TILING_CASES, "e2e_vae_tiling", vae_tiling=True)
 
 
 if __name__ == "__main__":

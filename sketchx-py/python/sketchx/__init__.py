@@ -96,6 +96,9 @@ class Pipeline:
     ``model`` / ``controlnet``: Hugging Face repo ids (``owner/name`` or ``owner/name@revision``, downloaded into
     the standard HF cache) or local diffusers-layout directories. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or
     ``metal`` (GPU devices need a build with that feature). ``cleanup_interval_secs=None``: no background sweeper.
+    ``vae_tiling=True``: decode images in overlapping tiles, as diffusers after ``vae.enable_tiling()`` (the VAE
+    decoder then needs the memory of one 512x512 tile for SD1.5 whatever the image size; pixels near the seams
+    differ from an untiled decode; images that fit in one tile are unchanged).
     Raises ``ModelLoadError`` if a model cannot load, ``InvalidRequestError`` for bad arguments.
     """
 
@@ -109,6 +112,7 @@ class Pipeline:
         queue_capacity: int = 64,
         retention_secs: float = 3600.0,
         cleanup_interval_secs: Optional[float] = 3600.0,
+        vae_tiling: bool = False,
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -118,6 +122,7 @@ class Pipeline:
             queue_capacity,
             retention_secs,
             cleanup_interval_secs,
+            vae_tiling,
         )
 
     def submit(

@@ -45,6 +45,7 @@ class Pipeline:
         queue_capacity: int = 64,
         retention_secs: float = 3600.0,
         cleanup_interval_secs: Optional[float] = 3600.0,
+        vae_tiling: bool = False,
     ) -> None: ...
     def submit(
         self,

@@ -58,6 +58,7 @@ class Pipeline:
         queue_capacity: int,
         retention_secs: float,
         cleanup_interval_secs: Optional[float],
+        vae_tiling: bool,
     ) -> "Pipeline": ...
     def submit(
         self,
