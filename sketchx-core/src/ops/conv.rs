@@ -40,6 +40,7 @@ impl FastConv2d {
                 stride: cfg.stride,
                 padding: cfg.padding,
                 packed: None,
+                band: BAND_ELEMS,
             });
         let d = inner.weight().dims();
         let kernel = [d[0], d[1], d[2], d[3]];
@@ -117,6 +118,8 @@ pub struct Conv2dOp {
     pub padding: usize,
     /// The kernel packed for the GEMM (CPU bf16 mode), with its shape `[c_out, c_in, kh, kw]`.
     packed: Option<Arc<(PackedA, [usize; 4])>>,
+    /// Most values of the unrolled input built at once ([`BAND_ELEMS`]; smaller in tests).
+    band: usize,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -207,8 +210,15 @@ impl Conv2dOp {
         let k = cin * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
         let mut out = vec![0f32; b * cout * n];
+        // The unrolled input is built for a band of output rows at a time: at most BAND_ELEMS values (64 MiB in
+        // f32), instead of k x n (9 GiB for a 256-channel 3x3 convolution at 1024x1024).
+        let band_rows = if direct {
+            oh
+        } else {
+            (self.band / (k * ow).max(1)).clamp(1, oh)
+        };
         let mut col = match weight {
-            Weight::F32(_) if !direct => vec![0f32; k * n],
+            Weight::F32(_) if !direct => vec![0f32; k * band_rows * ow],
             _ => Vec::new(),
         };
         for bi in 0..b {
@@ -217,19 +227,25 @@ impl Conv2dOp {
             ob.par_chunks_mut(n)
                 .zip(bias.par_iter())
                 .for_each(|(row, &bv)| row.fill(bv));
-            match weight {
-                Weight::F32(w) => {
-                    let rhs: &[f32] = if direct {
-                        xb
-                    } else {
-                        im2col(xb, &mut col, &g);
-                        &col
-                    };
-                    gemm_f32(cout, n, k, w, rhs, ob);
-                }
-                Weight::Packed(w) => {
-                    let rhs = pack(xb, direct, n, k, &g, Precision::Bf16);
-                    gemm_packed(w, &rhs, ob, n);
+            for oy0 in (0..oh).step_by(band_rows) {
+                let rows = oy0..(oy0 + band_rows).min(oh);
+                let nb = rows.len() * ow;
+                // Columns oy0 * ow.. of every output channel (row stride n).
+                let dst = &mut ob[oy0 * ow..];
+                match weight {
+                    Weight::F32(w) => {
+                        let rhs: &[f32] = if direct {
+                            xb
+                        } else {
+                            im2col(xb, &mut col[..k * nb], &g, rows);
+                            &col[..k * nb]
+                        };
+                        gemm_f32(cout, nb, k, w, rhs, dst, n);
+                    }
+                    Weight::Packed(w) => {
+                        let rhs = pack(xb, direct, k, &g, rows, Precision::Bf16);
+                        gemm_packed(w, &rhs, dst, n);
+                    }
                 }
             }
         }
@@ -241,15 +257,27 @@ impl Conv2dOp {
 /// matrix otherwise, packed row by row (the im2col matrix never exists in full). (In f32 the `gemm` crate on a
 /// plain im2col matrix measured about 13% faster than this packing with [`super::gemm::gemm_f32`], so f32
 /// convolutions keep it; linear layers, where the packing happens once at load, measured 1.45x faster with ours.)
-fn pack(x: &[f32], direct: bool, n: usize, k: usize, g: &Geometry, p: Precision) -> PackedB {
+fn pack(
+    x: &[f32],
+    direct: bool,
+    k: usize,
+    g: &Geometry,
+    rows: std::ops::Range<usize>,
+    p: Precision,
+) -> PackedB {
+    let n = g.oh * g.ow;
     if direct {
         PackedB::from_rows(k, n, p, |r, row| {
             row.copy_from_slice(&x[r * n..(r + 1) * n])
         })
     } else {
-        PackedB::from_rows(k, n, p, |r, row| im2col_row(x, r, row, g))
+        let nb = rows.len() * g.ow;
+        PackedB::from_rows(k, nb, p, |r, row| im2col_row(x, r, row, g, rows.clone()))
     }
 }
+
+/// Most values of the unrolled input built at once (see [`Conv2dOp`]).
+const BAND_ELEMS: usize = 1 << 24;
 
 /// A kernel `[c_out, c_in * kh * kw]`: f32 as stored, or packed for the GEMM (CPU bf16 mode).
 #[derive(Clone, Copy)]
@@ -258,10 +286,11 @@ enum Weight<'a> {
     Packed(&'a PackedA),
 }
 
-/// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32, all row-major and contiguous.
-fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n && dst.len() >= m * n);
-    // SAFETY: the slices have the sizes the strides describe (checked above): dst [m, n], lhs [m, k], rhs [k, n].
+/// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32, row-major; `lhs` and `rhs` contiguous, `dst` with row stride `ldc`.
+fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32], ldc: usize) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n && ldc >= n && dst.len() >= (m - 1) * ldc + n);
+    // SAFETY: the slices have the sizes the strides describe (checked above): dst [m, n] with row stride ldc,
+    // lhs [m, k], rhs [k, n].
     unsafe {
         gemm::gemm(
             m,
@@ -269,7 +298,7 @@ fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             true,
             lhs.as_ptr(),
             1,
@@ -297,11 +326,12 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// Writes the patches of one image `x` `(cin, h, w)` into `col` `[cin * kh * kw, oh * ow]`, zeros for padding.
-fn im2col(x: &[f32], col: &mut [f32], g: &Geometry) {
-    col.par_chunks_mut(g.oh * g.ow)
+/// Writes the patches of one image `x` `(cin, h, w)` for output rows `rows` into `col`
+/// `[cin * kh * kw, rows.len() * ow]`, zeros for padding.
+fn im2col(x: &[f32], col: &mut [f32], g: &Geometry, rows: std::ops::Range<usize>) {
+    col.par_chunks_mut(rows.len() * g.ow)
         .enumerate()
-        .for_each(|(r, row)| im2col_row(x, r, row, g));
+        .for_each(|(r, row)| im2col_row(x, r, row, g, rows.clone()));
 }
 
 /// The shape of one convolution: input planes, kernel, stride, padding and output size.
@@ -317,8 +347,9 @@ struct Geometry {
     ow: usize,
 }
 
-/// Row `r` of the im2col matrix of `x` (channel `r / (kh kw)`, kernel offset `r % (kh kw)`): `oh * ow` values.
-fn im2col_row(x: &[f32], r: usize, row: &mut [f32], g: &Geometry) {
+/// Row `r` of the im2col matrix of `x` (channel `r / (kh kw)`, kernel offset `r % (kh kw)`) for output rows `rows`:
+/// `rows.len() * ow` values.
+fn im2col_row(x: &[f32], r: usize, row: &mut [f32], g: &Geometry, rows: std::ops::Range<usize>) {
     let Geometry {
         h,
         w,
@@ -326,7 +357,7 @@ fn im2col_row(x: &[f32], r: usize, row: &mut [f32], g: &Geometry) {
         kw,
         s,
         p,
-        oh,
+        oh: _,
         ow,
     } = *g;
     let c = r / (kh * kw);
@@ -341,8 +372,9 @@ fn im2col_row(x: &[f32], r: usize, row: &mut [f32], g: &Geometry) {
         0
     }
     .max(ox_lo);
-    for oy in 0..oh {
-        let dst = &mut row[oy * ow..(oy + 1) * ow];
+    let first = rows.start;
+    for oy in rows {
+        let dst = &mut row[(oy - first) * ow..(oy - first + 1) * ow];
         let iy = (oy * s + dy) as isize - p as isize;
         if iy < 0 || iy >= h as isize {
             dst.fill(0.0);
@@ -367,6 +399,15 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
+
+    /// The convolution with its unrolled input built `band` values at a time.
+    fn with_band(mut c: FastConv2d, band: usize) -> FastConv2d {
+        match &mut c.imp {
+            ConvImpl::Candle { op: Some(op), .. } | ConvImpl::Packed { op, .. } => op.band = band,
+            ConvImpl::Candle { op: None, .. } => {}
+        }
+        c
+    }
 
     fn check(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, h: usize, w: usize) {
         let dev = Device::Cpu;
@@ -393,6 +434,12 @@ mod tests {
             diff < 1e-4,
             "cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
         );
+        // In bands of one and of two output rows.
+        for rows in [1, 2] {
+            let banded = with_band(FastConv2d::new(conv.clone()), cin * k * k * w * rows);
+            let diff = crate::ops::max_abs_diff(&want, &banded.forward(&xs).unwrap());
+            assert!(diff < 1e-4, "bands of {rows} rows: max diff {diff}");
+        }
         // bf16: candle's f32 convolution of the bf16-rounded kernel and input.
         let round = |t: &Tensor| {
             t.to_dtype(DType::BF16)
@@ -404,11 +451,13 @@ mod tests {
         let want = rounded.forward(&round(&xs)).unwrap();
         let fast = FastConv2d::new(conv).into_cpu_bf16().unwrap();
         assert!(matches!(fast.imp, ConvImpl::Packed { .. }));
-        let diff = crate::ops::max_abs_diff(&want, &fast.forward(&xs).unwrap());
-        assert!(
-            diff < 1e-4,
-            "bf16: cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
-        );
+        for banded in [fast.clone(), with_band(fast, cin * k * k * w)] {
+            let diff = crate::ops::max_abs_diff(&want, &banded.forward(&xs).unwrap());
+            assert!(
+                diff < 1e-4,
+                "bf16: cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
+            );
+        }
     }
 
     #[test]
