@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use sketchx_core::engine::{device_from_name, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL};
+use sketchx_core::engine::{
+    device_from_name, dtype_from_name, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL,
+};
 use sketchx_core::request::{GenerationRequest, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
 use sketchx_core::{Error, JobId, Pipeline, PipelineConfig};
 
@@ -127,14 +129,15 @@ pub struct NativePipeline {
 impl NativePipeline {
     /// Loads the models (without the GIL) and starts the worker.
     #[new]
-    #[pyo3(signature = (model, controlnet, device, output_dir, queue_capacity, retention_secs, cleanup_interval_secs,
-                        vae_tiling))]
+    #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
+                        cleanup_interval_secs, vae_tiling))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model: &str,
         controlnet: &str,
         device: &str,
+        dtype: Option<&str>,
         output_dir: PathBuf,
         queue_capacity: &Bound<'_, PyAny>,
         retention_secs: &Bound<'_, PyAny>,
@@ -171,13 +174,12 @@ impl NativePipeline {
             }
         };
         let device = device_from_name(device).or_raise(py)?;
+        let dtype = dtype_from_name(dtype, &device).or_raise(py)?;
         let (model, controlnet) = (model.to_string(), controlnet.to_string());
         let pipe = py
             .detach(move || {
                 let mut engine = EngineConfig::new(&model, &controlnet)?;
-                if !device.is_cpu() {
-                    engine.dtype = candle_core::DType::F16;
-                }
+                engine.dtype = dtype;
                 engine.device = device;
                 engine.vae_tiling = vae_tiling;
                 let mut config = PipelineConfig::with_engine(engine);
@@ -385,6 +387,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("model", DEFAULT_MODEL)?;
     d.set_item("controlnet", DEFAULT_CONTROLNET)?;
     d.set_item("device", "cpu")?;
+    d.set_item("dtype", py.None())?;
     d.set_item("output_dir", c.output_dir.to_string_lossy())?;
     d.set_item("queue_capacity", c.queue_capacity)?;
     d.set_item("retention_secs", c.retention.as_secs_f64())?;

@@ -206,6 +206,7 @@ def test_model_load_errors(tmp_path: Path) -> None:
     "kwargs, field",
     [
         (dict(device="tpu"), "device"),
+        (dict(dtype="f64"), "dtype"),
         (dict(queue_capacity=0), "queue_capacity"),
         (dict(queue_capacity=-3), "queue_capacity"),
         (dict(retention_secs=-1.0), "retention_secs"),

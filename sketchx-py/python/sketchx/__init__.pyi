@@ -41,6 +41,7 @@ class Pipeline:
         controlnet: Union[str, "os.PathLike[str]"] = "lllyasviel/sd-controlnet-scribble",
         *,
         device: str = "cpu",
+        dtype: Optional[str] = None,
         output_dir: Union[str, "os.PathLike[str]"] = "generated",
         queue_capacity: int = 64,
         retention_secs: float = 3600.0,

@@ -54,6 +54,7 @@ class Pipeline:
         model: str,
         controlnet: str,
         device: str,
+        dtype: Optional[str],
         output_dir: "str | os.PathLike[str]",
         queue_capacity: int,
         retention_secs: float,
