@@ -1,5 +1,7 @@
 //! Finding and opening model files: a Hugging Face Hub repository (downloaded once into the standard HF cache,
 //! reused offline) or a local directory in diffusers layout, plus typed parsing of each component's JSON config.
+//! [`var_builder`] opens a weights file for a network's constructor: safetensors through sketchx's own reader
+//! ([`crate::models::weights`]), pickled `.bin` files through candle.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +10,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::models::weights::SafetensorsFile;
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,24 +283,32 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::malformed(path.display(), e))
 }
 
-/// Opens a weights file (memory-mapped safetensors, or a pickled PyTorch `.bin`) as a [`VarBuilder`] whose tensors
-/// are converted to `dtype` on `device` as they are read.
+/// Opens a weights file as a [`VarBuilder`] whose tensors are converted to `dtype` on `device` as they are read:
+/// safetensors through [`SafetensorsFile`] (read on demand straight into each tensor's buffer, in parallel; nothing
+/// stays mapped), a pickled PyTorch `.bin` through candle. Only the tensors a network asks for are read.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let is_bin = path.extension().is_some_and(|e| e == "bin");
-    let vb = if is_bin {
-        VarBuilder::from_pth(path, dtype, device)
+    if is_bin {
+        VarBuilder::from_pth(path, dtype, device).map_err(|e| Error::malformed(path.display(), e))
     } else {
-        // SAFETY: the file is memory-mapped read-only; like every mmap user we rely on it not being truncated while
-        // the model is loaded (the HF cache and model directories are not rewritten in place).
-        unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-    };
-    vb.map_err(|e| Error::malformed(path.display(), e))
+        let file = SafetensorsFile::open(path)?;
+        Ok(VarBuilder::from_backend(
+            Box::new(file),
+            dtype,
+            device.clone(),
+        ))
+    }
 }
 
-/// Wraps a candle error raised while building a network from `path` into a typed error naming the file.
+/// Wraps a candle error raised while building a network from `path` into a typed error naming the file: a failed
+/// read is [`Error::Io`], anything else (a missing tensor, a shape that does not match the config) is
+/// [`Error::MalformedFile`].
 pub fn build_error(path: &Path, e: candle_core::Error) -> Error {
-    Error::malformed(
-        path.display(),
-        format!("weights do not match the configuration: {e}"),
-    )
+    match e {
+        candle_core::Error::Io(source) => Error::io(path, source),
+        e => Error::malformed(
+            path.display(),
+            format!("weights do not match the configuration: {e}"),
+        ),
+    }
 }
