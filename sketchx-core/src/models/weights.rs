@@ -431,30 +431,35 @@ fn read_exact_at(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io:
         std::ptr::write_bytes(dst, 0, len);
         std::slice::from_raw_parts_mut(dst, len)
     };
-    #[cfg(windows)]
-    {
-        use std::os::windows::fs::FileExt;
-        let mut done = 0;
-        while done < len {
-            match file.seek_read(&mut buf[done..], offset + done as u64) {
-                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(r) => done += r,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+    read_into(file, buf, offset)
+}
+
+/// Fills `buf` with the file's bytes at `offset` (positional reads).
+#[cfg(windows)]
+fn read_into(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.seek_read(&mut buf[done..], offset + done as u64) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(r) => done += r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        Ok(())
     }
-    #[cfg(not(windows))]
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        // No positional reads: one reader at a time moves the shared cursor.
-        static CURSOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = CURSOR.lock().unwrap_or_else(|e| e.into_inner());
-        let mut f = file;
-        f.seek(SeekFrom::Start(offset))?;
-        f.read_exact(buf)
-    }
+    Ok(())
+}
+
+/// Fills `buf` with the file's bytes at `offset`. No positional reads on this platform: one reader at a time
+/// moves the shared cursor.
+#[cfg(not(any(unix, windows)))]
+fn read_into(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    static CURSOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = CURSOR.lock().unwrap_or_else(|e| e.into_inner());
+    let mut f = file;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
 }
 
 /// Asks the kernel to fault in the whole pages of `ptr..ptr + len` at once (writable), instead of one page fault
