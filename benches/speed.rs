@@ -5,7 +5,8 @@
 //! `step` (ControlNet + UNet at batch 2, i.e. classifier-free guidance, on `--step-size` pixels), `vae` (decode
 //! of one `--vae-size` image) and `job` (a whole `Engine::generate` at `--job-size` with `--job-steps` steps).
 //! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's time goes per operation
-//! kind; `--dtype f32|bf16`. The last stdout line is a JSON object: seconds per run for each piece, the profile,
+//! kind; `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
+//! process). The last stdout line is a JSON object: seconds per run for each piece, the profile,
 //! and the peak resident memory (VmHWM).
 
 use std::collections::BTreeMap;
@@ -122,7 +123,9 @@ fn main() {
                 .forward(&lat, 500.0, &ctx, Some(&r.down), Some(&r.mid))
                 .unwrap()
         };
-        run();
+        // The untimed warm-up, timed on its own: right after `load` (with `--pieces load,step`) it is the first
+        // step of a fresh process, which diffusers' lazily paged-in weights make slower than the others.
+        record("first_step", vec![time(run).0]);
         profile::enable(want_profile);
         record("step", (0..runs).map(|_| time(run).0).collect());
         profile::enable(false);

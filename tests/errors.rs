@@ -256,6 +256,38 @@ fn malformed_and_unsupported_configs_are_typed_errors() {
 }
 
 #[test]
+fn damaged_weights_files_are_typed_errors_naming_the_file() {
+    let f = fixtures();
+    let dir = temp_dir("damaged");
+    copy_dir(&f.join("tiny-sd"), &dir);
+    let cn = temp_dir("damaged-cn");
+    copy_dir(&f.join("tiny-controlnet"), &cn);
+
+    // A UNet cut short (an interrupted download or copy).
+    let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load(&dir, &cn).err().unwrap();
+    assert!(
+        matches!(err, Error::MalformedFile { ref path, ref message }
+            if path.ends_with("unet/diffusion_pytorch_model.safetensors") && message.contains("truncated")),
+        "{err}"
+    );
+    std::fs::write(&unet, &bytes).unwrap();
+
+    // A ControlNet that is not safetensors at all.
+    let weights = cn.join("diffusion_pytorch_model.safetensors");
+    std::fs::write(&weights, b"<html>404 Not Found</html>").unwrap();
+    let err = load(&dir, &cn).err().unwrap();
+    assert!(
+        matches!(err, Error::MalformedFile { ref path, .. } if path.ends_with("diffusion_pytorch_model.safetensors") && path.contains("damaged-cn")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&cn).unwrap();
+}
+
+#[test]
 fn a_path_that_is_neither_dir_nor_repo_id_is_refused() {
     let err = EngineConfig::new("./no/such/dir", "lllyasviel/sd-controlnet-scribble").unwrap_err();
     assert!(matches!(err, Error::MissingFile { .. }), "{err}");

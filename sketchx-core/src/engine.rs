@@ -191,6 +191,11 @@ fn load_json(r: &Resolver, rel: &str) -> Result<(Value, String)> {
 impl Engine {
     /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet.
     /// Every size comes from the components' own config files; a missing or malformed file is an error naming it.
+    ///
+    /// Every file is located (and downloaded) first; then the four networks are built at the same time, each on its
+    /// own thread, reading only the tensors it uses straight into their final buffers (safetensors; see
+    /// [`crate::models::weights`]), converted to [`EngineConfig::dtype`] as they are read. Nothing stays mapped:
+    /// resident memory after loading is the weights themselves, and the peak during loading is no higher.
     pub fn load(config: &EngineConfig) -> Result<Self> {
         let base = Resolver::new(config.model.clone())?;
         let cn = Resolver::new(config.controlnet.clone())?;
@@ -210,34 +215,45 @@ impl Engine {
         }
         let tokenizer = ClipTokenizer::from_dir(&tok_dir.expect("tokenizer dir"))?;
 
+        // Find (and download if needed) every file first, one at a time; then build the four networks at once,
+        // each reading its own weights (see `models::weights`): reading is bound by the kernel handing out and
+        // filling fresh pages, which goes faster from several threads, and the small tensors of one network
+        // overlap with the large ones of another. Errors are reported in the same order as a sequential load.
         let (te_json, te_origin) = load_json(&base, "text_encoder/config.json")?;
         let te_config: ClipTextConfig =
             serde_json::from_value(te_json).map_err(|e| Error::malformed(&te_origin, e))?;
         let te_path = base.weights("text_encoder", variant)?;
-        let text_encoder =
-            ClipTextModel::new(var_builder(&te_path, dt, dev)?, &te_config, &te_origin)
-                .map_err(|e| candle_to_file(e, &te_path))?;
-
         let (unet_json, unet_origin) = load_json(&base, "unet/config.json")?;
         let unet_path = base.weights("unet", variant)?;
-        let unet = UNet::new(var_builder(&unet_path, dt, dev)?, &unet_json, &unet_origin)
-            .map_err(|e| candle_to_file(e, &unet_path))?;
-
         let (vae_json, vae_origin) = load_json(&base, "vae/config.json")?;
         let vae_path = base.weights("vae", variant)?;
-        let vae = Vae::new(var_builder(&vae_path, dt, dev)?, &vae_json, &vae_origin)
-            .map_err(|e| candle_to_file(e, &vae_path))?;
+        let sched_path = base.get("scheduler/scheduler_config.json")?;
+        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        let (cn_json, cn_origin) = load_json(&cn, "config.json")?;
+        let cn_path = cn.weights("", variant)?;
+
+        let (text_encoder, unet, vae, controlnet) = std::thread::scope(|s| {
+            let te = s.spawn(|| {
+                ClipTextModel::new(var_builder(&te_path, dt, dev)?, &te_config, &te_origin)
+                    .map_err(|e| candle_to_file(e, &te_path))
+            });
+            let vae = s.spawn(|| {
+                Vae::new(var_builder(&vae_path, dt, dev)?, &vae_json, &vae_origin)
+                    .map_err(|e| candle_to_file(e, &vae_path))
+            });
+            let cn = s.spawn(|| {
+                ControlNet::new(var_builder(&cn_path, dt, dev)?, &cn_json, &cn_origin)
+                    .map_err(|e| candle_to_file(e, &cn_path))
+            });
+            let unet = var_builder(&unet_path, dt, dev).and_then(|vb| {
+                UNet::new(vb, &unet_json, &unet_origin).map_err(|e| candle_to_file(e, &unet_path))
+            });
+            (join(te), unet, join(vae), join(cn))
+        });
+        let (text_encoder, unet, vae, controlnet) = (text_encoder?, unet?, vae?, controlnet?);
         if config.vae_tiling {
             vae.tiling()?;
         }
-
-        let sched_path = base.get("scheduler/scheduler_config.json")?;
-        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
-
-        let (cn_json, cn_origin) = load_json(&cn, "config.json")?;
-        let cn_path = cn.weights("", variant)?;
-        let controlnet = ControlNet::new(var_builder(&cn_path, dt, dev)?, &cn_json, &cn_origin)
-            .map_err(|e| candle_to_file(e, &cn_path))?;
 
         if controlnet.downscale_factor() != vae.scale_factor {
             return Err(Error::unsupported(
@@ -512,6 +528,14 @@ fn pad_uncond(r: ControlResiduals) -> Result<ControlResiduals> {
         down: r.down.iter().map(pad).collect::<candle_core::Result<_>>()?,
         mid: pad(&r.mid)?,
     })
+}
+
+/// The result of a scoped thread; a panic inside it goes on unwinding in the caller, as it would have without the
+/// thread.
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
 }
 
 /// Turns a candle shape/name error raised while building a network into an error naming the weights file.

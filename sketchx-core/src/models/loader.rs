@@ -1,15 +1,17 @@
 //! Finding and opening model files: a Hugging Face Hub repository (downloaded once into the standard HF cache,
 //! reused offline) or a local directory in diffusers layout, plus typed parsing of each component's JSON config.
+//! [`var_builder`] opens a weights file for a network's constructor: safetensors through sketchx's own reader
+//! ([`crate::models::weights`]), pickled `.bin` files through candle.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::models::weights::SafetensorsFile;
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,37 +284,32 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::malformed(path.display(), e))
 }
 
-/// Opens a weights file (memory-mapped safetensors, or a pickled PyTorch `.bin`) as a [`VarBuilder`] whose tensors
-/// are converted to `dtype` on `device` as they are read.
+/// Opens a weights file as a [`VarBuilder`] whose tensors are converted to `dtype` on `device` as they are read:
+/// safetensors through [`SafetensorsFile`] (read on demand straight into each tensor's buffer, in parallel; nothing
+/// stays mapped), a pickled PyTorch `.bin` through candle. Only the tensors a network asks for are read.
 ///
 /// bf16 on the CPU is the exception: the builder says bf16 but hands out f32 tensors. The layers with matrix
 /// products (convolutions, linear layers) see the bf16 builder and keep their weights in bf16 for the crate's bf16
-/// kernels ([`crate::ops::bf16`]); every other parameter (norms, biases, embeddings) and every activation stays f32,
-/// because candle's CPU bf16 operations are slow or missing.
+/// kernels ([`crate::ops::gemm`]); every other parameter (norms, biases, embeddings) and every activation stays
+/// f32, because candle's CPU bf16 operations are slow or missing.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let is_bin = path.extension().is_some_and(|e| e == "bin");
-    let malformed = |e| Error::malformed(path.display(), e);
+    let backend: Box<dyn SimpleBackend> = if is_bin {
+        Box::new(
+            candle_core::pickle::PthTensors::new(path, None)
+                .map_err(|e| Error::malformed(path.display(), e))?,
+        )
+    } else {
+        Box::new(SafetensorsFile::open(path)?)
+    };
     if dtype == DType::BF16 && device.is_cpu() {
-        let backend: Box<dyn SimpleBackend> = if is_bin {
-            Box::new(candle_core::pickle::PthTensors::new(path, None).map_err(malformed)?)
-        } else {
-            // SAFETY: as below.
-            Box::new(unsafe { MmapedSafetensors::new(path) }.map_err(malformed)?)
-        };
         return Ok(VarBuilder::from_backend(
             Box::new(AsF32(backend)),
             DType::BF16,
             device.clone(),
         ));
     }
-    let vb = if is_bin {
-        VarBuilder::from_pth(path, dtype, device)
-    } else {
-        // SAFETY: the file is memory-mapped read-only; like every mmap user we rely on it not being truncated while
-        // the model is loaded (the HF cache and model directories are not rewritten in place).
-        unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-    };
-    vb.map_err(malformed)
+    Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
 }
 
 /// A weights source that reads every tensor as f32, whatever dtype its builder asks for (see [`var_builder`]).
@@ -344,10 +341,15 @@ impl SimpleBackend for AsF32 {
     }
 }
 
-/// Wraps a candle error raised while building a network from `path` into a typed error naming the file.
+/// Wraps a candle error raised while building a network from `path` into a typed error naming the file: a failed
+/// read is [`Error::Io`], anything else (a missing tensor, a shape that does not match the config) is
+/// [`Error::MalformedFile`].
 pub fn build_error(path: &Path, e: candle_core::Error) -> Error {
-    Error::malformed(
-        path.display(),
-        format!("weights do not match the configuration: {e}"),
-    )
+    match e {
+        candle_core::Error::Io(source) => Error::io(path, source),
+        e => Error::malformed(
+            path.display(),
+            format!("weights do not match the configuration: {e}"),
+        ),
+    }
 }

@@ -7,3 +7,4 @@ pub mod loader;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
