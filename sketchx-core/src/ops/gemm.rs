@@ -204,7 +204,7 @@ impl PackedB {
     }
 }
 
-/// A left operand packed once (a layer's kernel): blocks of [`MR`] rows, word-interleaved so that the micro-kernel
+/// A left operand packed once (a layer's kernel): blocks of 8 rows, word-interleaved so that the micro-kernel
 /// reads its 8 broadcast words from one 32-byte line per step instead of 8 rows.
 #[derive(Debug, Clone)]
 pub struct PackedA {
