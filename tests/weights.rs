@@ -1,8 +1,9 @@
 //! sketchx's safetensors reader (`models::weights`) against candle's own (`MmapedSafetensors` + `to_dtype`, what
 //! `VarBuilder::from_mmaped_safetensors` does): bit-identical tensors from f32, f16 and bf16 files loaded as f32,
 //! f16 and bf16 (every fixture file, f16 and bf16 copies of them, and a hand-made file whose tensors span several
-//! parallel read pieces, start at odd offsets and hold NaNs, infinities and subnormals); and damaged files give a
-//! typed error naming the file.
+//! parallel read pieces, start at odd offsets and hold NaNs, infinities and subnormals); damaged files give a
+//! typed error naming the file; and the engine, which loads its networks as rayon tasks, loads from inside a
+//! one-thread rayon pool.
 
 mod common;
 use common::*;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use sketchx::engine::{Engine, EngineConfig};
 use sketchx::models::loader::var_builder;
 use sketchx::models::weights::SafetensorsFile;
 use sketchx::Error;
@@ -299,4 +301,18 @@ fn damaged_files_are_typed_errors_naming_the_file() {
         Err(Error::MissingFile { ref path }) if path.contains("missing.safetensors")
     ));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_engine_loads_inside_a_one_thread_rayon_pool() {
+    // The networks load as tasks on the caller's rayon pool and read in parallel pieces on it: a caller that is
+    // itself the only thread of its pool must still get its engine (no task waits for a thread that never comes).
+    let (model, controlnet) = tiny_models();
+    let config = EngineConfig::new(&model, &controlnet).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let engine = pool.install(|| Engine::load(&config)).unwrap();
+    assert_eq!(engine.vae_scale_factor(), 8);
 }

@@ -192,8 +192,8 @@ impl Engine {
     /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet.
     /// Every size comes from the components' own config files; a missing or malformed file is an error naming it.
     ///
-    /// Every file is located (and downloaded) first; then the four networks are built at the same time, each on its
-    /// own thread, reading only the tensors it uses straight into their final buffers (safetensors; see
+    /// Every file is located (and downloaded) first; then the four networks are built at the same time, as tasks on
+    /// rayon's pool, each reading only the tensors it uses straight into their final buffers (safetensors; see
     /// [`crate::models::weights`]), converted to [`EngineConfig::dtype`] as they are read. Nothing stays mapped:
     /// resident memory after loading is the weights themselves, and the peak during loading is no higher.
     pub fn load(config: &EngineConfig) -> Result<Self> {
@@ -232,24 +232,39 @@ impl Engine {
         let (cn_json, cn_origin) = load_json(&cn, "config.json")?;
         let cn_path = cn.weights("", variant)?;
 
-        let (text_encoder, unet, vae, controlnet) = std::thread::scope(|s| {
-            let te = s.spawn(|| {
-                ClipTextModel::new(var_builder(&te_path, dt, dev)?, &te_config, &te_origin)
-                    .map_err(|e| candle_to_file(e, &te_path))
+        // On rayon's pool, not on threads of their own: the reads inside fan out over the same pool, so a caller
+        // that is itself a rayon task (with a one-thread pool, say) cannot deadlock waiting for them.
+        let (mut text_encoder, mut unet, mut vae, mut controlnet) = (None, None, None, None);
+        rayon::scope(|s| {
+            s.spawn(|_| {
+                text_encoder = Some(var_builder(&te_path, dt, dev).and_then(|vb| {
+                    ClipTextModel::new(vb, &te_config, &te_origin)
+                        .map_err(|e| candle_to_file(e, &te_path))
+                }))
             });
-            let vae = s.spawn(|| {
-                Vae::new(var_builder(&vae_path, dt, dev)?, &vae_json, &vae_origin)
-                    .map_err(|e| candle_to_file(e, &vae_path))
+            s.spawn(|_| {
+                vae = Some(var_builder(&vae_path, dt, dev).and_then(|vb| {
+                    Vae::new(vb, &vae_json, &vae_origin).map_err(|e| candle_to_file(e, &vae_path))
+                }))
             });
-            let cn = s.spawn(|| {
-                ControlNet::new(var_builder(&cn_path, dt, dev)?, &cn_json, &cn_origin)
-                    .map_err(|e| candle_to_file(e, &cn_path))
+            s.spawn(|_| {
+                controlnet = Some(var_builder(&cn_path, dt, dev).and_then(|vb| {
+                    ControlNet::new(vb, &cn_json, &cn_origin)
+                        .map_err(|e| candle_to_file(e, &cn_path))
+                }))
             });
-            let unet = var_builder(&unet_path, dt, dev).and_then(|vb| {
+            unet = Some(var_builder(&unet_path, dt, dev).and_then(|vb| {
                 UNet::new(vb, &unet_json, &unet_origin).map_err(|e| candle_to_file(e, &unet_path))
-            });
-            (join(te), unet, join(vae), join(cn))
+            }));
         });
+        // `rayon::scope` returns once every task has run (a panicking task re-panics here), so all four are set.
+        let built = "every network's task ran";
+        let (text_encoder, unet, vae, controlnet) = (
+            text_encoder.expect(built),
+            unet.expect(built),
+            vae.expect(built),
+            controlnet.expect(built),
+        );
         let (text_encoder, unet, vae, controlnet) = (text_encoder?, unet?, vae?, controlnet?);
         if config.vae_tiling {
             vae.tiling()?;
@@ -528,14 +543,6 @@ fn pad_uncond(r: ControlResiduals) -> Result<ControlResiduals> {
         down: r.down.iter().map(pad).collect::<candle_core::Result<_>>()?,
         mid: pad(&r.mid)?,
     })
-}
-
-/// The result of a scoped thread; a panic inside it goes on unwinding in the caller, as it would have without the
-/// thread.
-fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    handle
-        .join()
-        .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
 }
 
 /// Turns a candle shape/name error raised while building a network into an error naming the weights file.

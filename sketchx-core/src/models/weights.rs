@@ -69,7 +69,7 @@ impl SafetensorsFile {
             )));
         }
         let mut n = [0u8; 8];
-        read_exact_at(&file, n.as_mut_ptr(), n.len(), 0).map_err(|e| Error::io(path, e))?;
+        read_exact_into(&file, &mut n, 0).map_err(|e| Error::io(path, e))?;
         let n = u64::from_le_bytes(n);
         if n > MAX_HEADER_BYTES || n > len - 8 {
             return Err(malformed(format!(
@@ -77,8 +77,7 @@ impl SafetensorsFile {
             )));
         }
         let mut header = vec![0u8; n as usize];
-        read_exact_at(&file, header.as_mut_ptr(), header.len(), 8)
-            .map_err(|e| Error::io(path, e))?;
+        read_exact_into(&file, &mut header, 8).map_err(|e| Error::io(path, e))?;
         let metadata: Metadata = serde_json::from_slice(&header)
             .map_err(|e| malformed(format!("invalid safetensors header: {e}")))?;
         let data_start = 8 + n;
@@ -228,21 +227,37 @@ impl SimpleBackend for SafetensorsFile {
     }
 }
 
-/// Reads `n` values of the plain-data type `T` (integers and floats: every bit pattern is a value) stored at
-/// `offset` straight into a new vector's buffer, in parallel pieces.
-fn read_vec<T: Copy + Send>(file: &File, offset: u64, n: usize) -> std::io::Result<Vec<T>> {
+/// A type for which every bit pattern of its size is a value (the integers and floats tensors hold), so that its
+/// memory may be filled with bytes from a file.
+trait PlainData: Copy + Send {}
+impl PlainData for u8 {}
+impl PlainData for u32 {}
+impl PlainData for i16 {}
+impl PlainData for i32 {}
+impl PlainData for i64 {}
+impl PlainData for f16 {}
+impl PlainData for bf16 {}
+impl PlainData for f32 {}
+impl PlainData for f64 {}
+
+/// Reads `n` values of `T` stored at `offset` straight into a new vector's buffer, in parallel pieces.
+fn read_vec<T: PlainData>(file: &File, offset: u64, n: usize) -> std::io::Result<Vec<T>> {
     let mut v: Vec<T> = Vec::with_capacity(n);
     let chunk_elems = (READ_CHUNK_BYTES / size_of::<T>()).max(1);
     let read_piece = |(i, piece): (usize, &mut [MaybeUninit<T>])| {
         let bytes = std::mem::size_of_val(piece);
         let ptr = piece.as_mut_ptr().cast::<u8>();
         populate(ptr, bytes);
-        read_exact_at(
-            file,
-            ptr,
-            bytes,
-            offset + (i * chunk_elems * size_of::<T>()) as u64,
-        )
+        // SAFETY: `ptr..ptr + bytes` is exactly `piece`, memory of the vector's spare capacity that this task
+        // alone may write.
+        unsafe {
+            read_exact_at(
+                file,
+                ptr,
+                bytes,
+                offset + (i * chunk_elems * size_of::<T>()) as u64,
+            )
+        }
     };
     let spare = &mut v.spare_capacity_mut()[..n];
     if n <= chunk_elems {
@@ -254,13 +269,13 @@ fn read_vec<T: Copy + Send>(file: &File, offset: u64, n: usize) -> std::io::Resu
             .try_for_each(read_piece)?;
     }
     // SAFETY: every one of the first `n` elements was written by `read_exact_at` (it fails unless it filled its
-    // whole piece), and `T` is plain data, so any bytes are a valid value.
+    // whole piece), and `T` is `PlainData`, so any bytes are a valid value.
     unsafe { v.set_len(n) };
     Ok(v)
 }
 
 /// A floating-point type that converts to and from f32 slices exactly as candle's `to_dtype` does.
-trait Float: Copy + Default + Send + Sync {
+trait Float: PlainData + Default + Sync {
     fn to_f32s(src: &[Self], dst: &mut [f32]);
     fn from_f32s(src: &[f32], dst: &mut [Self]);
 }
@@ -359,10 +374,9 @@ fn read_converted<S: Float, D: Float>(
                     &mut mid[..m],
                     scratch_as::<D>(dst, m),
                 );
-                read_exact_at(
+                read_exact_into(
                     file,
-                    src.as_mut_ptr().cast::<u8>(),
-                    std::mem::size_of_val(src),
+                    as_bytes_mut(src),
                     offset + (i * CONVERT_CHUNK_ELEMS * size_of::<S>()) as u64,
                 )?;
                 S::to_f32s(src, mid);
@@ -382,18 +396,34 @@ fn read_converted<S: Float, D: Float>(
     Ok(v)
 }
 
+/// The bytes of a slice of plain data, for filling from a file.
+fn as_bytes_mut<T: PlainData>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: the same memory, initialised, with byte alignment; any bytes written through the result are a valid
+    // `T` (`PlainData`), and the result borrows `v` mutably, so nothing else aliases it.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Fills `buf` with the file's bytes at `offset`; fails unless all of them were read.
+fn read_exact_into(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    // SAFETY: `buf` is writable memory of `buf.len()` bytes.
+    unsafe { read_exact_at(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
 /// Fills `len` bytes at `dst` with the file's bytes at `offset`; fails unless all of them were read.
 ///
-/// `dst..dst + len` must be memory the caller may write (it may be uninitialised).
+/// # Safety
+///
+/// `dst..dst + len` must be memory the caller may write, not read or written by anything else during the call (it
+/// may be uninitialised).
 #[cfg(unix)]
-fn read_exact_at(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
+unsafe fn read_exact_at(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
     use std::os::unix::io::AsRawFd;
     let mut done = 0;
     while done < len {
         let at = libc::off_t::try_from(offset + done as u64)
             .map_err(|_| std::io::Error::other("file offset too large for this platform"))?;
-        // SAFETY: `dst + done .. dst + len` lies inside the caller's writable buffer; `pread` writes at most
-        // `len - done` bytes there and reads no Rust memory.
+        // SAFETY: `dst + done .. dst + len` lies inside the caller's writable buffer (this function's contract);
+        // `pread` writes at most `len - done` bytes there and reads no Rust memory.
         let r = unsafe {
             libc::pread(
                 file.as_raw_fd(),
@@ -422,9 +452,11 @@ fn read_exact_at(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io:
 
 /// Fills `len` bytes at `dst` with the file's bytes at `offset`; fails unless all of them were read.
 ///
-/// `dst..dst + len` must be memory the caller may write (it may be uninitialised).
+/// # Safety
+///
+/// As the Unix version: `dst..dst + len` must be memory the caller may write, used by nothing else meanwhile.
 #[cfg(not(unix))]
-fn read_exact_at(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
+unsafe fn read_exact_at(file: &File, dst: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
     // SAFETY: the caller's buffer is writable for `len` bytes; zeroing it first makes it initialised, so a byte
     // slice over it is valid.
     let buf = unsafe {
