@@ -282,7 +282,8 @@ typedef struct sketchx_pipeline_options {
    */
   const char *device;
   /**
-   * `f32`, `f16` or `bf16`. NULL: `f32` on the CPU, `f16` on GPUs.
+   * `f32`, `bf16` or `f16`. NULL: `f32` on the CPU, `f16` on GPUs. On the CPU, `bf16` runs the matrix products
+   * in bf16 (fast with AVX-512 BF16) and everything else in f32.
    */
   const char *dtype;
   /**
