@@ -44,28 +44,9 @@ def _generate(pipe: sketchx.Pipeline, c: dict) -> list:
 @pytest.mark.parametrize("name", ["square_cfg", "nonsquare_two_images", "control_window_ddim"])
 def test_image_matches_the_reference_for_the_same_seed(pipe: sketchx.Pipeline, name: str) -> None:
     c = CASES[name]
-    st = pipe.wait(
-        pipe.submit(
-            str(SKETCHES / c["sketch"]),
-            c["prompt"],
-            negative_prompt=c["negative_prompt"],
-            temperature=c["temperature"],
-            guidance_scale=c["guidance_scale"],
-            num_images=c["num_images"],
-            steps=c["steps"],
-            seed=c["seed"],
-            width=c["width"],
-            height=c["height"],
-            scheduler=c["scheduler"],
-            control_guidance_start=c["control_guidance_start"],
-            control_guidance_end=c["control_guidance_end"],
-        ),
-        timeout=120,
-    )
-    assert st.status == "completed", st.message
-    assert len(st.images) == len(c["images"])
-    for got_path, ref_name in zip(st.images, c["images"]):
-        got = np.asarray(Image.open(got_path).convert("RGB"), dtype=np.float64)
+    images = _generate(pipe, c)
+    assert len(images) == len(c["images"])
+    for got, ref_name in zip(images, c["images"]):
         ref = np.asarray(Image.open(FIXTURES / "reference/e2e" / ref_name).convert("RGB"), dtype=np.float64)
         assert got.shape == ref.shape == (c["height"], c["width"], 3)
         diff = np.abs(got - ref)

@@ -115,24 +115,7 @@ impl PackedB {
     /// (`[out, in]`): `k = in`, `n = out`.
     pub fn from_transposed(w: &[f32], n: usize, k: usize, precision: Precision) -> Self {
         assert_eq!(w.len(), n * k, "weight size");
-        let words = k.div_ceil(precision.per_word());
-        let mut data = vec![0u32; n.div_ceil(NR) * words * NR];
-        data.par_chunks_mut(words * NR)
-            .enumerate()
-            .for_each(|(panel, out)| {
-                for j in 0..(n - panel * NR).min(NR) {
-                    let row = &w[(panel * NR + j) * k..(panel * NR + j + 1) * k];
-                    for p in 0..words {
-                        out[p * NR + j] = match precision {
-                            Precision::F32 => row[p].to_bits(),
-                            Precision::Bf16 => {
-                                let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
-                                round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
-                            }
-                        };
-                    }
-                }
-            });
+        let data = pack_row_blocks(w, n, k, NR, precision);
         Self {
             k,
             n,
@@ -185,19 +168,11 @@ impl PackedB {
 
     /// The matrix back in f32, row-major `k x n` (the portable path, and tests).
     pub fn to_f32(&self) -> Vec<f32> {
-        let (k, n, words) = (self.k, self.n, self.words());
-        let mut m = vec![0f32; k * n];
-        for r in 0..k {
-            for c in 0..n {
-                let at = |p: usize| self.data[((c / NR) * words + p) * NR + c % NR];
-                m[r * n + c] = match self.precision {
-                    Precision::F32 => f32::from_bits(at(r)),
-                    Precision::Bf16 => {
-                        let w = at(r / 2);
-                        let bits = if r % 2 == 0 { w & 0xffff } else { w >> 16 };
-                        bf16::from_bits(bits as u16).to_f32()
-                    }
-                };
+        let bt = unpack_row_blocks(&self.data, self.n, self.k, NR, self.precision);
+        let mut m = vec![0f32; self.k * self.n];
+        for (c, row) in bt.chunks(self.k.max(1)).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                m[r * self.n + c] = v;
             }
         }
         m
@@ -219,24 +194,7 @@ impl PackedA {
     /// Packs a row-major `m x k` f32 matrix (rounded to bf16 for [`Precision::Bf16`]).
     pub fn new(a: &[f32], m: usize, k: usize, precision: Precision) -> Self {
         assert_eq!(a.len(), m * k, "matrix size");
-        let words = k.div_ceil(precision.per_word());
-        let mut data = vec![0u32; m.div_ceil(MR) * words * MR];
-        data.par_chunks_mut(words * MR)
-            .enumerate()
-            .for_each(|(blk, out)| {
-                for r in 0..(m - blk * MR).min(MR) {
-                    let row = &a[(blk * MR + r) * k..][..k];
-                    for p in 0..words {
-                        out[p * MR + r] = match precision {
-                            Precision::F32 => row[p].to_bits(),
-                            Precision::Bf16 => {
-                                let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
-                                round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
-                            }
-                        };
-                    }
-                }
-            });
+        let data = pack_row_blocks(a, m, k, MR, precision);
         Self {
             m,
             k,
@@ -257,23 +215,66 @@ impl PackedA {
 
     /// The matrix back in f32, row-major `m x k` (the portable path, and tests).
     pub fn to_f32(&self) -> Vec<f32> {
-        let per = self.precision.per_word();
-        let words = self.k.div_ceil(per);
-        let mut out = vec![0f32; self.m * self.k];
-        for r in 0..self.m {
-            for c in 0..self.k {
-                let w = self.data[((r / MR) * words + c / per) * MR + r % MR];
-                out[r * self.k + c] = match self.precision {
-                    Precision::F32 => f32::from_bits(w),
-                    Precision::Bf16 => {
-                        let bits = if c % 2 == 0 { w & 0xffff } else { w >> 16 };
-                        bf16::from_bits(bits as u16).to_f32()
-                    }
-                };
-            }
-        }
-        out
+        unpack_row_blocks(&self.data, self.m, self.k, MR, self.precision)
     }
+}
+
+/// Packs a row-major `rows x k` f32 matrix in blocks of `width` rows, word-interleaved: word `(block, p, i)` holds
+/// entry `p` (f32) or entries `2p`, `2p + 1` (bf16) of row `block * width + i`; zeros past `rows` and `k`. This is
+/// [`PackedA`]'s layout, and [`PackedB`]'s for `B^T` (its panels are blocks of `NR` columns of `B`).
+fn pack_row_blocks(
+    src: &[f32],
+    rows: usize,
+    k: usize,
+    width: usize,
+    precision: Precision,
+) -> Vec<u32> {
+    assert_eq!(src.len(), rows * k, "matrix size");
+    let words = k.div_ceil(precision.per_word());
+    let mut data = vec![0u32; rows.div_ceil(width) * words * width];
+    data.par_chunks_mut(words * width)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            for i in 0..(rows - blk * width).min(width) {
+                let row = &src[(blk * width + i) * k..][..k];
+                for p in 0..words {
+                    out[p * width + i] = match precision {
+                        Precision::F32 => row[p].to_bits(),
+                        Precision::Bf16 => {
+                            let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
+                            round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
+                        }
+                    };
+                }
+            }
+        });
+    data
+}
+
+/// The inverse of [`pack_row_blocks`]: the `rows x k` matrix in f32.
+fn unpack_row_blocks(
+    data: &[u32],
+    rows: usize,
+    k: usize,
+    width: usize,
+    precision: Precision,
+) -> Vec<f32> {
+    let per = precision.per_word();
+    let words = k.div_ceil(per);
+    let mut out = vec![0f32; rows * k];
+    for r in 0..rows {
+        for c in 0..k {
+            let w = data[((r / width) * words + c / per) * width + r % width];
+            out[r * k + c] = match precision {
+                Precision::F32 => f32::from_bits(w),
+                Precision::Bf16 => {
+                    let bits = if c % 2 == 0 { w & 0xffff } else { w >> 16 };
+                    bf16::from_bits(bits as u16).to_f32()
+                }
+            };
+        }
+    }
+    out
 }
 
 /// Writes word row `p` of every panel from one (f32: `r1` unused) or two (bf16) source rows of `panels * NR` values (past `n`
