@@ -4,7 +4,8 @@
     /tmp/fx/bin/python tools/make_fixtures.py [tests/fixtures]
 
 Order matters: the tokenizer files come first (the models' references tokenize with them), then the RNG and
-scheduler references, the sketch references, and finally the tiny models with diffusers' outputs.
+scheduler references, the sketch references, the tiny models with diffusers' outputs, then the few-step fixtures
+(fewstep.py: LoRAs, LCM UNet, TAESD, LCM/TCD/trailing references over the tiny models) and bf16's yardstick.
 """
 
 import sys
@@ -17,10 +18,11 @@ import sampling  # noqa: E402
 import sketch  # noqa: E402
 import tokenizer  # noqa: E402
 import bf16  # noqa: E402  (after models: it reads the f32 references)
+import fewstep  # noqa: E402  (after models: LoRAs, LCM, TAESD over the tiny models; also runnable alone)
 
 
 def main(out: str) -> None:
-    for module in (tokenizer, sampling, sketch, models, bf16):
+    for module in (tokenizer, sampling, sketch, models, fewstep, bf16):
         print(f"== {module.__name__}", flush=True)
         module.generate(out)
 
