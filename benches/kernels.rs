@@ -52,7 +52,7 @@ fn group_norm(c: &mut Criterion) {
     let xs = Tensor::randn(0f32, 1., (2, 320, 32, 32), &dev).unwrap();
     let mut g = c.benchmark_group("group_norm_silu_320x32x32_b2");
     g.sample_size(10);
-    g.bench_function("sketchx", |b| b.iter(|| gn.forward(&xs, true).unwrap()));
+    g.bench_function("sketchx", |b| b.iter(|| gn.forward_silu(&xs).unwrap()));
     g.bench_function("candle", |b| b.iter(|| gn.reference(&xs, true).unwrap()));
     g.finish();
 }
@@ -61,9 +61,7 @@ fn group_norm(c: &mut Criterion) {
 /// that candle uses, at the shapes of a 3x3 convolution (640 channels, 16x16) and of a feed-forward linear layer
 /// (2 x 1024 tokens, 320 -> 1280).
 fn matmul(c: &mut Criterion) {
-    use sketchx::ops::gemm::{
-        gemm_bf16, gemm_f32, gemm_packed, to_bf16, PackedA, PackedB, Precision,
-    };
+    use sketchx::ops::gemm::{gemm_bf16, gemm_f32, gemm_packed, to_bf16, Format, PackedA, PackedB};
     for (name, m, n, k) in [
         ("conv3x3_640x16x16", 640, 256, 5760),
         ("linear_2048x320_to_1280", 2048, 1280, 320),
@@ -81,7 +79,7 @@ fn matmul(c: &mut Criterion) {
                 row.copy_from_slice(&b[r * n..(r + 1) * n])
             })
         };
-        let (packed, packed32) = (rows(Precision::Bf16), rows(Precision::F32));
+        let (packed, packed32) = (rows(Format::Bf16), rows(Format::F32));
         let mut out = vec![0f32; m * n];
         let mut g = c.benchmark_group(format!("gemm_{name}"));
         g.sample_size(10);
@@ -90,8 +88,8 @@ fn matmul(c: &mut Criterion) {
             bch.iter(|| gemm_bf16(m, &a16, k, &packed, &mut out, n))
         });
         let (pa16, pa32) = (
-            PackedA::new(&a, m, k, Precision::Bf16),
-            PackedA::new(&a, m, k, Precision::F32),
+            PackedA::new(&a, m, k, Format::Bf16),
+            PackedA::new(&a, m, k, Format::F32),
         );
         g.bench_function("sketchx_bf16_packed_a", |bch| {
             bch.iter(|| gemm_packed(&pa16, &packed, &mut out, n))
@@ -103,7 +101,7 @@ fn matmul(c: &mut Criterion) {
             bch.iter(|| gemm_f32(m, &a, k, &packed32, &mut out, n))
         });
         g.bench_function("sketchx_bf16_with_packing", |bch| {
-            bch.iter(|| gemm_bf16(m, &to_bf16(&a), k, &rows(Precision::Bf16), &mut out, n))
+            bch.iter(|| gemm_bf16(m, &to_bf16(&a), k, &rows(Format::Bf16), &mut out, n))
         });
         let ta = Tensor::from_vec(a.clone(), (m, k), &Device::Cpu).unwrap();
         let tb = Tensor::from_vec(b.clone(), (k, n), &Device::Cpu).unwrap();

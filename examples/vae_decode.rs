@@ -15,10 +15,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Parser;
-use sketchx::models::loader::{read_json, var_builder, ModelSource, Resolver};
+use sketchx::models::loader::{weights, ModelSource, Resolver};
 use sketchx::models::vae::Vae;
+use sketchx::precision::Precision;
 use sketchx::sampling::rng::TorchRng;
 
 /// One timed VAE decode with peak memory.
@@ -57,12 +58,10 @@ fn vm_mib(key: &str) -> f64 {
 
 fn run(args: Args) -> sketchx::Result<()> {
     let res = Resolver::new(ModelSource::Local(args.vae.clone()))?;
-    let config: serde_json::Value = read_json(&res.get("config.json")?)?;
-    let weights = res.weights("", None)?;
-    let vae = Vae::new(
-        var_builder(&weights, DType::F32, &Device::Cpu)?,
+    let config = res.config("config.json")?;
+    let vae = Vae::load(
+        weights(&res.weights("", None)?, Precision::F32, &Device::Cpu)?,
         &config,
-        &res.describe("config.json"),
     )?;
     if args.vae_tiling {
         vae.tiling()?; // a VAE without a usable tile size is an error, not an untiled decode

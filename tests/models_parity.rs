@@ -8,10 +8,12 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use sketchx::models::clip::{ClipTextConfig, ClipTextModel};
+use sketchx::models::config::ConfigFile;
 use sketchx::models::controlnet::ControlNet;
-use sketchx::models::loader::{read_json, var_builder, ModelSource, Resolver};
+use sketchx::models::loader::{read_json, weights, ModelSource, Resolver};
 use sketchx::models::unet::UNet;
 use sketchx::models::vae::Vae;
+use sketchx::precision::{Precision, Weights};
 
 fn refs() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -56,6 +58,16 @@ fn assert_close(name: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
     );
 }
 
+/// The weights file at `path`, in f32 on the CPU.
+fn f32_weights(path: &std::path::Path) -> Weights<'static> {
+    weights(path, Precision::F32, &Device::Cpu).unwrap()
+}
+
+/// A parsed config named `origin` in errors.
+fn config(value: serde_json::Value, origin: &str) -> ConfigFile {
+    ConfigFile::from_value(value, origin).unwrap()
+}
+
 fn sd() -> Resolver {
     Resolver::new(ModelSource::Local(fixtures().join("tiny-sd"))).unwrap()
 }
@@ -64,12 +76,7 @@ fn controlnet(dir: &str) -> ControlNet {
     let r = Resolver::new(ModelSource::Local(fixtures().join(dir))).unwrap();
     let cfg: serde_json::Value = r.json("config.json").unwrap();
     let w = r.weights("", None).unwrap();
-    ControlNet::new(
-        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "config.json",
-    )
-    .unwrap()
+    ControlNet::load(f32_weights(&w), &config(cfg.clone(), "config.json")).unwrap()
 }
 
 #[test]
@@ -78,12 +85,7 @@ fn text_encoder_matches_transformers() {
     let sd = sd();
     let cfg: ClipTextConfig = read_json(&sd.get("text_encoder/config.json").unwrap()).unwrap();
     let w = sd.weights("text_encoder", None).unwrap();
-    let model = ClipTextModel::new(
-        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "cfg",
-    )
-    .unwrap();
+    let model = ClipTextModel::load(f32_weights(&w), &cfg, "cfg").unwrap();
     let ids = r["text.input_ids"].to_dtype(DType::U32).unwrap();
     let out = model.forward(&ids).unwrap();
     assert_close("text encoder", &out, &r["text.hidden"], 1e-5);
@@ -163,12 +165,7 @@ fn unet_matches_diffusers_with_and_without_residuals() {
     let sd = sd();
     let cfg: serde_json::Value = sd.json("unet/config.json").unwrap();
     let w = sd.weights("unet", None).unwrap();
-    let unet = UNet::new(
-        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "unet/config.json",
-    )
-    .unwrap();
+    let unet = UNet::load(f32_weights(&w), &config(cfg.clone(), "unet/config.json")).unwrap();
     let cn = controlnet("tiny-controlnet");
     let t = r["cn.timestep"].to_vec1::<f32>().unwrap()[0] as f64;
     let res = cn
@@ -208,12 +205,7 @@ fn vae_decode_matches_diffusers() {
     let sd = sd();
     let cfg: serde_json::Value = sd.json("vae/config.json").unwrap();
     let w = sd.weights("vae", None).unwrap();
-    let vae = Vae::new(
-        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "vae/config.json",
-    )
-    .unwrap();
+    let vae = Vae::load(f32_weights(&w), &config(cfg.clone(), "vae/config.json")).unwrap();
     assert_eq!(vae.scale_factor, 8);
     let out = vae.decode(&r["vae.latents"]).unwrap();
     assert_close("vae decode", &out, &r["vae.image"], 1e-5);
@@ -260,10 +252,9 @@ fn fp16_variant_files_are_preferred_when_asked_and_upcast() {
     );
 
     let cfg: serde_json::Value = res.json("unet/config.json").unwrap();
-    let unet = UNet::new(
-        var_builder(&picked, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "unet/config.json",
+    let unet = UNet::load(
+        f32_weights(&picked),
+        &config(cfg.clone(), "unet/config.json"),
     )
     .unwrap();
     let t = r["cn.timestep"].to_vec1::<f32>().unwrap()[0] as f64;
@@ -280,12 +271,7 @@ fn vae(dir: &str) -> Vae {
     let r = Resolver::new(ModelSource::Local(fixtures().join(dir))).unwrap();
     let cfg: serde_json::Value = r.json("vae/config.json").unwrap();
     let w = r.weights("vae", None).unwrap();
-    Vae::new(
-        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "vae/config.json",
-    )
-    .unwrap()
+    Vae::load(f32_weights(&w), &config(cfg.clone(), "vae/config.json")).unwrap()
 }
 
 #[test]
@@ -377,12 +363,7 @@ fn vae_whose_sample_size_gives_no_usable_tiles_is_refused_for_tiling_only() {
         (serde_json::json!(72), "requested size"),
     ] {
         cfg["sample_size"] = bad;
-        let vae = Vae::new(
-            var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-            &cfg,
-            "vae/config.json",
-        )
-        .unwrap();
+        let vae = Vae::load(f32_weights(&w), &config(cfg.clone(), "vae/config.json")).unwrap();
         let err = vae.tiling().unwrap_err();
         assert!(
             matches!(&err, sketchx::Error::UnsupportedModel { path, message }
@@ -396,11 +377,6 @@ fn vae_whose_sample_size_gives_no_usable_tiles_is_refused_for_tiling_only() {
     }
     // A list of one size is that size (diffusers reads sample_size[0] for the latent tile).
     cfg["sample_size"] = serde_json::json!([64, 64]);
-    let vae = Vae::new(
-        var_builder(&w, DType::F32, &Device::Cpu).unwrap(),
-        &cfg,
-        "vae/config.json",
-    )
-    .unwrap();
+    let vae = Vae::load(f32_weights(&w), &config(cfg.clone(), "vae/config.json")).unwrap();
     assert_eq!(vae.tiling().unwrap().latent_size, 8);
 }

@@ -3,19 +3,21 @@
 //! does (same seed, same weights, same inputs: the same pixels within float rounding).
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::config::ConfigFile;
 use crate::models::controlnet::{ControlNet, ControlResiduals};
-use crate::models::loader::{build_error, var_builder, ModelSource, Resolver};
+use crate::models::loader::{self, build_error, ModelSource, Resolver};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::output::to_u8_like_diffusers;
+use crate::precision::Precision;
 use crate::request::GenerationRequest;
 use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
@@ -162,11 +164,7 @@ pub fn random_seed() -> u64 {
 /// The type of the activations for a model loaded in `dtype` on `device`: f32 in the CPU bf16 mode (see
 /// [`EngineConfig::dtype`]), `dtype` otherwise.
 pub fn activation_dtype(device: &Device, dtype: DType) -> DType {
-    if device.is_cpu() && dtype == DType::BF16 {
-        DType::F32
-    } else {
-        dtype
-    }
+    Precision::new(device, dtype).activations_dtype()
 }
 
 /// The loaded networks and what is needed to run them.
@@ -183,130 +181,35 @@ pub struct Engine {
     prompt_cache: Mutex<VecDeque<(String, Tensor)>>,
 }
 
-fn load_json(r: &Resolver, rel: &str) -> Result<(Value, String)> {
-    let value: Value = r.json(rel)?;
-    Ok((value, r.describe(rel)))
-}
-
 impl Engine {
     /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet.
     /// Every size comes from the components' own config files; a missing or malformed file is an error naming it.
     ///
     /// Every file is located (and downloaded) first; then the four networks are built at the same time, as tasks on
     /// rayon's pool, each reading only the tensors it uses straight into their final buffers (safetensors; see
-    /// [`crate::models::weights`]), converted to [`EngineConfig::dtype`] as they are read. Nothing stays mapped:
-    /// resident memory after loading is the weights themselves, and the peak during loading is no higher.
+    /// [`crate::models::weights`]) in the [`Precision`] of [`EngineConfig::dtype`] on [`EngineConfig::device`].
+    /// Nothing stays mapped: resident memory after loading is the weights themselves, and the peak during loading
+    /// is no higher.
     pub fn load(config: &EngineConfig) -> Result<Self> {
         let base = Resolver::new(config.model.clone())?;
         let cn = Resolver::new(config.controlnet.clone())?;
-        let variant = config.variant.as_deref();
-        let (dev, dt) = (&config.device, config.dtype);
-
-        let tok_files = ["vocab.json", "merges.txt"];
-        let mut tok_dir = None;
-        for f in tok_files {
-            let p = base.get(&format!("tokenizer/{f}"))?;
-            tok_dir = p.parent().map(|d| d.to_path_buf());
-        }
-        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
-            if base.exists(&format!("tokenizer/{f}")) {
-                base.get(&format!("tokenizer/{f}"))?;
-            }
-        }
-        let tokenizer = ClipTokenizer::from_dir(&tok_dir.expect("tokenizer dir"))?;
-
-        // Find (and download if needed) every file first, one at a time; then build the four networks at once,
-        // each reading its own weights (see `models::weights`): reading is bound by the kernel handing out and
-        // filling fresh pages, which goes faster from several threads, and the small tensors of one network
-        // overlap with the large ones of another. Errors are reported in the same order as a sequential load.
-        let (te_json, te_origin) = load_json(&base, "text_encoder/config.json")?;
-        let te_config: ClipTextConfig =
-            serde_json::from_value(te_json).map_err(|e| Error::malformed(&te_origin, e))?;
-        let te_path = base.weights("text_encoder", variant)?;
-        let (unet_json, unet_origin) = load_json(&base, "unet/config.json")?;
-        let unet_path = base.weights("unet", variant)?;
-        let (vae_json, vae_origin) = load_json(&base, "vae/config.json")?;
-        let vae_path = base.weights("vae", variant)?;
-        let sched_path = base.get("scheduler/scheduler_config.json")?;
-        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
-        let (cn_json, cn_origin) = load_json(&cn, "config.json")?;
-        let cn_path = cn.weights("", variant)?;
-
-        // On rayon's pool, not on threads of their own: the reads inside fan out over the same pool, so a caller
-        // that is itself a rayon task (with a one-thread pool, say) cannot deadlock waiting for them.
-        let (mut text_encoder, mut unet, mut vae, mut controlnet) = (None, None, None, None);
-        rayon::scope(|s| {
-            s.spawn(|_| {
-                text_encoder = Some(var_builder(&te_path, dt, dev).and_then(|vb| {
-                    ClipTextModel::new(vb, &te_config, &te_origin)
-                        .map_err(|e| candle_to_file(e, &te_path))
-                }))
-            });
-            s.spawn(|_| {
-                vae = Some(var_builder(&vae_path, dt, dev).and_then(|vb| {
-                    Vae::new(vb, &vae_json, &vae_origin).map_err(|e| candle_to_file(e, &vae_path))
-                }))
-            });
-            s.spawn(|_| {
-                controlnet = Some(var_builder(&cn_path, dt, dev).and_then(|vb| {
-                    ControlNet::new(vb, &cn_json, &cn_origin)
-                        .map_err(|e| candle_to_file(e, &cn_path))
-                }))
-            });
-            unet = Some(var_builder(&unet_path, dt, dev).and_then(|vb| {
-                UNet::new(vb, &unet_json, &unet_origin).map_err(|e| candle_to_file(e, &unet_path))
-            }));
-        });
-        // `rayon::scope` returns once every task has run (a panicking task re-panics here), so all four are set.
-        let built = "every network's task ran";
-        let (text_encoder, unet, vae, controlnet) = (
-            text_encoder.expect(built),
-            unet.expect(built),
-            vae.expect(built),
-            controlnet.expect(built),
-        );
-        let (text_encoder, unet, vae, controlnet) = (text_encoder?, unet?, vae?, controlnet?);
+        let precision = Precision::new(&config.device, config.dtype);
+        let tokenizer = load_tokenizer(&base)?;
+        let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
+        let (text_encoder, unet, vae, controlnet) = files.build(precision, &config.device)?;
         if config.vae_tiling {
             vae.tiling()?;
         }
-
-        if controlnet.downscale_factor() != vae.scale_factor {
-            return Err(Error::unsupported(
-                cn_origin,
-                format!(
-                    "the ControlNet reduces the sketch {}x but the VAE's latents are {}x smaller than the image",
-                    controlnet.downscale_factor(),
-                    vae.scale_factor
-                ),
-            ));
-        }
-        if unet.in_channels != vae.latent_channels {
-            return Err(Error::unsupported(
-                unet_origin,
-                format!(
-                    "the UNet takes {} channels but the VAE has {} latent channels",
-                    unet.in_channels, vae.latent_channels
-                ),
-            ));
-        }
-        if te_config.hidden_size != unet.cross_attention_dim {
-            return Err(Error::unsupported(
-                unet_origin,
-                format!(
-                    "cross_attention_dim {} differs from the text encoder's hidden_size {}",
-                    unet.cross_attention_dim, te_config.hidden_size
-                ),
-            ));
-        }
+        check_compatible(&files, &text_encoder, &unet, &vae, &controlnet)?;
         Ok(Self {
             tokenizer,
             text_encoder,
             unet,
             controlnet,
             vae,
-            scheduler_config,
+            scheduler_config: files.scheduler,
             device: config.device.clone(),
-            dtype: activation_dtype(&config.device, config.dtype),
+            dtype: precision.activations_dtype(),
             vae_tiling: config.vae_tiling,
             prompt_cache: Mutex::new(VecDeque::new()),
         })
@@ -398,6 +301,9 @@ impl Engine {
 
     /// Generates `req.num_images` images from `sketch`. `observer` is called after every denoising step and
     /// every decoded image; returning `false` stops the generation with [`Error::Cancelled`].
+    ///
+    /// The stages, as diffusers' `StableDiffusionControlNetPipeline.__call__` runs them: encode the prompts,
+    /// prepare the control image, draw the initial latents, denoise, decode.
     pub fn generate(
         &self,
         req: &GenerationRequest,
@@ -406,118 +312,191 @@ impl Engine {
     ) -> Result<Generated> {
         req.validate()?;
         let (width, height) = self.output_size(req, sketch)?;
-        let control = sketch.to_control(width, height, req.preprocess);
         let seed = req.seed.unwrap_or_else(random_seed);
-        let n = req.num_images as usize;
-        let steps = req.steps as usize;
-        let cfg = req.uses_guidance();
-        let guess = req.guess_mode() || self.controlnet.global_pool_conditions();
-        let scale = req.conditioning_scale();
-        let (dev, dt) = (&self.device, self.dtype);
+        let guidance = Guidance::of(req, &self.controlnet);
+        let text = self.encode_prompts(req, &guidance)?;
+        let control = self.prepare_control(req, sketch, (width, height), &guidance)?;
+        let mut scheduler =
+            Scheduler::new(req.scheduler, &self.scheduler_config, req.steps as usize)?;
+        let mut rng = TorchRng::new(seed);
+        let latents = self.initial_latents(&guidance, (width, height), &scheduler, &mut rng)?;
+        let latents = self.denoise(
+            req,
+            &guidance,
+            &text,
+            &control,
+            &mut scheduler,
+            latents,
+            &mut rng,
+            observer,
+        )?;
+        let images = self.decode(&latents, scheduler.timesteps().len(), observer)?;
+        Ok(Generated {
+            seed,
+            width,
+            height,
+            images,
+        })
+    }
 
-        // Text: [negative x n, prompt x n] with guidance, else [prompt x n].
-        let cond = self.encode_prompt(req.prompt_text())?.to_dtype(dt)?;
-        let cond = cond.repeat((n, 1, 1))?;
-        let embeds = if cfg {
+    /// The text embeddings the UNet and the ControlNet attend to.
+    fn encode_prompts(&self, req: &GenerationRequest, g: &Guidance) -> Result<TextConditioning> {
+        let dt = self.dtype;
+        let cond = self
+            .encode_prompt(req.prompt_text())?
+            .to_dtype(dt)?
+            .repeat((g.n, 1, 1))?;
+        let unet = if g.cfg {
             let uncond = self
                 .encode_prompt(req.negative_prompt_text())?
                 .to_dtype(dt)?
-                .repeat((n, 1, 1))?;
+                .repeat((g.n, 1, 1))?;
             Tensor::cat(&[&uncond, &cond], 0)?
         } else {
             cond.clone()
         };
-        let (cn_embeds, cn_batch) = if guess && cfg {
-            (cond.clone(), n)
+        let controlnet = if g.conditional_only() {
+            cond
         } else {
-            (embeds.clone(), embeds.dim(0)?)
+            unet.clone()
         };
-        let control = control
-            .to_tensor(dev)?
-            .to_dtype(dt)?
-            .repeat((cn_batch, 1, 1, 1))?;
+        Ok(TextConditioning { unet, controlnet })
+    }
 
-        let mut scheduler = Scheduler::new(req.scheduler, &self.scheduler_config, steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
+    /// The control image, preprocessed and resized to the output, repeated for the ControlNet's batch.
+    fn prepare_control(
+        &self,
+        req: &GenerationRequest,
+        sketch: &Sketch,
+        (width, height): (u32, u32),
+        g: &Guidance,
+    ) -> Result<Tensor> {
+        let batch = if g.conditional_only() || !g.cfg {
+            g.n
+        } else {
+            2 * g.n
+        };
+        let control = sketch.to_control(width, height, req.preprocess);
+        Ok(control
+            .to_tensor(&self.device)?
+            .to_dtype(self.dtype)?
+            .repeat((batch, 1, 1, 1))?)
+    }
+
+    /// Standard normal latents from the torch-compatible RNG, scaled by the scheduler's initial sigma.
+    fn initial_latents(
+        &self,
+        g: &Guidance,
+        (width, height): (u32, u32),
+        scheduler: &Scheduler,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor> {
         let f = self.vae.scale_factor;
         let shape = [
-            n,
+            g.n,
             self.vae.latent_channels,
             height as usize / f,
             width as usize / f,
         ];
-        let mut rng = TorchRng::new(seed);
-        let mut latents = (rng.randn(&shape, dev)? * scheduler.init_noise_sigma())?;
+        Ok((rng.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?)
+    }
 
+    /// The denoising loop: ControlNet residuals (within the request's control window), the UNet's noise
+    /// prediction with classifier-free guidance, the scheduler's step; `observer` after every step.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise(
+        &self,
+        req: &GenerationRequest,
+        g: &Guidance,
+        text: &TextConditioning,
+        control: &Tensor,
+        scheduler: &mut Scheduler,
+        mut latents: Tensor,
+        rng: &mut TorchRng,
+        observer: &mut dyn FnMut(&StepInfo) -> bool,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
-            let model_in = if cfg {
+            let model_in = if g.cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
                 latents.clone()
             };
             let model_in = scheduler.scale_model_input(&model_in, i)?.to_dtype(dt)?;
-            let outside = (i as f64 / total as f64) < req.control_guidance_start
-                || ((i + 1) as f64 / total as f64) > req.control_guidance_end;
-            let residuals = if outside || scale == 0.0 {
-                None
-            } else {
-                let control_in = if guess && cfg {
+            let residuals = if g.controls_step(req, i, total) {
+                let control_in = if g.conditional_only() {
                     scheduler.scale_model_input(&latents, i)?.to_dtype(dt)?
                 } else {
                     model_in.clone()
                 };
-                let r =
-                    self.controlnet
-                        .forward(&control_in, t, &cn_embeds, &control, scale, guess)?;
-                Some(if guess && cfg { pad_uncond(r)? } else { r })
+                let r = self.controlnet.forward(
+                    &control_in,
+                    t,
+                    &text.controlnet,
+                    control,
+                    g.scale,
+                    g.guess,
+                )?;
+                Some(if g.conditional_only() {
+                    pad_uncond(r)?
+                } else {
+                    r
+                })
+            } else {
+                None
             };
             let noise = self.unet.forward(
                 &model_in,
                 t,
-                &embeds,
+                &text.unet,
                 residuals.as_ref().map(|r| r.down.as_slice()),
                 residuals.as_ref().map(|r| &r.mid),
             )?;
-            let noise = noise.to_dtype(DType::F32)?;
-            let noise = if cfg {
-                let u = noise.narrow(0, 0, n)?;
-                let c = noise.narrow(0, n, n)?;
-                (&u + ((c - &u)? * req.guidance_scale)?)?
-            } else {
-                noise
-            };
-            latents = scheduler.step(&noise, i, &latents, &mut rng)?;
+            let noise = g.combine(noise.to_dtype(DType::F32)?, req.guidance_scale)?;
+            latents = scheduler.step(&noise, i, &latents, rng)?;
             let info = StepInfo {
                 step: i + 1,
                 total_steps: total,
                 decoded: 0,
-                num_images: n,
+                num_images: g.n,
                 latents: Some(&latents),
             };
             if !observer(&info) {
                 return Err(Error::Cancelled);
             }
         }
+        Ok(latents)
+    }
 
+    /// Decodes each image's latents with the VAE (tiled when configured) into RGB8 as diffusers rounds it;
+    /// `observer` after every image.
+    fn decode(
+        &self,
+        latents: &Tensor,
+        total_steps: usize,
+        observer: &mut dyn FnMut(&StepInfo) -> bool,
+    ) -> Result<Vec<Vec<u8>>> {
+        let n = latents.dim(0)?;
         let mut images = Vec::with_capacity(n);
         for k in 0..n {
-            let lat = latents.narrow(0, k, 1)?.to_dtype(dt)?;
+            let lat = latents.narrow(0, k, 1)?.to_dtype(self.dtype)?;
             let img = if self.vae_tiling {
                 self.vae.decode_tiled(&lat)?
             } else {
                 self.vae.decode(&lat)?
             };
-            let img = img.to_dtype(DType::F32)?;
             let hwc = img
+                .to_dtype(DType::F32)?
                 .squeeze(0)?
                 .permute((1, 2, 0))?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             images.push(to_u8_like_diffusers(&hwc));
             let info = StepInfo {
-                step: total,
-                total_steps: total,
+                step: total_steps,
+                total_steps,
                 decoded: k + 1,
                 num_images: n,
                 latents: None,
@@ -526,13 +505,209 @@ impl Engine {
                 return Err(Error::Cancelled);
             }
         }
-        Ok(Generated {
-            seed,
-            width,
-            height,
-            images,
+        Ok(images)
+    }
+}
+
+/// How a request steers the denoising loop, decided once per generation.
+struct Guidance {
+    /// Images in the batch.
+    n: usize,
+    /// Classifier-free guidance: the UNet sees `[uncond, cond]`.
+    cfg: bool,
+    /// Guess mode (asked for, or forced by a ControlNet that pools its conditions).
+    guess: bool,
+    /// The ControlNet's conditioning scale.
+    scale: f64,
+}
+
+impl Guidance {
+    fn of(req: &GenerationRequest, controlnet: &ControlNet) -> Self {
+        Self {
+            n: req.num_images as usize,
+            cfg: req.uses_guidance(),
+            guess: req.guess_mode() || controlnet.global_pool_conditions(),
+            scale: req.conditioning_scale(),
+        }
+    }
+
+    /// Guess mode with guidance: the ControlNet sees only the conditional half of the batch.
+    fn conditional_only(&self) -> bool {
+        self.guess && self.cfg
+    }
+
+    /// Whether the ControlNet acts at step `i` of `total`: inside the request's control window, with a non-zero
+    /// scale.
+    fn controls_step(&self, req: &GenerationRequest, i: usize, total: usize) -> bool {
+        let outside = (i as f64 / total as f64) < req.control_guidance_start
+            || ((i + 1) as f64 / total as f64) > req.control_guidance_end;
+        !outside && self.scale != 0.0
+    }
+
+    /// The guided prediction `u + w (c - u)` from the UNet's `[uncond, cond]` output; the output itself without
+    /// guidance.
+    fn combine(&self, noise: Tensor, guidance_scale: f64) -> Result<Tensor> {
+        if !self.cfg {
+            return Ok(noise);
+        }
+        let u = noise.narrow(0, 0, self.n)?;
+        let c = noise.narrow(0, self.n, self.n)?;
+        Ok((&u + ((c - &u)? * guidance_scale)?)?)
+    }
+}
+
+/// The text embeddings of one generation.
+struct TextConditioning {
+    /// What the UNet attends to: `[negative x n, prompt x n]` with guidance, else `[prompt x n]`.
+    unet: Tensor,
+    /// What the ControlNet attends to: the UNet's, or only the prompt's in guess mode with guidance.
+    controlnet: Tensor,
+}
+
+/// The tokenizer of `base` (`tokenizer/vocab.json` and `merges.txt`, with the optional config files beside them
+/// fetched too, so that a Hub download has everything [`ClipTokenizer::from_dir`] reads).
+fn load_tokenizer(base: &Resolver) -> Result<ClipTokenizer> {
+    let vocab = base.get("tokenizer/vocab.json")?;
+    base.get("tokenizer/merges.txt")?;
+    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let rel = format!("tokenizer/{f}");
+        if base.exists(&rel) {
+            base.get(&rel)?;
+        }
+    }
+    let dir = vocab.parent().ok_or_else(|| Error::MissingFile {
+        path: base.describe("tokenizer"),
+    })?;
+    ClipTokenizer::from_dir(dir)
+}
+
+/// Every network's config and weights file, located (and downloaded) before any is built.
+struct NetworkFiles {
+    text_encoder: (ClipTextConfig, String, PathBuf),
+    unet: (ConfigFile, PathBuf),
+    vae: (ConfigFile, PathBuf),
+    scheduler: SchedulerConfig,
+    controlnet: (ConfigFile, PathBuf),
+}
+
+impl NetworkFiles {
+    /// Locates the files one at a time, in the order a sequential load reports errors in.
+    fn locate(base: &Resolver, cn: &Resolver, variant: Option<&str>) -> Result<Self> {
+        let te = base.config("text_encoder/config.json")?;
+        let text_encoder = (
+            ClipTextConfig::from_config(&te)?,
+            te.origin().to_string(),
+            base.weights("text_encoder", variant)?,
+        );
+        let unet = (
+            base.config("unet/config.json")?,
+            base.weights("unet", variant)?,
+        );
+        let vae = (
+            base.config("vae/config.json")?,
+            base.weights("vae", variant)?,
+        );
+        let scheduler =
+            SchedulerConfig::from_config(&base.config("scheduler/scheduler_config.json")?)?;
+        let controlnet = (cn.config("config.json")?, cn.weights("", variant)?);
+        Ok(Self {
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            controlnet,
         })
     }
+
+    /// Builds the four networks at once, as tasks on rayon's pool (not on threads of their own: the reads inside
+    /// fan out over the same pool, so a caller that is itself a rayon task cannot deadlock waiting for them).
+    /// Reading is bound by the kernel handing out and filling fresh pages, which goes faster from several
+    /// threads, and the small tensors of one network overlap with the large ones of another. Errors come in the
+    /// order of a sequential load.
+    fn build(
+        &self,
+        precision: Precision,
+        dev: &Device,
+    ) -> Result<(ClipTextModel, UNet, Vae, ControlNet)> {
+        let open = |path: &Path| loader::weights(path, precision, dev);
+        let (mut te, mut unet, mut vae, mut cn) = (None, None, None, None);
+        rayon::scope(|s| {
+            s.spawn(|_| {
+                let (config, origin, path) = &self.text_encoder;
+                te = Some(open(path).and_then(|w| {
+                    ClipTextModel::load(w, config, origin).map_err(|e| candle_to_file(e, path))
+                }))
+            });
+            s.spawn(|_| {
+                let (config, path) = &self.vae;
+                vae = Some(
+                    open(path)
+                        .and_then(|w| Vae::load(w, config).map_err(|e| candle_to_file(e, path))),
+                )
+            });
+            s.spawn(|_| {
+                let (config, path) = &self.controlnet;
+                cn =
+                    Some(open(path).and_then(|w| {
+                        ControlNet::load(w, config).map_err(|e| candle_to_file(e, path))
+                    }))
+            });
+            let (config, path) = &self.unet;
+            unet = Some(
+                open(path).and_then(|w| UNet::load(w, config).map_err(|e| candle_to_file(e, path))),
+            );
+        });
+        // `rayon::scope` returns once every task has run (a panicking task re-panics here), so all four are set.
+        let built = "every network's task ran";
+        let (te, unet, vae, cn) = (
+            te.expect(built),
+            unet.expect(built),
+            vae.expect(built),
+            cn.expect(built),
+        );
+        Ok((te?, unet?, vae?, cn?))
+    }
+}
+
+/// Refuses networks that cannot work together, naming the file whose sizes disagree.
+fn check_compatible(
+    files: &NetworkFiles,
+    text_encoder: &ClipTextModel,
+    unet: &UNet,
+    vae: &Vae,
+    controlnet: &ControlNet,
+) -> Result<()> {
+    let (unet_origin, cn_origin) = (files.unet.0.origin(), files.controlnet.0.origin());
+    if controlnet.downscale_factor() != vae.scale_factor {
+        return Err(Error::unsupported(
+            cn_origin,
+            format!(
+                "the ControlNet reduces the sketch {}x but the VAE's latents are {}x smaller than the image",
+                controlnet.downscale_factor(),
+                vae.scale_factor
+            ),
+        ));
+    }
+    if unet.in_channels != vae.latent_channels {
+        return Err(Error::unsupported(
+            unet_origin,
+            format!(
+                "the UNet takes {} channels but the VAE has {} latent channels",
+                unet.in_channels, vae.latent_channels
+            ),
+        ));
+    }
+    let hidden = text_encoder.config().hidden_size;
+    if hidden != unet.cross_attention_dim {
+        return Err(Error::unsupported(
+            unet_origin,
+            format!(
+                "cross_attention_dim {} differs from the text encoder's hidden_size {hidden}",
+                unet.cross_attention_dim
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Guess mode with guidance: the ControlNet saw only the conditional half; the unconditional half gets zeros.

@@ -165,6 +165,18 @@ impl Error {
         }
     }
 
+    /// An error opening or reading a model file: [`Error::MissingFile`] when it does not exist, [`Error::Io`]
+    /// otherwise.
+    pub fn reading(path: &std::path::Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile {
+                path: path.display().to_string(),
+            }
+        } else {
+            Error::io(path, source)
+        }
+    }
+
     /// Shorthand for [`Error::MalformedFile`].
     pub fn malformed(path: impl std::fmt::Display, message: impl std::fmt::Display) -> Self {
         Error::MalformedFile {

@@ -4,8 +4,12 @@
 //! The layers, bottom up: [`sketch`] decodes and preprocesses the drawing, [`models`] loads and runs the
 //! networks (CLIP tokenizer and text encoder, ControlNet, UNet, VAE), [`sampling`] holds the torch-compatible
 //! RNG, the schedulers and the denoising loop, [`engine`] ties them into one generation call, [`output`] writes
-//! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs requests as asynchronous
-//! jobs ([`jobs`], [`executor`], [`cleanup`]).
+//! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs
+//! requests as asynchronous jobs ([`jobs`], [`executor`], [`cleanup`]). [`precision`] says how the networks hold
+//! their weights; the CPU kernels behind them (`ops`) are private (the `bench-internals` feature exposes them to
+//! the benches).
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cleanup;
 pub mod engine;
@@ -13,9 +17,13 @@ pub mod error;
 pub mod executor;
 pub mod jobs;
 pub mod models;
+#[cfg(not(feature = "bench-internals"))]
+pub(crate) mod ops;
+#[cfg(feature = "bench-internals")]
 pub mod ops;
 pub mod output;
 pub mod pipeline;
+pub mod precision;
 pub mod request;
 pub mod sampling;
 pub mod sketch;

@@ -7,114 +7,93 @@
 //! every width, group count and epsilon comes from the model's `config.json`. Variable paths equal checkpoint keys.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{conv2d, layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm};
 
 use crate::ops::conv::FastConv2d as Conv2d;
 use crate::ops::linear::FastLinear as Linear;
 use crate::ops::norm::FastGroupNorm as GroupNorm;
-use crate::ops::profile::scope;
+use crate::precision::Weights;
 
 type CResult<T> = candle_core::Result<T>;
-
-/// A convolution, timed as `conv3x3` or `conv1x1`.
-pub(crate) fn conv(c: &Conv2d, xs: &Tensor) -> CResult<Tensor> {
-    let kind = if c.kernel_shape()[3] == 1 {
-        "conv1x1"
-    } else {
-        "conv3x3"
-    };
-    scope(kind, || c.forward(xs))
-}
-
-/// A group norm, timed as `group_norm`.
-pub(crate) fn gn(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
-    scope("group_norm", || n.forward(xs, false))
-}
-
-/// A group norm followed by SiLU (fused), timed as `group_norm`.
-pub(crate) fn gn_silu(n: &GroupNorm, xs: &Tensor) -> CResult<Tensor> {
-    scope("group_norm", || n.forward(xs, true))
-}
 
 /// A group norm loaded from `vb` (weights `weight` and `bias`).
 pub(crate) fn group_norm(
     groups: usize,
     channels: usize,
     eps: f64,
-    vb: VarBuilder,
+    vb: Weights,
 ) -> CResult<GroupNorm> {
-    GroupNorm::new(groups, channels, eps, vb)
+    GroupNorm::new(groups, channels, eps, vb.vb())
 }
 
-/// A convolution loaded from `vb` that runs the crate's CPU kernel when it can.
-pub(crate) fn fast_conv2d(
+/// A layer norm loaded from `vb`.
+pub(crate) fn layer_norm(dim: usize, eps: f64, vb: Weights) -> CResult<LayerNorm> {
+    candle_nn::layer_norm(dim, eps, vb.vb())
+}
+
+/// A convolution loaded from `vb`, held as `vb`'s precision says.
+pub(crate) fn conv2d(
     cin: usize,
     cout: usize,
     k: usize,
     cfg: Conv2dConfig,
-    vb: VarBuilder,
+    vb: Weights,
 ) -> CResult<Conv2d> {
-    let bf16 = crate::ops::linear::cpu_bf16(&vb);
-    let c = Conv2d::new(conv2d(cin, cout, k, cfg, vb)?);
-    if bf16 {
-        c.into_cpu_bf16()
-    } else {
-        Ok(c)
-    }
+    Conv2d::load(cin, cout, k, cfg, &vb)
 }
 
-/// SiLU, timed as `activation`.
-pub(crate) fn silu(xs: &Tensor) -> CResult<Tensor> {
-    scope("activation", || candle_nn::ops::silu(xs))
-}
-
-/// A linear layer with a bias (bf16 product in the CPU bf16 mode).
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> CResult<Linear> {
-    Linear::load(in_dim, out_dim, true, vb)
+/// A linear layer with a bias, held as `vb`'s precision says.
+pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: Weights) -> CResult<Linear> {
+    Linear::load(in_dim, out_dim, true, &vb)
 }
 
 /// A linear layer without a bias.
-fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> CResult<Linear> {
-    Linear::load(in_dim, out_dim, false, vb)
+fn linear_no_bias(in_dim: usize, out_dim: usize, vb: Weights) -> CResult<Linear> {
+    Linear::load(in_dim, out_dim, false, &vb)
 }
 
-/// A linear layer, timed as `linear`.
-pub(crate) fn lin(l: &Linear, xs: &Tensor) -> CResult<Tensor> {
-    scope("linear", || l.forward(xs))
+/// The `layers` transformers (`attentions.N`) of a block with cross-attention; none for a plain block.
+fn attentions(
+    vb: &Weights,
+    spec: &BlockSpec,
+    layers: usize,
+    p: &BlockParams,
+) -> CResult<Vec<SpatialTransformer>> {
+    let Some(depth) = spec.cross_attention else {
+        return Ok(Vec::new());
+    };
+    (0..layers)
+        .map(|i| {
+            SpatialTransformer::new(
+                vb.pp("attentions").pp(i),
+                spec.channels,
+                spec.heads,
+                depth,
+                p,
+            )
+        })
+        .collect()
 }
 
-/// Element-wise arithmetic (residual adds, scaling), timed as `elementwise`.
-pub(crate) fn ew<T>(f: impl FnOnce() -> CResult<T>) -> CResult<T> {
-    scope("elementwise", f)
-}
-
-/// Layout changes (contiguous copies, concatenation, padding, upsampling), timed as `copies`.
-pub(crate) fn copy<T>(f: impl FnOnce() -> CResult<T>) -> CResult<T> {
-    scope("copies", f)
-}
-
-fn conv3(
-    vb: VarBuilder,
+/// A 3x3 convolution with the given stride and padding.
+pub(crate) fn conv3(
+    vb: Weights,
     cin: usize,
     cout: usize,
     stride: usize,
     padding: usize,
 ) -> CResult<Conv2d> {
-    fast_conv2d(
-        cin,
-        cout,
-        3,
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        },
-        vb,
-    )
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    conv2d(cin, cout, 3, cfg, vb)
 }
 
-fn conv1(vb: VarBuilder, cin: usize, cout: usize) -> CResult<Conv2d> {
-    fast_conv2d(cin, cout, 1, Default::default(), vb)
+/// A 1x1 convolution.
+pub(crate) fn conv1(vb: Weights, cin: usize, cout: usize) -> CResult<Conv2d> {
+    conv2d(cin, cout, 1, Default::default(), vb)
 }
 
 /// diffusers' `get_timestep_embedding` (sinusoidal) followed by `TimestepEmbedding` (linear, SiLU, linear).
@@ -129,7 +108,7 @@ pub struct TimeEmbedding {
 impl TimeEmbedding {
     /// `channels` sinusoidal features projected to `embed_dim`; weights under `time_embedding`.
     pub fn new(
-        vb: VarBuilder,
+        vb: Weights,
         channels: usize,
         embed_dim: usize,
         flip_sin_to_cos: bool,
@@ -174,8 +153,8 @@ impl TimeEmbedding {
         let emb = Tensor::from_vec(emb, (1, n), device)?
             .to_dtype(vb_dtype)?
             .repeat((batch, 1))?;
-        let h = silu(&lin(&self.linear_1, &emb)?)?;
-        lin(&self.linear_2, &h)
+        let h = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
+        self.linear_2.forward(&h)
     }
 }
 
@@ -208,13 +187,7 @@ pub struct BlockParams {
 
 impl ResnetBlock {
     /// A resnet from `cin` to `cout` channels.
-    pub fn new(
-        vb: VarBuilder,
-        cin: usize,
-        cout: usize,
-        p: &BlockParams,
-        scale: f64,
-    ) -> CResult<Self> {
+    pub fn new(vb: Weights, cin: usize, cout: usize, p: &BlockParams, scale: f64) -> CResult<Self> {
         Ok(Self {
             norm1: group_norm(p.groups, cin, p.eps, vb.pp("norm1"))?,
             conv1: conv3(vb.pp("conv1"), cin, cout, 1, 1)?,
@@ -236,24 +209,24 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = conv(&self.conv1, &gn_silu(&self.norm1, xs)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let h = match &self.time_emb_proj {
             Some(p) => {
-                let t = lin(p, &silu(temb)?)?;
-                ew(|| h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?))?
+                let t = p.forward(&candle_nn::ops::silu(temb)?)?;
+                (h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?))?
             }
             None => h,
         };
-        let h = conv(&self.conv2, &gn_silu(&self.norm2, &h)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
-            Some(c) => conv(c, xs)?,
+            Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let out = ew(|| skip + h)?;
+        let out = (skip + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
-            ew(|| out / self.output_scale_factor)
+            out / self.output_scale_factor
         }
     }
 }
@@ -271,7 +244,7 @@ pub struct Attention {
 
 impl Attention {
     fn new(
-        vb: VarBuilder,
+        vb: Weights,
         dim: usize,
         ctx_dim: usize,
         heads: usize,
@@ -290,13 +263,11 @@ impl Attention {
 
     fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> CResult<Tensor> {
         let ctx = ctx.unwrap_or(xs);
-        let q = lin(&self.to_q, xs)?;
-        let k = lin(&self.to_k, ctx)?;
-        let v = lin(&self.to_v, ctx)?;
-        let o = scope("attention", || {
-            crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale)
-        })?;
-        lin(&self.to_out, &o)
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let o = (crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale))?;
+        self.to_out.forward(&o)
     }
 }
 
@@ -313,7 +284,7 @@ struct TransformerBlock {
 
 impl TransformerBlock {
     fn new(
-        vb: VarBuilder,
+        vb: Weights,
         dim: usize,
         heads: usize,
         head_dim: usize,
@@ -332,18 +303,16 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let ln = |n: &LayerNorm, x: &Tensor| scope("layer_norm", || n.forward(x));
-        let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
-        let xs = ew(|| a + xs)?;
-        let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
-        let xs = ew(|| a + xs)?;
-        let h = lin(&self.ff_in, &ln(&self.norm3, &xs)?)?;
+        let a = self.attn1.forward(&self.norm1.forward(xs)?, None)?;
+        let xs = (a + xs)?;
+        let a = self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))?;
+        let xs = (a + xs)?;
+        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
         let half = h.dim(D::Minus1)? / 2;
-        let geglu = scope("activation", || {
-            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
-        })?;
-        let o = lin(&self.ff_out, &geglu)?;
-        ew(|| o + xs)
+        let geglu =
+            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let o = self.ff_out.forward(&geglu)?;
+        o + xs
     }
 }
 
@@ -366,7 +335,7 @@ pub struct SpatialTransformer {
 impl SpatialTransformer {
     /// `depth` transformer blocks over `channels` channels split into `heads` heads.
     pub fn new(
-        vb: VarBuilder,
+        vb: Weights,
         channels: usize,
         heads: usize,
         depth: usize,
@@ -409,29 +378,29 @@ impl SpatialTransformer {
         let (b, _, h, w) = xs.dims4()?;
         let to_seq = |t: Tensor| -> CResult<Tensor> {
             let c = t.dim(1)?;
-            copy(|| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)))
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
         };
-        let normed = gn(&self.norm, xs)?;
+        let normed = self.norm.forward(xs)?;
         let mut hs = match &self.proj_in {
-            Proj::Conv(c) => to_seq(conv(c, &normed)?)?,
-            Proj::Linear(l) => lin(l, &to_seq(normed)?)?,
+            Proj::Conv(c) => to_seq(c.forward(&normed)?)?,
+            Proj::Linear(l) => l.forward(&to_seq(normed)?)?,
         };
         for blk in &self.blocks {
             hs = blk.forward(&hs, ctx)?;
         }
         let inner = hs.dim(D::Minus1)?;
         let to_img = |t: Tensor, c: usize| -> CResult<Tensor> {
-            copy(|| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous())
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
         };
         let out = match &self.proj_out {
-            Proj::Conv(c) => conv(c, &to_img(hs, inner)?)?,
+            Proj::Conv(c) => c.forward(&to_img(hs, inner)?)?,
             Proj::Linear(l) => {
-                let o = lin(l, &hs)?;
+                let o = l.forward(&hs)?;
                 let c = o.dim(D::Minus1)?;
                 to_img(o, c)?
             }
         };
-        ew(|| out + xs)
+        out + xs
     }
 }
 
@@ -458,7 +427,7 @@ pub struct BlockSpec {
 impl DownBlock {
     /// A down block from `cin` channels with `layers` resnets; `downsample_padding` as in the config.
     pub fn new(
-        vb: VarBuilder,
+        vb: Weights,
         cin: usize,
         spec: &BlockSpec,
         layers: usize,
@@ -477,14 +446,7 @@ impl DownBlock {
                 )
             })
             .collect::<CResult<Vec<_>>>()?;
-        let attentions = match spec.cross_attention {
-            Some(depth) => (0..layers)
-                .map(|i| {
-                    SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p)
-                })
-                .collect::<CResult<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        let attentions = attentions(&vb, spec, layers, p)?;
         let downsample = match downsample {
             Some(pad) => Some((conv3(vb.pp("downsamplers.0.conv"), c, c, 2, pad)?, pad)),
             None => None,
@@ -514,14 +476,12 @@ impl DownBlock {
         }
         if let Some((conv, pad)) = &self.downsample {
             let input = if *pad == 0 {
-                copy(|| {
-                    xs.pad_with_zeros(D::Minus1, 0, 1)?
-                        .pad_with_zeros(D::Minus2, 0, 1)
-                })?
+                xs.pad_with_zeros(D::Minus1, 0, 1)?
+                    .pad_with_zeros(D::Minus2, 0, 1)?
             } else {
                 xs
             };
-            xs = self::conv(conv, &input)?;
+            xs = conv.forward(&input)?;
             states.push(xs.clone());
         }
         Ok(xs)
@@ -538,7 +498,7 @@ pub struct MidBlock {
 impl MidBlock {
     /// The mid block over `channels` channels with one attention layer of `depth` transformer blocks.
     pub fn new(
-        vb: VarBuilder,
+        vb: Weights,
         channels: usize,
         heads: usize,
         depth: usize,
@@ -577,7 +537,7 @@ impl UpBlock {
     /// diffusers' channel bookkeeping: `prev` channels come from below, skip connections have `skip_in` channels
     /// for the last resnet and `spec.channels` for the others.
     pub fn new(
-        vb: VarBuilder,
+        vb: Weights,
         prev: usize,
         skip_in: usize,
         spec: &BlockSpec,
@@ -593,14 +553,7 @@ impl UpBlock {
                 ResnetBlock::new(vb.pp("resnets").pp(i), rin + skip, c, p, 1.0)
             })
             .collect::<CResult<Vec<_>>>()?;
-        let attentions = match spec.cross_attention {
-            Some(depth) => (0..layers)
-                .map(|i| {
-                    SpatialTransformer::new(vb.pp("attentions").pp(i), c, spec.heads, depth, p)
-                })
-                .collect::<CResult<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        let attentions = attentions(&vb, spec, layers, p)?;
         let upsample = if upsample {
             Some(conv3(vb.pp("upsamplers.0.conv"), c, c, 1, 1)?)
         } else {
@@ -632,7 +585,7 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .expect("the UNet supplies one skip connection per resnet");
-            let cat = copy(|| Tensor::cat(&[&xs, &skip], 1))?;
+            let cat = (Tensor::cat(&[&xs, &skip], 1))?;
             xs = r.forward(&cat, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 xs = a.forward(&xs, ctx)?;
@@ -641,8 +594,8 @@ impl UpBlock {
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;
             let (nh, nw) = size.unwrap_or((2 * h, 2 * w));
-            let up = copy(|| xs.upsample_nearest2d(nh, nw))?;
-            xs = self::conv(conv, &up)?;
+            let up = xs.upsample_nearest2d(nh, nw)?;
+            xs = conv.forward(&up)?;
         }
         Ok(xs)
     }

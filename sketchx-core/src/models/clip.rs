@@ -4,12 +4,14 @@
 //! the checkpoint keys (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, LayerNorm};
 use serde::Deserialize;
 
-use super::blocks::linear;
+use super::blocks::{layer_norm, linear};
+use super::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::ops::linear::FastLinear as Linear;
+use crate::precision::Weights;
 
 /// The activation named by `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,13 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
 }
 
+impl ClipTextConfig {
+    /// The fields read from a `text_encoder/config.json`.
+    pub fn from_config(c: &ConfigFile) -> Result<Self> {
+        c.deserialize()
+    }
+}
+
 struct Layer {
     ln1: LayerNorm,
     q: Linear,
@@ -95,7 +104,7 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     /// Builds the model from its config and weights; `origin` names the config file in errors.
-    pub fn new(vb: VarBuilder, config: &ClipTextConfig, origin: &str) -> Result<Self> {
+    pub fn load(vb: Weights, config: &ClipTextConfig, origin: &str) -> Result<Self> {
         let act = Activation::parse(&config.hidden_act, origin)?;
         let h = config.hidden_size;
         if config.num_attention_heads == 0 || !h.is_multiple_of(config.num_attention_heads) {
@@ -113,11 +122,11 @@ impl ClipTextModel {
             vb
         };
         let emb = vb.pp("embeddings");
-        let token_embedding = embedding(config.vocab_size, h, emb.pp("token_embedding"))?;
+        let token_embedding = embedding(config.vocab_size, h, emb.pp("token_embedding").vb())?;
         let position_embedding = embedding(
             config.max_position_embeddings,
             h,
-            emb.pp("position_embedding"),
+            emb.pp("position_embedding").vb(),
         )?;
         let eps = config.layer_norm_eps;
         let layers = (0..config.num_hidden_layers)

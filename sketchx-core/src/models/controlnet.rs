@@ -1,17 +1,18 @@
 //! ControlNet (diffusers' `ControlNetModel`): a trainable copy of the UNet's encoder that reads the sketch and
 //! returns residuals added to the UNet's skip connections and mid block.
 //!
-//! candle has no ControlNet, so it is assembled here from the UNet's encoder ([`super::blocks`]). Variable paths equal
+//! candle has no ControlNet, so it is assembled here from the UNet's encoder (the shared `blocks` module). Variable paths equal
 //! the checkpoint keys (`controlnet_cond_embedding.blocks.N`, `controlnet_down_blocks.N`, `controlnet_mid_block`).
 
-use candle_core::{Tensor, D};
-use candle_nn::{Conv2dConfig, VarBuilder};
-use serde_json::Value;
+use candle_core::{Module, Tensor, D};
+use candle_nn::Conv2dConfig;
 
-use super::blocks::{conv, ew, fast_conv2d as conv2d, silu};
-use super::unet::{parse_unet_shape, ConfigMap, Encoder};
+use super::blocks::conv2d;
+use super::config::ConfigFile;
+use super::unet::{parse_unet_shape, Encoder};
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d as Conv2d;
+use crate::precision::Weights;
 
 /// The sketch encoder: a small strided CNN mapping the control image to the first block's feature map.
 struct ConditioningEmbedding {
@@ -21,7 +22,7 @@ struct ConditioningEmbedding {
 }
 
 impl ConditioningEmbedding {
-    fn new(vb: VarBuilder, in_ch: usize, channels: &[usize], out_ch: usize) -> Result<Self> {
+    fn new(vb: Weights, in_ch: usize, channels: &[usize], out_ch: usize) -> Result<Self> {
         let pad = Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -53,11 +54,11 @@ impl ConditioningEmbedding {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = silu(&conv(&self.conv_in, xs)?)?;
+        let mut xs = candle_nn::ops::silu(&self.conv_in.forward(xs)?)?;
         for b in &self.blocks {
-            xs = silu(&conv(b, &xs)?)?;
+            xs = candle_nn::ops::silu(&b.forward(&xs)?)?;
         }
-        conv(&self.conv_out, &xs)
+        self.conv_out.forward(&xs)
     }
 }
 
@@ -82,10 +83,10 @@ pub struct ControlNet {
 }
 
 impl ControlNet {
-    /// Builds a ControlNet from its `config.json` (already parsed) and weights; `origin` names the file in errors.
-    pub fn new(vb: VarBuilder, value: &Value, origin: &str) -> Result<Self> {
-        let c = ConfigMap::new(value, origin)?;
-        let shape = parse_unet_shape(&c)?;
+    /// Builds a ControlNet from its `config.json` and weights.
+    pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {
+        let origin = c.origin();
+        let shape = parse_unet_shape(c)?;
         let cond_channels = match c.present("conditioning_embedding_out_channels") {
             Some(_) => c.usize_list("conditioning_embedding_out_channels")?,
             None => vec![16, 32, 96, 256],
@@ -183,7 +184,7 @@ impl ControlNet {
         let temb = self.encoder.time_embedding(timestep, sample)?;
         let a = self.encoder.conv_in(sample)?;
         let c = self.cond_embedding.forward(&cond)?;
-        let xs = ew(|| a + c)?;
+        let xs = (a + c)?;
         let (xs, res) = self.encoder.down(xs, &temb, encoder_hidden_states)?;
         let xs = self.encoder.mid(&xs, &temb, encoder_hidden_states)?;
         let n = res.len();
@@ -200,11 +201,11 @@ impl ControlNet {
         };
         let mut down = Vec::with_capacity(n);
         for (i, (r, conv)) in res.iter().zip(&self.zero_convs).enumerate() {
-            let o = super::blocks::conv(conv, r)?;
-            down.push(ew(|| o * scales[i])?);
+            let o = conv.forward(r)?;
+            down.push((o * scales[i])?);
         }
-        let o = conv(&self.mid_zero_conv, &xs)?;
-        let mut mid = ew(|| o * scales[n])?;
+        let o = self.mid_zero_conv.forward(&xs)?;
+        let mut mid = (o * scales[n])?;
         if self.global_pool_conditions {
             for d in down.iter_mut() {
                 *d = d.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;

@@ -1,6 +1,6 @@
 //! Finding and opening model files: a Hugging Face Hub repository (downloaded once into the standard HF cache,
-//! reused offline) or a local directory in diffusers layout, plus typed parsing of each component's JSON config.
-//! [`var_builder`] opens a weights file for a network's constructor: safetensors through sketchx's own reader
+//! reused offline) or a local directory in diffusers layout; [`Resolver::config`] reads a component's config through
+//! [`super::config`]. [`var_builder`] and [`weights`] open a weights file for a network's constructor: safetensors through sketchx's own reader
 //! ([`crate::models::weights`]), pickled `.bin` files through candle.
 
 use std::path::{Path, PathBuf};
@@ -10,8 +10,10 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
+use super::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::models::weights::SafetensorsFile;
+use crate::precision::{Precision, Weights};
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +233,11 @@ impl Resolver {
         read_json(&path)
     }
 
+    /// Reads a configuration file, named in errors as [`Resolver::describe`] names it.
+    pub fn config(&self, rel: &str) -> Result<ConfigFile> {
+        ConfigFile::read_as(&self.get(rel)?, &self.describe(rel))
+    }
+
     /// Picks the weights file of a component: `.safetensors` before `.bin`, the `variant` (e.g. `fp16`) before the
     /// plain file when one is asked for. `stem` is `diffusion_pytorch_model` (diffusers) or `model` /
     /// `pytorch_model` (transformers). `component` is `""` for a repository whose root is the component.
@@ -270,74 +277,38 @@ impl Resolver {
     }
 }
 
-/// Reads and parses a JSON file, with errors naming the file.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.display().to_string(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::malformed(path.display(), e))
+pub use super::config::read_json;
+
+/// Opens a weights file as a [`VarBuilder`] for a network in `dtype` on `device`: its tensors are converted to that
+/// precision's [weights dtype](Precision::weights_dtype) as they are read (`dtype` itself, except in the CPU bf16
+/// mode, whose weights are read as f32), and the builder says so. Safetensors are read through [`SafetensorsFile`]
+/// (on demand, straight into each tensor's buffer, in parallel; nothing stays mapped), a pickled PyTorch `.bin`
+/// through candle. Only the tensors a network asks for are read.
+pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let dtype = Precision::new(device, dtype).weights_dtype();
+    Ok(VarBuilder::from_backend(
+        open_backend(path)?,
+        dtype,
+        device.clone(),
+    ))
 }
 
-/// Opens a weights file as a [`VarBuilder`] whose tensors are converted to `dtype` on `device` as they are read:
-/// safetensors through [`SafetensorsFile`] (read on demand straight into each tensor's buffer, in parallel; nothing
-/// stays mapped), a pickled PyTorch `.bin` through candle. Only the tensors a network asks for are read.
-///
-/// bf16 on the CPU is the exception: the builder says bf16 but hands out f32 tensors. The layers with matrix
-/// products (convolutions, linear layers) see the bf16 builder and keep their weights in bf16 for the crate's bf16
-/// kernels ([`crate::ops::gemm`]); every other parameter (norms, biases, embeddings) and every activation stays
-/// f32, because candle's CPU bf16 operations are slow or missing.
-pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    let is_bin = path.extension().is_some_and(|e| e == "bin");
-    let backend: Box<dyn SimpleBackend> = if is_bin {
-        Box::new(
+/// Opens a weights file for a network built in `precision` (tensors read in [`Precision::weights_dtype`]).
+pub fn weights(path: &Path, precision: Precision, device: &Device) -> Result<Weights<'static>> {
+    let backend = open_backend(path)?;
+    let vb = VarBuilder::from_backend(backend, precision.weights_dtype(), device.clone());
+    Ok(Weights::new(vb, precision))
+}
+
+/// The tensors of a weights file, by its extension.
+fn open_backend(path: &Path) -> Result<Box<dyn SimpleBackend>> {
+    if path.extension().is_some_and(|e| e == "bin") {
+        Ok(Box::new(
             candle_core::pickle::PthTensors::new(path, None)
                 .map_err(|e| Error::malformed(path.display(), e))?,
-        )
+        ))
     } else {
-        Box::new(SafetensorsFile::open(path)?)
-    };
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Ok(VarBuilder::from_backend(
-            Box::new(AsF32(backend)),
-            DType::BF16,
-            device.clone(),
-        ));
-    }
-    Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
-}
-
-/// A weights source that reads every tensor as f32, whatever dtype its builder asks for (see [`var_builder`]).
-struct AsF32(Box<dyn SimpleBackend>);
-
-impl SimpleBackend for AsF32 {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        h: candle_nn::Init,
-        _dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0.get(s, name, h, DType::F32, dev)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0.get_unchecked(name, DType::F32, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
+        Ok(Box::new(SafetensorsFile::open(path)?))
     }
 }
 

@@ -1,7 +1,8 @@
 //! The networks of a Stable Diffusion + ControlNet pipeline, built from diffusers-layout checkpoints.
 
-pub mod blocks;
+pub(crate) mod blocks;
 pub mod clip;
+pub mod config;
 pub mod controlnet;
 pub mod loader;
 pub mod tokenizer;

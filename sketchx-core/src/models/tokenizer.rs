@@ -24,6 +24,7 @@ use regex::Regex;
 use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
+use super::config::{read_json, read_text, ConfigFile};
 use crate::error::{Error, Result};
 
 /// Suffix BPE appends to the last symbol of every word.
@@ -184,40 +185,168 @@ enum Segment<'a> {
     Token(u32),
 }
 
-fn read_file(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile {
-                path: path.display().to_string(),
-            }
-        } else {
-            Error::io(path, e)
-        }
-    })
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = read_file(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::malformed(path.display(), e))
-}
-
-/// Reads an optional JSON file: `None` when it does not exist.
-fn read_optional_json(path: &Path) -> Result<Option<Value>> {
+/// Reads an optional JSON object file: `None` when it does not exist.
+fn optional_config(path: &Path) -> Result<Option<ConfigFile>> {
     if path.exists() {
-        read_json(path).map(Some)
+        ConfigFile::read(path).map(Some)
     } else {
         Ok(None)
     }
 }
 
+/// `vocab.json`: token -> id, not empty.
+fn read_vocab(path: &Path) -> Result<HashMap<String, u32>> {
+    let vocab: HashMap<String, u32> = read_json(path)?;
+    if vocab.is_empty() {
+        return Err(Error::malformed(path.display(), "the vocabulary is empty"));
+    }
+    Ok(vocab)
+}
+
+/// The printable character of each byte and its symbols' ids, without and with the end-of-word suffix.
+fn byte_symbols(vocab: &HashMap<String, u32>) -> ([char; 256], [[Option<u32>; 2]; 256]) {
+    let byte_chars = bytes_to_unicode();
+    let mut byte_ids = [[None; 2]; 256];
+    for (ids, &c) in byte_ids.iter_mut().zip(byte_chars.iter()) {
+        ids[0] = vocab.get(c.to_string().as_str()).copied();
+        ids[1] = vocab.get(format!("{c}{END_OF_WORD}").as_str()).copied();
+    }
+    (byte_chars, byte_ids)
+}
+
+/// `model_max_length` from `tokenizer_config.json` ([`DEFAULT_MAX_LENGTH`] when absent, or when transformers'
+/// "unbounded" sentinel is written).
+fn max_length(config: Option<&ConfigFile>) -> Result<usize> {
+    let Some((c, v)) = config.and_then(|c| Some((c, c.present("model_max_length")?))) else {
+        return Ok(DEFAULT_MAX_LENGTH);
+    };
+    match v
+        .as_u64()
+        .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+    {
+        Some(n) if n > MAX_SANE_LENGTH => Ok(DEFAULT_MAX_LENGTH),
+        Some(n) if n >= 2 => Ok(n as usize),
+        _ => Err(Error::malformed(
+            c.origin(),
+            format!("model_max_length must be an integer >= 2, got {v}"),
+        )),
+    }
+}
+
+/// The tokens listed in `added_tokens_decoder` (configs saved by recent transformers), with their own flags.
+fn decoder_tokens(
+    config: Option<&ConfigFile>,
+    vocab: &HashMap<String, u32>,
+) -> Result<Vec<AddedToken>> {
+    let mut added = Vec::new();
+    let Some(c) = config else {
+        return Ok(added);
+    };
+    let Some(Value::Object(decoder)) = c.present("added_tokens_decoder") else {
+        return Ok(added);
+    };
+    for (key, entry) in decoder {
+        let content = entry
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                Error::malformed(
+                    c.origin(),
+                    format!("added_tokens_decoder[{key}] has no content"),
+                )
+            })?;
+        let id = match vocab.get(content) {
+            Some(&id) => id,
+            None => key.parse().map_err(|_| {
+                Error::malformed(
+                    c.origin(),
+                    format!("added_tokens_decoder key {key:?} is not an id"),
+                )
+            })?,
+        };
+        let special = entry
+            .get("special")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let normalized = entry
+            .get("normalized")
+            .and_then(Value::as_bool)
+            .unwrap_or(!special);
+        added.push(AddedToken {
+            content: content.to_string(),
+            id,
+            normalized,
+        });
+    }
+    Ok(added)
+}
+
+/// The ids of bos, eos, unk and pad, in transformers' order, from `files` (later files override earlier ones;
+/// defaults `<|startoftext|>` and `<|endoftext|>`). Each is added to `added` unless `added_tokens_decoder`
+/// (the first `from_decoder` entries) already lists it; a later token with the same content sets its flag.
+fn special_tokens(
+    files: [Option<&ConfigFile>; 2],
+    vocab: &HashMap<String, u32>,
+    vocab_path: &Path,
+    added: &mut Vec<AddedToken>,
+) -> Result<[u32; 4]> {
+    let from_decoder = added.len();
+    let mut ids = [0u32; 4];
+    let defaults = [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+    ];
+    for (i, key) in ["bos_token", "eos_token", "unk_token", "pad_token"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut chosen: Option<((String, bool), String)> = None;
+        for file in files.into_iter().flatten() {
+            if let Some(value) = file.present(key) {
+                if let Some(token) = parse_token(value, file.origin(), key)? {
+                    chosen = Some((token, file.origin().to_string()));
+                }
+            }
+        }
+        let ((content, normalized), source) = chosen.unwrap_or((
+            (defaults[i].to_string(), false),
+            vocab_path.display().to_string(),
+        ));
+        let id = *vocab.get(&content).ok_or_else(|| {
+            Error::malformed(
+                source,
+                format!("{key} {content:?} is not in the vocabulary"),
+            )
+        })?;
+        ids[i] = id;
+        if added[..from_decoder].iter().any(|t| t.content == content) {
+            continue;
+        }
+        match added[from_decoder..]
+            .iter_mut()
+            .find(|t| t.content == content)
+        {
+            Some(t) => t.normalized = normalized,
+            None => added.push(AddedToken {
+                content,
+                id,
+                normalized,
+            }),
+        }
+    }
+    Ok(ids)
+}
+
 /// A special token's value: a plain string (matched in the raw text) or a `{"content": ..., "normalized": ...}` object.
-fn parse_token(value: &Value, path: &Path, key: &str) -> Result<Option<(String, bool)>> {
+fn parse_token(value: &Value, origin: &str, key: &str) -> Result<Option<(String, bool)>> {
     match value {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some((s.clone(), false))),
         Value::Object(map) => {
             let content = map.get("content").and_then(Value::as_str).ok_or_else(|| {
-                Error::malformed(path.display(), format!("{key} has no string \"content\""))
+                Error::malformed(origin, format!("{key} has no string \"content\""))
             })?;
             // transformers' AddedToken defaults `normalized` to `not special`; these objects do not say `special`.
             let normalized = map
@@ -227,7 +356,7 @@ fn parse_token(value: &Value, path: &Path, key: &str) -> Result<Option<(String, 
             Ok(Some((content.to_string(), normalized)))
         }
         _ => Err(Error::malformed(
-            path.display(),
+            origin,
             format!("{key} must be a string or an object"),
         )),
     }
@@ -243,149 +372,23 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
-        let config_path = dir.join("tokenizer_config.json");
-        let map_path = dir.join("special_tokens_map.json");
-
-        let vocab: HashMap<String, u32> = serde_json::from_value(read_json(&vocab_path)?)
-            .map_err(|e| Error::malformed(vocab_path.display(), e))?;
-        if vocab.is_empty() {
-            return Err(Error::malformed(
-                vocab_path.display(),
-                "the vocabulary is empty",
-            ));
-        }
-        let merges = Self::parse_merges(&read_file(&merges_path)?, &vocab, &merges_path)?;
-
-        let byte_chars = bytes_to_unicode();
-        let mut byte_ids = [[None; 2]; 256];
-        for (ids, &c) in byte_ids.iter_mut().zip(byte_chars.iter()) {
-            ids[0] = vocab.get(c.to_string().as_str()).copied();
-            ids[1] = vocab.get(format!("{c}{END_OF_WORD}").as_str()).copied();
-        }
-
-        let config = read_optional_json(&config_path)?;
-        let map = read_optional_json(&map_path)?;
-        if config.as_ref().is_some_and(|v| !v.is_object()) {
-            return Err(Error::malformed(
-                config_path.display(),
-                "expected a JSON object",
-            ));
-        }
-        if map.as_ref().is_some_and(|v| !v.is_object()) {
-            return Err(Error::malformed(
-                map_path.display(),
-                "expected a JSON object",
-            ));
-        }
-
-        let max_length = match config.as_ref().and_then(|c| c.get("model_max_length")) {
-            None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
-            Some(v) => match v
-                .as_u64()
-                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-            {
-                Some(n) if n > MAX_SANE_LENGTH => DEFAULT_MAX_LENGTH,
-                Some(n) if n >= 2 => n as usize,
-                _ => {
-                    return Err(Error::malformed(
-                        config_path.display(),
-                        format!("model_max_length must be an integer >= 2, got {v}"),
-                    ))
-                }
-            },
-        };
-
-        // Tokens listed in `added_tokens_decoder` (configs saved by recent transformers) keep their own flags.
-        let mut added: Vec<AddedToken> = Vec::new();
-        if let Some(Value::Object(decoder)) =
-            config.as_ref().and_then(|c| c.get("added_tokens_decoder"))
-        {
-            for (key, entry) in decoder {
-                let content = entry
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        Error::malformed(
-                            config_path.display(),
-                            format!("added_tokens_decoder[{key}] has no content"),
-                        )
-                    })?;
-                let id = match vocab.get(content) {
-                    Some(&id) => id,
-                    None => key.parse().map_err(|_| {
-                        Error::malformed(
-                            config_path.display(),
-                            format!("added_tokens_decoder key {key:?} is not an id"),
-                        )
-                    })?,
-                };
-                let special = entry
-                    .get("special")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                let normalized = entry
-                    .get("normalized")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(!special);
-                added.push(AddedToken {
-                    content: content.to_string(),
-                    id,
-                    normalized,
-                });
-            }
-        }
-        let from_decoder = added.len();
-
-        // bos, eos, unk, pad in transformers' order: a later token with the same content sets its flag.
-        let mut ids = [0u32; 4];
-        let defaults = [
-            "<|startoftext|>",
-            "<|endoftext|>",
-            "<|endoftext|>",
-            "<|endoftext|>",
-        ];
-        for (i, key) in ["bos_token", "eos_token", "unk_token", "pad_token"]
-            .into_iter()
-            .enumerate()
-        {
-            let mut chosen: Option<((String, bool), &Path)> = None;
-            for (file, path) in [(&config, &config_path), (&map, &map_path)] {
-                if let Some(value) = file.as_ref().and_then(|f| f.get(key)) {
-                    if let Some(token) = parse_token(value, path, key)? {
-                        chosen = Some((token, path));
-                    }
-                }
-            }
-            let ((content, normalized), source) =
-                chosen.unwrap_or(((defaults[i].to_string(), false), vocab_path.as_path()));
-            let id = *vocab.get(&content).ok_or_else(|| {
-                Error::malformed(
-                    source.display(),
-                    format!("{key} {content:?} is not in the vocabulary"),
-                )
-            })?;
-            ids[i] = id;
-            if added[..from_decoder].iter().any(|t| t.content == content) {
-                continue;
-            }
-            match added[from_decoder..]
-                .iter_mut()
-                .find(|t| t.content == content)
-            {
-                Some(t) => t.normalized = normalized,
-                None => added.push(AddedToken {
-                    content,
-                    id,
-                    normalized,
-                }),
-            }
-        }
+        let vocab = read_vocab(&vocab_path)?;
+        let merges = Self::parse_merges(&read_text(&merges_path)?, &vocab, &merges_path)?;
+        let (byte_chars, byte_ids) = byte_symbols(&vocab);
+        let config = optional_config(&dir.join("tokenizer_config.json"))?;
+        let map = optional_config(&dir.join("special_tokens_map.json"))?;
+        let max_length = max_length(config.as_ref())?;
+        let mut added = decoder_tokens(config.as_ref(), &vocab)?;
+        let [bos_id, eos_id, unk_id, pad_id] = special_tokens(
+            [config.as_ref(), map.as_ref()],
+            &vocab,
+            &vocab_path,
+            &mut added,
+        )?;
         // Normalized tokens are matched in normalized text, so match their normalized form.
         for t in added.iter_mut().filter(|t| t.normalized) {
             t.content = normalize(&t.content);
         }
-
-        let [bos_id, eos_id, unk_id, pad_id] = ids;
         Ok(Self {
             vocab,
             merges,

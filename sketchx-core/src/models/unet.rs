@@ -1,152 +1,25 @@
-//! The denoising UNet (diffusers' `UNet2DConditionModel`), built from `unet/config.json` with [`super::blocks`].
+//! The denoising UNet (diffusers' `UNet2DConditionModel`), built from `unet/config.json` with the shared `blocks` module.
 //!
 //! Also holds the config reading shared with the ControlNet, whose encoder half has the UNet's shape: every
 //! size comes from the file, and options that would change results but are not implemented are refused with
 //! [`Error::UnsupportedModel`] instead of being ignored.
 
-use candle_core::Tensor;
-use candle_nn::{Conv2dConfig, VarBuilder};
-use serde_json::{Map, Value};
+use candle_core::{Module, Tensor};
+use candle_nn::Conv2dConfig;
+use serde_json::Value;
 
 use super::blocks::{
-    conv, ew, fast_conv2d as conv2d, gn_silu, group_norm, BlockParams, BlockSpec, DownBlock,
-    MidBlock, TimeEmbedding, UpBlock,
+    conv2d, group_norm, BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock,
 };
-
+use super::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d as Conv2d;
 use crate::ops::norm::FastGroupNorm as GroupNorm;
-
-/// A parsed `config.json`, with typed getters whose errors name the file and the key.
-pub struct ConfigMap<'a> {
-    map: &'a Map<String, Value>,
-    origin: &'a str,
-}
-
-impl<'a> ConfigMap<'a> {
-    /// Wraps a JSON object; `origin` names the file in errors.
-    pub fn new(value: &'a Value, origin: &'a str) -> Result<Self> {
-        match value.as_object() {
-            Some(map) => Ok(Self { map, origin }),
-            None => Err(Error::malformed(origin, "expected a JSON object")),
-        }
-    }
-
-    /// The file name used in errors.
-    pub fn origin(&self) -> &str {
-        self.origin
-    }
-
-    /// The value of `key`, treating JSON `null` as absent.
-    pub fn present(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn bad(&self, key: &str, want: &str) -> Error {
-        Error::malformed(self.origin, format!("`{key}` must be {want}"))
-    }
-
-    /// An unsigned integer, or `default` when absent.
-    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.bad(key, "a non-negative integer")),
-        }
-    }
-
-    /// A required unsigned integer.
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        match self.present(key) {
-            None => Err(self.bad(key, "present")),
-            Some(_) => self.usize_or(key, 0),
-        }
-    }
-
-    /// A number, or `default` when absent.
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "a number")),
-        }
-    }
-
-    /// A boolean, or `default` when absent.
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.bad(key, "true or false")),
-        }
-    }
-
-    /// A string, or `None` when absent or null.
-    pub fn str_opt(&self, key: &str) -> Result<Option<&'a str>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "a string")),
-        }
-    }
-
-    /// A list of unsigned integers.
-    pub fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
-        match self.present(key) {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_u64().map(|x| x as usize))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| self.bad(key, "a list of non-negative integers")),
-            _ => Err(self.bad(key, "a list of non-negative integers")),
-        }
-    }
-
-    /// A list of strings.
-    pub fn str_list(&self, key: &str) -> Result<Vec<String>> {
-        match self.present(key) {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_str().map(str::to_string))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| self.bad(key, "a list of strings")),
-            _ => Err(self.bad(key, "a list of strings")),
-        }
-    }
-
-    /// An integer applied to every one of `n` blocks, or a per-block list of length `n`.
-    pub fn per_block(&self, key: &str, n: usize, default: Option<usize>) -> Result<Vec<usize>> {
-        match self.present(key) {
-            None => match default {
-                Some(d) => Ok(vec![d; n]),
-                None => Err(self.bad(key, "present")),
-            },
-            Some(Value::Array(_)) => {
-                let v = self.usize_list(key)?;
-                if v.len() != n {
-                    return Err(self.bad(key, &format!("a list of {n} entries (one per block)")));
-                }
-                Ok(v)
-            }
-            Some(_) => Ok(vec![self.usize(key)?; n]),
-        }
-    }
-
-    /// Refuses a key whose value differs from the only one sketchx implements.
-    pub fn require(&self, key: &str, allowed: &[Value]) -> Result<()> {
-        match self.present(key) {
-            None => Ok(()),
-            Some(v) if allowed.contains(v) => Ok(()),
-            Some(v) => Err(Error::unsupported(self.origin, format!("`{key}` = {v}"))),
-        }
-    }
-}
+use crate::precision::Weights;
 
 /// The UNet-shaped part of a UNet or ControlNet config.
 #[derive(Debug, Clone)]
-pub struct UNetShape {
+pub(crate) struct UNetShape {
     /// Latent channels in.
     pub in_channels: usize,
     /// One entry per down block.
@@ -170,7 +43,7 @@ pub struct UNetShape {
 }
 
 /// Reads the shared UNet/ControlNet fields, refusing options sketchx does not implement.
-pub fn parse_unet_shape(c: &ConfigMap) -> Result<UNetShape> {
+pub(crate) fn parse_unet_shape(c: &ConfigFile) -> Result<UNetShape> {
     let down = c.str_list("down_block_types")?;
     let channels = c.usize_list("block_out_channels")?;
     let n = down.len();
@@ -287,7 +160,7 @@ pub fn parse_unet_shape(c: &ConfigMap) -> Result<UNetShape> {
 
 impl UNetShape {
     /// Builds the conv_in, time embedding, down blocks and mid block shared by the UNet and the ControlNet.
-    pub fn build_encoder(&self, vb: &VarBuilder) -> candle_core::Result<Encoder> {
+    pub fn build_encoder(&self, vb: &Weights) -> candle_core::Result<Encoder> {
         let b0 = self.blocks[0].channels;
         let p = &self.params;
         let conv_in = conv2d(
@@ -343,7 +216,7 @@ impl UNetShape {
 
 /// The UNet's encoder half: what the ControlNet copies.
 #[derive(Debug)]
-pub struct Encoder {
+pub(crate) struct Encoder {
     conv_in: Conv2d,
     time: TimeEmbedding,
     down: Vec<DownBlock>,
@@ -361,9 +234,9 @@ impl Encoder {
     /// `conv_in` of the (optionally centred) latents.
     pub fn conv_in(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.center_input_sample {
-            conv(&self.conv_in, &((xs * 2.0)? - 1.0)?)
+            self.conv_in.forward(&((xs * 2.0)? - 1.0)?)
         } else {
-            conv(&self.conv_in, xs)
+            self.conv_in.forward(xs)
         }
     }
 
@@ -403,10 +276,10 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Builds the UNet from its `config.json` (parsed) and weights; `origin` names the file in errors.
-    pub fn new(vb: VarBuilder, value: &Value, origin: &str) -> Result<Self> {
-        let c = ConfigMap::new(value, origin)?;
-        let shape = parse_unet_shape(&c)?;
+    /// Builds the UNet from its `config.json` and weights.
+    pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {
+        let origin = c.origin();
+        let shape = parse_unet_shape(c)?;
         let down = c.str_list("down_block_types")?;
         if c.present("up_block_types").is_some() {
             let up = c.str_list("up_block_types")?;
@@ -488,12 +361,12 @@ impl UNet {
                 )));
             }
             for (s, e) in skips.iter_mut().zip(extra) {
-                *s = ew(|| &*s + e)?;
+                *s = (&*s + e)?;
             }
         }
         let mut x = self.encoder.mid(&x, &temb, ctx)?;
         if let Some(m) = mid {
-            x = ew(|| x + m)?;
+            x = (x + m)?;
         }
         let factor = 1usize << (self.up.len() - 1);
         let force_size = h % factor != 0 || w % factor != 0;
@@ -508,7 +381,7 @@ impl UNet {
             };
             x = blk.forward(&x, &mut skips, &temb, ctx, size)?;
         }
-        let x = gn_silu(&self.conv_norm_out, &x)?;
-        Ok(conv(&self.conv_out, &x)?)
+        let x = self.conv_norm_out.forward_silu(&x)?;
+        Ok(self.conv_out.forward(&x)?)
     }
 }

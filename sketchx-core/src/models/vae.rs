@@ -1,6 +1,6 @@
 //! The VAE decoder (diffusers' `AutoencoderKL` decoder half), built from `vae/config.json`.
 //!
-//! Assembled from [`super::blocks`]' resnets and the crate's CPU kernels ([`crate::ops`]) rather than
+//! Assembled from the shared `blocks` module's resnets and the crate's CPU kernels (`ops`) rather than
 //! candle-transformers' `AutoEncoderKL`, whose candle convolutions made decoding the slowest part of a job; only
 //! the decoder's weights are loaded (the encoder is never used).
 //!
@@ -9,15 +9,16 @@
 //! (hundreds of MB per feature map at 512x512 and above) stay the size of one tile whatever the image size.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::Conv2dConfig;
 use serde_json::Value;
 
-use super::blocks::{conv, fast_conv2d, gn, gn_silu, group_norm, linear, BlockParams, ResnetBlock};
-use super::unet::ConfigMap;
+use super::blocks::{conv2d as fast_conv2d, group_norm, linear, BlockParams, ResnetBlock};
+use super::config::ConfigFile;
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d;
 use crate::ops::linear::FastLinear as Linear;
 use crate::ops::norm::FastGroupNorm;
+use crate::precision::Weights;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -32,7 +33,7 @@ struct VaeAttention {
 }
 
 impl VaeAttention {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> CResult<Self> {
+    fn new(vb: Weights, channels: usize, groups: usize) -> CResult<Self> {
         // diffusers' current names, or the legacy ones it still converts on load.
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
         let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
@@ -48,7 +49,9 @@ impl VaeAttention {
 
     fn forward(&self, xs: &Tensor) -> CResult<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let seq = gn(&self.norm, xs)?
+        let seq = self
+            .norm
+            .forward(xs)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -90,7 +93,7 @@ fn pad1() -> Conv2dConfig {
 
 impl Decoder {
     fn new(
-        vb: VarBuilder,
+        vb: Weights,
         c: &[usize],
         layers: usize,
         latent: usize,
@@ -161,12 +164,12 @@ impl Decoder {
 
     fn forward(&self, z: &Tensor) -> CResult<Tensor> {
         let z = match &self.post_quant_conv {
-            Some(c) => conv(c, z)?,
+            Some(c) => c.forward(z)?,
             None => z.clone(),
         };
         // The resnets take a time embedding; the VAE has none (their time projection is absent).
         let none = Tensor::zeros(1, z.dtype(), z.device())?;
-        let mut xs = conv(&self.conv_in, &z)?;
+        let mut xs = self.conv_in.forward(&z)?;
         xs = self.mid.0.forward(&xs, &none)?;
         xs = self.mid.1.forward(&xs)?;
         xs = self.mid.2.forward(&xs, &none)?;
@@ -176,10 +179,10 @@ impl Decoder {
             }
             if let Some(c) = &blk.upsample {
                 let (_, _, h, w) = xs.dims4()?;
-                xs = conv(c, &xs.upsample_nearest2d(2 * h, 2 * w)?)?;
+                xs = c.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        conv(&self.conv_out, &gn_silu(&self.norm_out, &xs)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -239,7 +242,7 @@ impl VaeTiling {
     /// The geometry from a VAE's parsed config: `sample_size` (diffusers' default 32 when absent; a list must
     /// hold one size, as diffusers' square tiles use a single one), and `scale_factor` = 2^(blocks - 1).
     fn from_config(
-        c: &ConfigMap,
+        c: &ConfigFile,
         scale_factor: usize,
     ) -> Result<std::result::Result<Self, String>> {
         let sample_size = match c.present("sample_size") {
@@ -308,9 +311,9 @@ pub struct Vae {
 }
 
 impl Vae {
-    /// Builds the VAE from its parsed `config.json` and weights; `origin` names the file in errors.
-    pub fn new(vb: candle_nn::VarBuilder, value: &Value, origin: &str) -> Result<Self> {
-        let c = ConfigMap::new(value, origin)?;
+    /// Builds the VAE from its `config.json` and weights.
+    pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {
+        let origin = c.origin();
         let block_out_channels = c.usize_list("block_out_channels")?;
         if block_out_channels.is_empty() {
             return Err(Error::malformed(origin, "`block_out_channels` is empty"));
@@ -354,7 +357,7 @@ impl Vae {
         let scale_factor = 1 << (block_out_channels.len() - 1);
         Ok(Self {
             decoder,
-            tiling: VaeTiling::from_config(&c, scale_factor)?,
+            tiling: VaeTiling::from_config(c, scale_factor)?,
             origin: origin.to_string(),
             scaling_factor: c.f64_or("scaling_factor", 0.18215)?,
             scale_factor,
@@ -468,7 +471,7 @@ mod tests {
     #[test]
     fn sample_size_comes_from_the_config_as_diffusers_reads_it() {
         let parse = |v: Value| {
-            let c = ConfigMap::new(&v, "vae/config.json").unwrap();
+            let c = ConfigFile::from_value(v, "vae/config.json").unwrap();
             VaeTiling::from_config(&c, 8).map(|r| r.map(|t| t.sample_size))
         };
         assert_eq!(

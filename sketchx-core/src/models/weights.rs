@@ -52,15 +52,7 @@ impl SafetensorsFile {
     /// Opens `path` and reads its header. A missing file is [`Error::MissingFile`]; a header that is not valid
     /// safetensors, or a file shorter or longer than its header says, is [`Error::MalformedFile`] naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::MissingFile {
-                    path: path.display().to_string(),
-                }
-            } else {
-                Error::io(path, e)
-            }
-        })?;
+        let file = File::open(path).map_err(|e| Error::reading(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let malformed = |message: String| Error::malformed(path.display(), message);
         if len < 8 {

@@ -8,14 +8,25 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::SendPtr;
 use super::simd::softmax_row;
 
 /// Queries per task: a `QUERY_TILE x keys` score block (1 MiB at 4096 keys) stays in the L2 cache.
 pub const QUERY_TILE: usize = 64;
 
 /// `softmax(q k^T * scale) v` per head for `q` `(b, n, heads * d)`, `k` and `v` `(b, m, heads * d)`.
-/// f32 CPU tensors use [`AttentionOp`]; anything else the plain candle formulation.
+/// f32 CPU tensors use [`AttentionOp`]; anything else the plain candle formulation. Timed as `attention`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    super::profile::scope("attention", || attention_untimed(q, k, v, heads, scale))
+}
+
+fn attention_untimed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     if super::kernels_enabled() && q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = AttentionOp {
             heads,
@@ -57,11 +68,6 @@ pub struct AttentionOp {
     pub scale: f32,
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint (rows, head) blocks of the output.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "sketchx-attention"
@@ -76,17 +82,9 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let get = |s: &CpuStorage, l: &Layout| -> Result<(usize, usize)> {
-            match (s, l.contiguous_offsets()) {
-                (CpuStorage::F32(_), Some(o)) => Ok(o),
-                _ => candle_core::bail!("attention: expected contiguous f32 tensors"),
-            }
-        };
-        let (CpuStorage::F32(qs), CpuStorage::F32(ks), CpuStorage::F32(vs)) = (s1, s2, s3) else {
-            candle_core::bail!("attention: expected f32 tensors");
-        };
-        let ((q0, q1), (k0, k1), (v0, v1)) = (get(s1, l1)?, get(s2, l2)?, get(s3, l3)?);
-        let (q, k, v) = (&qs[q0..q1], &ks[k0..k1], &vs[v0..v1]);
+        let q = super::cpu::contiguous_f32(s1, l1, "attention queries")?;
+        let k = super::cpu::contiguous_f32(s2, l2, "attention keys")?;
+        let v = super::cpu::contiguous_f32(s3, l3, "attention values")?;
         let (b, n, inner) = l1.shape().dims3()?;
         let (kb, m, kinner) = l2.shape().dims3()?;
         if l3.shape().dims3()? != (kb, m, kinner)

@@ -10,10 +10,12 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::Conv2d;
+use candle_nn::{Conv2d, Conv2dConfig};
+
+use crate::precision::Weights;
 use rayon::prelude::*;
 
-use super::gemm::{gemm_packed, PackedA, PackedB, Precision};
+use super::gemm::{gemm_packed, plain_gemm_f32, Format, PackedA, PackedB};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
@@ -50,6 +52,16 @@ impl FastConv2d {
         }
     }
 
+    /// Loads a convolution's `weight` and `bias` from `w`, kept in bf16 when its precision packs bf16.
+    pub fn load(cin: usize, cout: usize, k: usize, cfg: Conv2dConfig, w: &Weights) -> Result<Self> {
+        let conv = Self::new(candle_nn::conv2d(cin, cout, k, cfg, w.vb())?);
+        if super::packs_bf16(w.precision()) {
+            conv.into_cpu_bf16()
+        } else {
+            Ok(conv)
+        }
+    }
+
     /// For the CPU bf16 mode: the kernel rounded to bf16 and packed for the bf16 GEMM (the f32 copy is dropped;
     /// the bias stays f32). A convolution the op cannot run stays as it is.
     pub fn into_cpu_bf16(self) -> Result<Self> {
@@ -69,7 +81,7 @@ impl FastConv2d {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let packed = PackedA::new(&w, cout, cin * kh * kw, Precision::Bf16);
+        let packed = PackedA::new(&w, cout, cin * kh * kw, Format::Bf16);
         Ok(Self {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
@@ -83,13 +95,26 @@ impl FastConv2d {
     }
 
     /// The kernel's shape `[c_out, c_in, kh, kw]`.
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn kernel_shape(&self) -> [usize; 4] {
         self.kernel
     }
 }
 
 impl Module for FastConv2d {
+    /// The convolution, timed as `conv1x1` or `conv3x3` (any other kernel size counts as `conv3x3`).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let kind = if self.kernel[2] == 1 && self.kernel[3] == 1 {
+            "conv1x1"
+        } else {
+            "conv3x3"
+        };
+        super::profile::scope(kind, || self.forward_untimed(xs))
+    }
+}
+
+impl FastConv2d {
+    fn forward_untimed(&self, xs: &Tensor) -> Result<Tensor> {
         let fast = super::kernels_enabled() && xs.device().is_cpu() && xs.dtype() == DType::F32;
         match &self.imp {
             ConvImpl::Candle {
@@ -122,16 +147,6 @@ pub struct Conv2dOp {
     band: usize,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expected f32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: expected a contiguous tensor"),
-    }
-}
-
 impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "sketchx-conv2d"
@@ -147,7 +162,7 @@ impl CustomOp3 for Conv2dOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (cout, cin, kh, kw) = l2.shape().dims4()?;
-        let w = f32_slice(s2, l2, "conv kernel")?;
+        let w = super::cpu::contiguous_f32(s2, l2, "conv kernel")?;
         self.run(s1, l1, Weight::F32(w), [cout, cin, kh, kw], s3, l3)
     }
 }
@@ -181,8 +196,8 @@ impl Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "conv input")?;
-        let bias = f32_slice(s3, l3, "conv bias")?;
+        let x = super::cpu::contiguous_f32(s1, l1, "conv input")?;
+        let bias = super::cpu::contiguous_f32(s3, l3, "conv bias")?;
         let (b, cin, h, wd) = l1.shape().dims4()?;
         if wcin != cin || bias.len() != cout {
             candle_core::bail!(
@@ -240,10 +255,10 @@ impl Conv2dOp {
                             im2col(xb, &mut col[..k * nb], &g, rows);
                             &col[..k * nb]
                         };
-                        gemm_f32(cout, nb, k, w, rhs, dst, n);
+                        plain_gemm_f32(cout, nb, k, w, rhs, dst, n);
                     }
                     Weight::Packed(w) => {
-                        let rhs = pack(xb, direct, k, &g, rows, Precision::Bf16);
+                        let rhs = pack(xb, direct, k, &g, rows, Format::Bf16);
                         gemm_packed(w, &rhs, dst, n);
                     }
                 }
@@ -263,16 +278,18 @@ fn pack(
     k: usize,
     g: &Geometry,
     rows: std::ops::Range<usize>,
-    p: Precision,
+    format: Format,
 ) -> PackedB {
     let n = g.oh * g.ow;
     if direct {
-        PackedB::from_rows(k, n, p, |r, row| {
+        PackedB::from_rows(k, n, format, |r, row| {
             row.copy_from_slice(&x[r * n..(r + 1) * n])
         })
     } else {
         let nb = rows.len() * g.ow;
-        PackedB::from_rows(k, nb, p, |r, row| im2col_row(x, r, row, g, rows.clone()))
+        PackedB::from_rows(k, nb, format, |r, row| {
+            im2col_row(x, r, row, g, rows.clone())
+        })
     }
 }
 
@@ -284,46 +301,6 @@ const BAND_ELEMS: usize = 1 << 24;
 enum Weight<'a> {
     F32(&'a [f32]),
     Packed(&'a PackedA),
-}
-
-/// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32, row-major; `lhs` and `rhs` contiguous, `dst` with row stride `ldc`.
-fn gemm_f32(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32], ldc: usize) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n && ldc >= n && dst.len() >= (m - 1) * ldc + n);
-    // SAFETY: the slices have the sizes the strides describe (checked above): dst [m, n] with row stride ldc,
-    // lhs [m, k], rhs [k, n].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ldc as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
-    }
-}
-
-/// gemm's parallelism over candle's thread count.
-pub(crate) fn parallelism() -> gemm::Parallelism {
-    let t = candle_core::utils::get_num_threads();
-    if t > 1 {
-        gemm::Parallelism::Rayon(t)
-    } else {
-        gemm::Parallelism::None
-    }
 }
 
 /// Writes the patches of one image `x` `(cin, h, w)` for output rows `rows` into `col`

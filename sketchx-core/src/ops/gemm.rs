@@ -14,6 +14,8 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::cpu::SendPtr;
+
 /// Columns per packed panel (one 512-bit register of f32 accumulators).
 pub const NR: usize = 16;
 /// Rows of `C` per micro-kernel call.
@@ -28,14 +30,14 @@ const MB_MAX: usize = 128;
 
 /// The element type of the operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
+pub enum Format {
     /// f32 operands.
     F32,
     /// bf16 operands (rounded to nearest, ties to even), f32 accumulation.
     Bf16,
 }
 
-impl Precision {
+impl Format {
     /// `k` entries per packed word.
     fn per_word(self) -> usize {
         match self {
@@ -44,27 +46,12 @@ impl Precision {
         }
     }
 
-    /// Whether this CPU runs the AVX-512 micro-kernel for this precision.
+    /// Whether this CPU runs the AVX-512 micro-kernel for this format.
     pub fn has_fast_kernel(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static F32: OnceLock<bool> = OnceLock::new();
-            static BF16: OnceLock<bool> = OnceLock::new();
-            let f32 = *F32.get_or_init(|| {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-            });
-            match self {
-                Self::F32 => f32,
-                Self::Bf16 => {
-                    f32 && *BF16.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
-                }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
+        let f = super::cpu::features();
+        match self {
+            Self::F32 => f.avx512,
+            Self::Bf16 => f.avx512_bf16,
         }
     }
 }
@@ -81,7 +68,7 @@ pub fn round_bf16(x: f32) -> u16 {
 pub struct PackedB {
     k: usize,
     n: usize,
-    precision: Precision,
+    format: Format,
     /// `panels x words x NR`, `words = ceil(k / per_word)`: word `(panel, p, j)` holds `b[p][panel * NR + j]`
     /// (f32 bits), or `b[2p][..]` in the low half and `b[2p + 1][..]` in the high half (bf16).
     data: Vec<u32>,
@@ -99,12 +86,12 @@ impl PackedB {
     }
 
     /// The element type.
-    pub fn precision(&self) -> Precision {
-        self.precision
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     fn words(&self) -> usize {
-        self.k.div_ceil(self.precision.per_word())
+        self.k.div_ceil(self.format.per_word())
     }
 
     fn panel_len(&self) -> usize {
@@ -113,15 +100,10 @@ impl PackedB {
 
     /// Packs the transpose of a row-major `n x k` f32 matrix, i.e. `B = W^T` for a linear layer's weight `W`
     /// (`[out, in]`): `k = in`, `n = out`.
-    pub fn from_transposed(w: &[f32], n: usize, k: usize, precision: Precision) -> Self {
+    pub fn from_transposed(w: &[f32], n: usize, k: usize, format: Format) -> Self {
         assert_eq!(w.len(), n * k, "weight size");
-        let data = pack_row_blocks(w, n, k, NR, precision);
-        Self {
-            k,
-            n,
-            precision,
-            data,
-        }
+        let data = pack_row_blocks(w, n, k, NR, format);
+        Self { k, n, format, data }
     }
 
     /// Packs a `k x n` f32 matrix given row by row: `fill(r, row)` writes row `r` (`n` values) into `row`.
@@ -130,10 +112,10 @@ impl PackedB {
     pub fn from_rows(
         k: usize,
         n: usize,
-        precision: Precision,
+        format: Format,
         fill: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
-        let per = precision.per_word();
+        let per = format.per_word();
         let words = k.div_ceil(per);
         let panels = n.div_ceil(NR);
         let mut data = vec![0u32; panels * words * NR];
@@ -146,7 +128,7 @@ impl PackedB {
             let (r0, r1) = rows.split_at_mut(panels * NR);
             for p in t * chunk..((t + 1) * chunk).min(words) {
                 fill(per * p, &mut r0[..n]);
-                if precision == Precision::Bf16 {
+                if format == Format::Bf16 {
                     if 2 * p + 1 < k {
                         fill(2 * p + 1, &mut r1[..n]);
                     } else {
@@ -155,20 +137,15 @@ impl PackedB {
                 }
                 // SAFETY: words (.., p, ..) belong to word row p only, and each word row to one task; every
                 // `(panel * words + p) * NR + NR` is within `data` (panels * words * NR words).
-                unsafe { write_word_row(precision, r0, r1, out.0, p, words, panels) };
+                unsafe { write_word_row(format, r0, r1, out.0, p, words, panels) };
             }
         });
-        Self {
-            k,
-            n,
-            precision,
-            data,
-        }
+        Self { k, n, format, data }
     }
 
     /// The matrix back in f32, row-major `k x n` (the portable path, and tests).
     pub fn to_f32(&self) -> Vec<f32> {
-        let bt = unpack_row_blocks(&self.data, self.n, self.k, NR, self.precision);
+        let bt = unpack_row_blocks(&self.data, self.n, self.k, NR, self.format);
         let mut m = vec![0f32; self.k * self.n];
         for (c, row) in bt.chunks(self.k.max(1)).enumerate() {
             for (r, &v) in row.iter().enumerate() {
@@ -185,52 +162,43 @@ impl PackedB {
 pub struct PackedA {
     m: usize,
     k: usize,
-    precision: Precision,
+    format: Format,
     /// `ceil(m / MR) x words x MR` words; rows past `m` and entries past `k` are zero.
     data: Vec<u32>,
 }
 
 impl PackedA {
-    /// Packs a row-major `m x k` f32 matrix (rounded to bf16 for [`Precision::Bf16`]).
-    pub fn new(a: &[f32], m: usize, k: usize, precision: Precision) -> Self {
+    /// Packs a row-major `m x k` f32 matrix (rounded to bf16 for [`Format::Bf16`]).
+    pub fn new(a: &[f32], m: usize, k: usize, format: Format) -> Self {
         assert_eq!(a.len(), m * k, "matrix size");
-        let data = pack_row_blocks(a, m, k, MR, precision);
-        Self {
-            m,
-            k,
-            precision,
-            data,
-        }
+        let data = pack_row_blocks(a, m, k, MR, format);
+        Self { m, k, format, data }
     }
 
     /// Rows (`m`).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn m(&self) -> usize {
         self.m
     }
 
     /// Columns (`k`).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn k(&self) -> usize {
         self.k
     }
 
     /// The matrix back in f32, row-major `m x k` (the portable path, and tests).
     pub fn to_f32(&self) -> Vec<f32> {
-        unpack_row_blocks(&self.data, self.m, self.k, MR, self.precision)
+        unpack_row_blocks(&self.data, self.m, self.k, MR, self.format)
     }
 }
 
 /// Packs a row-major `rows x k` f32 matrix in blocks of `width` rows, word-interleaved: word `(block, p, i)` holds
 /// entry `p` (f32) or entries `2p`, `2p + 1` (bf16) of row `block * width + i`; zeros past `rows` and `k`. This is
 /// [`PackedA`]'s layout, and [`PackedB`]'s for `B^T` (its panels are blocks of `NR` columns of `B`).
-fn pack_row_blocks(
-    src: &[f32],
-    rows: usize,
-    k: usize,
-    width: usize,
-    precision: Precision,
-) -> Vec<u32> {
+fn pack_row_blocks(src: &[f32], rows: usize, k: usize, width: usize, format: Format) -> Vec<u32> {
     assert_eq!(src.len(), rows * k, "matrix size");
-    let words = k.div_ceil(precision.per_word());
+    let words = k.div_ceil(format.per_word());
     let mut data = vec![0u32; rows.div_ceil(width) * words * width];
     data.par_chunks_mut(words * width)
         .enumerate()
@@ -238,9 +206,9 @@ fn pack_row_blocks(
             for i in 0..(rows - blk * width).min(width) {
                 let row = &src[(blk * width + i) * k..][..k];
                 for p in 0..words {
-                    out[p * width + i] = match precision {
-                        Precision::F32 => row[p].to_bits(),
-                        Precision::Bf16 => {
+                    out[p * width + i] = match format {
+                        Format::F32 => row[p].to_bits(),
+                        Format::Bf16 => {
                             let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
                             round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
                         }
@@ -257,17 +225,17 @@ fn unpack_row_blocks(
     rows: usize,
     k: usize,
     width: usize,
-    precision: Precision,
+    format: Format,
 ) -> Vec<f32> {
-    let per = precision.per_word();
+    let per = format.per_word();
     let words = k.div_ceil(per);
     let mut out = vec![0f32; rows * k];
     for r in 0..rows {
         for c in 0..k {
             let w = data[((r / width) * words + c / per) * width + r % width];
-            out[r * k + c] = match precision {
-                Precision::F32 => f32::from_bits(w),
-                Precision::Bf16 => {
+            out[r * k + c] = match format {
+                Format::F32 => f32::from_bits(w),
+                Format::Bf16 => {
                     let bits = if c % 2 == 0 { w & 0xffff } else { w >> 16 };
                     bf16::from_bits(bits as u16).to_f32()
                 }
@@ -283,7 +251,7 @@ fn unpack_row_blocks(
 /// # Safety
 /// `out` must hold `panels * words * NR` words, and no other thread may write word row `p`.
 unsafe fn write_word_row(
-    precision: Precision,
+    format: Format,
     r0: &[f32],
     r1: &[f32],
     out: *mut u32,
@@ -291,22 +259,31 @@ unsafe fn write_word_row(
     words: usize,
     panels: usize,
 ) {
-    if precision == Precision::Bf16 {
+    if format == Format::Bf16 {
         #[cfg(target_arch = "x86_64")]
-        if Precision::Bf16.has_fast_kernel() {
-            x86::interleave_rows(r0.as_ptr(), r1.as_ptr(), out, p, words, panels);
+        if Format::Bf16.has_fast_kernel() {
+            // SAFETY: the CPU has the features (checked); the rows hold `panels * NR` values and `out` the words
+            // (this function's contract).
+            unsafe { x86::interleave_rows(r0.as_ptr(), r1.as_ptr(), out, p, words, panels) };
             return;
         }
     }
     for panel in 0..panels {
-        let dst = out.add((panel * words + p) * NR);
+        // SAFETY: `(panel * words + p) * NR + NR <= panels * words * NR` words, inside `out` (the contract).
+        let dst = unsafe { out.add((panel * words + p) * NR) };
         let a = &r0[panel * NR..][..NR];
-        match precision {
-            Precision::F32 => std::ptr::copy_nonoverlapping(a.as_ptr().cast::<u32>(), dst, NR),
-            Precision::Bf16 => {
+        match format {
+            // SAFETY: `dst` has room for NR words (above); `a` is NR f32 values, the size of NR words.
+            Format::F32 => unsafe {
+                std::ptr::copy_nonoverlapping(a.as_ptr().cast::<u32>(), dst, NR)
+            },
+            Format::Bf16 => {
                 let b = &r1[panel * NR..][..NR];
                 for j in 0..NR {
-                    *dst.add(j) = round_bf16(a[j]) as u32 | ((round_bf16(b[j]) as u32) << 16);
+                    // SAFETY: j < NR, inside `dst`'s NR words.
+                    unsafe {
+                        *dst.add(j) = round_bf16(a[j]) as u32 | ((round_bf16(b[j]) as u32) << 16)
+                    };
                 }
             }
         }
@@ -320,7 +297,7 @@ pub fn to_bf16(src: &[f32]) -> Vec<u16> {
         .zip(src.par_chunks(1 << 14))
         .for_each(|(d, s)| {
             #[cfg(target_arch = "x86_64")]
-            if Precision::Bf16.has_fast_kernel() {
+            if Format::Bf16.has_fast_kernel() {
                 // SAFETY: the CPU has the features; `d` and `s` have the same length.
                 unsafe { x86::convert(s, d) };
                 return;
@@ -332,16 +309,12 @@ pub fn to_bf16(src: &[f32]) -> Vec<u16> {
     out
 }
 
-struct SendPtr<T>(*mut T);
-// SAFETY: the users write disjoint parts of the pointee (see each use).
-unsafe impl<T> Sync for SendPtr<T> {}
-unsafe impl<T> Send for SendPtr<T> {}
-
 /// `C += A B` in f32: `A` row-major `m x b.k()` with row stride `lda`, `C` row-major `m x b.n()` with row stride
 /// `ldc`; `b` must be packed in f32.
 pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    assert_eq!(b.precision, Precision::F32, "B is packed in bf16");
-    if check(m, a.len(), lda, b, c.len(), ldc) {
+    assert_eq!(b.format, Format::F32, "B is packed in bf16");
+    if check(m, b, c.len(), ldc) {
+        check_a(m, a.len(), lda, b.k);
         let view = AView::Rows {
             ptr: a.as_ptr().cast(),
             elem: 4,
@@ -360,8 +333,9 @@ pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc
 /// `C += A B` with bf16 inputs and f32 accumulation: `A` row-major bf16 bit patterns `m x b.k()` with row stride
 /// `lda`, `C` as in [`gemm_f32`]; `b` must be packed in bf16.
 pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    assert_eq!(b.precision, Precision::Bf16, "B is packed in f32");
-    if check(m, a.len(), lda, b, c.len(), ldc) {
+    assert_eq!(b.format, Format::Bf16, "B is packed in f32");
+    if check(m, b, c.len(), ldc) {
+        check_a(m, a.len(), lda, b.k);
         let view = AView::Rows {
             ptr: a.as_ptr().cast(),
             elem: 2,
@@ -377,37 +351,35 @@ pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ld
     }
 }
 
-/// `C += A B` with both operands packed in the same precision; `C` row-major `a.m() x b.n()` with row stride
+/// `C += A B` with both operands packed in the same format; `C` row-major `a.m() x b.n()` with row stride
 /// `ldc`.
 pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     assert_eq!(
-        a.precision, b.precision,
-        "A and B are packed in different precisions"
+        a.format, b.format,
+        "A and B are packed in different formats"
     );
     assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
-    let m = a.m;
-    if m == 0 || b.n == 0 || b.k == 0 {
-        return;
+    if check(a.m, b, c.len(), ldc) {
+        let view = AView::Packed {
+            ptr: a.data.as_ptr(),
+            words: b.words(),
+        };
+        run(a.m, view, b, c, ldc, || a.to_f32());
     }
-    assert!(
-        ldc >= b.n && c.len() >= (m - 1) * ldc + b.n,
-        "C is too small"
-    );
-    let view = AView::Packed {
-        ptr: a.data.as_ptr(),
-        words: b.words(),
-    };
-    run(m, view, b, c, ldc, || a.to_f32());
 }
 
-/// Checks the operands' sizes; `false` when there is nothing to compute.
-fn check(m: usize, a_len: usize, lda: usize, b: &PackedB, c_len: usize, ldc: usize) -> bool {
+/// Checks that `C` (`m x b.n()`, row stride `ldc`) fits in `c_len`; `false` when there is nothing to compute.
+fn check(m: usize, b: &PackedB, c_len: usize, ldc: usize) -> bool {
     if m == 0 || b.n == 0 || b.k == 0 {
         return false;
     }
-    assert!(lda >= b.k && a_len >= (m - 1) * lda + b.k, "A is too small");
     assert!(ldc >= b.n && c_len >= (m - 1) * ldc + b.n, "C is too small");
     true
+}
+
+/// Checks that a row-major `A` (`m x k`, row stride `lda`) fits in `a_len`.
+fn check_a(m: usize, a_len: usize, lda: usize, k: usize) {
+    assert!(lda >= k && a_len >= (m - 1) * lda + k, "A is too small");
 }
 
 /// Where the micro-kernel finds `A`.
@@ -436,27 +408,41 @@ fn run(
     widen: impl FnOnce() -> Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if b.precision.has_fast_kernel() {
+    if b.format.has_fast_kernel() {
         tiles(m, a, b, c, ldc);
         return;
     }
     let _ = a;
     let (k, n) = (b.k, b.n);
-    let (af, bf) = (widen(), b.to_f32());
-    // SAFETY: dst is m x n with row stride ldc (checked), lhs m x k and rhs k x n are contiguous.
+    plain_gemm_f32(m, n, k, &widen(), &b.to_f32(), c, ldc);
+}
+
+/// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32 through the `gemm` crate, row-major; `lhs` and `rhs` contiguous, `dst` with row stride `ldc`.
+pub(crate) fn plain_gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    dst: &mut [f32],
+    ldc: usize,
+) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n && ldc >= n && dst.len() >= (m - 1) * ldc + n);
+    // SAFETY: the slices have the sizes the strides describe (checked above): dst [m, n] with row stride ldc,
+    // lhs [m, k], rhs [k, n].
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            dst.as_mut_ptr(),
             1,
             ldc as isize,
             true,
-            af.as_ptr(),
+            lhs.as_ptr(),
             1,
             k as isize,
-            bf.as_ptr(),
+            rhs.as_ptr(),
             1,
             n as isize,
             1.0,
@@ -464,7 +450,7 @@ fn run(
             false,
             false,
             false,
-            super::conv::parallelism(),
+            super::cpu::parallelism(),
         );
     }
 }
@@ -484,8 +470,8 @@ fn tiles(m: usize, a: AView, b: &PackedB, c: &mut [f32], ldc: usize) {
     }
     let row_blocks = m.div_ceil(mb);
     let cptr = SendPtr(c.as_mut_ptr());
-    let (words, panel_len, per) = (b.words(), b.panel_len(), b.precision.per_word());
-    let bf16 = b.precision == Precision::Bf16;
+    let (words, panel_len, per) = (b.words(), b.panel_len(), b.format.per_word());
+    let bf16 = b.format == Format::Bf16;
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let cptr = &cptr;
         let (rb, cb) = (t / col_blocks, t % col_blocks);
@@ -544,6 +530,10 @@ mod x86 {
     use super::{MR, NP, NR};
 
     /// Word row `p` of every panel: `bf16(a[j]) | bf16(b[j]) << 16`, 16 lanes per panel.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16; `a` and `b` must point to `panels * NR` readable f32 values;
+    /// `out` must hold `panels * words * NR` words, with word row `p` written by no one else meanwhile.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn interleave_rows(
         a: *const f32,
@@ -553,31 +543,41 @@ mod x86 {
         words: usize,
         panels: usize,
     ) {
-        for panel in 0..panels {
-            let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-                _mm512_cvtneps_pbh(_mm512_loadu_ps(a.add(panel * NR))),
-            ));
-            let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-                _mm512_cvtneps_pbh(_mm512_loadu_ps(b.add(panel * NR))),
-            ));
-            _mm512_storeu_si512(
-                out.add((panel * words + p) * NR).cast(),
-                _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
-            );
+        // SAFETY: the loads read `a`/`b` panel `panel` (inside their `panels * NR` values) and the store writes
+        // word row `p` of that panel (inside `out`), as the contract provides.
+        unsafe {
+            for panel in 0..panels {
+                let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                    _mm512_cvtneps_pbh(_mm512_loadu_ps(a.add(panel * NR))),
+                ));
+                let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                    _mm512_cvtneps_pbh(_mm512_loadu_ps(b.add(panel * NR))),
+                ));
+                _mm512_storeu_si512(
+                    out.add((panel * words + p) * NR).cast(),
+                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
+                );
+            }
         }
     }
 
     /// f32 to bf16 bits, 16 at a time, scalar for the rest.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn convert(s: &[f32], d: &mut [u16]) {
         let n = s.len().min(d.len());
         let mut i = 0;
         while i + 16 <= n {
-            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr().add(i)));
-            _mm256_storeu_si256(
-                d.as_mut_ptr().add(i).cast(),
-                std::mem::transmute::<__m256bh, __m256i>(v),
-            );
+            // SAFETY: i + 16 <= n, so 16 values of `s` are read and 16 of `d` written.
+            unsafe {
+                let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.as_ptr().add(i)));
+                _mm256_storeu_si256(
+                    d.as_mut_ptr().add(i).cast(),
+                    std::mem::transmute::<__m256bh, __m256i>(v),
+                );
+            }
             i += 16;
         }
         for j in i..n {
@@ -602,7 +602,13 @@ mod x86 {
         pub last_cols: usize,
     }
 
-    /// Calls the micro-kernel instance for the precision, `mr` rows (1..=8) and `np` panels (1..=3).
+    /// Calls the micro-kernel instance for the format, `mr` rows (1..=8) and `np` panels (1..=3).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW (and BF16 when `bf16`). `k` must describe memory the caller owns:
+    /// `mr` rows of `A` readable from `k.a` over `k.full` words (+ the tail entry), `np` panels of `B` from `k.b`
+    /// `k.panel_len` words apart, and `mr` rows of `np * 16` columns (the last panel `k.last_cols` wide) of `C`
+    /// from `k.c`, row stride `k.ldc`, written by no one else meanwhile.
     #[inline]
     pub(super) unsafe fn dispatch(bf16: bool, mr: usize, np: usize, k: &Call) {
         macro_rules! go {
@@ -621,7 +627,8 @@ mod x86 {
             };
         }
         const _: () = assert!(MR == 8 && NP == 3);
-        go!(1 2 3 4 5 6 7 8)
+        // SAFETY: the instance has the features and reads/writes what `k` describes (this function's contract).
+        unsafe { go!(1 2 3 4 5 6 7 8) }
     }
 
     /// The micro-kernel body: load the `C` block, one step per word (broadcast `A`'s word of each row, multiply
@@ -629,47 +636,52 @@ mod x86 {
     /// `$fma(acc, a, b)` the accumulation.
     macro_rules! micro_kernel {
         ($name:ident, $features:literal, $bcast:expr, $tail_bcast:expr, $fma:expr) => {
+            /// # Safety
+            /// As [`dispatch`], for `R` rows and `P` panels.
             #[target_feature(enable = $features)]
             unsafe fn $name<const R: usize, const P: usize>(k: &Call) {
-                let last_mask: __mmask16 = if k.last_cols >= NR {
-                    0xffff
-                } else {
-                    (1u16 << k.last_cols) - 1
-                };
-                let mask = |q: usize| if q + 1 == P { last_mask } else { 0xffff };
-                let mut acc = [[_mm512_setzero_ps(); P]; R];
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for (q, v) in row.iter_mut().enumerate() {
-                        *v = _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
-                    }
-                }
-                let step = |acc: &mut [[__m512; P]; R], p: usize, tail: bool| {
-                    let mut bv = [_mm512_setzero_si512(); P];
-                    for q in 0..P {
-                        bv[q] = _mm512_loadu_si512(k.b.add(q * k.panel_len + p * NR).cast());
-                    }
-                    for r in 0..R {
-                        let row = k.a.add(r * k.lda);
-                        let off = p * k.a_step;
-                        let av: __m512i = if tail {
-                            $tail_bcast(row, off)
-                        } else {
-                            $bcast(row, off)
-                        };
-                        for q in 0..P {
-                            acc[r][q] = $fma(acc[r][q], av, bv[q]);
+                // SAFETY: every pointer offset stays inside what `k` describes (the contract).
+                unsafe {
+                    let last_mask: __mmask16 = if k.last_cols >= NR {
+                        0xffff
+                    } else {
+                        (1u16 << k.last_cols) - 1
+                    };
+                    let mask = |q: usize| if q + 1 == P { last_mask } else { 0xffff };
+                    let mut acc = [[_mm512_setzero_ps(); P]; R];
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        for (q, v) in row.iter_mut().enumerate() {
+                            *v = _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
                         }
                     }
-                };
-                for p in 0..k.full {
-                    step(&mut acc, p, false);
-                }
-                if k.tail {
-                    step(&mut acc, k.full, true);
-                }
-                for (r, row) in acc.iter().enumerate() {
-                    for (q, v) in row.iter().enumerate() {
-                        _mm512_mask_storeu_ps(k.c.add(r * k.ldc + q * NR), mask(q), *v);
+                    let step = |acc: &mut [[__m512; P]; R], p: usize, tail: bool| {
+                        let mut bv = [_mm512_setzero_si512(); P];
+                        for q in 0..P {
+                            bv[q] = _mm512_loadu_si512(k.b.add(q * k.panel_len + p * NR).cast());
+                        }
+                        for r in 0..R {
+                            let row = k.a.add(r * k.lda);
+                            let off = p * k.a_step;
+                            let av: __m512i = if tail {
+                                $tail_bcast(row, off)
+                            } else {
+                                $bcast(row, off)
+                            };
+                            for q in 0..P {
+                                acc[r][q] = $fma(acc[r][q], av, bv[q]);
+                            }
+                        }
+                    };
+                    for p in 0..k.full {
+                        step(&mut acc, p, false);
+                    }
+                    if k.tail {
+                        step(&mut acc, k.full, true);
+                    }
+                    for (r, row) in acc.iter().enumerate() {
+                        for (q, v) in row.iter().enumerate() {
+                            _mm512_mask_storeu_ps(k.c.add(r * k.ldc + q * NR), mask(q), *v);
+                        }
                     }
                 }
             }
@@ -718,15 +730,15 @@ mod tests {
 
     /// The f64 product of the operands, rounded to bf16 first for bf16.
     fn reference(
-        p: Precision,
+        p: Format,
         (m, n, k): (usize, usize, usize),
         a: &[f32],
         bt: &[f32],
         c0: &[f32],
     ) -> Vec<f32> {
         let r = |x: f32| match p {
-            Precision::F32 => x as f64,
-            Precision::Bf16 => bf16::from_f32(x).to_f64(),
+            Format::F32 => x as f64,
+            Format::Bf16 => bf16::from_f32(x).to_f64(),
         };
         let mut c = vec![0f32; m * n];
         for i in 0..m {
@@ -741,7 +753,7 @@ mod tests {
         c
     }
 
-    fn check(p: Precision, m: usize, n: usize, k: usize) {
+    fn check(p: Format, m: usize, n: usize, k: usize) {
         let mut seed = (m * 1000003 + n * 1009 + k) as u64;
         let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
         let bt: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
@@ -754,22 +766,26 @@ mod tests {
             }
         });
         assert_eq!(packed.data, by_rows.data, "both packings agree");
-        let mut c = c0.clone();
+        let mut rows = c0.clone();
         match p {
-            Precision::F32 => gemm_f32(m, &a, k, &packed, &mut c, n),
-            Precision::Bf16 => gemm_bf16(m, &to_bf16(&a), k, &packed, &mut c, n),
+            Format::F32 => gemm_f32(m, &a, k, &packed, &mut rows, n),
+            Format::Bf16 => gemm_bf16(m, &to_bf16(&a), k, &packed, &mut rows, n),
         }
-        let worst = want
-            .iter()
-            .zip(&c)
-            .map(|(w, g)| (w - g).abs())
-            .fold(0f32, f32::max);
-        // Summation-order differences of k products of size <= 1.
-        let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
-        assert!(
-            worst <= bound,
-            "{p:?} {m}x{n}x{k}: max diff {worst} > {bound}"
-        );
+        let mut packed_a = c0.clone();
+        gemm_packed(&PackedA::new(&a, m, k, p), &packed, &mut packed_a, n);
+        for (what, c) in [("row-major A", rows), ("packed A", packed_a)] {
+            let worst = want
+                .iter()
+                .zip(&c)
+                .map(|(w, g)| (w - g).abs())
+                .fold(0f32, f32::max);
+            // Summation-order differences of k products of size <= 1.
+            let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
+            assert!(
+                worst <= bound,
+                "{p:?} {what} {m}x{n}x{k}: max diff {worst} > {bound}"
+            );
+        }
     }
 
     const SHAPES: [(usize, usize, usize); 11] = [
@@ -789,22 +805,33 @@ mod tests {
     #[test]
     fn f32_matches_the_product_on_every_edge() {
         for (m, n, k) in SHAPES {
-            check(Precision::F32, m, n, k);
+            check(Format::F32, m, n, k);
         }
     }
 
     #[test]
     fn bf16_matches_the_rounded_product_on_every_edge() {
         for (m, n, k) in SHAPES {
-            check(Precision::Bf16, m, n, k);
+            check(Format::Bf16, m, n, k);
         }
+    }
+
+    #[test]
+    fn portable_path_matches_the_product_on_every_edge() {
+        crate::ops::cpu::force_portable(|| {
+            assert!(!Format::F32.has_fast_kernel() && !Format::Bf16.has_fast_kernel());
+            for (m, n, k) in SHAPES {
+                check(Format::F32, m, n, k);
+                check(Format::Bf16, m, n, k);
+            }
+        });
     }
 
     #[test]
     fn portable_path_round_trips_the_packing() {
         let (k, n) = (5, 19);
         let b: Vec<f32> = (0..k * n).map(|i| i as f32 * 0.25 - 3.0).collect();
-        for p in [Precision::F32, Precision::Bf16] {
+        for p in [Format::F32, Format::Bf16] {
             let packed = PackedB::from_rows(k, n, p, |r, row| {
                 row.copy_from_slice(&b[r * n..(r + 1) * n])
             });

@@ -2,21 +2,17 @@
 //!
 //! The weight is packed once, at load, into the layout of the GEMM's right operand (`W^T` in column panels),
 //! replacing the plain copy: in f32 when the CPU has AVX-512, and rounded to bf16 in the CPU bf16 mode (see
-//! [`cpu_bf16`]), where each call also rounds the input to bf16 and accumulates in f32 on top of the (f32) bias.
+//! [`crate::precision::Precision::CpuBf16`]), where each call also rounds the input to bf16 and accumulates in f32 on top of the (f32) bias.
 //! Everything around the product stays f32.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::Linear;
 
-use super::gemm::{gemm_bf16, gemm_f32, to_bf16, PackedB, Precision};
+use crate::precision::Weights;
 
-/// Whether layers built from `vb` use the CPU bf16 mode: the model was asked for in bf16 on the CPU (whose
-/// weights then load as f32, see `models::loader::var_builder`) and the crate's kernels are on.
-pub fn cpu_bf16(vb: &VarBuilder) -> bool {
-    vb.dtype() == DType::BF16 && vb.device().is_cpu() && super::kernels_enabled()
-}
+use super::gemm::{gemm_bf16, gemm_f32, to_bf16, Format, PackedB};
 
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
@@ -35,18 +31,20 @@ pub struct PackedLinearOp {
 }
 
 impl FastLinear {
-    /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`) from `vb`.
-    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let precision = if cpu_bf16(&vb) {
-            Precision::Bf16
+    /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`) from `weights`, packed in bf16 when its precision
+    /// says so (the CPU bf16 mode).
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, weights: &Weights) -> Result<Self> {
+        let vb = weights.vb();
+        let precision = if super::packs_bf16(weights.precision()) {
+            Format::Bf16
         } else {
-            Precision::F32
+            Format::F32
         };
-        let packed = precision == Precision::Bf16
+        let packed = precision == Format::Bf16
             || (vb.dtype() == DType::F32
                 && vb.device().is_cpu()
                 && super::kernels_enabled()
-                && Precision::F32.has_fast_kernel());
+                && Format::F32.has_fast_kernel());
         let w = vb.get((out_dim, in_dim), "weight")?;
         let b = if bias {
             Some(vb.get(out_dim, "bias")?)
@@ -68,6 +66,7 @@ impl FastLinear {
     }
 
     /// Output features.
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn out_dim(&self) -> Result<usize> {
         match self {
             Self::Candle(l) => l.weight().dim(0),
@@ -85,11 +84,12 @@ impl FastLinear {
 }
 
 impl Module for FastLinear {
+    /// `x W^T + b`, timed as `linear`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
+        super::profile::scope("linear", || match self {
             Self::Candle(l) => l.forward(xs),
             Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
-        }
+        })
     }
 }
 
@@ -99,20 +99,11 @@ impl CustomOp1 for PackedLinearOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("linear: expected an f32 input");
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("linear: expected a contiguous input");
-        };
-        let x = &v[start..end];
+        let x = super::cpu::contiguous_f32(s, l, "linear input")?;
         let (k, n) = (self.weight.k(), self.weight.n());
         let dims = l.shape().dims();
         if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "bf16 linear: input {:?}, weight has {k} input features",
-                dims
-            );
+            candle_core::bail!("linear: input {:?}, weight has {k} input features", dims);
         }
         let m = x.len() / k;
         let mut out = vec![0f32; m * n];
@@ -121,9 +112,9 @@ impl CustomOp1 for PackedLinearOp {
                 row.copy_from_slice(b);
             }
         }
-        match self.weight.precision() {
-            Precision::F32 => gemm_f32(m, x, k, &self.weight, &mut out, n),
-            Precision::Bf16 => gemm_bf16(m, &to_bf16(x), k, &self.weight, &mut out, n),
+        match self.weight.format() {
+            Format::F32 => gemm_f32(m, x, k, &self.weight, &mut out, n),
+            Format::Bf16 => gemm_bf16(m, &to_bf16(x), k, &self.weight, &mut out, n),
         }
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("at least one dimension") = n;
@@ -134,6 +125,7 @@ impl CustomOp1 for PackedLinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::precision::Precision;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -155,12 +147,10 @@ mod tests {
                 candle_core::Var::from_tensor(&b).unwrap(),
             ),
         ]);
-        let vb = VarBuilder::from_varmap(&vm, DType::BF16, &dev);
-        // A varmap hands out bf16 tensors for a bf16 builder; the layer widens them again.
-        let layer = FastLinear::load(i, o, true, vb.pp("l")).unwrap();
-        assert!(
-            matches!(&layer, FastLinear::Packed(op) if op.weight.precision() == Precision::Bf16)
-        );
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let bf16 = Weights::new(vb.clone(), Precision::CpuBf16);
+        let layer = FastLinear::load(i, o, true, &bf16.pp("l")).unwrap();
+        assert!(matches!(&layer, FastLinear::Packed(op) if op.weight.format() == Format::Bf16));
         assert_eq!((layer.in_dim().unwrap(), layer.out_dim().unwrap()), (i, o));
         let got = layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 5, o]);
@@ -176,7 +166,8 @@ mod tests {
         let diff = crate::ops::max_abs_diff(&want, &got);
         assert!(diff < 1e-4, "max diff {diff}");
         // In f32 the layer computes candle's product (packed when the CPU has AVX-512).
-        let f32_layer = FastLinear::load(i, o, true, vb.pp("l").to_dtype(DType::F32)).unwrap();
+        let f32_layer =
+            FastLinear::load(i, o, true, &Weights::new(vb, Precision::F32).pp("l")).unwrap();
         let want = Linear::new(w, Some(b)).forward(&x).unwrap();
         let diff = crate::ops::max_abs_diff(&want, &f32_layer.forward(&x).unwrap());
         assert!(diff < 1e-4, "f32: max diff {diff}");

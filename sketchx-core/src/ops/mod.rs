@@ -1,9 +1,11 @@
-//! CPU kernels for the networks' hot spots, as candle custom ops in this crate, and instrumentation.
+//! The CPU kernels behind the networks' layers, as candle custom ops, and their instrumentation.
 //!
-//! [`conv`] (im2col + GEMM convolution), [`attention`] (tiled attention without the full score matrix) and
-//! [`norm`] (group norm fused with SiLU) replace candle's CPU implementations for f32 and fall back to candle
-//! for other dtypes and devices; [`profile`] times each kind of operation when enabled, to show where a
-//! denoising step's time goes.
+//! [`gemm`] is the matrix product they share (AVX-512 micro-kernels in f32 and bf16 over packed operands, the
+//! `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col + GEMM, bf16 kernels packed once at load) hold their
+//! weights as the network's [`Precision`](crate::precision::Precision) says; [`attention`] (tiled, without the full
+//! score matrix) and [`norm`] (group norm fused with SiLU) run on f32. Each falls back to candle for other
+//! dtypes and devices. `simd` has the vectorised element-wise helpers, `cpu` the plumbing they all share, and
+//! [`profile`] times each kind of operation, inside the op types, to show where a denoising step's time goes.
 
 use std::sync::OnceLock;
 
@@ -16,8 +18,15 @@ pub fn kernels_enabled() -> bool {
     })
 }
 
+/// Whether convolutions and linear layers built in `precision` keep packed bf16 weights: the CPU bf16 mode with the
+/// kernels on.
+pub(crate) fn packs_bf16(precision: crate::precision::Precision) -> bool {
+    precision == crate::precision::Precision::CpuBf16 && kernels_enabled()
+}
+
 pub mod attention;
 pub mod conv;
+pub(crate) mod cpu;
 pub mod gemm;
 pub mod linear;
 pub mod norm;

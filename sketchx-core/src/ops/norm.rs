@@ -36,8 +36,17 @@ impl FastGroupNorm {
         })
     }
 
-    /// Normalises `xs` `(b, c, ...)`; applies SiLU afterwards when `silu`.
-    pub fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+    /// Normalises `xs` `(b, c, ...)`, then applies SiLU.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    /// Normalises `xs` `(b, c, ...)`; applies SiLU afterwards when `silu`. Timed as `group_norm`.
+    pub fn run(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        super::profile::scope("group_norm", || self.run_untimed(xs, silu))
+    }
+
+    fn run_untimed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         if super::kernels_enabled()
             && xs.device().is_cpu()
             && xs.dtype() == DType::F32
@@ -55,7 +64,7 @@ impl FastGroupNorm {
         self.reference(xs, silu)
     }
 
-    /// candle's group norm (and SiLU): what [`Self::forward`] computes, the slow way.
+    /// candle's group norm (and SiLU): what [`Self::run`] computes, the slow way.
     pub fn reference(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         let y = self.inner.forward(xs)?;
         if silu {
@@ -63,6 +72,12 @@ impl FastGroupNorm {
         } else {
             Ok(y)
         }
+    }
+}
+
+impl Module for FastGroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
     }
 }
 
@@ -91,17 +106,9 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(ws), CpuStorage::F32(bs)) = (s1, s2, s3) else {
-            candle_core::bail!("group norm: expected f32 tensors");
-        };
-        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("group norm: expected contiguous tensors");
-        };
-        let (x, w, bias) = (&xs[x0..x1], &ws[w0..w1], &bs[b0..b1]);
+        let x = super::cpu::contiguous_f32(s1, l1, "group norm input")?;
+        let w = super::cpu::contiguous_f32(s2, l2, "group norm weight")?;
+        let bias = super::cpu::contiguous_f32(s3, l3, "group norm bias")?;
         let dims = l1.shape().dims();
         if dims.len() < 2
             || dims[1] != w.len()
@@ -163,7 +170,7 @@ mod tests {
             // An offset mean checks the variance's cancellation.
             let xs = (Tensor::randn(0f32, 2., (2, c, h, w), &dev).unwrap() + 3.0).unwrap();
             let want = gn.reference(&xs, silu).unwrap();
-            let got = gn.forward(&xs, silu).unwrap();
+            let got = gn.run(&xs, silu).unwrap();
             let diff = crate::ops::max_abs_diff(&want, &got);
             assert!(
                 diff < 1e-5,

@@ -13,6 +13,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// Turns timing on or off.
+#[cfg(any(test, feature = "bench-internals"))]
 pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
@@ -34,6 +35,7 @@ pub fn scope<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
 }
 
 /// The accumulated `(kind, seconds, calls)`, largest first; clears the totals.
+#[cfg(any(test, feature = "bench-internals"))]
 pub fn take() -> Vec<(&'static str, f64, u64)> {
     let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = std::mem::take(&mut *totals)

@@ -30,15 +30,20 @@ macro_rules! dispatch {
             fn imp($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                /// # Safety
+                /// The CPU must have AVX-512 F, AVX2 and FMA.
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 unsafe fn v512($($a: $t),*) $(-> $r)? { imp($($a),*) }
+                /// # Safety
+                /// The CPU must have AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v256($($a: $t),*) $(-> $r)? { imp($($a),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                let features = super::cpu::features();
+                if features.avx512 && features.avx2_fma {
                     // SAFETY: the CPU supports the features the function was compiled for.
                     return unsafe { v512($($a),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if features.avx2_fma {
                     // SAFETY: as above.
                     return unsafe { v256($($a),*) };
                 }

@@ -21,6 +21,10 @@
 #include "sketchx.h"
 #include "sketchx.h" /* including twice is harmless */
 
+/* How long a test waits for a job: generous, because under valgrind on a busy 2-core machine a 2-step job can
+ * take minutes; a hung job still fails the test instead of hanging it. */
+#define JOB_WAIT_MS 1200000
+
 static int checks, failures;
 
 #define CHECK(cond)                                                                                      \
@@ -346,7 +350,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK_ERR(sketchx_pipeline_preview(p, id.id, NULL, 0, NULL), SKETCHX_NULL_ARGUMENT, "");
     CHECK_OK(sketchx_pipeline_poll(p, id.id, &info));
     CHECK(strcmp(info.job_id.id, id.id) == 0 && info.total_steps == 2 && info.seed == 1);
-    CHECK_OK(sketchx_pipeline_wait(p, id.id, 120000, &st));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
     CHECK(st != NULL);
     if (st) {
         sketchx_job_info done;
@@ -418,7 +422,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
     for (int i = 0; i < submitted; i++) CHECK_OK(sketchx_pipeline_cancel(p, extra[i].id, NULL));
     CHECK_OK(sketchx_pipeline_cancel(p, a.id, &cancelled));
     CHECK(cancelled == 1);
-    CHECK_OK(sketchx_pipeline_wait(p, a.id, 120000, &st));
+    CHECK_OK(sketchx_pipeline_wait(p, a.id, JOB_WAIT_MS, &st));
     if (st) {
         sketchx_status_info(st, &info);
         CHECK(info.state == SKETCHX_STATE_CANCELLED && info.image_count == 0);
@@ -470,7 +474,7 @@ static char *generate_png(const char *sd, const char *cn, const char *out_dir, i
     sketchx_job_id id;
     sketchx_status *st = NULL;
     CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch_path, &id));
-    CHECK_OK(sketchx_pipeline_wait(p, id.id, 120000, &st));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
     if (st != NULL && sketchx_status_image_count(st) == 1) png = read_file(sketchx_status_image_path(st, 0), len);
     CHECK(png != NULL);
     sketchx_status_free(st);

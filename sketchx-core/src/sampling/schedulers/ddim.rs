@@ -1,0 +1,163 @@
+//! diffusers' `DDIMScheduler` (`"ddim"`), deterministic (`eta = 0`).
+
+use candle_core::{DType, Tensor};
+
+use super::schedule::{
+    alphas_cumprod, check_steps, div_scalar, integer_timesteps, mul_scalar, round_through,
+    Prediction, Spacing,
+};
+use super::{DiffusionScheduler, SchedulerConfig};
+use crate::error::{Error, Result};
+use crate::sampling::rng::TorchRng;
+
+/// A configured `DDIMScheduler`: integer timesteps indexing the training alpha products.
+#[derive(Debug, Clone)]
+pub struct Ddim {
+    prediction: Prediction,
+    alphas_cumprod: Vec<f32>,
+    steps: Vec<i64>,
+    timesteps: Vec<f64>,
+    final_alpha_cumprod: f32,
+    step_ratio: i64,
+    clip: Option<f32>,
+}
+
+impl Ddim {
+    /// `DDIMScheduler.from_config(config)` with `set_timesteps(n)`.
+    pub fn new(config: &SchedulerConfig, n: usize) -> Result<Self> {
+        check_steps(config, n)?;
+        let prediction = Prediction::parse(config, "DDIMScheduler", true, false)?;
+        let spacing = Spacing::parse(config, Spacing::Leading)?;
+        let alphas_cumprod = alphas_cumprod(config)?;
+        if config.thresholding {
+            return Err(Error::unsupported(
+                &config.origin,
+                "DDIMScheduler thresholding is not implemented",
+            ));
+        }
+        let steps = integer_timesteps(config, spacing, n);
+        let len = alphas_cumprod.len() as i64;
+        if let Some(bad) = steps.iter().find(|&&t| t >= len || t < -len) {
+            return Err(Error::invalid(
+                "steps",
+                format!(
+                    "{n} steps give timestep {bad}, outside the {len} training timesteps of {}",
+                    config.origin
+                ),
+            ));
+        }
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        let clip = config
+            .clip_sample
+            .unwrap_or(true)
+            .then_some(config.clip_sample_range as f32);
+        Ok(Self {
+            prediction,
+            timesteps: steps.iter().map(|&t| t as f64).collect(),
+            steps,
+            alphas_cumprod,
+            final_alpha_cumprod,
+            step_ratio: (config.num_train_timesteps / n) as i64,
+            clip,
+        })
+    }
+
+    /// The training alpha product at timestep `t`, Python-indexed (a timestep of -1, from `trailing` spacing,
+    /// reads the last entry).
+    fn alpha_at(&self, t: i64) -> f32 {
+        let len = self.alphas_cumprod.len() as i64;
+        self.alphas_cumprod[if t < 0 { t + len } else { t } as usize]
+    }
+}
+
+impl DiffusionScheduler for Ddim {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    /// Returns the next sample in `sample`'s dtype; draws nothing from `rng`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut TorchRng,
+    ) -> Result<Tensor> {
+        let t = self.steps[step_index];
+        let prev = t - self.step_ratio;
+        let alpha_t = self.alpha_at(t);
+        let alpha_prev = if prev >= 0 {
+            self.alpha_at(prev)
+        } else {
+            self.final_alpha_cumprod
+        };
+        ddim_step(
+            self.prediction,
+            model_output,
+            sample,
+            alpha_t,
+            alpha_prev,
+            self.clip,
+        )
+    }
+}
+
+/// DDIM step with `eta = 0`, computed in `sample`'s dtype (each op in f32, rounded through that dtype).
+fn ddim_step(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f32,
+    alpha_prev: f32,
+    clip: Option<f32>,
+) -> Result<Tensor> {
+    let dtype = sample.dtype();
+    let s = sample.to_dtype(DType::F32)?;
+    let m = round_through(model_output.to_dtype(DType::F32)?, dtype)?;
+    let beta_t = 1.0 - alpha_t;
+    let (sqrt_a, sqrt_b) = (alpha_t.sqrt(), beta_t.sqrt());
+    let (pred_original, pred_epsilon) = match prediction {
+        Prediction::Epsilon => {
+            let num = round_through((&s - mul_scalar(&m, sqrt_b, dtype)?)?, dtype)?;
+            (round_through(div_scalar(&num, sqrt_a)?, dtype)?, m)
+        }
+        Prediction::Sample => {
+            let num = round_through((&s - mul_scalar(&m, sqrt_a, dtype)?)?, dtype)?;
+            let eps = round_through(div_scalar(&num, sqrt_b)?, dtype)?;
+            (m, eps)
+        }
+        Prediction::Velocity => {
+            let x0 = (mul_scalar(&s, sqrt_a, dtype)? - mul_scalar(&m, sqrt_b, dtype)?)?;
+            let eps = (mul_scalar(&m, sqrt_a, dtype)? + mul_scalar(&s, sqrt_b, dtype)?)?;
+            (round_through(x0, dtype)?, round_through(eps, dtype)?)
+        }
+    };
+    let pred_original = match clip {
+        Some(r) => pred_original.clamp(-r, r)?,
+        None => pred_original,
+    };
+    // eta = 0: std_dev_t = 0 * sqrt(variance) (NaN if the variance is).
+    let beta_prev = 1.0 - alpha_prev;
+    let variance = (beta_prev / beta_t) * (1.0 - alpha_t / alpha_prev);
+    let std_dev_t = 0.0f32 * variance.sqrt();
+    let dir_coeff = (1.0 - alpha_prev - std_dev_t * std_dev_t).sqrt();
+    let direction = mul_scalar(&pred_epsilon, dir_coeff, dtype)?;
+    let prev = (mul_scalar(&pred_original, alpha_prev.sqrt(), dtype)? + direction)?;
+    Ok(round_through(prev, dtype)?.to_dtype(dtype)?)
+}
