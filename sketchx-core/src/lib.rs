@@ -5,7 +5,9 @@
 //! networks (CLIP tokenizer and text encoder, ControlNet, UNet, VAE), [`sampling`] holds the torch-compatible
 //! RNG, the schedulers and the denoising loop, [`engine`] ties them into one generation call, [`output`] writes
 //! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs requests as asynchronous
-//! jobs ([`jobs`], [`executor`], [`cleanup`]).
+//! jobs ([`jobs`], [`executor`], [`cleanup`]). For the bindings: [`names`] parses the names a user types (device,
+//! precision) and holds the default models; [`settings`] is the plain form of a pipeline configuration with the
+//! pipeline's defaults and one validated conversion.
 
 pub mod cleanup;
 pub mod engine;
@@ -13,13 +15,16 @@ pub mod error;
 pub mod executor;
 pub mod jobs;
 pub mod models;
+pub mod names;
 pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod request;
 pub mod sampling;
+pub mod settings;
 pub mod sketch;
 
 pub use error::{Error, Result, SketchError};
 pub use jobs::{JobId, JobState, JobStatus};
 pub use pipeline::{Pipeline, PipelineConfig, ShutdownPolicy, SketchInput};
+pub use settings::PipelineSettings;
