@@ -148,6 +148,67 @@ mod tests {
     }
 
     #[test]
+    fn scheduler_and_preprocess_names_parse_like_the_others() {
+        use crate::sampling::schedulers::SchedulerKind;
+        use crate::sketch::Preprocess;
+        for kind in SchedulerKind::ALL {
+            for spelled in [
+                kind.as_str().to_string(),
+                kind.as_str().to_ascii_uppercase(),
+                format!(" {}\t", kind.as_str()),
+            ] {
+                assert_eq!(
+                    spelled.parse::<SchedulerKind>().unwrap(),
+                    kind,
+                    "{spelled:?}"
+                );
+            }
+        }
+        for mode in Preprocess::ALL {
+            for spelled in [mode.as_str().to_ascii_uppercase(), format!("  {mode} ")] {
+                assert_eq!(spelled.parse::<Preprocess>().unwrap(), mode, "{spelled:?}");
+            }
+        }
+        assert_eq!(SchedulerKind::names(), ["euler_a", "euler", "ddim"]);
+        assert_eq!(Preprocess::names(), ["scribble", "none"]);
+        // The default comes first in each list.
+        assert_eq!(SchedulerKind::ALL[0], SchedulerKind::default());
+        assert_eq!(Preprocess::ALL[0], Preprocess::default());
+        for (bad, field) in [("plms", "scheduler"), ("euler a", "scheduler")] {
+            match bad.parse::<SchedulerKind>() {
+                Err(Error::InvalidRequest { field: f, message }) => {
+                    assert_eq!(f, field);
+                    assert!(
+                        message.contains("\"euler_a\", \"euler\" or \"ddim\""),
+                        "{message}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match "canny".parse::<Preprocess>() {
+            Err(Error::InvalidRequest { field, message }) => {
+                assert_eq!(field, "preprocess");
+                assert!(message.contains("\"scribble\" or \"none\""), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_old_engine_paths_still_work() {
+        use crate::engine;
+        assert_eq!(engine::DEFAULT_MODEL, DEFAULT_MODEL);
+        assert_eq!(engine::DEFAULT_CONTROLNET, DEFAULT_CONTROLNET);
+        assert!(engine::device_from_name("cpu").unwrap().is_cpu());
+        assert_eq!(
+            engine::dtype_from_name(None, &Device::Cpu).unwrap(),
+            engine::default_dtype(&Device::Cpu)
+        );
+        assert!(engine::random_seed() < 1 << 53);
+    }
+
+    #[test]
     fn quoted_lists_read_as_prose() {
         assert_eq!(quoted_list(&[]), "");
         assert_eq!(quoted_list(&["a"]), "\"a\"");

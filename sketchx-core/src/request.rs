@@ -237,3 +237,28 @@ impl GenerationRequest {
         self.guidance_scale > 1.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_the_constant_and_valid() {
+        assert_eq!(GenerationRequest::default(), GenerationRequest::DEFAULT);
+        GenerationRequest::DEFAULT.validate().unwrap();
+        let d = GenerationRequest::DEFAULT;
+        assert!(TEMPERATURE_RANGE.contains(&d.temperature));
+        assert!(GUIDANCE_RANGE.contains(&d.guidance_scale));
+        assert!(NUM_IMAGES_RANGE.contains(&d.num_images));
+        assert!(STEPS_RANGE.contains(&d.steps));
+        assert!(CONTROL_GUIDANCE_RANGE.contains(&d.control_guidance_start));
+        assert!(CONTROL_GUIDANCE_RANGE.contains(&d.control_guidance_end));
+    }
+
+    #[test]
+    fn random_seeds_survive_json() {
+        for _ in 0..64 {
+            assert!(random_seed() < 1 << RANDOM_SEED_BITS);
+        }
+    }
+}

@@ -10,8 +10,7 @@
 //! use sketchx_core::settings::PipelineSettings;
 //!
 //! let settings = PipelineSettings {
-//!     model: Some("tests/fixtures/tiny-sd".into()),
-//!     controlnet: Some("tests/fixtures/tiny-controlnet".into()),
+//!     device: Some("cpu".into()),
 //!     dtype: Some("BF16".into()),
 //!     retention_secs: 600.0,
 //!     ..PipelineSettings::DEFAULT
