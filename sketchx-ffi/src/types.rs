@@ -490,7 +490,8 @@ mod tests {
         let c = unsafe { o.core_config() }.unwrap();
         assert_eq!(c.engine.dtype, candle_core::DType::BF16);
         assert_eq!(c.cleanup_interval, None);
-        let cases: [(fn(&mut sketchx_pipeline_options), &str); 3] = [
+        type Spoil = fn(&mut sketchx_pipeline_options);
+        let cases: [(Spoil, &str); 3] = [
             (|o| o.queue_capacity = 0, "queue_capacity"),
             (|o| o.device = c"tpu".as_ptr(), "device"),
             (|o| o.dtype = c"f64x".as_ptr(), "dtype"),
