@@ -13,13 +13,25 @@ use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use sketchx::engine::{
-    device_from_name, dtype_from_name, Engine, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL,
+use sketchx::engine::Engine;
+use sketchx::names::{
+    DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
 use sketchx::output::{image_file_name, write_png_atomic, PngSettings};
-use sketchx::request::GenerationRequest;
-use sketchx::sketch::Sketch;
+use sketchx::request::{
+    GenerationRequest, GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+};
+use sketchx::sampling::schedulers::SchedulerKind;
+use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR};
+use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::JobId;
+
+/// The request's defaults; every default, range and name below is the core's.
+const D: GenerationRequest = GenerationRequest::DEFAULT;
+
+fn span<T: std::fmt::Display>(r: &std::ops::RangeInclusive<T>) -> String {
+    format!("{}..={}", r.start(), r.end())
+}
 
 /// Sketch in, images out.
 #[derive(Parser, Debug)]
@@ -34,17 +46,20 @@ struct Args {
     /// What to avoid (default: the original service's "lowres, bad anatomy, ..."; "" for none).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// How freely the image may depart from the sketch, 0..=1 (ControlNet scale = 1.65 - temperature).
-    #[arg(long, default_value_t = 0.65)]
+    /// How freely the image may depart from the sketch (ControlNet scale = 1.65 - temperature).
+    #[arg(long, default_value_t = D.temperature, help = format!(
+        "How freely the image may depart from the sketch, {} (ControlNet scale = 1.65 - temperature)",
+        span(&TEMPERATURE_RANGE)))]
     temperature: f64,
-    /// Classifier-free guidance, 0..=30 (<= 1 turns it off).
-    #[arg(long, default_value_t = 7.5)]
+    /// Classifier-free guidance (<= 1 turns it off).
+    #[arg(long, default_value_t = D.guidance_scale, help = format!(
+        "Classifier-free guidance, {} (<= 1 turns it off)", span(&GUIDANCE_RANGE)))]
     guidance_scale: f64,
-    /// Images to generate, 1..=8.
-    #[arg(long, default_value_t = 1)]
+    /// Images to generate.
+    #[arg(long, default_value_t = D.num_images, help = format!("Images to generate, {}", span(&NUM_IMAGES_RANGE)))]
     num_images: u32,
-    /// Denoising steps, 1..=150.
-    #[arg(long, default_value_t = 30)]
+    /// Denoising steps.
+    #[arg(long, default_value_t = D.steps, help = format!("Denoising steps, {}", span(&STEPS_RANGE)))]
     steps: u32,
     /// Seed (torch-compatible: the same seed gives diffusers' images); random when absent.
     #[arg(long)]
@@ -55,12 +70,14 @@ struct Args {
     /// Output height (multiple of 8); default: from the sketch.
     #[arg(long)]
     height: Option<u32>,
-    /// Sampler: euler_a, euler or ddim.
-    #[arg(long, default_value = "euler_a")]
-    scheduler: String,
-    /// Sketch preprocessing: scribble (threshold, polarity) or none.
-    #[arg(long, default_value = "scribble")]
-    preprocess: String,
+    /// The sampler.
+    #[arg(long, default_value_t = D.scheduler, help = format!(
+        "Sampler: {} (any case)", SchedulerKind::names().join(", ")))]
+    scheduler: SchedulerKind,
+    /// Sketch preprocessing.
+    #[arg(long, default_value_t = D.preprocess, help = format!(
+        "Sketch preprocessing: {} (scribble: threshold, polarity; any case)", Preprocess::names().join(", ")))]
+    preprocess: Preprocess,
     /// Stable Diffusion 1.5 model: Hub repo id or local directory.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
@@ -68,14 +85,16 @@ struct Args {
     #[arg(long, default_value = DEFAULT_CONTROLNET)]
     controlnet: String,
     /// Output directory (created if missing).
-    #[arg(long, default_value = "generated")]
+    #[arg(long, default_value = DEFAULT_OUTPUT_DIR)]
     out: PathBuf,
-    /// cpu, cuda, cuda:N or metal (GPU devices need the `cuda` / `metal` cargo feature).
-    #[arg(long, default_value = "cpu")]
+    /// The device (GPU devices need the `cuda` / `metal` cargo feature).
+    #[arg(long, default_value = DEFAULT_DEVICE, help = format!(
+        "{} (GPU devices need the `cuda` / `metal` cargo feature)", DEVICE_NAMES.join(", ")))]
     device: String,
-    /// f32, bf16 or f16. Default: f32 on the CPU, f16 on GPUs. On the CPU, bf16 runs the matrix products in bf16
-    /// (fast with AVX-512 BF16) and everything else in f32.
-    #[arg(long)]
+    /// The precision.
+    #[arg(long, help = format!(
+        "{}. Default: f32 on the CPU, f16 on GPUs. On the CPU, bf16 runs the matrix products in bf16 \
+         (fast with AVX-512 BF16) and everything else in f32", DTYPE_NAMES.join(", ")))]
     dtype: Option<String>,
     /// Decode in overlapping tiles (diffusers' `vae.enable_tiling()`): far less memory for large images.
     #[arg(long)]
@@ -93,16 +112,22 @@ fn run(args: Args) -> sketchx::Result<()> {
         seed: args.seed,
         width: args.width,
         height: args.height,
-        scheduler: args.scheduler.parse()?,
-        preprocess: args.preprocess.parse()?,
-        ..Default::default()
+        scheduler: args.scheduler,
+        preprocess: args.preprocess,
+        ..GenerationRequest::DEFAULT
     };
     request.validate()?;
     let sketch = Sketch::open(&args.sketch)?;
-    let mut config = EngineConfig::new(&args.model, &args.controlnet)?;
-    config.device = device_from_name(&args.device)?;
-    config.dtype = dtype_from_name(args.dtype.as_deref(), &config.device)?;
-    config.vae_tiling = args.vae_tiling;
+    // The engine's part of the core's pipeline settings: one conversion, one set of checks.
+    let settings = PipelineSettings {
+        model: Some(args.model.clone()),
+        controlnet: Some(args.controlnet.clone()),
+        device: Some(args.device),
+        dtype: args.dtype,
+        vae_tiling: args.vae_tiling,
+        ..PipelineSettings::DEFAULT
+    };
+    let config = settings.to_config()?.engine;
     eprintln!("loading {} + {} ...", args.model, args.controlnet);
     let t0 = Instant::now();
     let engine = Engine::load(&config)?;

@@ -265,7 +265,9 @@ typedef void (*sketchx_progress_fn)(const struct sketchx_job_info *info, void *u
 /**
  * How to build a pipeline. Fill it with `sketchx_pipeline_options_init`, then set fields: fields are only ever
  * appended, so code that calls `_init` first keeps compiling and working against newer versions.
- * Strings are borrowed UTF-8 (NULL: the default) and only read during `sketchx_pipeline_new`.
+ * Strings are borrowed UTF-8 (NULL: the default) and only read during `sketchx_pipeline_new`; names (`device`,
+ * `dtype`) match in any ASCII case, surrounding whitespace ignored. Every field is checked by the library
+ * (`SKETCHX_INVALID_REQUEST` naming the field).
  */
 typedef struct sketchx_pipeline_options {
   /**
@@ -335,7 +337,8 @@ typedef struct sketchx_pipeline_options {
 /**
  * One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
  * fields are only ever appended. Strings are borrowed UTF-8, only read during the submit call.
- * Ranges are checked by the library (`SKETCHX_INVALID_REQUEST` naming the field).
+ * Ranges are checked by the library (`SKETCHX_INVALID_REQUEST` naming the field); names (`scheduler`,
+ * `preprocess`) match in any ASCII case, surrounding whitespace ignored.
  */
 typedef struct sketchx_request {
   /**
@@ -721,8 +724,9 @@ const char *sketchx_status_json(const struct sketchx_status *status);
 void sketchx_status_free(struct sketchx_status *status);
 
 /**
- * Fills `options` with the defaults (the Rust `PipelineConfig`'s: default Hub models, CPU, `generated/`,
- * queue of 64, one-hour retention and sweep, preview every 5 steps, cancel on shutdown, no callback).
+ * Fills `options` with the defaults (the core's `PipelineSettings::DEFAULT`: default Hub models, CPU,
+ * `generated/`, queue of 64, one-hour retention and sweep, preview every 5 steps, cancel on shutdown, no
+ * callback).
  *
  * Returns `SKETCHX_NULL_ARGUMENT` if `options` is NULL. Ownership: `options` is the caller's.
  *
@@ -732,7 +736,7 @@ void sketchx_status_free(struct sketchx_status *status);
 sketchx_result sketchx_pipeline_options_init(struct sketchx_pipeline_options *options);
 
 /**
- * Fills `request` with the defaults (those of the Rust `GenerationRequest::default()`: no prompt, default
+ * Fills `request` with the defaults (the core's `GenerationRequest::DEFAULT`: no prompt, default
  * negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
  * `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
  *

@@ -153,3 +153,93 @@ fn vae_tiling_flag_gives_diffusers_tiled_image() {
     assert!(mean_diff[0] <= 0.25, "{mean_diff:?}");
     assert!(mean_diff[1] > mean_diff[0] + 0.1, "{mean_diff:?}");
 }
+
+/// The `[default: X]` of each flag in `--help`.
+fn help_defaults(help: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut flag: Option<String> = None;
+    for line in help.lines() {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix("--") {
+            flag = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let (Some(f), Some(i)) = (&flag, t.find("[default: ")) {
+            let v = &t[i + "[default: ".len()..];
+            out.insert(f.clone(), v[..v.find(']').unwrap()].to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn help_shows_the_cores_defaults_and_names() {
+    use sketchx::names::{DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL};
+    use sketchx::request::GenerationRequest;
+    use sketchx::sampling::schedulers::SchedulerKind;
+    use sketchx::settings::DEFAULT_OUTPUT_DIR;
+
+    let o = Command::new(generate_bin()).arg("--help").output().unwrap();
+    assert!(o.status.success());
+    let help = String::from_utf8(o.stdout).unwrap();
+    let got = help_defaults(&help);
+    let d = GenerationRequest::DEFAULT;
+    let want = [
+        ("temperature", d.temperature.to_string()),
+        ("guidance-scale", d.guidance_scale.to_string()),
+        ("num-images", d.num_images.to_string()),
+        ("steps", d.steps.to_string()),
+        ("scheduler", d.scheduler.to_string()),
+        ("preprocess", d.preprocess.to_string()),
+        ("model", DEFAULT_MODEL.to_string()),
+        ("controlnet", DEFAULT_CONTROLNET.to_string()),
+        ("out", DEFAULT_OUTPUT_DIR.to_string()),
+        ("device", DEFAULT_DEVICE.to_string()),
+    ];
+    for (flag, value) in &want {
+        assert_eq!(got.get(*flag), Some(value), "--{flag} in:\n{help}");
+    }
+    // Parsed back, each default is the core's value (not only its spelling).
+    assert_eq!(got["temperature"].parse::<f64>().unwrap(), d.temperature);
+    assert_eq!(
+        got["guidance-scale"].parse::<f64>().unwrap(),
+        d.guidance_scale
+    );
+    for name in SchedulerKind::names() {
+        assert!(help.contains(name), "{name} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn scheduler_and_preprocess_names_ignore_case() {
+    let out = scratch_dir("cli-case");
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let o = run(&[
+        "--sketch",
+        sketch.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "1",
+        "--scheduler",
+        "DDIM",
+        "--preprocess",
+        " Scribble ",
+        "--device",
+        "CPU",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--sketch", sketch.to_str().unwrap(), "--scheduler", "plms"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("scheduler") && stderr.contains("euler_a"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(out);
+}

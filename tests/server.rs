@@ -27,8 +27,11 @@ fn start(queue_capacity: usize) -> Server {
         f.join("tiny-controlnet").to_str().unwrap(),
     )
     .unwrap();
+    // One directory per server: tests run in parallel and each removes its own at the end.
+    static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "sketchx-server-{queue_capacity}-{}",
+        "sketchx-server-{queue_capacity}-{}-{n}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
@@ -237,4 +240,55 @@ fn a_full_queue_is_429_with_retry_after() {
     assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok()));
     call(ureq::delete(&format!("{}/api/jobs/{id}", s.base)), None);
     std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+#[test]
+fn the_openapi_form_takes_its_defaults_ranges_and_names_from_the_core() {
+    use sketchx::request::{
+        GenerationRequest, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE,
+        STEPS_RANGE, TEMPERATURE_RANGE,
+    };
+    use sketchx::sampling::schedulers::SchedulerKind;
+
+    let d = GenerationRequest::DEFAULT;
+    let doc = app::openapi();
+    let form = &doc["paths"]["/api/generate"]["post"]["requestBody"]["content"]
+        ["multipart/form-data"]["schema"];
+    assert_eq!(form, &app::generate_form_schema());
+    let p = &form["properties"];
+    assert_eq!(p["temperature"]["default"].as_f64(), Some(d.temperature));
+    assert_eq!(
+        p["guidance_scale"]["default"].as_f64(),
+        Some(d.guidance_scale)
+    );
+    assert_eq!(
+        p["num_images"]["default"].as_u64(),
+        Some(d.num_images.into())
+    );
+    assert_eq!(p["steps"]["default"].as_u64(), Some(d.steps.into()));
+    assert_eq!(p["scheduler"]["default"], d.scheduler.as_str());
+    let names: Vec<&str> = p["scheduler"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(names, SchedulerKind::names());
+    // Absent in the core (random seed, size from the sketch): no default in the document either.
+    for field in ["seed", "width", "height", "prompt", "negative_prompt"] {
+        assert!(p[field].get("default").is_none(), "{field}");
+    }
+    let range = |field: &str| (p[field]["minimum"].as_f64(), p[field]["maximum"].as_f64());
+    let f = |r: &std::ops::RangeInclusive<f64>| (Some(*r.start()), Some(*r.end()));
+    let u = |r: &std::ops::RangeInclusive<u32>| {
+        (Some(f64::from(*r.start())), Some(f64::from(*r.end())))
+    };
+    assert_eq!(range("temperature"), f(&TEMPERATURE_RANGE));
+    assert_eq!(range("guidance_scale"), f(&GUIDANCE_RANGE));
+    assert_eq!(range("num_images"), u(&NUM_IMAGES_RANGE));
+    assert_eq!(range("steps"), u(&STEPS_RANGE));
+    for side in ["width", "height"] {
+        assert_eq!(range(side), u(&SIZE_RANGE));
+        assert_eq!(p[side]["multipleOf"].as_u64(), Some(SIZE_MULTIPLE.into()));
+    }
 }

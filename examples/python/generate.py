@@ -18,24 +18,36 @@ import sketchx
 
 
 def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
+    # Every default, range and name comes from the Rust core, through the module.
+    d, r, n = sketchx.DEFAULTS, sketchx.RANGES, sketchx.NAMES
+
+    def span(field: str) -> str:
+        return "{}..={}".format(*r[field])
+
     p = argparse.ArgumentParser(description="Sketch in, images out.")
     p.add_argument("--sketch", required=True, help="the sketch image (PNG, JPEG, WebP, BMP or GIF)")
-    p.add_argument("--prompt", help="what the image should show; empty: guess mode")
-    p.add_argument("--negative-prompt", help='what to avoid (default: the original service\'s; "" for none)')
-    p.add_argument("--temperature", type=float, default=0.65, help="0..=1 (ControlNet scale = 1.65 - temperature)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="0..=30 (<= 1 turns it off)")
-    p.add_argument("--num-images", type=int, default=1, help="1..=8")
-    p.add_argument("--steps", type=int, default=30, help="1..=150")
-    p.add_argument("--seed", type=int, help="torch-compatible seed; random when absent")
-    p.add_argument("--width", type=int, help="multiple of 8; default: from the sketch (short side 512)")
-    p.add_argument("--height", type=int, help="multiple of 8; default: from the sketch")
-    p.add_argument("--scheduler", default="euler_a", help="euler_a, euler or ddim")
-    p.add_argument("--preprocess", default="scribble", help="scribble or none")
-    p.add_argument("--model", default=sketchx.DEFAULT_MODEL, help="Stable Diffusion 1.5: Hub repo id or directory")
-    p.add_argument("--controlnet", default=sketchx.DEFAULT_CONTROLNET, help="ControlNet: Hub repo id or directory")
-    p.add_argument("--out", default="generated", help="output directory (created if missing)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or metal")
-    p.add_argument("--vae-tiling", action="store_true",
+    p.add_argument("--prompt", default=d["prompt"], help="what the image should show; empty: guess mode")
+    p.add_argument("--negative-prompt", default=d["negative_prompt"],
+                   help='what to avoid (default: the original service\'s; "" for none)')
+    p.add_argument("--temperature", type=float, default=d["temperature"],
+                   help=f"{span('temperature')} (ControlNet scale = 1.65 - temperature)")
+    p.add_argument("--guidance-scale", type=float, default=d["guidance_scale"],
+                   help=f"{span('guidance_scale')} (<= 1 turns it off)")
+    p.add_argument("--num-images", type=int, default=d["num_images"], help=span("num_images"))
+    p.add_argument("--steps", type=int, default=d["steps"], help=span("steps"))
+    p.add_argument("--seed", type=int, default=d["seed"], help="torch-compatible seed; random when absent")
+    p.add_argument("--width", type=int, default=d["width"],
+                   help="multiple of 8; default: from the sketch (short side 512)")
+    p.add_argument("--height", type=int, default=d["height"], help="multiple of 8; default: from the sketch")
+    p.add_argument("--scheduler", default=d["scheduler"], help=", ".join(n["scheduler"]))
+    p.add_argument("--preprocess", default=d["preprocess"], help=", ".join(n["preprocess"]))
+    p.add_argument("--model", default=d["model"], help="Stable Diffusion 1.5: Hub repo id or directory")
+    p.add_argument("--controlnet", default=d["controlnet"], help="ControlNet: Hub repo id or directory")
+    p.add_argument("--out", default=d["output_dir"], help="output directory (created if missing)")
+    p.add_argument("--device", default=d["device"], help=", ".join(n["device"]))
+    p.add_argument("--dtype", default=d["dtype"],
+                   help=", ".join(n["dtype"]) + "; default: f32 on the CPU, f16 on GPUs")
+    p.add_argument("--vae-tiling", action="store_true", default=d["vae_tiling"],
                    help="decode in overlapping tiles (diffusers' vae.enable_tiling()): less memory for large images")
     return p.parse_args(argv)
 
@@ -49,6 +61,7 @@ def main(argv: "list[str] | None" = None) -> int:
             args.model,
             args.controlnet,
             device=args.device,
+            dtype=args.dtype,
             output_dir=args.out,
             cleanup_interval_secs=None,
             vae_tiling=args.vae_tiling,

@@ -6,13 +6,15 @@ pipeline runs jobs in-process.
     uvicorn --app-dir examples/python server:app
 
     POST /api/generate          multipart: sketch (file), prompt, temperature, guidance_scale, num_images, steps,
-                                seed (and, new, optional width and height) -> {"status": "queued", "job_id": "..."}
+                                seed (and, new, optional negative_prompt, width, height and scheduler)
+                                -> {"status": "queued", "job_id": "..."}
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
 
-Bad parameters or sketches answer 422 with the message naming the field; a full queue 503. Environment:
-SKETCHX_MODEL, SKETCHX_CONTROLNET, SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR (default "generated"),
-SKETCHX_RETENTION_SECS (default 3600).
+Bad parameters or sketches answer 422 with the message naming the field; a full queue 503. Every default, range
+and name (in the form and its OpenAPI description at /openapi.json) is the Rust core's, from `sketchx.DEFAULTS`,
+`sketchx.RANGES` and `sketchx.NAMES`; the checks are the core's. Environment: SKETCHX_MODEL, SKETCHX_CONTROLNET,
+SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR, SKETCHX_RETENTION_SECS (defaults: the module's).
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ import sketchx
 # A sketch upload larger than this is refused before decoding (the decoder has its own pixel limits too).
 MAX_SKETCH_BYTES = 32 * 1024 * 1024
 
+_DEFAULTS = sketchx.DEFAULTS
+
+
+def _form(field: str) -> Any:
+    """A form field with the core's default, documented with the core's range or names (documented only: the
+    checks are the core's, so that errors read the same everywhere)."""
+    schema: Dict[str, Any] = {}
+    if field in sketchx.RANGES:
+        schema["minimum"], schema["maximum"] = sketchx.RANGES[field]
+    if field in sketchx.NAMES:
+        schema["enum"] = list(sketchx.NAMES[field])
+    return Form(_DEFAULTS[field], json_schema_extra=schema or None)
+
 
 def create_app(
     model: Optional[str] = None,
@@ -40,12 +55,12 @@ def create_app(
     retention_secs: Optional[float] = None,
 ) -> FastAPI:
     """The app; the pipeline (models) loads at startup and shuts down with the app."""
-    model = model or os.environ.get("SKETCHX_MODEL", sketchx.DEFAULT_MODEL)
-    controlnet = controlnet or os.environ.get("SKETCHX_CONTROLNET", sketchx.DEFAULT_CONTROLNET)
-    device = device or os.environ.get("SKETCHX_DEVICE", "cpu")
-    output_dir = output_dir or os.environ.get("SKETCHX_OUTPUT_DIR", "generated")
+    model = model or os.environ.get("SKETCHX_MODEL", _DEFAULTS["model"])
+    controlnet = controlnet or os.environ.get("SKETCHX_CONTROLNET", _DEFAULTS["controlnet"])
+    device = device or os.environ.get("SKETCHX_DEVICE", _DEFAULTS["device"])
+    output_dir = output_dir or os.environ.get("SKETCHX_OUTPUT_DIR", _DEFAULTS["output_dir"])
     if retention_secs is None:
-        retention_secs = float(os.environ.get("SKETCHX_RETENTION_SECS", "3600"))
+        retention_secs = float(os.environ.get("SKETCHX_RETENTION_SECS", _DEFAULTS["retention_secs"]))
     os.makedirs(output_dir, exist_ok=True)
 
     @asynccontextmanager
@@ -69,14 +84,16 @@ def create_app(
     async def generate(
         request: Request,
         sketch: UploadFile = File(...),
-        prompt: Optional[str] = Form(None),
-        temperature: float = Form(0.65),
-        guidance_scale: float = Form(7.5),
-        num_images: int = Form(1),
-        steps: int = Form(30),
-        seed: Optional[int] = Form(None),
-        width: Optional[int] = Form(None),
-        height: Optional[int] = Form(None),
+        prompt: Optional[str] = _form("prompt"),
+        negative_prompt: Optional[str] = _form("negative_prompt"),
+        temperature: float = _form("temperature"),
+        guidance_scale: float = _form("guidance_scale"),
+        num_images: int = _form("num_images"),
+        steps: int = _form("steps"),
+        seed: Optional[int] = _form("seed"),
+        width: Optional[int] = _form("width"),
+        height: Optional[int] = _form("height"),
+        scheduler: str = _form("scheduler"),
     ) -> Dict[str, Any]:
         data = await sketch.read(MAX_SKETCH_BYTES + 1)
         if len(data) > MAX_SKETCH_BYTES:
@@ -86,6 +103,7 @@ def create_app(
                 pipeline(request).submit,
                 data,
                 prompt,
+                negative_prompt=negative_prompt,
                 temperature=temperature,
                 guidance_scale=guidance_scale,
                 num_images=num_images,
@@ -93,6 +111,7 @@ def create_app(
                 seed=seed,
                 width=width,
                 height=height,
+                scheduler=scheduler,
             )
         except sketchx.InvalidRequestError as e:
             raise HTTPException(422, str(e)) from None

@@ -15,7 +15,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use sketchx::request::GenerationRequest;
+use sketchx::request::{
+    GenerationRequest, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
+    TEMPERATURE_RANGE,
+};
+use sketchx::sampling::schedulers::SchedulerKind;
 use sketchx::{Error, JobId, Pipeline};
 use tower_http::services::ServeDir;
 
@@ -90,7 +94,7 @@ fn parse<T: std::str::FromStr>(field: &str, text: &str) -> Result<T, ApiError> {
 }
 
 async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<Response, ApiError> {
-    let mut req = GenerationRequest::default();
+    let mut req = GenerationRequest::DEFAULT;
     let mut sketch: Option<Vec<u8>> = None;
     loop {
         let field = match form.next_field().await {
@@ -191,6 +195,44 @@ async fn cancel(
     ))
 }
 
+/// The JSON schema of a number field: the core's range and default.
+fn number<T: Into<Value> + Copy>(range: &std::ops::RangeInclusive<T>, default: T) -> Value {
+    json!({ "type": "number", "minimum": (*range.start()).into(), "maximum": (*range.end()).into(),
+            "default": default.into() })
+}
+
+/// The JSON schema of an integer field: the core's range, and its default if it has one.
+fn integer(range: &std::ops::RangeInclusive<u32>, default: Option<u32>) -> Value {
+    let mut schema = json!({ "type": "integer", "minimum": range.start(), "maximum": range.end() });
+    if let Some(d) = default {
+        schema["default"] = d.into();
+    }
+    schema
+}
+
+/// The multipart form of `POST /api/generate`: every default, range and name is the core's
+/// ([`GenerationRequest::DEFAULT`], the `*_RANGE` constants, [`SchedulerKind::names`]).
+pub fn generate_form_schema() -> Value {
+    let d = GenerationRequest::DEFAULT;
+    let mut size = integer(&SIZE_RANGE, None);
+    size["multipleOf"] = SIZE_MULTIPLE.into();
+    json!({
+        "type": "object", "required": ["sketch"],
+        "properties": {
+            "sketch": { "type": "string", "format": "binary" },
+            "prompt": { "type": "string" },
+            "negative_prompt": { "type": "string" },
+            "temperature": number(&TEMPERATURE_RANGE, d.temperature),
+            "guidance_scale": number(&GUIDANCE_RANGE, d.guidance_scale),
+            "num_images": integer(&NUM_IMAGES_RANGE, Some(d.num_images)),
+            "steps": integer(&STEPS_RANGE, Some(d.steps)),
+            "seed": { "type": "integer", "minimum": 0, "maximum": u64::MAX },
+            "width": size.clone(),
+            "height": size,
+            "scheduler": { "type": "string", "enum": SchedulerKind::names(),
+                           "default": d.scheduler.as_str() } } })
+}
+
 /// The OpenAPI 3.1 description of this API.
 pub fn openapi() -> Value {
     let err = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
@@ -201,20 +243,8 @@ pub fn openapi() -> Value {
         "paths": {
             "/api/generate": { "post": {
                 "summary": "Queue a generation job",
-                "requestBody": { "required": true, "content": { "multipart/form-data": { "schema": {
-                    "type": "object", "required": ["sketch"],
-                    "properties": {
-                        "sketch": { "type": "string", "format": "binary" },
-                        "prompt": { "type": "string" },
-                        "negative_prompt": { "type": "string" },
-                        "temperature": { "type": "number", "minimum": 0, "maximum": 1, "default": 0.65 },
-                        "guidance_scale": { "type": "number", "minimum": 0, "maximum": 30, "default": 7.5 },
-                        "num_images": { "type": "integer", "minimum": 1, "maximum": 8, "default": 1 },
-                        "steps": { "type": "integer", "minimum": 1, "maximum": 150, "default": 30 },
-                        "seed": { "type": "integer", "minimum": 0 },
-                        "width": { "type": "integer", "minimum": 64, "maximum": 2048, "multipleOf": 8 },
-                        "height": { "type": "integer", "minimum": 64, "maximum": 2048, "multipleOf": 8 },
-                        "scheduler": { "type": "string", "enum": ["euler_a", "euler", "ddim"] } } } } } },
+                "requestBody": { "required": true, "content": { "multipart/form-data": {
+                    "schema": generate_form_schema() } } },
                 "responses": {
                     "200": { "description": "queued", "content": { "application/json": { "schema": {
                         "type": "object", "properties": { "status": { "const": "queued" }, "job_id": { "type": "string" } } } } } },

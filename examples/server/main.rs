@@ -12,8 +12,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use sketchx::engine::{device_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
-use sketchx::{Pipeline, PipelineConfig};
+use sketchx::names::{
+    DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
+};
+use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
+use sketchx::Pipeline;
 
 /// REST server for sketch-to-image jobs.
 #[derive(Parser, Debug)]
@@ -29,23 +32,32 @@ struct Args {
     #[arg(long, default_value = DEFAULT_CONTROLNET)]
     controlnet: String,
     /// Where images are written and served from.
-    #[arg(long, default_value = "generated")]
+    #[arg(long, default_value = DEFAULT_OUTPUT_DIR)]
     out: PathBuf,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
+    /// The device.
+    #[arg(long, default_value = DEFAULT_DEVICE, help = DEVICE_NAMES.join(", "))]
     device: String,
+    /// The precision.
+    #[arg(long, help = format!("{}; default: f32 on the CPU, f16 on GPUs", DTYPE_NAMES.join(", ")))]
+    dtype: Option<String>,
     /// Jobs that may wait in the queue.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY)]
     queue_capacity: usize,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let mut cfg = PipelineConfig::new(&args.model, &args.controlnet)?;
-    cfg.engine.device = device_from_name(&args.device)?;
-    cfg.output_dir = args.out;
-    cfg.queue_capacity = args.queue_capacity;
+    let cfg = PipelineSettings {
+        model: Some(args.model),
+        controlnet: Some(args.controlnet),
+        device: Some(args.device),
+        dtype: args.dtype,
+        output_dir: Some(args.out),
+        queue_capacity: args.queue_capacity,
+        ..PipelineSettings::DEFAULT
+    }
+    .to_config()?;
     let pipe = tokio::task::spawn_blocking(move || Pipeline::new(cfg)).await??;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     eprintln!(

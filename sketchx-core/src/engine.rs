@@ -23,15 +23,11 @@ use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
 use crate::sketch::Sketch;
 
-/// The Stable Diffusion 1.5 repository used when none is given.
-pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
-/// The scribble ControlNet used when none is given.
-pub const DEFAULT_CONTROLNET: &str = "lllyasviel/sd-controlnet-scribble";
+use crate::names::{DEFAULT_CONTROLNET, DEFAULT_MODEL};
+use crate::request::random_seed;
 
 /// How many distinct prompt embeddings the engine keeps.
 const PROMPT_CACHE_ENTRIES: usize = 32;
-/// Random seeds stay below 2^53 so that they survive a round trip through JSON numbers.
-const RANDOM_SEED_BITS: u32 = 53;
 
 /// Which models to load and where to run them.
 #[derive(Debug, Clone)]
@@ -82,50 +78,6 @@ impl EngineConfig {
     }
 }
 
-/// Parses a device name: `cpu`, `cuda`, `cuda:N` or `metal` (the last two need the matching cargo feature).
-pub fn device_from_name(name: &str) -> Result<Device> {
-    let unavailable = |e: candle_core::Error| Error::Device(format!("{name}: {e}"));
-    match name.trim().to_ascii_lowercase().as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(unavailable),
-        "metal" => Device::new_metal(0).map_err(unavailable),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::new_cuda(i).map_err(unavailable),
-            _ => Err(Error::invalid(
-                "device",
-                format!("{name:?} is not one of cpu, cuda, cuda:N, metal"),
-            )),
-        },
-    }
-}
-
-/// Parses a precision name: `f32`, `bf16` or `f16` (see [`EngineConfig::dtype`]); `None` or an empty name gives
-/// [`default_dtype`] for the device.
-pub fn dtype_from_name(name: Option<&str>, device: &Device) -> Result<DType> {
-    match name.map(|n| n.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") => Ok(default_dtype(device)),
-        Some("f32") => Ok(DType::F32),
-        Some("bf16") => Ok(DType::BF16),
-        Some("f16") => Ok(DType::F16),
-        Some(_) => Err(Error::invalid(
-            "dtype",
-            format!(
-                "{:?} is not one of f32, bf16, f16",
-                name.unwrap_or_default()
-            ),
-        )),
-    }
-}
-
-/// The default precision on `device`: f32 on the CPU (the reference; bf16 is opt-in), f16 on GPUs.
-pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::F16
-    }
-}
-
 /// Where a generation is, reported after every denoising step and every decoded image.
 #[derive(Debug, Clone, Copy)]
 pub struct StepInfo<'a> {
@@ -152,13 +104,6 @@ pub struct Generated {
     pub height: u32,
     /// The images, RGB8, row-major.
     pub images: Vec<Vec<u8>>,
-}
-
-/// A seed for requests that set none: random, below 2^53.
-pub fn random_seed() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("the operating system's random source is unavailable");
-    u64::from_le_bytes(b) >> (64 - RANDOM_SEED_BITS)
 }
 
 /// The type of the activations for a model loaded in `dtype` on `device`: f32 in the CPU bf16 mode (see

@@ -7,7 +7,9 @@
 //! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs
 //! requests as asynchronous jobs ([`jobs`], [`executor`], [`cleanup`]). [`precision`] says how the networks hold
 //! their weights; the CPU kernels behind them (`ops`) are private (the `bench-internals` feature exposes them to
-//! the benches).
+//! the benches). For the bindings: [`names`] parses the names a user types (device, precision) and holds the
+//! default models; [`settings`] is the plain form of a pipeline configuration with the pipeline's defaults and one
+//! validated conversion.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -17,6 +19,7 @@ pub mod error;
 pub mod executor;
 pub mod jobs;
 pub mod models;
+pub mod names;
 #[cfg(not(feature = "bench-internals"))]
 pub(crate) mod ops;
 #[cfg(feature = "bench-internals")]
@@ -26,8 +29,10 @@ pub mod pipeline;
 pub mod precision;
 pub mod request;
 pub mod sampling;
+pub mod settings;
 pub mod sketch;
 
 pub use error::{Error, Result, SketchError};
 pub use jobs::{JobId, JobState, JobStatus};
 pub use pipeline::{Pipeline, PipelineConfig, ShutdownPolicy, SketchInput};
+pub use settings::PipelineSettings;

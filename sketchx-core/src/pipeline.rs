@@ -24,12 +24,14 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{bounded, Sender};
 
 use crate::cleanup::{sweep, CleanupReport};
-use crate::engine::{random_seed, Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::executor::{worker, EventCallback, Generator, Preview, Record, Shared, Table};
 use crate::jobs::{messages, JobId, JobState, JobStatus};
 use crate::output::PngSettings;
+use crate::request::random_seed;
 use crate::request::GenerationRequest;
+use crate::settings;
 use crate::sketch::Sketch;
 
 /// What happens to waiting and running jobs at shutdown.
@@ -85,12 +87,12 @@ impl PipelineConfig {
     pub fn with_engine(engine: EngineConfig) -> Self {
         Self {
             engine,
-            output_dir: PathBuf::from("generated"),
-            queue_capacity: 64,
-            retention: Duration::from_secs(3600),
-            cleanup_interval: Some(Duration::from_secs(3600)),
+            output_dir: PathBuf::from(settings::DEFAULT_OUTPUT_DIR),
+            queue_capacity: settings::DEFAULT_QUEUE_CAPACITY,
+            retention: Duration::from_secs(settings::DEFAULT_RETENTION_SECS),
+            cleanup_interval: settings::DEFAULT_CLEANUP_INTERVAL_SECS.map(Duration::from_secs),
             on_event: None,
-            preview_every: 5,
+            preview_every: settings::DEFAULT_PREVIEW_EVERY,
             shutdown: ShutdownPolicy::Cancel,
             png: PngSettings::default(),
         }
@@ -106,7 +108,7 @@ impl PipelineConfig {
         Ok(Self::with_engine(EngineConfig::default_models()?))
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.queue_capacity == 0 {
             return Err(Error::invalid("queue_capacity", "must be at least 1"));
         }

@@ -1,5 +1,6 @@
-//! What a caller may ask for: [`GenerationRequest`], its defaults (those of the original service) and its
-//! validation, which names the offending field and the allowed range.
+//! What a caller may ask for: [`GenerationRequest`], its defaults ([`GenerationRequest::DEFAULT`], those of the
+//! original service), the allowed ranges (the `*_RANGE` constants, for help texts and API descriptions too) and
+//! its validation, which names the offending field and the allowed range.
 
 use crate::error::{Error, Result};
 use crate::sampling::schedulers::SchedulerKind;
@@ -14,6 +15,12 @@ pub const NUM_IMAGES_RANGE: std::ops::RangeInclusive<u32> = 1..=8;
 pub const STEPS_RANGE: std::ops::RangeInclusive<u32> = 1..=150;
 /// Allowed `width` and `height` (also multiples of 8).
 pub const SIZE_RANGE: std::ops::RangeInclusive<u32> = 64..=2048;
+/// Allowed `width` and `height` are multiples of this.
+pub const SIZE_MULTIPLE: u32 = 8;
+/// Allowed `temperature`.
+pub const TEMPERATURE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=1.0;
+/// Allowed `control_guidance_start` and `control_guidance_end` (the start also below the end).
+pub const CONTROL_GUIDANCE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=1.0;
 /// Allowed `guidance_scale`.
 pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=30.0;
 /// Allowed explicit `controlnet_scale`.
@@ -21,7 +28,17 @@ pub const CONTROLNET_SCALE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=5.0;
 /// Longest accepted prompt or negative prompt, in bytes (the text encoder reads 77 tokens; this only bounds work).
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
-/// One generation request. `Default` gives the original service's defaults.
+/// Random seeds stay below 2^53 so that they survive a round trip through JSON numbers.
+const RANDOM_SEED_BITS: u32 = 53;
+
+/// A seed for requests that set none: random, below 2^53.
+pub fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the operating system's random source is unavailable");
+    u64::from_le_bytes(b) >> (64 - RANDOM_SEED_BITS)
+}
+
+/// One generation request. [`GenerationRequest::DEFAULT`] (also `Default`) gives the original service's defaults.
 ///
 /// ```
 /// use sketchx_core::request::GenerationRequest;
@@ -64,26 +81,48 @@ pub struct GenerationRequest {
     pub control_guidance_end: f64,
 }
 
+impl GenerationRequest {
+    /// The defaults, those of the original service: no prompt, the default negative prompt, temperature 0.65
+    /// (ControlNet scale 1.0), guidance 7.5, one image, 30 steps, a random seed, the size from the sketch,
+    /// `euler_a`, `scribble`, automatic guess mode, the ControlNet over all steps. A constant, so that bindings
+    /// can use its fields where a constant is needed (`#[arg(default_value_t = GenerationRequest::DEFAULT.steps)]`).
+    pub const DEFAULT: GenerationRequest = GenerationRequest {
+        prompt: None,
+        negative_prompt: None,
+        temperature: 0.65,
+        controlnet_scale: None,
+        guidance_scale: 7.5,
+        num_images: 1,
+        steps: 30,
+        seed: None,
+        width: None,
+        height: None,
+        scheduler: SchedulerKind::EulerAncestral,
+        preprocess: Preprocess::Scribble,
+        guess_mode: None,
+        control_guidance_start: 0.0,
+        control_guidance_end: 1.0,
+    };
+}
+
 impl Default for GenerationRequest {
     fn default() -> Self {
-        Self {
-            prompt: None,
-            negative_prompt: None,
-            temperature: 0.65,
-            controlnet_scale: None,
-            guidance_scale: 7.5,
-            num_images: 1,
-            steps: 30,
-            seed: None,
-            width: None,
-            height: None,
-            scheduler: SchedulerKind::EulerAncestral,
-            preprocess: Preprocess::Scribble,
-            guess_mode: None,
-            control_guidance_start: 0.0,
-            control_guidance_end: 1.0,
-        }
+        Self::DEFAULT
     }
+}
+
+/// The message of a value outside its allowed range, the same wherever the value came from (validation here, or
+/// a binding whose integer does not even fit the field's type: [`crate::settings::int_out_of_range`]).
+pub(crate) fn out_of_range(
+    field: &'static str,
+    value: impl std::fmt::Display,
+    start: impl std::fmt::Display,
+    end: impl std::fmt::Display,
+) -> Error {
+    Error::invalid(
+        field,
+        format!("{value} is outside the allowed range {start}..={end}"),
+    )
 }
 
 fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -94,14 +133,7 @@ fn check_range<T: PartialOrd + std::fmt::Display + Copy>(
     if range.contains(&value) {
         Ok(())
     } else {
-        Err(Error::invalid(
-            field,
-            format!(
-                "{value} is outside the allowed range {}..={}",
-                range.start(),
-                range.end()
-            ),
-        ))
+        Err(out_of_range(field, value, range.start(), range.end()))
     }
 }
 
@@ -133,7 +165,7 @@ impl GenerationRequest {
         check_text("prompt", self.prompt.as_deref())?;
         check_text("negative_prompt", self.negative_prompt.as_deref())?;
         check_finite("temperature", self.temperature)?;
-        check_range("temperature", self.temperature, &(0.0..=1.0))?;
+        check_range("temperature", self.temperature, &TEMPERATURE_RANGE)?;
         if let Some(s) = self.controlnet_scale {
             check_finite("controlnet_scale", s)?;
             check_range("controlnet_scale", s, &CONTROLNET_SCALE_RANGE)?;
@@ -145,8 +177,11 @@ impl GenerationRequest {
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if let Some(v) = v {
                 check_range(field, v, &SIZE_RANGE)?;
-                if v % 8 != 0 {
-                    return Err(Error::invalid(field, format!("{v} is not a multiple of 8")));
+                if v % SIZE_MULTIPLE != 0 {
+                    return Err(Error::invalid(
+                        field,
+                        format!("{v} is not a multiple of {SIZE_MULTIPLE}"),
+                    ));
                 }
             }
         }
@@ -155,12 +190,12 @@ impl GenerationRequest {
         check_range(
             "control_guidance_start",
             self.control_guidance_start,
-            &(0.0..=1.0),
+            &CONTROL_GUIDANCE_RANGE,
         )?;
         check_range(
             "control_guidance_end",
             self.control_guidance_end,
-            &(0.0..=1.0),
+            &CONTROL_GUIDANCE_RANGE,
         )?;
         if self.control_guidance_start >= self.control_guidance_end {
             return Err(Error::invalid(
@@ -200,5 +235,30 @@ impl GenerationRequest {
     /// Whether classifier-free guidance runs (`guidance_scale > 1`, as in diffusers).
     pub fn uses_guidance(&self) -> bool {
         self.guidance_scale > 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_the_constant_and_valid() {
+        assert_eq!(GenerationRequest::default(), GenerationRequest::DEFAULT);
+        GenerationRequest::DEFAULT.validate().unwrap();
+        let d = GenerationRequest::DEFAULT;
+        assert!(TEMPERATURE_RANGE.contains(&d.temperature));
+        assert!(GUIDANCE_RANGE.contains(&d.guidance_scale));
+        assert!(NUM_IMAGES_RANGE.contains(&d.num_images));
+        assert!(STEPS_RANGE.contains(&d.steps));
+        assert!(CONTROL_GUIDANCE_RANGE.contains(&d.control_guidance_start));
+        assert!(CONTROL_GUIDANCE_RANGE.contains(&d.control_guidance_end));
+    }
+
+    #[test]
+    fn random_seeds_survive_json() {
+        for _ in 0..64 {
+            assert!(random_seed() < 1 << RANDOM_SEED_BITS);
+        }
     }
 }

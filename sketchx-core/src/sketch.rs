@@ -33,6 +33,14 @@ pub enum Preprocess {
 }
 
 impl Preprocess {
+    /// Every mode, in the order of help texts and API descriptions (the default first).
+    pub const ALL: [Preprocess; 2] = [Preprocess::Scribble, Preprocess::None];
+
+    /// The names of [`Preprocess::ALL`], in that order.
+    pub fn names() -> [&'static str; 2] {
+        Self::ALL.map(Preprocess::as_str)
+    }
+
     /// The name accepted by [`FromStr`]: `"scribble"` or `"none"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -54,16 +62,18 @@ impl FromStr for Preprocess {
     /// Parses `"scribble"` or `"none"` (ASCII case-insensitive, surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim();
-        if t.eq_ignore_ascii_case("scribble") {
-            Ok(Preprocess::Scribble)
-        } else if t.eq_ignore_ascii_case("none") {
-            Ok(Preprocess::None)
-        } else {
-            Err(Error::invalid(
-                "preprocess",
-                format!("unknown preprocessing mode {s:?} (expected \"scribble\" or \"none\")"),
-            ))
-        }
+        Self::ALL
+            .into_iter()
+            .find(|m| t.eq_ignore_ascii_case(m.as_str()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "preprocess",
+                    format!(
+                        "unknown preprocessing mode {s:?} (expected {})",
+                        crate::names::quoted_list(&Self::names())
+                    ),
+                )
+            })
     }
 }
 

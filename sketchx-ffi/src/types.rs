@@ -1,15 +1,15 @@
 //! The plain C structs: pipeline options, the request, job ids and job information, with their `_init`
 //! functions and their translation to and from `sketchx-core` types. Defaults come from the core
-//! ([`PipelineConfig`], [`GenerationRequest::default`]); validation happens in the core.
+//! ([`PipelineSettings::DEFAULT`], [`GenerationRequest::DEFAULT`]); parsing and validation happen in the core
+//! ([`PipelineSettings::to_config`], [`GenerationRequest::validate`]).
 
 use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sketchx_core::engine::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use sketchx_core::request::GenerationRequest;
-use sketchx_core::{Error, JobState, JobStatus, PipelineConfig, ShutdownPolicy};
+use sketchx_core::settings::{self, PipelineSettings};
+use sketchx_core::{Error, JobState, JobStatus, PipelineConfig};
 
 use crate::error::{guard, sketchx_result, Failure};
 use crate::ptr::{arg_out, opt_str};
@@ -132,7 +132,9 @@ pub type sketchx_progress_fn =
 
 /// How to build a pipeline. Fill it with `sketchx_pipeline_options_init`, then set fields: fields are only ever
 /// appended, so code that calls `_init` first keeps compiling and working against newer versions.
-/// Strings are borrowed UTF-8 (NULL: the default) and only read during `sketchx_pipeline_new`.
+/// Strings are borrowed UTF-8 (NULL: the default) and only read during `sketchx_pipeline_new`; names (`device`,
+/// `dtype`) match in any ASCII case, surrounding whitespace ignored. Every field is checked by the library
+/// (`SKETCHX_INVALID_REQUEST` naming the field).
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -175,7 +177,8 @@ pub struct sketchx_pipeline_options {
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
 /// fields are only ever appended. Strings are borrowed UTF-8, only read during the submit call.
-/// Ranges are checked by the library (`SKETCHX_INVALID_REQUEST` naming the field).
+/// Ranges are checked by the library (`SKETCHX_INVALID_REQUEST` naming the field); names (`scheduler`,
+/// `preprocess`) match in any ASCII case, surrounding whitespace ignored.
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -261,63 +264,62 @@ unsafe impl Send for UserData {}
 unsafe impl Sync for UserData {}
 
 impl sketchx_pipeline_options {
-    /// The core's defaults.
-    fn defaults() -> Result<Self, Error> {
-        let c = PipelineConfig::default_models()?;
-        Ok(sketchx_pipeline_options {
+    /// The core's defaults ([`PipelineSettings::DEFAULT`]; NULL strings stand for the core's default names).
+    fn defaults() -> Self {
+        let d = PipelineSettings::DEFAULT;
+        sketchx_pipeline_options {
             model: std::ptr::null(),
             controlnet: std::ptr::null(),
             device: std::ptr::null(),
             dtype: std::ptr::null(),
             variant: std::ptr::null(),
             output_dir: std::ptr::null(),
-            queue_capacity: c.queue_capacity,
-            retention_secs: c.retention.as_secs(),
-            cleanup_interval_secs: c.cleanup_interval.map_or(0, |d| d.as_secs()),
-            preview_every: c.preview_every,
-            drain_on_shutdown: c_int::from(c.shutdown == ShutdownPolicy::Drain),
+            queue_capacity: d.queue_capacity,
+            retention_secs: settings::DEFAULT_RETENTION_SECS,
+            cleanup_interval_secs: settings::DEFAULT_CLEANUP_INTERVAL_SECS.unwrap_or(0),
+            preview_every: d.preview_every,
+            drain_on_shutdown: c_int::from(d.drain_on_shutdown),
             progress_callback: None,
             user_data: std::ptr::null_mut(),
-            vae_tiling: c_int::from(c.engine.vae_tiling),
+            vae_tiling: c_int::from(d.vae_tiling),
+        }
+    }
+
+    /// Translates to the core's settings (C spellings to Rust types: NULL to `None`, a 0 interval to never,
+    /// non-zero to true); nothing is checked here.
+    ///
+    /// # Safety
+    /// The string fields are NULL or NUL-terminated strings.
+    unsafe fn settings(&self) -> Result<PipelineSettings, Failure> {
+        let text = |p: *const c_char, name: &'static str| -> Result<Option<String>, Failure> {
+            // SAFETY: only called with this struct's string fields, which the caller guarantees.
+            Ok(unsafe { opt_str(p, name) }?.map(String::from))
+        };
+        Ok(PipelineSettings {
+            model: text(self.model, "options.model")?,
+            controlnet: text(self.controlnet, "options.controlnet")?,
+            device: text(self.device, "options.device")?,
+            dtype: text(self.dtype, "options.dtype")?,
+            variant: text(self.variant, "options.variant")?,
+            vae_tiling: self.vae_tiling != 0,
+            output_dir: text(self.output_dir, "options.output_dir")?.map(PathBuf::from),
+            queue_capacity: self.queue_capacity,
+            retention_secs: self.retention_secs as f64,
+            cleanup_interval_secs: (self.cleanup_interval_secs != 0)
+                .then_some(self.cleanup_interval_secs as f64),
+            preview_every: self.preview_every,
+            drain_on_shutdown: self.drain_on_shutdown != 0,
         })
     }
 
-    /// Translates to the core's configuration.
+    /// Translates to the core's configuration (parsed and checked by [`PipelineSettings::to_config`]) and adds
+    /// the progress callback.
     ///
     /// # Safety
     /// The string fields are NULL or NUL-terminated strings.
     pub(crate) unsafe fn core_config(&self) -> Result<PipelineConfig, Failure> {
-        // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
-        let model = unsafe { opt_str(self.model, "options.model") }?;
-        let controlnet = unsafe { opt_str(self.controlnet, "options.controlnet") }?;
-        let device = unsafe { opt_str(self.device, "options.device") }?;
-        let dtype = unsafe { opt_str(self.dtype, "options.dtype") }?;
-        let variant = unsafe { opt_str(self.variant, "options.variant") }?;
-        let output_dir = unsafe { opt_str(self.output_dir, "options.output_dir") }?;
-        let mut c = PipelineConfig::new(
-            model.unwrap_or(DEFAULT_MODEL),
-            controlnet.unwrap_or(DEFAULT_CONTROLNET),
-        )?;
-        if let Some(d) = device {
-            c.engine.device = device_from_name(d)?;
-        }
-        // f32 on the CPU, f16 on GPUs, unless asked otherwise.
-        c.engine.dtype = dtype_from_name(dtype, &c.engine.device)?;
-        c.engine.variant = variant.map(String::from);
-        c.engine.vae_tiling = self.vae_tiling != 0;
-        if let Some(o) = output_dir {
-            c.output_dir = PathBuf::from(o);
-        }
-        c.queue_capacity = self.queue_capacity;
-        c.retention = Duration::from_secs(self.retention_secs);
-        c.cleanup_interval = (self.cleanup_interval_secs != 0)
-            .then(|| Duration::from_secs(self.cleanup_interval_secs));
-        c.preview_every = self.preview_every;
-        c.shutdown = if self.drain_on_shutdown != 0 {
-            ShutdownPolicy::Drain
-        } else {
-            ShutdownPolicy::Cancel
-        };
+        // SAFETY: the caller guarantees the string fields.
+        let mut c = unsafe { self.settings() }?.to_config()?;
         if let Some(cb) = self.progress_callback {
             let user_data = UserData(self.user_data);
             c.on_event = Some(Arc::new(move |s: &JobStatus| {
@@ -340,9 +342,9 @@ fn tri_state(field: &'static str, v: c_int) -> Result<Option<bool>, Error> {
 }
 
 impl sketchx_request {
-    /// The core's defaults.
+    /// The core's defaults ([`GenerationRequest::DEFAULT`]).
     fn defaults() -> Self {
-        let r = GenerationRequest::default();
+        let r = GenerationRequest::DEFAULT;
         sketchx_request {
             prompt: std::ptr::null(),
             negative_prompt: std::ptr::null(),
@@ -369,7 +371,7 @@ impl sketchx_request {
     /// # Safety
     /// The string fields are NULL or NUL-terminated strings.
     pub(crate) unsafe fn core_request(&self) -> Result<GenerationRequest, Failure> {
-        let d = GenerationRequest::default();
+        let d = GenerationRequest::DEFAULT;
         // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
         let prompt = unsafe { opt_str(self.prompt, "request.prompt") }?;
         let negative_prompt = unsafe { opt_str(self.negative_prompt, "request.negative_prompt") }?;
@@ -395,8 +397,9 @@ impl sketchx_request {
     }
 }
 
-/// Fills `options` with the defaults (the Rust `PipelineConfig`'s: default Hub models, CPU, `generated/`,
-/// queue of 64, one-hour retention and sweep, preview every 5 steps, cancel on shutdown, no callback).
+/// Fills `options` with the defaults (the core's `PipelineSettings::DEFAULT`: default Hub models, CPU,
+/// `generated/`, queue of 64, one-hour retention and sweep, preview every 5 steps, cancel on shutdown, no
+/// callback).
 ///
 /// Returns `SKETCHX_NULL_ARGUMENT` if `options` is NULL. Ownership: `options` is the caller's.
 ///
@@ -408,14 +411,14 @@ pub unsafe extern "C" fn sketchx_pipeline_options_init(
 ) -> sketchx_result {
     guard(|| {
         let out = arg_out(options, "options")?;
-        let d = sketchx_pipeline_options::defaults()?;
+        let d = sketchx_pipeline_options::defaults();
         // SAFETY: non-NULL and writable (caller's guarantee).
         unsafe { out.write(d) };
         Ok(())
     })
 }
 
-/// Fills `request` with the defaults (those of the Rust `GenerationRequest::default()`: no prompt, default
+/// Fills `request` with the defaults (the core's `GenerationRequest::DEFAULT`: no prompt, default
 /// negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
 /// `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
 ///
@@ -447,7 +450,7 @@ mod tests {
 
     #[test]
     fn options_defaults_round_trip_to_the_core_defaults() {
-        let o = sketchx_pipeline_options::defaults().unwrap();
+        let o = sketchx_pipeline_options::defaults();
         // SAFETY: the default's strings are NULL.
         let c = unsafe { o.core_config() }.unwrap();
         let d = PipelineConfig::default_models().unwrap();
@@ -464,8 +467,59 @@ mod tests {
     }
 
     #[test]
+    fn options_defaults_are_the_core_settings_defaults() {
+        let o = sketchx_pipeline_options::defaults();
+        // SAFETY: the default's strings are NULL.
+        let s = unsafe { o.settings() }.unwrap();
+        assert_eq!(s, PipelineSettings::DEFAULT);
+    }
+
+    #[test]
+    fn options_translate_to_settings_and_the_core_names_bad_fields() {
+        let mut o = sketchx_pipeline_options::defaults();
+        o.device = c" CPU ".as_ptr();
+        o.dtype = c"BF16".as_ptr();
+        o.cleanup_interval_secs = 0;
+        o.drain_on_shutdown = 1;
+        // SAFETY: static strings.
+        let s = unsafe { o.settings() }.unwrap();
+        assert_eq!(s.device.as_deref(), Some(" CPU "));
+        assert_eq!(s.cleanup_interval_secs, None);
+        assert!(s.drain_on_shutdown);
+        // SAFETY: static strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        assert_eq!(c.engine.dtype, candle_core::DType::BF16);
+        assert_eq!(c.cleanup_interval, None);
+        type Spoil = fn(&mut sketchx_pipeline_options);
+        let cases: [(Spoil, &str); 3] = [
+            (|o| o.queue_capacity = 0, "queue_capacity"),
+            (|o| o.device = c"tpu".as_ptr(), "device"),
+            (|o| o.dtype = c"f64x".as_ptr(), "dtype"),
+        ];
+        for (spoil, field) in cases {
+            let mut bad = sketchx_pipeline_options::defaults();
+            spoil(&mut bad);
+            // SAFETY: static strings.
+            let e = unsafe { bad.core_config() }.unwrap_err();
+            assert_eq!(e.code, sketchx_result::SKETCHX_INVALID_REQUEST, "{field}");
+            assert_eq!(e.field, Some(field));
+        }
+    }
+
+    #[test]
+    fn request_names_ignore_case() {
+        let mut r = sketchx_request::defaults();
+        r.scheduler = c" Euler ".as_ptr();
+        r.preprocess = c"NONE".as_ptr();
+        // SAFETY: static strings.
+        let g = unsafe { r.core_request() }.unwrap();
+        assert_eq!(g.scheduler.as_str(), "euler");
+        assert_eq!(g.preprocess.as_str(), "none");
+    }
+
+    #[test]
     fn vae_tiling_translates() {
-        let mut o = sketchx_pipeline_options::defaults().unwrap();
+        let mut o = sketchx_pipeline_options::defaults();
         for (v, want) in [(1, true), (-3, true), (0, false)] {
             o.vae_tiling = v;
             // SAFETY: the default's strings are NULL.

@@ -6,6 +6,8 @@
 
 use pyo3::prelude::*;
 
+mod convert;
+mod defaults;
 mod errors;
 mod pipeline;
 mod sketch;
@@ -17,6 +19,8 @@ fn _sketchx(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<pipeline::NativePipeline>()?;
     m.add_class::<status::PyJobStatus>()?;
-    m.add_function(wrap_pyfunction!(pipeline::defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(defaults::defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(defaults::ranges, m)?)?;
+    m.add_function(wrap_pyfunction!(defaults::names, m)?)?;
     Ok(())
 }

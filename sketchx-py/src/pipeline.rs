@@ -1,119 +1,22 @@
 //! `sketchx._sketchx.Pipeline`: the core [`Pipeline`] with the GIL released around every call that may block.
 
-use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
-use sketchx_core::engine::{
-    device_from_name, dtype_from_name, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL,
-};
-use sketchx_core::request::{GenerationRequest, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
-use sketchx_core::{Error, JobId, Pipeline, PipelineConfig};
+use sketchx_core::request::GenerationRequest;
+use sketchx_core::settings::PipelineSettings;
+use sketchx_core::{Error, JobId, Pipeline};
 
-use crate::errors::{invalid, to_py, OrRaise};
+use crate::convert::{
+    bool_field, float_field, int_field, opt_float_field, opt_int_field, seconds, text_field,
+};
+use crate::errors::{to_py, OrRaise};
 use crate::sketch::SketchArg;
 use crate::status::PyJobStatus;
 
 /// How long `wait` blocks without the GIL before it checks for signals (Ctrl-C).
 const WAIT_SLICE: Duration = Duration::from_millis(50);
-
-/// An integer request field, refused with the core's message if it does not even fit the core's type.
-fn int_field(
-    py: Python<'_>,
-    field: &'static str,
-    value: &Bound<'_, PyAny>,
-    range: &RangeInclusive<u32>,
-) -> PyResult<u32> {
-    if value.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(invalid(py, field, "expected an integer, got bool"));
-    }
-    match value.extract::<u32>() {
-        Ok(v) => Ok(v),
-        Err(_) if value.is_instance_of::<pyo3::types::PyInt>() => Err(invalid(
-            py,
-            field,
-            format!(
-                "{value} is outside the allowed range {}..={}",
-                range.start(),
-                range.end()
-            ),
-        )),
-        Err(_) => Err(invalid(
-            py,
-            field,
-            format!("expected an integer, got {}", type_name(value)),
-        )),
-    }
-}
-
-fn opt_int_field(
-    py: Python<'_>,
-    field: &'static str,
-    value: Option<&Bound<'_, PyAny>>,
-    range: &RangeInclusive<u32>,
-) -> PyResult<Option<u32>> {
-    value
-        .filter(|v| !v.is_none())
-        .map(|v| int_field(py, field, v, range))
-        .transpose()
-}
-
-/// A float field (ints are accepted); range checks are the core's.
-fn float_field(py: Python<'_>, field: &'static str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if value.is_instance_of::<pyo3::types::PyBool>()
-        || value.is_instance_of::<pyo3::types::PyString>()
-    {
-        return Err(invalid(
-            py,
-            field,
-            format!("expected a number, got {}", type_name(value)),
-        ));
-    }
-    value.extract::<f64>().map_err(|_| {
-        invalid(
-            py,
-            field,
-            format!("expected a number, got {}", type_name(value)),
-        )
-    })
-}
-
-fn text_field(
-    py: Python<'_>,
-    field: &'static str,
-    value: Option<&Bound<'_, PyAny>>,
-) -> PyResult<Option<String>> {
-    match value.filter(|v| !v.is_none()) {
-        None => Ok(None),
-        Some(v) => v.extract::<String>().map(Some).map_err(|_| {
-            invalid(
-                py,
-                field,
-                format!("expected a str or None, got {}", type_name(v)),
-            )
-        }),
-    }
-}
-
-fn seconds(py: Python<'_>, field: &'static str, secs: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(secs).map_err(|_| {
-        invalid(
-            py,
-            field,
-            format!("{secs} is not a finite, non-negative number of seconds"),
-        )
-    })
-}
-
-fn type_name(value: &Bound<'_, PyAny>) -> String {
-    value
-        .get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
-}
 
 fn job_id(py: Python<'_>, id: &str) -> PyResult<JobId> {
     id.parse::<JobId>().or_raise(py)
@@ -144,51 +47,24 @@ impl NativePipeline {
         cleanup_interval_secs: Option<&Bound<'_, PyAny>>,
         vae_tiling: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
-        // Only a real bool: a truthy string or number here is far more likely a mistake than a wish.
-        let vae_tiling = match vae_tiling.cast::<pyo3::types::PyBool>() {
-            Ok(b) => b.is_true(),
-            Err(_) => {
-                return Err(invalid(
-                    py,
-                    "vae_tiling",
-                    format!("expected a bool, got {}", type_name(vae_tiling)),
-                ))
-            }
+        let settings = PipelineSettings {
+            model: Some(model.to_string()),
+            controlnet: Some(controlnet.to_string()),
+            device: Some(device.to_string()),
+            dtype: dtype.map(String::from),
+            vae_tiling: bool_field(py, "vae_tiling", vae_tiling)?,
+            output_dir: Some(output_dir),
+            queue_capacity: int_field(py, "queue_capacity", queue_capacity)?,
+            retention_secs: float_field(py, "retention_secs", retention_secs)?,
+            cleanup_interval_secs: opt_float_field(
+                py,
+                "cleanup_interval_secs",
+                cleanup_interval_secs,
+            )?,
+            ..PipelineSettings::DEFAULT
         };
-        let queue_capacity = int_field(py, "queue_capacity", queue_capacity, &(1..=u32::MAX))?;
-        let retention_secs = float_field(py, "retention_secs", retention_secs)?;
-        let retention = seconds(py, "retention_secs", retention_secs)?;
-        let cleanup_interval = match cleanup_interval_secs.filter(|v| !v.is_none()) {
-            None => None,
-            Some(v) => {
-                let secs = float_field(py, "cleanup_interval_secs", v)?;
-                let d = seconds(py, "cleanup_interval_secs", secs)?;
-                if d.is_zero() {
-                    return Err(invalid(
-                        py,
-                        "cleanup_interval_secs",
-                        "must be positive, or None for no background cleanup",
-                    ));
-                }
-                Some(d)
-            }
-        };
-        let device = device_from_name(device).or_raise(py)?;
-        let dtype = dtype_from_name(dtype, &device).or_raise(py)?;
-        let (model, controlnet) = (model.to_string(), controlnet.to_string());
         let pipe = py
-            .detach(move || {
-                let mut engine = EngineConfig::new(&model, &controlnet)?;
-                engine.dtype = dtype;
-                engine.device = device;
-                engine.vae_tiling = vae_tiling;
-                let mut config = PipelineConfig::with_engine(engine);
-                config.output_dir = output_dir;
-                config.queue_capacity = queue_capacity as usize;
-                config.retention = retention;
-                config.cleanup_interval = cleanup_interval;
-                Pipeline::new(config)
-            })
+            .detach(move || Pipeline::new(settings.to_config()?))
             .or_raise(py)?;
         Ok(Self { pipe })
     }
@@ -219,41 +95,17 @@ impl NativePipeline {
         control_guidance_start: &Bound<'_, PyAny>,
         control_guidance_end: &Bound<'_, PyAny>,
     ) -> PyResult<String> {
-        let seed = match seed.filter(|v| !v.is_none()) {
-            None => None,
-            Some(v) if v.is_instance_of::<pyo3::types::PyBool>() => {
-                return Err(invalid(py, "seed", "expected an integer, got bool"))
-            }
-            Some(v) => Some(v.extract::<u64>().map_err(|_| {
-                if v.is_instance_of::<pyo3::types::PyInt>() {
-                    invalid(
-                        py,
-                        "seed",
-                        format!("{v} is outside the allowed range 0..={}", u64::MAX),
-                    )
-                } else {
-                    invalid(
-                        py,
-                        "seed",
-                        format!("expected an integer or None, got {}", type_name(v)),
-                    )
-                }
-            })?),
-        };
         let request = GenerationRequest {
             prompt: text_field(py, "prompt", prompt)?,
             negative_prompt: text_field(py, "negative_prompt", negative_prompt)?,
             temperature: float_field(py, "temperature", temperature)?,
-            controlnet_scale: controlnet_scale
-                .filter(|v| !v.is_none())
-                .map(|v| float_field(py, "controlnet_scale", v))
-                .transpose()?,
+            controlnet_scale: opt_float_field(py, "controlnet_scale", controlnet_scale)?,
             guidance_scale: float_field(py, "guidance_scale", guidance_scale)?,
-            num_images: int_field(py, "num_images", num_images, &NUM_IMAGES_RANGE)?,
-            steps: int_field(py, "steps", steps, &STEPS_RANGE)?,
-            seed,
-            width: opt_int_field(py, "width", width, &SIZE_RANGE)?,
-            height: opt_int_field(py, "height", height, &SIZE_RANGE)?,
+            num_images: int_field(py, "num_images", num_images)?,
+            steps: int_field(py, "steps", steps)?,
+            seed: opt_int_field(py, "seed", seed)?,
+            width: opt_int_field(py, "width", width)?,
+            height: opt_int_field(py, "height", height)?,
             scheduler: scheduler.parse().or_raise(py)?,
             preprocess: preprocess.parse().or_raise(py)?,
             guess_mode,
@@ -289,9 +141,10 @@ impl NativePipeline {
     #[pyo3(signature = (job_id, timeout=None))]
     fn wait(&self, py: Python<'_>, job_id: &str, timeout: Option<f64>) -> PyResult<PyJobStatus> {
         let id = self::job_id(py, job_id)?;
+        // A timeout too long to represent is no timeout.
         let deadline = match timeout {
             None => None,
-            Some(t) => Some(Instant::now() + seconds(py, "timeout", t)?),
+            Some(t) => Instant::now().checked_add(seconds(py, "timeout", t)?),
         };
         loop {
             let slice = match deadline {
@@ -360,41 +213,4 @@ impl Drop for NativePipeline {
             None => self.pipe.shutdown(),
         }
     }
-}
-
-/// The core's defaults (`GenerationRequest::default()`, `PipelineConfig`), for the Python layer's signatures and
-/// the tests that check they agree.
-#[pyfunction]
-pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let r = GenerationRequest::default();
-    let c = PipelineConfig::with_engine(EngineConfig::default_models().or_raise(py)?);
-    let d = PyDict::new(py);
-    d.set_item("prompt", r.prompt)?;
-    d.set_item("negative_prompt", r.negative_prompt)?;
-    d.set_item("temperature", r.temperature)?;
-    d.set_item("guidance_scale", r.guidance_scale)?;
-    d.set_item("num_images", r.num_images)?;
-    d.set_item("steps", r.steps)?;
-    d.set_item("seed", r.seed)?;
-    d.set_item("width", r.width)?;
-    d.set_item("height", r.height)?;
-    d.set_item("scheduler", r.scheduler.as_str())?;
-    d.set_item("preprocess", r.preprocess.as_str())?;
-    d.set_item("controlnet_scale", r.controlnet_scale)?;
-    d.set_item("guess_mode", r.guess_mode)?;
-    d.set_item("control_guidance_start", r.control_guidance_start)?;
-    d.set_item("control_guidance_end", r.control_guidance_end)?;
-    d.set_item("model", DEFAULT_MODEL)?;
-    d.set_item("controlnet", DEFAULT_CONTROLNET)?;
-    d.set_item("device", "cpu")?;
-    d.set_item("dtype", py.None())?;
-    d.set_item("output_dir", c.output_dir.to_string_lossy())?;
-    d.set_item("queue_capacity", c.queue_capacity)?;
-    d.set_item("retention_secs", c.retention.as_secs_f64())?;
-    d.set_item(
-        "cleanup_interval_secs",
-        c.cleanup_interval.map(|d| d.as_secs_f64()),
-    )?;
-    d.set_item("vae_tiling", c.engine.vae_tiling)?;
-    Ok(d)
 }

@@ -135,3 +135,24 @@ def test_missing_or_empty_sketch_is_422(client: TestClient) -> None:
     files = {"sketch": ("empty.png", b"", "image/png")}
     r = client.post("/api/generate", data=form(), files=files)
     assert r.status_code == 422 and "sketch" in r.text
+
+
+def test_the_openapi_form_takes_its_defaults_ranges_and_names_from_the_core(client: TestClient) -> None:
+    import sketchx
+
+    doc = client.get("/openapi.json").json()
+    body = doc["paths"]["/api/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in body:
+        body = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    props = body["properties"]
+    fields = [f for f in props if f != "sketch"]
+    assert {"temperature", "guidance_scale", "num_images", "steps", "scheduler"} <= set(fields)
+    for field in fields:
+        prop = props[field]
+        assert prop.get("default") == sketchx.DEFAULTS[field], (field, prop)
+        if field in sketchx.RANGES:
+            # Compared as floats: the JSON encoder writes the seed's maximum (2^64 - 1) as a float.
+            low, high = sketchx.RANGES[field]
+            assert (float(prop["minimum"]), float(prop["maximum"])) == (float(low), float(high)), (field, prop)
+        if field in sketchx.NAMES:
+            assert prop["enum"] == list(sketchx.NAMES[field]), (field, prop)

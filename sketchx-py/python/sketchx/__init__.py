@@ -13,8 +13,8 @@ import asyncio
 import os
 import sys
 import time
-from types import TracebackType
-from typing import Any, Optional, Tuple, Type, Union
+from types import MappingProxyType, TracebackType
+from typing import Any, Mapping, Optional, Tuple, Type, Union
 
 from . import _sketchx
 from ._errors import (
@@ -39,10 +39,22 @@ __all__ = [
     "QueueFullError",
     "DEFAULT_MODEL",
     "DEFAULT_CONTROLNET",
+    "DEFAULTS",
+    "RANGES",
+    "NAMES",
 ]
 
+# Every default below is the Rust core's (one source: `_sketchx.defaults()`); the stubs restate them and
+# tests/test_defaults.py checks that they agree.
 _DEFAULTS = _sketchx.defaults()
 
+#: The default of every ``Pipeline(...)`` and ``Pipeline.submit(...)`` argument, by argument name.
+DEFAULTS: Mapping[str, Any] = MappingProxyType(_DEFAULTS)
+#: The allowed ``(min, max)`` of each numeric ``submit`` argument, as the core checks it.
+RANGES: Mapping[str, Tuple[float, float]] = MappingProxyType(_sketchx.ranges())
+#: The accepted names of ``scheduler``, ``preprocess``, ``device`` and ``dtype`` (any ASCII case; the default
+#: first where there is one; ``cuda:N`` stands for ``cuda:0``, ``cuda:1``, ...).
+NAMES: Mapping[str, Tuple[str, ...]] = MappingProxyType({k: tuple(v) for k, v in _sketchx.names().items()})
 #: The default Stable Diffusion 1.5 repository.
 DEFAULT_MODEL: str = _DEFAULTS["model"]
 #: The default scribble ControlNet repository.
@@ -93,10 +105,11 @@ class Pipeline:
     """The sketch-to-image job pipeline: models loaded once, a worker thread running jobs one at a time, a job
     table, and a retention sweeper deleting old images. Thread-safe: share one between threads and requests.
 
-    ``model`` / ``controlnet``: Hugging Face repo ids (``owner/name`` or ``owner/name@revision``, downloaded into
-    the standard HF cache) or local diffusers-layout directories. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or
-    ``metal`` (GPU devices need a build with that feature). ``dtype``: ``"f32"``, ``"bf16"`` or ``"f16"``; ``None``:
-    f32 on the CPU, f16 on GPUs. On the CPU, ``"bf16"`` runs the matrix products in bf16 with f32 accumulation
+    Every default is the Rust core's (``sketchx.DEFAULTS``). ``model`` / ``controlnet``: Hugging Face repo ids
+    (``owner/name`` or ``owner/name@revision``, downloaded into the standard HF cache) or local diffusers-layout
+    directories. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``metal`` (GPU devices need a build with that
+    feature). ``dtype``: ``"f32"``, ``"bf16"`` or ``"f16"``; ``None``: f32 on the CPU, f16 on GPUs (names in any
+    ASCII case: ``sketchx.NAMES``). On the CPU, ``"bf16"`` runs the matrix products in bf16 with f32 accumulation
     (fast with AVX-512 BF16) and everything else in f32. ``cleanup_interval_secs=None``: no background sweeper.
     ``vae_tiling=True``: decode images in overlapping tiles, as diffusers after ``vae.enable_tiling()`` (the VAE
     decoder then needs the memory of one 512x512 tile for SD1.5 whatever the image size; pixels near the seams
@@ -106,16 +119,16 @@ class Pipeline:
 
     def __init__(
         self,
-        model: Union[str, "os.PathLike[str]"] = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        controlnet: Union[str, "os.PathLike[str]"] = "lllyasviel/sd-controlnet-scribble",
+        model: Union[str, "os.PathLike[str]"] = _DEFAULTS["model"],
+        controlnet: Union[str, "os.PathLike[str]"] = _DEFAULTS["controlnet"],
         *,
-        device: str = "cpu",
-        dtype: Optional[str] = None,
-        output_dir: Union[str, "os.PathLike[str]"] = "generated",
-        queue_capacity: int = 64,
-        retention_secs: float = 3600.0,
-        cleanup_interval_secs: Optional[float] = 3600.0,
-        vae_tiling: bool = False,
+        device: str = _DEFAULTS["device"],
+        dtype: Optional[str] = _DEFAULTS["dtype"],
+        output_dir: Union[str, "os.PathLike[str]"] = _DEFAULTS["output_dir"],
+        queue_capacity: int = _DEFAULTS["queue_capacity"],
+        retention_secs: float = _DEFAULTS["retention_secs"],
+        cleanup_interval_secs: Optional[float] = _DEFAULTS["cleanup_interval_secs"],
+        vae_tiling: bool = _DEFAULTS["vae_tiling"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -132,29 +145,30 @@ class Pipeline:
     def submit(
         self,
         sketch: Any,
-        prompt: Optional[str] = None,
+        prompt: Optional[str] = _DEFAULTS["prompt"],
         *,
-        negative_prompt: Optional[str] = None,
-        temperature: float = 0.65,
-        guidance_scale: float = 7.5,
-        num_images: int = 1,
-        steps: int = 30,
-        seed: Optional[int] = None,
-        width: Optional[int] = None,
-        height: Optional[int] = None,
-        scheduler: str = "euler_a",
-        preprocess: str = "scribble",
-        controlnet_scale: Optional[float] = None,
-        guess_mode: Optional[bool] = None,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        negative_prompt: Optional[str] = _DEFAULTS["negative_prompt"],
+        temperature: float = _DEFAULTS["temperature"],
+        guidance_scale: float = _DEFAULTS["guidance_scale"],
+        num_images: int = _DEFAULTS["num_images"],
+        steps: int = _DEFAULTS["steps"],
+        seed: Optional[int] = _DEFAULTS["seed"],
+        width: Optional[int] = _DEFAULTS["width"],
+        height: Optional[int] = _DEFAULTS["height"],
+        scheduler: str = _DEFAULTS["scheduler"],
+        preprocess: str = _DEFAULTS["preprocess"],
+        controlnet_scale: Optional[float] = _DEFAULTS["controlnet_scale"],
+        guess_mode: Optional[bool] = _DEFAULTS["guess_mode"],
+        control_guidance_start: float = _DEFAULTS["control_guidance_start"],
+        control_guidance_end: float = _DEFAULTS["control_guidance_end"],
     ) -> str:
         """Validates the request, decodes the sketch and queues the job; returns its id at once.
 
         ``sketch``: a path (``str`` / ``os.PathLike``), encoded image ``bytes`` (PNG, JPEG, WebP, BMP, GIF), a
         ``PIL.Image.Image`` or a ``numpy.ndarray`` of shape (H, W, 3) or (H, W, 4) and dtype uint8.
-        Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad parameters or an
-        undecodable sketch, ``QueueFullError`` when the queue is full.
+        ``scheduler`` and ``preprocess`` take the names in ``sketchx.NAMES`` (any ASCII case); the ranges are in
+        ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
+        parameters or an undecodable sketch, ``QueueFullError`` when the queue is full.
         """
         data, raw = _sketch_args(sketch)
         return self._native.submit(

@@ -3,7 +3,7 @@ hosted inside this process."""
 
 import os
 from types import TracebackType
-from typing import Any, Optional, Type, Union
+from typing import Any, Mapping, Optional, Tuple, Type, Union
 
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import ModelLoadError as ModelLoadError
@@ -24,10 +24,18 @@ __all__ = [
     "QueueFullError",
     "DEFAULT_MODEL",
     "DEFAULT_CONTROLNET",
+    "DEFAULTS",
+    "RANGES",
+    "NAMES",
 ]
 
+DEFAULTS: Mapping[str, Any]
+RANGES: Mapping[str, Tuple[float, float]]
+NAMES: Mapping[str, Tuple[str, ...]]
 DEFAULT_MODEL: str
 DEFAULT_CONTROLNET: str
+
+# The defaults below restate the Rust core's (`sketchx.DEFAULTS`); tests/test_defaults.py checks each one.
 
 # A sketch: a path (str or os.PathLike), encoded image bytes (PNG, JPEG, WebP, BMP, GIF), a PIL.Image.Image, or a
 # numpy.ndarray of shape (H, W, 3) or (H, W, 4) and dtype uint8. numpy and Pillow are optional dependencies, so

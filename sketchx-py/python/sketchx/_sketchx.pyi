@@ -3,11 +3,13 @@
 import os
 from typing import Any, Dict, List, Optional, Tuple, final
 
-__all__ = ["__version__", "Pipeline", "JobStatus", "defaults"]
+__all__ = ["__version__", "Pipeline", "JobStatus", "defaults", "ranges", "names"]
 
 __version__: str
 
 def defaults() -> Dict[str, Any]: ...
+def ranges() -> Dict[str, Tuple[float, float]]: ...
+def names() -> Dict[str, List[str]]: ...
 @final
 class JobStatus:
     @property

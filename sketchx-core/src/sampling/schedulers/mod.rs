@@ -51,6 +51,18 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
+    /// Every kind, in the order of help texts and API descriptions (the default first).
+    pub const ALL: [SchedulerKind; 3] = [
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Euler,
+        SchedulerKind::Ddim,
+    ];
+
+    /// The request names of [`SchedulerKind::ALL`], in that order.
+    pub fn names() -> [&'static str; 3] {
+        Self::ALL.map(|k| k.as_str())
+    }
+
     /// The request name: `"euler_a"`, `"euler"` or `"ddim"`.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -79,18 +91,21 @@ impl std::fmt::Display for SchedulerKind {
 impl FromStr for SchedulerKind {
     type Err = Error;
 
+    /// Parses a request name ([`SchedulerKind::names`]; ASCII case-insensitive, surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "euler_a" => Ok(SchedulerKind::EulerAncestral),
-            "euler" => Ok(SchedulerKind::Euler),
-            "ddim" => Ok(SchedulerKind::Ddim),
-            other => Err(Error::invalid(
-                "scheduler",
-                format!(
-                    "unknown scheduler {other:?} (expected \"euler_a\", \"euler\" or \"ddim\")"
-                ),
-            )),
-        }
+        let t = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|k| t.eq_ignore_ascii_case(k.as_str()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "scheduler",
+                    format!(
+                        "unknown scheduler {s:?} (expected {})",
+                        crate::names::quoted_list(&Self::names())
+                    ),
+                )
+            })
     }
 }
 

@@ -1,0 +1,394 @@
+//! [`PipelineSettings`]: a pipeline configuration in the plain form a binding holds (strings, numbers of seconds,
+//! flags), with the pipeline's defaults as constants and ONE conversion into a validated [`PipelineConfig`].
+//!
+//! The bindings (C options, the Python constructor, the CLI and REST examples) fill a `PipelineSettings` and call
+//! [`PipelineSettings::to_config`]: the parsers of [`crate::names`], the defaults and every range check live here
+//! and in the core's validation, once. Errors name the field as the bindings name it (`retention_secs`,
+//! `cleanup_interval_secs`, `device`, ...).
+//!
+//! ```
+//! use sketchx_core::settings::PipelineSettings;
+//!
+//! let settings = PipelineSettings {
+//!     device: Some("cpu".into()),
+//!     dtype: Some("BF16".into()),
+//!     retention_secs: 600.0,
+//!     ..PipelineSettings::DEFAULT
+//! };
+//! let config = settings.to_config()?;
+//! assert_eq!(config.retention.as_secs(), 600);
+//!
+//! let bad = PipelineSettings { cleanup_interval_secs: Some(-1.0), ..PipelineSettings::DEFAULT };
+//! assert!(bad.to_config().unwrap_err().to_string().contains("cleanup_interval_secs"));
+//! # Ok::<(), sketchx_core::Error>(())
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::engine::EngineConfig;
+use crate::error::{Error, Result};
+use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
+use crate::pipeline::{PipelineConfig, ShutdownPolicy};
+use crate::request::{out_of_range, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
+
+/// Where images are written unless told otherwise.
+pub const DEFAULT_OUTPUT_DIR: &str = "generated";
+/// Most jobs waiting at once unless told otherwise.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
+/// Age in seconds after which finished jobs' files are deleted, unless told otherwise (one hour).
+pub const DEFAULT_RETENTION_SECS: u64 = 3600;
+/// How often the background sweeper runs, in seconds, unless told otherwise (hourly; `None` would be never).
+pub const DEFAULT_CLEANUP_INTERVAL_SECS: Option<u64> = Some(3600);
+/// A live preview is computed every this many steps unless told otherwise (0 would be never).
+pub const DEFAULT_PREVIEW_EVERY: usize = 5;
+
+/// A pipeline configuration as a binding holds it. [`PipelineSettings::DEFAULT`] is the core's defaults; a
+/// string left `None` means the core's default. What cannot be spelled plainly (the progress callback, PNG
+/// settings) is set on the [`PipelineConfig`] afterwards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineSettings {
+    /// Stable Diffusion 1.5: a Hub id (`owner/name[@revision]`) or a local diffusers directory; `None`:
+    /// [`DEFAULT_MODEL`].
+    pub model: Option<String>,
+    /// The ControlNet: a Hub id or a local directory; `None`: [`DEFAULT_CONTROLNET`].
+    pub controlnet: Option<String>,
+    /// A device name ([`crate::names::DEVICE_NAMES`]); `None`: [`crate::names::DEFAULT_DEVICE`].
+    pub device: Option<String>,
+    /// A precision name ([`crate::names::DTYPE_NAMES`]); `None` or empty: the device's default
+    /// ([`crate::names::default_dtype`]).
+    pub dtype: Option<String>,
+    /// A weights variant to prefer (`fp16` for `*.fp16.safetensors`); `None`: the plain files.
+    pub variant: Option<String>,
+    /// Decode images in overlapping tiles (see [`EngineConfig::vae_tiling`]).
+    pub vae_tiling: bool,
+    /// Where images are written (created if missing); `None`: [`DEFAULT_OUTPUT_DIR`].
+    pub output_dir: Option<PathBuf>,
+    /// Most jobs waiting at once, at least 1.
+    pub queue_capacity: usize,
+    /// Age in seconds after which finished jobs' files are deleted: finite and not negative (a value beyond
+    /// what a [`Duration`] holds means forever).
+    pub retention_secs: f64,
+    /// How often the background sweeper runs, in seconds: positive and finite; `None`: never.
+    pub cleanup_interval_secs: Option<f64>,
+    /// A live preview is computed every this many steps (0: never).
+    pub preview_every: usize,
+    /// Shutdown finishes queued jobs first ([`ShutdownPolicy::Drain`]) instead of cancelling them.
+    pub drain_on_shutdown: bool,
+}
+
+impl PipelineSettings {
+    /// The core's defaults: the default models on the CPU in its default precision, [`DEFAULT_OUTPUT_DIR`],
+    /// [`DEFAULT_QUEUE_CAPACITY`], [`DEFAULT_RETENTION_SECS`], [`DEFAULT_CLEANUP_INTERVAL_SECS`],
+    /// [`DEFAULT_PREVIEW_EVERY`], cancel on shutdown, no tiling.
+    pub const DEFAULT: PipelineSettings = PipelineSettings {
+        model: None,
+        controlnet: None,
+        device: None,
+        dtype: None,
+        variant: None,
+        vae_tiling: false,
+        output_dir: None,
+        queue_capacity: DEFAULT_QUEUE_CAPACITY,
+        retention_secs: DEFAULT_RETENTION_SECS as f64,
+        cleanup_interval_secs: match DEFAULT_CLEANUP_INTERVAL_SECS {
+            Some(s) => Some(s as f64),
+            None => None,
+        },
+        preview_every: DEFAULT_PREVIEW_EVERY,
+        drain_on_shutdown: false,
+    };
+
+    /// Parses and checks every field and builds the [`PipelineConfig`] (no model is loaded yet). Errors:
+    /// [`Error::InvalidRequest`] naming the field as above; [`Error::Device`] for a device this build or
+    /// machine cannot open; [`Error::MissingFile`] for a model that is neither a directory nor a Hub id.
+    pub fn to_config(&self) -> Result<PipelineConfig> {
+        let retention = duration_from_secs("retention_secs", self.retention_secs)?;
+        let cleanup_interval = self
+            .cleanup_interval_secs
+            .map(|s| duration_from_secs("cleanup_interval_secs", s))
+            .transpose()?;
+        let model = self.model.as_deref().unwrap_or(DEFAULT_MODEL);
+        let controlnet = self.controlnet.as_deref().unwrap_or(DEFAULT_CONTROLNET);
+        let mut engine = EngineConfig::new(model, controlnet)?;
+        if let Some(device) = &self.device {
+            engine.device = device_from_name(device)?;
+        }
+        engine.dtype = dtype_from_name(self.dtype.as_deref(), &engine.device)?;
+        engine.variant = self.variant.clone();
+        engine.vae_tiling = self.vae_tiling;
+        let mut config = PipelineConfig::with_engine(engine);
+        if let Some(dir) = &self.output_dir {
+            config.output_dir = dir.clone();
+        }
+        config.queue_capacity = self.queue_capacity;
+        config.retention = retention;
+        config.cleanup_interval = cleanup_interval;
+        config.preview_every = self.preview_every;
+        config.shutdown = if self.drain_on_shutdown {
+            ShutdownPolicy::Drain
+        } else {
+            ShutdownPolicy::Cancel
+        };
+        config.validate().map_err(settings_field_names)?;
+        Ok(config)
+    }
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// [`PipelineConfig`]'s validation names its own fields; a settings user knows them by their settings names.
+fn settings_field_names(e: Error) -> Error {
+    match e {
+        Error::InvalidRequest { field, message } => Error::InvalidRequest {
+            field: match field {
+                "retention" => "retention_secs",
+                "cleanup_interval" => "cleanup_interval_secs",
+                other => other,
+            },
+            message,
+        },
+        other => other,
+    }
+}
+
+/// A number of seconds as a [`Duration`]: NaN, infinite or negative is [`Error::InvalidRequest`] for `field`;
+/// a finite value beyond what a `Duration` holds saturates at [`Duration::MAX`] ("forever"). For every
+/// seconds argument of a binding (settings, wait timeouts, cleanup ages).
+pub fn duration_from_secs(field: &'static str, secs: f64) -> Result<Duration> {
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(Error::invalid(
+            field,
+            format!("{secs} is not a finite, non-negative number of seconds"),
+        ));
+    }
+    Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
+/// The allowed range of an integer field, by the name the bindings use: the request's `num_images`, `steps`,
+/// `width`, `height`, `seed`, and the settings' `queue_capacity` and `preview_every`. `None` for other names.
+pub fn int_range(field: &str) -> Option<(u64, u64)> {
+    let range =
+        |r: &std::ops::RangeInclusive<u32>| Some((u64::from(*r.start()), u64::from(*r.end())));
+    match field {
+        "num_images" => range(&NUM_IMAGES_RANGE),
+        "steps" => range(&STEPS_RANGE),
+        "width" | "height" => range(&SIZE_RANGE),
+        "seed" => Some((0, u64::MAX)),
+        "queue_capacity" => Some((1, usize::MAX as u64)),
+        "preview_every" => Some((0, usize::MAX as u64)),
+        _ => None,
+    }
+}
+
+/// For a binding whose integers are wider than the core's (Python's): the error for an integer `value` that does
+/// not fit `field`'s type (negative, or too large), with the message validation gives for a value outside the
+/// field's range ([`int_range`]).
+pub fn int_out_of_range(field: &'static str, value: impl std::fmt::Display) -> Error {
+    match int_range(field) {
+        Some((start, end)) => out_of_range(field, value, start, end),
+        None => Error::invalid(field, format!("{value} is out of range")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn tiny() -> PipelineSettings {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+        PipelineSettings {
+            model: Some(format!("{fixtures}/tiny-sd")),
+            controlnet: Some(format!("{fixtures}/tiny-controlnet")),
+            ..PipelineSettings::DEFAULT
+        }
+    }
+
+    fn field_of(e: Error) -> &'static str {
+        match e {
+            Error::InvalidRequest { field, .. } => field,
+            other => panic!("not an invalid request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_give_pipeline_config_defaults() {
+        let c = PipelineSettings::DEFAULT.to_config().unwrap();
+        let d = PipelineConfig::default_models().unwrap();
+        assert_eq!(c.engine.model.display(), DEFAULT_MODEL);
+        assert_eq!(c.engine.controlnet.display(), DEFAULT_CONTROLNET);
+        assert!(c.engine.device.is_cpu());
+        assert_eq!(c.engine.dtype, d.engine.dtype);
+        assert_eq!(c.engine.variant, None);
+        assert!(!c.engine.vae_tiling);
+        assert_eq!(c.output_dir, d.output_dir);
+        assert_eq!(c.output_dir, PathBuf::from(DEFAULT_OUTPUT_DIR));
+        assert_eq!(c.queue_capacity, d.queue_capacity);
+        assert_eq!(c.retention, d.retention);
+        assert_eq!(c.cleanup_interval, d.cleanup_interval);
+        assert_eq!(c.preview_every, d.preview_every);
+        assert_eq!(c.shutdown, d.shutdown);
+        assert_eq!(PipelineSettings::default(), PipelineSettings::DEFAULT);
+    }
+
+    #[test]
+    fn every_field_translates() {
+        let s = PipelineSettings {
+            device: Some(" CPU ".into()),
+            dtype: Some("Bf16".into()),
+            variant: Some("fp16".into()),
+            vae_tiling: true,
+            output_dir: Some("elsewhere".into()),
+            queue_capacity: 3,
+            retention_secs: 1.5,
+            cleanup_interval_secs: None,
+            preview_every: 0,
+            drain_on_shutdown: true,
+            ..tiny()
+        };
+        let c = s.to_config().unwrap();
+        assert!(c.engine.device.is_cpu());
+        assert_eq!(c.engine.dtype, DType::BF16);
+        assert_eq!(c.engine.variant.as_deref(), Some("fp16"));
+        assert!(c.engine.vae_tiling);
+        assert_eq!(c.output_dir, PathBuf::from("elsewhere"));
+        assert_eq!(c.queue_capacity, 3);
+        assert_eq!(c.retention, Duration::from_millis(1500));
+        assert_eq!(c.cleanup_interval, None);
+        assert_eq!(c.preview_every, 0);
+        assert_eq!(c.shutdown, ShutdownPolicy::Drain);
+    }
+
+    #[test]
+    fn each_bad_field_is_named_as_the_bindings_name_it() {
+        let cases: Vec<(PipelineSettings, &str)> = vec![
+            (
+                PipelineSettings {
+                    device: Some("tpu".into()),
+                    ..tiny()
+                },
+                "device",
+            ),
+            (
+                PipelineSettings {
+                    dtype: Some("f64".into()),
+                    ..tiny()
+                },
+                "dtype",
+            ),
+            (
+                PipelineSettings {
+                    queue_capacity: 0,
+                    ..tiny()
+                },
+                "queue_capacity",
+            ),
+            (
+                PipelineSettings {
+                    retention_secs: -1.0,
+                    ..tiny()
+                },
+                "retention_secs",
+            ),
+            (
+                PipelineSettings {
+                    retention_secs: f64::NAN,
+                    ..tiny()
+                },
+                "retention_secs",
+            ),
+            (
+                PipelineSettings {
+                    retention_secs: f64::INFINITY,
+                    ..tiny()
+                },
+                "retention_secs",
+            ),
+            (
+                PipelineSettings {
+                    cleanup_interval_secs: Some(0.0),
+                    ..tiny()
+                },
+                "cleanup_interval_secs",
+            ),
+            (
+                PipelineSettings {
+                    cleanup_interval_secs: Some(-2.0),
+                    ..tiny()
+                },
+                "cleanup_interval_secs",
+            ),
+            (
+                PipelineSettings {
+                    cleanup_interval_secs: Some(f64::NAN),
+                    ..tiny()
+                },
+                "cleanup_interval_secs",
+            ),
+        ];
+        for (s, field) in cases {
+            let e = s.to_config().unwrap_err();
+            let message = e.to_string();
+            assert_eq!(field_of(e), field, "{s:?}");
+            assert!(message.contains(field), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_model_that_is_neither_a_directory_nor_a_hub_id_is_a_missing_file() {
+        let s = PipelineSettings {
+            model: Some("./no/such/dir".into()),
+            ..tiny()
+        };
+        assert!(matches!(s.to_config(), Err(Error::MissingFile { .. })));
+    }
+
+    #[test]
+    fn huge_durations_saturate_and_bad_ones_are_refused() {
+        assert_eq!(duration_from_secs("t", 1e300).unwrap(), Duration::MAX);
+        assert_eq!(
+            duration_from_secs("t", u64::MAX as f64).unwrap(),
+            Duration::MAX
+        );
+        assert_eq!(
+            duration_from_secs("t", 0.25).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration_from_secs("t", 0.0).unwrap(), Duration::ZERO);
+        for bad in [-0.5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(field_of(duration_from_secs("t", bad).unwrap_err()), "t");
+        }
+    }
+
+    #[test]
+    fn integers_that_do_not_fit_get_validations_message() {
+        assert_eq!(
+            int_out_of_range("steps", -1).to_string(),
+            crate::request::GenerationRequest {
+                steps: 0,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .replace(": 0 ", ": -1 ")
+        );
+        assert!(int_out_of_range("steps", "1000000000000000000000")
+            .to_string()
+            .contains("1..=150"));
+        assert!(int_out_of_range("seed", -1)
+            .to_string()
+            .contains("0..=18446744073709551615"));
+        assert!(int_out_of_range("queue_capacity", -3)
+            .to_string()
+            .contains("1..="));
+        assert_eq!(field_of(int_out_of_range("width", -8)), "width");
+        assert_eq!(int_range("num_images"), Some((1, 8)));
+        assert_eq!(int_range("temperature"), None);
+    }
+}

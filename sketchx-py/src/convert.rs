@@ -1,0 +1,120 @@
+//! Python values to the core's types. Only types are translated here (an `int` to `u32`, a number to `f64`, a
+//! `str` to `String`); every range and rule is the core's. An integer too wide for the core's type gets the
+//! core's out-of-range message ([`int_out_of_range`]).
+
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt, PyString};
+use sketchx_core::settings::{duration_from_secs, int_out_of_range};
+
+use crate::errors::{invalid, to_py};
+
+/// The Python type's name of `value`, for messages.
+pub fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// An integer field (`bool` refused): an `int` that does not fit `T` is the core's out-of-range error.
+pub fn int_field<'py, T>(
+    py: Python<'py>,
+    field: &'static str,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<T>
+where
+    T: FromPyObjectOwned<'py>,
+{
+    if value.is_instance_of::<PyBool>() {
+        return Err(invalid(py, field, "expected an integer, got bool"));
+    }
+    match value.extract::<T>() {
+        Ok(v) => Ok(v),
+        Err(_) if value.is_instance_of::<PyInt>() => Err(to_py(py, int_out_of_range(field, value))),
+        Err(_) => Err(invalid(
+            py,
+            field,
+            format!("expected an integer, got {}", type_name(value)),
+        )),
+    }
+}
+
+/// [`int_field`] where `None` means absent.
+pub fn opt_int_field<'py, T>(
+    py: Python<'py>,
+    field: &'static str,
+    value: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<T>>
+where
+    T: FromPyObjectOwned<'py>,
+{
+    value
+        .filter(|v| !v.is_none())
+        .map(|v| int_field(py, field, v))
+        .transpose()
+}
+
+/// A float field (ints are accepted; `bool` and `str` are not).
+pub fn float_field(py: Python<'_>, field: &'static str, value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let refuse = || {
+        invalid(
+            py,
+            field,
+            format!("expected a number, got {}", type_name(value)),
+        )
+    };
+    if value.is_instance_of::<PyBool>() || value.is_instance_of::<PyString>() {
+        return Err(refuse());
+    }
+    value.extract::<f64>().map_err(|_| refuse())
+}
+
+/// [`float_field`] where `None` means absent.
+pub fn opt_float_field(
+    py: Python<'_>,
+    field: &'static str,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<f64>> {
+    value
+        .filter(|v| !v.is_none())
+        .map(|v| float_field(py, field, v))
+        .transpose()
+}
+
+/// A text field; `None` means absent.
+pub fn text_field(
+    py: Python<'_>,
+    field: &'static str,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<String>> {
+    match value.filter(|v| !v.is_none()) {
+        None => Ok(None),
+        Some(v) => v.extract::<String>().map(Some).map_err(|_| {
+            invalid(
+                py,
+                field,
+                format!("expected a str or None, got {}", type_name(v)),
+            )
+        }),
+    }
+}
+
+/// A flag: only a real `bool` (a truthy string or number here is far more likely a mistake than a wish).
+pub fn bool_field(py: Python<'_>, field: &'static str, value: &Bound<'_, PyAny>) -> PyResult<bool> {
+    match value.cast::<PyBool>() {
+        Ok(b) => Ok(b.is_true()),
+        Err(_) => Err(invalid(
+            py,
+            field,
+            format!("expected a bool, got {}", type_name(value)),
+        )),
+    }
+}
+
+/// Seconds as a [`Duration`], by the core's rule ([`duration_from_secs`]).
+pub fn seconds(py: Python<'_>, field: &'static str, secs: f64) -> PyResult<Duration> {
+    duration_from_secs(field, secs).map_err(|e| to_py(py, e))
+}

@@ -1,0 +1,84 @@
+//! The core's defaults, ranges and accepted names as Python dicts: the one source of the Python layer's
+//! signatures (`sketchx/__init__.py`), of `sketchx.DEFAULTS`, `sketchx.RANGES`, `sketchx.NAMES`, and of the tests
+//! that check the stubs restate them.
+
+use std::ops::RangeInclusive;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use sketchx_core::names::{
+    DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
+};
+use sketchx_core::request::{
+    GenerationRequest, CONTROLNET_SCALE_RANGE, CONTROL_GUIDANCE_RANGE, GUIDANCE_RANGE,
+    NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+};
+use sketchx_core::sampling::schedulers::SchedulerKind;
+use sketchx_core::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR};
+use sketchx_core::sketch::Preprocess;
+
+/// The default of every `Pipeline(...)` and `Pipeline.submit(...)` argument, by argument name
+/// (`GenerationRequest::DEFAULT`, `PipelineSettings::DEFAULT`, the default names).
+#[pyfunction]
+pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let r = GenerationRequest::DEFAULT;
+    let s = PipelineSettings::DEFAULT;
+    let d = PyDict::new(py);
+    d.set_item("prompt", r.prompt)?;
+    d.set_item("negative_prompt", r.negative_prompt)?;
+    d.set_item("temperature", r.temperature)?;
+    d.set_item("guidance_scale", r.guidance_scale)?;
+    d.set_item("num_images", r.num_images)?;
+    d.set_item("steps", r.steps)?;
+    d.set_item("seed", r.seed)?;
+    d.set_item("width", r.width)?;
+    d.set_item("height", r.height)?;
+    d.set_item("scheduler", r.scheduler.as_str())?;
+    d.set_item("preprocess", r.preprocess.as_str())?;
+    d.set_item("controlnet_scale", r.controlnet_scale)?;
+    d.set_item("guess_mode", r.guess_mode)?;
+    d.set_item("control_guidance_start", r.control_guidance_start)?;
+    d.set_item("control_guidance_end", r.control_guidance_end)?;
+    d.set_item("model", DEFAULT_MODEL)?;
+    d.set_item("controlnet", DEFAULT_CONTROLNET)?;
+    d.set_item("device", DEFAULT_DEVICE)?;
+    d.set_item("dtype", s.dtype)?;
+    d.set_item("output_dir", DEFAULT_OUTPUT_DIR)?;
+    d.set_item("queue_capacity", s.queue_capacity)?;
+    d.set_item("retention_secs", s.retention_secs)?;
+    d.set_item("cleanup_interval_secs", s.cleanup_interval_secs)?;
+    d.set_item("vae_tiling", s.vae_tiling)?;
+    Ok(d)
+}
+
+/// The allowed `(min, max)` of each numeric request field, as the core checks it.
+#[pyfunction]
+pub fn ranges(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    fn pair<T: Copy>(r: &RangeInclusive<T>) -> (T, T) {
+        (*r.start(), *r.end())
+    }
+    let d = PyDict::new(py);
+    d.set_item("temperature", pair(&TEMPERATURE_RANGE))?;
+    d.set_item("guidance_scale", pair(&GUIDANCE_RANGE))?;
+    d.set_item("controlnet_scale", pair(&CONTROLNET_SCALE_RANGE))?;
+    d.set_item("num_images", pair(&NUM_IMAGES_RANGE))?;
+    d.set_item("steps", pair(&STEPS_RANGE))?;
+    d.set_item("seed", (0u64, u64::MAX))?;
+    d.set_item("width", pair(&SIZE_RANGE))?;
+    d.set_item("height", pair(&SIZE_RANGE))?;
+    d.set_item("control_guidance_start", pair(&CONTROL_GUIDANCE_RANGE))?;
+    d.set_item("control_guidance_end", pair(&CONTROL_GUIDANCE_RANGE))?;
+    Ok(d)
+}
+
+/// The names accepted by the name arguments (`scheduler`, `preprocess`, `device`, `dtype`), the default first
+/// where there is one. `cuda:N` stands for `cuda:0`, `cuda:1`, ...
+#[pyfunction]
+pub fn names(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("scheduler", SchedulerKind::names().to_vec())?;
+    d.set_item("preprocess", Preprocess::names().to_vec())?;
+    d.set_item("device", DEVICE_NAMES.to_vec())?;
+    d.set_item("dtype", DTYPE_NAMES.to_vec())?;
+    Ok(d)
+}
