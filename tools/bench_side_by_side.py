@@ -11,11 +11,13 @@ One run times, for each side in its own process (so that peak memory is each sid
 and prints min / median / max seconds per side and the ratio sketchx/diffusers of the medians (< 1: sketchx
 faster), plus peak RSS (VmHWM / ru_maxrss) of each worker. --rounds alternates the two sides to spread noise.
 
-  /root/fixvenv/bin/python tools/bench_side_by_side.py --model target/full-size/sd15 \
-      --controlnet target/full-size/controlnet --runs 3 --rounds 1 [--dtype f32|bf16]
+  python tools/bench_side_by_side.py --model target/full-size/sd15 \
+      --controlnet target/full-size/controlnet --runs 3 --rounds 1 [--dtype f32|bf16] [--python PATH]
 
-The sketchx worker is `cargo bench --bench speed` (built in release first). Random full-size weights come from
-tools/make_full_size.py.
+The sketchx worker is `cargo bench --bench speed` (built in release first). The diffusers worker runs under
+--python, else $PYTHON, else the interpreter running this script; it needs the pinned torch / diffusers /
+transformers of tools/requirements-fixtures.txt (this script itself needs only the standard library). Random
+full-size weights come from tools/make_full_size.py.
 """
 import argparse
 import json
@@ -141,6 +143,8 @@ def main():
                     help="also time sketchx with its kernels off (SKETCHX_PLAIN_CANDLE=1): the 'before' column")
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--sketchx-bin", help="run this already built speed bench binary instead of `cargo bench`")
+    ap.add_argument("--python", help="the Python that runs the diffusers worker (default: $PYTHON, else the "
+                    "interpreter running this script)")
     ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help=argparse.SUPPRESS)
@@ -157,7 +161,8 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--bench", "speed", "-q"], check=True, cwd=a.repo)
         sx_cmd = ["cargo", "bench", "-q", "--bench", "speed", "--"]
     sx_cmd += common + (["--profile"] if a.profile else [])
-    df_cmd = [sys.executable, os.path.abspath(__file__), "--worker", "diffusers"] + common
+    python = a.python or os.environ.get("PYTHON") or sys.executable
+    df_cmd = [python, os.path.abspath(__file__), "--worker", "diffusers"] + common
     res = {"sketchx": [], "diffusers": [], "plain": []}
     for r in range(a.rounds):
         if a.baseline:

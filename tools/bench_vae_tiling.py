@@ -7,9 +7,11 @@ only the VAE (f32, CPU, all cores), decodes the same latents (torch-compatible s
 torch-compatible generator) and reports seconds per decode, VmRSS after loading and VmHWM at the end. The images
 of the two sides are compared (max |diff|) for each mode.
 
-  /root/fixvenv/bin/python tools/bench_vae_tiling.py --vae target/full-size/sd15/vae --size 1024
+  python tools/bench_vae_tiling.py --vae target/full-size/sd15/vae --size 1024 [--python PATH]
 
-The sketchx worker is built with `cargo build --release --example vae_decode` unless --sketchx-bin is given.
+The sketchx worker is built with `cargo build --release --example vae_decode` unless --sketchx-bin is given. The
+diffusers worker runs under --python, else $PYTHON, else the interpreter running this script; it needs the pinned
+torch / diffusers of tools/requirements-fixtures.txt (this script itself needs only the standard library).
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 
 
 def vm_mib(key):
@@ -54,6 +57,23 @@ def diffusers_worker(a):
                       "shape": list(image.shape)}))
 
 
+def max_abs_diff(path_a, path_b):
+    """Largest |a - b| of two little-endian float32 files (None when their lengths differ); standard library only,
+    so that this script runs under any Python 3."""
+    xs = []
+    for path in (path_a, path_b):
+        v = array("f")
+        with open(path, "rb") as f:
+            v.frombytes(f.read())
+        if sys.byteorder == "big":
+            v.byteswap()
+        xs.append(v)
+    x, y = xs
+    if len(x) != len(y):
+        return None
+    return max((abs(p - q) for p, q in zip(x, y)), default=0.0)
+
+
 def run_worker(cmd):
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -71,6 +91,8 @@ def main():
     ap.add_argument("--modes", default="untiled,tiled", help="untiled, tiled or both")
     ap.add_argument("--sides", default="sketchx,diffusers")
     ap.add_argument("--sketchx-bin", help="an already built vae_decode example binary")
+    ap.add_argument("--python", help="the Python that runs the diffusers worker (default: $PYTHON, else the "
+                    "interpreter running this script)")
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--vae-tiling", action="store_true", help=argparse.SUPPRESS)
@@ -85,6 +107,7 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--example", "vae_decode", "-q"], check=True, cwd=repo)
         a.sketchx_bin = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(repo, "target")),
                                      "release", "examples", "vae_decode")
+    python = a.python or os.environ.get("PYTHON") or sys.executable
     common = ["--vae", a.vae, "--size", str(a.size), "--runs", str(a.runs), "--seed", str(a.seed)]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,13 +116,10 @@ def main():
             for side in sides:
                 out = os.path.join(tmp, f"{side}-{mode}.f32")
                 cmd = ([a.sketchx_bin] if side == "sketchx" else
-                       [sys.executable, os.path.abspath(__file__), "--worker", "diffusers"])
+                       [python, os.path.abspath(__file__), "--worker", "diffusers"])
                 res[(side, mode)] = run_worker(cmd + common + flag + ["--save", out])
             if len(sides) == 2:
-                import numpy as np
-
-                x, y = (np.fromfile(os.path.join(tmp, f"{s}-{mode}.f32"), dtype="<f4") for s in sides)
-                res[("diff", mode)] = float(np.abs(x - y).max()) if x.shape == y.shape else None
+                res[("diff", mode)] = max_abs_diff(*(os.path.join(tmp, f"{s}-{mode}.f32") for s in sides))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({f"{k[0]}/{k[1]}": v for k, v in res.items()}, f, indent=1)
