@@ -5,7 +5,8 @@
 //! networks (CLIP tokenizer and text encoder, ControlNet, UNet, VAE), [`sampling`] holds the torch-compatible
 //! RNG, the schedulers and the denoising loop, [`engine`] ties them into one generation call, [`output`] writes
 //! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs requests as asynchronous
-//! jobs ([`jobs`], [`executor`], [`cleanup`]).
+//! jobs ([`jobs`], [`executor`], [`cleanup`]) kept in a [`store`]: in this process, or in a shared Redis
+//! (feature `redis`) served by worker processes on many machines.
 
 pub mod cleanup;
 pub mod engine;
@@ -19,7 +20,11 @@ pub mod pipeline;
 pub mod request;
 pub mod sampling;
 pub mod sketch;
+pub mod store;
 
 pub use error::{Error, Result, SketchError};
 pub use jobs::{JobId, JobState, JobStatus};
 pub use pipeline::{Pipeline, PipelineConfig, ShutdownPolicy, SketchInput};
+#[cfg(feature = "redis")]
+pub use store::redis::RedisConfig;
+pub use store::StoreConfig;
