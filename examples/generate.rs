@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sketchx::engine::{
     device_from_name, dtype_from_name, Engine, EngineConfig, DEFAULT_CONTROLNET, DEFAULT_MODEL,
 };
-use sketchx::output::{image_file_name, write_png_atomic, PngSettings};
+use sketchx::output::{image_file_name, write_file_atomic, write_png_atomic, PngSettings};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
 use sketchx::JobId;
@@ -80,6 +80,13 @@ struct Args {
     /// Decode in overlapping tiles (diffusers' `vae.enable_tiling()`): far less memory for large images.
     #[arg(long)]
     vae_tiling: bool,
+    /// Submit to the job queue in this Redis (redis://host:port) instead of loading a model: the workers of that
+    /// queue (`examples/worker`) run the job; its PNGs are fetched from Redis into --out. Model flags are unused.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Key prefix of the queue in Redis (with --redis).
+    #[arg(long, default_value = "sketchx")]
+    redis_prefix: String,
 }
 
 fn run(args: Args) -> sketchx::Result<()> {
@@ -99,6 +106,9 @@ fn run(args: Args) -> sketchx::Result<()> {
     };
     request.validate()?;
     let sketch = Sketch::open(&args.sketch)?;
+    if let Some(url) = &args.redis {
+        return run_remote(url, &args.redis_prefix, &args.out, request, sketch);
+    }
     let mut config = EngineConfig::new(&args.model, &args.controlnet)?;
     config.device = device_from_name(&args.device)?;
     config.dtype = dtype_from_name(args.dtype.as_deref(), &config.device)?;
@@ -144,6 +154,54 @@ fn run(args: Args) -> sketchx::Result<()> {
             rgb,
             &PngSettings::default(),
         )?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// `--redis`: submit to the shared queue, follow the job with the progress bar, write its PNGs into `--out`.
+fn run_remote(
+    url: &str,
+    prefix: &str,
+    out: &std::path::Path,
+    request: GenerationRequest,
+    sketch: Sketch,
+) -> sketchx::Result<()> {
+    let mut config = sketchx::RedisConfig::new(url);
+    config.prefix = prefix.to_string();
+    let pipe = sketchx::Pipeline::connect_with(config, 64)?;
+    let id = pipe.submit(request.clone(), sketch)?;
+    eprintln!("submitted job {id}");
+    let bar = ProgressBar::new(100);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}% {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let status = loop {
+        // Short waits, so the bar follows the job's steps as the worker reports them.
+        match pipe.wait(&id, Some(std::time::Duration::from_millis(200))) {
+            Ok(st) => break st,
+            Err(sketchx::Error::Timeout(_)) => {
+                let st = pipe.poll(&id)?;
+                bar.set_message(st.state.to_string());
+                bar.set_position(st.progress as u64);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    bar.finish_and_clear();
+    if status.state != sketchx::JobState::Completed {
+        return Err(sketchx::Error::JobFailed(format!(
+            "job {id} ended {}: {}",
+            status.state, status.message
+        )));
+    }
+    eprintln!("job {id} completed (seed {})", status.seed);
+    std::fs::create_dir_all(out).map_err(|e| sketchx::Error::io(out, e))?;
+    for (i, png) in pipe.images(&id)?.iter().enumerate() {
+        let path = out.join(image_file_name(id.as_str(), i));
+        write_file_atomic(&path, png)?;
         println!("{}", path.display());
     }
     Ok(())
