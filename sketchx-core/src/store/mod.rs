@@ -1,7 +1,7 @@
 //! Job stores: where jobs live between submission and expiry, and the one place their state changes.
 //!
 //! Every transition of a job (enqueue, take next, progress, preview, cancel, finish, hand back, forget) is one
-//! method of a [`JobStore`], done atomically: under one lock in the [`memory`] store (the default, inside the
+//! method of a `JobStore`, done atomically: under one lock in the `memory` store (the default, inside the
 //! process), as one Lua script in the Redis store (`redis` feature), which Redis runs without interleaving.
 //! So a cancel can never slip between a worker's "is it queued?" and "start it", and a job reaches exactly one
 //! final state whoever races for it.
