@@ -171,6 +171,11 @@ pub struct sketchx_pipeline_options {
     /// seams differ from an untiled decode). 0: one piece (the default). A VAE whose config gives no
     /// usable tile size then fails `sketchx_pipeline_new` with `SKETCHX_MODEL_UNSUPPORTED`.
     pub vae_tiling: c_int,
+    /// NULL: jobs live in this process (the default). A Redis URL (`redis://host:port`): jobs live in that
+    /// Redis's shared queue and this pipeline is one of its workers (and a client of it); see also
+    /// `sketchx_pipeline_connect` for a client without a model. Finished jobs expire from Redis after
+    /// `retention_secs`.
+    pub redis_url: *const c_char,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -260,6 +265,17 @@ unsafe impl Send for UserData {}
 // SAFETY: as above.
 unsafe impl Sync for UserData {}
 
+#[cfg(feature = "redis")]
+fn use_redis(c: &mut PipelineConfig, url: &str) -> Result<(), Failure> {
+    c.use_redis(url);
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+fn use_redis(_: &mut PipelineConfig, _: &str) -> Result<(), Failure> {
+    Err(Error::invalid("redis_url", "this build of sketchx has no Redis support").into())
+}
+
 impl sketchx_pipeline_options {
     /// The core's defaults.
     fn defaults() -> Result<Self, Error> {
@@ -279,6 +295,7 @@ impl sketchx_pipeline_options {
             progress_callback: None,
             user_data: std::ptr::null_mut(),
             vae_tiling: c_int::from(c.engine.vae_tiling),
+            redis_url: std::ptr::null(),
         })
     }
 
@@ -294,6 +311,7 @@ impl sketchx_pipeline_options {
         let dtype = unsafe { opt_str(self.dtype, "options.dtype") }?;
         let variant = unsafe { opt_str(self.variant, "options.variant") }?;
         let output_dir = unsafe { opt_str(self.output_dir, "options.output_dir") }?;
+        let redis_url = unsafe { opt_str(self.redis_url, "options.redis_url") }?;
         let mut c = PipelineConfig::new(
             model.unwrap_or(DEFAULT_MODEL),
             controlnet.unwrap_or(DEFAULT_CONTROLNET),
@@ -313,6 +331,9 @@ impl sketchx_pipeline_options {
         c.cleanup_interval = (self.cleanup_interval_secs != 0)
             .then(|| Duration::from_secs(self.cleanup_interval_secs));
         c.preview_every = self.preview_every;
+        if let Some(url) = redis_url {
+            use_redis(&mut c, url)?;
+        }
         c.shutdown = if self.drain_on_shutdown != 0 {
             ShutdownPolicy::Drain
         } else {
