@@ -332,6 +332,13 @@ mod tests {
             (Error::ShutDown, SKETCHX_SHUT_DOWN),
             (Error::JobFailed("x".into()), SKETCHX_JOB_FAILED),
             (
+                Error::Store {
+                    key: "redis://h:1".into(),
+                    message: "refused".into(),
+                },
+                SKETCHX_STORE,
+            ),
+            (
                 Error::io("p", std::io::Error::other("disk full")),
                 SKETCHX_IO,
             ),
