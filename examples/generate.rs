@@ -17,12 +17,12 @@ use sketchx::engine::Engine;
 use sketchx::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
-use sketchx::output::{image_file_name, write_png_atomic, PngSettings};
+use sketchx::output::{image_file_name, write_file_atomic, write_png_atomic, PngSettings};
 use sketchx::request::{
     GenerationRequest, GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::SchedulerKind;
-use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR};
+use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
 use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::JobId;
 
@@ -99,6 +99,13 @@ struct Args {
     /// Decode in overlapping tiles (diffusers' `vae.enable_tiling()`): far less memory for large images.
     #[arg(long)]
     vae_tiling: bool,
+    /// Submit to the job queue in this Redis (redis://host:port) instead of loading a model: the workers of that
+    /// queue (`examples/worker`) run the job; its PNGs are fetched from Redis into --out. Model flags are unused.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Key prefix of the queue in Redis (with --redis).
+    #[arg(long, default_value = sketchx::store::redis::DEFAULT_PREFIX)]
+    redis_prefix: String,
 }
 
 fn run(args: Args) -> sketchx::Result<()> {
@@ -118,6 +125,9 @@ fn run(args: Args) -> sketchx::Result<()> {
     };
     request.validate()?;
     let sketch = Sketch::open(&args.sketch)?;
+    if let Some(url) = &args.redis {
+        return run_remote(url, &args.redis_prefix, &args.out, request, sketch);
+    }
     // The engine's part of the core's pipeline settings: one conversion, one set of checks.
     let settings = PipelineSettings {
         model: Some(args.model.clone()),
@@ -169,6 +179,54 @@ fn run(args: Args) -> sketchx::Result<()> {
             rgb,
             &PngSettings::default(),
         )?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// `--redis`: submit to the shared queue, follow the job with the progress bar, write its PNGs into `--out`.
+fn run_remote(
+    url: &str,
+    prefix: &str,
+    out: &std::path::Path,
+    request: GenerationRequest,
+    sketch: Sketch,
+) -> sketchx::Result<()> {
+    let mut config = sketchx::RedisConfig::new(url);
+    config.prefix = prefix.to_string();
+    let pipe = sketchx::Pipeline::connect_with(config, DEFAULT_QUEUE_CAPACITY)?;
+    let id = pipe.submit(request.clone(), sketch)?;
+    eprintln!("submitted job {id}");
+    let bar = ProgressBar::new(100);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}% {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let status = loop {
+        // Short waits, so the bar follows the job's steps as the worker reports them.
+        match pipe.wait(&id, Some(std::time::Duration::from_millis(200))) {
+            Ok(st) => break st,
+            Err(sketchx::Error::Timeout(_)) => {
+                let st = pipe.poll(&id)?;
+                bar.set_message(st.state.to_string());
+                bar.set_position(st.progress as u64);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    bar.finish_and_clear();
+    if status.state != sketchx::JobState::Completed {
+        return Err(sketchx::Error::JobFailed(format!(
+            "job {id} ended {}: {}",
+            status.state, status.message
+        )));
+    }
+    eprintln!("job {id} completed (seed {})", status.seed);
+    std::fs::create_dir_all(out).map_err(|e| sketchx::Error::io(out, e))?;
+    for (i, png) in pipe.images(&id)?.iter().enumerate() {
+        let path = out.join(image_file_name(id.as_str(), i));
+        write_file_atomic(&path, png)?;
         println!("{}", path.display());
     }
     Ok(())

@@ -123,6 +123,10 @@ enum sketchx_result
    * The caller's buffer is too small; the message says how many bytes are needed.
    */
   SKETCHX_BUFFER_TOO_SMALL = 19,
+  /**
+   * The job store (Redis) cannot be reached or refused a command; the message names the server or key.
+   */
+  SKETCHX_STORE = 20,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -332,6 +336,13 @@ typedef struct sketchx_pipeline_options {
    * usable tile size then fails `sketchx_pipeline_new` with `SKETCHX_MODEL_UNSUPPORTED`.
    */
   int vae_tiling;
+  /**
+   * NULL: jobs live in this process (the default). A Redis URL (`redis://host:port`): jobs live in that
+   * Redis's shared queue and this pipeline is one of its workers (and a client of it); see also
+   * `sketchx_pipeline_connect` for a client without a model. Finished jobs expire from Redis after
+   * `retention_secs`.
+   */
+  const char *redis_url;
 } sketchx_pipeline_options;
 
 /**
@@ -508,6 +519,22 @@ const char *sketchx_result_name(uint32_t code);
  */
 sketchx_result sketchx_pipeline_new(const struct sketchx_pipeline_options *options,
                                     struct sketchx_pipeline **out);
+
+/**
+ * Connects to the Redis job queue at `redis_url` (`redis://host:port`) as a client: no model is loaded and no job
+ * runs in this process; submit / poll / wait / cancel work as on any pipeline and the queue's worker processes
+ * (pipelines with `options.redis_url`, or the `worker` example) run the jobs. At most `queue_capacity` jobs may
+ * wait (0 is `SKETCHX_INVALID_REQUEST`). An unreachable server is `SKETCHX_STORE`.
+ *
+ * Ownership: on `SKETCHX_OK`, `*out` receives a new pipeline owned by the caller, to be released with
+ * `sketchx_pipeline_free`; on failure `*out` is untouched. `redis_url` is only borrowed during the call.
+ *
+ * # Safety
+ * `redis_url` is NULL or a NUL-terminated string; `out` is NULL or writable.
+ */
+sketchx_result sketchx_pipeline_connect(const char *redis_url,
+                                        size_t queue_capacity,
+                                        struct sketchx_pipeline **out);
 
 /**
  * Shuts the pipeline down (as `sketchx_pipeline_shutdown`: waits for the worker) and frees it. NULL is a

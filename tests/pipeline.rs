@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sketchx::engine::{Engine, EngineConfig, Generated, StepInfo};
-use sketchx::executor::Generator;
+use sketchx::pipeline::Generator;
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
 use sketchx::{Error, JobId, JobState, JobStatus, Pipeline, PipelineConfig, ShutdownPolicy};
@@ -636,4 +636,107 @@ fn the_background_sweeper_runs_on_its_interval() {
 fn pipeline_is_send_sync_and_clone() {
     fn assert_traits<T: Send + Sync + Clone>() {}
     assert_traits::<Pipeline>();
+}
+
+/// A generator for the cancel race: a job whose prompt is `block` waits inside `generate` until the test
+/// releases it (so the next job is picked up exactly when the test lets go); any other job reports one step and
+/// returns one black 64x64 image at once.
+struct Gate {
+    started: std::sync::mpsc::SyncSender<()>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Generator for Gate {
+    fn output_size(&self, _: &GenerationRequest, _: &Sketch) -> sketchx::Result<(u32, u32)> {
+        Ok((64, 64))
+    }
+
+    fn generate(
+        &self,
+        req: &GenerationRequest,
+        _: &Sketch,
+        observer: &mut dyn FnMut(&StepInfo) -> bool,
+    ) -> sketchx::Result<Generated> {
+        if req.prompt.as_deref() == Some("block") {
+            self.started.send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+        let info = StepInfo {
+            step: 1,
+            total_steps: 1,
+            decoded: 0,
+            num_images: 1,
+            latents: None,
+        };
+        if !observer(&info) {
+            return Err(Error::Cancelled);
+        }
+        Ok(Generated {
+            seed: req.seed.unwrap_or_default(),
+            width: 64,
+            height: 64,
+            images: vec![vec![0; 64 * 64 * 3]],
+        })
+    }
+}
+
+/// Regression: `cancel` used to look at a queued job, let go of the table's lock and mark it cancelled under a
+/// second lock; a worker that started the job in between ran it to the end with its files left on disk, while
+/// the job said cancelled. Each round here releases the job ahead of the victim at the same moment as a cancel
+/// of the victim, so the worker picks the victim up while the cancel is in flight. Whatever the interleaving, a
+/// cancel that says `true` must end in `cancelled` with no files.
+#[test]
+fn cancel_racing_the_worker_picking_the_job_up_never_leaves_a_cancelled_job_with_files() {
+    let cfg = config("cancel-race");
+    let dir = cfg.output_dir.clone();
+    let (started_tx, started) = std::sync::mpsc::sync_channel(1);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let gate = Gate {
+        started: started_tx,
+        release: Mutex::new(release_rx),
+    };
+    let pipe = Pipeline::with_generator(Arc::new(gate), cfg).unwrap();
+    let blocker = |pipe: &Pipeline| {
+        let r = GenerationRequest {
+            prompt: Some("block".into()),
+            ..req(1)
+        };
+        pipe.submit(r, sketch_bytes()).unwrap()
+    };
+    let mut picked_up_then_cancelled = 0;
+    for _ in 0..100 {
+        let ahead = blocker(&pipe);
+        started.recv().unwrap(); // the worker is inside the job ahead
+        let victim = pipe.submit(req(1), sketch_bytes()).unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let canceller = {
+            let (pipe, victim, barrier) = (pipe.clone(), victim.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                pipe.cancel(&victim).unwrap()
+            })
+        };
+        barrier.wait();
+        release.send(()).unwrap();
+        let said_cancelled = canceller.join().unwrap();
+        assert!(said_cancelled, "the victim was not final when cancelled");
+        let st = pipe.wait(&victim, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(st.state, JobState::Cancelled, "{}", st.message);
+        assert!(st.images.is_empty());
+        if st.started_at.is_some() {
+            picked_up_then_cancelled += 1;
+        }
+        let ahead = pipe.wait(&ahead, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(ahead.state, JobState::Completed, "{}", ahead.message);
+        let victims_files: Vec<String> = files_in(&dir)
+            .into_iter()
+            .filter(|f| f.contains(victim.as_str()))
+            .collect();
+        assert!(victims_files.is_empty(), "{victims_files:?}");
+    }
+    eprintln!(
+        "{picked_up_then_cancelled} of 100 victims were cancelled after the worker picked them up"
+    );
+    drop(pipe);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -14,7 +14,9 @@ pipeline runs jobs in-process.
 Bad parameters or sketches answer 422 with the message naming the field; a full queue 503. Every default, range
 and name (in the form and its OpenAPI description at /openapi.json) is the Rust core's, from `sketchx.DEFAULTS`,
 `sketchx.RANGES` and `sketchx.NAMES`; the checks are the core's. Environment: SKETCHX_MODEL, SKETCHX_CONTROLNET,
-SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR, SKETCHX_RETENTION_SECS (defaults: the module's).
+SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR, SKETCHX_RETENTION_SECS (defaults: the module's), and SKETCHX_REDIS_URL: when
+set, the app is a client of that Redis job queue (no model loaded here; `python -m sketchx.worker` processes run
+the jobs) and serves the images from Redis.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Dict, Optional
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 
@@ -53,8 +55,11 @@ def create_app(
     device: Optional[str] = None,
     output_dir: Optional[str] = None,
     retention_secs: Optional[float] = None,
+    redis_url: Optional[str] = None,
 ) -> FastAPI:
-    """The app; the pipeline (models) loads at startup and shuts down with the app."""
+    """The app; the pipeline (models) loads at startup and shuts down with the app. With ``redis_url`` it
+    connects to that job queue instead and loads no model."""
+    redis_url = redis_url or os.environ.get("SKETCHX_REDIS_URL") or None
     model = model or os.environ.get("SKETCHX_MODEL", _DEFAULTS["model"])
     controlnet = controlnet or os.environ.get("SKETCHX_CONTROLNET", _DEFAULTS["controlnet"])
     device = device or os.environ.get("SKETCHX_DEVICE", _DEFAULTS["device"])
@@ -65,9 +70,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipe = await run_in_threadpool(
-            sketchx.Pipeline, model, controlnet, device=device, output_dir=output_dir, retention_secs=retention_secs
-        )
+        url = redis_url  # a local, so that the type checker narrows it
+        if url:
+            pipe = await run_in_threadpool(sketchx.connect, url)
+        else:
+            pipe = await run_in_threadpool(
+                sketchx.Pipeline, model, controlnet, device=device, output_dir=output_dir,
+                retention_secs=retention_secs,
+            )
         app.state.pipe = pipe
         try:
             yield
@@ -129,7 +139,20 @@ def create_app(
         body["images"] = [f"/generated/{os.path.basename(p)}" for p in st.images]
         return body
 
-    app.mount("/generated", StaticFiles(directory=output_dir), name="generated")
+    if redis_url:
+
+        @app.get("/generated/{name}")
+        def stored_image(request: Request, name: str) -> Response:
+            # "<job_id>_<i>.png": the worker stored the PNG bytes in Redis.
+            stem, _, index = name.removesuffix(".png").rpartition("_")
+            try:
+                pngs = pipeline(request).images(stem)
+                return Response(pngs[int(index)], media_type="image/png")
+            except (sketchx.UnknownJobError, ValueError, IndexError):
+                raise HTTPException(404, "Image not found") from None
+
+    else:
+        app.mount("/generated", StaticFiles(directory=output_dir), name="generated")
     return app
 
 

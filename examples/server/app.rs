@@ -61,6 +61,7 @@ impl From<Error> for ApiError {
             Error::UnknownJob(_) => (StatusCode::NOT_FOUND, None, None),
             Error::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, None, Some(30)),
             Error::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, None, Some(60)),
+            Error::Store { .. } => (StatusCode::SERVICE_UNAVAILABLE, None, Some(5)),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, None, None),
         };
         ApiError {
@@ -282,16 +283,42 @@ async fn docs() -> Html<String> {
     ))
 }
 
-/// The router serving the API on `pipe` (images from its output directory).
+/// The router serving the API on `pipe`: images from its output directory, or, for a client of a Redis queue
+/// (`--redis`, no model here), from the store.
 pub fn router(pipe: Pipeline) -> Router {
-    let files = ServeDir::new(pipe.output_dir());
-    Router::new()
+    let api = Router::new()
         .route("/api/generate", post(generate))
         .route("/api/status/{job_id}", get(status))
         .route("/api/jobs/{job_id}", delete(cancel))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
-        .route("/docs", get(docs))
-        .nest_service("/generated", files)
-        .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
+        .route("/docs", get(docs));
+    let api = if pipe.is_worker() {
+        api.nest_service("/generated", ServeDir::new(pipe.output_dir()))
+    } else {
+        api.route("/generated/{file}", get(stored_image))
+    };
+    api.layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .with_state(pipe)
+}
+
+/// `GET /generated/<job_id>_<i>.png` on a Redis client: the PNG bytes the worker stored.
+async fn stored_image(
+    State(pipe): State<Pipeline>,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::from(Error::UnknownJob(file.clone()));
+    let id = sketchx::cleanup::owner_of(&file).ok_or_else(not_found)?;
+    let index: usize = file
+        .strip_suffix(".png")
+        .and_then(|n| n.rsplit_once('_'))
+        .and_then(|(_, i)| i.parse().ok())
+        .ok_or_else(not_found)?;
+    let id = job_id(id)?;
+    let png = tokio::task::spawn_blocking(move || pipe.images(&id))
+        .await
+        .map_err(|e| ApiError::from(Error::JobFailed(e.to_string())))??
+        .into_iter()
+        .nth(index)
+        .ok_or_else(not_found)?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "image/png")], png).into_response())
 }

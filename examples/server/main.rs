@@ -19,7 +19,7 @@ use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPA
 use sketchx::Pipeline;
 
 /// REST server for sketch-to-image jobs.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
     /// Address to listen on.
@@ -43,11 +43,28 @@ struct Args {
     /// Jobs that may wait in the queue.
     #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY)]
     queue_capacity: usize,
+    /// Be a client of the job queue in this Redis (redis://host:port): no model is loaded here; the `worker`
+    /// example's processes run the jobs and images are served from Redis. Model flags are then unused.
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let pipe = match &args.redis {
+        Some(url) => {
+            let config = sketchx::RedisConfig::new(url.as_str());
+            let capacity = args.queue_capacity;
+            tokio::task::spawn_blocking(move || Pipeline::connect_with(config, capacity)).await??
+        }
+        None => load(args.clone()).await?,
+    };
+    serve(args.addr, pipe).await
+}
+
+/// The in-process pipeline: models loaded here, jobs run here.
+async fn load(args: Args) -> Result<Pipeline, Box<dyn std::error::Error>> {
     let cfg = PipelineSettings {
         model: Some(args.model),
         controlnet: Some(args.controlnet),
@@ -58,8 +75,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..PipelineSettings::DEFAULT
     }
     .to_config()?;
-    let pipe = tokio::task::spawn_blocking(move || Pipeline::new(cfg)).await??;
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    Ok(tokio::task::spawn_blocking(move || Pipeline::new(cfg)).await??)
+}
+
+async fn serve(addr: SocketAddr, pipe: Pipeline) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!(
         "listening on http://{} (API description at /docs)",
         listener.local_addr()?

@@ -4,13 +4,14 @@
 //! files of queued, running or recently finished jobs.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::executor::Shared;
 use crate::jobs::JobId;
+use crate::store::JobStore;
 
 /// What a cleanup removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -34,21 +35,13 @@ pub fn owner_of(file_name: &str) -> Option<&str> {
         .then_some(id)
 }
 
-/// Removes own files older than `max_age` and forgets finished jobs that are older than `max_age` and have no
-/// files left. Files of jobs that are queued, running, or finished less than `max_age` ago are kept whatever
-/// their modification time.
-pub(crate) fn sweep(shared: &Shared, max_age: Duration) -> Result<CleanupReport> {
+/// Removes own files older than `max_age` from `dir` and has the store forget finished jobs that are older than
+/// `max_age` and have no files left. Files of jobs that are queued, running, or finished less than `max_age` ago
+/// are kept whatever their modification time.
+pub(crate) fn sweep(store: &dyn JobStore, dir: &Path, max_age: Duration) -> Result<CleanupReport> {
     let now = SystemTime::now();
     let is_old = |t: SystemTime| now.duration_since(t).is_ok_and(|age| age >= max_age);
-    let protected: HashSet<String> = {
-        let t = shared.lock();
-        t.jobs
-            .values()
-            .filter(|r| !r.state.is_terminal() || r.finished_at.is_none_or(|f| !is_old(f)))
-            .map(|r| r.id.as_str().to_string())
-            .collect()
-    };
-    let dir = &shared.output_dir;
+    let protected: HashSet<String> = store.protected(max_age).into_iter().collect();
     let mut report = CleanupReport::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -77,25 +70,6 @@ pub(crate) fn sweep(shared: &Shared, max_age: Duration) -> Result<CleanupReport>
         }
     }
     // Forget old finished jobs whose files are gone (their ids then poll as unknown).
-    let mut t = shared.lock();
-    let forget: Vec<JobId> = t
-        .jobs
-        .values()
-        .filter(|r| r.state.is_terminal() && r.finished_at.is_some_and(is_old))
-        .filter(|r| {
-            r.images
-                .iter()
-                .all(|p| std::fs::symlink_metadata(p).is_err())
-        })
-        .map(|r| r.id.clone())
-        .collect();
-    for id in &forget {
-        t.jobs.remove(id);
-    }
-    report.jobs_forgotten = forget.len();
-    drop(t);
-    if !forget.is_empty() {
-        shared.changed.notify_all();
-    }
+    report.jobs_forgotten = store.forget_old(max_age);
     Ok(report)
 }

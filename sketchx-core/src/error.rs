@@ -143,6 +143,14 @@ pub enum Error {
     /// A tensor operation failed inside candle.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The job store (Redis) could not be reached or refused a command; `key` names the server or key involved.
+    #[error("job store error on {key}: {message}")]
+    Store {
+        /// The store address (without credentials) or the key the command was about.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// The result type of every fallible sketchx function.

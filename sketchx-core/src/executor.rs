@@ -1,25 +1,22 @@
-//! The job executor: the job table shared with callers, and the worker thread that runs queued jobs one at a
-//! time on the loaded models, isolating errors and panics to the job that caused them.
-//!
-//! The queue itself is the table's ordered list of queued ids (so a cancel removes a job at once and queue
-//! positions are exact); the worker is woken through a bounded crossbeam channel used as a doorbell.
+//! The job executor: the worker thread that takes jobs from a [`crate::store`] one at a time and runs them on
+//! the loaded models, isolating errors and panics to the job that caused them. It changes no job state itself:
+//! every transition is a store call, so the in-memory and the Redis store behave alike.
 
-use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use crossbeam_channel::Receiver;
 
 use crate::engine::{Engine, Generated, StepInfo};
 use crate::error::{Error, Result};
-use crate::jobs::{messages, JobId, JobState, JobStatus};
-use crate::output::{image_file_name, write_png_atomic, PngSettings};
+use crate::jobs::{JobId, JobState, JobStatus};
+use crate::output::{encode_png, image_file_name, write_file_atomic, PngSettings};
 use crate::request::GenerationRequest;
 use crate::sketch::Sketch;
+use crate::store::{Claim, JobStore, Outcome, Progress, StopFlag, StopReason};
 
 /// What the executor runs: the real [`Engine`], or a stand-in (tests inject faults with one).
 pub trait Generator: Send + Sync + 'static {
@@ -103,220 +100,100 @@ pub fn latent_preview(latents: &Tensor, step: usize) -> Option<Preview> {
     })
 }
 
-/// One job in the table.
-pub(crate) struct Record {
-    pub id: JobId,
-    pub state: JobState,
-    pub request: GenerationRequest,
-    pub sketch: Option<Sketch>,
-    pub width: u32,
-    pub height: u32,
-    pub step: usize,
-    pub total_steps: usize,
-    pub decoded: usize,
-    pub images: Vec<PathBuf>,
-    pub message: String,
-    pub created_at: SystemTime,
-    pub started_at: Option<SystemTime>,
-    pub finished_at: Option<SystemTime>,
-    pub run_started: Option<Instant>,
-    pub cancel: Arc<AtomicBool>,
-    pub preview: Option<Preview>,
-}
-
-/// The job table: every known job, and the queued ones in order.
-#[derive(Default)]
-pub(crate) struct Table {
-    pub jobs: HashMap<JobId, Record>,
-    pub queue: VecDeque<JobId>,
-    pub shutting_down: bool,
-    /// Mean seconds per denoising step and per VAE decode, measured on finished work (for ETAs).
-    pub step_secs: Option<f64>,
-    pub decode_secs: Option<f64>,
-}
-
-/// Callback receiving a snapshot after every change of a job (called on the worker thread).
+/// Callback receiving a snapshot after every change of a job (called on the thread that made the change).
 pub type EventCallback = Arc<dyn Fn(&JobStatus) + Send + Sync>;
 
-/// State shared by the pipeline handles, the worker and the sweeper.
-pub(crate) struct Shared {
-    pub table: Mutex<Table>,
-    pub changed: Condvar,
+/// What a worker thread needs besides the store: the generator, where and how to write images, and when to stop.
+pub(crate) struct WorkerSetup {
+    pub store: Arc<dyn JobStore>,
+    pub generator: Arc<dyn Generator>,
     pub output_dir: PathBuf,
     pub png: PngSettings,
     pub preview_every: usize,
-    pub on_event: Option<EventCallback>,
+    /// Set at shutdown: take no new job.
+    pub stop: Arc<AtomicBool>,
+    /// With `stop`: let the running job finish instead of stopping it at its next step.
+    pub drain: bool,
+    /// With `stop`: also run every queued job first (a queue of this process's own; never a shared one).
+    pub drain_queue: bool,
+    /// The job being run, so that shutdown can stop it and heartbeats can keep it alive.
+    pub current: Arc<Mutex<Option<(JobId, StopFlag, String)>>>,
 }
 
-impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// How long a worker waits for a job before it looks at its stop flag again.
+const TAKE_WAIT: Duration = Duration::from_millis(500);
 
-    /// The status of `rec` (with its queue position and ETA from `table`).
-    pub fn status_of(table: &Table, rec: &Record) -> JobStatus {
-        let units = (rec.total_steps + rec.request.num_images as usize + 1) as f64;
-        let progress = match rec.state {
-            JobState::Completed => 100.0,
-            JobState::Queued => 0.0,
-            _ => ((rec.step + rec.decoded) as f64 / units * 100.0).min(99.9),
-        };
-        let queue_position = if rec.state == JobState::Queued {
-            table.queue.iter().position(|q| q == &rec.id).map(|p| p + 1)
-        } else {
-            None
-        };
-        let eta_secs = match (rec.state, table.step_secs, rec.run_started) {
-            (JobState::Running, step, Some(started)) => {
-                // This job's own pace once it has one, else the pace of earlier jobs.
-                let own = (rec.step > 0).then(|| started.elapsed().as_secs_f64() / rec.step as f64);
-                own.or(step).map(|s| {
-                    let decode = table.decode_secs.unwrap_or(2.0 * s);
-                    let steps_left = rec.total_steps.saturating_sub(rec.step) as f64;
-                    let decodes_left =
-                        (rec.request.num_images as usize).saturating_sub(rec.decoded) as f64;
-                    steps_left * s + decodes_left * decode
-                })
-            }
-            _ => None,
-        };
-        JobStatus {
-            job_id: rec.id.clone(),
-            state: rec.state,
-            progress,
-            images: rec.images.clone(),
-            message: rec.message.clone(),
-            step: rec.step,
-            total_steps: rec.total_steps,
-            queue_position,
-            eta_secs,
-            seed: rec.request.seed.unwrap_or_default(),
-            num_images: rec.request.num_images,
-            width: rec.width,
-            height: rec.height,
-            created_at: Some(rec.created_at),
-            started_at: rec.started_at,
-            finished_at: rec.finished_at,
-        }
-    }
-
-    /// Tells waiters and the event callback that `id` changed. Call without holding the lock.
-    pub fn notify(&self, id: &JobId) {
-        self.changed.notify_all();
-        if let Some(cb) = &self.on_event {
-            let status = {
-                let t = self.lock();
-                t.jobs.get(id).map(|r| Self::status_of(&t, r))
-            };
-            if let Some(s) = status {
-                // A panicking callback must not take the worker down.
-                let _ = catch_unwind(AssertUnwindSafe(|| cb(&s)));
-            }
-        }
-    }
-
-    /// Moves `id` to a final state (if it is not final already).
-    pub fn finish(&self, id: &JobId, state: JobState, message: String, images: Vec<PathBuf>) {
-        {
-            let mut t = self.lock();
-            if let Some(r) = t.jobs.get_mut(id) {
-                if !r.state.is_terminal() {
-                    r.state = state;
-                    r.message = message;
-                    r.images = images;
-                    r.finished_at = Some(SystemTime::now());
-                    r.sketch = None;
-                    r.preview = None;
-                }
-            }
-        }
-        self.notify(id);
-    }
-}
-
-/// The worker thread's loop: runs queued jobs until shutdown.
-pub(crate) fn worker(
-    shared: Arc<Shared>,
-    generator: Arc<dyn Generator>,
-    doorbell: Receiver<()>,
-    drain: bool,
-) {
+/// The worker thread's loop: takes and runs jobs until shutdown. Store errors (a Redis restart) are retried
+/// with a growing pause, so a worker outlives its store's outages.
+pub(crate) fn worker(w: WorkerSetup) {
+    let mut backoff = Duration::from_millis(50);
     loop {
-        let next = {
-            let mut t = shared.lock();
-            if t.shutting_down && !drain {
-                None
-            } else {
-                t.queue.pop_front()
+        let stopping = w.stop.load(Ordering::SeqCst);
+        if stopping && !w.drain_queue {
+            return;
+        }
+        match w.store.take_next(TAKE_WAIT) {
+            Ok(Some(claim)) => {
+                backoff = Duration::from_millis(50);
+                run_job(&w, claim);
             }
-        };
-        match next {
-            Some(id) => run_job(&shared, generator.as_ref(), &id),
-            None => {
-                if shared.lock().shutting_down {
+            Ok(None) if stopping => return,
+            Ok(None) => backoff = Duration::from_millis(50),
+            Err(_) => {
+                if w.stop.load(Ordering::SeqCst) {
                     return;
                 }
-                // Sleep until a submission or shutdown rings (or every second, as a safety net).
-                let _ = doorbell.recv_timeout(std::time::Duration::from_secs(1));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
 }
 
-fn run_job(shared: &Shared, generator: &dyn Generator, id: &JobId) {
-    let (request, sketch, cancel) = {
-        let mut t = shared.lock();
-        let Some(r) = t.jobs.get_mut(id) else { return };
-        if r.state != JobState::Queued {
-            return;
-        }
-        let Some(sketch) = r.sketch.take() else {
-            return;
-        };
-        r.state = JobState::Running;
-        r.message = messages::RUNNING.to_string();
-        r.started_at = Some(SystemTime::now());
-        r.run_started = Some(Instant::now());
-        (r.request.clone(), sketch, r.cancel.clone())
-    };
-    shared.notify(id);
-
+fn run_job(w: &WorkerSetup, claim: Claim) {
+    *w.current.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((claim.id.clone(), claim.stop.clone(), claim.entry.clone()));
+    let _ = w.store.heartbeat(Some((&claim.id, &claim.entry)));
     let started = Instant::now();
     let mut last_step_at = started;
     let mut denoise_secs = 0.0;
     let mut decode_secs = 0.0;
+    let mut total_steps = 0;
     let result = catch_unwind(AssertUnwindSafe(|| {
-        generator.generate(&request, &sketch, &mut |info: &StepInfo| {
-            let now = Instant::now();
-            if info.decoded == 0 {
-                denoise_secs = now.duration_since(started).as_secs_f64();
-            } else {
-                decode_secs += now.duration_since(last_step_at).as_secs_f64();
-            }
-            last_step_at = now;
-            let preview = match (info.latents, shared.preview_every) {
-                (Some(l), every)
-                    if every > 0
-                        && (info.step.is_multiple_of(every) || info.step == info.total_steps) =>
-                {
-                    latent_preview(l, info.step)
+        w.generator
+            .generate(&claim.request, &claim.sketch, &mut |info: &StepInfo| {
+                let now = Instant::now();
+                if info.decoded == 0 {
+                    denoise_secs = now.duration_since(started).as_secs_f64();
+                } else {
+                    decode_secs += now.duration_since(last_step_at).as_secs_f64();
                 }
-                _ => None,
-            };
-            {
-                let mut t = shared.lock();
-                if let Some(r) = t.jobs.get_mut(id) {
-                    r.step = info.step;
-                    r.total_steps = info.total_steps;
-                    r.decoded = info.decoded;
-                    if preview.is_some() {
-                        r.preview = preview;
+                last_step_at = now;
+                total_steps = info.total_steps;
+                let preview = match (info.latents, w.preview_every) {
+                    (Some(l), every)
+                        if every > 0
+                            && (info.step.is_multiple_of(every)
+                                || info.step == info.total_steps) =>
+                    {
+                        latent_preview(l, info.step)
                     }
+                    _ => None,
+                };
+                let go_on = w.store.progress(
+                    &claim,
+                    Progress {
+                        step: info.step,
+                        total_steps: info.total_steps,
+                        decoded: info.decoded,
+                        preview,
+                    },
+                );
+                if w.stop.load(Ordering::SeqCst) && !w.drain {
+                    claim.stop.raise(StopReason::ShutDown);
                 }
-            }
-            shared.notify(id);
-            !cancel.load(Ordering::SeqCst)
-        })
+                go_on && claim.stop.reason() == StopReason::None
+            })
     }));
     let result = match result {
         Ok(r) => r,
@@ -325,72 +202,112 @@ fn run_job(shared: &Shared, generator: &dyn Generator, id: &JobId) {
             panic_message(&panic)
         ))),
     };
-    match result {
+    let outcome = match result {
         Ok(generated) => {
-            {
-                let mut t = shared.lock();
-                let steps = generated_steps(&t, id);
-                if steps > 0 && denoise_secs > 0.0 {
-                    let s = denoise_secs / steps as f64;
-                    t.step_secs = Some(t.step_secs.map_or(s, |old| 0.5 * (old + s)));
-                }
-                if !generated.images.is_empty() && decode_secs > 0.0 {
-                    let d = decode_secs / generated.images.len() as f64;
-                    t.decode_secs = Some(t.decode_secs.map_or(d, |old| 0.5 * (old + d)));
-                }
+            let pace = (
+                (total_steps > 0 && denoise_secs > 0.0).then(|| denoise_secs / total_steps as f64),
+                (!generated.images.is_empty() && decode_secs > 0.0)
+                    .then(|| decode_secs / generated.images.len() as f64),
+            );
+            write_images(w, &claim, &generated, pace)
+        }
+        Err(Error::Cancelled) => Outcome::Cancelled,
+        Err(e) => Outcome::Failed(e.to_string()),
+    };
+    settle(w, &claim, outcome);
+    *w.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let _ = w.store.heartbeat(None);
+}
+
+/// The heartbeat thread of a worker on a shared store: says every `interval` that the worker lives and still
+/// runs its job; if the store answers that another worker took the job over, the run is stopped as lost.
+pub(crate) fn heartbeats(
+    store: Arc<dyn JobStore>,
+    current: Arc<Mutex<Option<(JobId, StopFlag, String)>>>,
+    interval: Duration,
+    stop: crossbeam_channel::Receiver<()>,
+) {
+    loop {
+        let running = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Ok(false) = store.heartbeat(running.as_ref().map(|(id, _, e)| (id, e.as_str()))) {
+            if let Some((_, flag, _)) = &running {
+                flag.raise(StopReason::Lost);
             }
-            write_images(shared, id, &generated, request.num_images as usize, &cancel);
         }
-        Err(Error::Cancelled) => {
-            shared.finish(id, JobState::Cancelled, messages::CANCELLED.into(), vec![]);
+        if !matches!(
+            stop.recv_timeout(interval),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        ) {
+            return;
         }
-        Err(e) => shared.finish(id, JobState::Failed, e.to_string(), vec![]),
     }
 }
 
-fn generated_steps(t: &Table, id: &JobId) -> usize {
-    t.jobs.get(id).map_or(0, |r| r.total_steps)
+/// Records the outcome in the store and removes the job's files unless it ended completed (a cancel that came
+/// first, or another worker that took the job over, wins over this run's images).
+fn settle(w: &WorkerSetup, claim: &Claim, outcome: Outcome) {
+    let written = match &outcome {
+        Outcome::Completed { images, .. } => images.clone(),
+        _ => Vec::new(),
+    };
+    let shut_down = claim.stop.reason() == StopReason::ShutDown;
+    let final_state = if shut_down && !matches!(outcome, Outcome::Failed(_)) {
+        // Stopped by this process's shutdown, not by anyone's decision about the job: hand it back.
+        w.store.hand_back(claim).map(|_| None)
+    } else {
+        w.store.finish(claim, outcome)
+    };
+    if !matches!(final_state, Ok(Some(JobState::Completed))) {
+        remove_all(&written);
+    }
 }
 
+/// Encodes and writes every image atomically; the outcome is `Completed` only if all of them were written.
 fn write_images(
-    shared: &Shared,
-    id: &JobId,
+    w: &WorkerSetup,
+    claim: &Claim,
     generated: &Generated,
-    asked: usize,
-    cancel: &AtomicBool,
-) {
+    pace: (Option<f64>, Option<f64>),
+) -> Outcome {
+    let asked = claim.request.num_images as usize;
     let mut written: Vec<PathBuf> = Vec::with_capacity(generated.images.len());
+    let mut pngs = Vec::new();
     let mut failure = None;
     for (i, rgb) in generated.images.iter().enumerate() {
-        if cancel.load(Ordering::SeqCst) {
+        if claim.stop.reason() != StopReason::None {
             break;
         }
-        let path = shared.output_dir.join(image_file_name(id.as_str(), i));
-        match write_png_atomic(&path, generated.width, generated.height, rgb, &shared.png) {
-            Ok(_) => written.push(path),
+        let path = w.output_dir.join(image_file_name(claim.id.as_str(), i));
+        let png = encode_png(generated.width, generated.height, rgb, &w.png)
+            .and_then(|png| write_file_atomic(&path, &png).map(|_| png));
+        match png {
+            Ok(png) => {
+                written.push(path);
+                if w.store.keeps_png_bytes() {
+                    pngs.push(png);
+                }
+            }
             Err(e) => {
                 failure = Some(e);
                 break;
             }
         }
     }
-    let cancelled = cancel.load(Ordering::SeqCst);
-    if failure.is_some() || cancelled || written.len() != asked {
+    if failure.is_some() || claim.stop.reason() != StopReason::None || written.len() != asked {
         remove_all(&written);
-        match failure {
-            Some(e) => shared.finish(id, JobState::Failed, e.to_string(), vec![]),
-            None if cancelled => {
-                shared.finish(id, JobState::Cancelled, messages::CANCELLED.into(), vec![])
-            }
-            None => shared.finish(
-                id,
-                JobState::Failed,
-                format!("only {} of {asked} images were produced", written.len()),
-                vec![],
-            ),
-        }
-    } else {
-        shared.finish(id, JobState::Completed, messages::COMPLETED.into(), written);
+        return match failure {
+            Some(e) => Outcome::Failed(e.to_string()),
+            None if claim.stop.reason() != StopReason::None => Outcome::Cancelled,
+            None => Outcome::Failed(format!(
+                "only {} of {asked} images were produced",
+                written.len()
+            )),
+        };
+    }
+    Outcome::Completed {
+        images: written,
+        pngs,
+        pace,
     }
 }
 

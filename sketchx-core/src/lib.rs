@@ -5,18 +5,19 @@
 //! networks (CLIP tokenizer and text encoder, ControlNet, UNet, VAE), [`sampling`] holds the torch-compatible
 //! RNG, the schedulers and the denoising loop, [`engine`] ties them into one generation call, [`output`] writes
 //! PNG files atomically, [`request`] defines and validates what a caller may ask for, and [`pipeline`] runs
-//! requests as asynchronous jobs ([`jobs`], [`executor`], [`cleanup`]). [`precision`] says how the networks hold
-//! their weights; the CPU kernels behind them (`ops`) are private (the `bench-internals` feature exposes them to
-//! the benches). For the bindings: [`names`] parses the names a user types (device, precision) and holds the
-//! default models; [`settings`] is the plain form of a pipeline configuration with the pipeline's defaults and one
-//! validated conversion.
+//! requests as asynchronous jobs ([`jobs`], a private executor, [`cleanup`]) kept in a [`store`]: in this process, or in
+//! a shared Redis (feature `redis`) served by worker processes on many machines. [`precision`] says how the
+//! networks hold their weights; the CPU kernels behind them (`ops`) are private (the `bench-internals` feature
+//! exposes them to the benches). For the bindings: [`names`] parses the names a user types (device, precision) and
+//! holds the default models; [`settings`] is the plain form of a pipeline configuration with the pipeline's
+//! defaults and one validated conversion.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cleanup;
 pub mod engine;
 pub mod error;
-pub mod executor;
+mod executor;
 pub mod jobs;
 pub mod models;
 pub mod names;
@@ -31,8 +32,12 @@ pub mod request;
 pub mod sampling;
 pub mod settings;
 pub mod sketch;
+pub mod store;
 
 pub use error::{Error, Result, SketchError};
 pub use jobs::{JobId, JobState, JobStatus};
 pub use pipeline::{Pipeline, PipelineConfig, ShutdownPolicy, SketchInput};
 pub use settings::PipelineSettings;
+#[cfg(feature = "redis")]
+pub use store::redis::RedisConfig;
+pub use store::StoreConfig;

@@ -171,6 +171,13 @@ pub fn write_png_atomic(
     settings: &PngSettings,
 ) -> Result<u64> {
     let png = encode_png(width, height, rgb, settings)?;
+    write_file_atomic(path, &png)
+}
+
+/// Writes `bytes` atomically to `path` (temporary in the same directory, fsync, rename), as
+/// [`write_png_atomic`] does for pixels; for callers that also keep the encoded file (a job store). Returns the
+/// number of bytes written.
+pub fn write_file_atomic(path: &Path, png: &[u8]) -> Result<u64> {
     // `create_new` refuses to reuse a name, so a collision (practically impossible) retries with a new one.
     let (tmp, file) = loop {
         let tmp = temp_path(path);
@@ -180,7 +187,7 @@ pub fn write_png_atomic(
             Err(e) => return Err(Error::io(path, e)),
         }
     };
-    if let Err(e) = finish(file, &tmp, path, &png) {
+    if let Err(e) = finish(file, &tmp, path, png) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }

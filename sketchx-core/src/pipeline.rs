@@ -16,23 +16,26 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{bounded, Sender};
 
 use crate::cleanup::{sweep, CleanupReport};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::executor::{worker, EventCallback, Generator, Preview, Record, Shared, Table};
-use crate::jobs::{messages, JobId, JobState, JobStatus};
+use crate::executor::{heartbeats, worker, WorkerSetup};
+pub use crate::executor::{EventCallback, Generator, Preview};
+use crate::jobs::{JobId, JobStatus};
 use crate::output::PngSettings;
 use crate::request::random_seed;
 use crate::request::GenerationRequest;
 use crate::settings;
 use crate::sketch::Sketch;
+use crate::store::memory::MemoryStore;
+use crate::store::{JobStore, NewJob, StopFlag, StoreConfig};
 
 /// What happens to waiting and running jobs at shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,6 +68,9 @@ pub struct PipelineConfig {
     pub shutdown: ShutdownPolicy,
     /// PNG encoder settings.
     pub png: PngSettings,
+    /// Where jobs are kept: in this process (the default) or in a shared Redis ([`StoreConfig`]). With Redis,
+    /// this pipeline is a worker of the shared queue as well as a client of it.
+    pub store: StoreConfig,
 }
 
 impl std::fmt::Debug for PipelineConfig {
@@ -78,6 +84,7 @@ impl std::fmt::Debug for PipelineConfig {
             .field("on_event", &self.on_event.as_ref().map(|_| "callback"))
             .field("preview_every", &self.preview_every)
             .field("shutdown", &self.shutdown)
+            .field("store", &self.store)
             .finish()
     }
 }
@@ -95,6 +102,7 @@ impl PipelineConfig {
             preview_every: settings::DEFAULT_PREVIEW_EVERY,
             shutdown: ShutdownPolicy::Cancel,
             png: PngSettings::default(),
+            store: StoreConfig::default(),
         }
     }
 
@@ -106,6 +114,17 @@ impl PipelineConfig {
     /// Defaults with the default models (SD1.5 + scribble ControlNet from the Hub) on the CPU.
     pub fn default_models() -> Result<Self> {
         Ok(Self::with_engine(EngineConfig::default_models()?))
+    }
+
+    /// Makes the pipeline a worker (and client) of the Redis job queue at `url`, with the default
+    /// [`crate::store::redis::RedisConfig`] except for the retention, which is this configuration's (finished
+    /// jobs then leave Redis and the output directory after the same time). Bindings and examples call this
+    /// rather than repeat the rule.
+    #[cfg(feature = "redis")]
+    pub fn use_redis(&mut self, url: &str) {
+        let mut redis = crate::store::redis::RedisConfig::new(url);
+        redis.retention = self.retention;
+        self.store = StoreConfig::Redis(redis);
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -170,20 +189,31 @@ impl From<Sketch> for SketchInput {
     }
 }
 
+/// The job being run by this process's worker: id, stop flag, stream entry.
+type Current = Arc<Mutex<Option<(JobId, StopFlag, String)>>>;
+
 struct Inner {
-    shared: Arc<Shared>,
-    generator: Arc<dyn Generator>,
-    doorbell: Sender<()>,
-    stop_sweeper: Mutex<Option<Sender<()>>>,
+    store: Arc<dyn JobStore>,
+    /// The loaded generator, for output sizes at submission; `None` for a client without a model.
+    generator: Option<Arc<dyn Generator>>,
+    output_dir: PathBuf,
+    /// Raised at shutdown: the worker takes no new job.
+    stop: Arc<AtomicBool>,
+    current: Current,
+    stop_threads: Mutex<Vec<Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    closed: AtomicBool,
     capacity: usize,
     retention: Duration,
     drain: bool,
+    /// Whether the queue is shared with other processes (Redis): shutdown then leaves it alone.
+    shared_queue: bool,
 }
 
-/// The sketch-to-image job pipeline: models loaded once, a worker thread running jobs, a job table, and a
-/// retention sweeper. `Send + Sync` and cheap to clone (a handle): share one between threads or requests.
-/// Shutdown happens on [`Pipeline::shutdown`] or when the last handle is dropped.
+/// The sketch-to-image job pipeline: a job store, and (unless it is a client made by [`Pipeline::connect`]) the
+/// models loaded once, a worker thread running jobs and a retention sweeper. `Send + Sync` and cheap to clone (a
+/// handle): share one between threads or requests. Shutdown happens on [`Pipeline::shutdown`] or when the last
+/// handle is dropped.
 #[derive(Clone)]
 pub struct Pipeline {
     inner: Arc<Inner>,
@@ -192,10 +222,26 @@ pub struct Pipeline {
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
-            .field("output_dir", &self.inner.shared.output_dir)
+            .field("output_dir", &self.inner.output_dir)
             .field("capacity", &self.inner.capacity)
+            .field("worker", &self.inner.generator.is_some())
             .finish()
     }
+}
+
+fn open_store(config: &StoreConfig, on_event: Option<EventCallback>) -> Result<Arc<dyn JobStore>> {
+    Ok(match config {
+        StoreConfig::Memory => Arc::new(MemoryStore::new(on_event)),
+        #[cfg(feature = "redis")]
+        StoreConfig::Redis(r) => Arc::new(crate::store::redis::RedisStore::open(r, on_event)?),
+    })
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::io(format!("{name} thread"), e))
 }
 
 impl Pipeline {
@@ -213,62 +259,72 @@ impl Pipeline {
         config.validate()?;
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| Error::io(&config.output_dir, e))?;
-        let shared = Arc::new(Shared {
-            table: Mutex::new(Table::default()),
-            changed: Condvar::new(),
+        let store = open_store(&config.store, config.on_event.clone())?;
+        let shared_queue = !matches!(config.store, StoreConfig::Memory);
+        let stop = Arc::new(AtomicBool::new(false));
+        let current: Current = Arc::default();
+        let drain = config.shutdown == ShutdownPolicy::Drain;
+        let mut threads = Vec::new();
+        let mut stoppers = Vec::new();
+        let setup = WorkerSetup {
+            store: store.clone(),
+            generator: generator.clone(),
             output_dir: config.output_dir.clone(),
             png: config.png,
             preview_every: config.preview_every,
-            on_event: config.on_event.clone(),
-        });
-        let (doorbell, rings) = bounded(1);
-        let mut threads = Vec::new();
-        {
-            let (shared, generator) = (shared.clone(), generator.clone());
-            let drain = config.shutdown == ShutdownPolicy::Drain;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("sketchx-worker".into())
-                    .spawn(move || worker(shared, generator, rings, drain))
-                    .map_err(|e| Error::io("sketchx-worker thread", e))?,
-            );
+            stop: stop.clone(),
+            drain,
+            drain_queue: drain && !shared_queue,
+            current: current.clone(),
+        };
+        threads.push(spawn("sketchx-worker", move || worker(setup))?);
+        if let Some(interval) = store.heartbeat_interval() {
+            let (tx, rx) = bounded::<()>(1);
+            let (store, current) = (store.clone(), current.clone());
+            threads.push(spawn("sketchx-heartbeat", move || {
+                heartbeats(store, current, interval, rx)
+            })?);
+            stoppers.push(tx);
         }
-        let mut stop_sweeper = None;
         if let Some(interval) = config.cleanup_interval {
-            let (stop_tx, stop_rx) = bounded::<()>(1);
-            let shared = shared.clone();
-            let retention = config.retention;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("sketchx-sweeper".into())
-                    .spawn(move || {
-                        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                            stop_rx.recv_timeout(interval)
-                        {
-                            let _ = sweep(&shared, retention);
-                        }
-                    })
-                    .map_err(|e| Error::io("sketchx-sweeper thread", e))?,
-            );
-            stop_sweeper = Some(stop_tx);
+            let (tx, rx) = bounded::<()>(1);
+            let store = store.clone();
+            let (dir, retention) = (config.output_dir.clone(), config.retention);
+            threads.push(spawn("sketchx-sweeper", move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(interval)
+                {
+                    let _ = sweep(store.as_ref(), &dir, retention);
+                }
+            })?);
+            stoppers.push(tx);
         }
         Ok(Self {
             inner: Arc::new(Inner {
-                shared,
-                generator,
-                doorbell,
-                stop_sweeper: Mutex::new(stop_sweeper),
+                store,
+                generator: Some(generator),
+                output_dir: config.output_dir,
+                stop,
+                current,
+                stop_threads: Mutex::new(stoppers),
                 threads: Mutex::new(threads),
+                closed: AtomicBool::new(false),
                 capacity: config.queue_capacity,
                 retention: config.retention,
-                drain: config.shutdown == ShutdownPolicy::Drain,
+                drain,
+                shared_queue,
             }),
         })
     }
 
-    /// The directory images are written to.
+    /// The directory images are written to (empty for a client made by [`Pipeline::connect`]).
     pub fn output_dir(&self) -> &Path {
-        &self.inner.shared.output_dir
+        &self.inner.output_dir
+    }
+
+    /// Whether this pipeline runs jobs itself (`false` for a client made by [`Pipeline::connect`]).
+    pub fn is_worker(&self) -> bool {
+        self.inner.generator.is_some()
     }
 
     /// Validates `request`, decodes the sketch and queues the job; returns at once. Bad input is an error here
@@ -279,186 +335,160 @@ impl Pipeline {
         request: GenerationRequest,
         sketch: impl Into<SketchInput>,
     ) -> Result<JobId> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::ShutDown);
+        }
         request.validate()?;
         let sketch = sketch.into().decode()?;
-        let (width, height) = self.inner.generator.output_size(&request, &sketch)?;
+        let (width, height) = match &self.inner.generator {
+            Some(g) => g.output_size(&request, &sketch)?,
+            None => client_output_size(&request, &sketch)?,
+        };
         let mut request = request;
         request.seed = Some(request.seed.unwrap_or_else(random_seed));
         let id = JobId::random();
-        {
-            let mut t = self.inner.shared.lock();
-            if t.shutting_down {
-                return Err(Error::ShutDown);
-            }
-            if t.queue.len() >= self.inner.capacity {
-                return Err(Error::QueueFull {
-                    capacity: self.inner.capacity,
-                });
-            }
-            let total_steps = request.steps as usize;
-            t.jobs.insert(
-                id.clone(),
-                Record {
-                    id: id.clone(),
-                    state: JobState::Queued,
-                    request,
-                    sketch: Some(sketch),
-                    width,
-                    height,
-                    step: 0,
-                    total_steps,
-                    decoded: 0,
-                    images: Vec::new(),
-                    message: messages::QUEUED.to_string(),
-                    created_at: SystemTime::now(),
-                    started_at: None,
-                    finished_at: None,
-                    run_started: None,
-                    cancel: Arc::new(AtomicBool::new(false)),
-                    preview: None,
-                },
-            );
-            t.queue.push_back(id.clone());
-        }
-        self.inner.shared.notify(&id);
-        let _ = self.inner.doorbell.try_send(());
+        let job = NewJob {
+            id: id.clone(),
+            request,
+            sketch,
+            width,
+            height,
+            created_at: SystemTime::now(),
+        };
+        self.inner.store.enqueue(job, self.inner.capacity)?;
         Ok(id)
     }
 
-    /// The job's current status; an id this pipeline does not know is [`Error::UnknownJob`].
+    /// The job's current status; an id the store does not know is [`Error::UnknownJob`].
     pub fn poll(&self, id: &JobId) -> Result<JobStatus> {
-        let t = self.inner.shared.lock();
-        t.jobs
-            .get(id)
-            .map(|r| Shared::status_of(&t, r))
-            .ok_or_else(|| Error::UnknownJob(id.to_string()))
+        self.inner.store.status(id)
     }
 
     /// Blocks until the job reaches a final state (or `timeout` passes: [`Error::Timeout`]).
     pub fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
-        let deadline = timeout.map(|d| Instant::now() + d);
-        let shared = &self.inner.shared;
-        let mut t = shared.lock();
-        loop {
-            let Some(r) = t.jobs.get(id) else {
-                return Err(Error::UnknownJob(id.to_string()));
-            };
-            if r.state.is_terminal() {
-                return Ok(Shared::status_of(&t, r));
-            }
-            t = match deadline {
-                None => shared.changed.wait(t).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Err(Error::Timeout(id.to_string()));
-                    }
-                    shared
-                        .changed
-                        .wait_timeout(t, d - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-            };
-        }
+        self.inner.store.wait(id, timeout)
     }
 
-    /// Cancels a job: a queued one is removed at once, a running one stops at its next step and leaves no files.
-    /// `Ok(false)` if it had already finished; [`Error::UnknownJob`] if the id is unknown.
+    /// Cancels a job: a queued one is cancelled at once (it never starts), a running one stops at its next step
+    /// and leaves no files. `Ok(false)` if it had already finished; [`Error::UnknownJob`] if the id is unknown.
     pub fn cancel(&self, id: &JobId) -> Result<bool> {
-        let queued = {
-            let mut t = self.inner.shared.lock();
-            let Some(r) = t.jobs.get_mut(id) else {
-                return Err(Error::UnknownJob(id.to_string()));
-            };
-            match r.state {
-                JobState::Queued => true,
-                JobState::Running => {
-                    r.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Ok(true);
-                }
-                _ => return Ok(false),
-            }
-        };
-        if queued {
-            self.inner.shared.lock().queue.retain(|q| q != id);
-            self.inner
-                .shared
-                .finish(id, JobState::Cancelled, messages::CANCELLED.into(), vec![]);
-        }
-        Ok(true)
+        self.inner.store.cancel(id)
     }
 
     /// The latest live preview of a running job (every `preview_every` steps), if any yet.
     pub fn preview(&self, id: &JobId) -> Result<Option<Preview>> {
-        let t = self.inner.shared.lock();
-        t.jobs
-            .get(id)
-            .map(|r| r.preview.clone())
-            .ok_or_else(|| Error::UnknownJob(id.to_string()))
+        self.inner.store.preview(id)
+    }
+
+    /// The PNG files of a completed job, in order (empty while it is not completed). With Redis they come from
+    /// the store, so a client needs no shared disk; in memory they are read from the output directory.
+    pub fn images(&self, id: &JobId) -> Result<Vec<Vec<u8>>> {
+        self.inner.store.images(id)
     }
 
     /// Deletes this pipeline's files older than the retention period (see [`crate::cleanup`]) and forgets
-    /// finished jobs whose files are gone.
+    /// finished jobs whose files are gone. (With Redis, the store's keys expire by themselves.)
     pub fn cleanup(&self) -> Result<CleanupReport> {
-        sweep(&self.inner.shared, self.inner.retention)
+        self.cleanup_older_than(self.inner.retention)
     }
 
     /// [`Pipeline::cleanup`] with another maximum age.
     pub fn cleanup_older_than(&self, max_age: Duration) -> Result<CleanupReport> {
-        sweep(&self.inner.shared, max_age)
+        if self.inner.generator.is_none() {
+            return Ok(CleanupReport::default());
+        }
+        sweep(self.inner.store.as_ref(), &self.inner.output_dir, max_age)
     }
 
-    /// Number of jobs waiting in the queue.
+    /// Number of jobs waiting in the queue (with Redis: the shared queue; 0 if the store cannot be reached).
     pub fn queued(&self) -> usize {
-        self.inner.shared.lock().queue.len()
+        self.inner.store.queued().unwrap_or(0)
     }
 
     /// Stops intake, cancels or drains pending jobs (per [`ShutdownPolicy`]) and joins every thread. Idempotent;
-    /// also runs when the last handle is dropped.
+    /// also runs when the last handle is dropped. With a shared (Redis) queue, queued jobs stay for other workers,
+    /// and the running job is handed back to the queue (or, with [`ShutdownPolicy::Drain`], finished).
     pub fn shutdown(&self) {
         self.inner.shutdown();
     }
 }
 
+#[cfg(feature = "redis")]
+impl Pipeline {
+    /// A client of the Redis job queue at `url` (`redis://host:port`): no model is loaded and no job runs here;
+    /// `submit`, `poll`, `wait`, `cancel`, `preview` and `images` work as in an in-process pipeline, served by the
+    /// worker processes of the same queue. Default [`crate::store::redis::RedisConfig`] and a queue bound of 64.
+    pub fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(crate::store::redis::RedisConfig::new(url), 64)
+    }
+
+    /// [`Pipeline::connect`] with a full configuration and the queue bound this client enforces.
+    pub fn connect_with(
+        config: crate::store::redis::RedisConfig,
+        queue_capacity: usize,
+    ) -> Result<Self> {
+        if queue_capacity == 0 {
+            return Err(Error::invalid("queue_capacity", "must be at least 1"));
+        }
+        let store = open_store(&StoreConfig::Redis(config.clone()), None)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                generator: None,
+                output_dir: PathBuf::new(),
+                stop: Arc::new(AtomicBool::new(false)),
+                current: Arc::default(),
+                stop_threads: Mutex::new(Vec::new()),
+                threads: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+                capacity: queue_capacity,
+                retention: config.retention,
+                drain: false,
+                shared_queue: true,
+            }),
+        })
+    }
+}
+
+/// A client's output size for `sketch` (it has no model to ask): the sketch's target size, which must be a
+/// multiple of SD1.5's VAE factor 8. A model with another factor refuses the job on the worker instead.
+fn client_output_size(req: &GenerationRequest, sketch: &Sketch) -> Result<(u32, u32)> {
+    let (w, h) = sketch.target_size(req.width, req.height);
+    for (field, v) in [("width", w), ("height", h)] {
+        if v % 8 != 0 {
+            return Err(Error::invalid(
+                field,
+                format!("{v} is not a multiple of the VAE scale factor 8"),
+            ));
+        }
+    }
+    Ok((w, h))
+}
+
 impl Inner {
     fn shutdown(&self) {
-        let queued: Vec<JobId> = {
-            let mut t = self.shared.lock();
-            t.shutting_down = true;
-            t.queue.iter().cloned().collect()
-        };
-        let threads: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        if threads.is_empty() {
+        if self.closed.swap(true, Ordering::SeqCst) {
             return; // already shut down
         }
+        self.stop.store(true, Ordering::SeqCst);
+        self.store
+            .close(!self.drain && !self.shared_queue && self.generator.is_some());
         if !self.drain {
-            for id in &queued {
-                self.shared.lock().queue.retain(|q| q != id);
-                self.shared.finish(
-                    id,
-                    JobState::Cancelled,
-                    messages::CANCELLED_BY_SHUTDOWN.into(),
-                    vec![],
-                );
-            }
-            // The running job stops at its next step.
-            for r in self.shared.lock().jobs.values() {
-                if r.state == JobState::Running {
-                    r.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
+            if let Some((_, flag, _)) = &*self.current.lock().unwrap_or_else(|e| e.into_inner()) {
+                flag.raise(crate::store::StopReason::ShutDown);
             }
         }
-        if let Some(stop) = self
-            .stop_sweeper
+        for tx in self
+            .stop_threads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
+            .drain(..)
         {
-            let _ = stop.try_send(());
+            let _ = tx.try_send(());
         }
-        let _ = self.doorbell.try_send(());
+        self.store.wake();
+        let threads: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for th in threads {
             let _ = th.join();
         }

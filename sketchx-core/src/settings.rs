@@ -75,6 +75,10 @@ pub struct PipelineSettings {
     pub preview_every: usize,
     /// Shutdown finishes queued jobs first ([`ShutdownPolicy::Drain`]) instead of cancelling them.
     pub drain_on_shutdown: bool,
+    /// A Redis URL (`redis://host:port/db`): the pipeline becomes a worker and client of the shared job queue
+    /// there (see `PipelineConfig::use_redis`); `None`: jobs stay in this process. A build without the `redis`
+    /// feature refuses a URL.
+    pub redis_url: Option<String>,
 }
 
 impl PipelineSettings {
@@ -97,6 +101,7 @@ impl PipelineSettings {
         },
         preview_every: DEFAULT_PREVIEW_EVERY,
         drain_on_shutdown: false,
+        redis_url: None,
     };
 
     /// Parses and checks every field and builds the [`PipelineConfig`] (no model is loaded yet). Errors:
@@ -130,9 +135,26 @@ impl PipelineSettings {
         } else {
             ShutdownPolicy::Cancel
         };
+        if let Some(url) = &self.redis_url {
+            use_redis(&mut config, url)?;
+        }
         config.validate().map_err(settings_field_names)?;
         Ok(config)
     }
+}
+
+#[cfg(feature = "redis")]
+fn use_redis(config: &mut PipelineConfig, url: &str) -> Result<()> {
+    config.use_redis(url);
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+fn use_redis(_: &mut PipelineConfig, _: &str) -> Result<()> {
+    Err(Error::invalid(
+        "redis_url",
+        "this build of sketchx has no Redis support (cargo feature `redis`)",
+    ))
 }
 
 impl Default for PipelineSettings {

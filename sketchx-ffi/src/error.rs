@@ -52,12 +52,14 @@ pub enum sketchx_result {
     SKETCHX_PANIC = 18,
     /// The caller's buffer is too small; the message says how many bytes are needed.
     SKETCHX_BUFFER_TOO_SMALL = 19,
+    /// The job store (Redis) cannot be reached or refused a command; the message names the server or key.
+    SKETCHX_STORE = 20,
 }
 
 use sketchx_result::*;
 
 /// Every code, in order of value.
-const ALL_RESULTS: [sketchx_result; 20] = [
+const ALL_RESULTS: [sketchx_result; 21] = [
     SKETCHX_OK,
     SKETCHX_NULL_ARGUMENT,
     SKETCHX_INVALID_UTF8,
@@ -78,6 +80,7 @@ const ALL_RESULTS: [sketchx_result; 20] = [
     SKETCHX_INTERNAL,
     SKETCHX_PANIC,
     SKETCHX_BUFFER_TOO_SMALL,
+    SKETCHX_STORE,
 ];
 
 impl sketchx_result {
@@ -104,6 +107,7 @@ impl sketchx_result {
             SKETCHX_INTERNAL => c"SKETCHX_INTERNAL",
             SKETCHX_PANIC => c"SKETCHX_PANIC",
             SKETCHX_BUFFER_TOO_SMALL => c"SKETCHX_BUFFER_TOO_SMALL",
+            SKETCHX_STORE => c"SKETCHX_STORE",
         }
     }
 }
@@ -150,6 +154,7 @@ impl From<Error> for Failure {
             Error::JobFailed(_) => (SKETCHX_JOB_FAILED, None),
             Error::Io { .. } => (SKETCHX_IO, None),
             Error::Candle(_) => (SKETCHX_INTERNAL, None),
+            Error::Store { .. } => (SKETCHX_STORE, None),
             _ => (SKETCHX_INTERNAL, None),
         };
         Failure {
@@ -327,6 +332,13 @@ mod tests {
             (Error::ShutDown, SKETCHX_SHUT_DOWN),
             (Error::JobFailed("x".into()), SKETCHX_JOB_FAILED),
             (
+                Error::Store {
+                    key: "redis://h:1".into(),
+                    message: "refused".into(),
+                },
+                SKETCHX_STORE,
+            ),
+            (
                 Error::io("p", std::io::Error::other("disk full")),
                 SKETCHX_IO,
             ),
@@ -355,6 +367,7 @@ mod tests {
         assert_eq!(unknown, c"SKETCHX_UNKNOWN_RESULT");
         assert_eq!(SKETCHX_QUEUE_FULL as u32, 10);
         assert_eq!(SKETCHX_BUFFER_TOO_SMALL as u32, 19);
+        assert_eq!(SKETCHX_STORE as u32, 20);
     }
 
     #[test]

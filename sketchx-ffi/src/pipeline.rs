@@ -105,6 +105,50 @@ pub unsafe extern "C" fn sketchx_pipeline_new(
     })
 }
 
+/// Connects to the Redis job queue at `redis_url` (`redis://host:port`) as a client: no model is loaded and no job
+/// runs in this process; submit / poll / wait / cancel work as on any pipeline and the queue's worker processes
+/// (pipelines with `options.redis_url`, or the `worker` example) run the jobs. At most `queue_capacity` jobs may
+/// wait (0 is `SKETCHX_INVALID_REQUEST`). An unreachable server is `SKETCHX_STORE`.
+///
+/// Ownership: on `SKETCHX_OK`, `*out` receives a new pipeline owned by the caller, to be released with
+/// `sketchx_pipeline_free`; on failure `*out` is untouched. `redis_url` is only borrowed during the call.
+///
+/// # Safety
+/// `redis_url` is NULL or a NUL-terminated string; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_pipeline_connect(
+    redis_url: *const c_char,
+    queue_capacity: usize,
+    out: *mut *mut sketchx_pipeline,
+) -> sketchx_result {
+    guard(|| {
+        // SAFETY: caller's guarantee.
+        let url = unsafe { arg_str(redis_url, "redis_url") }?;
+        let out = arg_out(out, "out")?;
+        let inner = connect(url, queue_capacity)?;
+        let p = Box::into_raw(Box::new(sketchx_pipeline { inner }));
+        // SAFETY: non-NULL and writable.
+        unsafe { out.write(p) };
+        Ok(())
+    })
+}
+
+#[cfg(feature = "redis")]
+fn connect(url: &str, queue_capacity: usize) -> Result<Pipeline, Failure> {
+    Ok(Pipeline::connect_with(
+        sketchx_core::RedisConfig::new(url),
+        queue_capacity,
+    )?)
+}
+
+#[cfg(not(feature = "redis"))]
+fn connect(_: &str, _: usize) -> Result<Pipeline, Failure> {
+    Err(
+        sketchx_core::Error::invalid("redis_url", "this build of sketchx has no Redis support")
+            .into(),
+    )
+}
+
 /// Shuts the pipeline down (as `sketchx_pipeline_shutdown`: waits for the worker) and frees it. NULL is a
 /// no-op. Freeing the same pointer twice is undefined behaviour (as with `free`).
 ///

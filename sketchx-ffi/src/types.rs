@@ -173,6 +173,11 @@ pub struct sketchx_pipeline_options {
     /// seams differ from an untiled decode). 0: one piece (the default). A VAE whose config gives no
     /// usable tile size then fails `sketchx_pipeline_new` with `SKETCHX_MODEL_UNSUPPORTED`.
     pub vae_tiling: c_int,
+    /// NULL: jobs live in this process (the default). A Redis URL (`redis://host:port`): jobs live in that
+    /// Redis's shared queue and this pipeline is one of its workers (and a client of it); see also
+    /// `sketchx_pipeline_connect` for a client without a model. Finished jobs expire from Redis after
+    /// `retention_secs`.
+    pub redis_url: *const c_char,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -282,6 +287,7 @@ impl sketchx_pipeline_options {
             progress_callback: None,
             user_data: std::ptr::null_mut(),
             vae_tiling: c_int::from(d.vae_tiling),
+            redis_url: std::ptr::null(),
         }
     }
 
@@ -309,6 +315,7 @@ impl sketchx_pipeline_options {
                 .then_some(self.cleanup_interval_secs as f64),
             preview_every: self.preview_every,
             drain_on_shutdown: self.drain_on_shutdown != 0,
+            redis_url: text(self.redis_url, "options.redis_url")?,
         })
     }
 

@@ -48,6 +48,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("retention_secs", s.retention_secs)?;
     d.set_item("cleanup_interval_secs", s.cleanup_interval_secs)?;
     d.set_item("vae_tiling", s.vae_tiling)?;
+    d.set_item("redis_url", s.redis_url)?;
     Ok(d)
 }
 

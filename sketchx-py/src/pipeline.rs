@@ -33,7 +33,7 @@ impl NativePipeline {
     /// Loads the models (without the GIL) and starts the worker.
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
-                        cleanup_interval_secs, vae_tiling))]
+                        cleanup_interval_secs, vae_tiling, redis_url=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -46,6 +46,7 @@ impl NativePipeline {
         retention_secs: &Bound<'_, PyAny>,
         cleanup_interval_secs: Option<&Bound<'_, PyAny>>,
         vae_tiling: &Bound<'_, PyAny>,
+        redis_url: Option<String>,
     ) -> PyResult<Self> {
         let settings = PipelineSettings {
             model: Some(model.to_string()),
@@ -61,12 +62,48 @@ impl NativePipeline {
                 "cleanup_interval_secs",
                 cleanup_interval_secs,
             )?,
+            redis_url,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py
             .detach(move || Pipeline::new(settings.to_config()?))
             .or_raise(py)?;
         Ok(Self { pipe })
+    }
+
+    /// A client of the Redis job queue at `url`: no model, jobs run by the queue's workers.
+    #[staticmethod]
+    #[pyo3(signature = (url, prefix, queue_capacity))]
+    fn connect(
+        py: Python<'_>,
+        url: String,
+        prefix: Option<String>,
+        queue_capacity: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let queue_capacity: usize = int_field(py, "queue_capacity", queue_capacity)?;
+        let mut config = sketchx_core::RedisConfig::new(url);
+        if let Some(p) = prefix {
+            config.prefix = p;
+        }
+        let pipe = py
+            .detach(move || Pipeline::connect_with(config, queue_capacity))
+            .or_raise(py)?;
+        Ok(Self { pipe })
+    }
+
+    /// The PNG files of a completed job (empty while it is not completed).
+    fn images<'py>(
+        &self,
+        py: Python<'py>,
+        job_id: &str,
+    ) -> PyResult<Vec<Bound<'py, pyo3::types::PyBytes>>> {
+        let id = self::job_id(py, job_id)?;
+        let pipe = self.pipe.clone();
+        let pngs = py.detach(move || pipe.images(&id)).or_raise(py)?;
+        Ok(pngs
+            .iter()
+            .map(|b| pyo3::types::PyBytes::new(py, b))
+            .collect())
     }
 
     /// Queues a job; returns its id. `raw` = `(height, width, channels)` when `sketch` holds raw pixels.

@@ -137,7 +137,8 @@ static void test_static_functions(void) {
     CHECK_OK(sketchx_pipeline_options_init(&opt));
     CHECK(opt.queue_capacity == 64 && opt.retention_secs == 3600 && opt.preview_every == 5);
     CHECK(opt.model == NULL && opt.progress_callback == NULL && opt.drain_on_shutdown == 0);
-    CHECK(opt.vae_tiling == 0);
+    CHECK(opt.vae_tiling == 0 && opt.redis_url == NULL);
+    CHECK(strcmp(sketchx_result_name(SKETCHX_STORE), "SKETCHX_STORE") == 0 && SKETCHX_STORE == 20);
 
     /* thread-local last error */
     CHECK_ERR(sketchx_request_init(NULL), SKETCHX_NULL_ARGUMENT, "");
@@ -505,6 +506,43 @@ static void test_vae_tiling(const char *fixtures, const char *work) {
     }
 }
 
+/* The Redis client: argument errors and an unreachable server without one; with SKETCHX_TEST_REDIS_URL set (as
+ * scripts/test does), a client that refuses bad input and unknown ids and queues a job. */
+static void test_redis_client(const char *fixtures) {
+    sketchx_pipeline *p = NULL;
+    CHECK_ERR(sketchx_pipeline_connect(NULL, 4, &p), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_connect("redis://127.0.0.1:1", 4, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_connect(BAD_UTF8, 4, &p), SKETCHX_INVALID_UTF8, "");
+    CHECK_ERR(sketchx_pipeline_connect("redis://127.0.0.1:1", 4, &p), SKETCHX_STORE, "");
+    CHECK(p == NULL);
+    const char *url = getenv("SKETCHX_TEST_REDIS_URL");
+    if (url == NULL || url[0] == 0) {
+        printf("api_test: SKIPPED the Redis client checks: SKETCHX_TEST_REDIS_URL is not set\n");
+        return;
+    }
+    CHECK_ERR(sketchx_pipeline_connect(url, 0, &p), SKETCHX_INVALID_REQUEST, "queue_capacity");
+    CHECK_OK(sketchx_pipeline_connect(url, 4, &p));
+    sketchx_job_info info;
+    CHECK_ERR(sketchx_pipeline_poll(p, UNKNOWN_ID, &info), SKETCHX_UNKNOWN_JOB, "");
+    sketchx_request req;
+    request_for_tests(&req, 2);
+    char sketch[4096];
+    snprintf(sketch, sizeof sketch, "%s/sketches/house_black_on_white.png", fixtures);
+    sketchx_job_id id;
+    req.steps = 0;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch, &id), SKETCHX_INVALID_REQUEST, "steps");
+    req.steps = 2;
+    CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch, &id));
+    CHECK_OK(sketchx_pipeline_poll(p, id.id, &info));
+    CHECK(info.state == SKETCHX_STATE_QUEUED);
+    int cancelled = 0;
+    CHECK_OK(sketchx_pipeline_cancel(p, id.id, &cancelled));
+    CHECK(cancelled == 1);
+    CHECK_OK(sketchx_pipeline_poll(p, id.id, &info));
+    CHECK(info.state == SKETCHX_STATE_CANCELLED);
+    sketchx_pipeline_free(p);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s FIXTURES_DIR WORK_DIR\n", argv[0]);
@@ -513,6 +551,7 @@ int main(int argc, char **argv) {
     test_static_functions();
     test_pipeline(argv[1], argv[2]);
     test_vae_tiling(argv[1], argv[2]);
+    test_redis_client(argv[1]);
     printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
     return failures == 0 ? 0 : 1;
 }

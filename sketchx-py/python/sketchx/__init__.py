@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from types import MappingProxyType, TracebackType
-from typing import Any, Mapping, Optional, Tuple, Type, Union
+from typing import Any, List, Mapping, Optional, Tuple, Type, Union
 
 from . import _sketchx
 from ._errors import (
@@ -31,6 +31,7 @@ __version__: str = _sketchx.__version__
 __all__ = [
     "__version__",
     "Pipeline",
+    "connect",
     "JobStatus",
     "SketchxError",
     "InvalidRequestError",
@@ -114,6 +115,8 @@ class Pipeline:
     ``vae_tiling=True``: decode images in overlapping tiles, as diffusers after ``vae.enable_tiling()`` (the VAE
     decoder then needs the memory of one 512x512 tile for SD1.5 whatever the image size; pixels near the seams
     differ from an untiled decode; images that fit in one tile are unchanged).
+    ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
+    then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
     Raises ``ModelLoadError`` if a model cannot load, ``InvalidRequestError`` for bad arguments.
     """
 
@@ -129,6 +132,7 @@ class Pipeline:
         retention_secs: float = _DEFAULTS["retention_secs"],
         cleanup_interval_secs: Optional[float] = _DEFAULTS["cleanup_interval_secs"],
         vae_tiling: bool = _DEFAULTS["vae_tiling"],
+        redis_url: Optional[str] = _DEFAULTS["redis_url"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -140,6 +144,7 @@ class Pipeline:
             retention_secs,
             cleanup_interval_secs,
             vae_tiling,
+            redis_url,
         )
 
     def submit(
@@ -230,6 +235,11 @@ class Pipeline:
         """Number of jobs waiting in the queue."""
         return self._native.queued()
 
+    def images(self, job_id: str) -> List[bytes]:
+        """The PNG files of a completed job, in order (empty while it is not completed). With Redis they come from
+        the store, so a client needs no shared disk."""
+        return self._native.images(job_id)
+
     @property
     def output_dir(self) -> str:
         """The directory images are written to."""
@@ -253,3 +263,13 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"sketchx.Pipeline(output_dir={self.output_dir!r}, queued={self.queued()})"
+
+
+def connect(url: str, *, prefix: str = "sketchx", queue_capacity: int = 64) -> Pipeline:
+    """A client of the Redis job queue at ``url`` (``redis://host:port``): no model is loaded; ``submit``,
+    ``poll``, ``wait``, ``cancel`` and ``images`` work as on a ``Pipeline``, and the queue's workers
+    (``python -m sketchx.worker`` or the Rust ``worker`` example) run the jobs. ``prefix``: the deployment's key
+    prefix. Raises ``SketchxError`` if the server cannot be reached."""
+    pipe = Pipeline.__new__(Pipeline)
+    pipe._native = _sketchx.Pipeline.connect(url, prefix, queue_capacity)
+    return pipe

@@ -3,7 +3,7 @@ hosted inside this process."""
 
 import os
 from types import TracebackType
-from typing import Any, Mapping, Optional, Tuple, Type, Union
+from typing import Any, List, Mapping, Optional, Tuple, Type, Union
 
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import ModelLoadError as ModelLoadError
@@ -16,6 +16,7 @@ __version__: str
 __all__ = [
     "__version__",
     "Pipeline",
+    "connect",
     "JobStatus",
     "SketchxError",
     "InvalidRequestError",
@@ -55,6 +56,7 @@ class Pipeline:
         retention_secs: float = 3600.0,
         cleanup_interval_secs: Optional[float] = 3600.0,
         vae_tiling: bool = False,
+        redis_url: Optional[str] = None,
     ) -> None: ...
     def submit(
         self,
@@ -82,6 +84,7 @@ class Pipeline:
     def cancel(self, job_id: str) -> bool: ...
     def cleanup(self, max_age_secs: Optional[float] = None) -> int: ...
     def queued(self) -> int: ...
+    def images(self, job_id: str) -> List[bytes]: ...
     @property
     def output_dir(self) -> str: ...
     def close(self) -> None: ...
@@ -92,3 +95,5 @@ class Pipeline:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None: ...
+
+def connect(url: str, *, prefix: str = "sketchx", queue_capacity: int = 64) -> Pipeline: ...

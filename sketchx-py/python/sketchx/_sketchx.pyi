@@ -62,7 +62,11 @@ class Pipeline:
         retention_secs: float,
         cleanup_interval_secs: Optional[float],
         vae_tiling: bool,
+        redis_url: Optional[str] = None,
     ) -> "Pipeline": ...
+    @staticmethod
+    def connect(url: str, prefix: Optional[str], queue_capacity: int) -> "Pipeline": ...
+    def images(self, job_id: str) -> List[bytes]: ...
     def submit(
         self,
         sketch: "str | os.PathLike[str] | bytes | bytearray",
