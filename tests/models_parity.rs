@@ -380,3 +380,33 @@ fn vae_whose_sample_size_gives_no_usable_tiles_is_refused_for_tiling_only() {
     let vae = Vae::load(f32_weights(&w), &config(cfg.clone(), "vae/config.json")).unwrap();
     assert_eq!(vae.tiling().unwrap().latent_size, 8);
 }
+
+/// The `VarBuilder` constructors (`new`) and the `Weights` constructors (`load`) build the same networks.
+#[test]
+fn var_builder_and_weights_constructors_agree() {
+    use sketchx::models::loader::var_builder;
+    let r = refs();
+    let sd = sd();
+    let cfg: serde_json::Value = sd.json("vae/config.json").unwrap();
+    let w = sd.weights("vae", None).unwrap();
+    let vb = var_builder(&w, DType::F32, &Device::Cpu).unwrap();
+    let old = Vae::new(vb, &cfg, "vae/config.json").unwrap();
+    let new = Vae::load(f32_weights(&w), &config(cfg, "vae/config.json"));
+    let (a, b) = (
+        old.decode(&r["vae.latents"]).unwrap(),
+        new.unwrap().decode(&r["vae.latents"]).unwrap(),
+    );
+    assert_eq!(max_diff(&a, &b).0, 0.0);
+
+    let cfg: serde_json::Value = sd.json("unet/config.json").unwrap();
+    let w = sd.weights("unet", None).unwrap();
+    let vb = var_builder(&w, DType::F32, &Device::Cpu).unwrap();
+    let old = UNet::new(vb, &cfg, "unet/config.json").unwrap();
+    let new = UNet::load(f32_weights(&w), &config(cfg, "unet/config.json")).unwrap();
+    let t = r["cn.timestep"].to_vec1::<f32>().unwrap()[0] as f64;
+    let run = |u: &UNet| {
+        u.forward(&r["cn.sample"], t, &r["text.hidden"], None, None)
+            .unwrap()
+    };
+    assert_eq!(max_diff(&run(&old), &run(&new)).0, 0.0);
+}

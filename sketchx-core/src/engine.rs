@@ -23,8 +23,13 @@ use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
 use crate::sketch::Sketch;
 
-use crate::names::{DEFAULT_CONTROLNET, DEFAULT_MODEL};
-use crate::request::random_seed;
+// Where these lived before `names`; kept so that existing code compiles.
+#[doc(hidden)]
+pub use crate::names::{
+    default_dtype, device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL,
+};
+#[doc(hidden)]
+pub use crate::request::random_seed;
 
 /// How many distinct prompt embeddings the engine keeps.
 const PROMPT_CACHE_ENTRIES: usize = 32;
@@ -55,14 +60,7 @@ pub struct EngineConfig {
 impl EngineConfig {
     /// The default models (downloaded from the Hub on first use) on the CPU in f32.
     pub fn default_models() -> Result<Self> {
-        Ok(Self {
-            model: ModelSource::parse(DEFAULT_MODEL)?,
-            controlnet: ModelSource::parse(DEFAULT_CONTROLNET)?,
-            device: Device::Cpu,
-            dtype: DType::F32,
-            variant: None,
-            vae_tiling: false,
-        })
+        Self::new(DEFAULT_MODEL, DEFAULT_CONTROLNET)
     }
 
     /// The given models (Hub ids or local directories) on the CPU in f32.

@@ -17,7 +17,10 @@
 pub mod cleanup;
 pub mod engine;
 pub mod error;
-mod executor;
+// Private in the documentation (its public types are re-exported by `pipeline`); the path stays public so that
+// code written against `executor::Generator` keeps compiling.
+#[doc(hidden)]
+pub mod executor;
 pub mod jobs;
 pub mod models;
 pub mod names;

@@ -90,9 +90,42 @@ pub fn quoted_list(names: &[&str]) -> String {
     }
 }
 
+/// The member of `all` whose `name` is `s` (ASCII case-insensitive, surrounding whitespace ignored); otherwise
+/// [`Error::InvalidRequest`] for `field`: "unknown `what` "s" (expected ...)".
+pub(crate) fn parse_name<T: Copy>(
+    field: &'static str,
+    what: &str,
+    s: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T> {
+    let t = s.trim();
+    all.iter()
+        .copied()
+        .find(|k| t.eq_ignore_ascii_case(name(*k)))
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|k| name(*k)).collect();
+            Error::invalid(
+                field,
+                format!("unknown {what} {s:?} (expected {})", quoted_list(&names)),
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `result` is an `InvalidRequest` for `field` whose message contains `needle`.
+    fn assert_invalid<T: std::fmt::Debug>(result: Result<T>, field: &str, needle: &str) {
+        match result {
+            Err(Error::InvalidRequest { field: f, message }) => {
+                assert_eq!(f, field);
+                assert!(message.contains(needle), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn device_names_ignore_case_and_surrounding_whitespace() {
@@ -138,13 +171,11 @@ mod tests {
 
     #[test]
     fn unknown_dtypes_name_the_field() {
-        match dtype_from_name(Some("f64"), &Device::Cpu) {
-            Err(Error::InvalidRequest { field, message }) => {
-                assert_eq!(field, "dtype");
-                assert!(message.contains("f32, bf16, f16"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_invalid(
+            dtype_from_name(Some("f64"), &Device::Cpu),
+            "dtype",
+            "f32, bf16, f16",
+        );
     }
 
     #[test]
@@ -174,25 +205,18 @@ mod tests {
         // The default comes first in each list.
         assert_eq!(SchedulerKind::ALL[0], SchedulerKind::default());
         assert_eq!(Preprocess::ALL[0], Preprocess::default());
-        for (bad, field) in [("plms", "scheduler"), ("euler a", "scheduler")] {
-            match bad.parse::<SchedulerKind>() {
-                Err(Error::InvalidRequest { field: f, message }) => {
-                    assert_eq!(f, field);
-                    assert!(
-                        message.contains("\"euler_a\", \"euler\" or \"ddim\""),
-                        "{message}"
-                    );
-                }
-                other => panic!("{other:?}"),
-            }
+        for bad in ["plms", "euler a"] {
+            assert_invalid(
+                bad.parse::<SchedulerKind>(),
+                "scheduler",
+                "\"euler_a\", \"euler\" or \"ddim\"",
+            );
         }
-        match "canny".parse::<Preprocess>() {
-            Err(Error::InvalidRequest { field, message }) => {
-                assert_eq!(field, "preprocess");
-                assert!(message.contains("\"scribble\" or \"none\""), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_invalid(
+            "canny".parse::<Preprocess>(),
+            "preprocess",
+            "\"scribble\" or \"none\"",
+        );
     }
 
     #[test]

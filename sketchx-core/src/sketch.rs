@@ -61,19 +61,9 @@ impl FromStr for Preprocess {
 
     /// Parses `"scribble"` or `"none"` (ASCII case-insensitive, surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|m| t.eq_ignore_ascii_case(m.as_str()))
-            .ok_or_else(|| {
-                Error::invalid(
-                    "preprocess",
-                    format!(
-                        "unknown preprocessing mode {s:?} (expected {})",
-                        crate::names::quoted_list(&Self::names())
-                    ),
-                )
-            })
+        crate::names::parse_name("preprocess", "preprocessing mode", s, &Self::ALL, |k| {
+            k.as_str()
+        })
     }
 }
 

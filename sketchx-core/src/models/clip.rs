@@ -103,6 +103,12 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// Builds the model from its config and a `VarBuilder`, whose dtype and device give the precision;
+    /// `origin` names the config file in errors.
+    pub fn new(vb: candle_nn::VarBuilder, config: &ClipTextConfig, origin: &str) -> Result<Self> {
+        Self::load(Weights::of_builder(vb), config, origin)
+    }
+
     /// Builds the model from its config and weights; `origin` names the config file in errors.
     pub fn load(vb: Weights, config: &ClipTextConfig, origin: &str) -> Result<Self> {
         let act = Activation::parse(&config.hidden_act, origin)?;

@@ -215,6 +215,29 @@ fn as_usize(v: &Value) -> Option<usize> {
     v.as_u64().and_then(|x| usize::try_from(x).ok())
 }
 
+/// Gives a model that has `load(Weights, &ConfigFile)` the constructor from a `VarBuilder` (whose dtype and device
+/// give the precision, see [`Weights::of_builder`](crate::precision::Weights::of_builder)) and a parsed config named `origin` in errors.
+macro_rules! var_builder_constructor {
+    ($model:ty, $what:literal) => {
+        impl $model {
+            #[doc = concat!("Builds ", $what, " from its parsed `config.json` and a `VarBuilder`, whose dtype and")]
+            #[doc = "device give the precision; `origin` names the file in errors. `load` does the same from"]
+            #[doc = "[`Weights`](crate::precision::Weights) and a [`ConfigFile`](crate::models::config::ConfigFile)."]
+            pub fn new(
+                vb: candle_nn::VarBuilder,
+                value: &serde_json::Value,
+                origin: &str,
+            ) -> crate::error::Result<Self> {
+                Self::load(
+                    crate::precision::Weights::of_builder(vb),
+                    &crate::models::config::ConfigFile::from_value(value.clone(), origin)?,
+                )
+            }
+        }
+    };
+}
+pub(crate) use var_builder_constructor;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,6 +82,8 @@ pub struct ControlNet {
     downscale: usize,
 }
 
+super::config::var_builder_constructor!(ControlNet, "the ControlNet");
+
 impl ControlNet {
     /// Builds a ControlNet from its `config.json` and weights.
     pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {

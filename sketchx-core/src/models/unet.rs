@@ -275,6 +275,8 @@ pub struct UNet {
     pub cross_attention_dim: usize,
 }
 
+super::config::var_builder_constructor!(UNet, "the UNet");
+
 impl UNet {
     /// Builds the UNet from its `config.json` and weights.
     pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {

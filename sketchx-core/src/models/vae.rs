@@ -310,6 +310,8 @@ pub struct Vae {
     pub latent_channels: usize,
 }
 
+super::config::var_builder_constructor!(Vae, "the VAE");
+
 impl Vae {
     /// Builds the VAE from its `config.json` and weights.
     pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {

@@ -481,12 +481,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cancel_after_take_raises_the_flag_and_the_finish_records_the_cancel() {
+    /// A store holding one queued job, and that job's id.
+    fn one_queued_job() -> (MemoryStore, JobId) {
         let s = MemoryStore::new(None);
         let j = job();
         let id = j.id.clone();
         s.enqueue(j, 4).unwrap();
+        (s, id)
+    }
+
+    #[test]
+    fn cancel_after_take_raises_the_flag_and_the_finish_records_the_cancel() {
+        let (s, id) = one_queued_job();
         let claim = s.take_next(Duration::ZERO).unwrap().unwrap();
         assert!(s.cancel(&id).unwrap());
         assert_eq!(claim.stop.reason(), StopReason::Cancelled);
@@ -504,10 +510,7 @@ mod tests {
 
     #[test]
     fn cancel_before_take_means_the_job_is_never_handed_out() {
-        let s = MemoryStore::new(None);
-        let j = job();
-        let id = j.id.clone();
-        s.enqueue(j, 4).unwrap();
+        let (s, id) = one_queued_job();
         assert!(s.cancel(&id).unwrap());
         assert!(s.take_next(Duration::ZERO).unwrap().is_none());
         assert_eq!(s.status(&id).unwrap().state, JobState::Cancelled);

@@ -93,19 +93,7 @@ impl FromStr for SchedulerKind {
 
     /// Parses a request name ([`SchedulerKind::names`]; ASCII case-insensitive, surrounding whitespace ignored).
     fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|k| t.eq_ignore_ascii_case(k.as_str()))
-            .ok_or_else(|| {
-                Error::invalid(
-                    "scheduler",
-                    format!(
-                        "unknown scheduler {s:?} (expected {})",
-                        crate::names::quoted_list(&Self::names())
-                    ),
-                )
-            })
+        crate::names::parse_name("scheduler", "scheduler", s, &Self::ALL, |k| k.as_str())
     }
 }
 
