@@ -12,7 +12,9 @@ use candle_core::Tensor;
 
 use crate::engine::{Engine, Generated, StepInfo};
 use crate::error::{Error, Result};
-use crate::jobs::{JobId, JobState, JobStatus};
+use crate::jobs::{JobId, JobState};
+// Defined with the job records; re-exported at their former path.
+pub use crate::jobs::{EventCallback, Preview};
 use crate::output::{encode_png, image_file_name, write_file_atomic, PngSettings};
 use crate::request::GenerationRequest;
 use crate::sketch::Sketch;
@@ -44,20 +46,6 @@ impl Generator for Engine {
     ) -> Result<Generated> {
         Engine::generate(self, req, sketch, observer)
     }
-}
-
-/// A cheap look at a running job's current latents: a linear latent-to-RGB approximation (no extra model),
-/// at latent resolution (1/8 of the image for SD1.5).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Preview {
-    /// Denoising step the preview shows.
-    pub step: usize,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// RGB8 pixels of the first image of the batch, row-major.
-    pub rgb: Vec<u8>,
 }
 
 /// SD1.x latent channel -> RGB contributions (a widely used linear fit of the VAE decoder).
@@ -99,9 +87,6 @@ pub fn latent_preview(latents: &Tensor, step: usize) -> Option<Preview> {
         rgb,
     })
 }
-
-/// Callback receiving a snapshot after every change of a job (called on the thread that made the change).
-pub type EventCallback = Arc<dyn Fn(&JobStatus) + Send + Sync>;
 
 /// What a worker thread needs besides the store: the generator, where and how to write images, and when to stop.
 pub(crate) struct WorkerSetup {

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
@@ -187,3 +188,20 @@ impl JobStatus {
         serde_json::to_string(self).expect("a JobStatus always serialises")
     }
 }
+
+/// A cheap look at a running job's current latents: a linear latent-to-RGB approximation (no extra model),
+/// at latent resolution (1/8 of the image for SD1.5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    /// Denoising step the preview shows.
+    pub step: usize,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// RGB8 pixels of the first image of the batch, row-major.
+    pub rgb: Vec<u8>,
+}
+
+/// Callback receiving a snapshot after every change of a job (called on the thread that made the change).
+pub type EventCallback = Arc<dyn Fn(&JobStatus) + Send + Sync>;

@@ -32,10 +32,18 @@ use crate::jobs::{JobId, JobStatus};
 use crate::output::PngSettings;
 use crate::request::random_seed;
 use crate::request::GenerationRequest;
-use crate::settings;
 use crate::sketch::Sketch;
 use crate::store::memory::MemoryStore;
 use crate::store::{JobStore, NewJob, StopFlag, StoreConfig};
+
+/// Where images are written unless told otherwise.
+pub const DEFAULT_OUTPUT_DIR: &str = "generated";
+/// Most jobs waiting at once unless told otherwise.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
+/// How often the background sweeper runs, in seconds, unless told otherwise (hourly; `None` would be never).
+pub const DEFAULT_CLEANUP_INTERVAL_SECS: Option<u64> = Some(3600);
+/// A live preview is computed every this many steps unless told otherwise (0 would be never).
+pub const DEFAULT_PREVIEW_EVERY: usize = 5;
 
 /// What happens to waiting and running jobs at shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,12 +102,12 @@ impl PipelineConfig {
     pub fn with_engine(engine: EngineConfig) -> Self {
         Self {
             engine,
-            output_dir: PathBuf::from(settings::DEFAULT_OUTPUT_DIR),
-            queue_capacity: settings::DEFAULT_QUEUE_CAPACITY,
-            retention: Duration::from_secs(settings::DEFAULT_RETENTION_SECS),
-            cleanup_interval: settings::DEFAULT_CLEANUP_INTERVAL_SECS.map(Duration::from_secs),
+            output_dir: PathBuf::from(DEFAULT_OUTPUT_DIR),
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            retention: Duration::from_secs(crate::store::DEFAULT_RETENTION_SECS),
+            cleanup_interval: DEFAULT_CLEANUP_INTERVAL_SECS.map(Duration::from_secs),
             on_event: None,
-            preview_every: settings::DEFAULT_PREVIEW_EVERY,
+            preview_every: DEFAULT_PREVIEW_EVERY,
             shutdown: ShutdownPolicy::Cancel,
             png: PngSettings::default(),
             store: StoreConfig::default(),

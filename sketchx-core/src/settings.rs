@@ -32,16 +32,11 @@ use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAUL
 use crate::pipeline::{PipelineConfig, ShutdownPolicy};
 use crate::request::{out_of_range, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
 
-/// Where images are written unless told otherwise.
-pub const DEFAULT_OUTPUT_DIR: &str = "generated";
-/// Most jobs waiting at once unless told otherwise.
-pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
-/// Age in seconds after which finished jobs' files are deleted, unless told otherwise (one hour).
-pub const DEFAULT_RETENTION_SECS: u64 = 3600;
-/// How often the background sweeper runs, in seconds, unless told otherwise (hourly; `None` would be never).
-pub const DEFAULT_CLEANUP_INTERVAL_SECS: Option<u64> = Some(3600);
-/// A live preview is computed every this many steps unless told otherwise (0 would be never).
-pub const DEFAULT_PREVIEW_EVERY: usize = 5;
+pub use crate::pipeline::{
+    DEFAULT_CLEANUP_INTERVAL_SECS, DEFAULT_OUTPUT_DIR, DEFAULT_PREVIEW_EVERY,
+    DEFAULT_QUEUE_CAPACITY,
+};
+pub use crate::store::DEFAULT_RETENTION_SECS;
 
 /// A pipeline configuration as a binding holds it. [`PipelineSettings::DEFAULT`] is the core's defaults; a
 /// string left `None` means the core's default. What cannot be spelled plainly (the progress callback, PNG

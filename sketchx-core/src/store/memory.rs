@@ -13,8 +13,8 @@ use super::{
     StopReason,
 };
 use crate::error::{Error, Result};
-use crate::executor::{EventCallback, Preview};
 use crate::jobs::{messages, JobId, JobState, JobStatus};
+use crate::jobs::{EventCallback, Preview};
 use crate::request::GenerationRequest;
 use crate::sketch::Sketch;
 

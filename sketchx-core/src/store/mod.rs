@@ -16,10 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
-use crate::executor::{EventCallback, Preview};
-use crate::jobs::{JobId, JobState, JobStatus};
+use crate::jobs::{EventCallback, JobId, JobState, JobStatus, Preview};
 use crate::request::GenerationRequest;
 use crate::sketch::Sketch;
+
+/// Age in seconds after which finished jobs' files are deleted, unless told otherwise (one hour).
+pub const DEFAULT_RETENTION_SECS: u64 = 3600;
 
 /// Which store a pipeline keeps its jobs in.
 #[derive(Debug, Clone, Default)]

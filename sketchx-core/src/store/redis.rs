@@ -33,8 +33,8 @@ use super::{
     StopReason,
 };
 use crate::error::{Error, Result};
-use crate::executor::{EventCallback, Preview};
 use crate::jobs::{messages, JobId, JobState, JobStatus};
+use crate::jobs::{EventCallback, Preview};
 use crate::request::GenerationRequest;
 use crate::sketch::Sketch;
 
@@ -80,7 +80,7 @@ impl RedisConfig {
             heartbeat_interval: Duration::from_secs(DEFAULT_HEARTBEAT_SECS),
             heartbeat_timeout: Duration::from_secs(DEFAULT_HEARTBEAT_TIMEOUT_SECS),
             max_deliveries: DEFAULT_MAX_DELIVERIES,
-            retention: Duration::from_secs(crate::settings::DEFAULT_RETENTION_SECS),
+            retention: Duration::from_secs(super::DEFAULT_RETENTION_SECS),
             worker_name: None,
             timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),
