@@ -1,4 +1,8 @@
-"""Writes a full-size Stable Diffusion 1.5 + scribble ControlNet with *random* weights in diffusers layout.
+"""Writes a full-size Stable Diffusion 1.5 + scribble ControlNet with *random* weights in diffusers layout, plus
+the few-step pieces of the same sizes as the published ones: ``lcm-lora.safetensors`` (kohya format, rank 64 on
+every attention, feed-forward, proj_in/out, resnet and sampler layer of the UNet, as
+``latent-consistency/lcm-lora-sdv1-5``; about 135 MB in float16) and ``taesd/`` (``AutoencoderTiny`` with
+diffusers' default config, as ``madebyollin/taesd``).
 
 The configs are those of `stable-diffusion-v1-5/stable-diffusion-v1-5` and `lllyasviel/sd-controlnet-scribble`,
 so the result proves that sketchx builds and runs the real architecture (and measures its time and memory) on a
@@ -63,7 +67,32 @@ def main(out: Path) -> None:
     cn = ControlNetModel(conditioning_embedding_out_channels=(16, 32, 96, 256), **cn_kw)
     models.perturb_zero_layers(cn, torch.Generator().manual_seed(0))
     cn.save_pretrained(out / "controlnet")
+    write_fewstep(out, UNet2DConditionModel.from_pretrained(sd / "unet"))
     print(f"wrote {out} in {time.time() - t0:.0f}s")
+
+
+def write_fewstep(out: Path, unet) -> None:
+    """The random LCM-LoRA-sized kohya LoRA and the TAESD (see the module doc); kept if present."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    from fewstep import random_lora, target_modules, unet_kohya_name
+
+    lora_path = out / "lcm-lora.safetensors"
+    if not lora_path.exists():
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                   "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+                   "upsamplers.0.conv"]
+        lora = random_lora(target_modules(unet, targets), lambda m: 64, torch.Generator().manual_seed(7), std=0.01)
+        sd = {}
+        for module, (a, b) in lora.items():
+            name = unet_kohya_name(module)
+            sd[f"{name}.lora_down.weight"] = a.half().contiguous()
+            sd[f"{name}.lora_up.weight"] = b.half().contiguous()
+            sd[f"{name}.alpha"] = torch.tensor(8.0)
+        save_file(sd, str(lora_path), metadata={"ss_network_module": "networks.lora"})
+    if not (out / "taesd").exists():
+        AutoencoderTiny().save_pretrained(out / "taesd")
 
 
 if __name__ == "__main__":
