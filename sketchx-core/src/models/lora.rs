@@ -9,10 +9,12 @@
 //!   `.lora_up.weight`, an optional 0-dim `.alpha`);
 //! - diffusers/peft (`unet.<module>` / `text_encoder.[text_model.]<module>`, `.lora_A.weight` / `.lora_B.weight`;
 //!   alpha and rank from the safetensors metadata `lora_adapter_metadata` that diffusers' `save_lora_weights`
-//!   writes (`unet.lora_alpha`, `unet.r`, `unet.alpha_pattern`, ...), alpha = rank without it);
+//!   writes (`unet.lora_alpha`, `unet.r`, `unet.alpha_pattern`, ...));
 //! - old diffusers (`unet.<module>.lora.down.weight` / `.lora.up.weight`, the attention processors'
-//!   `<attention>.processor.to_q_lora.down.weight`, `text_encoder.<module>.lora_linear_layer.down.weight`; alpha =
-//!   rank).
+//!   `<attention>.processor.to_q_lora.down.weight`, `text_encoder.<module>.lora_linear_layer.down.weight`).
+//!
+//! A layer without an alpha of its own (no `.alpha` tensor, no metadata) gets the one diffusers gives it: alpha =
+//! rank when all layers share one rank (see `default_alphas` for the rest).
 //!
 //! The deltas are computed in f64 from the stored weights and rounded once, to the precision's weights dtype, before
 //! any layer sees them (f32 in the CPU bf16 mode, whose layers round and pack their weights later), so the fused
@@ -324,8 +326,8 @@ fn fuse_param(base: &BaseFile, param: &str, layers: &[(&Adapter, &Layer)]) -> Re
 enum Alpha {
     /// An `.alpha` tensor (kohya, or diffusers' network alphas): `alpha / rank`.
     Value(f64),
-    /// No alpha anywhere: alpha = rank (factor 1).
-    Rank,
+    /// No alpha for this layer in the file: [`default_alphas`] replaces it before any fusion.
+    Unset,
     /// From peft's config in `lora_adapter_metadata`: `alpha / r` (`alpha / sqrt(r)` with rsLoRA); `rank` the
     /// configured r, which the tensors must have.
     Config {
@@ -341,7 +343,8 @@ impl Alpha {
         let r = rank as f64;
         Ok(match *self {
             Alpha::Value(a) => a / r,
-            Alpha::Rank => 1.0,
+            // Not reached: `default_alphas` sets every alpha; alpha = rank is the natural reading.
+            Alpha::Unset => 1.0,
             Alpha::Config {
                 alpha,
                 rank: configured,
@@ -470,7 +473,7 @@ impl Adapter {
                     }
                     Alpha::Value(a)
                 }
-                None if kohya => Alpha::Rank,
+                None if kohya => Alpha::Unset,
                 None => config.alpha(component, &module),
             };
             layers.push(Layer {
@@ -483,11 +486,43 @@ impl Adapter {
                 alpha,
             });
         }
+        default_alphas(&mut layers);
         Ok(Self {
             path: name,
             scale: spec.scale,
             layers,
         })
+    }
+}
+
+/// Gives every layer without an alpha of its own the one diffusers gives it (`get_peft_kwargs`), per network:
+/// with `.alpha` tensors in the network, the most frequent of them (ties: the first in key order); without any,
+/// the rank of the network's first layer in key order (so alpha = rank, factor 1, when all layers have one rank).
+fn default_alphas(layers: &mut [Layer]) {
+    for component in [Component::Unet, Component::TextEncoder] {
+        let mut counts: Vec<(f64, usize)> = Vec::new();
+        let mut first_rank = None;
+        for layer in layers.iter().filter(|l| l.component == component) {
+            if let Alpha::Value(a) = layer.alpha {
+                match counts.iter_mut().find(|(v, _)| *v == a) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((a, 1)),
+                }
+            }
+            first_rank = first_rank.or_else(|| layer.up.dims().get(1).copied());
+        }
+        // The first of the most frequent: `max_by_key` keeps the last maximum, so search in reverse.
+        let default = counts
+            .iter()
+            .rev()
+            .max_by_key(|(_, n)| *n)
+            .map(|(a, _)| *a)
+            .or(first_rank.map(|r| r as f64));
+        for layer in layers.iter_mut().filter(|l| l.component == component) {
+            if let (Alpha::Unset, Some(a)) = (&layer.alpha, default) {
+                layer.alpha = Alpha::Value(a);
+            }
+        }
     }
 }
 
@@ -681,10 +716,10 @@ impl PeftConfigs {
         Ok(Self { configs })
     }
 
-    /// The alpha of `module` of `component`: its config's (pattern first), or alpha = rank without one.
+    /// The alpha of `module` of `component`: its config's (pattern first), or [`Alpha::Unset`] without one.
     fn alpha(&self, component: Component, module: &str) -> Alpha {
         let Some(c) = self.configs.get(&component) else {
-            return Alpha::Rank;
+            return Alpha::Unset;
         };
         let find = |patterns: &[(Regex, f64)]| {
             patterns
@@ -822,5 +857,106 @@ impl ModuleIndex {
             .get(&module)
             .cloned()
             .ok_or_else(|| err(format!("matches no layer of {}", self.component.name())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module_of(key: &str) -> Option<(Component, String, bool)> {
+        classify(key).map(|(c, m, k, _)| (c, m, k))
+    }
+
+    #[test]
+    fn keys_of_every_layout_name_their_module() {
+        let unet = |m: &str, kohya| Some((Component::Unet, m.to_string(), kohya));
+        let te = |m: &str, kohya| Some((Component::TextEncoder, m.to_string(), kohya));
+        assert_eq!(
+            module_of("lora_unet_mid_block_resnets_0_conv1.lora_down.weight"),
+            unet("mid_block_resnets_0_conv1", true)
+        );
+        assert_eq!(
+            module_of("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"),
+            te("encoder_layers_0_mlp_fc1", true)
+        );
+        assert_eq!(
+            module_of("unet.up_blocks.1.attentions.0.proj_in.lora_B.weight"),
+            unet("up_blocks.1.attentions.0.proj_in", false)
+        );
+        assert_eq!(
+            module_of("text_encoder.text_model.encoder.layers.1.self_attn.q_proj.lora_linear_layer.up.weight"),
+            te("encoder.layers.1.self_attn.q_proj", false)
+        );
+        assert_eq!(
+            module_of("text_encoder.encoder.layers.1.mlp.fc2.lora_A.weight"),
+            te("encoder.layers.1.mlp.fc2", false)
+        );
+        assert_eq!(
+            module_of("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight"),
+            unet("mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", false)
+        );
+        assert_eq!(
+            module_of("unet.down_blocks.0.resnets.0.conv1.lora.down.weight"),
+            unet("down_blocks.0.resnets.0.conv1", false)
+        );
+        for unknown in [
+            "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a",
+            "unet.down_blocks.0.resnets.0.conv1.lora_magnitude_vector",
+            "base_model.model.down_blocks.0.resnets.0.conv1.lora_A.weight",
+            "unet.a.processor.to_z_lora.down.weight",
+        ] {
+            assert_eq!(module_of(unknown), None, "{unknown}");
+        }
+        assert!(other_family("lora_unet_input_blocks_4_1_proj_in.alpha").is_some());
+        assert!(other_family("lora_unet_down_blocks_0_resnets_0_conv1.alpha").is_none());
+    }
+
+    fn layer(component: Component, rank: usize, alpha: Alpha) -> Layer {
+        let cpu = &Device::Cpu;
+        Layer {
+            component,
+            module: String::new(),
+            kohya: false,
+            down_key: String::new(),
+            down: Tensor::zeros((rank, 4), DType::F64, cpu).unwrap(),
+            up: Tensor::zeros((4, rank), DType::F64, cpu).unwrap(),
+            alpha,
+        }
+    }
+
+    fn alphas(layers: &[Layer]) -> Vec<f64> {
+        layers
+            .iter()
+            .map(|l| match l.alpha {
+                Alpha::Value(a) => a,
+                _ => panic!("alpha not set"),
+            })
+            .collect()
+    }
+
+    /// diffusers' `get_peft_kwargs`: without alphas, the first layer's rank for all (per network); with some, the
+    /// most frequent for the others.
+    #[test]
+    fn layers_without_alpha_get_diffusers_default() {
+        let (u, t) = (Component::Unet, Component::TextEncoder);
+        let mut layers = vec![
+            layer(u, 4, Alpha::Unset),
+            layer(u, 2, Alpha::Unset),
+            layer(t, 8, Alpha::Unset),
+        ];
+        default_alphas(&mut layers);
+        assert_eq!(alphas(&layers), [4.0, 4.0, 8.0]);
+        let mut layers = vec![
+            layer(u, 4, Alpha::Value(1.0)),
+            layer(u, 4, Alpha::Value(3.0)),
+            layer(u, 4, Alpha::Value(3.0)),
+            layer(u, 2, Alpha::Unset),
+            layer(t, 2, Alpha::Value(5.0)),
+            layer(t, 2, Alpha::Value(6.0)),
+            layer(t, 2, Alpha::Unset),
+        ];
+        default_alphas(&mut layers);
+        assert_eq!(alphas(&layers), [1.0, 3.0, 3.0, 3.0, 5.0, 6.0, 5.0]);
     }
 }
