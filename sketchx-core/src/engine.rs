@@ -161,7 +161,7 @@ impl Engine {
             precision,
         )?;
         let (text_encoder, unet, vae, controlnet) =
-            files.build(precision, &config.device, &fused)?;
+            files.build(precision, &config.device, fused)?;
         if config.vae_tiling {
             vae.tiling()?;
         }
@@ -593,18 +593,21 @@ impl NetworkFiles {
         &self,
         precision: Precision,
         dev: &Device,
-        fused: &FusedWeights,
+        fused: FusedWeights,
     ) -> Result<(ClipTextModel, UNet, Vae, ControlNet)> {
         let open = |path: &Path| loader::weights(path, precision, dev);
-        let open_fused = |path: &Path, fused: &std::collections::HashMap<String, Tensor>| {
-            // Cheap: the map's tensors are shared, not copied.
-            loader::weights_fused(path, precision, dev, fused.clone())
-        };
+        // The fused maps move into their networks' builders, so they are freed with them once each is built.
+        let FusedWeights {
+            unet: fused_unet,
+            text_encoder: fused_te,
+        } = fused;
+        let open_fused = |path: &Path, fused| loader::weights_fused(path, precision, dev, fused);
         let (mut te, mut unet, mut vae, mut cn) = (None, None, None, None);
         rayon::scope(|s| {
-            s.spawn(|_| {
+            let te = &mut te;
+            s.spawn(move |_| {
                 let (config, origin, path) = &self.text_encoder;
-                te = Some(open_fused(path, &fused.text_encoder).and_then(|w| {
+                *te = Some(open_fused(path, fused_te).and_then(|w| {
                     ClipTextModel::load(w, config, origin).map_err(|e| candle_to_file(e, path))
                 }))
             });
@@ -624,7 +627,7 @@ impl NetworkFiles {
             });
             let (config, path) = &self.unet;
             unet = Some(
-                open_fused(path, &fused.unet)
+                open_fused(path, fused_unet)
                     .and_then(|w| UNet::load(w, config).map_err(|e| candle_to_file(e, path))),
             );
         });

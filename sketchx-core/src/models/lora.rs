@@ -227,8 +227,9 @@ pub fn fuse(
         .iter()
         .map(Adapter::read)
         .collect::<Result<Vec<_>>>()?;
-    // Every layer of every adapter is resolved to its parameter before anything is computed: an unknown key
-    // fails before the (larger) fusion work, whichever network it names.
+    // Every layer of every adapter is resolved to its parameter, and checked against its shape, before anything
+    // is computed: an unknown key or a layer that does not fit fails before the (larger) fusion work, whichever
+    // network it names.
     let mut plans = Vec::with_capacity(2);
     for (component, path) in [
         (Component::Unet, unet),
@@ -236,11 +237,21 @@ pub fn fuse(
     ] {
         let base = BaseFile::open(path)?;
         let index = ModuleIndex::new(component, &base.names());
-        let mut by_param: BTreeMap<String, Vec<(&Adapter, &Layer)>> = BTreeMap::new();
+        let mut by_param: BTreeMap<String, Vec<Delta>> = BTreeMap::new();
         for adapter in &adapters {
             for layer in adapter.layers.iter().filter(|l| l.component == component) {
                 let param = index.resolve(adapter, layer)?;
-                by_param.entry(param).or_default().push((adapter, layer));
+                let dims = base.shape(&param).ok_or_else(|| {
+                    Error::malformed(path.display(), format!("no shape for {param}"))
+                })?;
+                let module = param.strip_suffix(".weight").unwrap_or(&param);
+                let (cout, rank, fan_in) = check_fit(&dims, layer, &adapter.path, module)?;
+                let factor = adapter.scale * layer.alpha.factor(rank, &adapter.path, module)?;
+                by_param.entry(param).or_default().push(Delta {
+                    up: layer.up.reshape((cout, rank))?,
+                    down: layer.down.reshape((rank, fan_in))?,
+                    factor,
+                });
             }
         }
         plans.push((component, base, by_param));
@@ -252,73 +263,79 @@ pub fn fuse(
             Component::Unet => &mut out.unet,
             Component::TextEncoder => &mut out.text_encoder,
         };
-        for (param, layers) in by_param {
-            let fused = fuse_param(&base, &param, &layers)?;
-            map.insert(param, fused.to_dtype(dtype)?);
+        for (param, deltas) in by_param {
+            // `W + sum(factor * up @ down)` in f64, rounded once to the weights dtype.
+            let w = base.load_f64(&param)?;
+            let mut sum = w.clone();
+            for d in &deltas {
+                let delta = d.up.matmul(&d.down)?.affine(d.factor, 0.0)?;
+                sum = (sum + delta.reshape(w.shape())?)?;
+            }
+            map.insert(param, sum.to_dtype(dtype)?);
         }
     }
     Ok(out)
 }
 
-/// `W + sum(scale * alpha/rank * up @ down)` for one parameter, in f64, rounded to f32.
-fn fuse_param(base: &BaseFile, param: &str, layers: &[(&Adapter, &Layer)]) -> Result<Tensor> {
-    let w = base.load_f64(param)?;
-    let module = param.strip_suffix(".weight").unwrap_or(param);
-    let dims = w.dims().to_vec();
-    let mut sum = w.clone();
-    for (adapter, layer) in layers {
-        let shape_error = |message: String| Error::Lora {
-            path: adapter.path.clone(),
-            key: module.to_string(),
-            message,
-        };
-        if dims.len() != 2 && dims.len() != 4 {
-            return Err(shape_error(format!(
-                "the layer {module} has a weight of shape {dims:?}; LoRA adapts linear layers and convolutions"
-            )));
-        }
-        let (down, up) = (&layer.down, &layer.up);
-        let (dd, ud) = (down.dims(), up.dims());
-        if dd.len() < 2 || ud.len() < 2 {
-            return Err(shape_error(format!(
-                "down {dd:?} / up {ud:?} are not LoRA matrices"
-            )));
-        }
-        let rank = dd[0];
-        if ud[1] != rank {
-            return Err(shape_error(format!(
-                "rank mismatch: down {dd:?} has rank {rank}, up {ud:?} has rank {}",
-                ud[1]
-            )));
-        }
-        // Trailing 1s dropped: a linear-shaped adapter fits a 1x1 convolution and the other way round.
-        let trim = |d: &[usize]| {
-            let mut v = d.to_vec();
-            while v.len() > 1 && v.last() == Some(&1) {
-                v.pop();
-            }
-            v
-        };
-        let (cout, fan_in) = (dims[0], w.elem_count() / dims[0].max(1));
-        if trim(&dd[1..]) != trim(&dims[1..]) || ud[0] != cout || ud[2..].iter().any(|&d| d != 1) {
-            return Err(shape_error(format!(
-                "down {dd:?} / up {ud:?} do not fit the layer's weight {dims:?} (down must be [rank, {}], up [{cout}, rank])",
-                dims[1..]
-                    .iter()
-                    .map(usize::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-        let factor = adapter.scale * layer.alpha.factor(rank, &adapter.path, module)?;
-        let delta = up
-            .reshape((cout, rank))?
-            .matmul(&down.reshape((rank, fan_in))?)?
-            .affine(factor, 0.0)?
-            .reshape(dims.as_slice())?;
-        sum = (sum + delta)?;
+/// One adapter's contribution to a parameter: `factor * up @ down` (`up` `[cout, rank]`, `down` `[rank, fan_in]`,
+/// f64; `factor` = scale * alpha / rank).
+struct Delta {
+    up: Tensor,
+    down: Tensor,
+    factor: f64,
+}
+
+/// Checks that `layer`'s tensors fit a weight of shape `dims` (of the layer `module`), returning (out features,
+/// rank, in features x kernel); an [`Error::Lora`] naming the layer otherwise.
+fn check_fit(
+    dims: &[usize],
+    layer: &Layer,
+    path: &str,
+    module: &str,
+) -> Result<(usize, usize, usize)> {
+    let shape_error = |message: String| Error::Lora {
+        path: path.to_string(),
+        key: module.to_string(),
+        message,
+    };
+    if (dims.len() != 2 && dims.len() != 4) || dims[0] == 0 {
+        return Err(shape_error(format!(
+            "the layer {module} has a weight of shape {dims:?}; LoRA adapts linear layers and convolutions"
+        )));
     }
-    Ok(sum.to_dtype(DType::F32)?)
+    let (dd, ud) = (layer.down.dims(), layer.up.dims());
+    if dd.len() < 2 || ud.len() < 2 {
+        return Err(shape_error(format!(
+            "down {dd:?} / up {ud:?} are not LoRA matrices"
+        )));
+    }
+    let rank = dd[0];
+    if ud[1] != rank {
+        return Err(shape_error(format!(
+            "rank mismatch: down {dd:?} has rank {rank}, up {ud:?} has rank {}",
+            ud[1]
+        )));
+    }
+    // Trailing 1s dropped: a linear-shaped adapter fits a 1x1 convolution and the other way round.
+    let trim = |d: &[usize]| {
+        let mut v = d.to_vec();
+        while v.len() > 1 && v.last() == Some(&1) {
+            v.pop();
+        }
+        v
+    };
+    let cout = dims[0];
+    if trim(&dd[1..]) != trim(&dims[1..]) || ud[0] != cout || ud[2..].iter().any(|&d| d != 1) {
+        return Err(shape_error(format!(
+            "down {dd:?} / up {ud:?} do not fit the layer's weight {dims:?} (down must be [rank, {}], up [{cout}, rank])",
+            dims[1..]
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok((cout, rank, dims[1..].iter().product()))
 }
 
 /// The alpha of one adapted layer, as diffusers determines it.
@@ -771,6 +788,13 @@ impl BaseFile {
         match self {
             BaseFile::Safetensors(f) => f.names(),
             BaseFile::Pickle(f, _) => f.tensor_infos().keys().cloned().collect(),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            BaseFile::Safetensors(f) => f.shape(name).map(<[usize]>::to_vec),
+            BaseFile::Pickle(f, _) => f.tensor_infos().get(name).map(|i| i.layout.dims().to_vec()),
         }
     }
 
