@@ -555,7 +555,8 @@ fn other_family(key: &str) -> Option<&'static str> {
         "lora_unet_label_emb",
     ];
     SDXL.iter().any(|p| key.starts_with(p)).then_some(
-        "an SDXL LoRA key (two text encoders / SDXL UNet naming); sketchx runs Stable Diffusion 1.x",
+        "an SDXL-style key (lora_te1_/lora_te2_, text_encoder_2, or the LDM input_blocks/middle_block/output_blocks \
+         naming); sketchx reads Stable Diffusion 1.x LoRAs in diffusers' module naming",
     )
 }
 
