@@ -189,6 +189,25 @@ fn cpu_bf16_mode_fuses_before_rounding() {
     println!("CPU bf16 mode: worst max rel diff as the layers read the weights {worst_read:.3e}");
 }
 
+/// In a reduced precision (f16, as on GPUs) the fused weights are handed out in that dtype, rounded once from the
+/// f64 sum: within half an f16 ulp of diffusers' f32 fusion.
+#[test]
+fn reduced_precision_rounds_the_fused_weights_once() {
+    let precision = Precision::Reduced(DType::F16);
+    let mut worst = 0f64;
+    for entry in index() {
+        let fused = fuse_for_model(&tiny_sd(), None, &specs_of(&entry), precision).unwrap();
+        for (key, theirs) in read_tensors(&fixtures().join(entry["file"].as_str().unwrap())) {
+            let ours = fused_param(&fused, &key).unwrap();
+            assert_eq!(ours.dtype(), DType::F16, "{key}");
+            let d = rel_diff(&ours.to_dtype(DType::F32).unwrap(), &theirs);
+            assert!(d <= 1e-3, "{key}: {d:e}");
+            worst = worst.max(d);
+        }
+    }
+    println!("f16: worst max rel diff {worst:.3e}");
+}
+
 /// Scale 0 leaves every adapted weight bit for bit as stored.
 #[test]
 fn scale_zero_leaves_the_weights_unchanged() {
