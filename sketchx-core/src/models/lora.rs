@@ -653,10 +653,17 @@ struct PeftConfig {
 
 impl PeftConfigs {
     fn read(file: &SafetensorsFile, name: &str) -> Result<Self> {
+        match file.metadata().and_then(|m| m.get("lora_adapter_metadata")) {
+            Some(text) => Self::parse(text, name),
+            None => Ok(Self {
+                configs: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Parses the metadata's JSON `text`; errors name the file `name`.
+    fn parse(text: &str, name: &str) -> Result<Self> {
         let mut configs = HashMap::new();
-        let Some(text) = file.metadata().and_then(|m| m.get("lora_adapter_metadata")) else {
-            return Ok(Self { configs });
-        };
         let err = |key: String, message: String| Error::Lora {
             path: name.to_string(),
             key: format!("lora_adapter_metadata: {key}"),
@@ -739,16 +746,19 @@ impl PeftConfigs {
         let Some(c) = self.configs.get(&component) else {
             return Alpha::Unset;
         };
+        // peft names the text encoder's modules with `text_model.`, which `module` no longer has.
+        let full = match component {
+            Component::TextEncoder => format!("text_model.{module}"),
+            Component::Unet => module.to_string(),
+        };
+        let matches = |re: &Regex| re.is_match(module) || re.is_match(&full);
         let find = |patterns: &[(Regex, f64)]| {
-            patterns
-                .iter()
-                .find(|(re, _)| re.is_match(module))
-                .map(|(_, v)| *v)
+            patterns.iter().find(|(re, _)| matches(re)).map(|(_, v)| *v)
         };
         let rank = c
             .rank_pattern
             .iter()
-            .find(|(re, _)| re.is_match(module))
+            .find(|(re, _)| matches(re))
             .map(|(_, v)| *v)
             .or(c.r);
         Alpha::Config {
@@ -935,6 +945,48 @@ mod tests {
         }
         assert!(other_family("lora_unet_input_blocks_4_1_proj_in.alpha").is_some());
         assert!(other_family("lora_unet_down_blocks_0_resnets_0_conv1.alpha").is_none());
+    }
+
+    /// peft's `alpha_pattern` / `rank_pattern` (a module named by the pattern or ending in `.` + it), rsLoRA, and
+    /// the text encoder's patterns written with `text_model.`.
+    #[test]
+    fn metadata_patterns_pick_alpha_and_rank() {
+        let json = r#"{"unet.lora_alpha": 8, "unet.r": 4, "unet.use_rslora": true,
+            "unet.alpha_pattern": {"attn1.to_q": 2.5}, "unet.rank_pattern": {"down_blocks.0.resnets.0.conv1": 2},
+            "text_encoder.lora_alpha": 1.5, "text_encoder.r": 2,
+            "text_encoder.alpha_pattern": {"text_model.encoder.layers.0.mlp.fc1": 6}}"#;
+        let c = PeftConfigs::parse(json, "f").unwrap();
+        let get = |component, module| match c.alpha(component, module) {
+            Alpha::Config {
+                alpha,
+                rank,
+                rslora,
+            } => (alpha, rank, rslora),
+            other => panic!("{other:?}"),
+        };
+        let (u, t) = (Component::Unet, Component::TextEncoder);
+        assert_eq!(
+            get(u, "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"),
+            (2.5, Some(4), true)
+        );
+        assert_eq!(
+            get(u, "mid_block.attentions.0.transformer_blocks.0.attn1.to_qq"),
+            (8.0, Some(4), true)
+        );
+        assert_eq!(
+            get(u, "down_blocks.0.resnets.0.conv1"),
+            (8.0, Some(2), true)
+        );
+        assert_eq!(get(t, "encoder.layers.0.mlp.fc1"), (6.0, Some(2), false));
+        assert_eq!(get(t, "encoder.layers.1.mlp.fc1"), (1.5, Some(2), false));
+        assert!(matches!(
+            PeftConfigs::parse("{\"unet.lora_alpha\": 1, \"unet.use_dora\": true}", "f"),
+            Err(Error::Lora { .. })
+        ));
+        assert!(matches!(
+            PeftConfigs::parse("{", "f"),
+            Err(Error::Lora { .. })
+        ));
     }
 
     fn layer(component: Component, rank: usize, alpha: Alpha) -> Layer {
