@@ -13,6 +13,7 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::config::ConfigFile;
 use crate::models::controlnet::{ControlNet, ControlResiduals};
 use crate::models::loader::{self, build_error, ModelSource, Resolver};
+use crate::models::lora::{self, FusedWeights, LoraSpec};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
@@ -55,6 +56,11 @@ pub struct EngineConfig {
     /// than one tile are affected. Default `false`, as in diffusers. With it on, [`Engine::load`] refuses a VAE
     /// whose config gives no usable tile size ([`Error::UnsupportedModel`]).
     pub vae_tiling: bool,
+    /// LoRA adapters fused into the UNet's and the text encoder's weights at load, each with its scale, as
+    /// diffusers' `load_lora_weights` + `fuse_lora` (several: `set_adapters` with their scales as weights, then
+    /// `fuse_lora`). Kohya, diffusers/peft and old diffusers safetensors files; see [`crate::models::lora`]. A
+    /// key that matches no layer, an SDXL file or a scale beyond ±10 fails [`Engine::load`]. Default: none.
+    pub loras: Vec<LoraSpec>,
 }
 
 impl EngineConfig {
@@ -72,6 +78,7 @@ impl EngineConfig {
             dtype: DType::F32,
             variant: None,
             vae_tiling: false,
+            loras: Vec::new(),
         })
     }
 }
@@ -132,14 +139,26 @@ impl Engine {
     /// rayon's pool, each reading only the tensors it uses straight into their final buffers (safetensors; see
     /// [`crate::models::weights`]) in the [`Precision`] of [`EngineConfig::dtype`] on [`EngineConfig::device`].
     /// Nothing stays mapped: resident memory after loading is the weights themselves, and the peak during loading
-    /// is no higher.
+    /// is no higher. LoRAs ([`EngineConfig::loras`]) are read and checked against the UNet's and the text
+    /// encoder's weights before any network is built, and their fused weights replace the files' tensors as the
+    /// networks read them (before any rounding to the network's precision).
     pub fn load(config: &EngineConfig) -> Result<Self> {
         let base = Resolver::new(config.model.clone())?;
         let cn = Resolver::new(config.controlnet.clone())?;
         let precision = Precision::new(&config.device, config.dtype);
         let tokenizer = load_tokenizer(&base)?;
+        for spec in &config.loras {
+            spec.validate()?;
+        }
         let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
-        let (text_encoder, unet, vae, controlnet) = files.build(precision, &config.device)?;
+        let fused = lora::fuse(
+            &config.loras,
+            &files.unet.1,
+            &files.text_encoder.2,
+            precision,
+        )?;
+        let (text_encoder, unet, vae, controlnet) =
+            files.build(precision, &config.device, fused)?;
         if config.vae_tiling {
             vae.tiling()?;
         }
@@ -566,18 +585,26 @@ impl NetworkFiles {
     /// fan out over the same pool, so a caller that is itself a rayon task cannot deadlock waiting for them).
     /// Reading is bound by the kernel handing out and filling fresh pages, which goes faster from several
     /// threads, and the small tensors of one network overlap with the large ones of another. Errors come in the
-    /// order of a sequential load.
+    /// order of a sequential load. `fused` replaces tensors of the UNet and the text encoder (LoRAs).
     fn build(
         &self,
         precision: Precision,
         dev: &Device,
+        fused: FusedWeights,
     ) -> Result<(ClipTextModel, UNet, Vae, ControlNet)> {
         let open = |path: &Path| loader::weights(path, precision, dev);
+        // The fused maps move into their networks' builders, so they are freed with them once each is built.
+        let FusedWeights {
+            unet: fused_unet,
+            text_encoder: fused_te,
+        } = fused;
+        let open_fused = |path: &Path, fused| loader::weights_fused(path, precision, dev, fused);
         let (mut te, mut unet, mut vae, mut cn) = (None, None, None, None);
         rayon::scope(|s| {
-            s.spawn(|_| {
+            let te = &mut te;
+            s.spawn(move |_| {
                 let (config, origin, path) = &self.text_encoder;
-                te = Some(open(path).and_then(|w| {
+                *te = Some(open_fused(path, fused_te).and_then(|w| {
                     ClipTextModel::load(w, config, origin).map_err(|e| candle_to_file(e, path))
                 }))
             });
@@ -597,7 +624,8 @@ impl NetworkFiles {
             });
             let (config, path) = &self.unet;
             unet = Some(
-                open(path).and_then(|w| UNet::load(w, config).map_err(|e| candle_to_file(e, path))),
+                open_fused(path, fused_unet)
+                    .and_then(|w| UNet::load(w, config).map_err(|e| candle_to_file(e, path))),
             );
         });
         // `rayon::scope` returns once every task has run (a panicking task re-panics here), so all four are set.

@@ -140,6 +140,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A LoRA file cannot be applied to the models: a key that matches no layer (or belongs to another model
+    /// family, such as SDXL), a shape that does not fit its layer, a non-finite alpha. Nothing is loaded.
+    #[error("cannot apply LoRA {path}: {key}: {message}")]
+    Lora {
+        /// The LoRA file (a path, or `repo_id/file` for the Hub).
+        path: String,
+        /// The LoRA key at fault, or the model layer (diffusers' dotted module name) whose shape does not fit.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor operation failed inside candle.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),

@@ -3,9 +3,10 @@
 //! [`super::config`]. [`var_builder`] and [`weights`] open a weights file for a network's constructor: safetensors through sketchx's own reader
 //! ([`crate::models::weights`]), pickled `.bin` files through candle.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
@@ -298,6 +299,68 @@ pub fn weights(path: &Path, precision: Precision, device: &Device) -> Result<Wei
     let backend = open_backend(path)?;
     let vb = VarBuilder::from_backend(backend, precision.weights_dtype(), device.clone());
     Ok(Weights::new(vb, precision))
+}
+
+/// As [`weights`], with the tensors of `fused` (parameter name -> tensor, e.g. LoRA-fused weights from
+/// [`crate::models::lora::fuse`]) handed out instead of the file's: converted to the builder's dtype and moved to
+/// its device when a network asks for them, so that in the CPU bf16 mode layers round the fused f32 values.
+pub fn weights_fused(
+    path: &Path,
+    precision: Precision,
+    device: &Device,
+    fused: HashMap<String, Tensor>,
+) -> Result<Weights<'static>> {
+    let base = open_backend(path)?;
+    let backend: Box<dyn SimpleBackend> = if fused.is_empty() {
+        base
+    } else {
+        Box::new(FusedBackend { base, fused })
+    };
+    let vb = VarBuilder::from_backend(backend, precision.weights_dtype(), device.clone());
+    Ok(Weights::new(vb, precision))
+}
+
+/// A weights file with some of its tensors replaced.
+struct FusedBackend {
+    base: Box<dyn SimpleBackend>,
+    fused: HashMap<String, Tensor>,
+}
+
+impl SimpleBackend for FusedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.fused.get(name) {
+            Some(t) => {
+                if t.dims() != s.dims() {
+                    return Err(candle_core::Error::UnexpectedShape {
+                        msg: format!("shape mismatch for {name}"),
+                        expected: s,
+                        got: t.shape().clone(),
+                    }
+                    .bt());
+                }
+                t.to_dtype(dtype)?.to_device(dev)
+            }
+            None => self.base.get(s, name, init, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.fused.get(name) {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => self.base.get_unchecked(name, dtype, dev),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.fused.contains_key(name) || self.base.contains_tensor(name)
+    }
 }
 
 /// The tensors of a weights file, by its extension.

@@ -104,6 +104,11 @@ impl SafetensorsFile {
         self.metadata.offset_keys()
     }
 
+    /// The file's string metadata (the header's `__metadata__`), if it has any.
+    pub fn metadata(&self) -> Option<&std::collections::HashMap<String, String>> {
+        self.metadata.metadata().as_ref()
+    }
+
     /// The shape of tensor `name` as stored, without reading it.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.metadata.info(name).map(|i| i.shape.as_slice())
