@@ -169,7 +169,10 @@ mod tests {
                 assert_eq!(spelled.parse::<Preprocess>().unwrap(), mode, "{spelled:?}");
             }
         }
-        assert_eq!(SchedulerKind::names(), ["euler_a", "euler", "ddim"]);
+        assert_eq!(
+            SchedulerKind::names(),
+            ["euler_a", "euler", "ddim", "lcm", "tcd"]
+        );
         assert_eq!(Preprocess::names(), ["scribble", "none"]);
         // The default comes first in each list.
         assert_eq!(SchedulerKind::ALL[0], SchedulerKind::default());

@@ -400,6 +400,9 @@ impl sketchx_request {
             guess_mode: tri_state("guess_mode", self.guess_mode)?,
             control_guidance_start: self.control_guidance_start,
             control_guidance_end: self.control_guidance_end,
+            // Not in the C struct yet: the defaults.
+            timestep_spacing: d.timestep_spacing,
+            eta: d.eta,
         })
     }
 }
