@@ -63,11 +63,16 @@ fn guidance_embedding_matches_diffusers() {
     let w = r["guidance_embedding.w"].to_vec1::<f32>().unwrap();
     for dim in [32, 256, 7] {
         let ours = guidance_scale_embedding(&w, dim, &Device::Cpu).unwrap();
+        // torch's vectorized float32 exp (SLEEF, within 1 ulp, not correctly rounded) gives one of the 128
+        // frequencies of dim 256 one ulp below the correctly rounded value sketchx computes; the sine of its
+        // argument (w * 1000 * freq = 161 at w = 7) magnifies that ulp to 1.25e-5. Every other element agrees to
+        // an ulp of the sine (6e-8), so the bound is twice models_parity.rs's 1e-5 here.
+        let tol = if dim == 256 { 2e-5 } else { 1e-5 };
         assert_close(
             &format!("guidance embedding dim {dim}"),
             &ours,
             &r[&format!("guidance_embedding.dim{dim}")],
-            1e-5,
+            tol,
         );
     }
 }

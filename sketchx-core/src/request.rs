@@ -269,6 +269,29 @@ mod tests {
     }
 
     #[test]
+    fn eta_is_checked_and_named() {
+        for eta in [-0.01, 1.01, f64::NAN, f64::INFINITY] {
+            let req = GenerationRequest {
+                eta,
+                ..GenerationRequest::DEFAULT
+            };
+            assert!(
+                matches!(req.validate(), Err(Error::InvalidRequest { field: "eta", .. })),
+                "{eta}"
+            );
+        }
+        for eta in [0.0, 0.3, 1.0] {
+            let req = GenerationRequest {
+                eta,
+                timestep_spacing: Some(TimestepSpacing::Trailing),
+                scheduler: SchedulerKind::Tcd,
+                ..GenerationRequest::DEFAULT
+            };
+            req.validate().unwrap();
+        }
+    }
+
+    #[test]
     fn random_seeds_survive_json() {
         for _ in 0..64 {
             assert!(random_seed() < 1 << RANDOM_SEED_BITS);
