@@ -276,7 +276,10 @@ mod tests {
                 ..GenerationRequest::DEFAULT
             };
             assert!(
-                matches!(req.validate(), Err(Error::InvalidRequest { field: "eta", .. })),
+                matches!(
+                    req.validate(),
+                    Err(Error::InvalidRequest { field: "eta", .. })
+                ),
                 "{eta}"
             );
         }
