@@ -182,7 +182,7 @@ mod tests {
                 Err(Error::InvalidRequest { field: f, message }) => {
                     assert_eq!(f, field);
                     assert!(
-                        message.contains("\"euler_a\", \"euler\" or \"ddim\""),
+                        message.contains("\"euler_a\", \"euler\", \"ddim\", \"lcm\" or \"tcd\""),
                         "{message}"
                     );
                 }

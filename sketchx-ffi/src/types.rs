@@ -212,7 +212,7 @@ pub struct sketchx_request {
     pub width: u32,
     /// Output height in pixels (multiple of 8, 64..=2048); 0: derived from the sketch.
     pub height: u32,
-    /// `euler_a`, `euler` or `ddim`. NULL: `euler_a`.
+    /// `euler_a`, `euler`, `ddim`, `lcm` or `tcd`. NULL: `euler_a`.
     pub scheduler: *const c_char,
     /// `scribble` or `none`. NULL: `scribble`.
     pub preprocess: *const c_char,

@@ -141,7 +141,7 @@ impl FromStr for SchedulerKind {
 /// One sampler configured for a denoising run of a fixed number of steps, as a diffusers scheduler is after
 /// `set_timesteps`. Step indices passed in are below `timesteps().len()` ([`Scheduler`] checks them).
 pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
-    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM).
+    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and TCD).
     fn timesteps(&self) -> &[f64];
 
     /// The scale of the initial noise: multiply the RNG's standard normal latents by this.
@@ -251,7 +251,7 @@ impl Scheduler {
         self.kind
     }
 
-    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM).
+    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and TCD).
     ///
     /// Its length is the number of steps to run; it can exceed the requested count for `trailing` spacing.
     pub fn timesteps(&self) -> &[f64] {
