@@ -292,6 +292,15 @@ fn fewstep_options_are_checked() {
         SchedulerConfig::from_json_str(r#"{"original_inference_steps": 0}"#, "cfg.json"),
         Err(Error::MalformedFile { .. })
     ));
+    // trained_betas shorter than the schedule: an error naming the file, not an index panic.
+    let cfg =
+        SchedulerConfig::from_json_str(r#"{"trained_betas": [0.1, 0.2]}"#, "cfg.json").unwrap();
+    for kind in [SchedulerKind::Lcm, SchedulerKind::Tcd] {
+        assert!(matches!(
+            Scheduler::new(kind, &cfg, 4),
+            Err(Error::UnsupportedModel { path, .. }) if path == "cfg.json"
+        ));
+    }
     let cfg = SchedulerConfig::from_json_str(r#"{"thresholding": true}"#, "cfg.json").unwrap();
     assert!(matches!(
         Scheduler::new(SchedulerKind::Lcm, &cfg, 4),

@@ -3,8 +3,8 @@
 use candle_core::{DType, Tensor};
 
 use super::schedule::{
-    alphas_cumprod, check_steps, div_scalar, integer_timesteps, mul_scalar, round_through,
-    Prediction, Spacing,
+    alphas_cumprod, check_eta, check_steps, div_scalar, integer_timesteps, mul_scalar,
+    round_through, Prediction, Spacing,
 };
 use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
@@ -29,8 +29,9 @@ impl Ddim {
         Self::with_eta(config, n, 0.0)
     }
 
-    /// Like [`Ddim::new`], stepping with `eta` (in `[0, 1]`; the caller checks the range).
+    /// Like [`Ddim::new`], stepping with `eta` (outside `[0, 1]`: [`Error::InvalidRequest`] for `eta`).
     pub fn with_eta(config: &SchedulerConfig, n: usize, eta: f64) -> Result<Self> {
+        check_eta(eta)?;
         check_steps(config, n)?;
         let prediction = Prediction::parse(config, "DDIMScheduler", true, false)?;
         let spacing = Spacing::parse(config, Spacing::Leading)?;

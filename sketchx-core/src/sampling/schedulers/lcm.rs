@@ -78,6 +78,25 @@ pub(super) fn consistency_timesteps(
         .collect())
 }
 
+/// Refuses `trained_betas` shorter than the timesteps index (diffusers would fail with an index error mid-run).
+pub(super) fn check_schedule_length(
+    config: &SchedulerConfig,
+    steps: &[i64],
+    alphas_cumprod: &[f32],
+) -> Result<()> {
+    let len = alphas_cumprod.len();
+    match steps.iter().max() {
+        Some(&t) if t as usize >= len => Err(Error::unsupported(
+            &config.origin,
+            format!(
+                "timestep {t} is past the {len} training steps of trained_betas (num_train_timesteps {})",
+                config.num_train_timesteps
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The predicted clean sample and noise from the model output, as diffusers' LCM / TCD steps compute them, in
 /// `dtype` (each op in f32, rounded through it): `(x0, eps)`.
 pub(super) fn predict(
@@ -153,6 +172,7 @@ impl Lcm {
         }
         let alphas_cumprod = alphas_cumprod(config)?;
         let steps = consistency_timesteps(config, n, "LCMScheduler")?;
+        check_schedule_length(config, &steps, &alphas_cumprod)?;
         let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
             1.0
         } else {

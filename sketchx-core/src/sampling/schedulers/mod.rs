@@ -207,16 +207,7 @@ impl Scheduler {
         num_inference_steps: usize,
         eta: f64,
     ) -> Result<Self> {
-        if !ETA_RANGE.contains(&eta) {
-            return Err(Error::invalid(
-                "eta",
-                format!(
-                    "{eta} is outside the allowed range {}..={}",
-                    ETA_RANGE.start(),
-                    ETA_RANGE.end()
-                ),
-            ));
-        }
+        schedule::check_eta(eta)?;
         let n = num_inference_steps;
         let inner = match kind {
             SchedulerKind::EulerAncestral => Inner::Euler(Euler::ancestral(config, n)?),

@@ -109,6 +109,23 @@ impl std::str::FromStr for Spacing {
     }
 }
 
+/// Refuses an `eta` outside [`ETA_RANGE`](super::ETA_RANGE) (NaN included) with [`Error::InvalidRequest`] for
+/// `eta`.
+pub(super) fn check_eta(eta: f64) -> Result<()> {
+    let range = super::ETA_RANGE;
+    if range.contains(&eta) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "eta",
+        format!(
+            "{eta} is outside the allowed range {}..={}",
+            range.start(),
+            range.end()
+        ),
+    ))
+}
+
 /// Refuses a step count of 0 or above the number of training timesteps ([`Error::InvalidRequest`] for `steps`).
 pub(super) fn check_steps(config: &SchedulerConfig, n: usize) -> Result<()> {
     let n_train = config.num_train_timesteps;

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Tensor};
 
-use super::lcm::{consistency_config, consistency_timesteps, predict};
-use super::schedule::{alphas_cumprod, mul_scalar, round_through, Prediction};
+use super::lcm::{check_schedule_length, consistency_config, consistency_timesteps, predict};
+use super::schedule::{alphas_cumprod, check_eta, mul_scalar, round_through, Prediction};
 use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::Result;
 use crate::sampling::rng::TorchRng;
@@ -21,15 +21,17 @@ pub struct Tcd {
 }
 
 impl Tcd {
-    /// `TCDScheduler.from_config(config)` with `set_timesteps(n)`, stepping with `eta` (in `[0, 1]`; the caller
-    /// checks the range).
+    /// `TCDScheduler.from_config(config)` with `set_timesteps(n)`, stepping with `eta`.
     ///
-    /// A step count above `original_inference_steps` gives [`crate::Error::InvalidRequest`] for `steps`.
+    /// A step count above `original_inference_steps` gives [`crate::Error::InvalidRequest`] for `steps`, an `eta`
+    /// outside `[0, 1]` one for `eta`.
     pub fn new(config: &SchedulerConfig, n: usize, eta: f64) -> Result<Self> {
+        check_eta(eta)?;
         let config = &consistency_config(config);
         let prediction = Prediction::parse(config, "TCDScheduler", true, false)?;
         let alphas_cumprod = alphas_cumprod(config)?;
         let steps = consistency_timesteps(config, n, "TCDScheduler")?;
+        check_schedule_length(config, &steps, &alphas_cumprod)?;
         Ok(Self {
             prediction,
             timesteps: steps.iter().map(|&t| t as f64).collect(),
