@@ -234,10 +234,77 @@ fn fewstep_cases_without_lora_or_taesd_match_diffusers() {
                 "{name}[{i}]: mean {mean:.4} (bound {max_mean}), p99.9 {p999} (bound {max_p999})"
             );
         }
+        if name == "lcm_model" {
+            check_request_options(&engine);
+        }
         ran.push(name.to_string());
     }
     assert!(
         ran.iter().any(|n| n == "lcm_model"),
         "lcm_model did not run: {ran:?}"
     );
+}
+
+/// The request's `timestep_spacing` overrides the model's config and `eta` is validated before anything runs.
+fn check_request_options(engine: &Engine) {
+    use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
+    let req = GenerationRequest {
+        scheduler: SchedulerKind::Ddim,
+        timestep_spacing: Some(TimestepSpacing::Trailing),
+        steps: 4,
+        ..Default::default()
+    };
+    assert_eq!(
+        engine.scheduler(&req).unwrap().timesteps(),
+        &[999.0, 749.0, 499.0, 249.0]
+    );
+    // The model's own spacing (tiny-lcm's config: DDIM's default, leading, with steps_offset 1).
+    let req = GenerationRequest {
+        timestep_spacing: None,
+        ..req
+    };
+    assert_eq!(
+        engine.scheduler(&req).unwrap().timesteps(),
+        &[751.0, 501.0, 251.0, 1.0]
+    );
+    let sketch = Sketch::open(&fixtures().join("sketches/house_black_on_white.png")).unwrap();
+    let bad = GenerationRequest {
+        scheduler: SchedulerKind::Tcd,
+        eta: 1.5,
+        ..Default::default()
+    };
+    assert!(matches!(
+        engine.generate(&bad, &sketch, &mut |_| true),
+        Err(sketchx::Error::InvalidRequest { field: "eta", .. })
+    ));
+}
+
+/// Every few-step end-to-end case (LoRA and TAESD ones included): the request's scheduler, `timestep_spacing`
+/// and `eta`, built from the case model's `scheduler_config.json`, give the timesteps diffusers ran.
+#[test]
+fn every_fewstep_case_schedules_like_diffusers() {
+    use sketchx::sampling::schedulers::{Scheduler, SchedulerConfig};
+    let dir = fixtures().join("reference/e2e_fewstep");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    for case in manifest["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let req = request_for(case);
+        let path = fixtures()
+            .join(case["model"].as_str().unwrap())
+            .join("scheduler/scheduler_config.json");
+        let mut config = SchedulerConfig::from_file(&path).unwrap();
+        if let Some(spacing) = req.timestep_spacing {
+            config = config.with_timestep_spacing(spacing);
+        }
+        let sched = Scheduler::with_eta(req.scheduler, &config, req.steps as usize, req.eta)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected: Vec<f64> = case["diffusers"]["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(sched.timesteps(), expected.as_slice(), "{name}: timesteps");
+    }
 }
