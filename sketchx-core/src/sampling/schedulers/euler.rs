@@ -138,9 +138,9 @@ impl DiffusionScheduler for Euler {
         self.schedule.scale_model_input(sample, step_index)
     }
 
-    /// Returns the next sample in `model_output`'s dtype and `pred_original_sample` in f32 (as diffusers). The ancestral scheduler draws noise of
-    /// `model_output`'s shape and dtype from `rng` every step (also the last), as diffusers does; the discrete one
-    /// draws nothing.
+    /// Returns the next sample in `model_output`'s dtype and `pred_original_sample` in f32 (as diffusers). The
+    /// ancestral scheduler draws noise of `model_output`'s shape and dtype from `rng` every step (also the last),
+    /// as diffusers does; the discrete one draws nothing.
     fn step(
         &mut self,
         model_output: &Tensor,

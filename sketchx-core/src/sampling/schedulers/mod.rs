@@ -1,6 +1,7 @@
 //! Noise schedulers reproducing diffusers 0.42.1: `EulerAncestralDiscreteScheduler`, `EulerDiscreteScheduler`,
-//! `DDIMScheduler`, and the few-step `LCMScheduler` and `TCDScheduler`, each built like `<Class>.from_config(scheduler_config)`, one per file behind the
-//! [`DiffusionScheduler`] trait; [`Scheduler`] picks one by [`SchedulerKind`].
+//! `DDIMScheduler`, and the few-step `LCMScheduler` and `TCDScheduler`, each built like
+//! `<Class>.from_config(scheduler_config)`, one per file behind the [`DiffusionScheduler`] trait; [`Scheduler`]
+//! picks one by [`SchedulerKind`]. Every step also returns its clean-latent estimate ([`StepOutput::x0`]).
 //!
 //! The arithmetic follows diffusers step by step, in the same precisions: the beta schedule, cumulative products
 //! and sigmas in float32 as torch computes them (torch's `linspace` and `cumprod` included), timestep spacings and
@@ -141,7 +142,8 @@ impl FromStr for SchedulerKind {
 /// One sampler configured for a denoising run of a fixed number of steps, as a diffusers scheduler is after
 /// `set_timesteps`. Step indices passed in are below `timesteps().len()` ([`Scheduler`] checks them).
 pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
-    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and TCD).
+    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and
+    /// TCD).
     fn timesteps(&self) -> &[f64];
 
     /// The scale of the initial noise: multiply the RNG's standard normal latents by this.
@@ -242,7 +244,8 @@ impl Scheduler {
         self.kind
     }
 
-    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and TCD).
+    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and
+    /// TCD).
     ///
     /// Its length is the number of steps to run; it can exceed the requested count for `trailing` spacing.
     pub fn timesteps(&self) -> &[f64] {
