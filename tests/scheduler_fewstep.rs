@@ -334,3 +334,37 @@ fn fewstep_options_are_checked() {
         })
     ));
 }
+
+/// DDIM with `eta > 0` (no diffusers trajectory in the fixtures): it draws one noise tensor of the model output's
+/// shape per step, as diffusers' `randn_tensor` does, and departs from the deterministic `eta = 0` run; at
+/// `eta = 0` it draws nothing.
+#[test]
+fn ddim_eta_draws_noise_every_step() {
+    let device = Device::Cpu;
+    let fixtures = load();
+    let json = serde_json::to_string(&fixtures["configs"]["tiny_sd"]).unwrap();
+    let config = SchedulerConfig::from_json_str(&json, "tiny_sd").unwrap();
+    let shape = [1usize, 4, 3, 4];
+    let bias = Tensor::from_vec(fake_model_bias(48), &shape, &device).unwrap();
+    let run = |eta: f64| {
+        let mut sched = Scheduler::with_eta(SchedulerKind::Ddim, &config, 4, eta).unwrap();
+        let mut rng = TorchRng::new(7);
+        let mut latents = rng.randn(&shape, &device).unwrap();
+        for i in 0..sched.timesteps().len() {
+            let output = (latents.affine(0.1, 0.0).unwrap() + &bias).unwrap();
+            latents = sched.step(&output, i, &latents, &mut rng).unwrap();
+        }
+        (tensor_f64s(&latents), rng.randn_vec(16))
+    };
+    let (plain, plain_next) = run(0.0);
+    let (noisy, noisy_next) = run(0.5);
+    let mut expected = TorchRng::new(7);
+    expected.randn(&shape, &device).unwrap();
+    assert_eq!(plain_next, expected.clone().randn_vec(16));
+    for _ in 0..4 {
+        expected.randn(&shape, &device).unwrap();
+    }
+    assert_eq!(noisy_next, expected.randn_vec(16));
+    assert!(scaled_diff(&noisy, &plain) > 1e-3, "eta had no effect");
+    assert!(noisy.iter().all(|v| v.is_finite()));
+}
