@@ -401,7 +401,7 @@ typedef struct sketchx_request {
    */
   uint32_t height;
   /**
-   * `euler_a`, `euler` or `ddim`. NULL: `euler_a`.
+   * `euler_a`, `euler`, `ddim`, `lcm` or `tcd`. NULL: `euler_a`.
    */
   const char *scheduler;
   /**

@@ -17,7 +17,7 @@ static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s --sketch PATH [--prompt TEXT] [--negative-prompt TEXT] [--temperature X]\n"
             "          [--guidance-scale X] [--num-images N] [--steps N] [--seed N] [--width N] [--height N]\n"
-            "          [--scheduler euler_a|euler|ddim] [--preprocess scribble|none] [--model ID_OR_DIR]\n"
+            "          [--scheduler euler_a|euler|ddim|lcm|tcd] [--preprocess scribble|none] [--model ID_OR_DIR]\n"
             "          [--controlnet ID_OR_DIR] [--out DIR] [--device cpu|cuda|metal] [--vae-tiling]\n",
             argv0);
 }

@@ -15,7 +15,7 @@ use crate::models::controlnet::{ControlNet, ControlResiduals};
 use crate::models::loader::{self, build_error, ModelSource, Resolver};
 use crate::models::lora::{self, FusedWeights, LoraSpec};
 use crate::models::tokenizer::ClipTokenizer;
-use crate::models::unet::UNet;
+use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
@@ -275,11 +275,10 @@ impl Engine {
         req.validate()?;
         let (width, height) = self.output_size(req, sketch)?;
         let seed = req.seed.unwrap_or_else(random_seed);
-        let guidance = Guidance::of(req, &self.controlnet);
+        let guidance = Guidance::of(req, &self.controlnet, &self.unet);
         let text = self.encode_prompts(req, &guidance)?;
         let control = self.prepare_control(req, sketch, (width, height), &guidance)?;
-        let mut scheduler =
-            Scheduler::new(req.scheduler, &self.scheduler_config, req.steps as usize)?;
+        let mut scheduler = self.scheduler(req)?;
         let mut rng = TorchRng::new(seed);
         let latents = self.initial_latents(&guidance, (width, height), &scheduler, &mut rng)?;
         let latents = self.denoise(
@@ -299,6 +298,16 @@ impl Engine {
             height,
             images,
         })
+    }
+
+    /// The request's scheduler, built from the model's scheduler config (with the request's `timestep_spacing`
+    /// override, as `from_config(config, timestep_spacing=...)`) and stepping with its `eta`.
+    pub fn scheduler(&self, req: &GenerationRequest) -> Result<Scheduler> {
+        let config = match req.timestep_spacing {
+            Some(spacing) => self.scheduler_config.with_timestep_spacing(spacing),
+            None => self.scheduler_config.clone(),
+        };
+        Scheduler::with_eta(req.scheduler, &config, req.steps as usize, req.eta)
     }
 
     /// The text embeddings the UNet and the ControlNet attend to.
@@ -380,6 +389,15 @@ impl Engine {
         let dt = self.dtype;
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        // An LCM UNet takes the guidance scale as an embedding of w = guidance_scale - 1 (float32, one per image)
+        // instead of classifier-free guidance, as diffusers' pipeline does.
+        let timestep_cond = match self.unet.time_cond_proj_dim {
+            Some(dim) => {
+                let w = vec![(req.guidance_scale - 1.0) as f32; g.n];
+                Some(guidance_scale_embedding(&w, dim, &self.device)?.to_dtype(dt)?)
+            }
+            None => None,
+        };
         for (i, &t) in timesteps.iter().enumerate() {
             let model_in = if g.cfg {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -409,10 +427,11 @@ impl Engine {
             } else {
                 None
             };
-            let noise = self.unet.forward(
+            let noise = self.unet.forward_cond(
                 &model_in,
                 t,
                 &text.unet,
+                timestep_cond.as_ref(),
                 residuals.as_ref().map(|r| r.down.as_slice()),
                 residuals.as_ref().map(|r| &r.mid),
             )?;
@@ -484,10 +503,11 @@ struct Guidance {
 }
 
 impl Guidance {
-    fn of(req: &GenerationRequest, controlnet: &ControlNet) -> Self {
+    fn of(req: &GenerationRequest, controlnet: &ControlNet, unet: &UNet) -> Self {
         Self {
             n: req.num_images as usize,
-            cfg: req.uses_guidance(),
+            // diffusers: `guidance_scale > 1 and unet.config.time_cond_proj_dim is None`.
+            cfg: req.uses_guidance() && unet.time_cond_proj_dim.is_none(),
             guess: req.guess_mode() || controlnet.global_pool_conditions(),
             scale: req.conditioning_scale(),
         }

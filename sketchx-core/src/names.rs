@@ -200,7 +200,10 @@ mod tests {
                 assert_eq!(spelled.parse::<Preprocess>().unwrap(), mode, "{spelled:?}");
             }
         }
-        assert_eq!(SchedulerKind::names(), ["euler_a", "euler", "ddim"]);
+        assert_eq!(
+            SchedulerKind::names(),
+            ["euler_a", "euler", "ddim", "lcm", "tcd"]
+        );
         assert_eq!(Preprocess::names(), ["scribble", "none"]);
         // The default comes first in each list.
         assert_eq!(SchedulerKind::ALL[0], SchedulerKind::default());
@@ -209,7 +212,7 @@ mod tests {
             assert_invalid(
                 bad.parse::<SchedulerKind>(),
                 "scheduler",
-                "\"euler_a\", \"euler\" or \"ddim\"",
+                "\"euler_a\", \"euler\", \"ddim\", \"lcm\" or \"tcd\"",
             );
         }
         assert_invalid(

@@ -3,7 +3,7 @@
 //! its validation, which names the offending field and the allowed range.
 
 use crate::error::{Error, Result};
-use crate::sampling::schedulers::SchedulerKind;
+use crate::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use crate::sketch::Preprocess;
 
 /// The original service's fixed negative prompt, used when a request does not set one.
@@ -25,6 +25,8 @@ pub const CONTROL_GUIDANCE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=1.0;
 pub const GUIDANCE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=30.0;
 /// Allowed explicit `controlnet_scale`.
 pub const CONTROLNET_SCALE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=5.0;
+/// Allowed `eta`.
+pub const ETA_RANGE: std::ops::RangeInclusive<f64> = crate::sampling::schedulers::ETA_RANGE;
 /// Longest accepted prompt or negative prompt, in bytes (the text encoder reads 77 tokens; this only bounds work).
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
@@ -79,12 +81,19 @@ pub struct GenerationRequest {
     pub control_guidance_start: f64,
     /// Fraction of the steps after which the ControlNet stops acting, in `[0, 1]`, greater than the start.
     pub control_guidance_end: f64,
+    /// Overrides the model's `timestep_spacing` (as diffusers' `from_config(config, timestep_spacing=...)`);
+    /// absent: the model scheduler config's (or the class default). `trailing` suits few-step sampling.
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// Stochasticity of the DDIM and TCD steps, in `[0, 1]` (diffusers' pipeline `eta`, which it passes to every
+    /// scheduler step taking one); ignored by the other schedulers.
+    pub eta: f64,
 }
 
 impl GenerationRequest {
     /// The defaults, those of the original service: no prompt, the default negative prompt, temperature 0.65
     /// (ControlNet scale 1.0), guidance 7.5, one image, 30 steps, a random seed, the size from the sketch,
-    /// `euler_a`, `scribble`, automatic guess mode, the ControlNet over all steps. A constant, so that bindings
+    /// `euler_a`, `scribble`, automatic guess mode, the ControlNet over all steps, the model's timestep spacing,
+    /// `eta` 0. A constant, so that bindings
     /// can use its fields where a constant is needed (`#[arg(default_value_t = GenerationRequest::DEFAULT.steps)]`).
     pub const DEFAULT: GenerationRequest = GenerationRequest {
         prompt: None,
@@ -102,6 +111,8 @@ impl GenerationRequest {
         guess_mode: None,
         control_guidance_start: 0.0,
         control_guidance_end: 1.0,
+        timestep_spacing: None,
+        eta: 0.0,
     };
 }
 
@@ -197,6 +208,8 @@ impl GenerationRequest {
             self.control_guidance_end,
             &CONTROL_GUIDANCE_RANGE,
         )?;
+        check_finite("eta", self.eta)?;
+        check_range("eta", self.eta, &ETA_RANGE)?;
         if self.control_guidance_start >= self.control_guidance_end {
             return Err(Error::invalid(
                 "control_guidance_start",
@@ -253,6 +266,32 @@ mod tests {
         assert!(STEPS_RANGE.contains(&d.steps));
         assert!(CONTROL_GUIDANCE_RANGE.contains(&d.control_guidance_start));
         assert!(CONTROL_GUIDANCE_RANGE.contains(&d.control_guidance_end));
+    }
+
+    #[test]
+    fn eta_is_checked_and_named() {
+        for eta in [-0.01, 1.01, f64::NAN, f64::INFINITY] {
+            let req = GenerationRequest {
+                eta,
+                ..GenerationRequest::DEFAULT
+            };
+            assert!(
+                matches!(
+                    req.validate(),
+                    Err(Error::InvalidRequest { field: "eta", .. })
+                ),
+                "{eta}"
+            );
+        }
+        for eta in [0.0, 0.3, 1.0] {
+            let req = GenerationRequest {
+                eta,
+                timestep_spacing: Some(TimestepSpacing::Trailing),
+                scheduler: SchedulerKind::Tcd,
+                ..GenerationRequest::DEFAULT
+            };
+            req.validate().unwrap();
+        }
     }
 
     #[test]

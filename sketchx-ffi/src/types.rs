@@ -212,7 +212,7 @@ pub struct sketchx_request {
     pub width: u32,
     /// Output height in pixels (multiple of 8, 64..=2048); 0: derived from the sketch.
     pub height: u32,
-    /// `euler_a`, `euler` or `ddim`. NULL: `euler_a`.
+    /// `euler_a`, `euler`, `ddim`, `lcm` or `tcd`. NULL: `euler_a`.
     pub scheduler: *const c_char,
     /// `scribble` or `none`. NULL: `scribble`.
     pub preprocess: *const c_char,
@@ -400,6 +400,9 @@ impl sketchx_request {
             guess_mode: tri_state("guess_mode", self.guess_mode)?,
             control_guidance_start: self.control_guidance_start,
             control_guidance_end: self.control_guidance_end,
+            // Not in the C struct yet: the defaults.
+            timestep_spacing: d.timestep_spacing,
+            eta: d.eta,
         })
     }
 }

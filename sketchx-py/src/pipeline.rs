@@ -152,6 +152,9 @@ impl NativePipeline {
                 control_guidance_start,
             )?,
             control_guidance_end: float_field(py, "control_guidance_end", control_guidance_end)?,
+            // Not offered by the Python API yet: the defaults.
+            timestep_spacing: GenerationRequest::DEFAULT.timestep_spacing,
+            eta: GenerationRequest::DEFAULT.eta,
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
         let pipe = &self.pipe;

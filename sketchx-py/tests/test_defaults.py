@@ -83,7 +83,7 @@ def test_public_views_are_the_cores() -> None:
     for field in ("scheduler", "preprocess", "device"):
         assert sketchx.NAMES[field][0] == sketchx.DEFAULTS[field], field
     assert sketchx.RANGES["steps"] == (1, 150)
-    assert sketchx.NAMES["scheduler"] == ("euler_a", "euler", "ddim")
+    assert sketchx.NAMES["scheduler"] == ("euler_a", "euler", "ddim", "lcm", "tcd")
     assert sketchx.NAMES["dtype"] == ("f32", "bf16", "f16")
 
 

@@ -48,7 +48,7 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: Weights) -> CResult<Line
 }
 
 /// A linear layer without a bias.
-fn linear_no_bias(in_dim: usize, out_dim: usize, vb: Weights) -> CResult<Linear> {
+pub(crate) fn linear_no_bias(in_dim: usize, out_dim: usize, vb: Weights) -> CResult<Linear> {
     Linear::load(in_dim, out_dim, false, &vb)
 }
 
@@ -96,23 +96,28 @@ pub(crate) fn conv1(vb: Weights, cin: usize, cout: usize) -> CResult<Conv2d> {
     conv2d(cin, cout, 1, Default::default(), vb)
 }
 
-/// diffusers' `get_timestep_embedding` (sinusoidal) followed by `TimestepEmbedding` (linear, SiLU, linear).
+/// diffusers' `get_timestep_embedding` (sinusoidal) followed by `TimestepEmbedding` (linear, SiLU, linear), with
+/// the optional `cond_proj` of LCM models (`time_cond_proj_dim`), whose projection of a condition is added to the
+/// sinusoidal features.
 #[derive(Debug)]
 pub struct TimeEmbedding {
     freqs: Vec<f32>,
     flip_sin_to_cos: bool,
+    cond_proj: Option<Linear>,
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimeEmbedding {
-    /// `channels` sinusoidal features projected to `embed_dim`; weights under `time_embedding`.
+    /// `channels` sinusoidal features projected to `embed_dim`; weights under `time_embedding`. With
+    /// `cond_proj_dim`, also `cond_proj` (no bias), mapping a condition of that width to `channels`.
     pub fn new(
         vb: Weights,
         channels: usize,
         embed_dim: usize,
         flip_sin_to_cos: bool,
         freq_shift: f64,
+        cond_proj_dim: Option<usize>,
     ) -> CResult<Self> {
         let half = channels / 2;
         // Same float32 arithmetic as torch: exp((-ln(10000) * arange(half)) / (half - shift)).
@@ -124,18 +129,24 @@ impl TimeEmbedding {
         Ok(Self {
             freqs,
             flip_sin_to_cos,
+            cond_proj: cond_proj_dim
+                .map(|d| linear_no_bias(d, channels, vb.pp("cond_proj")))
+                .transpose()?,
             linear_1: linear(channels, embed_dim, vb.pp("linear_1"))?,
             linear_2: linear(embed_dim, embed_dim, vb.pp("linear_2"))?,
         })
     }
 
-    /// The embedding `(batch, embed_dim)` of one timestep repeated `batch` times.
+    /// The embedding `(batch, embed_dim)` of one timestep repeated `batch` times; `condition` (`(batch,
+    /// cond_proj_dim)`), when given to a model with `cond_proj`, is projected and added to the sinusoidal
+    /// features first, as diffusers' `TimestepEmbedding` does (a model without one ignores it, as diffusers').
     pub fn forward(
         &self,
         timestep: f64,
         batch: usize,
         vb_dtype: DType,
         device: &candle_core::Device,
+        condition: Option<&Tensor>,
     ) -> CResult<Tensor> {
         let t = timestep as f32;
         let args: Vec<f32> = self.freqs.iter().map(|f| t * f).collect();
@@ -153,6 +164,10 @@ impl TimeEmbedding {
         let emb = Tensor::from_vec(emb, (1, n), device)?
             .to_dtype(vb_dtype)?
             .repeat((batch, 1))?;
+        let emb = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => (emb + proj.forward(&c.to_dtype(vb_dtype)?)?)?,
+            _ => emb,
+        };
         let h = candle_nn::ops::silu(&self.linear_1.forward(&emb)?)?;
         self.linear_2.forward(&h)
     }

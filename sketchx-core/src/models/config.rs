@@ -76,6 +76,11 @@ impl ConfigFile {
         self.map.get(key)
     }
 
+    /// The keys present (not `null`, not in `_use_default_values`).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
     /// The whole object deserialized into `T` (serde's message names the offending field).
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_value(Value::Object(self.map.clone()))

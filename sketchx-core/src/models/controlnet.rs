@@ -183,7 +183,8 @@ impl ControlNet {
         } else {
             cond.clone()
         };
-        let temb = self.encoder.time_embedding(timestep, sample)?;
+        // diffusers' pipeline gives the ControlNet no `timestep_cond`, even for an LCM UNet.
+        let temb = self.encoder.time_embedding(timestep, sample, None)?;
         let a = self.encoder.conv_in(sample)?;
         let c = self.cond_embedding.forward(&cond)?;
         let xs = (a + c)?;

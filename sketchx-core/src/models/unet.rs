@@ -40,6 +40,8 @@ pub(crate) struct UNetShape {
     pub mid_depth: usize,
     /// Whether inputs are mapped from [0, 1] to [-1, 1] first.
     pub center_input_sample: bool,
+    /// `time_cond_proj_dim` (LCM models): width of the condition the time embedding's `cond_proj` takes.
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 /// Reads the shared UNet/ControlNet fields, refusing options sketchx does not implement.
@@ -113,7 +115,7 @@ pub(crate) fn parse_unet_shape(c: &ConfigFile) -> Result<UNetShape> {
         }
     }
     // Options that change results and that sketchx does not implement: refused unless at their SD1.5 value.
-    let expected: [(&str, Value); 19] = [
+    let expected: [(&str, Value); 18] = [
         ("only_cross_attention", false.into()),
         ("dual_cross_attention", false.into()),
         ("class_embed_type", Value::Null),
@@ -121,7 +123,6 @@ pub(crate) fn parse_unet_shape(c: &ConfigFile) -> Result<UNetShape> {
         ("addition_embed_type", Value::Null),
         ("encoder_hid_dim", Value::Null),
         ("encoder_hid_dim_type", Value::Null),
-        ("time_cond_proj_dim", Value::Null),
         ("timestep_post_act", Value::Null),
         ("act_fn", "silu".into()),
         ("resnet_time_scale_shift", "default".into()),
@@ -155,6 +156,10 @@ pub(crate) fn parse_unet_shape(c: &ConfigFile) -> Result<UNetShape> {
         mid_block_scale_factor: c.f64_or("mid_block_scale_factor", 1.0)?,
         mid_depth: depth[n - 1],
         center_input_sample: c.bool_or("center_input_sample", false)?,
+        time_cond_proj_dim: match c.usize_opt("time_cond_proj_dim")? {
+            Some(0) => return Err(c.bad("time_cond_proj_dim", "a positive integer")),
+            other => other,
+        },
     })
 }
 
@@ -179,6 +184,7 @@ impl UNetShape {
             p.temb,
             self.flip_sin_to_cos,
             self.freq_shift,
+            self.time_cond_proj_dim,
         )?;
         let n = self.blocks.len();
         let mut down = Vec::with_capacity(n);
@@ -225,10 +231,15 @@ pub(crate) struct Encoder {
 }
 
 impl Encoder {
-    /// The time embedding of `timestep` for a batch of `b`, in `dtype`.
-    pub fn time_embedding(&self, timestep: f64, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// The time embedding of `timestep` for `xs`'s batch, in its dtype, with the optional `cond_proj` condition.
+    pub fn time_embedding(
+        &self,
+        timestep: f64,
+        xs: &Tensor,
+        condition: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         self.time
-            .forward(timestep, xs.dim(0)?, xs.dtype(), xs.device())
+            .forward(timestep, xs.dim(0)?, xs.dtype(), xs.device(), condition)
     }
 
     /// `conv_in` of the (optionally centred) latents.
@@ -273,6 +284,9 @@ pub struct UNet {
     pub in_channels: usize,
     /// Width of the text embeddings it attends to.
     pub cross_attention_dim: usize,
+    /// `time_cond_proj_dim` of LCM models: the width of the guidance embedding [`UNet::forward_cond`] takes.
+    /// diffusers runs such a model without classifier-free guidance.
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 super::config::var_builder_constructor!(UNet, "the UNet");
@@ -337,6 +351,7 @@ impl UNet {
             conv_out,
             in_channels: shape.in_channels,
             cross_attention_dim: shape.params.cross_dim,
+            time_cond_proj_dim: shape.time_cond_proj_dim,
         })
     }
 
@@ -350,8 +365,32 @@ impl UNet {
         down: Option<&[Tensor]>,
         mid: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_cond(xs, timestep, ctx, None, down, mid)
+    }
+
+    /// [`UNet::forward`] with diffusers' `timestep_cond`: for a model with `time_cond_proj_dim`, the
+    /// `(batch, time_cond_proj_dim)` guidance embedding ([`guidance_scale_embedding`]) added to the time
+    /// embedding's input through `cond_proj`; ignored by other models, as in diffusers.
+    pub fn forward_cond(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        ctx: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        down: Option<&[Tensor]>,
+        mid: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let temb = self.encoder.time_embedding(timestep, xs)?;
+        if let (Some(dim), Some(c)) = (self.time_cond_proj_dim, timestep_cond) {
+            if c.dims() != [xs.dim(0)?, dim] {
+                return Err(Error::JobFailed(format!(
+                    "timestep_cond has shape {:?}, expected [{}, {dim}] (batch, time_cond_proj_dim)",
+                    c.dims(),
+                    xs.dim(0)?
+                )));
+            }
+        }
+        let temb = self.encoder.time_embedding(timestep, xs, timestep_cond)?;
         let x = self.encoder.conv_in(xs)?;
         let (x, mut skips) = self.encoder.down(x, &temb, ctx)?;
         if let Some(extra) = down {
@@ -386,4 +425,30 @@ impl UNet {
         let x = self.conv_norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
     }
+}
+
+/// diffusers' `get_guidance_scale_embedding` (pipelines' LCM support): the `(w.len(), embedding_dim)` float32
+/// embedding of guidance weights `w` (the pipeline passes `guidance_scale - 1` per image): `w * 1000` times
+/// `exp(-ln(10000) / (half - 1) * i)` for `i < half = embedding_dim / 2`, sines first then cosines, zero-padded
+/// to an odd `embedding_dim`. Computed in float32 as torch does.
+pub fn guidance_scale_embedding(
+    w: &[f32],
+    embedding_dim: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let half = embedding_dim / 2;
+    // torch.log(torch.tensor(10000.0)) / (half_dim - 1), in float32 (inf for half = 1, as in torch).
+    let scale = 10000f32.ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * -scale).exp()).collect();
+    let mut out = Vec::with_capacity(w.len() * embedding_dim);
+    for &wi in w {
+        let wi = wi * 1000.0;
+        let args: Vec<f32> = freqs.iter().map(|f| wi * f).collect();
+        out.extend(args.iter().map(|a| a.sin()));
+        out.extend(args.iter().map(|a| a.cos()));
+        if embedding_dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    Ok(Tensor::from_vec(out, (w.len(), embedding_dim), device)?)
 }

@@ -234,6 +234,7 @@ fn request_to_json(r: &GenerationRequest) -> String {
         "num_images": r.num_images, "steps": r.steps, "seed": r.seed, "width": r.width, "height": r.height,
         "scheduler": r.scheduler.as_str(), "preprocess": r.preprocess.as_str(), "guess_mode": r.guess_mode,
         "control_guidance_start": r.control_guidance_start, "control_guidance_end": r.control_guidance_end,
+        "timestep_spacing": r.timestep_spacing.map(|s| s.as_str()), "eta": r.eta,
     })
     .to_string()
 }
@@ -269,6 +270,11 @@ fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> 
         guess_mode: typed(field("guess_mode"), "guess_mode")?,
         control_guidance_start: get("control_guidance_start")?,
         control_guidance_end: get("control_guidance_end")?,
+        // Absent in requests stored before these fields existed: the defaults.
+        timestep_spacing: typed::<Option<String>>(field("timestep_spacing"), "timestep_spacing")?
+            .map(|s| s.parse().map_err(|e: Error| e.to_string()))
+            .transpose()?,
+        eta: typed::<Option<f64>>(field("eta"), "eta")?.unwrap_or(GenerationRequest::DEFAULT.eta),
     })
 }
 

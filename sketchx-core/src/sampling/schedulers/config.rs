@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use super::Spacing;
 use crate::error::Result;
 use crate::models::config::ConfigFile;
 
@@ -58,6 +59,15 @@ pub struct SchedulerConfig {
     pub timestep_type: String,
     /// `final_sigmas_type` (Euler; default `"zero"`): `"zero"` or `"sigma_min"`.
     pub final_sigmas_type: String,
+    /// `original_inference_steps` (LCM / TCD; default 50): length of the distillation schedule the few-step
+    /// timesteps are taken from.
+    pub original_inference_steps: Option<usize>,
+    /// `timestep_scaling` (LCM; default 10.0): scales the timestep in the consistency boundary conditions.
+    pub timestep_scaling: f64,
+    /// The keys the file sets (not `null`, not in `_use_default_values`): LCM and TCD default
+    /// `beta_start` / `beta_end` / `beta_schedule` differently from the other classes, and need to know which
+    /// of the values above are defaults.
+    pub keys: Vec<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -86,6 +96,9 @@ impl Default for SchedulerConfig {
             sigma_max: None,
             timestep_type: "discrete".to_string(),
             final_sigmas_type: "zero".to_string(),
+            original_inference_steps: None,
+            timestep_scaling: 10.0,
+            keys: Vec::new(),
         }
     }
 }
@@ -132,6 +145,26 @@ impl SchedulerConfig {
             sigma_max: c.f64_opt("sigma_max")?,
             timestep_type: c.string_or("timestep_type", &d.timestep_type)?,
             final_sigmas_type: c.string_or("final_sigmas_type", &d.final_sigmas_type)?,
+            original_inference_steps: match c.i64_opt("original_inference_steps")? {
+                None => None,
+                Some(n) if n >= 1 => Some(n as usize),
+                Some(_) => return Err(c.bad("original_inference_steps", "a positive integer")),
+            },
+            timestep_scaling: c.f64_or("timestep_scaling", d.timestep_scaling)?,
+            keys: c.keys().map(str::to_string).collect(),
         })
+    }
+
+    /// This config with `timestep_spacing` overridden, as `from_config(config, timestep_spacing=...)` does.
+    pub fn with_timestep_spacing(&self, spacing: Spacing) -> Self {
+        SchedulerConfig {
+            timestep_spacing: Some(spacing.as_str().to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// Whether the file sets `key` (see [`SchedulerConfig::keys`]).
+    pub fn sets(&self, key: &str) -> bool {
+        self.keys.iter().any(|k| k == key)
     }
 }

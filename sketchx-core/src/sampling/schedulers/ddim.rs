@@ -1,12 +1,12 @@
-//! diffusers' `DDIMScheduler` (`"ddim"`), deterministic (`eta = 0`).
+//! diffusers' `DDIMScheduler` (`"ddim"`), with the pipeline's `eta` (deterministic at 0, the default).
 
 use candle_core::{DType, Tensor};
 
 use super::schedule::{
-    alphas_cumprod, check_steps, div_scalar, integer_timesteps, mul_scalar, round_through,
-    Prediction, Spacing,
+    alphas_cumprod, check_eta, check_steps, div_scalar, integer_timesteps, mul_scalar,
+    round_through, Prediction, Spacing,
 };
-use super::{DiffusionScheduler, SchedulerConfig};
+use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -20,11 +20,18 @@ pub struct Ddim {
     final_alpha_cumprod: f32,
     step_ratio: i64,
     clip: Option<f32>,
+    eta: f32,
 }
 
 impl Ddim {
-    /// `DDIMScheduler.from_config(config)` with `set_timesteps(n)`.
+    /// `DDIMScheduler.from_config(config)` with `set_timesteps(n)`, stepping with `eta = 0`.
     pub fn new(config: &SchedulerConfig, n: usize) -> Result<Self> {
+        Self::with_eta(config, n, 0.0)
+    }
+
+    /// Like [`Ddim::new`], stepping with `eta` (outside `[0, 1]`: [`Error::InvalidRequest`] for `eta`).
+    pub fn with_eta(config: &SchedulerConfig, n: usize, eta: f64) -> Result<Self> {
+        check_eta(eta)?;
         check_steps(config, n)?;
         let prediction = Prediction::parse(config, "DDIMScheduler", true, false)?;
         let spacing = Spacing::parse(config, Spacing::Leading)?;
@@ -63,6 +70,8 @@ impl Ddim {
             final_alpha_cumprod,
             step_ratio: (config.num_train_timesteps / n) as i64,
             clip,
+            // torch multiplies the float32 variance by the Python float cast to float32.
+            eta: eta as f32,
         })
     }
 
@@ -91,14 +100,15 @@ impl DiffusionScheduler for Ddim {
         Ok(sample.clone())
     }
 
-    /// Returns the next sample in `sample`'s dtype; draws nothing from `rng`.
+    /// Returns the next sample and `pred_original_sample` in `sample`'s dtype; draws noise of `model_output`'s
+    /// shape and dtype from `rng` when `eta > 0`, as diffusers does.
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _rng: &mut TorchRng,
-    ) -> Result<Tensor> {
+        rng: &mut TorchRng,
+    ) -> Result<StepOutput> {
         let t = self.steps[step_index];
         let prev = t - self.step_ratio;
         let alpha_t = self.alpha_at(t);
@@ -107,26 +117,42 @@ impl DiffusionScheduler for Ddim {
         } else {
             self.final_alpha_cumprod
         };
-        ddim_step(
+        let (prev, x0, std_dev_t) = ddim_step(
             self.prediction,
             model_output,
             sample,
-            alpha_t,
-            alpha_prev,
+            (alpha_t, alpha_prev),
             self.clip,
-        )
+            self.eta,
+        )?;
+        let dtype = sample.dtype();
+        let prev = if self.eta > 0.0 {
+            let out_dtype = model_output.dtype();
+            let noise = rng
+                .randn_dtype(model_output.dims(), out_dtype, model_output.device())?
+                .to_dtype(DType::F32)?;
+            let variance = mul_scalar(&noise, std_dev_t, out_dtype)?;
+            round_through((prev.to_dtype(DType::F32)? + variance)?, dtype)?.to_dtype(dtype)?
+        } else {
+            prev
+        };
+        Ok(StepOutput {
+            prev_sample: prev,
+            x0: x0.to_dtype(dtype)?,
+        })
     }
 }
 
-/// DDIM step with `eta = 0`, computed in `sample`'s dtype (each op in f32, rounded through that dtype).
+/// DDIM step before its noise, computed in `sample`'s dtype (each op in f32, rounded through that dtype): the
+/// next sample, the (clipped) `pred_original_sample`, and the noise scale `std_dev_t`.
 fn ddim_step(
     prediction: Prediction,
     model_output: &Tensor,
     sample: &Tensor,
-    alpha_t: f32,
-    alpha_prev: f32,
+    (alpha_t, alpha_prev): (f32, f32),
     clip: Option<f32>,
-) -> Result<Tensor> {
+    eta: f32,
+) -> Result<(Tensor, Tensor, f32)> {
     let dtype = sample.dtype();
     let s = sample.to_dtype(DType::F32)?;
     let m = round_through(model_output.to_dtype(DType::F32)?, dtype)?;
@@ -152,12 +178,16 @@ fn ddim_step(
         Some(r) => pred_original.clamp(-r, r)?,
         None => pred_original,
     };
-    // eta = 0: std_dev_t = 0 * sqrt(variance) (NaN if the variance is).
+    // std_dev_t = eta * sqrt(variance) (NaN at eta = 0 if the variance is, as in torch).
     let beta_prev = 1.0 - alpha_prev;
     let variance = (beta_prev / beta_t) * (1.0 - alpha_t / alpha_prev);
-    let std_dev_t = 0.0f32 * variance.sqrt();
+    let std_dev_t = eta * variance.sqrt();
     let dir_coeff = (1.0 - alpha_prev - std_dev_t * std_dev_t).sqrt();
     let direction = mul_scalar(&pred_epsilon, dir_coeff, dtype)?;
     let prev = (mul_scalar(&pred_original, alpha_prev.sqrt(), dtype)? + direction)?;
-    Ok(round_through(prev, dtype)?.to_dtype(dtype)?)
+    Ok((
+        round_through(prev, dtype)?.to_dtype(dtype)?,
+        pred_original,
+        std_dev_t,
+    ))
 }

@@ -8,7 +8,7 @@ use super::schedule::{
     alphas_cumprod, check_steps, div_scalar, mul_scalar, np_arange_down, np_interp_grid,
     np_linspace, round_through, sigma_to_t, Prediction, Spacing,
 };
-use super::{DiffusionScheduler, SchedulerConfig};
+use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -67,14 +67,14 @@ impl SigmaSchedule {
         Ok(scaled.to_dtype(dtype)?)
     }
 
-    /// The f32 sample and the ODE derivative `(sample - x0) / sigma` at `sigma`, with `x0` predicted from the
+    /// The f32 sample, the ODE derivative `(sample - x0) / sigma` at `sigma`, and `x0` (f32), predicted from the
     /// model output as diffusers does (scalar products rounded through the output's dtype).
     pub(super) fn derivative(
         &self,
         model_output: &Tensor,
         sample: &Tensor,
         sigma: f32,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let out_dtype = model_output.dtype();
         let sample = sample.to_dtype(DType::F32)?;
         let model = model_output.to_dtype(DType::F32)?;
@@ -87,8 +87,8 @@ impl SigmaSchedule {
             }
             Prediction::Sample => round_through(model, out_dtype)?,
         };
-        let derivative = div_scalar(&(&sample - pred_original)?, sigma)?;
-        Ok((sample, derivative))
+        let derivative = div_scalar(&(&sample - &pred_original)?, sigma)?;
+        Ok((sample, derivative, pred_original))
     }
 }
 
@@ -138,23 +138,26 @@ impl DiffusionScheduler for Euler {
         self.schedule.scale_model_input(sample, step_index)
     }
 
-    /// Returns the next sample in `model_output`'s dtype. The ancestral scheduler draws noise of
-    /// `model_output`'s shape and dtype from `rng` every step (also the last), as diffusers does; the discrete one
-    /// draws nothing.
+    /// Returns the next sample in `model_output`'s dtype and `pred_original_sample` in f32 (as diffusers). The
+    /// ancestral scheduler draws noise of `model_output`'s shape and dtype from `rng` every step (also the last),
+    /// as diffusers does; the discrete one draws nothing.
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
         rng: &mut TorchRng,
-    ) -> Result<Tensor> {
+    ) -> Result<StepOutput> {
         let s = &self.schedule;
         let out_dtype = model_output.dtype();
         let (sigma, sigma_next) = (s.sigmas[step_index], s.sigmas[step_index + 1]);
-        let (sample, derivative) = s.derivative(model_output, sample, sigma)?;
+        let (sample, derivative, x0) = s.derivative(model_output, sample, sigma)?;
         if !self.ancestral {
             let prev = (&sample + derivative.affine(f64::from(sigma_next - sigma), 0.0)?)?;
-            return Ok(prev.to_dtype(out_dtype)?);
+            return Ok(StepOutput {
+                prev_sample: prev.to_dtype(out_dtype)?,
+                x0,
+            });
         }
         let sigma_up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next)
             / (sigma * sigma))
@@ -166,7 +169,10 @@ impl DiffusionScheduler for Euler {
             .randn_dtype(model_output.dims(), out_dtype, model_output.device())?
             .to_dtype(DType::F32)?;
         let prev = (prev + mul_scalar(&noise, sigma_up, out_dtype)?)?;
-        Ok(prev.to_dtype(out_dtype)?)
+        Ok(StepOutput {
+            prev_sample: prev.to_dtype(out_dtype)?,
+            x0,
+        })
     }
 }
 

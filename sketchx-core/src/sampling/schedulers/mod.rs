@@ -1,6 +1,7 @@
-//! Noise schedulers reproducing diffusers 0.42.1: `EulerAncestralDiscreteScheduler`, `EulerDiscreteScheduler` and
-//! `DDIMScheduler`, each built like `<Class>.from_config(scheduler_config)`, one per file behind the
-//! [`DiffusionScheduler`] trait; [`Scheduler`] picks one by [`SchedulerKind`].
+//! Noise schedulers reproducing diffusers 0.42.1: `EulerAncestralDiscreteScheduler`, `EulerDiscreteScheduler`,
+//! `DDIMScheduler`, and the few-step `LCMScheduler` and `TCDScheduler`, each built like
+//! `<Class>.from_config(scheduler_config)`, one per file behind the [`DiffusionScheduler`] trait; [`Scheduler`]
+//! picks one by [`SchedulerKind`]. Every step also returns its clean-latent estimate ([`StepOutput::x0`]).
 //!
 //! The arithmetic follows diffusers step by step, in the same precisions: the beta schedule, cumulative products
 //! and sigmas in float32 as torch computes them (torch's `linspace` and `cumprod` included), timestep spacings and
@@ -32,11 +33,30 @@ use crate::sampling::rng::TorchRng;
 mod config;
 mod ddim;
 mod euler;
+mod lcm;
 mod schedule;
+mod tcd;
 
 pub use config::SchedulerConfig;
 pub use ddim::Ddim;
 pub use euler::Euler;
+pub use lcm::{boundary_scalings as lcm_boundary_scalings, Lcm};
+pub use schedule::Spacing as TimestepSpacing;
+use schedule::Spacing;
+pub use tcd::Tcd;
+
+/// Allowed `eta` (DDIM and TCD stochasticity), as diffusers asserts for TCD.
+pub const ETA_RANGE: std::ops::RangeInclusive<f64> = 0.0..=1.0;
+
+/// What one scheduler step returns: the next sample and the step's estimate of the clean latents.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The sample for the next step (the final latents after the last step).
+    pub prev_sample: Tensor,
+    /// The step's clean-latent estimate, as diffusers returns it: `pred_original_sample` for Euler, Euler
+    /// Ancestral and DDIM, `denoised` for LCM, `pred_noised_sample` for TCD. Previews decode it.
+    pub x0: Tensor,
+}
 
 /// Which sampler to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,29 +66,37 @@ pub enum SchedulerKind {
     EulerAncestral,
     /// `EulerDiscreteScheduler` (`"euler"`), deterministic (`s_churn = 0`).
     Euler,
-    /// `DDIMScheduler` (`"ddim"`), deterministic (`eta = 0`).
+    /// `DDIMScheduler` (`"ddim"`); stochastic when the request's `eta` is above 0.
     Ddim,
+    /// `LCMScheduler` (`"lcm"`): latent consistency model sampling, fresh noise from the RNG every step but the last.
+    Lcm,
+    /// `TCDScheduler` (`"tcd"`): trajectory consistency distillation sampling; `eta` sets its stochasticity.
+    Tcd,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order of help texts and API descriptions (the default first).
-    pub const ALL: [SchedulerKind; 3] = [
+    pub const ALL: [SchedulerKind; 5] = [
         SchedulerKind::EulerAncestral,
         SchedulerKind::Euler,
         SchedulerKind::Ddim,
+        SchedulerKind::Lcm,
+        SchedulerKind::Tcd,
     ];
 
     /// The request names of [`SchedulerKind::ALL`], in that order.
-    pub fn names() -> [&'static str; 3] {
+    pub fn names() -> [&'static str; 5] {
         Self::ALL.map(|k| k.as_str())
     }
 
-    /// The request name: `"euler_a"`, `"euler"` or `"ddim"`.
+    /// The request name: `"euler_a"`, `"euler"`, `"ddim"`, `"lcm"` or `"tcd"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             SchedulerKind::EulerAncestral => "euler_a",
             SchedulerKind::Euler => "euler",
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Tcd => "tcd",
         }
     }
 
@@ -78,6 +106,8 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Tcd => "TCDScheduler",
         }
     }
 }
@@ -100,7 +130,8 @@ impl FromStr for SchedulerKind {
 /// One sampler configured for a denoising run of a fixed number of steps, as a diffusers scheduler is after
 /// `set_timesteps`. Step indices passed in are below `timesteps().len()` ([`Scheduler`] checks them).
 pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
-    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM).
+    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and
+    /// TCD).
     fn timesteps(&self) -> &[f64];
 
     /// The scale of the initial noise: multiply the RNG's standard normal latents by this.
@@ -124,7 +155,7 @@ pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
         step_index: usize,
         sample: &Tensor,
         rng: &mut TorchRng,
-    ) -> Result<Tensor>;
+    ) -> Result<StepOutput>;
 }
 
 /// The configured scheduler of each kind.
@@ -132,6 +163,8 @@ pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
 enum Inner {
     Euler(Euler),
     Ddim(Ddim),
+    Lcm(Lcm),
+    Tcd(Tcd),
 }
 
 /// A configured scheduler for one denoising run of a fixed number of steps.
@@ -152,11 +185,26 @@ impl Scheduler {
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Self> {
+        Self::with_eta(kind, config, num_inference_steps, 0.0)
+    }
+
+    /// Like [`Scheduler::new`], with the pipeline's `eta`, which diffusers passes to every `step` taking it (DDIM
+    /// and TCD; the other kinds ignore it). An `eta` outside [`ETA_RANGE`] gives [`Error::InvalidRequest`] for
+    /// `eta`.
+    pub fn with_eta(
+        kind: SchedulerKind,
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+        eta: f64,
+    ) -> Result<Self> {
+        schedule::check_eta(eta)?;
         let n = num_inference_steps;
         let inner = match kind {
             SchedulerKind::EulerAncestral => Inner::Euler(Euler::ancestral(config, n)?),
             SchedulerKind::Euler => Inner::Euler(Euler::discrete(config, n)?),
-            SchedulerKind::Ddim => Inner::Ddim(Ddim::new(config, n)?),
+            SchedulerKind::Ddim => Inner::Ddim(Ddim::with_eta(config, n, eta)?),
+            SchedulerKind::Lcm => Inner::Lcm(Lcm::new(config, n)?),
+            SchedulerKind::Tcd => Inner::Tcd(Tcd::new(config, n, eta)?),
         };
         Ok(Self { kind, inner })
     }
@@ -165,6 +213,8 @@ impl Scheduler {
         match &self.inner {
             Inner::Euler(s) => s,
             Inner::Ddim(s) => s,
+            Inner::Lcm(s) => s,
+            Inner::Tcd(s) => s,
         }
     }
 
@@ -172,6 +222,8 @@ impl Scheduler {
         match &mut self.inner {
             Inner::Euler(s) => s,
             Inner::Ddim(s) => s,
+            Inner::Lcm(s) => s,
+            Inner::Tcd(s) => s,
         }
     }
 
@@ -180,14 +232,15 @@ impl Scheduler {
         self.kind
     }
 
-    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM).
+    /// The model's timestep for each step, in order (float32 values widened to f64; integers for DDIM, LCM and
+    /// TCD).
     ///
     /// Its length is the number of steps to run; it can exceed the requested count for `trailing` spacing.
     pub fn timesteps(&self) -> &[f64] {
         self.sampler().timesteps()
     }
 
-    /// The sigmas of the Euler schedulers (one per timestep, then the final one); empty for DDIM.
+    /// The sigmas of the Euler schedulers (one per timestep, then the final one); empty for the others.
     pub fn sigmas(&self) -> &[f32] {
         self.sampler().sigmas()
     }
@@ -214,18 +267,14 @@ impl Scheduler {
     }
 
     /// Scales the model input for step `step_index` (divides by `sqrt(sigma^2 + 1)` for the Euler schedulers;
-    /// the identity for DDIM). The result has the sample's dtype.
+    /// the identity for the others). The result has the sample's dtype.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         self.check_index(step_index)?;
         self.sampler().scale_model_input(sample, step_index)
     }
 
-    /// One denoising step: `model_output` is the (guided) noise prediction for `sample` at `step_index`.
-    ///
-    /// Returns the sample for the next step, in `model_output`'s dtype for the Euler schedulers (as diffusers) and
-    /// in `sample`'s dtype for DDIM. Euler Ancestral draws noise of `model_output`'s shape and dtype from `rng`
-    /// every step (also the last), as diffusers does; Euler and DDIM draw nothing (diffusers draws only for
-    /// `s_churn > 0` / `eta > 0`, which are not offered).
+    /// One denoising step: `model_output` is the (guided) noise prediction for `sample` at `step_index`; returns
+    /// the sample for the next step ([`Scheduler::step_output`] also returns the step's x0 estimate).
     pub fn step(
         &mut self,
         model_output: &Tensor,
@@ -233,6 +282,24 @@ impl Scheduler {
         sample: &Tensor,
         rng: &mut TorchRng,
     ) -> Result<Tensor> {
+        Ok(self
+            .step_output(model_output, step_index, sample, rng)?
+            .prev_sample)
+    }
+
+    /// One denoising step, returning the next sample and the step's x0 estimate ([`StepOutput`]).
+    ///
+    /// The next sample has `model_output`'s dtype for the Euler schedulers (as diffusers) and `sample`'s dtype
+    /// for DDIM, LCM and TCD. RNG draws follow diffusers exactly: Euler Ancestral draws noise of `model_output`'s
+    /// shape and dtype every step (also the last); LCM every step but the last; TCD every step but the last
+    /// when `eta > 0`; DDIM every step when `eta > 0`; Euler never (`s_churn = 0`).
+    pub fn step_output(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> Result<StepOutput> {
         self.check_index(step_index)?;
         self.sampler_mut()
             .step(model_output, step_index, sample, rng)

@@ -37,28 +37,93 @@ impl Prediction {
     }
 }
 
-/// Timestep spacing (Table 2 of "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+/// Timestep spacing, diffusers' `timestep_spacing` (Table 2 of "Common Diffusion Noise Schedules and Sample Steps
+/// are Flawed").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Spacing {
+pub enum Spacing {
+    /// `"linspace"`: evenly spaced over the training timesteps, both ends included.
     Linspace,
+    /// `"leading"`: multiples of `num_train_timesteps / steps` from 0, plus `steps_offset`.
     Leading,
+    /// `"trailing"`: counted down from the last training timestep (what few-step models expect).
     Trailing,
 }
 
 impl Spacing {
+    /// Every spacing, in the order of help texts.
+    pub const ALL: [Spacing; 3] = [Spacing::Linspace, Spacing::Leading, Spacing::Trailing];
+
+    /// The config / request name: `"linspace"`, `"leading"` or `"trailing"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Spacing::Linspace => "linspace",
+            Spacing::Leading => "leading",
+            Spacing::Trailing => "trailing",
+        }
+    }
+
+    /// The names of [`Spacing::ALL`], in that order.
+    pub fn names() -> [&'static str; 3] {
+        Self::ALL.map(|s| s.as_str())
+    }
+
     /// The config's `timestep_spacing`, or `default` (the class's) when absent.
     pub(super) fn parse(config: &SchedulerConfig, default: Spacing) -> Result<Self> {
         match config.timestep_spacing.as_deref() {
             None => Ok(default),
-            Some("linspace") => Ok(Spacing::Linspace),
-            Some("leading") => Ok(Spacing::Leading),
-            Some("trailing") => Ok(Spacing::Trailing),
-            Some(other) => Err(Error::unsupported(
-                &config.origin,
-                format!("unknown timestep_spacing {other:?}"),
-            )),
+            Some(name) => Self::ALL
+                .into_iter()
+                .find(|s| s.as_str() == name)
+                .ok_or_else(|| {
+                    Error::unsupported(&config.origin, format!("unknown timestep_spacing {name:?}"))
+                }),
         }
     }
+}
+
+impl std::fmt::Display for Spacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Spacing {
+    type Err = Error;
+
+    /// Parses a request name ([`Spacing::names`]; ASCII case-insensitive, surrounding whitespace ignored); the
+    /// error names the request field `timestep_spacing`.
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|k| t.eq_ignore_ascii_case(k.as_str()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "timestep_spacing",
+                    format!(
+                        "unknown timestep spacing {s:?} (expected {})",
+                        crate::names::quoted_list(&Self::names())
+                    ),
+                )
+            })
+    }
+}
+
+/// Refuses an `eta` outside [`ETA_RANGE`](super::ETA_RANGE) (NaN included) with [`Error::InvalidRequest`] for
+/// `eta`.
+pub(super) fn check_eta(eta: f64) -> Result<()> {
+    let range = super::ETA_RANGE;
+    if range.contains(&eta) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "eta",
+        format!(
+            "{eta} is outside the allowed range {}..={}",
+            range.start(),
+            range.end()
+        ),
+    ))
 }
 
 /// Refuses a step count of 0 or above the number of training timesteps ([`Error::InvalidRequest`] for `steps`).
