@@ -13,12 +13,13 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::config::ConfigFile;
 use crate::models::controlnet::{ControlNet, ControlResiduals};
 use crate::models::loader::{self, build_error, ModelSource, Resolver};
+use crate::models::taesd::TinyVae;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, VaeKind};
 use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
 use crate::sketch::Sketch;
@@ -50,6 +51,12 @@ pub struct EngineConfig {
     /// than one tile are affected. Default `false`, as in diffusers. With it on, [`Engine::load`] refuses a VAE
     /// whose config gives no usable tile size ([`Error::UnsupportedModel`]).
     pub vae_tiling: bool,
+    /// A tiny VAE (TAESD, diffusers' `AutoencoderTiny`: `config.json` and weights at the root of a directory or
+    /// Hub repository such as `madebyollin/taesd`) to load beside the model's own VAE, for requests asking for
+    /// [`VaeKind::Tiny`] and for [`Engine::decode_preview`]. `None` (the default): no tiny VAE. Its latent channels
+    /// and scale factor must match the model's VAE ([`Error::UnsupportedModel`] otherwise). Tiling does not apply
+    /// to it (its activations are small).
+    pub tiny_vae: Option<ModelSource>,
 }
 
 impl EngineConfig {
@@ -62,6 +69,7 @@ impl EngineConfig {
             dtype: DType::F32,
             variant: None,
             vae_tiling: false,
+            tiny_vae: None,
         })
     }
 
@@ -74,6 +82,7 @@ impl EngineConfig {
             dtype: DType::F32,
             variant: None,
             vae_tiling: false,
+            tiny_vae: None,
         })
     }
 }
@@ -119,6 +128,7 @@ pub struct Engine {
     unet: UNet,
     controlnet: ControlNet,
     vae: Vae,
+    tiny_vae: Option<TinyVae>,
     scheduler_config: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -146,12 +156,26 @@ impl Engine {
             vae.tiling()?;
         }
         check_compatible(&files, &text_encoder, &unet, &vae, &controlnet)?;
+        let tiny_vae = config
+            .tiny_vae
+            .as_ref()
+            .map(|source| {
+                load_tiny_vae(
+                    source,
+                    config.variant.as_deref(),
+                    precision,
+                    &config.device,
+                    &vae,
+                )
+            })
+            .transpose()?;
         Ok(Self {
             tokenizer,
             text_encoder,
             unet,
             controlnet,
             vae,
+            tiny_vae,
             scheduler_config: files.scheduler,
             device: config.device.clone(),
             dtype: precision.activations_dtype(),
@@ -205,6 +229,37 @@ impl Engine {
         &self.vae
     }
 
+    /// The tiny VAE ([`EngineConfig::tiny_vae`]), if one was loaded.
+    pub fn tiny_vae(&self) -> Option<&TinyVae> {
+        self.tiny_vae.as_ref()
+    }
+
+    /// Decodes predicted clean latents `x0` `(batch, C, h, w)` (as the denoising loop holds them, e.g. a
+    /// scheduler step's `pred_original_sample`) with the tiny VAE into one RGB8 preview per image, row-major, of
+    /// `w * scale` x `h * scale` pixels: diffusers' `AutoencoderTiny.decode(x0 / scaling_factor)` post-processed
+    /// as the final images are (`(x / 2 + 0.5).clamp(0, 1) * 255`, rounded). Without a tiny VAE this is
+    /// [`Error::InvalidRequest`] for the field `vae`.
+    pub fn decode_preview(&self, x0: &Tensor) -> Result<Vec<Vec<u8>>> {
+        let tiny = self.require_tiny()?;
+        let n = x0.dim(0)?;
+        (0..n)
+            .map(|k| {
+                let lat = x0.narrow(0, k, 1)?.to_dtype(self.dtype)?;
+                Ok(to_u8_like_diffusers(&to_hwc(&tiny.decode(&lat)?)?))
+            })
+            .collect()
+    }
+
+    /// The tiny VAE, or the error for a request that needs one on an engine without it.
+    fn require_tiny(&self) -> Result<&TinyVae> {
+        self.tiny_vae.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "vae",
+                "\"tiny\" needs a tiny VAE, and this engine loaded none (EngineConfig::tiny_vae)",
+            )
+        })
+    }
+
     /// The scheduler configuration read from the model.
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_config
@@ -256,6 +311,9 @@ impl Engine {
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Generated> {
         req.validate()?;
+        if req.vae == VaeKind::Tiny {
+            self.require_tiny()?;
+        }
         let (width, height) = self.output_size(req, sketch)?;
         let seed = req.seed.unwrap_or_else(random_seed);
         let guidance = Guidance::of(req, &self.controlnet);
@@ -275,7 +333,7 @@ impl Engine {
             &mut rng,
             observer,
         )?;
-        let images = self.decode(&latents, scheduler.timesteps().len(), observer)?;
+        let images = self.decode(&latents, req.vae, scheduler.timesteps().len(), observer)?;
         Ok(Generated {
             seed,
             width,
@@ -415,11 +473,12 @@ impl Engine {
         Ok(latents)
     }
 
-    /// Decodes each image's latents with the VAE (tiled when configured) into RGB8 as diffusers rounds it;
-    /// `observer` after every image.
+    /// Decodes each image's latents with the chosen VAE (the full one tiled when configured) into RGB8 as
+    /// diffusers rounds it; `observer` after every image.
     fn decode(
         &self,
         latents: &Tensor,
+        vae: VaeKind,
         total_steps: usize,
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Vec<Vec<u8>>> {
@@ -427,18 +486,13 @@ impl Engine {
         let mut images = Vec::with_capacity(n);
         for k in 0..n {
             let lat = latents.narrow(0, k, 1)?.to_dtype(self.dtype)?;
-            let img = if self.vae_tiling {
-                self.vae.decode_tiled(&lat)?
-            } else {
-                self.vae.decode(&lat)?
+            let img = match vae {
+                // diffusers' pipeline with the tiny VAE as its `vae` decodes `latents / its scaling_factor`.
+                VaeKind::Tiny => self.require_tiny()?.decode(&lat)?,
+                VaeKind::Full if self.vae_tiling => self.vae.decode_tiled(&lat)?,
+                VaeKind::Full => self.vae.decode(&lat)?,
             };
-            let hwc = img
-                .to_dtype(DType::F32)?
-                .squeeze(0)?
-                .permute((1, 2, 0))?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            images.push(to_u8_like_diffusers(&hwc));
+            images.push(to_u8_like_diffusers(&to_hwc(&img)?));
             let info = StepInfo {
                 step: total_steps,
                 total_steps,
@@ -653,6 +707,42 @@ fn check_compatible(
         ));
     }
     Ok(())
+}
+
+/// One decoded image `(1, 3, H, W)` as f32 values in height, width, channel order.
+fn to_hwc(img: &Tensor) -> Result<Vec<f32>> {
+    Ok(img
+        .to_dtype(DType::F32)?
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// Loads the tiny VAE of [`EngineConfig::tiny_vae`] (`config.json` and weights at the source's root) and checks
+/// that it decodes the model's latents: same latent channels, same scale factor as the model's VAE.
+fn load_tiny_vae(
+    source: &ModelSource,
+    variant: Option<&str>,
+    precision: Precision,
+    dev: &Device,
+    vae: &Vae,
+) -> Result<TinyVae> {
+    let resolver = Resolver::new(source.clone())?;
+    let config = resolver.config("config.json")?;
+    let path = resolver.weights("", variant)?;
+    let tiny = loader::weights(&path, precision, dev)
+        .and_then(|w| TinyVae::load(w, &config).map_err(|e| candle_to_file(e, &path)))?;
+    if tiny.latent_channels != vae.latent_channels || tiny.scale_factor != vae.scale_factor {
+        return Err(Error::unsupported(
+            config.origin(),
+            format!(
+                "the tiny VAE takes {} latent channels and upsamples {}x, the model's VAE has {} and {}x",
+                tiny.latent_channels, tiny.scale_factor, vae.latent_channels, vae.scale_factor
+            ),
+        ));
+    }
+    Ok(tiny)
 }
 
 /// Guess mode with guidance: the ControlNet saw only the conditional half; the unconditional half gets zeros.

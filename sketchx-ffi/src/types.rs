@@ -400,6 +400,8 @@ impl sketchx_request {
             guess_mode: tri_state("guess_mode", self.guess_mode)?,
             control_guidance_start: self.control_guidance_start,
             control_guidance_end: self.control_guidance_end,
+            // The C options have no VAE choice yet: the default (full) VAE.
+            vae: d.vae,
         })
     }
 }

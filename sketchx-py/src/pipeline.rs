@@ -152,6 +152,8 @@ impl NativePipeline {
                 control_guidance_start,
             )?,
             control_guidance_end: float_field(py, "control_guidance_end", control_guidance_end)?,
+            // The Python API has no VAE choice yet: the default (full) VAE.
+            vae: GenerationRequest::DEFAULT.vae,
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
         let pipe = &self.pipe;

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod config;
 pub mod controlnet;
 pub mod loader;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

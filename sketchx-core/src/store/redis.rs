@@ -234,6 +234,7 @@ fn request_to_json(r: &GenerationRequest) -> String {
         "num_images": r.num_images, "steps": r.steps, "seed": r.seed, "width": r.width, "height": r.height,
         "scheduler": r.scheduler.as_str(), "preprocess": r.preprocess.as_str(), "guess_mode": r.guess_mode,
         "control_guidance_start": r.control_guidance_start, "control_guidance_end": r.control_guidance_end,
+        "vae": r.vae.as_str(),
     })
     .to_string()
 }
@@ -269,6 +270,11 @@ fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> 
         guess_mode: typed(field("guess_mode"), "guess_mode")?,
         control_guidance_start: get("control_guidance_start")?,
         control_guidance_end: get("control_guidance_end")?,
+        // Absent in jobs queued before the field existed: the default.
+        vae: match typed::<Option<String>>(field("vae"), "vae")? {
+            Some(name) => name.parse().map_err(|e: Error| e.to_string())?,
+            None => GenerationRequest::DEFAULT.vae,
+        },
     })
 }
 
@@ -1127,9 +1133,17 @@ mod tests {
             guess_mode: Some(true),
             scheduler: "ddim".parse().unwrap(),
             preprocess: "none".parse().unwrap(),
+            vae: "tiny".parse().unwrap(),
             ..Default::default()
         };
         assert_eq!(request_from_json(&request_to_json(&r)).unwrap(), r);
+        // A job stored without the field decodes with the default VAE.
+        let mut v: serde_json::Value = serde_json::from_str(&request_to_json(&r)).unwrap();
+        v.as_object_mut().unwrap().remove("vae");
+        assert_eq!(
+            request_from_json(&v.to_string()).unwrap().vae,
+            GenerationRequest::DEFAULT.vae
+        );
         assert!(request_from_json("{}").is_err());
     }
 
