@@ -64,8 +64,8 @@ enum Layer {
     Conv(FastConv2d),
     /// The activation after the first convolution (`act_fn`, ReLU).
     Relu,
-    /// `AutoencoderTinyBlock`.
-    Block(TinyBlock),
+    /// `AutoencoderTinyBlock` (boxed: three convolutions make it much larger than the other variants).
+    Block(Box<TinyBlock>),
     /// `nn.Upsample(scale_factor, mode="nearest")`.
     Upsample(usize),
 }
@@ -94,7 +94,10 @@ impl DecoderTiny {
         for (i, &n) in num_blocks.iter().enumerate() {
             let last = i + 1 == num_blocks.len();
             for _ in 0..n {
-                layers.push(Layer::Block(TinyBlock::new(vb.pp(layers.len()), channels)?));
+                layers.push(Layer::Block(Box::new(TinyBlock::new(
+                    vb.pp(layers.len()),
+                    channels,
+                )?)));
             }
             if !last {
                 layers.push(Layer::Upsample(upsample));
