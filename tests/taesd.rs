@@ -20,7 +20,7 @@ use sketchx::models::taesd::TinyVae;
 use sketchx::precision::Precision;
 use sketchx::request::{GenerationRequest, VaeKind};
 use sketchx::sketch::Sketch;
-use sketchx::Error;
+use sketchx::{Error, Pipeline, PipelineConfig};
 
 fn tiny_vae(precision: Precision) -> TinyVae {
     let dir = fixtures().join("tiny-taesd");
@@ -256,6 +256,33 @@ fn vae_tiny_without_a_tiny_vae_names_the_field() {
         engine.decode_preview(&x0),
         Err(Error::InvalidRequest { field: "vae", .. })
     ));
+}
+
+#[test]
+fn a_pipeline_without_a_tiny_vae_refuses_vae_tiny_at_submit() {
+    let (model, controlnet) = tiny_models();
+    let mut cfg = PipelineConfig::new(&model, &controlnet).unwrap();
+    cfg.output_dir = scratch_dir("taesd-pipeline");
+    cfg.cleanup_interval = None;
+    let dir = cfg.output_dir.clone();
+    let pipe = Pipeline::new(cfg).unwrap();
+    let case = case("taesd_preview_euler_a");
+    let bytes = std::fs::read(
+        fixtures()
+            .join("sketches")
+            .join(case["sketch"].as_str().unwrap()),
+    )
+    .unwrap();
+    let err = pipe
+        .submit(request_for(&case, VaeKind::Tiny), bytes)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidRequest { field: "vae", .. }),
+        "{err}"
+    );
+    assert_eq!(pipe.queued(), 0);
+    pipe.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn load_with_tiny(dir: &std::path::Path) -> sketchx::Result<Engine> {

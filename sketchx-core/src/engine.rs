@@ -284,8 +284,13 @@ impl Engine {
         Ok(emb)
     }
 
-    /// The output size for `sketch` under `req` (explicit width/height, else derived from the sketch).
+    /// The output size for `sketch` under `req` (explicit width/height, else derived from the sketch). Also
+    /// refuses what only the loaded models decide (so that a pipeline refuses it at submit): a size that is not a
+    /// multiple of the VAE's scale factor, `vae: tiny` without a tiny VAE ([`Error::InvalidRequest`] for `vae`).
     pub fn output_size(&self, req: &GenerationRequest, sketch: &Sketch) -> Result<(u32, u32)> {
+        if req.vae == VaeKind::Tiny {
+            self.require_tiny()?;
+        }
         let (w, h) = sketch.target_size(req.width, req.height);
         let f = self.vae.scale_factor as u32;
         for (field, v) in [("width", w), ("height", h)] {
@@ -311,9 +316,6 @@ impl Engine {
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Generated> {
         req.validate()?;
-        if req.vae == VaeKind::Tiny {
-            self.require_tiny()?;
-        }
         let (width, height) = self.output_size(req, sketch)?;
         let seed = req.seed.unwrap_or_else(random_seed);
         let guidance = Guidance::of(req, &self.controlnet);
