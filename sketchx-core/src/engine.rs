@@ -137,7 +137,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet.
+    /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet, and
+    /// the tiny VAE when [`EngineConfig::tiny_vae`] names one.
     /// Every size comes from the components' own config files; a missing or malformed file is an error naming it.
     ///
     /// Every file is located (and downloaded) first; then the four networks are built at the same time, as tasks on
@@ -151,23 +152,19 @@ impl Engine {
         let precision = Precision::new(&config.device, config.dtype);
         let tokenizer = load_tokenizer(&base)?;
         let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
+        // Located before the networks are built, so that a missing tiny VAE fails fast.
+        let tiny_files = config
+            .tiny_vae
+            .as_ref()
+            .map(|source| locate_tiny_vae(source, config.variant.as_deref()))
+            .transpose()?;
         let (text_encoder, unet, vae, controlnet) = files.build(precision, &config.device)?;
         if config.vae_tiling {
             vae.tiling()?;
         }
         check_compatible(&files, &text_encoder, &unet, &vae, &controlnet)?;
-        let tiny_vae = config
-            .tiny_vae
-            .as_ref()
-            .map(|source| {
-                load_tiny_vae(
-                    source,
-                    config.variant.as_deref(),
-                    precision,
-                    &config.device,
-                    &vae,
-                )
-            })
+        let tiny_vae = tiny_files
+            .map(|(c, path)| load_tiny_vae(&c, &path, precision, &config.device, &vae))
             .transpose()?;
         Ok(Self {
             tokenizer,
@@ -721,20 +718,26 @@ fn to_hwc(img: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-/// Loads the tiny VAE of [`EngineConfig::tiny_vae`] (`config.json` and weights at the source's root) and checks
-/// that it decodes the model's latents: same latent channels, same scale factor as the model's VAE.
+/// The config and weights file of [`EngineConfig::tiny_vae`] (both at the source's root), downloaded if needed.
+fn locate_tiny_vae(source: &ModelSource, variant: Option<&str>) -> Result<(ConfigFile, PathBuf)> {
+    let resolver = Resolver::new(source.clone())?;
+    Ok((
+        resolver.config("config.json")?,
+        resolver.weights("", variant)?,
+    ))
+}
+
+/// Builds the tiny VAE and checks that it decodes the model's latents: same latent channels, same scale factor
+/// as the model's VAE.
 fn load_tiny_vae(
-    source: &ModelSource,
-    variant: Option<&str>,
+    config: &ConfigFile,
+    path: &Path,
     precision: Precision,
     dev: &Device,
     vae: &Vae,
 ) -> Result<TinyVae> {
-    let resolver = Resolver::new(source.clone())?;
-    let config = resolver.config("config.json")?;
-    let path = resolver.weights("", variant)?;
-    let tiny = loader::weights(&path, precision, dev)
-        .and_then(|w| TinyVae::load(w, &config).map_err(|e| candle_to_file(e, &path)))?;
+    let tiny = loader::weights(path, precision, dev)
+        .and_then(|w| TinyVae::load(w, config).map_err(|e| candle_to_file(e, path)))?;
     if tiny.latent_channels != vae.latent_channels || tiny.scale_factor != vae.scale_factor {
         return Err(Error::unsupported(
             config.origin(),
