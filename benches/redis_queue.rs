@@ -53,6 +53,7 @@ impl Generator for Noop {
             decoded: 0,
             num_images: 1,
             latents: None,
+            x0: None,
         };
         let go_on = observer(&info);
         if self.stall {

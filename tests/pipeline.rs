@@ -667,6 +667,7 @@ impl Generator for Gate {
             decoded: 0,
             num_images: 1,
             latents: None,
+            x0: None,
         };
         if !observer(&info) {
             return Err(Error::Cancelled);

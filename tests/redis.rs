@@ -107,6 +107,7 @@ fn noop_generate(
             decoded: 0,
             num_images: n,
             latents: None,
+            x0: None,
         };
         if !observer(&info) {
             return Err(Error::Cancelled);

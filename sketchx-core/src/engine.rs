@@ -14,12 +14,13 @@ use crate::models::config::ConfigFile;
 use crate::models::controlnet::{ControlNet, ControlResiduals};
 use crate::models::loader::{self, build_error, ModelSource, Resolver};
 use crate::models::lora::{self, FusedWeights, LoraSpec};
+use crate::models::taesd::TinyVae;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, VaeKind};
 use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
 use crate::sketch::Sketch;
@@ -61,6 +62,12 @@ pub struct EngineConfig {
     /// `fuse_lora`). Kohya, diffusers/peft and old diffusers safetensors files; see [`crate::models::lora`]. A
     /// key that matches no layer, an SDXL file or a scale beyond ±10 fails [`Engine::load`]. Default: none.
     pub loras: Vec<LoraSpec>,
+    /// A tiny VAE (TAESD, diffusers' `AutoencoderTiny`: `config.json` and weights at the root of a directory or
+    /// Hub repository such as `madebyollin/taesd`) to load beside the model's own VAE, for requests asking for
+    /// [`VaeKind::Tiny`] and for [`Engine::decode_preview`]. `None` (the default): no tiny VAE. Its latent channels
+    /// and scale factor must match the model's VAE ([`Error::UnsupportedModel`] otherwise). Tiling does not apply
+    /// to it (its activations are small).
+    pub tiny_vae: Option<ModelSource>,
 }
 
 impl EngineConfig {
@@ -79,6 +86,7 @@ impl EngineConfig {
             variant: None,
             vae_tiling: false,
             loras: Vec::new(),
+            tiny_vae: None,
         })
     }
 }
@@ -96,6 +104,9 @@ pub struct StepInfo<'a> {
     pub num_images: usize,
     /// The current latents `(num_images, C, h, w)` while denoising; `None` while decoding.
     pub latents: Option<&'a Tensor>,
+    /// The last step's estimate of the clean latents (the scheduler's x0, what live previews decode) while
+    /// denoising; `None` while decoding.
+    pub x0: Option<&'a Tensor>,
 }
 
 /// A generation's result.
@@ -124,6 +135,7 @@ pub struct Engine {
     unet: UNet,
     controlnet: ControlNet,
     vae: Vae,
+    tiny_vae: Option<TinyVae>,
     scheduler_config: SchedulerConfig,
     device: Device,
     dtype: DType,
@@ -132,7 +144,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet.
+    /// Loads (downloading if needed) the tokenizer, text encoder, UNet, VAE, scheduler config and ControlNet, and
+    /// the tiny VAE when [`EngineConfig::tiny_vae`] names one.
     /// Every size comes from the components' own config files; a missing or malformed file is an error naming it.
     ///
     /// Every file is located (and downloaded) first; then the four networks are built at the same time, as tasks on
@@ -151,6 +164,12 @@ impl Engine {
             spec.validate()?;
         }
         let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
+        // Located before the networks are built, so that a missing tiny VAE fails fast.
+        let tiny_files = config
+            .tiny_vae
+            .as_ref()
+            .map(|source| locate_tiny_vae(source, config.variant.as_deref()))
+            .transpose()?;
         let fused = lora::fuse(
             &config.loras,
             &files.unet.1,
@@ -163,12 +182,16 @@ impl Engine {
             vae.tiling()?;
         }
         check_compatible(&files, &text_encoder, &unet, &vae, &controlnet)?;
+        let tiny_vae = tiny_files
+            .map(|(c, path)| load_tiny_vae(&c, &path, precision, &config.device, &vae))
+            .transpose()?;
         Ok(Self {
             tokenizer,
             text_encoder,
             unet,
             controlnet,
             vae,
+            tiny_vae,
             scheduler_config: files.scheduler,
             device: config.device.clone(),
             dtype: precision.activations_dtype(),
@@ -222,6 +245,37 @@ impl Engine {
         &self.vae
     }
 
+    /// The tiny VAE ([`EngineConfig::tiny_vae`]), if one was loaded.
+    pub fn tiny_vae(&self) -> Option<&TinyVae> {
+        self.tiny_vae.as_ref()
+    }
+
+    /// Decodes predicted clean latents `x0` `(batch, C, h, w)` (as the denoising loop holds them, e.g. a
+    /// scheduler step's `pred_original_sample`) with the tiny VAE into one RGB8 preview per image, row-major, of
+    /// `w * scale` x `h * scale` pixels: diffusers' `AutoencoderTiny.decode(x0 / scaling_factor)` post-processed
+    /// as the final images are (`(x / 2 + 0.5).clamp(0, 1) * 255`, rounded). Without a tiny VAE this is
+    /// [`Error::InvalidRequest`] for the field `vae`.
+    pub fn decode_preview(&self, x0: &Tensor) -> Result<Vec<Vec<u8>>> {
+        let tiny = self.require_tiny()?;
+        let n = x0.dim(0)?;
+        (0..n)
+            .map(|k| {
+                let lat = x0.narrow(0, k, 1)?.to_dtype(self.dtype)?;
+                Ok(to_u8_like_diffusers(&to_hwc(&tiny.decode(&lat)?)?))
+            })
+            .collect()
+    }
+
+    /// The tiny VAE, or the error for a request that needs one on an engine without it.
+    fn require_tiny(&self) -> Result<&TinyVae> {
+        self.tiny_vae.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "vae",
+                "\"tiny\" needs a tiny VAE, and this engine loaded none (EngineConfig::tiny_vae)",
+            )
+        })
+    }
+
     /// The scheduler configuration read from the model.
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_config
@@ -246,8 +300,13 @@ impl Engine {
         Ok(emb)
     }
 
-    /// The output size for `sketch` under `req` (explicit width/height, else derived from the sketch).
+    /// The output size for `sketch` under `req` (explicit width/height, else derived from the sketch). Also
+    /// refuses what only the loaded models decide (so that a pipeline refuses it at submit): a size that is not a
+    /// multiple of the VAE's scale factor, `vae: tiny` without a tiny VAE ([`Error::InvalidRequest`] for `vae`).
     pub fn output_size(&self, req: &GenerationRequest, sketch: &Sketch) -> Result<(u32, u32)> {
+        if req.vae == VaeKind::Tiny {
+            self.require_tiny()?;
+        }
         let (w, h) = sketch.target_size(req.width, req.height);
         let f = self.vae.scale_factor as u32;
         for (field, v) in [("width", w), ("height", h)] {
@@ -291,7 +350,7 @@ impl Engine {
             &mut rng,
             observer,
         )?;
-        let images = self.decode(&latents, scheduler.timesteps().len(), observer)?;
+        let images = self.decode(&latents, req.vae, scheduler.timesteps().len(), observer)?;
         Ok(Generated {
             seed,
             width,
@@ -436,13 +495,15 @@ impl Engine {
                 residuals.as_ref().map(|r| &r.mid),
             )?;
             let noise = g.combine(noise.to_dtype(DType::F32)?, req.guidance_scale)?;
-            latents = scheduler.step(&noise, i, &latents, rng)?;
+            let out = scheduler.step_output(&noise, i, &latents, rng)?;
+            latents = out.prev_sample;
             let info = StepInfo {
                 step: i + 1,
                 total_steps: total,
                 decoded: 0,
                 num_images: g.n,
                 latents: Some(&latents),
+                x0: Some(&out.x0),
             };
             if !observer(&info) {
                 return Err(Error::Cancelled);
@@ -451,11 +512,12 @@ impl Engine {
         Ok(latents)
     }
 
-    /// Decodes each image's latents with the VAE (tiled when configured) into RGB8 as diffusers rounds it;
-    /// `observer` after every image.
+    /// Decodes each image's latents with the chosen VAE (the full one tiled when configured) into RGB8 as
+    /// diffusers rounds it; `observer` after every image.
     fn decode(
         &self,
         latents: &Tensor,
+        vae: VaeKind,
         total_steps: usize,
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Vec<Vec<u8>>> {
@@ -463,24 +525,20 @@ impl Engine {
         let mut images = Vec::with_capacity(n);
         for k in 0..n {
             let lat = latents.narrow(0, k, 1)?.to_dtype(self.dtype)?;
-            let img = if self.vae_tiling {
-                self.vae.decode_tiled(&lat)?
-            } else {
-                self.vae.decode(&lat)?
+            let img = match vae {
+                // diffusers' pipeline with the tiny VAE as its `vae` decodes `latents / its scaling_factor`.
+                VaeKind::Tiny => self.require_tiny()?.decode(&lat)?,
+                VaeKind::Full if self.vae_tiling => self.vae.decode_tiled(&lat)?,
+                VaeKind::Full => self.vae.decode(&lat)?,
             };
-            let hwc = img
-                .to_dtype(DType::F32)?
-                .squeeze(0)?
-                .permute((1, 2, 0))?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            images.push(to_u8_like_diffusers(&hwc));
+            images.push(to_u8_like_diffusers(&to_hwc(&img)?));
             let info = StepInfo {
                 step: total_steps,
                 total_steps,
                 decoded: k + 1,
                 num_images: n,
                 latents: None,
+                x0: None,
             };
             if !observer(&info) {
                 return Err(Error::Cancelled);
@@ -699,6 +757,48 @@ fn check_compatible(
         ));
     }
     Ok(())
+}
+
+/// One decoded image `(1, 3, H, W)` as f32 values in height, width, channel order.
+fn to_hwc(img: &Tensor) -> Result<Vec<f32>> {
+    Ok(img
+        .to_dtype(DType::F32)?
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// The config and weights file of [`EngineConfig::tiny_vae`] (both at the source's root), downloaded if needed.
+fn locate_tiny_vae(source: &ModelSource, variant: Option<&str>) -> Result<(ConfigFile, PathBuf)> {
+    let resolver = Resolver::new(source.clone())?;
+    Ok((
+        resolver.config("config.json")?,
+        resolver.weights("", variant)?,
+    ))
+}
+
+/// Builds the tiny VAE and checks that it decodes the model's latents: same latent channels, same scale factor
+/// as the model's VAE.
+fn load_tiny_vae(
+    config: &ConfigFile,
+    path: &Path,
+    precision: Precision,
+    dev: &Device,
+    vae: &Vae,
+) -> Result<TinyVae> {
+    let tiny = loader::weights(path, precision, dev)
+        .and_then(|w| TinyVae::load(w, config).map_err(|e| candle_to_file(e, path)))?;
+    if tiny.latent_channels != vae.latent_channels || tiny.scale_factor != vae.scale_factor {
+        return Err(Error::unsupported(
+            config.origin(),
+            format!(
+                "the tiny VAE takes {} latent channels and upsamples {}x, the model's VAE has {} and {}x",
+                tiny.latent_channels, tiny.scale_factor, vae.latent_channels, vae.scale_factor
+            ),
+        ));
+    }
+    Ok(tiny)
 }
 
 /// Guess mode with guidance: the ControlNet saw only the conditional half; the unconditional half gets zeros.

@@ -31,6 +31,12 @@ pub trait Generator: Send + Sync + 'static {
         sketch: &Sketch,
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Generated>;
+
+    /// A live preview of the first image at a denoising step (`info.latents` is set). The default is the cheap
+    /// linear latent-to-RGB map ([`latent_preview`]).
+    fn preview(&self, info: &StepInfo) -> Option<Preview> {
+        info.latents.and_then(|l| latent_preview(l, info.step))
+    }
 }
 
 impl Generator for Engine {
@@ -45,6 +51,31 @@ impl Generator for Engine {
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Generated> {
         Engine::generate(self, req, sketch, observer)
+    }
+
+    /// With a tiny VAE, the step's predicted clean image decoded by it at full resolution (as the drawing tools'
+    /// TAESD previews); otherwise, or if that fails, the linear latent-to-RGB map.
+    fn preview(&self, info: &StepInfo) -> Option<Preview> {
+        let tiny = match (self.tiny_vae(), info.x0) {
+            (Some(_), Some(x0)) => x0
+                .narrow(0, 0, 1)
+                .map_err(Error::from)
+                .and_then(|first| self.decode_preview(&first))
+                .ok()
+                .and_then(|mut rgb| rgb.pop())
+                .and_then(|rgb| {
+                    let (_, _, h, w) = x0.dims4().ok()?;
+                    let scale = self.vae().scale_factor;
+                    Some(Preview {
+                        step: info.step,
+                        width: (w * scale) as u32,
+                        height: (h * scale) as u32,
+                        rgb,
+                    })
+                }),
+            _ => None,
+        };
+        tiny.or_else(|| info.latents.and_then(|l| latent_preview(l, info.step)))
     }
 }
 
@@ -156,12 +187,12 @@ fn run_job(w: &WorkerSetup, claim: Claim) {
                 last_step_at = now;
                 total_steps = info.total_steps;
                 let preview = match (info.latents, w.preview_every) {
-                    (Some(l), every)
+                    (Some(_), every)
                         if every > 0
                             && (info.step.is_multiple_of(every)
                                 || info.step == info.total_steps) =>
                     {
-                        latent_preview(l, info.step)
+                        w.generator.preview(info)
                     }
                     _ => None,
                 };

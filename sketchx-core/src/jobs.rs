@@ -189,8 +189,9 @@ impl JobStatus {
     }
 }
 
-/// A cheap look at a running job's current latents: a linear latent-to-RGB approximation (no extra model),
-/// at latent resolution (1/8 of the image for SD1.5).
+/// A look at a running job: with a tiny VAE (TAESD) loaded, the step's predicted clean image decoded at full
+/// resolution; otherwise a linear latent-to-RGB approximation of the current latents (no extra model) at latent
+/// resolution (1/8 of the image for SD1.5).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preview {
     /// Denoising step the preview shows.

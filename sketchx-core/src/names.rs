@@ -2,9 +2,9 @@
 //! CLI and REST examples, C, Python) calls these parsers and takes these defaults and lists of accepted names;
 //! none spells them again.
 //!
-//! Parsing is the same for every name the core accepts (here and in [`SchedulerKind`](crate::sampling::schedulers::SchedulerKind)
-//! and [`Preprocess`](crate::sketch::Preprocess)): surrounding whitespace is ignored and letters match in any
-//! ASCII case.
+//! Parsing is the same for every name the core accepts (here and in
+//! [`SchedulerKind`](crate::sampling::schedulers::SchedulerKind), [`Preprocess`](crate::sketch::Preprocess) and
+//! [`VaeKind`](crate::request::VaeKind)): surrounding whitespace is ignored and letters match in any ASCII case.
 //!
 //! ```
 //! use candle_core::DType;

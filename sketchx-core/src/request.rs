@@ -30,6 +30,64 @@ pub const ETA_RANGE: std::ops::RangeInclusive<f64> = crate::sampling::schedulers
 /// Longest accepted prompt or negative prompt, in bytes (the text encoder reads 77 tokens; this only bounds work).
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
+/// Which VAE decodes a request's final images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeKind {
+    /// The model's own VAE (`"full"`): diffusers' `AutoencoderKL`, the reference.
+    #[default]
+    Full,
+    /// The tiny VAE (`"tiny"`, TAESD: diffusers' `AutoencoderTiny`) loaded from
+    /// [`EngineConfig::tiny_vae`](crate::engine::EngineConfig::tiny_vae): much faster, less detailed. A request
+    /// for it on an engine without one is [`Error::InvalidRequest`] for the field `vae`.
+    Tiny,
+}
+
+impl VaeKind {
+    /// Every kind, in the order of help texts and API descriptions (the default first).
+    pub const ALL: [VaeKind; 2] = [VaeKind::Full, VaeKind::Tiny];
+
+    /// The request names of [`VaeKind::ALL`], in that order.
+    pub fn names() -> [&'static str; 2] {
+        Self::ALL.map(|k| k.as_str())
+    }
+
+    /// The request name: `"full"` or `"tiny"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VaeKind::Full => "full",
+            VaeKind::Tiny => "tiny",
+        }
+    }
+}
+
+impl std::fmt::Display for VaeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VaeKind {
+    type Err = Error;
+
+    /// Parses a request name ([`VaeKind::names`]; ASCII case-insensitive, surrounding whitespace ignored); an
+    /// unknown name is [`Error::InvalidRequest`] for the field `vae`.
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|k| t.eq_ignore_ascii_case(k.as_str()))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "vae",
+                    format!(
+                        "unknown VAE {s:?} (expected {})",
+                        crate::names::quoted_list(&Self::names())
+                    ),
+                )
+            })
+    }
+}
+
 /// Random seeds stay below 2^53 so that they survive a round trip through JSON numbers.
 const RANDOM_SEED_BITS: u32 = 53;
 
@@ -87,13 +145,15 @@ pub struct GenerationRequest {
     /// Stochasticity of the DDIM and TCD steps, in `[0, 1]` (diffusers' pipeline `eta`, which it passes to every
     /// scheduler step taking one); ignored by the other schedulers.
     pub eta: f64,
+    /// Which VAE decodes the final images (default [`VaeKind::Full`]).
+    pub vae: VaeKind,
 }
 
 impl GenerationRequest {
     /// The defaults, those of the original service: no prompt, the default negative prompt, temperature 0.65
     /// (ControlNet scale 1.0), guidance 7.5, one image, 30 steps, a random seed, the size from the sketch,
     /// `euler_a`, `scribble`, automatic guess mode, the ControlNet over all steps, the model's timestep spacing,
-    /// `eta` 0. A constant, so that bindings
+    /// `eta` 0, the full VAE. A constant, so that bindings
     /// can use its fields where a constant is needed (`#[arg(default_value_t = GenerationRequest::DEFAULT.steps)]`).
     pub const DEFAULT: GenerationRequest = GenerationRequest {
         prompt: None,
@@ -113,6 +173,7 @@ impl GenerationRequest {
         control_guidance_end: 1.0,
         timestep_spacing: None,
         eta: 0.0,
+        vae: VaeKind::Full,
     };
 }
 
@@ -291,6 +352,30 @@ mod tests {
                 ..GenerationRequest::DEFAULT
             };
             req.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn vae_names_parse_in_any_case_and_back() {
+        assert_eq!(VaeKind::names(), ["full", "tiny"]);
+        assert_eq!(VaeKind::ALL[0], VaeKind::default());
+        for kind in VaeKind::ALL {
+            for spelled in [
+                kind.as_str().to_string(),
+                format!(" {} ", kind.as_str().to_ascii_uppercase()),
+            ] {
+                assert_eq!(spelled.parse::<VaeKind>().unwrap(), kind);
+            }
+            assert_eq!(kind.to_string(), kind.as_str());
+        }
+        for bad in ["", "taesd", "fullvae"] {
+            match bad.parse::<VaeKind>() {
+                Err(Error::InvalidRequest { field, message }) => {
+                    assert_eq!(field, "vae");
+                    assert!(message.contains("\"full\" or \"tiny\""), "{message}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
         }
     }
 

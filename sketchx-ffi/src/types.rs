@@ -403,6 +403,7 @@ impl sketchx_request {
             // Not in the C struct yet: the defaults.
             timestep_spacing: d.timestep_spacing,
             eta: d.eta,
+            vae: d.vae,
         })
     }
 }

@@ -155,6 +155,7 @@ impl NativePipeline {
             // Not offered by the Python API yet: the defaults.
             timestep_spacing: GenerationRequest::DEFAULT.timestep_spacing,
             eta: GenerationRequest::DEFAULT.eta,
+            vae: GenerationRequest::DEFAULT.vae,
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
         let pipe = &self.pipe;

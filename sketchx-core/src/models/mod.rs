@@ -6,6 +6,7 @@ pub mod config;
 pub mod controlnet;
 pub mod loader;
 pub mod lora;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -62,6 +62,25 @@ impl FastConv2d {
         }
     }
 
+    /// Loads a convolution that has only a `weight` (PyTorch's `bias=False`). It is held with a zero bias so that
+    /// the crate's kernels (which start the GEMM from the bias) run it too; adding zero changes no value.
+    pub fn load_without_bias(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        cfg: Conv2dConfig,
+        w: &Weights,
+    ) -> Result<Self> {
+        let weight = w.vb().get((cout, cin / cfg.groups, k, k), "weight")?;
+        let bias = Tensor::zeros(cout, weight.dtype(), weight.device())?;
+        let conv = Self::new(Conv2d::new(weight, Some(bias), cfg));
+        if super::packs_bf16(w.precision()) {
+            conv.into_cpu_bf16()
+        } else {
+            Ok(conv)
+        }
+    }
+
     /// For the CPU bf16 mode: the kernel rounded to bf16 and packed for the bf16 GEMM (the f32 copy is dropped;
     /// the bias stays f32). A convolution the op cannot run stays as it is.
     pub fn into_cpu_bf16(self) -> Result<Self> {

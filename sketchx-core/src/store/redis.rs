@@ -234,7 +234,7 @@ fn request_to_json(r: &GenerationRequest) -> String {
         "num_images": r.num_images, "steps": r.steps, "seed": r.seed, "width": r.width, "height": r.height,
         "scheduler": r.scheduler.as_str(), "preprocess": r.preprocess.as_str(), "guess_mode": r.guess_mode,
         "control_guidance_start": r.control_guidance_start, "control_guidance_end": r.control_guidance_end,
-        "timestep_spacing": r.timestep_spacing.map(|s| s.as_str()), "eta": r.eta,
+        "timestep_spacing": r.timestep_spacing.map(|s| s.as_str()), "eta": r.eta, "vae": r.vae.as_str(),
     })
     .to_string()
 }
@@ -275,6 +275,11 @@ fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> 
             .map(|s| s.parse().map_err(|e: Error| e.to_string()))
             .transpose()?,
         eta: typed::<Option<f64>>(field("eta"), "eta")?.unwrap_or(GenerationRequest::DEFAULT.eta),
+        // Absent in jobs queued before the field existed: the default.
+        vae: match typed::<Option<String>>(field("vae"), "vae")? {
+            Some(name) => name.parse().map_err(|e: Error| e.to_string())?,
+            None => GenerationRequest::DEFAULT.vae,
+        },
     })
 }
 
@@ -1133,9 +1138,17 @@ mod tests {
             guess_mode: Some(true),
             scheduler: "ddim".parse().unwrap(),
             preprocess: "none".parse().unwrap(),
+            vae: "tiny".parse().unwrap(),
             ..Default::default()
         };
         assert_eq!(request_from_json(&request_to_json(&r)).unwrap(), r);
+        // A job stored without the field decodes with the default VAE.
+        let mut v: serde_json::Value = serde_json::from_str(&request_to_json(&r)).unwrap();
+        v.as_object_mut().unwrap().remove("vae");
+        assert_eq!(
+            request_from_json(&v.to_string()).unwrap().vae,
+            GenerationRequest::DEFAULT.vae
+        );
         assert!(request_from_json("{}").is_err());
     }
 
