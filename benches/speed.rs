@@ -6,8 +6,10 @@
 //! of one `--vae-size` image) and `job` (a whole `Engine::generate` at `--job-size` with `--job-steps` steps).
 //! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's time goes per operation
 //! kind; `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
-//! process). The last stdout line is a JSON object: seconds per run for each piece, the profile,
-//! and the peak resident memory (VmHWM).
+//! process). The few-step recipe of the `job` piece: `--scheduler NAME` (default `euler_a`), `--guidance G`
+//! (default the request's), `--lora PATH[:SCALE]`, `--tiny-vae DIR` with `--vae tiny` (decode the job's image with
+//! it); the piece `tinyvae` times the tiny VAE's decode of one `--vae-size` image. The last stdout line is a JSON
+//! object: seconds per run for each piece, the profile, and the peak resident memory (VmHWM).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -15,6 +17,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use sketchx::engine::{Engine, EngineConfig};
+use sketchx::models::loader::ModelSource;
+use sketchx::models::lora::LoraSpec;
 use sketchx::ops::profile;
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
@@ -65,6 +69,17 @@ fn main() {
 
     let mut config = EngineConfig::new(&model, &cn).expect("config");
     config.dtype = dtype;
+    if let Some(spec) = opts.get("lora") {
+        // PATH[:SCALE]: the scale after the last ':' when it is a number.
+        let (path, scale) = match spec.rsplit_once(':').map(|(p, s)| (p, s.parse::<f64>())) {
+            Some((p, Ok(s))) => (p, s),
+            _ => (spec.as_str(), 1.0),
+        };
+        config.loras.push(LoraSpec::file(path, scale));
+    }
+    if let Some(dir) = opts.get("tiny-vae") {
+        config.tiny_vae = Some(ModelSource::parse(dir).expect("tiny VAE"));
+    }
     let mut out = serde_json::Map::new();
     let mut record = |name: &str, v: Vec<f64>| {
         eprintln!("sketchx {name}: {v:?}");
@@ -159,6 +174,18 @@ fn main() {
         record("vae", (0..runs).map(|_| time(run).0).collect());
     }
 
+    if pieces.contains(&"tinyvae") {
+        let l = vae_size / 8;
+        let lat = Tensor::randn(0f32, 1., (1, 4, l, l), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let tiny = engine.tiny_vae().expect("--tiny-vae for the tinyvae piece");
+        let run = || tiny.decode(&lat).unwrap();
+        run();
+        record("tinyvae", (0..runs).map(|_| time(run).0).collect());
+    }
+
     if pieces.contains(&"job") {
         let sketch = Sketch::open("examples/sketches/car.png".as_ref()).expect("sketch");
         let req = GenerationRequest {
@@ -167,6 +194,13 @@ fn main() {
             steps: job_steps,
             width: Some(job_size),
             height: Some(job_size),
+            scheduler: get("scheduler", "euler_a").parse().expect("scheduler"),
+            guidance_scale: opts
+                .get("guidance")
+                .map_or(GenerationRequest::DEFAULT.guidance_scale, |g| {
+                    g.parse().expect("guidance")
+                }),
+            vae: get("vae", "full").parse().expect("vae"),
             ..Default::default()
         };
         let run = || engine.generate(&req, &sketch, &mut |_| true).unwrap();

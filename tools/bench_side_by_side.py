@@ -7,7 +7,10 @@ One run times, for each side in its own process (so that peak memory is each sid
   text  - tokenizer + CLIP text encoder for one prompt (sketchx's prompt cache bypassed)
   step  - ControlNet + UNet at batch 2 (classifier-free guidance) at --step-size pixels (latents / 8)
   vae   - VAE decode of one --vae-size image
-  job   - a whole generation at --job-size with --job-steps steps (Euler ancestral, guidance 7.5, 1 image)
+  job   - a whole generation at --job-size with --job-steps steps (1 image; by default Euler ancestral at guidance
+          7.5; the few-step recipe: --scheduler lcm|tcd|..., --guidance G, --lora FILE[:SCALE] (diffusers:
+          load_lora_weights + fuse_lora), --tiny-vae DIR --vae tiny (the tiny VAE decodes the image))
+  tinyvae - the tiny VAE's decode of one --vae-size image (with --tiny-vae)
 and prints min / median / max seconds per side and the ratio sketchx/diffusers of the medians (< 1: sketchx
 faster), plus peak RSS (VmHWM / ru_maxrss) of each worker. --rounds alternates the two sides to spread noise.
 
@@ -29,6 +32,8 @@ import sys
 import time
 
 PIECES = ["load", "text", "step", "vae", "job"]
+SCHEDULERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler",
+              "ddim": "DDIMScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
 
 
 def diffusers_worker(a):
@@ -55,6 +60,24 @@ def diffusers_worker(a):
             controlnet=ControlNetModel.from_pretrained(a.controlnet, torch_dtype=dtype),
             scheduler=EulerAncestralDiscreteScheduler.from_pretrained(sub("scheduler")),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        import diffusers
+        p.scheduler = getattr(diffusers, SCHEDULERS[a.scheduler]).from_config(p.scheduler.config)
+        if a.lora:
+            path, scale = a.lora, 1.0
+            head, sep, tail = a.lora.rpartition(":")
+            if sep:
+                try:
+                    path, scale = head, float(tail)
+                except ValueError:
+                    pass
+            p.load_lora_weights(path)
+            p.fuse_lora(lora_scale=scale)
+            p.unload_lora_weights()  # the fused weights stay; the adapter layers go, as sketchx holds them
+        if a.tiny_vae:
+            from diffusers import AutoencoderTiny
+            p.tiny = AutoencoderTiny.from_pretrained(a.tiny_vae, torch_dtype=dtype)
+            if a.vae == "tiny":
+                p.vae = p.tiny
         p.set_progress_bar_config(disable=True)
         return p
 
@@ -104,12 +127,16 @@ def diffusers_worker(a):
             l = a.vae_size // 8
             lat = torch.randn(1, 4, l, l, generator=torch.Generator().manual_seed(0)).to(dtype)
             repeat("vae", lambda: pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0])
+        if "tinyvae" in pieces:
+            l = a.vae_size // 8
+            lat = torch.randn(1, 4, l, l, generator=torch.Generator().manual_seed(0)).to(dtype)
+            repeat("tinyvae", lambda: pipe.tiny.decode(lat / pipe.tiny.config.scaling_factor, return_dict=False)[0])
         if "job" in pieces:
             sk = Image.open(os.path.join(a.repo, "examples/sketches/car.png")).convert("RGB")
             sk = sk.resize((a.job_size, a.job_size), Image.LANCZOS)
 
             def job():
-                return pipe("a red sports car", image=sk, num_inference_steps=a.job_steps, guidance_scale=7.5,
+                return pipe("a red sports car", image=sk, num_inference_steps=a.job_steps, guidance_scale=a.guidance,
                             negative_prompt="lowres, bad anatomy, bad hands, cropped, worst quality",
                             height=a.job_size, width=a.job_size,
                             generator=torch.Generator().manual_seed(42)).images
@@ -137,6 +164,11 @@ def main():
     ap.add_argument("--job-size", type=int, default=512)
     ap.add_argument("--job-steps", type=int, default=2)
     ap.add_argument("--pieces", default=",".join(PIECES))
+    ap.add_argument("--scheduler", default="euler_a", choices=sorted(SCHEDULERS), help="the job's scheduler")
+    ap.add_argument("--guidance", type=float, default=7.5, help="the job's guidance scale")
+    ap.add_argument("--lora", help="FILE[:SCALE]: a LoRA fused into the job's models")
+    ap.add_argument("--tiny-vae", help="a TAESD directory (AutoencoderTiny): the tinyvae piece, and --vae tiny")
+    ap.add_argument("--vae", default="full", choices=["full", "tiny"], help="which VAE decodes the job's image")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--profile", action="store_true", help="also print sketchx's per-op-kind step profile")
     ap.add_argument("--baseline", action="store_true",
@@ -154,7 +186,9 @@ def main():
 
     common = ["--model", a.model, "--controlnet", a.controlnet, "--runs", str(a.runs), "--step-size",
               str(a.step_size), "--vae-size", str(a.vae_size), "--job-size", str(a.job_size), "--job-steps",
-              str(a.job_steps), "--pieces", a.pieces, "--dtype", a.dtype]
+              str(a.job_steps), "--pieces", a.pieces, "--dtype", a.dtype, "--scheduler", a.scheduler,
+              "--guidance", str(a.guidance), "--vae", a.vae]
+    common += (["--lora", a.lora] if a.lora else []) + (["--tiny-vae", a.tiny_vae] if a.tiny_vae else [])
     if a.sketchx_bin:
         sx_cmd = [a.sketchx_bin]
     else:
@@ -181,7 +215,8 @@ def main():
         return (min(v), statistics.median(v), max(v)) if v else None
 
     print(f"\nCPU, {os.cpu_count()} threads, dtype {a.dtype}; step at {a.step_size}px (batch 2), VAE at "
-          f"{a.vae_size}px, job {a.job_size}px x {a.job_steps} steps; {a.runs * a.rounds} runs per piece\n")
+          f"{a.vae_size}px, job {a.job_size}px x {a.job_steps} steps ({a.scheduler}, guidance {a.guidance}, "
+          f"LoRA {a.lora or 'none'}, {a.vae} VAE); {a.runs * a.rounds} runs per piece\n")
     sides = [("sketchx", "sketchx")] + ([("plain", "sketchx on plain candle (before)")] if a.baseline else [])
     for side, label in sides:
         print(f"\n{label} vs diffusers:\n")
