@@ -72,19 +72,7 @@ impl std::str::FromStr for VaeKind {
     /// Parses a request name ([`VaeKind::names`]; ASCII case-insensitive, surrounding whitespace ignored); an
     /// unknown name is [`Error::InvalidRequest`] for the field `vae`.
     fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|k| t.eq_ignore_ascii_case(k.as_str()))
-            .ok_or_else(|| {
-                Error::invalid(
-                    "vae",
-                    format!(
-                        "unknown VAE {s:?} (expected {})",
-                        crate::names::quoted_list(&Self::names())
-                    ),
-                )
-            })
+        crate::names::parse_name("vae", "VAE", s, &Self::ALL, |k| k.as_str())
     }
 }
 

@@ -88,16 +88,8 @@ impl DiffusionScheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
     fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     /// Returns the next sample and `pred_original_sample` in `sample`'s dtype; draws noise of `model_output`'s

@@ -198,16 +198,8 @@ impl DiffusionScheduler for Lcm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
     fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     /// Returns the next sample and `denoised` in `sample`'s dtype; every step but the last draws noise of that

@@ -134,8 +134,11 @@ pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
     /// TCD).
     fn timesteps(&self) -> &[f64];
 
-    /// The scale of the initial noise: multiply the RNG's standard normal latents by this.
-    fn init_noise_sigma(&self) -> f64;
+    /// The scale of the initial noise: multiply the RNG's standard normal latents by this. 1 unless the
+    /// scheduler works in sigma space (Euler).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// The training schedule's cumulative alpha products (float32, as diffusers holds them).
     fn alphas_cumprod(&self) -> &[f32];
@@ -145,8 +148,12 @@ pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
         &[]
     }
 
-    /// Scales the model input for step `step_index`; the result has the sample's dtype.
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Scales the model input for step `step_index`; the result has the sample's dtype. The identity unless the
+    /// scheduler works in sigma space (Euler).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        let _ = step_index;
+        Ok(sample.clone())
+    }
 
     /// One denoising step: `model_output` is the (guided) prediction for `sample` at `step_index`.
     fn step(

@@ -93,19 +93,9 @@ impl std::str::FromStr for Spacing {
     /// Parses a request name ([`Spacing::names`]; ASCII case-insensitive, surrounding whitespace ignored); the
     /// error names the request field `timestep_spacing`.
     fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|k| t.eq_ignore_ascii_case(k.as_str()))
-            .ok_or_else(|| {
-                Error::invalid(
-                    "timestep_spacing",
-                    format!(
-                        "unknown timestep spacing {s:?} (expected {})",
-                        crate::names::quoted_list(&Self::names())
-                    ),
-                )
-            })
+        crate::names::parse_name("timestep_spacing", "timestep spacing", s, &Self::ALL, |k| {
+            k.as_str()
+        })
     }
 }
 

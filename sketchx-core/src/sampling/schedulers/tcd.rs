@@ -54,16 +54,8 @@ impl DiffusionScheduler for Tcd {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
     fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     /// Returns the next sample and `pred_noised_sample` in `sample`'s dtype; when `eta > 0`, every step but the
