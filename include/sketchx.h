@@ -127,6 +127,14 @@ enum sketchx_result
    * The job store (Redis) cannot be reached or refused a command; the message names the server or key.
    */
   SKETCHX_STORE = 20,
+  /**
+   * The job has not finished yet (queued or running), so it has no images yet; wait for it first.
+   */
+  SKETCHX_NOT_FINISHED = 21,
+  /**
+   * An index is past the end (an image index not below the job's image count); the message gives the count.
+   */
+  SKETCHX_INDEX_OUT_OF_RANGE = 22,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -172,6 +180,13 @@ typedef enum sketchx_job_state sketchx_job_state;
 typedef uint32_t sketchx_job_state;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
+
+/**
+ * The bytes of one image (a PNG file) of a finished job. Opaque; returned by `sketchx_pipeline_image`, read
+ * with `sketchx_bytes_data` / `sketchx_bytes_len`, freed with `sketchx_bytes_free`. Immutable, so it may be
+ * read from several threads.
+ */
+typedef struct sketchx_bytes sketchx_bytes;
 
 /**
  * A loaded pipeline: the models, a worker thread running jobs one at a time, the job table and the retention
@@ -653,6 +668,54 @@ sketchx_result sketchx_pipeline_preview(const struct sketchx_pipeline *pipeline,
                                         uint8_t *rgb,
                                         size_t rgb_len,
                                         struct sketchx_preview_info *out_info);
+
+/**
+ * The PNG file `index` (0-based) of a completed job, as a new byte buffer: from the job store, so a client of
+ * a Redis queue (`sketchx_pipeline_connect`) needs no disk shared with the workers; an in-process pipeline
+ * reads the file it wrote to `output_dir`.
+ *
+ * Errors: `SKETCHX_UNKNOWN_JOB` (never submitted, forgotten, expired, or not an id); `SKETCHX_NOT_FINISHED`
+ * (queued or running: wait first); `SKETCHX_JOB_FAILED` / `SKETCHX_CANCELLED` (a final state without images);
+ * `SKETCHX_INDEX_OUT_OF_RANGE` (`index` not below the job's image count, which the message gives);
+ * `SKETCHX_IO` (the in-process file was deleted, e.g. by cleanup); `SKETCHX_STORE` (Redis unreachable, or the
+ * images expired from it).
+ *
+ * Ownership: `job_id` is borrowed; on `SKETCHX_OK`, `*out` receives a buffer owned by the caller, to be
+ * released with `sketchx_bytes_free`; on failure `*out` is untouched.
+ *
+ * # Safety
+ * `pipeline` NULL or live; `job_id` NULL or NUL-terminated; `out` NULL or writable.
+ */
+sketchx_result sketchx_pipeline_image(const struct sketchx_pipeline *pipeline,
+                                      const char *job_id,
+                                      size_t index,
+                                      struct sketchx_bytes **out);
+
+/**
+ * The first byte of the buffer (its `sketchx_bytes_len` bytes follow); NULL if `bytes` is NULL.
+ *
+ * Ownership: owned by the buffer; valid until `sketchx_bytes_free(bytes)`.
+ *
+ * # Safety
+ * `bytes` NULL or a live buffer.
+ */
+const uint8_t *sketchx_bytes_data(const struct sketchx_bytes *bytes);
+
+/**
+ * The buffer's length in bytes; 0 if `bytes` is NULL.
+ *
+ * # Safety
+ * `bytes` NULL or a live buffer.
+ */
+size_t sketchx_bytes_len(const struct sketchx_bytes *bytes);
+
+/**
+ * Frees a byte buffer. NULL is a no-op; freeing twice is undefined behaviour.
+ *
+ * # Safety
+ * `bytes` NULL or a buffer from `sketchx_pipeline_image` not yet freed.
+ */
+void sketchx_bytes_free(struct sketchx_bytes *bytes);
 
 /**
  * Deletes this pipeline's files older than the retention period and forgets finished jobs whose files are

@@ -1,6 +1,7 @@
 //! The REST example (`examples/server`) over real HTTP on loopback, with the tiny fixture models: the original
 //! service's endpoints, status codes for bad input (422), unknown jobs (404), a full queue (429 + Retry-After),
-//! oversized uploads (413), cancellation and the served images.
+//! oversized uploads (413), cancellation and the served images. With `SKETCHX_TEST_REDIS_URL` set (as
+//! `scripts/test` does), also the server as a mere client of a Redis queue, a worker elsewhere, no shared disk.
 
 mod common;
 use common::*;
@@ -18,6 +19,21 @@ struct Server {
     base: String,
     _rt: tokio::runtime::Runtime,
     dir: PathBuf,
+}
+
+/// Serves the REST API on `pipe` over loopback.
+fn serve(pipe: Pipeline, dir: PathBuf) -> Server {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app::router(pipe)).await.unwrap() });
+    Server { base, _rt: rt, dir }
 }
 
 fn start(queue_capacity: usize) -> Server {
@@ -39,17 +55,7 @@ fn start(queue_capacity: usize) -> Server {
     cfg.queue_capacity = queue_capacity;
     cfg.cleanup_interval = None;
     let pipe = Pipeline::new(cfg).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(async move { axum::serve(listener, app::router(pipe)).await.unwrap() });
-    Server { base, _rt: rt, dir }
+    serve(pipe, dir)
 }
 
 /// A multipart/form-data body with text fields and an optional `sketch` file.
@@ -122,6 +128,34 @@ fn post(
         ureq::post(&format!("{}/api/generate", s.base)),
         Some(multipart(&f, sketch)),
     )
+}
+
+/// Polls `/api/status/{id}` until the job is final (or a minute passes); returns the last status.
+fn wait_final(s: &Server, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, st, _) = call(ureq::get(&format!("{}/api/status/{id}", s.base)), None);
+        assert_eq!(code, 200, "{st}");
+        let done =
+            ["completed", "failed", "cancelled"].contains(&st["status"].as_str().unwrap_or(""));
+        if done || Instant::now() > deadline {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The bytes of a GET, with its status.
+fn get_bytes(url: &str) -> (u16, Vec<u8>) {
+    let resp = match ureq::get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let code = resp.status();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut resp.into_reader(), &mut bytes).unwrap();
+    (code, bytes)
 }
 
 #[test]
@@ -291,4 +325,97 @@ fn the_openapi_form_takes_its_defaults_ranges_and_names_from_the_core() {
         assert_eq!(range(side), u(&SIZE_RANGE));
         assert_eq!(p[side]["multipleOf"].as_u64(), Some(SIZE_MULTIPLE.into()));
     }
+}
+
+/// The API server as a mere client of a Redis queue (`--redis`: no model, no output directory) and a worker
+/// elsewhere (a pipeline on the tiny models in this process, its own thread and directory): a job submitted over
+/// HTTP runs on the worker, and its images are served from Redis, byte for byte the worker's files, with no disk
+/// shared between the two.
+#[test]
+fn a_client_only_server_serves_a_worker_job_from_redis() {
+    let url = match std::env::var("SKETCHX_TEST_REDIS_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            eprintln!(
+                "SKIPPED a_client_only_server_serves_a_worker_job_from_redis: SKETCHX_TEST_REDIS_URL is not set \
+                 (scripts/test sets it)"
+            );
+            return;
+        }
+    };
+    let prefix = format!(
+        "sketchx-test-server-{}",
+        &sketchx::JobId::random().as_str()[..8]
+    );
+    let mut redis = sketchx::RedisConfig::new(url.as_str());
+    redis.prefix = prefix;
+    redis.poll_interval = Duration::from_millis(10);
+
+    let f = fixtures();
+    let mut cfg = PipelineConfig::new(
+        f.join("tiny-sd").to_str().unwrap(),
+        f.join("tiny-controlnet").to_str().unwrap(),
+    )
+    .unwrap();
+    let worker_dir = std::env::temp_dir().join(format!(
+        "sketchx-server-redis-worker-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&worker_dir);
+    cfg.output_dir = worker_dir.clone();
+    cfg.cleanup_interval = None;
+    cfg.store = sketchx::StoreConfig::Redis(redis.clone());
+    let worker = Pipeline::new(cfg).unwrap();
+
+    let client = Pipeline::connect_with(redis, 8).unwrap();
+    assert!(!client.is_worker());
+    let server_dir =
+        std::env::temp_dir().join(format!("sketchx-server-redis-api-{}", std::process::id()));
+    let s = serve(client, server_dir.clone());
+
+    let mut form = small("2");
+    form.push(("num_images", "2".into()));
+    let (code, body, _) = post(&s, &form, Some(&sketch()));
+    assert_eq!(code, 200, "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    let st = wait_final(&s, &id);
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["progress"], 100.0);
+    let urls: Vec<&str> = st["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    assert_eq!(urls.len(), 2, "{st}");
+    for (i, u) in urls.iter().enumerate() {
+        assert_eq!(*u, format!("/generated/{id}_{i}.png"));
+        let (code, png) = get_bytes(&format!("{}{u}", s.base));
+        assert_eq!(code, 200);
+        assert_eq!(image::load_from_memory(&png).unwrap().width(), 64);
+        // The worker's file, which the server never reads: the bytes came through Redis.
+        assert_eq!(
+            png,
+            std::fs::read(worker_dir.join(format!("{id}_{i}.png"))).unwrap()
+        );
+    }
+    assert!(!server_dir.exists(), "the client-only server wrote files");
+    // Out of range, malformed and unknown images: 404.
+    for bad in [
+        format!("{id}_2.png"),
+        format!("{id}_x.png"),
+        "0123456789abcdef0123456789abcdef_0.png".to_string(),
+        "nope.png".to_string(),
+    ] {
+        let (code, _) = get_bytes(&format!("{}/generated/{bad}", s.base));
+        assert_eq!(code, 404, "{bad}");
+    }
+    // Cancelling through the client-only server reaches the job wherever it is (queued or on the worker).
+    let (_, body, _) = post(&s, &small("150"), Some(&sketch()));
+    let long = body["job_id"].as_str().unwrap().to_string();
+    let (code, body, _) = call(ureq::delete(&format!("{}/api/jobs/{long}", s.base)), None);
+    assert_eq!((code, body["cancelled"].as_bool()), (200, Some(true)));
+    assert_eq!(wait_final(&s, &long)["status"], "cancelled");
+    worker.shutdown();
+    std::fs::remove_dir_all(&worker_dir).unwrap();
 }

@@ -66,7 +66,6 @@ def create_app(
     output_dir = output_dir or os.environ.get("SKETCHX_OUTPUT_DIR", _DEFAULTS["output_dir"])
     if retention_secs is None:
         retention_secs = float(os.environ.get("SKETCHX_RETENTION_SECS", _DEFAULTS["retention_secs"]))
-    os.makedirs(output_dir, exist_ok=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -152,6 +151,7 @@ def create_app(
                 raise HTTPException(404, "Image not found") from None
 
     else:
+        os.makedirs(output_dir, exist_ok=True)  # only the in-process pipeline writes (and serves) files
         app.mount("/generated", StaticFiles(directory=output_dir), name="generated")
     return app
 

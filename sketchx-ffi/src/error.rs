@@ -54,12 +54,16 @@ pub enum sketchx_result {
     SKETCHX_BUFFER_TOO_SMALL = 19,
     /// The job store (Redis) cannot be reached or refused a command; the message names the server or key.
     SKETCHX_STORE = 20,
+    /// The job has not finished yet (queued or running), so it has no images yet; wait for it first.
+    SKETCHX_NOT_FINISHED = 21,
+    /// An index is past the end (an image index not below the job's image count); the message gives the count.
+    SKETCHX_INDEX_OUT_OF_RANGE = 22,
 }
 
 use sketchx_result::*;
 
 /// Every code, in order of value.
-const ALL_RESULTS: [sketchx_result; 21] = [
+const ALL_RESULTS: [sketchx_result; 23] = [
     SKETCHX_OK,
     SKETCHX_NULL_ARGUMENT,
     SKETCHX_INVALID_UTF8,
@@ -81,6 +85,8 @@ const ALL_RESULTS: [sketchx_result; 21] = [
     SKETCHX_PANIC,
     SKETCHX_BUFFER_TOO_SMALL,
     SKETCHX_STORE,
+    SKETCHX_NOT_FINISHED,
+    SKETCHX_INDEX_OUT_OF_RANGE,
 ];
 
 impl sketchx_result {
@@ -108,6 +114,8 @@ impl sketchx_result {
             SKETCHX_PANIC => c"SKETCHX_PANIC",
             SKETCHX_BUFFER_TOO_SMALL => c"SKETCHX_BUFFER_TOO_SMALL",
             SKETCHX_STORE => c"SKETCHX_STORE",
+            SKETCHX_NOT_FINISHED => c"SKETCHX_NOT_FINISHED",
+            SKETCHX_INDEX_OUT_OF_RANGE => c"SKETCHX_INDEX_OUT_OF_RANGE",
         }
     }
 }
@@ -368,6 +376,8 @@ mod tests {
         assert_eq!(SKETCHX_QUEUE_FULL as u32, 10);
         assert_eq!(SKETCHX_BUFFER_TOO_SMALL as u32, 19);
         assert_eq!(SKETCHX_STORE as u32, 20);
+        assert_eq!(SKETCHX_NOT_FINISHED as u32, 21);
+        assert_eq!(SKETCHX_INDEX_OUT_OF_RANGE as u32, 22);
     }
 
     #[test]

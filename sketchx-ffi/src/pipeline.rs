@@ -1,12 +1,12 @@
-//! The pipeline handle and its functions (submit / poll / wait / cancel / cleanup / preview / shutdown), and the
-//! status object with its accessors.
+//! The pipeline handle and its functions (submit / poll / wait / cancel / cleanup / preview / images / shutdown),
+//! the status object with its accessors, and the byte buffer (a finished job's PNG) with its accessors.
 
 use std::ffi::{c_char, c_int, CString};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use sketchx_core::cleanup::CleanupReport;
-use sketchx_core::{JobId, JobStatus, Pipeline, SketchInput};
+use sketchx_core::{JobId, JobState, JobStatus, Pipeline, SketchInput};
 
 use crate::error::{guard, guard_or, sketchx_result, to_cstring, Failure};
 use crate::ptr::{arg_bytes, arg_out, arg_ref, arg_str};
@@ -404,6 +404,122 @@ pub unsafe extern "C" fn sketchx_pipeline_preview(
         // SAFETY: non-NULL and writable.
         unsafe { out_info.write(info) };
         Ok(())
+    })
+}
+
+/// The bytes of one image (a PNG file) of a finished job. Opaque; returned by `sketchx_pipeline_image`, read
+/// with `sketchx_bytes_data` / `sketchx_bytes_len`, freed with `sketchx_bytes_free`. Immutable, so it may be
+/// read from several threads.
+#[allow(non_camel_case_types)]
+pub struct sketchx_bytes {
+    data: Vec<u8>,
+}
+
+/// The refusal for a job that has no images to give: not finished yet, failed or cancelled.
+fn no_images(id: &JobId, s: &JobStatus) -> Failure {
+    let (code, what) = match s.state {
+        JobState::Queued | JobState::Running => {
+            (sketchx_result::SKETCHX_NOT_FINISHED, "has not finished yet")
+        }
+        JobState::Failed => (sketchx_result::SKETCHX_JOB_FAILED, "failed"),
+        JobState::Cancelled => (sketchx_result::SKETCHX_CANCELLED, "was cancelled"),
+        JobState::Completed => (sketchx_result::SKETCHX_INTERNAL, "completed without images"),
+    };
+    Failure::new(
+        code,
+        format!("job {id} {what} ({}): it has no images", s.message),
+    )
+}
+
+/// The PNG file `index` (0-based) of a completed job, as a new byte buffer: from the job store, so a client of
+/// a Redis queue (`sketchx_pipeline_connect`) needs no disk shared with the workers; an in-process pipeline
+/// reads the file it wrote to `output_dir`.
+///
+/// Errors: `SKETCHX_UNKNOWN_JOB` (never submitted, forgotten, expired, or not an id); `SKETCHX_NOT_FINISHED`
+/// (queued or running: wait first); `SKETCHX_JOB_FAILED` / `SKETCHX_CANCELLED` (a final state without images);
+/// `SKETCHX_INDEX_OUT_OF_RANGE` (`index` not below the job's image count, which the message gives);
+/// `SKETCHX_IO` (the in-process file was deleted, e.g. by cleanup); `SKETCHX_STORE` (Redis unreachable, or the
+/// images expired from it).
+///
+/// Ownership: `job_id` is borrowed; on `SKETCHX_OK`, `*out` receives a buffer owned by the caller, to be
+/// released with `sketchx_bytes_free`; on failure `*out` is untouched.
+///
+/// # Safety
+/// `pipeline` NULL or live; `job_id` NULL or NUL-terminated; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_pipeline_image(
+    pipeline: *const sketchx_pipeline,
+    job_id: *const c_char,
+    index: usize,
+    out: *mut *mut sketchx_bytes,
+) -> sketchx_result {
+    guard(|| {
+        // SAFETY: caller's guarantees.
+        let (p, id) = unsafe { (pipe_of(pipeline)?, self::job_id(job_id)?) };
+        let out = arg_out(out, "out")?;
+        // A completed job stays completed, so a status read first decides the refusals without a race.
+        let s = p.poll(&id)?;
+        if s.state != JobState::Completed {
+            return Err(no_images(&id, &s));
+        }
+        let mut images = p.images(&id)?;
+        if images.is_empty() {
+            return Err(no_images(&id, &s));
+        }
+        if index >= images.len() {
+            return Err(Failure::new(
+                sketchx_result::SKETCHX_INDEX_OUT_OF_RANGE,
+                format!(
+                    "image index {index} is out of range: job {id} has {} image(s)",
+                    images.len()
+                ),
+            ));
+        }
+        let data = images.swap_remove(index);
+        let b = Box::into_raw(Box::new(sketchx_bytes { data }));
+        // SAFETY: non-NULL and writable.
+        unsafe { out.write(b) };
+        Ok(())
+    })
+}
+
+/// The first byte of the buffer (its `sketchx_bytes_len` bytes follow); NULL if `bytes` is NULL.
+///
+/// Ownership: owned by the buffer; valid until `sketchx_bytes_free(bytes)`.
+///
+/// # Safety
+/// `bytes` NULL or a live buffer.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_bytes_data(bytes: *const sketchx_bytes) -> *const u8 {
+    guard_or(std::ptr::null(), || {
+        // SAFETY: caller's guarantee.
+        unsafe { bytes.as_ref() }.map_or(std::ptr::null(), |b| b.data.as_ptr())
+    })
+}
+
+/// The buffer's length in bytes; 0 if `bytes` is NULL.
+///
+/// # Safety
+/// `bytes` NULL or a live buffer.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_bytes_len(bytes: *const sketchx_bytes) -> usize {
+    guard_or(0, || {
+        // SAFETY: caller's guarantee.
+        unsafe { bytes.as_ref() }.map_or(0, |b| b.data.len())
+    })
+}
+
+/// Frees a byte buffer. NULL is a no-op; freeing twice is undefined behaviour.
+///
+/// # Safety
+/// `bytes` NULL or a buffer from `sketchx_pipeline_image` not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn sketchx_bytes_free(bytes: *mut sketchx_bytes) {
+    guard_or((), || {
+        if !bytes.is_null() {
+            // SAFETY: from `Box::into_raw` in `sketchx_pipeline_image`, not freed yet (caller's guarantee).
+            drop(unsafe { Box::from_raw(bytes) });
+        }
     })
 }
 

@@ -49,6 +49,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("cleanup_interval_secs", s.cleanup_interval_secs)?;
     d.set_item("vae_tiling", s.vae_tiling)?;
     d.set_item("redis_url", s.redis_url)?;
+    d.set_item("drain_on_shutdown", s.drain_on_shutdown)?;
     Ok(d)
 }
 

@@ -33,7 +33,7 @@ impl NativePipeline {
     /// Loads the models (without the GIL) and starts the worker.
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
-                        cleanup_interval_secs, vae_tiling, redis_url=None))]
+                        cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -47,7 +47,12 @@ impl NativePipeline {
         cleanup_interval_secs: Option<&Bound<'_, PyAny>>,
         vae_tiling: &Bound<'_, PyAny>,
         redis_url: Option<String>,
+        drain_on_shutdown: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let drain_on_shutdown = match drain_on_shutdown {
+            Some(v) => bool_field(py, "drain_on_shutdown", v)?,
+            None => PipelineSettings::DEFAULT.drain_on_shutdown,
+        };
         let settings = PipelineSettings {
             model: Some(model.to_string()),
             controlnet: Some(controlnet.to_string()),
@@ -63,6 +68,7 @@ impl NativePipeline {
                 cleanup_interval_secs,
             )?,
             redis_url,
+            drain_on_shutdown,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py
@@ -237,7 +243,8 @@ impl NativePipeline {
         self.pipe.output_dir().to_path_buf()
     }
 
-    /// Stops intake, cancels pending jobs and joins the worker (idempotent).
+    /// Stops intake, cancels pending jobs (or, with `drain_on_shutdown`, finishes them; with Redis, the running
+    /// one) and joins the worker (idempotent).
     fn close(&self, py: Python<'_>) {
         let pipe = &self.pipe;
         py.detach(move || pipe.shutdown());

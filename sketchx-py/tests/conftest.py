@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -43,3 +45,20 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.005) -> Non
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+def start_worker(url: str, out: Path, *extra: str) -> "subprocess.Popen[str]":
+    """``python -m sketchx.worker`` on the tiny models (default key prefix), returned once it says it is ready;
+    its stderr stays a pipe. The caller stops it (SIGTERM) or kills it."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sketchx.worker", "--redis", url, "--model", str(TINY_SD),
+         "--controlnet", str(TINY_CONTROLNET), "--out", str(out), *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stderr is not None
+    for line in worker.stderr:
+        if line.startswith("worker ready"):
+            return worker
+    status = worker.wait()
+    pytest.fail(f"the worker ended before it was ready (status {status})")

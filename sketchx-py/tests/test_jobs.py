@@ -214,12 +214,23 @@ def test_model_load_errors(tmp_path: Path) -> None:
         (dict(cleanup_interval_secs=0.0), "cleanup_interval_secs"),
         (dict(vae_tiling="yes"), "vae_tiling"),
         (dict(vae_tiling=1), "vae_tiling"),
+        (dict(drain_on_shutdown="yes"), "drain_on_shutdown"),
     ],
 )
 def test_bad_pipeline_arguments(tmp_path: Path, kwargs: dict, field: str) -> None:
     with pytest.raises(sketchx.InvalidRequestError) as err:
         sketchx.Pipeline(str(TINY_SD), str(TINY_CONTROLNET), output_dir=tmp_path, **kwargs)
     assert err.value.field == field and field in str(err.value)
+
+
+def test_drain_on_shutdown_finishes_the_pending_jobs(tmp_path: Path) -> None:
+    p = make_pipeline(tmp_path, drain_on_shutdown=True)
+    ids = [p.submit(str(HOUSE), **small()) for _ in range(2)]
+    p.close()
+    assert [p.poll(i).status for i in ids] == ["completed", "completed"]
+    with make_pipeline(tmp_path) as q:  # the default cancels them
+        ids = [q.submit(str(HOUSE), **small(steps=150)) for _ in range(2)]
+    assert [q.poll(i).status for i in ids] == ["cancelled", "cancelled"]
 
 
 def test_queue_full(tmp_path: Path) -> None:

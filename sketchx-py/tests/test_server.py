@@ -1,9 +1,12 @@
-"""examples/python/server.py: the original REST API on the module, through FastAPI's TestClient."""
+"""examples/python/server.py: the original REST API on the module, through FastAPI's TestClient. With
+``SKETCHX_TEST_REDIS_URL`` set (``scripts/test`` sets it), also the app as a mere client of a Redis queue served
+by a ``python -m sketchx.worker`` process, with no disk shared between them."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import HOUSE, REPO, TINY_CONTROLNET, TINY_SD
+from conftest import HOUSE, REPO, TINY_CONTROLNET, TINY_SD, start_worker
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -156,3 +159,39 @@ def test_the_openapi_form_takes_its_defaults_ranges_and_names_from_the_core(clie
             assert (float(prop["minimum"]), float(prop["maximum"])) == (float(low), float(high)), (field, prop)
         if field in sketchx.NAMES:
             assert prop["enum"] == list(sketchx.NAMES[field]), (field, prop)
+
+
+REDIS_URL = os.environ.get("SKETCHX_TEST_REDIS_URL")
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="SKETCHX_TEST_REDIS_URL is not set (scripts/test sets it)")
+def test_redis_client_app_serves_a_worker_job(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``create_app(redis_url=...)`` loads no model and writes no file; the worker process runs the job and the
+    app serves its images from Redis, byte for byte the worker's files."""
+    assert REDIS_URL is not None
+    module, _ = server
+    api_dir, worker_dir = tmp_path / "api", tmp_path / "worker"
+    worker = start_worker(REDIS_URL, worker_dir)
+    try:
+        app = module.create_app(redis_url=REDIS_URL, output_dir=str(api_dir))
+        with TestClient(app, raise_server_exceptions=False) as c:
+            r = post(c, num_images=2)
+            assert r.status_code == 200, r.text
+            job_id = r.json()["job_id"]
+            st = poll_until_final(c, job_id)
+            assert st["status"] == "completed", st
+            assert st["images"] == [f"/generated/{job_id}_{i}.png" for i in range(2)]
+            for i, url in enumerate(st["images"]):
+                img = c.get(url)
+                assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+                assert img.content == (worker_dir / f"{job_id}_{i}.png").read_bytes()
+            for bad in [f"{job_id}_2.png", f"{job_id}_x.png", "0" * 32 + "_0.png", "nope.png"]:
+                assert c.get(f"/generated/{bad}").status_code == 404, bad
+            assert c.get("/api/status/" + "0" * 32).status_code == 404
+        assert not api_dir.exists() or not any(api_dir.iterdir())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()

@@ -2,7 +2,8 @@
  * Exercises the C API on the tiny fixture models, error paths first: NULL everywhere, invalid UTF-8, unknown
  * job ids, invalid parameters, bad sketches and models, buffers too small, calls after shutdown, and the frees
  * documented as safe (NULL, shutdown twice). Then a full job lifecycle: submit, progress callback, poll, wait,
- * timeout, cancel, queue full, preview, cleanup, shutdown. Last, the `vae_tiling` option.
+ * the PNG bytes of a finished job, timeout, cancel, queue full, preview, cleanup, shutdown. Then the
+ * `vae_tiling` option. Last, the Redis client (and, with SKETCHX_TEST_REDIS_URL, a worker serving it).
  *
  *   api_test FIXTURES_DIR WORK_DIR      (WORK_DIR: an empty, writable directory)
  *
@@ -123,6 +124,9 @@ static void test_static_functions(void) {
     CHECK(strcmp(sketchx_result_name(SKETCHX_QUEUE_FULL), "SKETCHX_QUEUE_FULL") == 0);
     CHECK(strcmp(sketchx_result_name(12345), "SKETCHX_UNKNOWN_RESULT") == 0);
     CHECK(SKETCHX_OK == 0 && SKETCHX_NULL_ARGUMENT == 1 && SKETCHX_BUFFER_TOO_SMALL == 19);
+    CHECK(SKETCHX_STORE == 20 && SKETCHX_NOT_FINISHED == 21 && SKETCHX_INDEX_OUT_OF_RANGE == 22);
+    CHECK(strcmp(sketchx_result_name(SKETCHX_NOT_FINISHED), "SKETCHX_NOT_FINISHED") == 0);
+    CHECK(strcmp(sketchx_result_name(SKETCHX_INDEX_OUT_OF_RANGE), "SKETCHX_INDEX_OUT_OF_RANGE") == 0);
 
     /* _init with NULL */
     CHECK_ERR(sketchx_pipeline_options_init(NULL), SKETCHX_NULL_ARGUMENT, "");
@@ -154,6 +158,10 @@ static void test_static_functions(void) {
     /* the free functions accept NULL */
     sketchx_pipeline_free(NULL);
     sketchx_status_free(NULL);
+    sketchx_bytes_free(NULL);
+    /* byte buffer accessors on NULL */
+    CHECK(sketchx_bytes_data(NULL) == NULL);
+    CHECK(sketchx_bytes_len(NULL) == 0);
     /* status accessors on NULL */
     sketchx_job_info info;
     CHECK_ERR(sketchx_status_info(NULL, &info), SKETCHX_NULL_ARGUMENT, "");
@@ -175,11 +183,39 @@ static void test_static_functions(void) {
     CHECK_ERR(sketchx_pipeline_wait(NULL, UNKNOWN_ID, 0, &st), SKETCHX_NULL_ARGUMENT, "");
     CHECK_ERR(sketchx_pipeline_cancel(NULL, UNKNOWN_ID, NULL), SKETCHX_NULL_ARGUMENT, "");
     CHECK_ERR(sketchx_pipeline_preview(NULL, UNKNOWN_ID, NULL, 0, &pv), SKETCHX_NULL_ARGUMENT, "");
+    sketchx_bytes *png = NULL;
+    CHECK_ERR(sketchx_pipeline_image(NULL, UNKNOWN_ID, 0, &png), SKETCHX_NULL_ARGUMENT, "");
+    CHECK(png == NULL);
     CHECK_ERR(sketchx_pipeline_cleanup(NULL, NULL), SKETCHX_NULL_ARGUMENT, "");
     CHECK_ERR(sketchx_pipeline_cleanup_older_than(NULL, 0, NULL), SKETCHX_NULL_ARGUMENT, "");
     CHECK_ERR(sketchx_pipeline_queued(NULL, &n), SKETCHX_NULL_ARGUMENT, "");
     CHECK_ERR(sketchx_pipeline_shutdown(NULL), SKETCHX_NULL_ARGUMENT, "");
     CHECK(st == NULL);
+}
+
+/* The PNG bytes of completed job `job_id` (status `st`, one image) from `sketchx_pipeline_image`: the same bytes
+ * as the file at the status' path; argument errors and an index out of range leave `*out` alone. */
+static void check_image_bytes(const sketchx_pipeline *p, const char *job_id, const sketchx_status *st) {
+    sketchx_bytes *png = NULL;
+    CHECK_ERR(sketchx_pipeline_image(p, job_id, 0, NULL), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_image(p, NULL, 0, &png), SKETCHX_NULL_ARGUMENT, "");
+    CHECK_ERR(sketchx_pipeline_image(p, BAD_UTF8, 0, &png), SKETCHX_INVALID_UTF8, "");
+    CHECK_ERR(sketchx_pipeline_image(p, UNKNOWN_ID, 0, &png), SKETCHX_UNKNOWN_JOB, "");
+    CHECK_ERR(sketchx_pipeline_image(p, "nope", 0, &png), SKETCHX_UNKNOWN_JOB, "");
+    CHECK_ERR(sketchx_pipeline_image(p, job_id, 1, &png), SKETCHX_INDEX_OUT_OF_RANGE, "");
+    CHECK(strstr(sketchx_last_error_message(), "1 image") != NULL);
+    CHECK(png == NULL);
+    CHECK_OK(sketchx_pipeline_image(p, job_id, 0, &png));
+    CHECK(png != NULL);
+    if (png == NULL) return;
+    size_t file_len = 0;
+    char *file = read_file(sketchx_status_image_path(st, 0), &file_len);
+    CHECK(file != NULL && sketchx_bytes_len(png) == file_len && file_len > 8);
+    CHECK(memcmp(sketchx_bytes_data(png), "\x89PNG\r\n\x1a\n", 8) == 0);
+    if (file != NULL && sketchx_bytes_len(png) == file_len)
+        CHECK(memcmp(sketchx_bytes_data(png), file, file_len) == 0);
+    free(file);
+    sketchx_bytes_free(png);
 }
 
 static void test_pipeline_new_errors(const char *sd, const char *cn, const char *work) {
@@ -365,6 +401,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
         CHECK(sketchx_status_image_path(st, 1) == NULL);
         CHECK(strstr(sketchx_status_json(st), "\"status\":\"completed\"") != NULL);
         CHECK(strstr(sketchx_status_json(st), id.id) != NULL);
+        check_image_bytes(p, id.id, st);
         sketchx_status_free(st);
         st = NULL;
     }
@@ -395,6 +432,9 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK(strstr(sketchx_last_error_message(), "full") != NULL);
     CHECK_OK(sketchx_pipeline_poll(p, b.id, &info));
     CHECK(info.state == SKETCHX_STATE_QUEUED && info.queue_position >= 1 && info.progress == 0.0);
+    sketchx_bytes *png = NULL;
+    CHECK_ERR(sketchx_pipeline_image(p, b.id, 0, &png), SKETCHX_NOT_FINISHED, "");
+    CHECK(png == NULL);
 
     /* wait until job a shows a preview */
     for (int tries = 0; tries < 6000; tries++) {
@@ -420,6 +460,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK(cancelled == 1);
     CHECK_OK(sketchx_pipeline_poll(p, b.id, &info));
     CHECK(info.state == SKETCHX_STATE_CANCELLED);
+    CHECK_ERR(sketchx_pipeline_image(p, b.id, 0, &png), SKETCHX_CANCELLED, "");
     for (int i = 0; i < submitted; i++) CHECK_OK(sketchx_pipeline_cancel(p, extra[i].id, NULL));
     CHECK_OK(sketchx_pipeline_cancel(p, a.id, &cancelled));
     CHECK(cancelled == 1);
@@ -440,6 +481,8 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK_OK(sketchx_pipeline_cleanup_older_than(p, 0, &rep));
     CHECK(rep.files_removed == 1 && rep.bytes_removed > 0 && rep.jobs_forgotten >= 1);
     CHECK_ERR(sketchx_pipeline_poll(p, id.id, &info), SKETCHX_UNKNOWN_JOB, "");
+    CHECK_ERR(sketchx_pipeline_image(p, id.id, 0, &png), SKETCHX_UNKNOWN_JOB, "");
+    CHECK(png == NULL);
     CHECK_ERR(sketchx_pipeline_poll(p, a.id, &info), SKETCHX_UNKNOWN_JOB, ""); /* no files, finished: forgotten */
 
     /* shutdown: idempotent; later submissions fail; the handle stays usable until freed */
@@ -508,7 +551,7 @@ static void test_vae_tiling(const char *fixtures, const char *work) {
 
 /* The Redis client: argument errors and an unreachable server without one; with SKETCHX_TEST_REDIS_URL set (as
  * scripts/test does), a client that refuses bad input and unknown ids and queues a job. */
-static void test_redis_client(const char *fixtures) {
+static void test_redis_client(const char *fixtures, const char *work) {
     sketchx_pipeline *p = NULL;
     CHECK_ERR(sketchx_pipeline_connect(NULL, 4, &p), SKETCHX_NULL_ARGUMENT, "");
     CHECK_ERR(sketchx_pipeline_connect("redis://127.0.0.1:1", 4, NULL), SKETCHX_NULL_ARGUMENT, "");
@@ -535,11 +578,44 @@ static void test_redis_client(const char *fixtures) {
     CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch, &id));
     CHECK_OK(sketchx_pipeline_poll(p, id.id, &info));
     CHECK(info.state == SKETCHX_STATE_QUEUED);
+    sketchx_bytes *png = NULL;
+    CHECK_ERR(sketchx_pipeline_image(p, id.id, 0, &png), SKETCHX_NOT_FINISHED, "");
+    CHECK_ERR(sketchx_pipeline_image(p, UNKNOWN_ID, 0, &png), SKETCHX_UNKNOWN_JOB, "");
     int cancelled = 0;
     CHECK_OK(sketchx_pipeline_cancel(p, id.id, &cancelled));
     CHECK(cancelled == 1);
     CHECK_OK(sketchx_pipeline_poll(p, id.id, &info));
     CHECK(info.state == SKETCHX_STATE_CANCELLED);
+    CHECK_ERR(sketchx_pipeline_image(p, id.id, 0, &png), SKETCHX_CANCELLED, "");
+    CHECK(png == NULL);
+
+    /* A worker of the same queue (options.redis_url, its own output directory) runs the client's next job; the
+     * client gets the PNG bytes from Redis (the same as the worker's file). */
+    char sd[1024], cn[1024], out_dir[1100];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(out_dir, sizeof out_dir, "%s/out-redis-worker", work);
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    opt.redis_url = url;
+    sketchx_pipeline *worker = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &worker));
+    if (worker != NULL) {
+        CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch, &id));
+        sketchx_status *st = NULL;
+        CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
+        if (st != NULL) {
+            CHECK_OK(sketchx_status_info(st, &info));
+            CHECK(info.state == SKETCHX_STATE_COMPLETED && info.image_count == 1);
+            if (info.image_count == 1) check_image_bytes(p, id.id, st);
+            sketchx_status_free(st);
+        }
+        sketchx_pipeline_free(worker);
+    }
     sketchx_pipeline_free(p);
 }
 
@@ -551,7 +627,7 @@ int main(int argc, char **argv) {
     test_static_functions();
     test_pipeline(argv[1], argv[2]);
     test_vae_tiling(argv[1], argv[2]);
-    test_redis_client(argv[1]);
+    test_redis_client(argv[1], argv[2]);
     printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -117,6 +117,8 @@ class Pipeline:
     differ from an untiled decode; images that fit in one tile are unchanged).
     ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
     then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
+    ``drain_on_shutdown=True``: ``close`` finishes the pending jobs instead of cancelling them (with Redis: the
+    running job is finished instead of handed back to the queue; queued ones stay for other workers).
     Raises ``ModelLoadError`` if a model cannot load, ``InvalidRequestError`` for bad arguments.
     """
 
@@ -133,6 +135,7 @@ class Pipeline:
         cleanup_interval_secs: Optional[float] = _DEFAULTS["cleanup_interval_secs"],
         vae_tiling: bool = _DEFAULTS["vae_tiling"],
         redis_url: Optional[str] = _DEFAULTS["redis_url"],
+        drain_on_shutdown: bool = _DEFAULTS["drain_on_shutdown"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -145,6 +148,7 @@ class Pipeline:
             cleanup_interval_secs,
             vae_tiling,
             redis_url,
+            drain_on_shutdown,
         )
 
     def submit(

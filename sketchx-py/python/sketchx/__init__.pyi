@@ -57,6 +57,7 @@ class Pipeline:
         cleanup_interval_secs: Optional[float] = 3600.0,
         vae_tiling: bool = False,
         redis_url: Optional[str] = None,
+        drain_on_shutdown: bool = False,
     ) -> None: ...
     def submit(
         self,

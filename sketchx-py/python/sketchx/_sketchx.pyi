@@ -63,6 +63,7 @@ class Pipeline:
         cleanup_interval_secs: Optional[float],
         vae_tiling: bool,
         redis_url: Optional[str] = None,
+        drain_on_shutdown: Optional[bool] = None,
     ) -> "Pipeline": ...
     @staticmethod
     def connect(url: str, prefix: Optional[str], queue_capacity: int) -> "Pipeline": ...

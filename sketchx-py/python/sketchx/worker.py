@@ -1,6 +1,7 @@
 """A worker process of a shared Redis job queue: ``python -m sketchx.worker --redis URL --model DIR
---controlnet DIR --out DIR``. Loads the models once and runs queued jobs until SIGTERM or Ctrl-C, then hands
-its running job back to the queue (another worker finishes it) and exits 0. The same as the Rust ``worker``
+--controlnet DIR --out DIR [--drain]``. Loads the models once and runs queued jobs until SIGTERM or Ctrl-C,
+then hands its running job back to the queue (another worker finishes it; with ``--drain`` it finishes the job
+itself first) and exits 0. Jobs still queued stay for the other workers. The same as the Rust ``worker``
 example; clients are ``sketchx.connect(url)``, the Rust ``generate --redis`` or a REST server with ``--redis``."""
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--retention-secs", type=float, default=DEFAULTS["retention_secs"], help="how long finished jobs are kept"
     )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="on SIGTERM, finish the running job instead of handing it back to the queue at its next step",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -39,6 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             output_dir=args.out,
             retention_secs=args.retention_secs,
             redis_url=args.redis,
+            drain_on_shutdown=args.drain,
         )
     except SketchxError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -47,6 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # A timed wait, so that the signal handlers run promptly on every platform.
     while not stop.wait(0.5):
         pass
+    print(f"stopping: the running job is {'finished' if args.drain else 'handed back'}", file=sys.stderr, flush=True)
     pipe.close()
     print("worker stopped", file=sys.stderr, flush=True)
     return 0
