@@ -19,10 +19,11 @@ use sketchx::names::{
 };
 use sketchx::output::{image_file_name, write_file_atomic, write_png_atomic, PngSettings};
 use sketchx::request::{
-    GenerationRequest, GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE,
+    TEMPERATURE_RANGE,
 };
-use sketchx::sampling::schedulers::SchedulerKind;
-use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
+use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
+use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
 use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::JobId;
 
@@ -74,6 +75,19 @@ struct Args {
     #[arg(long, default_value_t = D.scheduler, help = format!(
         "Sampler: {} (any case)", SchedulerKind::names().join(", ")))]
     scheduler: SchedulerKind,
+    /// Timestep spacing override; default: the model scheduler config's.
+    #[arg(long, help = format!(
+        "Timestep spacing: {} (default: the model's scheduler config; trailing suits few steps)",
+        TimestepSpacing::names().join(", ")))]
+    timestep_spacing: Option<TimestepSpacing>,
+    /// Stochasticity of DDIM and TCD steps.
+    #[arg(long, default_value_t = D.eta, help = format!(
+        "Stochasticity of the ddim and tcd steps, {}", span(&ETA_RANGE)))]
+    eta: f64,
+    /// Which VAE decodes the images.
+    #[arg(long, default_value_t = D.vae, help = format!(
+        "Which VAE decodes the images: {} (tiny needs --tiny-vae)", VaeKind::names().join(", ")))]
+    vae: VaeKind,
     /// Sketch preprocessing.
     #[arg(long, default_value_t = D.preprocess, help = format!(
         "Sketch preprocessing: {} (scribble: threshold, polarity; any case)", Preprocess::names().join(", ")))]
@@ -96,6 +110,13 @@ struct Args {
         "{}. Default: f32 on the CPU, f16 on GPUs. On the CPU, bf16 runs the matrix products in bf16 \
          (fast with AVX-512 BF16) and everything else in f32", DTYPE_NAMES.join(", ")))]
     dtype: Option<String>,
+    /// A LoRA fused at load: a local .safetensors file or a Hub file owner/name/file.safetensors, with an optional
+    /// scale after the last ':' (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    loras: Vec<String>,
+    /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for --vae tiny.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    tiny_vae: Option<String>,
     /// Decode in overlapping tiles (diffusers' `vae.enable_tiling()`): far less memory for large images.
     #[arg(long)]
     vae_tiling: bool,
@@ -121,6 +142,9 @@ fn run(args: Args) -> sketchx::Result<()> {
         height: args.height,
         scheduler: args.scheduler,
         preprocess: args.preprocess,
+        timestep_spacing: args.timestep_spacing,
+        eta: args.eta,
+        vae: args.vae,
         ..GenerationRequest::DEFAULT
     };
     request.validate()?;
@@ -135,6 +159,8 @@ fn run(args: Args) -> sketchx::Result<()> {
         device: Some(args.device),
         dtype: args.dtype,
         vae_tiling: args.vae_tiling,
+        loras: lora_args(&args.loras),
+        tiny_vae: args.tiny_vae,
         ..PipelineSettings::DEFAULT
     };
     let config = settings.to_config()?.engine;

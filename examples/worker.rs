@@ -18,7 +18,7 @@ use clap::Parser;
 use sketchx::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
-use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_RETENTION_SECS};
+use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_RETENTION_SECS};
 use sketchx::store::redis::{
     DEFAULT_HEARTBEAT_SECS, DEFAULT_HEARTBEAT_TIMEOUT_SECS, DEFAULT_MAX_DELIVERIES, DEFAULT_PREFIX,
 };
@@ -46,6 +46,14 @@ struct Args {
     /// The precision.
     #[arg(long, help = format!("{}; default: f32 on the CPU, f16 on GPUs", DTYPE_NAMES.join(", ")))]
     dtype: Option<String>,
+    /// A LoRA fused at load: a local .safetensors file or a Hub file owner/name/file.safetensors, with an optional
+    /// scale after the last ':' (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    loras: Vec<String>,
+    /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for `vae: tiny` requests and
+    /// live previews.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    tiny_vae: Option<String>,
     /// Key prefix, so several deployments can share one Redis.
     #[arg(long, default_value = DEFAULT_PREFIX)]
     prefix: String,
@@ -90,6 +98,8 @@ fn start(args: &Args) -> sketchx::Result<Pipeline> {
         output_dir: Some(args.out.clone()),
         retention_secs: args.retention_secs,
         drain_on_shutdown: args.drain,
+        loras: lora_args(&args.loras),
+        tiny_vae: args.tiny_vae.clone(),
         ..PipelineSettings::DEFAULT
     }
     .to_config()?;

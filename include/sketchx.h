@@ -68,7 +68,8 @@ enum sketchx_result
    */
   SKETCHX_MODEL_NOT_FOUND = 5,
   /**
-   * A model file exists but cannot be parsed.
+   * A model file exists but cannot be parsed, or a LoRA file cannot be applied to the model (a key that
+   * matches no layer, a shape that does not fit); the message names the file and the key.
    */
   SKETCHX_MODEL_MALFORMED = 6,
   /**
@@ -358,6 +359,25 @@ typedef struct sketchx_pipeline_options {
    * `retention_secs`.
    */
   const char *redis_url;
+  /**
+   * A tiny VAE (TAESD, diffusers' `AutoencoderTiny`): a local directory or a Hub id such as
+   * `madebyollin/taesd`, loaded beside the model's VAE for requests with `vae = "tiny"` and for live
+   * previews. NULL: none (the default).
+   */
+  const char *tiny_vae;
+  /**
+   * `lora_count` LoRA adapters fused into the UNet and text encoder at load, each a UTF-8 string
+   * `PATH[:SCALE]`: a local `.safetensors` file or a Hub file `owner/name[@revision]/file.safetensors`, and
+   * an optional scale after the last `:` (default 1, finite, within ±10). Borrowed, only read during
+   * `sketchx_pipeline_new`. NULL with `lora_count` 0: none (the default). A scale out of range is
+   * `SKETCHX_INVALID_REQUEST` naming `loras.scale`; a missing file `SKETCHX_MODEL_NOT_FOUND`; a file that
+   * does not fit the model `SKETCHX_MODEL_MALFORMED`.
+   */
+  const char *const *loras;
+  /**
+   * The number of strings in `loras`.
+   */
+  size_t lora_count;
 } sketchx_pipeline_options;
 
 /**
@@ -435,6 +455,19 @@ typedef struct sketchx_request {
    * Fraction of the steps after which it stops, 0..=1, above the start.
    */
   double control_guidance_end;
+  /**
+   * `leading`, `linspace` or `trailing` (any case): overrides the model scheduler config's timestep
+   * spacing (`trailing` suits few steps). NULL: the model's.
+   */
+  const char *timestep_spacing;
+  /**
+   * Stochasticity of the `ddim` and `tcd` steps, 0..=1 (ignored by the other schedulers).
+   */
+  double eta;
+  /**
+   * Which VAE decodes the images: `full` or `tiny` (needs the options' `tiny_vae`). NULL: `full`.
+   */
+  const char *vae;
 } sketchx_request;
 
 /**
@@ -530,7 +563,7 @@ const char *sketchx_result_name(uint32_t code);
  *
  * # Safety
  * `options` is NULL or points to an initialised `sketchx_pipeline_options` whose strings are NULL or
- * NUL-terminated; `out` is NULL or writable.
+ * NUL-terminated, and whose `loras` is NULL or points to `lora_count` such strings; `out` is NULL or writable.
  */
 sketchx_result sketchx_pipeline_new(const struct sketchx_pipeline_options *options,
                                     struct sketchx_pipeline **out);

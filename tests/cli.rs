@@ -243,3 +243,92 @@ fn scheduler_and_preprocess_names_ignore_case() {
     );
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// Runs a two-step LCM generation of one 64x64 image (seed 3) with `extra` flags; returns the PNG's pixels.
+fn lcm_image(extra: &[&str]) -> Vec<u8> {
+    let out = scratch_dir("cli-lora");
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let mut args = vec![
+        "--sketch",
+        sketch.to_str().unwrap(),
+        "--prompt",
+        "a house",
+        "--scheduler",
+        "lcm",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let path = PathBuf::from(stdout.lines().next().unwrap());
+    let pixels = image::open(&path).unwrap().to_rgb8().into_raw();
+    std::fs::remove_dir_all(out).unwrap();
+    pixels
+}
+
+#[test]
+fn a_lora_with_lcm_changes_the_image() {
+    let plain = lcm_image(&[]);
+    let with_lora = lcm_image(&["--lora", "tests/fixtures/lora/kohya.safetensors:0.6"]);
+    assert_ne!(plain, with_lora);
+    // The default scale is 1, so the same LoRA at 1 differs from 0.6, and scale 0 changes nothing.
+    let full = lcm_image(&["--lora", "tests/fixtures/lora/kohya.safetensors"]);
+    assert_ne!(full, with_lora);
+    let zero = lcm_image(&["--lora", "tests/fixtures/lora/kohya.safetensors:0"]);
+    assert_eq!(zero, plain);
+}
+
+#[test]
+fn the_few_step_request_flags_are_accepted() {
+    let plain = lcm_image(&[]);
+    let trailing = lcm_image(&[
+        "--timestep-spacing",
+        "trailing",
+        "--eta",
+        "0.3",
+        "--vae",
+        "full",
+    ]);
+    assert_eq!(plain.len(), trailing.len());
+    let tiny = lcm_image(&["--tiny-vae", "tests/fixtures/tiny-taesd", "--vae", "tiny"]);
+    assert_eq!(plain.len(), tiny.len());
+}
+
+#[test]
+fn a_bad_lora_names_the_file_or_the_field() {
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let base = ["--sketch", sketch.to_str().unwrap(), "--steps", "1"];
+    for (lora, named) in [
+        (
+            "tests/fixtures/lora/nope.safetensors",
+            "tests/fixtures/lora/nope.safetensors",
+        ),
+        ("tests/fixtures/lora/kohya.safetensors:42", "loras.scale"),
+        (
+            "tests/fixtures/lora/bad/unknown_key.safetensors",
+            "unknown_key.safetensors",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--lora", lora]);
+        let o = run(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{lora}");
+        assert!(stderr.contains(named), "{lora}: {stderr}");
+    }
+    let o = run(&["--sketch", sketch.to_str().unwrap(), "--eta", "2"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("eta"), "{stderr}");
+}

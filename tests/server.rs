@@ -419,3 +419,71 @@ fn a_client_only_server_serves_a_worker_job_from_redis() {
     worker.shutdown();
     std::fs::remove_dir_all(&worker_dir).unwrap();
 }
+
+#[test]
+fn the_few_step_fields_reach_the_request() {
+    let s = start(64);
+    let sk = sketch();
+    let mut fields = small("2");
+    fields.extend([
+        ("scheduler", "lcm".to_string()),
+        ("timestep_spacing", "trailing".into()),
+        ("eta", "0.5".into()),
+        ("vae", "full".into()),
+    ]);
+    let (code, body, _) = post(&s, &fields, Some(&sk));
+    assert_eq!(code, 200, "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (_, st, _) = call(ureq::get(&format!("{}/api/status/{id}", s.base)), None);
+        if st["status"] == "completed" || st["status"] == "failed" || Instant::now() > deadline {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status["status"], "completed", "{status}");
+    let mut tcd = small("2");
+    tcd.push(("scheduler", "TCD".into()));
+    tcd.push(("timestep_spacing", "".into()));
+    assert_eq!(post(&s, &tcd, Some(&sk)).0, 200);
+
+    for (field, value) in [
+        ("eta", "1.5"),
+        ("eta", "x"),
+        ("timestep_spacing", "sideways"),
+        ("vae", "medium"),
+        ("scheduler", "lcm2"),
+    ] {
+        let mut fields = small("2");
+        fields.push((field, value.into()));
+        let (code, body, _) = post(&s, &fields, Some(&sk));
+        assert_eq!(code, 422, "{field}={value}: {body}");
+        assert_eq!(body["field"], field, "{body}");
+    }
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+#[test]
+fn the_openapi_form_has_the_few_step_fields_from_the_core() {
+    use sketchx::request::{GenerationRequest, VaeKind, ETA_RANGE};
+    use sketchx::sampling::schedulers::TimestepSpacing;
+
+    let form = app::generate_form_schema();
+    let p = &form["properties"];
+    let d = GenerationRequest::DEFAULT;
+    assert_eq!(p["eta"]["default"].as_f64(), Some(d.eta));
+    assert_eq!(p["eta"]["minimum"].as_f64(), Some(*ETA_RANGE.start()));
+    assert_eq!(p["eta"]["maximum"].as_f64(), Some(*ETA_RANGE.end()));
+    assert_eq!(p["vae"]["default"], d.vae.as_str());
+    assert_eq!(p["vae"]["enum"], serde_json::json!(VaeKind::names()));
+    assert_eq!(
+        p["timestep_spacing"]["enum"],
+        serde_json::json!(TimestepSpacing::names())
+    );
+    assert!(p["timestep_spacing"].get("default").is_none());
+    let names = p["scheduler"]["enum"].as_array().unwrap();
+    for kind in ["lcm", "tcd"] {
+        assert!(names.iter().any(|n| n == kind), "{kind}");
+    }
+}

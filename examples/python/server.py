@@ -6,7 +6,8 @@ pipeline runs jobs in-process.
     uvicorn --app-dir examples/python server:app
 
     POST /api/generate          multipart: sketch (file), prompt, temperature, guidance_scale, num_images, steps,
-                                seed (and, new, optional negative_prompt, width, height and scheduler)
+                                seed (and, new, optional negative_prompt, width, height, scheduler,
+                                timestep_spacing, eta and vae)
                                 -> {"status": "queued", "job_id": "..."}
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
@@ -103,6 +104,9 @@ def create_app(
         width: Optional[int] = _form("width"),
         height: Optional[int] = _form("height"),
         scheduler: str = _form("scheduler"),
+        timestep_spacing: Optional[str] = _form("timestep_spacing"),
+        eta: float = _form("eta"),
+        vae: str = _form("vae"),
     ) -> Dict[str, Any]:
         data = await sketch.read(MAX_SKETCH_BYTES + 1)
         if len(data) > MAX_SKETCH_BYTES:
@@ -121,6 +125,9 @@ def create_app(
                 width=width,
                 height=height,
                 scheduler=scheduler,
+                timestep_spacing=timestep_spacing or None,
+                eta=eta,
+                vae=vae,
             )
         except sketchx.InvalidRequestError as e:
             raise HTTPException(422, str(e)) from None

@@ -1,7 +1,8 @@
 //! The original service's REST API on one shared [`Pipeline`] (used by `main.rs` and by `tests/server.rs`).
 //!
 //! - `POST /api/generate` (multipart: `sketch` file, `prompt`, `negative_prompt`, `temperature`,
-//!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`) -> `{"status": "queued", "job_id": ...}`
+//!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`, `scheduler`, `timestep_spacing`, `eta`,
+//!   `vae`) -> `{"status": "queued", "job_id": ...}`
 //! - `GET /api/status/{job_id}` -> the job's JSON status (images as `/generated/...` URLs)
 //! - `DELETE /api/jobs/{job_id}` -> `{"job_id": ..., "cancelled": bool}`
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
@@ -16,10 +17,10 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
-    GenerationRequest, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE,
-    TEMPERATURE_RANGE,
+    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE,
+    SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
 };
-use sketchx::sampling::schedulers::SchedulerKind;
+use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx::{Error, JobId, Pipeline};
 use tower_http::services::ServeDir;
 
@@ -138,6 +139,10 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             "width" => req.width = Some(parse("width", &text)?),
             "height" => req.height = Some(parse("height", &text)?),
             "scheduler" => req.scheduler = text.parse()?,
+            "timestep_spacing" if text.trim().is_empty() => req.timestep_spacing = None,
+            "timestep_spacing" => req.timestep_spacing = Some(text.parse()?),
+            "eta" => req.eta = parse("eta", &text)?,
+            "vae" => req.vae = text.parse()?,
             other => {
                 return Err(ApiError::unprocessable(
                     other,
@@ -212,7 +217,8 @@ fn integer(range: &std::ops::RangeInclusive<u32>, default: Option<u32>) -> Value
 }
 
 /// The multipart form of `POST /api/generate`: every default, range and name is the core's
-/// ([`GenerationRequest::DEFAULT`], the `*_RANGE` constants, [`SchedulerKind::names`]).
+/// ([`GenerationRequest::DEFAULT`], the `*_RANGE` constants, [`SchedulerKind::names`], [`TimestepSpacing::names`],
+/// [`VaeKind::names`]).
 pub fn generate_form_schema() -> Value {
     let d = GenerationRequest::DEFAULT;
     let mut size = integer(&SIZE_RANGE, None);
@@ -231,7 +237,12 @@ pub fn generate_form_schema() -> Value {
             "width": size.clone(),
             "height": size,
             "scheduler": { "type": "string", "enum": SchedulerKind::names(),
-                           "default": d.scheduler.as_str() } } })
+                           "default": d.scheduler.as_str() },
+            "timestep_spacing": { "type": "string", "enum": TimestepSpacing::names(),
+                                  "description": "default: the model's scheduler config" },
+            "eta": number(&ETA_RANGE, d.eta),
+            "vae": { "type": "string", "enum": VaeKind::names(), "default": d.vae.as_str(),
+                     "description": "tiny needs a server started with --tiny-vae" } } })
 }
 
 /// The OpenAPI 3.1 description of this API.

@@ -15,7 +15,7 @@ use clap::Parser;
 use sketchx::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
-use sketchx::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
+use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
 use sketchx::Pipeline;
 
 /// REST server for sketch-to-image jobs.
@@ -40,6 +40,14 @@ struct Args {
     /// The precision.
     #[arg(long, help = format!("{}; default: f32 on the CPU, f16 on GPUs", DTYPE_NAMES.join(", ")))]
     dtype: Option<String>,
+    /// A LoRA fused at load: a local .safetensors file or a Hub file owner/name/file.safetensors, with an optional
+    /// scale after the last ':' (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    loras: Vec<String>,
+    /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for `vae: tiny` requests and
+    /// live previews.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    tiny_vae: Option<String>,
     /// Jobs that may wait in the queue.
     #[arg(long, default_value_t = DEFAULT_QUEUE_CAPACITY)]
     queue_capacity: usize,
@@ -72,6 +80,8 @@ async fn load(args: Args) -> Result<Pipeline, Box<dyn std::error::Error>> {
         dtype: args.dtype,
         output_dir: Some(args.out),
         queue_capacity: args.queue_capacity,
+        loras: lora_args(&args.loras),
+        tiny_vae: args.tiny_vae,
         ..PipelineSettings::DEFAULT
     }
     .to_config()?;

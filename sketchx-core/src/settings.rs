@@ -28,6 +28,8 @@ use std::time::Duration;
 
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
+use crate::models::loader::ModelSource;
+use crate::models::lora::LoraSpec;
 use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use crate::pipeline::{PipelineConfig, ShutdownPolicy};
 use crate::request::{out_of_range, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
@@ -74,6 +76,15 @@ pub struct PipelineSettings {
     /// there (see `PipelineConfig::use_redis`); `None`: jobs stay in this process. A build without the `redis`
     /// feature refuses a URL.
     pub redis_url: Option<String>,
+    /// LoRA adapters fused at load ([`EngineConfig::loras`]): each a location
+    /// ([`LoraSource::parse`](crate::models::lora::LoraSource::parse): a local `.safetensors` file or a Hub file
+    /// `owner/name[@revision]/file.safetensors`) and its scale (finite, within
+    /// ±[`MAX_LORA_SCALE`](crate::models::lora::MAX_LORA_SCALE); errors name `loras.scale`). A `PATH[:SCALE]`
+    /// argument splits with [`LoraSpec::split_arg`]. Default: none.
+    pub loras: Vec<(String, f64)>,
+    /// A tiny VAE (TAESD: a local directory or a Hub id) for `vae: tiny` requests and live previews
+    /// ([`EngineConfig::tiny_vae`]); `None`: none.
+    pub tiny_vae: Option<String>,
 }
 
 impl PipelineSettings {
@@ -97,6 +108,8 @@ impl PipelineSettings {
         preview_every: DEFAULT_PREVIEW_EVERY,
         drain_on_shutdown: false,
         redis_url: None,
+        loras: Vec::new(),
+        tiny_vae: None,
     };
 
     /// Parses and checks every field and builds the [`PipelineConfig`] (no model is loaded yet). Errors:
@@ -117,6 +130,16 @@ impl PipelineSettings {
         engine.dtype = dtype_from_name(self.dtype.as_deref(), &engine.device)?;
         engine.variant = self.variant.clone();
         engine.vae_tiling = self.vae_tiling;
+        engine.loras = self
+            .loras
+            .iter()
+            .map(|(location, scale)| LoraSpec::from_location(location, *scale))
+            .collect::<Result<_>>()?;
+        engine.tiny_vae = self
+            .tiny_vae
+            .as_deref()
+            .map(ModelSource::parse)
+            .transpose()?;
         let mut config = PipelineConfig::with_engine(engine);
         if let Some(dir) = &self.output_dir {
             config.output_dir = dir.clone();
@@ -171,6 +194,17 @@ fn settings_field_names(e: Error) -> Error {
         },
         other => other,
     }
+}
+
+/// `PATH[:SCALE]` arguments (the CLI's repeated `--lora`, the C options' strings) as [`PipelineSettings::loras`],
+/// each split by [`LoraSpec::split_arg`] (scale 1 when absent); checked by [`PipelineSettings::to_config`].
+pub fn lora_args<S: AsRef<str>>(args: &[S]) -> Vec<(String, f64)> {
+    args.iter()
+        .map(|a| {
+            let (location, scale) = LoraSpec::split_arg(a.as_ref());
+            (location.to_string(), scale)
+        })
+        .collect()
 }
 
 /// A number of seconds as a [`Duration`]: NaN, infinite or negative is [`Error::InvalidRequest`] for `field`;
@@ -266,9 +300,23 @@ mod tests {
             cleanup_interval_secs: None,
             preview_every: 0,
             drain_on_shutdown: true,
+            loras: vec![(
+                format!(
+                    "{}/../tests/fixtures/lora/kohya.safetensors",
+                    env!("CARGO_MANIFEST_DIR")
+                ),
+                0.6,
+            )],
+            tiny_vae: Some(format!(
+                "{}/../tests/fixtures/tiny-taesd",
+                env!("CARGO_MANIFEST_DIR")
+            )),
             ..tiny()
         };
         let c = s.to_config().unwrap();
+        assert_eq!(c.engine.loras.len(), 1);
+        assert_eq!(c.engine.loras[0].scale, 0.6);
+        assert!(matches!(c.engine.tiny_vae, Some(ModelSource::Local(_))));
         assert!(c.engine.device.is_cpu());
         assert_eq!(c.engine.dtype, DType::BF16);
         assert_eq!(c.engine.variant.as_deref(), Some("fp16"));
@@ -346,6 +394,19 @@ mod tests {
                     ..tiny()
                 },
                 "cleanup_interval_secs",
+            ),
+            (
+                PipelineSettings {
+                    loras: vec![(
+                        format!(
+                            "{}/../tests/fixtures/lora/kohya.safetensors",
+                            env!("CARGO_MANIFEST_DIR")
+                        ),
+                        f64::NAN,
+                    )],
+                    ..tiny()
+                },
+                "loras.scale",
             ),
         ];
         for (s, field) in cases {

@@ -85,7 +85,7 @@ fn report(r: CleanupReport) -> sketchx_cleanup_report {
 ///
 /// # Safety
 /// `options` is NULL or points to an initialised `sketchx_pipeline_options` whose strings are NULL or
-/// NUL-terminated; `out` is NULL or writable.
+/// NUL-terminated, and whose `loras` is NULL or points to `lora_count` such strings; `out` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn sketchx_pipeline_new(
     options: *const sketchx_pipeline_options,

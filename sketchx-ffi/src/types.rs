@@ -12,7 +12,7 @@ use sketchx_core::settings::{self, PipelineSettings};
 use sketchx_core::{Error, JobState, JobStatus, PipelineConfig};
 
 use crate::error::{guard, sketchx_result, Failure};
-use crate::ptr::{arg_out, opt_str};
+use crate::ptr::{arg_out, arg_str, opt_str};
 
 /// Length of a job id in characters (32 lowercase hex digits), without the terminating NUL.
 pub const SKETCHX_JOB_ID_LEN: usize = 32;
@@ -178,6 +178,19 @@ pub struct sketchx_pipeline_options {
     /// `sketchx_pipeline_connect` for a client without a model. Finished jobs expire from Redis after
     /// `retention_secs`.
     pub redis_url: *const c_char,
+    /// A tiny VAE (TAESD, diffusers' `AutoencoderTiny`): a local directory or a Hub id such as
+    /// `madebyollin/taesd`, loaded beside the model's VAE for requests with `vae = "tiny"` and for live
+    /// previews. NULL: none (the default).
+    pub tiny_vae: *const c_char,
+    /// `lora_count` LoRA adapters fused into the UNet and text encoder at load, each a UTF-8 string
+    /// `PATH[:SCALE]`: a local `.safetensors` file or a Hub file `owner/name[@revision]/file.safetensors`, and
+    /// an optional scale after the last `:` (default 1, finite, within ±10). Borrowed, only read during
+    /// `sketchx_pipeline_new`. NULL with `lora_count` 0: none (the default). A scale out of range is
+    /// `SKETCHX_INVALID_REQUEST` naming `loras.scale`; a missing file `SKETCHX_MODEL_NOT_FOUND`; a file that
+    /// does not fit the model `SKETCHX_MODEL_MALFORMED`.
+    pub loras: *const *const c_char,
+    /// The number of strings in `loras`.
+    pub lora_count: usize,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -222,6 +235,13 @@ pub struct sketchx_request {
     pub control_guidance_start: f64,
     /// Fraction of the steps after which it stops, 0..=1, above the start.
     pub control_guidance_end: f64,
+    /// `leading`, `linspace` or `trailing` (any case): overrides the model scheduler config's timestep
+    /// spacing (`trailing` suits few steps). NULL: the model's.
+    pub timestep_spacing: *const c_char,
+    /// Stochasticity of the `ddim` and `tcd` steps, 0..=1 (ignored by the other schedulers).
+    pub eta: f64,
+    /// Which VAE decodes the images: `full` or `tiny` (needs the options' `tiny_vae`). NULL: `full`.
+    pub vae: *const c_char,
 }
 
 /// What a cleanup removed.
@@ -288,6 +308,9 @@ impl sketchx_pipeline_options {
             user_data: std::ptr::null_mut(),
             vae_tiling: c_int::from(d.vae_tiling),
             redis_url: std::ptr::null(),
+            tiny_vae: std::ptr::null(),
+            loras: std::ptr::null(),
+            lora_count: d.loras.len(),
         }
     }
 
@@ -295,7 +318,7 @@ impl sketchx_pipeline_options {
     /// non-zero to true); nothing is checked here.
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings.
+    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them.
     unsafe fn settings(&self) -> Result<PipelineSettings, Failure> {
         let text = |p: *const c_char, name: &'static str| -> Result<Option<String>, Failure> {
             // SAFETY: only called with this struct's string fields, which the caller guarantees.
@@ -316,6 +339,9 @@ impl sketchx_pipeline_options {
             preview_every: self.preview_every,
             drain_on_shutdown: self.drain_on_shutdown != 0,
             redis_url: text(self.redis_url, "options.redis_url")?,
+            tiny_vae: text(self.tiny_vae, "options.tiny_vae")?,
+            // SAFETY: the caller guarantees `loras` points to `lora_count` NULL or NUL-terminated strings.
+            loras: settings::lora_args(&unsafe { lora_strings(self.loras, self.lora_count) }?),
         })
     }
 
@@ -323,7 +349,7 @@ impl sketchx_pipeline_options {
     /// the progress callback.
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings.
+    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them.
     pub(crate) unsafe fn core_config(&self) -> Result<PipelineConfig, Failure> {
         // SAFETY: the caller guarantees the string fields.
         let mut c = unsafe { self.settings() }?.to_config()?;
@@ -337,6 +363,30 @@ impl sketchx_pipeline_options {
         }
         Ok(c)
     }
+}
+
+/// The `count` strings of a C array (`loras`); NULL with a count of 0 is empty.
+///
+/// # Safety
+/// `items` is NULL or points to `count` pointers, each NULL or a NUL-terminated string.
+unsafe fn lora_strings<'a>(
+    items: *const *const c_char,
+    count: usize,
+) -> Result<Vec<&'a str>, Failure> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if items.is_null() {
+        return Err(Failure::null("options.loras"));
+    }
+    // SAFETY: non-NULL, and the caller guarantees `count` pointers.
+    let items = unsafe { std::slice::from_raw_parts(items, count) };
+    items
+        .iter()
+        // SAFETY: each is NULL or a NUL-terminated string (caller's guarantee); the strings are only used
+        // while the options are being read.
+        .map(|&p| unsafe { arg_str(p, "options.loras[i]") })
+        .collect()
 }
 
 fn tri_state(field: &'static str, v: c_int) -> Result<Option<bool>, Error> {
@@ -370,6 +420,9 @@ impl sketchx_request {
             guess_mode: r.guess_mode.map_or(-1, c_int::from),
             control_guidance_start: r.control_guidance_start,
             control_guidance_end: r.control_guidance_end,
+            timestep_spacing: std::ptr::null(),
+            eta: r.eta,
+            vae: std::ptr::null(),
         }
     }
 
@@ -384,6 +437,9 @@ impl sketchx_request {
         let negative_prompt = unsafe { opt_str(self.negative_prompt, "request.negative_prompt") }?;
         let scheduler = unsafe { opt_str(self.scheduler, "request.scheduler") }?;
         let preprocess = unsafe { opt_str(self.preprocess, "request.preprocess") }?;
+        let timestep_spacing =
+            unsafe { opt_str(self.timestep_spacing, "request.timestep_spacing") }?;
+        let vae = unsafe { opt_str(self.vae, "request.vae") }?;
         Ok(GenerationRequest {
             prompt: prompt.map(String::from),
             negative_prompt: negative_prompt.map(String::from),
@@ -400,10 +456,9 @@ impl sketchx_request {
             guess_mode: tri_state("guess_mode", self.guess_mode)?,
             control_guidance_start: self.control_guidance_start,
             control_guidance_end: self.control_guidance_end,
-            // Not in the C struct yet: the defaults.
-            timestep_spacing: d.timestep_spacing,
-            eta: d.eta,
-            vae: d.vae,
+            timestep_spacing: timestep_spacing.map(str::parse).transpose()?,
+            eta: self.eta,
+            vae: vae.map_or(Ok(d.vae), str::parse)?,
         })
     }
 }
@@ -563,6 +618,46 @@ mod tests {
         // SAFETY: static strings.
         let e = unsafe { r.core_request() }.unwrap_err();
         assert_eq!(e.code, sketchx_result::SKETCHX_INVALID_REQUEST);
+    }
+
+    #[test]
+    fn few_step_fields_translate() {
+        let mut r = sketchx_request::defaults();
+        r.timestep_spacing = c"Trailing".as_ptr();
+        r.eta = 0.25;
+        r.vae = c"tiny".as_ptr();
+        // SAFETY: static strings.
+        let g = unsafe { r.core_request() }.unwrap();
+        assert_eq!(g.timestep_spacing.map(|s| s.as_str()), Some("trailing"));
+        assert_eq!((g.eta, g.vae.as_str()), (0.25, "tiny"));
+        r.vae = c"huge".as_ptr();
+        // SAFETY: static strings.
+        assert_eq!(unsafe { r.core_request() }.unwrap_err().field, Some("vae"));
+
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+        let kohya =
+            std::ffi::CString::new(format!("{fixtures}/lora/kohya.safetensors:0.6")).unwrap();
+        let taesd = std::ffi::CString::new(format!("{fixtures}/tiny-taesd")).unwrap();
+        let loras = [kohya.as_ptr()];
+        let mut o = sketchx_pipeline_options::defaults();
+        o.loras = loras.as_ptr();
+        o.lora_count = 1;
+        o.tiny_vae = taesd.as_ptr();
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        assert_eq!(c.engine.loras.len(), 1);
+        assert_eq!(c.engine.loras[0].scale, 0.6);
+        assert!(c.engine.tiny_vae.is_some());
+        o.loras = std::ptr::null();
+        // SAFETY: NULL with a count is refused before any read.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_NULL_ARGUMENT);
+        let bad = std::ffi::CString::new(format!("{fixtures}/lora/kohya.safetensors:99")).unwrap();
+        let loras = [bad.as_ptr()];
+        o.loras = loras.as_ptr();
+        // SAFETY: live strings.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.field, Some("loras.scale"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyInt, PyString};
+use pyo3::types::{PyBool, PyInt, PyString, PyTuple};
+use sketchx_core::models::lora::LoraSpec;
 use sketchx_core::settings::{duration_from_secs, int_out_of_range};
 
 use crate::errors::{invalid, to_py};
@@ -117,4 +118,66 @@ pub fn bool_field(py: Python<'_>, field: &'static str, value: &Bound<'_, PyAny>)
 /// Seconds as a [`Duration`], by the core's rule ([`duration_from_secs`]).
 pub fn seconds(py: Python<'_>, field: &'static str, secs: f64) -> PyResult<Duration> {
     duration_from_secs(field, secs).map_err(|e| to_py(py, e))
+}
+
+/// The `loras` argument: an iterable of `(path, scale)` pairs (a `str` or `os.PathLike` location and a number),
+/// or of bare locations (scale [`LoraSpec::DEFAULT_SCALE`]); `None` is none. Locations and scales are checked by
+/// the core ([`sketchx_core::settings::PipelineSettings::to_config`]); a malformed item is an invalid `loras`.
+pub fn lora_list(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, f64)>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else {
+        return Ok(Vec::new());
+    };
+    if value.is_instance_of::<PyString>() {
+        return Err(invalid(
+            py,
+            "loras",
+            "expected a list of (path, scale) pairs, got a str",
+        ));
+    }
+    let items = value.try_iter().map_err(|_| {
+        invalid(
+            py,
+            "loras",
+            format!(
+                "expected a list of (path, scale) pairs, got {}",
+                type_name(value)
+            ),
+        )
+    })?;
+    let location = |item: &Bound<'_, PyAny>| -> PyResult<String> {
+        let os = py.import("os")?;
+        os.call_method1("fspath", (item,))
+            .and_then(|p| p.extract::<String>())
+            .map_err(|_| {
+                invalid(
+                    py,
+                    "loras",
+                    format!(
+                        "expected a path (str or os.PathLike), got {}",
+                        type_name(item)
+                    ),
+                )
+            })
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let item = item?;
+        if let Ok(tuple) = item.cast::<PyTuple>() {
+            if tuple.len() != 2 {
+                return Err(invalid(
+                    py,
+                    "loras",
+                    format!(
+                        "expected a (path, scale) pair, got a tuple of {}",
+                        tuple.len()
+                    ),
+                ));
+            }
+            let scale = float_field(py, "loras.scale", &tuple.get_item(1)?)?;
+            out.push((location(&tuple.get_item(0)?)?, scale));
+        } else {
+            out.push((location(&item)?, LoraSpec::DEFAULT_SCALE));
+        }
+    }
+    Ok(out)
 }

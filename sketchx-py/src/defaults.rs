@@ -5,15 +5,15 @@
 use std::ops::RangeInclusive;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 use sketchx_core::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
 use sketchx_core::request::{
-    GenerationRequest, CONTROLNET_SCALE_RANGE, CONTROL_GUIDANCE_RANGE, GUIDANCE_RANGE,
-    NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, VaeKind, CONTROLNET_SCALE_RANGE, CONTROL_GUIDANCE_RANGE, ETA_RANGE,
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
 };
-use sketchx_core::sampling::schedulers::SchedulerKind;
+use sketchx_core::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx_core::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR};
 use sketchx_core::sketch::Preprocess;
 
@@ -39,6 +39,9 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("guess_mode", r.guess_mode)?;
     d.set_item("control_guidance_start", r.control_guidance_start)?;
     d.set_item("control_guidance_end", r.control_guidance_end)?;
+    d.set_item("timestep_spacing", r.timestep_spacing.map(|s| s.as_str()))?;
+    d.set_item("eta", r.eta)?;
+    d.set_item("vae", r.vae.as_str())?;
     d.set_item("model", DEFAULT_MODEL)?;
     d.set_item("controlnet", DEFAULT_CONTROLNET)?;
     d.set_item("device", DEFAULT_DEVICE)?;
@@ -50,6 +53,10 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("vae_tiling", s.vae_tiling)?;
     d.set_item("redis_url", s.redis_url)?;
     d.set_item("drain_on_shutdown", s.drain_on_shutdown)?;
+    // No LoRA (an empty tuple: a default that cannot be mutated) and no tiny VAE for previews.
+    debug_assert!(s.loras.is_empty());
+    d.set_item("loras", PyTuple::empty(py))?;
+    d.set_item("preview_vae", s.tiny_vae)?;
     Ok(d)
 }
 
@@ -70,10 +77,12 @@ pub fn ranges(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("height", pair(&SIZE_RANGE))?;
     d.set_item("control_guidance_start", pair(&CONTROL_GUIDANCE_RANGE))?;
     d.set_item("control_guidance_end", pair(&CONTROL_GUIDANCE_RANGE))?;
+    d.set_item("eta", pair(&ETA_RANGE))?;
     Ok(d)
 }
 
-/// The names accepted by the name arguments (`scheduler`, `preprocess`, `device`, `dtype`), the default first
+/// The names accepted by the name arguments (`scheduler`, `preprocess`, `device`, `dtype`, `timestep_spacing`,
+/// `vae`), the default first
 /// where there is one. `cuda:N` stands for `cuda:0`, `cuda:1`, ...
 #[pyfunction]
 pub fn names(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -82,5 +91,7 @@ pub fn names(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("preprocess", Preprocess::names().to_vec())?;
     d.set_item("device", DEVICE_NAMES.to_vec())?;
     d.set_item("dtype", DTYPE_NAMES.to_vec())?;
+    d.set_item("timestep_spacing", TimestepSpacing::names().to_vec())?;
+    d.set_item("vae", VaeKind::names().to_vec())?;
     Ok(d)
 }

@@ -24,6 +24,7 @@ fn class_of(err: &Error) -> (&'static PyOnceLock<Py<PyType>>, &'static str) {
         Error::UnknownJob(_) => (&UNKNOWN_JOB, "UnknownJobError"),
         Error::MissingFile { .. }
         | Error::MalformedFile { .. }
+        | Error::Lora { .. }
         | Error::UnsupportedModel { .. }
         | Error::Download { .. }
         | Error::Device(_) => (&MODEL_LOAD, "ModelLoadError"),

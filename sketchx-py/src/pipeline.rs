@@ -9,7 +9,8 @@ use sketchx_core::settings::PipelineSettings;
 use sketchx_core::{Error, JobId, Pipeline};
 
 use crate::convert::{
-    bool_field, float_field, int_field, opt_float_field, opt_int_field, seconds, text_field,
+    bool_field, float_field, int_field, lora_list, opt_float_field, opt_int_field, seconds,
+    text_field,
 };
 use crate::errors::{to_py, OrRaise};
 use crate::sketch::SketchArg;
@@ -33,7 +34,8 @@ impl NativePipeline {
     /// Loads the models (without the GIL) and starts the worker.
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
-                        cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None))]
+                        cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None,
+                        loras=None, preview_vae=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,6 +50,8 @@ impl NativePipeline {
         vae_tiling: &Bound<'_, PyAny>,
         redis_url: Option<String>,
         drain_on_shutdown: Option<&Bound<'_, PyAny>>,
+        loras: Option<&Bound<'_, PyAny>>,
+        preview_vae: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let drain_on_shutdown = match drain_on_shutdown {
             Some(v) => bool_field(py, "drain_on_shutdown", v)?,
@@ -69,6 +73,8 @@ impl NativePipeline {
             )?,
             redis_url,
             drain_on_shutdown,
+            loras: lora_list(py, loras)?,
+            tiny_vae: text_field(py, "preview_vae", preview_vae)?,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py
@@ -115,7 +121,8 @@ impl NativePipeline {
     /// Queues a job; returns its id. `raw` = `(height, width, channels)` when `sketch` holds raw pixels.
     #[pyo3(signature = (sketch, raw, prompt, negative_prompt, temperature, guidance_scale, num_images, steps,
                         seed, width, height, scheduler, preprocess, controlnet_scale, guess_mode,
-                        control_guidance_start, control_guidance_end))]
+                        control_guidance_start, control_guidance_end, timestep_spacing=None, eta=None,
+                        vae=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -137,7 +144,11 @@ impl NativePipeline {
         guess_mode: Option<bool>,
         control_guidance_start: &Bound<'_, PyAny>,
         control_guidance_end: &Bound<'_, PyAny>,
+        timestep_spacing: Option<&Bound<'_, PyAny>>,
+        eta: Option<&Bound<'_, PyAny>>,
+        vae: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
+        let d = GenerationRequest::DEFAULT;
         let request = GenerationRequest {
             prompt: text_field(py, "prompt", prompt)?,
             negative_prompt: text_field(py, "negative_prompt", negative_prompt)?,
@@ -158,10 +169,15 @@ impl NativePipeline {
                 control_guidance_start,
             )?,
             control_guidance_end: float_field(py, "control_guidance_end", control_guidance_end)?,
-            // Not offered by the Python API yet: the defaults.
-            timestep_spacing: GenerationRequest::DEFAULT.timestep_spacing,
-            eta: GenerationRequest::DEFAULT.eta,
-            vae: GenerationRequest::DEFAULT.vae,
+            timestep_spacing: text_field(py, "timestep_spacing", timestep_spacing)?
+                .map(|s| s.parse())
+                .transpose()
+                .or_raise(py)?,
+            eta: opt_float_field(py, "eta", eta)?.unwrap_or(d.eta),
+            vae: match text_field(py, "vae", vae)? {
+                Some(s) => s.parse().or_raise(py)?,
+                None => d.vae,
+            },
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
         let pipe = &self.pipe;

@@ -82,6 +82,15 @@ def test_generate_poll_and_download(client: TestClient) -> None:
         assert img.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_few_step_form_fields(client: TestClient) -> None:
+    r = post(client, scheduler="lcm", timestep_spacing="trailing", eta=0.5, vae="full")
+    assert r.status_code == 200, r.text
+    assert poll_until_final(client, r.json()["job_id"])["status"] == "completed"
+    r = post(client, scheduler="TCD", timestep_spacing="")
+    assert r.status_code == 200, r.text
+    assert poll_until_final(client, r.json()["job_id"])["status"] == "completed"
+
+
 def test_the_default_form_values(client: TestClient) -> None:
     files = {"sketch": ("house.png", HOUSE.read_bytes(), "image/png")}
     # Only the sketch (the original service's defaults otherwise: 30 steps, size from the sketch).
@@ -118,6 +127,10 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
         (dict(seed="x"), "seed"),
         (dict(width=100), "width"),
         (dict(height=8), "height"),
+        (dict(eta=2), "eta"),
+        (dict(timestep_spacing="sideways"), "timestep_spacing"),
+        (dict(vae="medium"), "vae"),
+        (dict(scheduler="lcm2"), "scheduler"),
     ],
 )
 def test_bad_parameters_are_422(client: TestClient, overrides: dict, needle: str) -> None:

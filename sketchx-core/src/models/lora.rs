@@ -141,6 +141,96 @@ impl LoraSpec {
     }
 }
 
+impl LoraSource {
+    /// Interprets a user-supplied LoRA location: an existing file, or a path whose first component exists
+    /// locally (`tests/fixtures/...`, `./x`, `/abs/...`), is a [`LoraSource::File`]; otherwise
+    /// `owner/name[@revision]/path/in/repo.safetensors` is a file of a Hub repository. Anything else is
+    /// [`Error::MissingFile`] naming it; so is a local path that does not exist.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        let first = spec.split('/').next().unwrap_or("");
+        let local = path.is_file()
+            || spec.starts_with('/')
+            || spec.starts_with('.')
+            || first.is_empty()
+            || Path::new(first).exists();
+        if !local {
+            let mut parts = spec.splitn(3, '/');
+            if let (Some(owner), Some(name_rev), Some(file)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                let (name, revision) = match name_rev.split_once('@') {
+                    Some((n, r)) if !r.is_empty() => (n, Some(r.to_string())),
+                    _ => (name_rev, None),
+                };
+                let id_part = |p: &str| {
+                    !p.is_empty()
+                        && p != "."
+                        && p != ".."
+                        && p.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                };
+                if id_part(owner)
+                    && id_part(name)
+                    && !file.is_empty()
+                    && file
+                        .split('/')
+                        .all(|p| !p.is_empty() && p != "." && p != "..")
+                {
+                    return Ok(LoraSource::Hub {
+                        repo: format!("{owner}/{name}"),
+                        revision,
+                        file: file.to_string(),
+                    });
+                }
+            }
+        }
+        if path.is_file() {
+            Ok(LoraSource::File(path.to_path_buf()))
+        } else {
+            Err(Error::MissingFile {
+                path: format!(
+                    "LoRA {spec} (neither an existing file nor a Hub file like owner/name/file.safetensors)"
+                ),
+            })
+        }
+    }
+}
+
+impl LoraSpec {
+    /// The scale used when a `PATH[:SCALE]` argument gives none.
+    pub const DEFAULT_SCALE: f64 = 1.0;
+
+    /// Splits a `PATH[:SCALE]` argument (the CLI's `--lora`, the C options' strings): the text after the last
+    /// `:` is the scale when it parses as a number, else the whole argument is the location and the scale is
+    /// [`LoraSpec::DEFAULT_SCALE`] (so a path containing `:` still works). The scale is not range-checked here.
+    pub fn split_arg(arg: &str) -> (&str, f64) {
+        match arg.rsplit_once(':') {
+            Some((location, scale)) if !location.is_empty() => match scale.trim().parse::<f64>() {
+                Ok(s) => (location, s),
+                Err(_) => (arg, Self::DEFAULT_SCALE),
+            },
+            _ => (arg, Self::DEFAULT_SCALE),
+        }
+    }
+
+    /// A LoRA from its location ([`LoraSource::parse`]) and scale, checked ([`LoraSpec::validate`]).
+    pub fn from_location(location: &str, scale: f64) -> Result<Self> {
+        let spec = Self {
+            source: LoraSource::parse(location)?,
+            scale,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses and checks a `PATH[:SCALE]` argument: [`LoraSpec::split_arg`] then [`LoraSpec::from_location`].
+    pub fn parse(arg: &str) -> Result<Self> {
+        let (location, scale) = Self::split_arg(arg);
+        Self::from_location(location, scale)
+    }
+}
+
 /// The networks a LoRA adapts (diffusers' `load_lora_weights` adapts these two, never the ControlNet or the VAE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
@@ -897,6 +987,64 @@ impl ModuleIndex {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lora_args_parse_once() {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/lora");
+        let kohya = format!("{fixtures}/kohya.safetensors");
+        assert_eq!(
+            LoraSpec::split_arg("a.safetensors:0.6"),
+            ("a.safetensors", 0.6)
+        );
+        assert_eq!(LoraSpec::split_arg("a.safetensors"), ("a.safetensors", 1.0));
+        assert_eq!(
+            LoraSpec::split_arg("we:ird.safetensors"),
+            ("we:ird.safetensors", 1.0)
+        );
+        assert_eq!(LoraSpec::split_arg("x:y:-2"), ("x:y", -2.0));
+        assert_eq!(
+            LoraSpec::parse(&format!("{kohya}:0.5")).unwrap(),
+            LoraSpec::file(&kohya, 0.5)
+        );
+        assert_eq!(
+            LoraSpec::parse(&kohya).unwrap(),
+            LoraSpec::file(&kohya, 1.0)
+        );
+        assert_eq!(
+            LoraSpec::parse(
+                "latent-consistency/lcm-lora-sdv1-5/pytorch_lora_weights.safetensors:0.8"
+            )
+            .unwrap(),
+            LoraSpec::hub(
+                "latent-consistency/lcm-lora-sdv1-5",
+                "pytorch_lora_weights.safetensors",
+                0.8
+            )
+        );
+        let rev = LoraSource::parse("o/n@v2/sub/f.safetensors").unwrap();
+        assert_eq!(
+            rev,
+            LoraSource::Hub {
+                repo: "o/n".into(),
+                revision: Some("v2".into()),
+                file: "sub/f.safetensors".into()
+            }
+        );
+        match LoraSpec::parse(&format!("{kohya}:11")).unwrap_err() {
+            Error::InvalidRequest { field, .. } => assert_eq!(field, "loras.scale"),
+            e => panic!("{e:?}"),
+        }
+        for missing in [
+            "./nope.safetensors",
+            "/no/such.safetensors",
+            "nope.safetensors",
+            "o/n",
+        ] {
+            let e = LoraSpec::parse(missing).unwrap_err();
+            assert!(matches!(e, Error::MissingFile { .. }), "{missing}: {e:?}");
+            assert!(e.to_string().contains(missing), "{e}");
+        }
+    }
+
     use super::*;
 
     fn module_of(key: &str) -> Option<(Component, String, bool)> {

@@ -549,6 +549,117 @@ static void test_vae_tiling(const char *fixtures, const char *work) {
     }
 }
 
+/* One 2-step LCM job (64x64, seed 1) on a pipeline with `lora` (NULL: none) and the tiny VAE; `vae` and `eta`
+ * as given. Returns the PNG's bytes (malloc'd), NULL on failure. */
+static char *few_step_png(const char *fixtures, const char *out_dir, const char *lora, const char *vae, double eta,
+                          size_t *len) {
+    char sd[1024], cn[1024], taesd[1024], sketch_path[1024];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(taesd, sizeof taesd, "%s/tiny-taesd", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    const char *loras[1] = {lora};
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    opt.tiny_vae = taesd;
+    opt.loras = lora != NULL ? loras : NULL;
+    opt.lora_count = lora != NULL ? 1 : 0;
+    sketchx_pipeline *p = NULL;
+    char *png = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return NULL;
+    sketchx_request req;
+    request_for_tests(&req, 2);
+    req.scheduler = "lcm";
+    req.timestep_spacing = "trailing";
+    req.vae = vae;
+    req.eta = eta;
+    sketchx_job_id id;
+    sketchx_status *st = NULL;
+    CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch_path, &id));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
+    if (st != NULL && sketchx_status_image_count(st) == 1) png = read_file(sketchx_status_image_path(st, 0), len);
+    CHECK(png != NULL);
+    sketchx_status_free(st);
+    sketchx_pipeline_free(p);
+    return png;
+}
+
+/* The few-step options and request fields: a LoRA changes the image, bad LoRAs and out-of-range fields are named. */
+static void test_few_step(const char *fixtures, const char *work) {
+    sketchx_request req;
+    sketchx_pipeline_options opt;
+    sketchx_request_init(&req);
+    sketchx_pipeline_options_init(&opt);
+    CHECK(req.timestep_spacing == NULL && req.vae == NULL && req.eta == 0.0);
+    CHECK(opt.tiny_vae == NULL && opt.loras == NULL && opt.lora_count == 0);
+
+    char out_dir[1100], lora[1100];
+    snprintf(out_dir, sizeof out_dir, "%s/out-few-step", work);
+    snprintf(lora, sizeof lora, "%s/lora/kohya.safetensors:0.6", fixtures);
+    size_t n_plain = 0, n_lora = 0, n_tiny = 0;
+    char *plain = few_step_png(fixtures, out_dir, NULL, NULL, 0.0, &n_plain);
+    char *with_lora = few_step_png(fixtures, out_dir, lora, NULL, 0.0, &n_lora);
+    char *tiny = few_step_png(fixtures, out_dir, NULL, "TINY", 0.0, &n_tiny);
+    if (plain != NULL && with_lora != NULL) CHECK(n_plain != n_lora || memcmp(plain, with_lora, n_plain) != 0);
+    if (plain != NULL && tiny != NULL) CHECK(n_plain != n_tiny || memcmp(plain, tiny, n_plain) != 0);
+    free(plain);
+    free(with_lora);
+    free(tiny);
+
+    char sd[1024], cn[1024], bad_scale[1100], missing[1100], unknown_key[1100], sketch_path[1024];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(bad_scale, sizeof bad_scale, "%s/lora/kohya.safetensors:11", fixtures);
+    snprintf(missing, sizeof missing, "%s/lora/missing.safetensors", fixtures);
+    snprintf(unknown_key, sizeof unknown_key, "%s/lora/bad/unknown_key.safetensors", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = (sketchx_pipeline *)0x1;
+    const char *loras[1] = {bad_scale};
+    opt.loras = loras;
+    opt.lora_count = 1;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_INVALID_REQUEST, "loras.scale");
+    loras[0] = missing;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_NOT_FOUND, "");
+    CHECK(strstr(sketchx_last_error_message(), "missing.safetensors") != NULL);
+    loras[0] = unknown_key;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_MALFORMED, "");
+    CHECK(strstr(sketchx_last_error_message(), "unknown_key.safetensors") != NULL);
+    loras[0] = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_INVALID_UTF8, "");
+    opt.loras = NULL;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_NULL_ARGUMENT, "");
+    CHECK(p == (sketchx_pipeline *)0x1);
+
+    opt.lora_count = 0;
+    p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return;
+    sketchx_job_id id;
+    request_for_tests(&req, 2);
+    sketchx_request bad = req;
+    bad.eta = 1.5;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "eta");
+    bad = req;
+    bad.timestep_spacing = "sideways";
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "timestep_spacing");
+    bad = req;
+    bad.vae = "huge";
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "vae");
+    bad = req;
+    bad.vae = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_UTF8, "");
+    sketchx_pipeline_free(p);
+}
+
 /* The Redis client: argument errors and an unreachable server without one; with SKETCHX_TEST_REDIS_URL set (as
  * scripts/test does), a client that refuses bad input and unknown ids and queues a job. */
 static void test_redis_client(const char *fixtures, const char *work) {
@@ -627,6 +738,7 @@ int main(int argc, char **argv) {
     test_static_functions();
     test_pipeline(argv[1], argv[2]);
     test_vae_tiling(argv[1], argv[2]);
+    test_few_step(argv[1], argv[2]);
     test_redis_client(argv[1], argv[2]);
     printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
     return failures == 0 ? 0 : 1;

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from types import MappingProxyType, TracebackType
-from typing import Any, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Iterable, List, Mapping, Optional, Tuple, Type, Union
 
 from . import _sketchx
 from ._errors import (
@@ -115,6 +115,11 @@ class Pipeline:
     ``vae_tiling=True``: decode images in overlapping tiles, as diffusers after ``vae.enable_tiling()`` (the VAE
     decoder then needs the memory of one 512x512 tile for SD1.5 whatever the image size; pixels near the seams
     differ from an untiled decode; images that fit in one tile are unchanged).
+    ``loras``: LoRA adapters fused into the UNet and text encoder at load, as ``(path, scale)`` pairs: a local
+    ``.safetensors`` file or a Hub file ``owner/name[@revision]/file.safetensors``, and a finite scale within
+    ±10 (``InvalidRequestError`` naming ``loras.scale`` otherwise; a bare path means scale 1). ``preview_vae``: a
+    tiny VAE (TAESD: local directory or Hub id such as ``madebyollin/taesd``) for live previews and for
+    ``submit(..., vae="tiny")``.
     ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
     then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
     ``drain_on_shutdown=True``: ``close`` finishes the pending jobs instead of cancelling them (with Redis: the
@@ -136,6 +141,10 @@ class Pipeline:
         vae_tiling: bool = _DEFAULTS["vae_tiling"],
         redis_url: Optional[str] = _DEFAULTS["redis_url"],
         drain_on_shutdown: bool = _DEFAULTS["drain_on_shutdown"],
+        loras: Iterable[Union[Tuple[Union[str, "os.PathLike[str]"], float], str, "os.PathLike[str]"]] = _DEFAULTS[
+            "loras"
+        ],
+        preview_vae: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["preview_vae"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -149,6 +158,8 @@ class Pipeline:
             vae_tiling,
             redis_url,
             drain_on_shutdown,
+            loras,
+            None if preview_vae is None else os.fspath(preview_vae),
         )
 
     def submit(
@@ -170,12 +181,17 @@ class Pipeline:
         guess_mode: Optional[bool] = _DEFAULTS["guess_mode"],
         control_guidance_start: float = _DEFAULTS["control_guidance_start"],
         control_guidance_end: float = _DEFAULTS["control_guidance_end"],
+        timestep_spacing: Optional[str] = _DEFAULTS["timestep_spacing"],
+        eta: float = _DEFAULTS["eta"],
+        vae: str = _DEFAULTS["vae"],
     ) -> str:
         """Validates the request, decodes the sketch and queues the job; returns its id at once.
 
         ``sketch``: a path (``str`` / ``os.PathLike``), encoded image ``bytes`` (PNG, JPEG, WebP, BMP, GIF), a
         ``PIL.Image.Image`` or a ``numpy.ndarray`` of shape (H, W, 3) or (H, W, 4) and dtype uint8.
-        ``scheduler`` and ``preprocess`` take the names in ``sketchx.NAMES`` (any ASCII case); the ranges are in
+        ``scheduler``, ``preprocess``, ``timestep_spacing`` (``None``: the model's) and ``vae`` (``"tiny"`` needs
+        the pipeline's ``preview_vae``) take the names in ``sketchx.NAMES`` (any ASCII case); ``eta`` is the
+        stochasticity of the ``ddim`` and ``tcd`` steps; the ranges are in
         ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
         parameters or an undecodable sketch, ``QueueFullError`` when the queue is full.
         """
@@ -198,6 +214,9 @@ class Pipeline:
             guess_mode,
             control_guidance_start,
             control_guidance_end,
+            timestep_spacing,
+            eta,
+            vae,
         )
 
     def poll(self, job_id: str) -> JobStatus:

@@ -3,7 +3,7 @@ hosted inside this process."""
 
 import os
 from types import TracebackType
-from typing import Any, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Iterable, List, Mapping, Optional, Tuple, Type, Union
 
 from ._errors import InvalidRequestError as InvalidRequestError
 from ._errors import ModelLoadError as ModelLoadError
@@ -58,6 +58,8 @@ class Pipeline:
         vae_tiling: bool = False,
         redis_url: Optional[str] = None,
         drain_on_shutdown: bool = False,
+        loras: Iterable[Union[Tuple[Union[str, "os.PathLike[str]"], float], str, "os.PathLike[str]"]] = (),
+        preview_vae: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> None: ...
     def submit(
         self,
@@ -78,6 +80,9 @@ class Pipeline:
         guess_mode: Optional[bool] = None,
         control_guidance_start: float = 0.0,
         control_guidance_end: float = 1.0,
+        timestep_spacing: Optional[str] = None,
+        eta: float = 0.0,
+        vae: str = "full",
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...

@@ -64,6 +64,8 @@ class Pipeline:
         vae_tiling: bool,
         redis_url: Optional[str] = None,
         drain_on_shutdown: Optional[bool] = None,
+        loras: Optional[Any] = None,
+        preview_vae: Optional[str] = None,
     ) -> "Pipeline": ...
     @staticmethod
     def connect(url: str, prefix: Optional[str], queue_capacity: int) -> "Pipeline": ...
@@ -87,6 +89,9 @@ class Pipeline:
         guess_mode: Optional[bool],
         control_guidance_start: float,
         control_guidance_end: float,
+        timestep_spacing: Optional[str] = None,
+        eta: Optional[float] = None,
+        vae: Optional[str] = None,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...
