@@ -246,7 +246,10 @@ fn scheduler_and_preprocess_names_ignore_case() {
 
 /// Runs a two-step LCM generation of one 64x64 image (seed 3) with `extra` flags; returns the PNG's pixels.
 fn lcm_image(extra: &[&str]) -> Vec<u8> {
-    let out = scratch_dir("cli-lora");
+    // One directory per call: tests run in parallel and each removes its own.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = scratch_dir(&format!("cli-lora-{n}"));
     let sketch = fixtures().join("sketches/house_black_on_white.png");
     let mut args = vec![
         "--sketch",
