@@ -639,11 +639,13 @@ fn pipeline_is_send_sync_and_clone() {
 }
 
 /// A generator for the cancel race: a job whose prompt is `block` waits inside `generate` until the test
-/// releases it (so the next job is picked up exactly when the test lets go); any other job reports one step and
-/// returns one black 64x64 image at once.
+/// releases it (so the next job is picked up exactly when the test lets go); a job whose prompt is `victim`
+/// waits until the test's cancel call has returned (so that a busy machine cannot finish it before the cancel
+/// lands); any job then reports one step and returns one black 64x64 image.
 struct Gate {
     started: std::sync::mpsc::SyncSender<()>,
     release: Mutex<std::sync::mpsc::Receiver<()>>,
+    cancel_returned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Generator for Gate {
@@ -660,6 +662,14 @@ impl Generator for Gate {
         if req.prompt.as_deref() == Some("block") {
             self.started.send(()).unwrap();
             self.release.lock().unwrap().recv().unwrap();
+        }
+        if req.prompt.as_deref() == Some("victim") {
+            while !self
+                .cancel_returned
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         let info = StepInfo {
             step: 1,
@@ -692,9 +702,11 @@ fn cancel_racing_the_worker_picking_the_job_up_never_leaves_a_cancelled_job_with
     let dir = cfg.output_dir.clone();
     let (started_tx, started) = std::sync::mpsc::sync_channel(1);
     let (release, release_rx) = std::sync::mpsc::channel();
+    let cancel_returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gate = Gate {
         started: started_tx,
         release: Mutex::new(release_rx),
+        cancel_returned: cancel_returned.clone(),
     };
     let pipe = Pipeline::with_generator(Arc::new(gate), cfg).unwrap();
     let blocker = |pipe: &Pipeline| {
@@ -706,9 +718,14 @@ fn cancel_racing_the_worker_picking_the_job_up_never_leaves_a_cancelled_job_with
     };
     let mut picked_up_then_cancelled = 0;
     for _ in 0..100 {
+        cancel_returned.store(false, std::sync::atomic::Ordering::SeqCst);
         let ahead = blocker(&pipe);
         started.recv().unwrap(); // the worker is inside the job ahead
-        let victim = pipe.submit(req(1), sketch_bytes()).unwrap();
+        let victim_req = GenerationRequest {
+            prompt: Some("victim".into()),
+            ..req(1)
+        };
+        let victim = pipe.submit(victim_req, sketch_bytes()).unwrap();
         let barrier = Arc::new(std::sync::Barrier::new(2));
         let canceller = {
             let (pipe, victim, barrier) = (pipe.clone(), victim.clone(), barrier.clone());
@@ -720,6 +737,7 @@ fn cancel_racing_the_worker_picking_the_job_up_never_leaves_a_cancelled_job_with
         barrier.wait();
         release.send(()).unwrap();
         let said_cancelled = canceller.join().unwrap();
+        cancel_returned.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(said_cancelled, "the victim was not final when cancelled");
         let st = pipe.wait(&victim, Some(Duration::from_secs(60))).unwrap();
         assert_eq!(st.state, JobState::Cancelled, "{}", st.message);
