@@ -6,7 +6,7 @@ use super::schedule::{
     alphas_cumprod, check_eta, check_steps, div_scalar, integer_timesteps, mul_scalar,
     round_through, Prediction, Spacing,
 };
-use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -84,23 +84,14 @@ impl Ddim {
 }
 
 impl DiffusionScheduler for Ddim {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
-    }
-
     /// Returns the next sample and `pred_original_sample` in `sample`'s dtype; draws noise of `model_output`'s
     /// shape and dtype from `rng` when `eta > 0`, as diffusers does.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut TorchRng,
-    ) -> Result<StepOutput> {
+    fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
+        let StepInput {
+            model_output,
+            step_index,
+            sample,
+        } = input;
         let t = self.steps[step_index];
         let prev = t - self.step_ratio;
         let alpha_t = self.alpha_at(t);
@@ -133,6 +124,8 @@ impl DiffusionScheduler for Ddim {
             x0: x0.to_dtype(dtype)?,
         })
     }
+
+    super::schedule_accessors!();
 }
 
 /// DDIM step before its noise, computed in `sample`'s dtype (each op in f32, rounded through that dtype): the

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use super::schedule::{
     alphas_cumprod, check_steps, div_scalar, mul_scalar, round_through, Prediction,
 };
-use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -194,23 +194,14 @@ impl Lcm {
 }
 
 impl DiffusionScheduler for Lcm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
-    }
-
     /// Returns the next sample and `denoised` in `sample`'s dtype; every step but the last draws noise of that
     /// dtype and `model_output`'s shape from `rng`, as diffusers does.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut TorchRng,
-    ) -> Result<StepOutput> {
+    fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
+        let StepInput {
+            model_output,
+            step_index,
+            sample,
+        } = input;
         let dtype = sample.dtype();
         let t = self.steps[step_index];
         let last = step_index + 1 == self.steps.len();
@@ -251,4 +242,6 @@ impl DiffusionScheduler for Lcm {
             x0: denoised.to_dtype(dtype)?,
         })
     }
+
+    super::schedule_accessors!();
 }

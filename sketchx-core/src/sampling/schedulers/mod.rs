@@ -155,15 +155,34 @@ pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
         Ok(sample.clone())
     }
 
-    /// One denoising step: `model_output` is the (guided) prediction for `sample` at `step_index`.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut TorchRng,
-    ) -> Result<StepOutput>;
+    /// One denoising step from `input`.
+    fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput>;
 }
+
+/// What one denoising step is given: the (guided) model prediction for `sample` at `step_index`.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    /// The guided noise (or v / sample) prediction.
+    pub model_output: &'a Tensor,
+    /// Which step, below `timesteps().len()`.
+    pub step_index: usize,
+    /// The current latents.
+    pub sample: &'a Tensor,
+}
+
+/// The `timesteps` and `alphas_cumprod` accessors of a scheduler that keeps them in fields of those names.
+macro_rules! schedule_accessors {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn alphas_cumprod(&self) -> &[f32] {
+            &self.alphas_cumprod
+        }
+    };
+}
+use schedule_accessors;
 
 /// The configured scheduler of each kind.
 #[derive(Debug, Clone)]
@@ -308,7 +327,11 @@ impl Scheduler {
         rng: &mut TorchRng,
     ) -> Result<StepOutput> {
         self.check_index(step_index)?;
-        self.sampler_mut()
-            .step(model_output, step_index, sample, rng)
+        let input = StepInput {
+            model_output,
+            step_index,
+            sample,
+        };
+        self.sampler_mut().step(input, rng)
     }
 }

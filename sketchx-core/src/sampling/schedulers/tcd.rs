@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 
 use super::lcm::{check_schedule_length, consistency_config, consistency_timesteps, predict};
 use super::schedule::{alphas_cumprod, check_eta, mul_scalar, round_through, Prediction};
-use super::{DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
 use crate::error::Result;
 use crate::sampling::rng::TorchRng;
 
@@ -50,23 +50,14 @@ impl Tcd {
 }
 
 impl DiffusionScheduler for Tcd {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn alphas_cumprod(&self) -> &[f32] {
-        &self.alphas_cumprod
-    }
-
     /// Returns the next sample and `pred_noised_sample` in `sample`'s dtype; when `eta > 0`, every step but the
     /// last draws noise of that dtype and `model_output`'s shape from `rng`, as diffusers does.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        rng: &mut TorchRng,
-    ) -> Result<StepOutput> {
+    fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
+        let StepInput {
+            model_output,
+            step_index,
+            sample,
+        } = input;
         let dtype = sample.dtype();
         let t = self.steps[step_index];
         let last = step_index + 1 == self.steps.len();
@@ -99,4 +90,6 @@ impl DiffusionScheduler for Tcd {
             x0: noised.to_dtype(dtype)?,
         })
     }
+
+    super::schedule_accessors!();
 }
