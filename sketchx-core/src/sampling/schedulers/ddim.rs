@@ -87,11 +87,7 @@ impl DiffusionScheduler for Ddim {
     /// Returns the next sample and `pred_original_sample` in `sample`'s dtype; draws noise of `model_output`'s
     /// shape and dtype from `rng` when `eta > 0`, as diffusers does.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let StepInput {
-            model_output,
-            step_index,
-            sample,
-        } = input;
+        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
         let t = self.steps[step_index];
         let prev = t - self.step_ratio;
         let alpha_t = self.alpha_at(t);
@@ -139,26 +135,10 @@ fn ddim_step(
     eta: f32,
 ) -> Result<(Tensor, Tensor, f32)> {
     let dtype = sample.dtype();
-    let s = sample.to_dtype(DType::F32)?;
-    let m = round_through(model_output.to_dtype(DType::F32)?, dtype)?;
     let beta_t = 1.0 - alpha_t;
-    let (sqrt_a, sqrt_b) = (alpha_t.sqrt(), beta_t.sqrt());
-    let (pred_original, pred_epsilon) = match prediction {
-        Prediction::Epsilon => {
-            let num = round_through((&s - mul_scalar(&m, sqrt_b, dtype)?)?, dtype)?;
-            (round_through(div_scalar(&num, sqrt_a)?, dtype)?, m)
-        }
-        Prediction::Sample => {
-            let num = round_through((&s - mul_scalar(&m, sqrt_a, dtype)?)?, dtype)?;
-            let eps = round_through(div_scalar(&num, sqrt_b)?, dtype)?;
-            (m, eps)
-        }
-        Prediction::Velocity => {
-            let x0 = (mul_scalar(&s, sqrt_a, dtype)? - mul_scalar(&m, sqrt_b, dtype)?)?;
-            let eps = (mul_scalar(&m, sqrt_a, dtype)? + mul_scalar(&s, sqrt_b, dtype)?)?;
-            (round_through(x0, dtype)?, round_through(eps, dtype)?)
-        }
-    };
+    // The same prediction as LCM's and TCD's steps.
+    let (pred_original, pred_epsilon) =
+        super::lcm::predict(prediction, model_output, sample, alpha_t, dtype)?;
     let pred_original = match clip {
         Some(r) => pred_original.clamp(-r, r)?,
         None => pred_original,

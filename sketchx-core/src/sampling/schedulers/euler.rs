@@ -142,11 +142,7 @@ impl DiffusionScheduler for Euler {
     /// ancestral scheduler draws noise of `model_output`'s shape and dtype from `rng` every step (also the last),
     /// as diffusers does; the discrete one draws nothing.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let StepInput {
-            model_output,
-            step_index,
-            sample,
-        } = input;
+        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
         let s = &self.schedule;
         let out_dtype = model_output.dtype();
         let (sigma, sigma_next) = (s.sigmas[step_index], s.sigmas[step_index + 1]);

@@ -97,7 +97,7 @@ pub(super) fn check_schedule_length(
     }
 }
 
-/// The predicted clean sample and noise from the model output, as diffusers' LCM / TCD steps compute them, in
+/// The predicted clean sample and noise from the model output, as diffusers' DDIM / LCM / TCD steps compute them, in
 /// `dtype` (each op in f32, rounded through it): `(x0, eps)`.
 pub(super) fn predict(
     prediction: Prediction,
@@ -197,11 +197,7 @@ impl DiffusionScheduler for Lcm {
     /// Returns the next sample and `denoised` in `sample`'s dtype; every step but the last draws noise of that
     /// dtype and `model_output`'s shape from `rng`, as diffusers does.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let StepInput {
-            model_output,
-            step_index,
-            sample,
-        } = input;
+        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
         let dtype = sample.dtype();
         let t = self.steps[step_index];
         let last = step_index + 1 == self.steps.len();

@@ -53,11 +53,7 @@ impl DiffusionScheduler for Tcd {
     /// Returns the next sample and `pred_noised_sample` in `sample`'s dtype; when `eta > 0`, every step but the
     /// last draws noise of that dtype and `model_output`'s shape from `rng`, as diffusers does.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let StepInput {
-            model_output,
-            step_index,
-            sample,
-        } = input;
+        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
         let dtype = sample.dtype();
         let t = self.steps[step_index];
         let last = step_index + 1 == self.steps.len();
