@@ -90,6 +90,27 @@ pub fn quoted_list(names: &[&str]) -> String {
     }
 }
 
+/// `Display` (the name) and `FromStr` (by [`parse_name`]: ASCII case-insensitive, surrounding whitespace ignored;
+/// an unknown name is [`Error::InvalidRequest`] for `$field`) for a name enum with `ALL` and `as_str`.
+macro_rules! name_traits {
+    ($t:ty, $field:literal, $what:literal) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = crate::error::Error;
+
+            fn from_str(s: &str) -> crate::error::Result<Self> {
+                crate::names::parse_name($field, $what, s, &Self::ALL, |k| k.as_str())
+            }
+        }
+    };
+}
+pub(crate) use name_traits;
+
 /// The member of `all` whose `name` is `s` (ASCII case-insensitive, surrounding whitespace ignored); otherwise
 /// [`Error::InvalidRequest`] for `field`: "unknown `what` "s" (expected ...)".
 pub(crate) fn parse_name<T: Copy>(

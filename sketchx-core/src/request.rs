@@ -60,21 +60,7 @@ impl VaeKind {
     }
 }
 
-impl std::fmt::Display for VaeKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for VaeKind {
-    type Err = Error;
-
-    /// Parses a request name ([`VaeKind::names`]; ASCII case-insensitive, surrounding whitespace ignored); an
-    /// unknown name is [`Error::InvalidRequest`] for the field `vae`.
-    fn from_str(s: &str) -> Result<Self> {
-        crate::names::parse_name("vae", "VAE", s, &Self::ALL, |k| k.as_str())
-    }
-}
+crate::names::name_traits!(VaeKind, "vae", "VAE");
 
 /// Random seeds stay below 2^53 so that they survive a round trip through JSON numbers.
 const RANDOM_SEED_BITS: u32 = 53;

@@ -50,22 +50,7 @@ impl Preprocess {
     }
 }
 
-impl std::fmt::Display for Preprocess {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Preprocess {
-    type Err = Error;
-
-    /// Parses `"scribble"` or `"none"` (ASCII case-insensitive, surrounding whitespace ignored).
-    fn from_str(s: &str) -> Result<Self> {
-        crate::names::parse_name("preprocess", "preprocessing mode", s, &Self::ALL, |k| {
-            k.as_str()
-        })
-    }
-}
+crate::names::name_traits!(Preprocess, "preprocess", "preprocessing mode");
 
 /// Limits applied while decoding a sketch.
 #[derive(Debug, Clone, Copy)]

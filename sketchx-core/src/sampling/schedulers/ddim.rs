@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::schedule::{
+use super::schedule::{final_alpha_cumprod, 
     alphas_cumprod, check_eta, check_steps, div_scalar, integer_timesteps, mul_scalar,
     round_through, Prediction, Spacing,
 };
@@ -53,11 +53,7 @@ impl Ddim {
                 ),
             ));
         }
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = final_alpha_cumprod(config, &alphas_cumprod);
         let clip = config
             .clip_sample
             .unwrap_or(true)

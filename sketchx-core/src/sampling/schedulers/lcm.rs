@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::schedule::{
+use super::schedule::{final_alpha_cumprod, 
     alphas_cumprod, check_steps, div_scalar, mul_scalar, round_through, Prediction,
 };
 use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
@@ -173,11 +173,7 @@ impl Lcm {
         let alphas_cumprod = alphas_cumprod(config)?;
         let steps = consistency_timesteps(config, n, "LCMScheduler")?;
         check_schedule_length(config, &steps, &alphas_cumprod)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = final_alpha_cumprod(config, &alphas_cumprod);
         Ok(Self {
             prediction,
             timesteps: steps.iter().map(|&t| t as f64).collect(),

@@ -112,20 +112,7 @@ impl SchedulerKind {
     }
 }
 
-impl std::fmt::Display for SchedulerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SchedulerKind {
-    type Err = Error;
-
-    /// Parses a request name ([`SchedulerKind::names`]; ASCII case-insensitive, surrounding whitespace ignored).
-    fn from_str(s: &str) -> Result<Self> {
-        crate::names::parse_name("scheduler", "scheduler", s, &Self::ALL, |k| k.as_str())
-    }
-}
+crate::names::name_traits!(SchedulerKind, "scheduler", "scheduler");
 
 /// One sampler configured for a denoising run of a fixed number of steps, as a diffusers scheduler is after
 /// `set_timesteps`. Step indices passed in are below `timesteps().len()` ([`Scheduler`] checks them).

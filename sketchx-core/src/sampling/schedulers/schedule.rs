@@ -81,23 +81,7 @@ impl Spacing {
     }
 }
 
-impl std::fmt::Display for Spacing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Spacing {
-    type Err = Error;
-
-    /// Parses a request name ([`Spacing::names`]; ASCII case-insensitive, surrounding whitespace ignored); the
-    /// error names the request field `timestep_spacing`.
-    fn from_str(s: &str) -> Result<Self> {
-        crate::names::parse_name("timestep_spacing", "timestep spacing", s, &Self::ALL, |k| {
-            k.as_str()
-        })
-    }
-}
+crate::names::name_traits!(Spacing, "timestep_spacing", "timestep spacing");
 
 /// Refuses an `eta` outside [`ETA_RANGE`](super::ETA_RANGE) (NaN included) with [`Error::InvalidRequest`] for
 /// `eta`.
@@ -126,6 +110,15 @@ pub(super) fn check_steps(config: &SchedulerConfig, n: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The alpha product past the last step: 1 with `set_alpha_to_one` (the default), else `alphas_cumprod[0]`.
+pub(super) fn final_alpha_cumprod(config: &SchedulerConfig, alphas_cumprod: &[f32]) -> f32 {
+    if config.set_alpha_to_one.unwrap_or(true) {
+        1.0
+    } else {
+        alphas_cumprod[0]
+    }
 }
 
 /// The training schedule's cumulative alpha products in float32, as torch computes them: from `trained_betas` or
