@@ -173,13 +173,12 @@ impl Lcm {
         let alphas_cumprod = alphas_cumprod(config)?;
         let steps = consistency_timesteps(config, n, "LCMScheduler")?;
         check_schedule_length(config, &steps, &alphas_cumprod)?;
-        let final_alpha_cumprod = final_alpha_cumprod(config, &alphas_cumprod);
         Ok(Self {
+            final_alpha_cumprod: final_alpha_cumprod(config, &alphas_cumprod),
             prediction,
             timesteps: steps.iter().map(|&t| t as f64).collect(),
             steps,
             alphas_cumprod,
-            final_alpha_cumprod,
             clip: config
                 .clip_sample
                 .unwrap_or(false)
