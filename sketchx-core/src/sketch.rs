@@ -16,11 +16,10 @@
 
 use std::io::Cursor;
 use std::path::Path;
-use std::str::FromStr;
 
 use image::{DynamicImage, ImageError, ImageFormat, ImageReader};
 
-use crate::error::{Error, Result, SketchError};
+use crate::error::{Result, SketchError};
 
 /// How the resized sketch is turned into the control image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,7 +40,7 @@ impl Preprocess {
         Self::ALL.map(Preprocess::as_str)
     }
 
-    /// The name accepted by [`FromStr`]: `"scribble"` or `"none"`.
+    /// The name accepted by [`FromStr`](std::str::FromStr): `"scribble"` or `"none"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Preprocess::Scribble => "scribble",

@@ -2,11 +2,11 @@
 
 use candle_core::{DType, Tensor};
 
-use super::schedule::{final_alpha_cumprod, 
-    alphas_cumprod, check_eta, check_steps, div_scalar, integer_timesteps, mul_scalar,
+use super::schedule::{
+    alphas_cumprod, check_eta, check_steps, final_alpha_cumprod, integer_timesteps, mul_scalar,
     round_through, Prediction, Spacing,
 };
-use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{DiffusionScheduler, SchedulerConfig, StepInput, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -83,7 +83,8 @@ impl DiffusionScheduler for Ddim {
     /// Returns the next sample and `pred_original_sample` in `sample`'s dtype; draws noise of `model_output`'s
     /// shape and dtype from `rng` when `eta > 0`, as diffusers does.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
+        let (model_output, step_index, sample) =
+            (input.model_output, input.step_index, input.sample);
         let t = self.steps[step_index];
         let prev = t - self.step_ratio;
         let alpha_t = self.alpha_at(t);

@@ -8,7 +8,7 @@ use super::schedule::{
     alphas_cumprod, check_steps, div_scalar, mul_scalar, np_arange_down, np_interp_grid,
     np_linspace, round_through, sigma_to_t, Prediction, Spacing,
 };
-use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{DiffusionScheduler, SchedulerConfig, StepInput, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -142,7 +142,8 @@ impl DiffusionScheduler for Euler {
     /// ancestral scheduler draws noise of `model_output`'s shape and dtype from `rng` every step (also the last),
     /// as diffusers does; the discrete one draws nothing.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
+        let (model_output, step_index, sample) =
+            (input.model_output, input.step_index, input.sample);
         let s = &self.schedule;
         let out_dtype = model_output.dtype();
         let (sigma, sigma_next) = (s.sigmas[step_index], s.sigmas[step_index + 1]);

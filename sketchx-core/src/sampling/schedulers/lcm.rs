@@ -7,10 +7,11 @@
 
 use candle_core::{DType, Tensor};
 
-use super::schedule::{final_alpha_cumprod, 
-    alphas_cumprod, check_steps, div_scalar, mul_scalar, round_through, Prediction,
+use super::schedule::{
+    alphas_cumprod, check_steps, div_scalar, final_alpha_cumprod, mul_scalar, round_through,
+    Prediction,
 };
-use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{DiffusionScheduler, SchedulerConfig, StepInput, StepOutput};
 use crate::error::{Error, Result};
 use crate::sampling::rng::TorchRng;
 
@@ -192,7 +193,8 @@ impl DiffusionScheduler for Lcm {
     /// Returns the next sample and `denoised` in `sample`'s dtype; every step but the last draws noise of that
     /// dtype and `model_output`'s shape from `rng`, as diffusers does.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
+        let (model_output, step_index, sample) =
+            (input.model_output, input.step_index, input.sample);
         let dtype = sample.dtype();
         let t = self.steps[step_index];
         let last = step_index + 1 == self.steps.len();

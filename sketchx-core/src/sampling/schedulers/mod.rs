@@ -23,8 +23,6 @@
 //! Note that `timesteps().len()` can exceed the requested step count: diffusers' `trailing` spacing yields one
 //! extra timestep (`-1`) for some counts (61, 103, 121, ...), and the loop must run over all of them to match.
 
-use std::str::FromStr;
-
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};

@@ -2,11 +2,11 @@
 //! sample at an intermediate timestep `s = floor((1 - eta) * t_prev)` and, when `eta > 0` (except on the last
 //! step), moves it to the next timestep with fresh noise from the RNG; `eta = 0` is deterministic.
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 
 use super::lcm::{check_schedule_length, consistency_config, consistency_timesteps, predict};
 use super::schedule::{alphas_cumprod, check_eta, mul_scalar, round_through, Prediction};
-use super::{StepInput, DiffusionScheduler, SchedulerConfig, StepOutput};
+use super::{DiffusionScheduler, SchedulerConfig, StepInput, StepOutput};
 use crate::error::Result;
 use crate::sampling::rng::TorchRng;
 
@@ -53,7 +53,8 @@ impl DiffusionScheduler for Tcd {
     /// Returns the next sample and `pred_noised_sample` in `sample`'s dtype; when `eta > 0`, every step but the
     /// last draws noise of that dtype and `model_output`'s shape from `rng`, as diffusers does.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput> {
-        let (model_output, step_index, sample) = (input.model_output, input.step_index, input.sample);
+        let (model_output, step_index, sample) =
+            (input.model_output, input.step_index, input.sample);
         let dtype = sample.dtype();
         let t = self.steps[step_index];
         let last = step_index + 1 == self.steps.len();
