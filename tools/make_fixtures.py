@@ -4,7 +4,9 @@
     /tmp/fx/bin/python tools/make_fixtures.py [tests/fixtures]
 
 Order matters: the tokenizer files come first (the models' references tokenize with them), then the RNG and
-scheduler references, the sketch references, and finally the tiny models with diffusers' outputs.
+scheduler references, the sketch references, the tiny models with diffusers' outputs, and then what is derived
+from the models: the bf16 yardstick and the other model formats (single files, original-layout ControlNets, VAE
+override, textual inversion, img2img, preprocessors, bad input: formats.py).
 """
 
 import sys
@@ -17,10 +19,11 @@ import sampling  # noqa: E402
 import sketch  # noqa: E402
 import tokenizer  # noqa: E402
 import bf16  # noqa: E402  (after models: it reads the f32 references)
+import formats  # noqa: E402  (after models: it converts the tiny models and reads reference/e2e)
 
 
 def main(out: str) -> None:
-    for module in (tokenizer, sampling, sketch, models, bf16):
+    for module in (tokenizer, sampling, sketch, models, bf16, formats):
         print(f"== {module.__name__}", flush=True)
         module.generate(out)
 
