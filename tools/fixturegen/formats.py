@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Fixtures for the model formats people actually have (issue 14), and diffusers' references on them.
 
-Runs after ``models.py`` (it reads ``tiny-sd/``, ``tiny-controlnet/`` and ``tiny-controlnet-alt/``); alone:
-``HF_HUB_OFFLINE=1 python tools/fixturegen/formats.py tests/fixtures``. Everything is written under
+Runs after ``models.py`` (it reads ``tiny-sd/``, ``tiny-controlnet/``, ``tiny-controlnet-alt/`` and
+``reference/e2e/square_cfg_0.png``); alone: ``HF_HUB_OFFLINE=1 python tools/fixturegen/formats.py tests/fixtures``.
+torch runs on ``FIXTURE_THREADS`` threads (default 1: the committed references were made so; another thread count
+can move a few pixels by one unit). Everything is written under
 ``<fixtures>/formats/`` (removed and rebuilt), plus ``<fixtures>/sketches/house_colour.png`` and
 ``house_colour_alt.png`` (colour sketches: the img2img start images) and ``pencil_soft.png`` (blurred grey strokes:
 the canny input whose edges depend on the thresholds). Nothing else is touched.
@@ -74,7 +76,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import models  # noqa: E402
-from sketch import decode_rgb, reference_preprocess  # noqa: E402
+from sketch import reference_preprocess  # noqa: E402
 
 ROOT = "formats"
 
@@ -673,6 +675,8 @@ def write_single_files(out: Path) -> dict:
     }
     print("  tiny-vae-alt.safetensors: round trip ok", flush=True)
 
+    for path in (ckpt, cn_pth):
+        manifest["files"][_rel(out, path)]["pickle"] = pickle_summary(path)
     manifest["notes"] = KEY_NOTES
     manifest["generated_with"] = versions()
     (sf / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -713,6 +717,21 @@ KEY_NOTES = {
     "fp16": ("diffusers loads fp16 files into f32 models (torch_dtype=float32): the weights are the fp16 values "
              "exactly; references on fp16 files are therefore those of the rounded weights."),
     "checkpoint_wrapping": "diffusers unwraps 'state_dict' (repeatedly) and ignores every other top-level entry.",
+    "detection": ("diffusers' infer_diffusers_model_type: SD1 ('v1') is the fallback; SD2 = model.diffusion_model."
+                  "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight with 1024 columns; SDXL = conditioner."
+                  "embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias; inpainting = input_blocks.0.0.weight "
+                  "with 9 input channels; ControlNet = control_model.time_embed.0.weight (a plain-key ControlNet "
+                  "such as tiny-controlnet.pth is not recognised by that function: it reports 'v1'; "
+                  "ControlNetModel.from_single_file takes it because time_embed.0.weight is a top-level key)"),
+    "tiny_sizes": ("from_single_file was told the tiny sizes with config=<diffusers folder>: "
+                   "StableDiffusionControlNetPipeline.from_single_file(file, config='tests/fixtures/tiny-sd', "
+                   "controlnet=..., local_files_only=True) reads model_index.json and unet/, vae/, text_encoder/ "
+                   "configs, tokenizer/ and scheduler/ from the folder and only the weights from the file; "
+                   "ControlNetModel.from_single_file(file, config='tests/fixtures/tiny-controlnet'); "
+                   "AutoencoderKL.from_single_file(file, config='tests/fixtures/formats/tiny-vae-alt'). The yaml "
+                   "route (original_config=) cannot build the tiny model in diffusers (no norm groups in LDM "
+                   "yamls, CLIP config from the Hub): tiny-sd.yaml was checked with diffusers' yaml -> config "
+                   "functions instead (see its entry)."),
 }
 
 
@@ -732,6 +751,35 @@ TI_SCALE = 0.5  # the std of the vectors (tiny-sd's token embeddings: 0.02); lar
 def ti_vectors(key: str) -> torch.Tensor:
     _, _, _, n, seed = TI[key]
     return torch.randn((n, 32), generator=torch.Generator().manual_seed(seed)) * TI_SCALE
+
+
+def pickle_summary(path: Path) -> dict:
+    """What a tensors-only pickle reader meets in a torch zip checkpoint (parsed with pickletools, never loaded)."""
+    import collections
+    import pickletools
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl")][0]
+        ops, globals_ = collections.Counter(), set()
+        storages = collections.Counter()
+        last_global = None
+        for op, arg, _ in pickletools.genops(z.read(pkl)):
+            ops[op.name] += 1
+            if op.name == "GLOBAL":
+                globals_.add(arg)
+                last_global = arg
+            if op.name == "BINPERSID" and last_global and last_global.endswith("Storage"):
+                storages[last_global] += 1
+    return {
+        "zip_entries_besides_data": sorted({n.split("/", 1)[1] for n in names if "/data/" not in n}),
+        "zip_root": pkl.split("/")[0] + "/ (torch.save uses the file stem; older files use archive/)",
+        "data_pkl": pkl, "tensor_data": pkl.rsplit("/", 1)[0] + "/data/<storage key> (raw little-endian)",
+        "opcodes": sorted(ops), "globals": sorted(globals_),
+        "note": "tensors: REDUCE of torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, "
+                "backward_hooks = collections.OrderedDict()) whose storage is a BINPERSID of the tuple ('storage', "
+                "torch.<T>Storage, key, 'cpu', numel)",
+    }
 
 
 def versions() -> dict:
@@ -1025,8 +1073,6 @@ def write_references(out: Path) -> list:
              "vectors": TI[k][3]} for k in c["textual_inversion"]]
         c["compare"] = []
         results[c["name"]] = imgs
-        if c["name"] in ("single_file_f32", "controlnet_pth", "vae_override_single_file", "ckpt_default_non_ema"):
-            pass
         cases.append(c)
         print(f"  {c['name']}: {[a.shape for a in imgs]}", flush=True)
     by = {c["name"]: c for c in cases}
@@ -1205,7 +1251,7 @@ def _pickle_payload() -> bytes:
 
 
 def write_bad(out: Path):
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     d = out / ROOT / "bad"
@@ -1262,8 +1308,16 @@ def write_bad(out: Path):
         lora[f"{base}.lora_down.weight"] = r(4, 32)
         lora[f"{base}.lora_up.weight"] = r(32, 4)
         lora[f"{base}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
-    _save_st(lora, d / "lora.safetensors", metadata={"ss_network_module": "networks.lora", "ss_network_dim": "4",
-                                                     "ss_network_alpha": "4", "ss_base_model_version": "sd_v1"})
+    # Written by hand: the safetensors crate writes __metadata__ in a random (hash) order, and the bytes should be
+    # reproducible.
+    header, chunks, pos = {"__metadata__": {"ss_base_model_version": "sd_v1", "ss_network_alpha": "4",
+                                            "ss_network_dim": "4", "ss_network_module": "networks.lora"}}, [], 0
+    for k in sorted(lora):
+        b = lora[k].contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F16", "shape": list(lora[k].shape), "data_offsets": [pos, pos + len(b)]}
+        chunks.append(b)
+        pos += len(b)
+    (d / "lora.safetensors").write_bytes(_st_bytes(header, b"".join(chunks)))
     m["lora.safetensors"] = {"family": "LoRA (kohya)", "why": "lora_unet_* / lora_te_* keys with .lora_down / "
                              ".lora_up / .alpha (shapes fit tiny-sd); metadata ss_network_module=networks.lora",
                              "keys": len(lora)}
@@ -1314,9 +1368,9 @@ def write_bad(out: Path):
     assert "GLOBAL     'os system'" in dis.getvalue()
     zpath = d / "pickle_os_system.ckpt"
     with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", payload)
-        z.writestr("archive/byteorder", "little")
-        z.writestr("archive/version", "3\n")
+        for name, content in (("archive/data.pkl", payload), ("archive/byteorder", b"little"),
+                              ("archive/version", b"3\n")):
+            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), content)  # reproducible bytes
     (d / "pickle_os_system_raw.ckpt").write_bytes(payload)
     refusals = {}
     for p in (zpath, d / "pickle_os_system_raw.ckpt"):
