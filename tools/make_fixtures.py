@@ -5,7 +5,9 @@
 
 Order matters: the tokenizer files come first (the models' references tokenize with them), then the RNG and
 scheduler references, the sketch references, the tiny models with diffusers' outputs, then the few-step fixtures
-(fewstep.py: LoRAs, LCM UNet, TAESD, LCM/TCD/trailing references over the tiny models) and bf16's yardstick.
+(fewstep.py: LoRAs, LCM UNet, TAESD, LCM/TCD/trailing references over the tiny models), bf16's yardstick and the
+other model formats (formats.py: single files, original-layout ControlNets, VAE override, textual inversion,
+img2img, preprocessors, bad input).
 """
 
 import sys
@@ -19,10 +21,11 @@ import sketch  # noqa: E402
 import tokenizer  # noqa: E402
 import bf16  # noqa: E402  (after models: it reads the f32 references)
 import fewstep  # noqa: E402  (after models: LoRAs, LCM, TAESD over the tiny models; also runnable alone)
+import formats  # noqa: E402  (after models: it converts the tiny models and reads reference/e2e)
 
 
 def main(out: str) -> None:
-    for module in (tokenizer, sampling, sketch, models, fewstep, bf16):
+    for module in (tokenizer, sampling, sketch, models, fewstep, bf16, formats):
         print(f"== {module.__name__}", flush=True)
         module.generate(out)
 
