@@ -1,5 +1,7 @@
 //! img2img with the ControlNet: parity with diffusers' `StableDiffusionControlNetImg2ImgPipeline` on the tiny
-//! fixture models (`formats/reference/cases.json`, written by `tools/fixturegen/formats.py`): the start image
+//! fixture models (`formats/reference/cases.json`, written by `tools/fixturegen/formats.py`, and `img2img/`
+//! for the other schedulers, trailing spacing, tiling and guess mode, by `tools/fixturegen/img2img.py`; the VAE
+//! encoder alone against `img2img/vae_encode.safetensors`): the start image
 //! resized as diffusers' image processor does, VAE-encoded, sampled and noised with the torch-compatible RNG in
 //! diffusers' order, then the last `int(steps * strength)` steps. Bounds per image as for every end-to-end case:
 //! mean |diff| <= 0.25 and 99.9th percentile <= 4 (0..255). Also: strength and the start image change the result
@@ -20,20 +22,34 @@ use sketchx::{Error, JobState, Pipeline, PipelineConfig};
 /// The tiny-sd + tiny-controlnet engine in f32, loaded once per test binary.
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| {
-        let (model, controlnet) = tiny_models();
-        Engine::load(&EngineConfig::new(&model, &controlnet).unwrap()).expect("fixture models load")
-    })
+    ENGINE.get_or_init(|| load_engine(false))
 }
 
-fn cases() -> Vec<Value> {
-    let path = fixtures().join("formats/reference/cases.json");
-    let text = std::fs::read_to_string(&path).unwrap();
+/// The same with [`EngineConfig::vae_tiling`].
+fn tiled_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| load_engine(true))
+}
+
+fn load_engine(vae_tiling: bool) -> Engine {
+    let (model, controlnet) = tiny_models();
+    let mut config = EngineConfig::new(&model, &controlnet).unwrap();
+    config.vae_tiling = vae_tiling;
+    Engine::load(&config).expect("fixture models load")
+}
+
+/// The img2img cases of a manifest under `tests/fixtures`.
+fn cases_in(manifest: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixtures().join(manifest)).unwrap();
     serde_json::from_str::<Vec<Value>>(&text)
         .unwrap()
         .into_iter()
         .filter(|c| !c["start_image"].is_null())
         .collect()
+}
+
+fn cases() -> Vec<Value> {
+    cases_in("formats/reference/cases.json")
 }
 
 fn case(name: &str) -> Value {
@@ -73,6 +89,10 @@ fn request_for(case: &Value) -> GenerationRequest {
         control_guidance_end: case["control_guidance_end"].as_f64().unwrap(),
         start_image: Some(start_image),
         strength: case["strength"].as_f64().unwrap(),
+        timestep_spacing: case["timestep_spacing"]
+            .as_str()
+            .map(|s| s.parse().unwrap()),
+        eta: case["eta"].as_f64().unwrap_or(0.0),
         ..Default::default()
     }
 }
@@ -88,9 +108,37 @@ fn generate(case: &Value) -> Generated {
 }
 
 fn reference(file: &str) -> image::RgbImage {
-    image::open(fixtures().join("formats/reference").join(file))
+    reference_in("formats/reference", file)
+}
+
+fn reference_in(dir: &str, file: &str) -> image::RgbImage {
+    image::open(fixtures().join(dir).join(file))
         .unwrap()
         .to_rgb8()
+}
+
+/// Every image of `case` against diffusers' (files in `dir`); one report line per image.
+fn check_images(engine: &Engine, case: &Value, dir: &str, report: &mut Vec<String>) {
+    let name = case["name"].as_str().unwrap();
+    let out = engine
+        .generate(&request_for(case), &sketch_of(case), &mut |_| true)
+        .unwrap();
+    let refs = case["images"].as_array().unwrap();
+    assert_eq!(out.images.len(), refs.len(), "{name}: image count");
+    for (i, (ours, file)) in out.images.iter().zip(refs).enumerate() {
+        let theirs = reference_in(dir, file.as_str().unwrap());
+        assert_eq!(
+            (theirs.width(), theirs.height()),
+            (out.width, out.height),
+            "{name}: size"
+        );
+        let (mean, p999) = diff_stats(ours, theirs.as_raw());
+        report.push(format!("{name}[{i}]: mean {mean:.4}, p99.9 {p999}"));
+        assert!(
+            mean <= 0.25 && p999 <= 4.0,
+            "{name}[{i}]: mean {mean}, p99.9 {p999}"
+        );
+    }
 }
 
 /// Whether the case runs here: it needs only the diffusers-layout tiny models.
@@ -113,27 +161,84 @@ fn every_img2img_case_matches_diffusers() {
             report.push(format!("{name}: skipped (needs the single-file loader of formats-sf)"));
             continue;
         }
-        let out = generate(&case);
-        let refs = case["images"].as_array().unwrap();
-        assert_eq!(out.images.len(), refs.len(), "{name}: image count");
-        for (i, (ours, file)) in out.images.iter().zip(refs).enumerate() {
-            let theirs = reference(file.as_str().unwrap());
-            assert_eq!(
-                (theirs.width(), theirs.height()),
-                (out.width, out.height),
-                "{name}: size"
-            );
-            let (mean, p999) = diff_stats(ours, theirs.as_raw());
-            report.push(format!("{name}[{i}]: mean {mean:.4}, p99.9 {p999}"));
-            assert!(
-                mean <= 0.25 && p999 <= 4.0,
-                "{name}[{i}]: mean {mean}, p99.9 {p999}"
-            );
-        }
+        check_images(engine(), &case, "formats/reference", &mut report);
         ran += 1;
     }
     eprintln!("{}", report.join("\n"));
     assert!(ran >= 4, "only {ran} img2img cases ran");
+}
+
+/// Euler, LCM, TCD (eta 0.3), DDIM and Euler-Ancestral with trailing spacing (two images), tiled VAE encode and
+/// decode, guess mode with a control window at strength 1: diffusers' images, and the steps diffusers kept.
+#[test]
+fn every_scheduler_and_option_matches_diffusers() {
+    let mut report = Vec::new();
+    let cases = cases_in("img2img/cases.json");
+    assert!(cases.len() >= 7);
+    for case in &cases {
+        let tiled = case["vae_tiling"].as_bool().unwrap();
+        let engine = if tiled { tiled_engine() } else { engine() };
+        // The steps that run are diffusers' kept timesteps.
+        let req = request_for(case);
+        let all = engine.scheduler(&req).unwrap().timesteps().to_vec();
+        let kept: Vec<f64> = case["kept_timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect();
+        assert_eq!(&all[req.denoising_begin()..], &kept[..], "{}", case["name"]);
+        check_images(engine, case, "img2img", &mut report);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The VAE encoder's moments (mean, and the standard deviation from the clamped log-variance) against
+/// diffusers' `vae._encode`, untiled and with `enable_tiling()` (2 x 2 and 3 x 3 tiles).
+#[test]
+fn vae_encoder_matches_diffusers() {
+    let dev = candle_core::Device::Cpu;
+    let t = candle_core::safetensors::load(fixtures().join("img2img/vae_encode.safetensors"), &dev).unwrap();
+    let encoder = engine().vae_encoder().unwrap();
+    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let mut report = Vec::new();
+    for (image, moments, tiled) in [
+        ("image", "moments", false),
+        ("image", "moments_tiled", true),
+        ("image_128", "moments_128_tiled", true),
+    ] {
+        let x = &t[image];
+        let got = if tiled {
+            encoder.encode_tiled(x).unwrap()
+        } else {
+            encoder.encode(x).unwrap()
+        };
+        let m = &t[moments];
+        let c = m.dim(1).unwrap() / 2;
+        let mean = m.narrow(1, 0, c).unwrap();
+        let std = (m.narrow(1, c, c).unwrap().clamp(-30f32, 20f32).unwrap() * 0.5)
+            .unwrap()
+            .exp()
+            .unwrap();
+        let (dm, ds) = (max_diff(&got.mean, &mean), max_diff(&got.std, &std));
+        report.push(format!("{moments}: max |diff| mean {dm:.2e}, std {ds:.2e}"));
+        assert!(dm <= 1e-4 && ds <= 1e-4, "{moments}: mean {dm}, std {ds}");
+    }
+    // Tiling changed the moments (the references differ), so the tiled path really ran.
+    assert!(max_diff(&t["moments"], &t["moments_tiled"]) > 1e-3);
+    eprintln!("{}", report.join("\n"));
 }
 
 /// The start image reaches the VAE as diffusers' image processor leaves it: the fixture's `<case>.start.png`
