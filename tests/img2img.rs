@@ -158,7 +158,9 @@ fn every_img2img_case_matches_diffusers() {
     for case in cases() {
         let name = case["name"].as_str().unwrap();
         if !runs_here(&case) {
-            report.push(format!("{name}: skipped (needs the single-file loader of formats-sf)"));
+            report.push(format!(
+                "{name}: skipped (needs the single-file loader of formats-sf)"
+            ));
             continue;
         }
         check_images(engine(), &case, "formats/reference", &mut report);
@@ -198,7 +200,8 @@ fn every_scheduler_and_option_matches_diffusers() {
 #[test]
 fn vae_encoder_matches_diffusers() {
     let dev = candle_core::Device::Cpu;
-    let t = candle_core::safetensors::load(fixtures().join("img2img/vae_encode.safetensors"), &dev).unwrap();
+    let t = candle_core::safetensors::load(fixtures().join("img2img/vae_encode.safetensors"), &dev)
+        .unwrap();
     let encoder = engine().vae_encoder().unwrap();
     let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
         assert_eq!(a.dims(), b.dims());
@@ -250,7 +253,12 @@ fn start_and_control_images_match_the_references() {
         let req = request_for(&case);
         let sketch = sketch_of(&case);
         let (w, h) = (req.width.unwrap(), req.height.unwrap());
-        let start = req.start_image.as_ref().unwrap().image(&sketch).resized(w, h);
+        let start = req
+            .start_image
+            .as_ref()
+            .unwrap()
+            .image(&sketch)
+            .resized(w, h);
         let want = reference(case["start_image_resized"].as_str().unwrap());
         assert!(start == *want.as_raw(), "{name}: start image");
         let control = sketch.to_control_with(w, h, req.preprocess, req.canny_thresholds());
@@ -269,7 +277,9 @@ fn strength_and_start_image_change_the_result() {
         let recorded = c["compare"][0]["mean_abs_diff"].as_f64().unwrap();
         assert_eq!(c["compare"][0]["with"], "img2img_strength_0.5");
         let (mean, p999) = diff_stats(&generate(&c).images[0], &base.images[0]);
-        eprintln!("{name} vs img2img_strength_0.5: mean {mean:.3}, p99.9 {p999} (diffusers: {recorded})");
+        eprintln!(
+            "{name} vs img2img_strength_0.5: mean {mean:.3}, p99.9 {p999} (diffusers: {recorded})"
+        );
         assert!(
             mean > 1.0 && (mean - recorded).abs() <= 0.25,
             "{name}: mean {mean}, diffusers {recorded}"

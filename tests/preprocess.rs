@@ -58,7 +58,11 @@ fn lineart_matches_every_reference() {
             .zip(want.as_raw())
             .filter(|(a, b)| a != b)
             .count();
-        assert_eq!(differing, 0, "{}: {differing} samples differ", case["expected"]);
+        assert_eq!(
+            differing, 0,
+            "{}: {differing} samples differ",
+            case["expected"]
+        );
     }
 }
 
@@ -114,7 +118,10 @@ fn canny_matches_opencv_on_every_case() {
         assert_eq!(differ, 0, "{name}: {differ} pixels differ");
         // The same edges straight from the RGB input.
         let direct = canny_rgb8(input.as_raw(), w, h, thresholds.low, thresholds.high);
-        assert!(direct.iter().zip(ours.rgb.chunks(3)).all(|(&e, px)| e == px[0]));
+        assert!(direct
+            .iter()
+            .zip(ours.rgb.chunks(3))
+            .all(|(&e, px)| e == px[0]));
         distinct.insert((case["input"].as_str().unwrap().to_string(), theirs));
     }
     eprintln!("{}", report.join("\n"));

@@ -554,10 +554,14 @@ impl Engine {
             } else {
                 latents.clone()
             };
-            let model_in = scheduler.scale_model_input(&model_in, begin + i)?.to_dtype(dt)?;
+            let model_in = scheduler
+                .scale_model_input(&model_in, begin + i)?
+                .to_dtype(dt)?;
             let residuals = if g.controls_step(req, i, total) {
                 let control_in = if g.conditional_only() {
-                    scheduler.scale_model_input(&latents, begin + i)?.to_dtype(dt)?
+                    scheduler
+                        .scale_model_input(&latents, begin + i)?
+                        .to_dtype(dt)?
                 } else {
                     model_in.clone()
                 };

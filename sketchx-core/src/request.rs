@@ -410,6 +410,12 @@ impl GenerationRequest {
         }
     }
 
+    /// The denoising steps that run: `steps`, or with a start image the last `int(steps * strength)` of them
+    /// (a `trailing` schedule can add one, which the engine reports as it runs).
+    pub fn denoising_steps(&self) -> usize {
+        (self.steps as usize).saturating_sub(self.denoising_begin())
+    }
+
     /// The thresholds of [`Preprocess::Canny`].
     pub fn canny_thresholds(&self) -> CannyThresholds {
         CannyThresholds {

@@ -462,12 +462,21 @@ impl sketchx_request {
         let timestep_spacing =
             unsafe { opt_str(self.timestep_spacing, "request.timestep_spacing") }?;
         let vae = unsafe { opt_str(self.vae, "request.vae") }?;
-        let start_image = match (self.start_image.is_null(), self.start_image_from_sketch != 0) {
+        let start_image = match (
+            self.start_image.is_null(),
+            self.start_image_from_sketch != 0,
+        ) {
             (true, false) => None,
             (true, true) => Some(StartImage::Sketch),
             (false, false) => {
                 // SAFETY: non-NULL, and the caller guarantees `start_image_len` readable bytes.
-                let bytes = unsafe { arg_bytes(self.start_image, self.start_image_len, "request.start_image") }?;
+                let bytes = unsafe {
+                    arg_bytes(
+                        self.start_image,
+                        self.start_image_len,
+                        "request.start_image",
+                    )
+                }?;
                 Some(StartImage::decode(bytes)?)
             }
             (false, true) => {

@@ -347,7 +347,9 @@ impl VaeShape {
         {
             return Err(Error::malformed(
                 origin,
-                format!("block_out_channels entry {bad} is not divisible by norm_num_groups {groups}"),
+                format!(
+                    "block_out_channels entry {bad} is not divisible by norm_num_groups {groups}"
+                ),
             ));
         }
         Ok(Self {
@@ -378,7 +380,7 @@ super::config::var_builder_constructor!(Vae, "the VAE");
 
 impl Vae {
     /// Builds the VAE's decoder from its `config.json` and weights (the encoder's weights are not read: see
-    /// [`VaeEncoder`]).
+    /// [`VaeEncoder`](super::vae_encoder::VaeEncoder)).
     pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {
         let shape = VaeShape::from_config(c)?;
         let decoder = Decoder::new(

@@ -125,9 +125,7 @@ impl Encoder {
         xs = self.mid.0.forward(&xs, &none)?;
         xs = self.mid.1.forward(&xs)?;
         xs = self.mid.2.forward(&xs, &none)?;
-        let moments = self
-            .conv_out
-            .forward(&self.norm_out.forward_silu(&xs)?)?;
+        let moments = self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)?;
         match &self.quant_conv {
             Some(q) => q.forward(&moments),
             None => Ok(moments),
@@ -378,10 +376,19 @@ mod tests {
 
     #[test]
     fn images_become_minus_one_to_one() {
-        let t = image_to_tensor(&[0, 255, 51, 0, 0, 0], 2, 1, DType::F32, &candle_core::Device::Cpu)
-            .unwrap();
+        let t = image_to_tensor(
+            &[0, 255, 51, 0, 0, 0],
+            2,
+            1,
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // Channel planes: R (0, 0), G (255, 0), B (51, 0).
-        assert_eq!(v, vec![-1.0, -1.0, 1.0, -1.0, 2.0 * (51f32 / 255.0) - 1.0, -1.0]);
+        assert_eq!(
+            v,
+            vec![-1.0, -1.0, 1.0, -1.0, 2.0 * (51f32 / 255.0) - 1.0, -1.0]
+        );
     }
 }

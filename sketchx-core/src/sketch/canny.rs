@@ -81,7 +81,10 @@ pub fn canny_rgb8(rgb: &[u8], width: u32, height: u32, low: u32, high: u32) -> V
             }
         }
     }
-    state.iter().map(|&s| if s == 2 { 255 } else { 0 }).collect()
+    state
+        .iter()
+        .map(|&s| if s == 2 { 255 } else { 0 })
+        .collect()
 }
 
 /// Per pixel: the largest channel magnitude `|dx| + |dy|` and that channel's Sobel `dx`, `dy`.

@@ -276,8 +276,11 @@ fn request_from_json(s: &str) -> std::result::Result<(GenerationRequest, bool), 
     let request = GenerationRequest {
         start_image,
         strength: typed::<Option<f64>>(field("strength"), "strength")?.unwrap_or(d.strength),
-        canny_low_threshold: typed::<Option<u32>>(field("canny_low_threshold"), "canny_low_threshold")?
-            .unwrap_or(d.canny_low_threshold),
+        canny_low_threshold: typed::<Option<u32>>(
+            field("canny_low_threshold"),
+            "canny_low_threshold",
+        )?
+        .unwrap_or(d.canny_low_threshold),
         canny_high_threshold: typed::<Option<u32>>(
             field("canny_high_threshold"),
             "canny_high_threshold",
@@ -349,7 +352,10 @@ fn image_from_bytes<'a>(b: &'a [u8], field: &'static str) -> Result<(Sketch, &'a
         .checked_mul(h as usize)
         .and_then(|n| n.checked_mul(3))
         .ok_or_else(truncated)?;
-    let pixels = b.get(8..).and_then(|p| p.get(..len)).ok_or_else(truncated)?;
+    let pixels = b
+        .get(8..)
+        .and_then(|p| p.get(..len))
+        .ok_or_else(truncated)?;
     Ok((Sketch::from_rgb8(w, h, pixels.to_vec())?, &b[8 + len..]))
 }
 
@@ -889,7 +895,7 @@ impl JobStore for RedisStore {
             ("state", "queued".into()),
             ("message", messages::QUEUED.into()),
             ("step", "0".into()),
-            ("total_steps", job.request.steps.to_string()),
+            ("total_steps", job.request.denoising_steps().to_string()),
             ("decoded", "0".into()),
             ("seed", job.request.seed.unwrap_or_default().to_string()),
             ("num_images", job.request.num_images.to_string()),
@@ -1223,17 +1229,29 @@ mod tests {
             vae: "tiny".parse().unwrap(),
             ..Default::default()
         };
-        assert_eq!(request_from_json(&request_to_json(&r)).unwrap(), (r.clone(), false));
+        assert_eq!(
+            request_from_json(&request_to_json(&r)).unwrap(),
+            (r.clone(), false)
+        );
         // Jobs stored without the newer fields decode with their defaults.
         let mut v: serde_json::Value = serde_json::from_str(&request_to_json(&r)).unwrap();
-        for k in ["vae", "start_image", "strength", "canny_low_threshold", "canny_high_threshold"] {
+        for k in [
+            "vae",
+            "start_image",
+            "strength",
+            "canny_low_threshold",
+            "canny_high_threshold",
+        ] {
             v.as_object_mut().unwrap().remove(k);
         }
         let defaults = GenerationRequest {
             vae: GenerationRequest::DEFAULT.vae,
             ..r
         };
-        assert_eq!(request_from_json(&v.to_string()).unwrap(), (defaults, false));
+        assert_eq!(
+            request_from_json(&v.to_string()).unwrap(),
+            (defaults, false)
+        );
         assert!(request_from_json("{}").is_err());
     }
 
@@ -1255,13 +1273,22 @@ mod tests {
             };
             let (mut back, follows) = request_from_json(&request_to_json(&r)).unwrap();
             let blob = images_to_bytes(&sketch, &r);
-            assert_eq!(images_from_bytes(&blob, &mut back, follows).unwrap(), sketch);
+            assert_eq!(
+                images_from_bytes(&blob, &mut back, follows).unwrap(),
+                sketch
+            );
             assert_eq!(back, r);
             if follows {
                 // A blob cut inside the start image is an error naming it, never a panic.
                 let cut = &blob[..blob.len() - 1];
                 let err = images_from_bytes(cut, &mut back, follows).unwrap_err();
-                assert!(matches!(err, Error::InvalidRequest { field: "start_image", .. }));
+                assert!(matches!(
+                    err,
+                    Error::InvalidRequest {
+                        field: "start_image",
+                        ..
+                    }
+                ));
             }
         }
         let mut v: serde_json::Value =

@@ -319,7 +319,12 @@ impl Scheduler {
     /// `scheduler.add_noise(original, noise, timesteps[step_index])` after `set_begin_index(step_index)`. For
     /// the Euler schedulers `original + noise * sigmas[step_index]`, for DDIM, LCM and TCD
     /// `sqrt(a) * original + sqrt(1 - a) * noise` with `a` the timestep's cumulative alpha product; float32.
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
         self.check_index(step_index)?;
         self.sampler().add_noise(original, noise, step_index)
     }
