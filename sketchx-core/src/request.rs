@@ -107,7 +107,8 @@ impl StartImage {
     }
 
     /// A text argument: [`StartImage::SKETCH_NAME`] (any ASCII case, surrounding whitespace ignored) for the
-    /// sketch, otherwise the path of an image file ([`StartImage::open`]).
+    /// sketch, otherwise the path of an image file ([`StartImage::open`]; a file named `sketch` is `./sketch`).
+    /// For local users only: a server must never let a client name a path.
     pub fn from_arg(arg: &str) -> Result<Self> {
         if arg.trim().eq_ignore_ascii_case(Self::SKETCH_NAME) {
             Ok(StartImage::Sketch)
