@@ -19,8 +19,8 @@ use sketchx::names::{
 };
 use sketchx::output::{image_file_name, write_file_atomic, write_png_atomic, PngSettings};
 use sketchx::request::{
-    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE,
-    TEMPERATURE_RANGE,
+    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, ETA_RANGE, GUIDANCE_RANGE,
+    NUM_IMAGES_RANGE, STEPS_RANGE, STRENGTH_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
@@ -90,8 +90,25 @@ struct Args {
     vae: VaeKind,
     /// Sketch preprocessing.
     #[arg(long, default_value_t = D.preprocess, help = format!(
-        "Sketch preprocessing: {} (scribble: threshold, polarity; any case)", Preprocess::names().join(", ")))]
+        "Sketch preprocessing: {} (scribble: threshold, polarity; lineart: white lines on black; canny: OpenCV's \
+         edges; any case)", Preprocess::names().join(", ")))]
     preprocess: Preprocess,
+    /// Canny's lower threshold.
+    #[arg(long, default_value_t = D.canny_low_threshold, help = format!(
+        "Lower threshold of --preprocess canny, {}, at most the upper one", span(&CANNY_THRESHOLD_RANGE)))]
+    canny_low_threshold: u32,
+    /// Canny's upper threshold.
+    #[arg(long, default_value_t = D.canny_high_threshold, help = format!(
+        "Upper threshold of --preprocess canny, {}", span(&CANNY_THRESHOLD_RANGE)))]
+    canny_high_threshold: u32,
+    /// img2img: start from this image (or from the sketch's own colours with `sketch`) instead of pure noise.
+    #[arg(long, value_name = "PATH|sketch")]
+    start_image: Option<String>,
+    /// img2img: how far the start image is noised.
+    #[arg(long, default_value_t = D.strength, help = format!(
+        "With --start-image: how far the start image is noised, {} (the last int(steps * strength) steps run)",
+        span(&STRENGTH_RANGE)))]
+    strength: f64,
     /// Stable Diffusion 1.5 model: Hub repo id or local directory.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
@@ -145,6 +162,14 @@ fn run(args: Args) -> sketchx::Result<()> {
         timestep_spacing: args.timestep_spacing,
         eta: args.eta,
         vae: args.vae,
+        canny_low_threshold: args.canny_low_threshold,
+        canny_high_threshold: args.canny_high_threshold,
+        start_image: args
+            .start_image
+            .as_deref()
+            .map(StartImage::from_arg)
+            .transpose()?,
+        strength: args.strength,
         ..GenerationRequest::DEFAULT
     };
     request.validate()?;
@@ -181,6 +206,8 @@ fn run(args: Args) -> sketchx::Result<()> {
     bar.set_message(format!("{w}x{h}"));
     let t1 = Instant::now();
     let result = engine.generate(&request, &sketch, &mut |s| {
+        // img2img runs fewer steps than asked.
+        bar.set_length((s.total_steps + s.num_images) as u64);
         bar.set_position((s.step + s.decoded) as u64);
         true
     })?;

@@ -440,7 +440,7 @@ typedef struct sketchx_request {
    */
   const char *scheduler;
   /**
-   * `scribble` or `none`. NULL: `scribble`.
+   * `scribble`, `lineart`, `canny` or `none`. NULL: `scribble`.
    */
   const char *preprocess;
   /**
@@ -468,6 +468,33 @@ typedef struct sketchx_request {
    * Which VAE decodes the images: `full` or `tiny` (needs the options' `tiny_vae`). NULL: `full`.
    */
   const char *vae;
+  /**
+   * img2img: an encoded start image (PNG, JPEG, WebP, BMP or GIF) of `start_image_len` bytes, copied during the
+   * submit call; NULL: none. An image that cannot be decoded is `SKETCHX_INVALID_REQUEST` naming
+   * `start_image`.
+   */
+  const uint8_t *start_image;
+  /**
+   * The number of bytes at `start_image`.
+   */
+  size_t start_image_len;
+  /**
+   * img2img: non-zero: the sketch itself (its colours) is the start image; `start_image` must then be NULL.
+   */
+  int start_image_from_sketch;
+  /**
+   * img2img: how far the start image is noised, 0..=1 (the last `int(steps * strength)` steps run; at least
+   * one must). Read only with a start image.
+   */
+  double strength;
+  /**
+   * `canny` preprocessing: the lower hysteresis threshold, 0..=2040, at most `canny_high_threshold`.
+   */
+  uint32_t canny_low_threshold;
+  /**
+   * `canny` preprocessing: the upper threshold, 0..=2040.
+   */
+  uint32_t canny_high_threshold;
 } sketchx_request;
 
 /**
@@ -861,7 +888,8 @@ sketchx_result sketchx_pipeline_options_init(struct sketchx_pipeline_options *op
 /**
  * Fills `request` with the defaults (the core's `GenerationRequest::DEFAULT`: no prompt, default
  * negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
- * `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
+ * `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps, no start image (strength 0.8 when
+ * one is set), canny thresholds 100 and 200).
  *
  * Returns `SKETCHX_NULL_ARGUMENT` if `request` is NULL. Ownership: `request` is the caller's.
  *

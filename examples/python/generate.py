@@ -41,6 +41,14 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=d["height"], help="multiple of 8; default: from the sketch")
     p.add_argument("--scheduler", default=d["scheduler"], help=", ".join(n["scheduler"]))
     p.add_argument("--preprocess", default=d["preprocess"], help=", ".join(n["preprocess"]))
+    p.add_argument("--canny-low-threshold", type=int, default=d["canny_low_threshold"],
+                   help=f"{span('canny_low_threshold')}, lower threshold of --preprocess canny")
+    p.add_argument("--canny-high-threshold", type=int, default=d["canny_high_threshold"],
+                   help=f"{span('canny_high_threshold')}, upper threshold of --preprocess canny")
+    p.add_argument("--start-image", default=d["start_image"], metavar="PATH|sketch",
+                   help="img2img: start from this image, or from the sketch's own colours with 'sketch'")
+    p.add_argument("--strength", type=float, default=d["strength"],
+                   help=f"{span('strength')}: with --start-image, how far it is noised")
     p.add_argument("--model", default=d["model"], help="Stable Diffusion 1.5: Hub repo id or directory")
     p.add_argument("--controlnet", default=d["controlnet"], help="ControlNet: Hub repo id or directory")
     p.add_argument("--out", default=d["output_dir"], help="output directory (created if missing)")
@@ -81,6 +89,10 @@ def main(argv: "list[str] | None" = None) -> int:
                 height=args.height,
                 scheduler=args.scheduler,
                 preprocess=args.preprocess,
+                canny_low_threshold=args.canny_low_threshold,
+                canny_high_threshold=args.canny_high_threshold,
+                start_image=args.start_image,
+                strength=args.strength,
             )
             while True:
                 try:

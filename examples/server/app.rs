@@ -2,7 +2,8 @@
 //!
 //! - `POST /api/generate` (multipart: `sketch` file, `prompt`, `negative_prompt`, `temperature`,
 //!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`, `scheduler`, `timestep_spacing`, `eta`,
-//!   `vae`) -> `{"status": "queued", "job_id": ...}`
+//!   `vae`, `preprocess`, `canny_low_threshold`, `canny_high_threshold`, `start_image` (a file, or the text
+//!   `sketch`), `strength`) -> `{"status": "queued", "job_id": ...}`
 //! - `GET /api/status/{job_id}` -> the job's JSON status (images as `/generated/...` URLs)
 //! - `DELETE /api/jobs/{job_id}` -> `{"job_id": ..., "cancelled": bool}`
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
@@ -17,10 +18,11 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
-    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE,
-    SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, ETA_RANGE, GUIDANCE_RANGE,
+    NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, STRENGTH_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
+use sketchx::sketch::Preprocess;
 use sketchx::{Error, JobId, Pipeline};
 use tower_http::services::ServeDir;
 
@@ -98,6 +100,8 @@ fn parse<T: std::str::FromStr>(field: &str, text: &str) -> Result<T, ApiError> {
 async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<Response, ApiError> {
     let mut req = GenerationRequest::DEFAULT;
     let mut sketch: Option<Vec<u8>> = None;
+    // A file part is an image to decode; a text part `sketch` asks for the sketch itself.
+    let mut start: Option<(bool, Vec<u8>)> = None;
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -123,6 +127,17 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             sketch = Some(data.to_vec());
             continue;
         }
+        if name == "start_image" {
+            let is_file = field.file_name().is_some();
+            let data = field.bytes().await.map_err(|e| ApiError {
+                status: e.status(),
+                detail: e.body_text(),
+                field: Some("start_image".into()),
+                retry_after: None,
+            })?;
+            start = Some((is_file, data.to_vec()));
+            continue;
+        }
         let text = field
             .text()
             .await
@@ -143,6 +158,12 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             "timestep_spacing" => req.timestep_spacing = Some(text.parse()?),
             "eta" => req.eta = parse("eta", &text)?,
             "vae" => req.vae = text.parse()?,
+            "preprocess" => req.preprocess = text.parse()?,
+            "canny_low_threshold" => req.canny_low_threshold = parse("canny_low_threshold", &text)?,
+            "canny_high_threshold" => {
+                req.canny_high_threshold = parse("canny_high_threshold", &text)?
+            }
+            "strength" => req.strength = parse("strength", &text)?,
             other => {
                 return Err(ApiError::unprocessable(
                     other,
@@ -153,15 +174,29 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
     }
     let sketch =
         sketch.ok_or_else(|| ApiError::unprocessable("sketch", "sketch: a file is required"))?;
-    // Decoding the sketch takes milliseconds: keep it off the async executor.
-    let id = tokio::task::spawn_blocking(move || pipe.submit(req, sketch))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            detail: e.to_string(),
-            field: None,
-            retry_after: None,
-        })??;
+    // Decoding the images takes milliseconds: keep it off the async executor.
+    let id = tokio::task::spawn_blocking(move || {
+        req.start_image = match start {
+            None => None,
+            Some((false, text)) if text.trim_ascii().is_empty() => None,
+            Some((false, text))
+                if text
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(StartImage::SKETCH_NAME.as_bytes()) =>
+            {
+                Some(StartImage::Sketch)
+            }
+            Some((_, bytes)) => Some(StartImage::decode(&bytes)?),
+        };
+        pipe.submit(req, sketch)
+    })
+    .await
+    .map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        detail: e.to_string(),
+        field: None,
+        retry_after: None,
+    })??;
     Ok((
         StatusCode::OK,
         Json(json!({ "status": "queued", "job_id": id.as_str() })),
@@ -242,7 +277,15 @@ pub fn generate_form_schema() -> Value {
                                   "description": "default: the model's scheduler config" },
             "eta": number(&ETA_RANGE, d.eta),
             "vae": { "type": "string", "enum": VaeKind::names(), "default": d.vae.as_str(),
-                     "description": "tiny needs a server started with --tiny-vae" } } })
+                     "description": "tiny needs a server started with --tiny-vae" },
+            "preprocess": { "type": "string", "enum": Preprocess::names(), "default": d.preprocess.as_str() },
+            "canny_low_threshold": integer(&CANNY_THRESHOLD_RANGE, Some(d.canny_low_threshold)),
+            "canny_high_threshold": integer(&CANNY_THRESHOLD_RANGE, Some(d.canny_high_threshold)),
+            "start_image": { "description": "img2img: an image file to start from, or the text \"sketch\" for \
+                                             the sketch's own colours; absent: from noise",
+                             "oneOf": [ { "type": "string", "format": "binary" },
+                                        { "type": "string", "enum": [StartImage::SKETCH_NAME] } ] },
+            "strength": number(&STRENGTH_RANGE, d.strength) } })
 }
 
 /// The OpenAPI 3.1 description of this API.

@@ -1,10 +1,11 @@
 //! The generation engine: loads every network of an SD1.5 + ControlNet pipeline once, then turns a validated
 //! request and a decoded sketch into RGB images, step for step as diffusers' `StableDiffusionControlNetPipeline`
-//! does (same seed, same weights, same inputs: the same pixels within float rounding).
+//! does (same seed, same weights, same inputs: the same pixels within float rounding), or, for a request with a
+//! start image, as `StableDiffusionControlNetImg2ImgPipeline` does.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -18,9 +19,10 @@ use crate::models::taesd::TinyVae;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
+use crate::models::vae_encoder::{image_to_tensor, VaeEncoder};
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
-use crate::request::{GenerationRequest, VaeKind};
+use crate::request::{GenerationRequest, StartImage, VaeKind};
 use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
 use crate::sketch::Sketch;
@@ -141,6 +143,16 @@ pub struct Engine {
     dtype: DType,
     vae_tiling: bool,
     prompt_cache: Mutex<VecDeque<(String, Tensor)>>,
+    /// The VAE encoder, built on the first img2img request (most requests never need it).
+    vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
+    vae_encoder_source: EncoderSource,
+}
+
+/// Where the VAE encoder's weights are, to build it when first needed.
+struct EncoderSource {
+    config: ConfigFile,
+    path: PathBuf,
+    precision: Precision,
 }
 
 impl Engine {
@@ -197,6 +209,12 @@ impl Engine {
             dtype: precision.activations_dtype(),
             vae_tiling: config.vae_tiling,
             prompt_cache: Mutex::new(VecDeque::new()),
+            vae_encoder: Mutex::new(None),
+            vae_encoder_source: EncoderSource {
+                config: files.vae.0.clone(),
+                path: files.vae.1.clone(),
+                precision,
+            },
         })
     }
 
@@ -243,6 +261,21 @@ impl Engine {
     /// The VAE.
     pub fn vae(&self) -> &Vae {
         &self.vae
+    }
+
+    /// The VAE's encoder (img2img), built from the VAE's weights on first use and kept; a VAE file without the
+    /// encoder's tensors is an error naming the file and the tensor.
+    pub fn vae_encoder(&self) -> Result<Arc<VaeEncoder>> {
+        let mut slot = self.vae_encoder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = slot.as_ref() {
+            return Ok(Arc::clone(e));
+        }
+        let s = &self.vae_encoder_source;
+        let encoder = loader::weights(&s.path, s.precision, &self.device)
+            .and_then(|w| VaeEncoder::load(w, &s.config).map_err(|e| candle_to_file(e, &s.path)))?;
+        let encoder = Arc::new(encoder);
+        *slot = Some(Arc::clone(&encoder));
+        Ok(encoder)
     }
 
     /// The tiny VAE ([`EngineConfig::tiny_vae`]), if one was loaded.
@@ -324,7 +357,12 @@ impl Engine {
     /// every decoded image; returning `false` stops the generation with [`Error::Cancelled`].
     ///
     /// The stages, as diffusers' `StableDiffusionControlNetPipeline.__call__` runs them: encode the prompts,
-    /// prepare the control image, draw the initial latents, denoise, decode.
+    /// prepare the control image, draw the initial latents, denoise, decode. With a start image
+    /// ([`GenerationRequest::start_image`]) as `StableDiffusionControlNetImg2ImgPipeline.__call__`: the initial
+    /// latents are the start image's, VAE-encoded and noised to the first of the last `int(steps * strength)`
+    /// steps, which are the ones that run. One difference: a UNet with a guidance embedding (an LCM model) gets
+    /// it here as without a start image (diffusers' img2img ControlNet pipeline has no such embedding and runs
+    /// classifier-free guidance instead, unlike its own LCM img2img pipeline).
     pub fn generate(
         &self,
         req: &GenerationRequest,
@@ -339,18 +377,31 @@ impl Engine {
         let control = self.prepare_control(req, sketch, (width, height), &guidance)?;
         let mut scheduler = self.scheduler(req)?;
         let mut rng = TorchRng::new(seed);
-        let latents = self.initial_latents(&guidance, (width, height), &scheduler, &mut rng)?;
+        let begin = req.denoising_begin();
+        let latents = match &req.start_image {
+            None => self.initial_latents(&guidance, (width, height), &scheduler, &mut rng)?,
+            Some(start) => self.start_latents(
+                start,
+                sketch,
+                &guidance,
+                (width, height),
+                &scheduler,
+                begin,
+                &mut rng,
+            )?,
+        };
         let latents = self.denoise(
             req,
             &guidance,
             &text,
             &control,
             &mut scheduler,
-            latents,
+            (latents, begin),
             &mut rng,
             observer,
         )?;
-        let images = self.decode(&latents, req.vae, scheduler.timesteps().len(), observer)?;
+        let steps_run = scheduler.timesteps().len() - begin;
+        let images = self.decode(&latents, req.vae, steps_run, observer)?;
         Ok(Generated {
             seed,
             width,
@@ -406,7 +457,7 @@ impl Engine {
         } else {
             2 * g.n
         };
-        let control = sketch.to_control(width, height, req.preprocess);
+        let control = sketch.to_control_with(width, height, req.preprocess, req.canny_thresholds());
         Ok(control
             .to_tensor(&self.device)?
             .to_dtype(self.dtype)?
@@ -431,8 +482,47 @@ impl Engine {
         Ok((rng.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?)
     }
 
-    /// The denoising loop: ControlNet residuals (within the request's control window), the UNet's noise
-    /// prediction with classifier-free guidance, the scheduler's step; `observer` after every step.
+    /// img2img's initial latents, as diffusers' `prepare_latents`: the start image resized to the output
+    /// (LANCZOS, as its image processor) and scaled to `[-1, 1]`, encoded by the VAE (tiled when the engine
+    /// tiles), one sample of the latent distribution drawn from `rng` (one image: the batch shares it), times the
+    /// VAE's scaling factor, repeated for the batch; then noise for the whole batch from the same `rng`, added at
+    /// step `begin` by the scheduler. f32, as the denoising loop holds latents.
+    #[allow(clippy::too_many_arguments)]
+    fn start_latents(
+        &self,
+        start: &StartImage,
+        sketch: &Sketch,
+        g: &Guidance,
+        (width, height): (u32, u32),
+        scheduler: &Scheduler,
+        begin: usize,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor> {
+        let encoder = self.vae_encoder()?;
+        let rgb = start.image(sketch).resized(width, height);
+        let pixels = image_to_tensor(
+            &rgb,
+            width as usize,
+            height as usize,
+            self.dtype,
+            &self.device,
+        )?;
+        let dist = if self.vae_tiling {
+            encoder.encode_tiled(&pixels)?
+        } else {
+            encoder.encode(&pixels)?
+        };
+        let latents = dist.sample(rng)?.to_dtype(DType::F32)?;
+        let latents = (latents * encoder.scaling_factor)?.repeat((g.n, 1, 1, 1))?;
+        let noise = rng
+            .randn_dtype(latents.dims(), self.dtype, &self.device)?
+            .to_dtype(DType::F32)?;
+        scheduler.add_noise(&latents, &noise, begin)
+    }
+
+    /// The denoising loop from step `begin` (0, or img2img's first kept step) to the last: ControlNet residuals
+    /// (within the request's control window, counted over the steps that run), the UNet's noise prediction with
+    /// classifier-free guidance, the scheduler's step; `observer` after every step.
     #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
@@ -441,12 +531,13 @@ impl Engine {
         text: &TextConditioning,
         control: &Tensor,
         scheduler: &mut Scheduler,
-        mut latents: Tensor,
+        (mut latents, begin): (Tensor, usize),
         rng: &mut TorchRng,
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Tensor> {
         let dt = self.dtype;
-        let timesteps = scheduler.timesteps().to_vec();
+        let all = scheduler.timesteps().to_vec();
+        let timesteps = all.get(begin..).unwrap_or_default();
         let total = timesteps.len();
         // An LCM UNet takes the guidance scale as an embedding of w = guidance_scale - 1 (float32, one per image)
         // instead of classifier-free guidance, as diffusers' pipeline does.
@@ -463,10 +554,14 @@ impl Engine {
             } else {
                 latents.clone()
             };
-            let model_in = scheduler.scale_model_input(&model_in, i)?.to_dtype(dt)?;
+            let model_in = scheduler
+                .scale_model_input(&model_in, begin + i)?
+                .to_dtype(dt)?;
             let residuals = if g.controls_step(req, i, total) {
                 let control_in = if g.conditional_only() {
-                    scheduler.scale_model_input(&latents, i)?.to_dtype(dt)?
+                    scheduler
+                        .scale_model_input(&latents, begin + i)?
+                        .to_dtype(dt)?
                 } else {
                     model_in.clone()
                 };
@@ -495,7 +590,7 @@ impl Engine {
                 residuals.as_ref().map(|r| &r.mid),
             )?;
             let noise = g.combine(noise.to_dtype(DType::F32)?, req.guidance_scale)?;
-            let out = scheduler.step_output(&noise, i, &latents, rng)?;
+            let out = scheduler.step_output(&noise, begin + i, &latents, rng)?;
             latents = out.prev_sample;
             let info = StepInfo {
                 step: i + 1,

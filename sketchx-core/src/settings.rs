@@ -32,7 +32,9 @@ use crate::models::loader::ModelSource;
 use crate::models::lora::LoraSpec;
 use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use crate::pipeline::{PipelineConfig, ShutdownPolicy};
-use crate::request::{out_of_range, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
+use crate::request::{
+    out_of_range, CANNY_THRESHOLD_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE,
+};
 
 pub use crate::pipeline::{
     DEFAULT_CLEANUP_INTERVAL_SECS, DEFAULT_OUTPUT_DIR, DEFAULT_PREVIEW_EVERY,
@@ -221,7 +223,8 @@ pub fn duration_from_secs(field: &'static str, secs: f64) -> Result<Duration> {
 }
 
 /// The allowed range of an integer field, by the name the bindings use: the request's `num_images`, `steps`,
-/// `width`, `height`, `seed`, and the settings' `queue_capacity` and `preview_every`. `None` for other names.
+/// `width`, `height`, `seed`, `canny_low_threshold`, `canny_high_threshold`, and the settings' `queue_capacity` and
+/// `preview_every`. `None` for other names.
 pub fn int_range(field: &str) -> Option<(u64, u64)> {
     let range =
         |r: &std::ops::RangeInclusive<u32>| Some((u64::from(*r.start()), u64::from(*r.end())));
@@ -230,6 +233,7 @@ pub fn int_range(field: &str) -> Option<(u64, u64)> {
         "steps" => range(&STEPS_RANGE),
         "width" | "height" => range(&SIZE_RANGE),
         "seed" => Some((0, u64::MAX)),
+        "canny_low_threshold" | "canny_high_threshold" => range(&CANNY_THRESHOLD_RANGE),
         "queue_capacity" => Some((1, usize::MAX as u64)),
         "preview_every" => Some((0, usize::MAX as u64)),
         _ => None,
@@ -466,6 +470,9 @@ mod tests {
             .to_string()
             .contains("1..="));
         assert_eq!(field_of(int_out_of_range("width", -8)), "width");
+        assert!(int_out_of_range("canny_low_threshold", -1)
+            .to_string()
+            .contains("0..=2040"));
         assert_eq!(int_range("num_images"), Some((1, 8)));
         assert_eq!(int_range("temperature"), None);
     }

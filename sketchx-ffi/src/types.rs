@@ -7,12 +7,12 @@ use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sketchx_core::request::GenerationRequest;
+use sketchx_core::request::{GenerationRequest, StartImage};
 use sketchx_core::settings::{self, PipelineSettings};
 use sketchx_core::{Error, JobState, JobStatus, PipelineConfig};
 
 use crate::error::{guard, sketchx_result, Failure};
-use crate::ptr::{arg_out, arg_str, opt_str};
+use crate::ptr::{arg_bytes, arg_out, arg_str, opt_str};
 
 /// Length of a job id in characters (32 lowercase hex digits), without the terminating NUL.
 pub const SKETCHX_JOB_ID_LEN: usize = 32;
@@ -227,7 +227,7 @@ pub struct sketchx_request {
     pub height: u32,
     /// `euler_a`, `euler`, `ddim`, `lcm` or `tcd`. NULL: `euler_a`.
     pub scheduler: *const c_char,
-    /// `scribble` or `none`. NULL: `scribble`.
+    /// `scribble`, `lineart`, `canny` or `none`. NULL: `scribble`.
     pub preprocess: *const c_char,
     /// -1: guess mode exactly when the prompt is empty (the default); 0: off; 1: on.
     pub guess_mode: c_int,
@@ -242,6 +242,21 @@ pub struct sketchx_request {
     pub eta: f64,
     /// Which VAE decodes the images: `full` or `tiny` (needs the options' `tiny_vae`). NULL: `full`.
     pub vae: *const c_char,
+    /// img2img: an encoded start image (PNG, JPEG, WebP, BMP or GIF) of `start_image_len` bytes, copied during the
+    /// submit call; NULL: none. An image that cannot be decoded is `SKETCHX_INVALID_REQUEST` naming
+    /// `start_image`.
+    pub start_image: *const u8,
+    /// The number of bytes at `start_image`.
+    pub start_image_len: usize,
+    /// img2img: non-zero: the sketch itself (its colours) is the start image; `start_image` must then be NULL.
+    pub start_image_from_sketch: c_int,
+    /// img2img: how far the start image is noised, 0..=1 (the last `int(steps * strength)` steps run; at least
+    /// one must). Read only with a start image.
+    pub strength: f64,
+    /// `canny` preprocessing: the lower hysteresis threshold, 0..=2040, at most `canny_high_threshold`.
+    pub canny_low_threshold: u32,
+    /// `canny` preprocessing: the upper threshold, 0..=2040.
+    pub canny_high_threshold: u32,
 }
 
 /// What a cleanup removed.
@@ -423,13 +438,20 @@ impl sketchx_request {
             timestep_spacing: std::ptr::null(),
             eta: r.eta,
             vae: std::ptr::null(),
+            start_image: std::ptr::null(),
+            start_image_len: 0,
+            start_image_from_sketch: c_int::from(r.start_image.is_some()),
+            strength: r.strength,
+            canny_low_threshold: r.canny_low_threshold,
+            canny_high_threshold: r.canny_high_threshold,
         }
     }
 
-    /// Translates to the core's request (validated later, by the core).
+    /// Translates to the core's request (validated later, by the core; a start image is decoded here, by the
+    /// core's [`StartImage::decode`]).
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings.
+    /// The string fields are NULL or NUL-terminated strings; `start_image` is NULL or `start_image_len` bytes.
     pub(crate) unsafe fn core_request(&self) -> Result<GenerationRequest, Failure> {
         let d = GenerationRequest::DEFAULT;
         // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
@@ -440,6 +462,31 @@ impl sketchx_request {
         let timestep_spacing =
             unsafe { opt_str(self.timestep_spacing, "request.timestep_spacing") }?;
         let vae = unsafe { opt_str(self.vae, "request.vae") }?;
+        let start_image = match (
+            self.start_image.is_null(),
+            self.start_image_from_sketch != 0,
+        ) {
+            (true, false) => None,
+            (true, true) => Some(StartImage::Sketch),
+            (false, false) => {
+                // SAFETY: non-NULL, and the caller guarantees `start_image_len` readable bytes.
+                let bytes = unsafe {
+                    arg_bytes(
+                        self.start_image,
+                        self.start_image_len,
+                        "request.start_image",
+                    )
+                }?;
+                Some(StartImage::decode(bytes)?)
+            }
+            (false, true) => {
+                return Err(Error::invalid(
+                    "start_image",
+                    "both start_image and start_image_from_sketch are set",
+                )
+                .into())
+            }
+        };
         Ok(GenerationRequest {
             prompt: prompt.map(String::from),
             negative_prompt: negative_prompt.map(String::from),
@@ -459,6 +506,10 @@ impl sketchx_request {
             timestep_spacing: timestep_spacing.map(str::parse).transpose()?,
             eta: self.eta,
             vae: vae.map_or(Ok(d.vae), str::parse)?,
+            start_image,
+            strength: self.strength,
+            canny_low_threshold: self.canny_low_threshold,
+            canny_high_threshold: self.canny_high_threshold,
         })
     }
 }
@@ -486,7 +537,8 @@ pub unsafe extern "C" fn sketchx_pipeline_options_init(
 
 /// Fills `request` with the defaults (the core's `GenerationRequest::DEFAULT`: no prompt, default
 /// negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
-/// `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
+/// `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps, no start image (strength 0.8 when
+/// one is set), canny thresholds 100 and 200).
 ///
 /// Returns `SKETCHX_NULL_ARGUMENT` if `request` is NULL. Ownership: `request` is the caller's.
 ///

@@ -13,7 +13,7 @@ use crate::convert::{
     text_field,
 };
 use crate::errors::{to_py, OrRaise};
-use crate::sketch::SketchArg;
+use crate::sketch::{SketchArg, StartImageArg};
 use crate::status::PyJobStatus;
 
 /// How long `wait` blocks without the GIL before it checks for signals (Ctrl-C).
@@ -122,7 +122,8 @@ impl NativePipeline {
     #[pyo3(signature = (sketch, raw, prompt, negative_prompt, temperature, guidance_scale, num_images, steps,
                         seed, width, height, scheduler, preprocess, controlnet_scale, guess_mode,
                         control_guidance_start, control_guidance_end, timestep_spacing=None, eta=None,
-                        vae=None))]
+                        vae=None, start_image=None, start_raw=None, strength=None,
+                        canny_low_threshold=None, canny_high_threshold=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -147,6 +148,11 @@ impl NativePipeline {
         timestep_spacing: Option<&Bound<'_, PyAny>>,
         eta: Option<&Bound<'_, PyAny>>,
         vae: Option<&Bound<'_, PyAny>>,
+        start_image: Option<&Bound<'_, PyAny>>,
+        start_raw: Option<(u32, u32, u32)>,
+        strength: Option<&Bound<'_, PyAny>>,
+        canny_low_threshold: Option<&Bound<'_, PyAny>>,
+        canny_high_threshold: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
         let d = GenerationRequest::DEFAULT;
         let request = GenerationRequest {
@@ -178,11 +184,24 @@ impl NativePipeline {
                 Some(s) => s.parse().or_raise(py)?,
                 None => d.vae,
             },
+            start_image: None,
+            strength: opt_float_field(py, "strength", strength)?.unwrap_or(d.strength),
+            canny_low_threshold: opt_int_field(py, "canny_low_threshold", canny_low_threshold)?
+                .unwrap_or(d.canny_low_threshold),
+            canny_high_threshold: opt_int_field(py, "canny_high_threshold", canny_high_threshold)?
+                .unwrap_or(d.canny_high_threshold),
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
+        let start = start_image
+            .filter(|s| !s.is_none())
+            .map(|s| StartImageArg::extract(s, start_raw))
+            .transpose()
+            .or_raise(py)?;
         let pipe = &self.pipe;
         py.detach(move || {
-            // Validate the request before decoding anything, as the core does.
+            let mut request = request;
+            // Decode the start image, then validate the request before decoding the sketch, as the core does.
+            request.start_image = start.map(StartImageArg::into_start_image).transpose()?;
             request.validate()?;
             pipe.submit(request, sketch.into_input()?)
         })

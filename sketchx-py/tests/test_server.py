@@ -91,6 +91,34 @@ def test_the_few_step_form_fields(client: TestClient) -> None:
     assert poll_until_final(client, r.json()["job_id"])["status"] == "completed"
 
 
+def test_img2img_and_the_preprocessor_form_fields(client: TestClient) -> None:
+    colour = (HOUSE.parent / "house_colour.png").read_bytes()
+    other = (HOUSE.parent / "house_colour_alt.png").read_bytes()
+    sketch = {"sketch": ("house.png", colour, "image/png")}
+    # The sketch's own colours (a text part), lineart: int(4 * 0.5) = 2 steps run.
+    r = client.post("/api/generate", data=form(steps=4, start_image="sketch", strength=0.5, preprocess="lineart"),
+                    files=sketch)
+    assert r.status_code == 200, r.text
+    st = poll_until_final(client, r.json()["job_id"])
+    assert st["status"] == "completed" and st["total_steps"] == 2, st
+    # Another image (a file part), canny with thresholds.
+    files = dict(sketch, start_image=("alt.png", other, "image/png"))
+    r = client.post("/api/generate", data=form(steps=4, strength=0.75, preprocess="canny", canny_low_threshold=50,
+                                               canny_high_threshold=120), files=files)
+    assert r.status_code == 200, r.text
+    st = poll_until_final(client, r.json()["job_id"])
+    assert st["status"] == "completed" and st["total_steps"] == 3, st
+    # A text start image other than "sketch" is refused: clients never name files on the server.
+    r = client.post("/api/generate", data=form(start_image=str(HOUSE)), files=sketch)
+    assert r.status_code == 422 and "start_image" in r.text, r.text
+    files = dict(sketch, start_image=("bad.png", b"not an image", "image/png"))
+    r = client.post("/api/generate", data=form(), files=files)
+    assert r.status_code == 422 and "start_image" in r.text, r.text
+    for field, value in [("strength", 1.5), ("canny_low_threshold", 300), ("preprocess", "hed")]:
+        r = post(client, **{field: value})
+        assert r.status_code == 422 and field in r.text, r.text
+
+
 def test_the_default_form_values(client: TestClient) -> None:
     files = {"sketch": ("house.png", HOUSE.read_bytes(), "image/png")}
     # Only the sketch (the original service's defaults otherwise: 30 steps, size from the sketch).

@@ -39,3 +39,14 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// (mean |diff|, 99.9th percentile |diff|) between two RGB8 images, in 0..255 units (the end-to-end bounds:
+/// mean <= 0.25, p99.9 <= 4).
+pub fn diff_stats(a: &[u8], b: &[u8]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let mut d: Vec<u8> = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let mean = d.iter().map(|&x| x as f64).sum::<f64>() / d.len() as f64;
+    d.sort_unstable();
+    let idx = ((d.len() as f64) * 0.999).ceil() as usize - 1;
+    (mean, d[idx.min(d.len() - 1)] as f64)
+}

@@ -10,4 +10,5 @@ pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_encoder;
 pub mod weights;

@@ -338,7 +338,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "height");
     bad = req; bad.scheduler = "plms";
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "scheduler");
-    bad = req; bad.preprocess = "canny";
+    bad = req; bad.preprocess = "hed";
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "preprocess");
     bad = req; bad.guess_mode = 7;
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "guess_mode");
@@ -730,6 +730,112 @@ static void test_redis_client(const char *fixtures, const char *work) {
     sketchx_pipeline_free(p);
 }
 
+/* One 4-step job on tiny-sd with `req` (its size, seed and steps set here); returns the PNG's bytes (malloc'd). */
+static char *img2img_png(sketchx_pipeline *p, sketchx_request *req, const char *sketch_path, size_t *len) {
+    sketchx_job_id id;
+    sketchx_status *st = NULL;
+    char *png = NULL;
+    req->prompt = "a house";
+    req->steps = 4;
+    req->width = 64;
+    req->height = 64;
+    req->has_seed = 1;
+    req->seed = 3;
+    CHECK_OK(sketchx_pipeline_submit_file(p, req, sketch_path, &id));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
+    if (st != NULL && sketchx_status_image_count(st) == 1) png = read_file(sketchx_status_image_path(st, 0), len);
+    CHECK(png != NULL);
+    sketchx_status_free(st);
+    return png;
+}
+
+/* img2img (the sketch's colours, another image's bytes) and the lineart / canny preprocessors: defaults, each
+ * changes the image, bad values are named. */
+static void test_img2img_and_preprocess(const char *fixtures, const char *work) {
+    char sd[1024], cn[1024], sketch_path[1024], other_path[1024], out_dir[1100];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_colour.png", fixtures);
+    snprintf(other_path, sizeof other_path, "%s/sketches/house_colour_alt.png", fixtures);
+    snprintf(out_dir, sizeof out_dir, "%s/out-img2img", work);
+    sketchx_request req;
+    sketchx_request_init(&req);
+    CHECK(req.start_image == NULL && req.start_image_len == 0 && req.start_image_from_sketch == 0);
+    CHECK(req.strength == 0.8 && req.canny_low_threshold == 100 && req.canny_high_threshold == 200);
+
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return;
+    size_t other_len = 0;
+    char *other = read_file(other_path, &other_len);
+    CHECK(other != NULL);
+
+    sketchx_job_id id;
+    sketchx_request bad;
+    sketchx_request_init(&bad);
+    bad.start_image_from_sketch = 1;
+    bad.strength = 1.5;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "strength");
+    bad.strength = NAN;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "strength");
+    bad.strength = 0.01; /* int(30 * 0.01) = 0 steps */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "strength");
+    sketchx_request_init(&bad);
+    bad.start_image = (const uint8_t *)"not an image";
+    bad.start_image_len = 12;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "start_image");
+    bad.start_image_from_sketch = 1;
+    bad.start_image = (const uint8_t *)other;
+    bad.start_image_len = other_len;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "start_image");
+    sketchx_request_init(&bad);
+    bad.preprocess = "canny";
+    bad.canny_low_threshold = 300;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "canny_low_threshold");
+    bad.canny_low_threshold = 10;
+    bad.canny_high_threshold = 3000;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "canny_high_threshold");
+
+    /* Five images: text-to-image, img2img from the sketch, from the other image, lineart, canny: all differ. */
+    char *png[5] = {NULL, NULL, NULL, NULL, NULL};
+    size_t len[5] = {0, 0, 0, 0, 0};
+    sketchx_request_init(&req);
+    png[0] = img2img_png(p, &req, sketch_path, &len[0]);
+    sketchx_request_init(&req);
+    req.start_image_from_sketch = 1;
+    req.strength = 0.5;
+    png[1] = img2img_png(p, &req, sketch_path, &len[1]);
+    sketchx_request_init(&req);
+    req.start_image = (const uint8_t *)other;
+    req.start_image_len = other_len;
+    req.strength = 0.5;
+    png[2] = img2img_png(p, &req, sketch_path, &len[2]);
+    sketchx_request_init(&req);
+    req.preprocess = "lineart";
+    png[3] = img2img_png(p, &req, sketch_path, &len[3]);
+    sketchx_request_init(&req);
+    req.preprocess = "Canny";
+    req.canny_low_threshold = 50;
+    req.canny_high_threshold = 100;
+    png[4] = img2img_png(p, &req, sketch_path, &len[4]);
+    for (int i = 0; i < 5; i++) {
+        for (int j = i + 1; j < 5; j++) {
+            if (png[i] != NULL && png[j] != NULL) CHECK(len[i] != len[j] || memcmp(png[i], png[j], len[i]) != 0);
+        }
+    }
+    for (int i = 0; i < 5; i++) free(png[i]);
+    free(other);
+    sketchx_pipeline_free(p);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s FIXTURES_DIR WORK_DIR\n", argv[0]);
@@ -739,6 +845,7 @@ int main(int argc, char **argv) {
     test_pipeline(argv[1], argv[2]);
     test_vae_tiling(argv[1], argv[2]);
     test_few_step(argv[1], argv[2]);
+    test_img2img_and_preprocess(argv[1], argv[2]);
     test_redis_client(argv[1], argv[2]);
     printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
     return failures == 0 ? 0 : 1;

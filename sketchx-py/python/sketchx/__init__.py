@@ -184,6 +184,10 @@ class Pipeline:
         timestep_spacing: Optional[str] = _DEFAULTS["timestep_spacing"],
         eta: float = _DEFAULTS["eta"],
         vae: str = _DEFAULTS["vae"],
+        start_image: Any = _DEFAULTS["start_image"],
+        strength: float = _DEFAULTS["strength"],
+        canny_low_threshold: int = _DEFAULTS["canny_low_threshold"],
+        canny_high_threshold: int = _DEFAULTS["canny_high_threshold"],
     ) -> str:
         """Validates the request, decodes the sketch and queues the job; returns its id at once.
 
@@ -191,11 +195,15 @@ class Pipeline:
         ``PIL.Image.Image`` or a ``numpy.ndarray`` of shape (H, W, 3) or (H, W, 4) and dtype uint8.
         ``scheduler``, ``preprocess``, ``timestep_spacing`` (``None``: the model's) and ``vae`` (``"tiny"`` needs
         the pipeline's ``preview_vae``) take the names in ``sketchx.NAMES`` (any ASCII case); ``eta`` is the
-        stochasticity of the ``ddim`` and ``tcd`` steps; the ranges are in
-        ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
+        stochasticity of the ``ddim`` and ``tcd`` steps. ``start_image`` turns on img2img (diffusers'
+        ``StableDiffusionControlNetImg2ImgPipeline``): ``"sketch"`` starts from the sketch's own colours, any other
+        image (given as a sketch is) from that image; ``strength`` says how far it is noised (the last
+        ``int(steps * strength)`` steps run). ``canny_low_threshold`` / ``canny_high_threshold`` are the
+        thresholds of ``preprocess="canny"`` (OpenCV's Canny). The ranges are in ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
         parameters or an undecodable sketch, ``QueueFullError`` when the queue is full.
         """
         data, raw = _sketch_args(sketch)
+        start, start_raw = (None, None) if start_image is None else _sketch_args(start_image)
         return self._native.submit(
             data,
             raw,
@@ -217,6 +225,11 @@ class Pipeline:
             timestep_spacing,
             eta,
             vae,
+            start,
+            start_raw,
+            strength,
+            canny_low_threshold,
+            canny_high_threshold,
         )
 
     def poll(self, job_id: str) -> JobStatus:

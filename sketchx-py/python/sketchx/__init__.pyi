@@ -83,6 +83,10 @@ class Pipeline:
         timestep_spacing: Optional[str] = None,
         eta: float = 0.0,
         vae: str = "full",
+        start_image: Optional[_SketchLike] = None,
+        strength: float = 0.8,
+        canny_low_threshold: int = 100,
+        canny_high_threshold: int = 200,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...

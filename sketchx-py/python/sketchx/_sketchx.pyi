@@ -92,6 +92,11 @@ class Pipeline:
         timestep_spacing: Optional[str] = None,
         eta: Optional[float] = None,
         vae: Optional[str] = None,
+        start_image: "str | os.PathLike[str] | bytes | bytearray | None" = None,
+        start_raw: Optional[Tuple[int, int, int]] = None,
+        strength: Optional[float] = None,
+        canny_low_threshold: Optional[int] = None,
+        canny_high_threshold: Optional[int] = None,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...
