@@ -7,7 +7,7 @@ pipeline runs jobs in-process.
 
     POST /api/generate          multipart: sketch (file), prompt, temperature, guidance_scale, num_images, steps,
                                 seed (and, new, optional negative_prompt, width, height, scheduler,
-                                timestep_spacing, eta and vae)
+                                timestep_spacing, eta, vae and clip_skip)
                                 -> {"status": "queued", "job_id": "..."}
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
@@ -107,6 +107,7 @@ def create_app(
         timestep_spacing: Optional[str] = _form("timestep_spacing"),
         eta: float = _form("eta"),
         vae: str = _form("vae"),
+        clip_skip: int = _form("clip_skip"),
     ) -> Dict[str, Any]:
         data = await sketch.read(MAX_SKETCH_BYTES + 1)
         if len(data) > MAX_SKETCH_BYTES:
@@ -128,6 +129,7 @@ def create_app(
                 timestep_spacing=timestep_spacing or None,
                 eta=eta,
                 vae=vae,
+                clip_skip=clip_skip,
             )
         except sketchx.InvalidRequestError as e:
             raise HTTPException(422, str(e)) from None

@@ -2,7 +2,7 @@
 //!
 //! - `POST /api/generate` (multipart: `sketch` file, `prompt`, `negative_prompt`, `temperature`,
 //!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`, `scheduler`, `timestep_spacing`, `eta`,
-//!   `vae`) -> `{"status": "queued", "job_id": ...}`
+//!   `vae`, `clip_skip`) -> `{"status": "queued", "job_id": ...}`
 //! - `GET /api/status/{job_id}` -> the job's JSON status (images as `/generated/...` URLs)
 //! - `DELETE /api/jobs/{job_id}` -> `{"job_id": ..., "cancelled": bool}`
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
@@ -17,8 +17,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
-    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE,
-    SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, VaeKind, CLIP_SKIP_RANGE, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE,
+    SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx::{Error, JobId, Pipeline};
@@ -143,6 +143,7 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             "timestep_spacing" => req.timestep_spacing = Some(text.parse()?),
             "eta" => req.eta = parse("eta", &text)?,
             "vae" => req.vae = text.parse()?,
+            "clip_skip" => req.clip_skip = parse("clip_skip", &text)?,
             other => {
                 return Err(ApiError::unprocessable(
                     other,
@@ -223,6 +224,11 @@ pub fn generate_form_schema() -> Value {
     let d = GenerationRequest::DEFAULT;
     let mut size = integer(&SIZE_RANGE, None);
     size["multipleOf"] = SIZE_MULTIPLE.into();
+    let mut clip_skip = integer(&CLIP_SKIP_RANGE, Some(d.clip_skip));
+    clip_skip["description"] = "diffusers' clip_skip: the prompt is encoded by the hidden state this many layers \
+                                before the last (A1111's clip skip N is N - 1); the negative prompt always uses \
+                                the last layer"
+        .into();
     json!({
         "type": "object", "required": ["sketch"],
         "properties": {
@@ -242,7 +248,8 @@ pub fn generate_form_schema() -> Value {
                                   "description": "default: the model's scheduler config" },
             "eta": number(&ETA_RANGE, d.eta),
             "vae": { "type": "string", "enum": VaeKind::names(), "default": d.vae.as_str(),
-                     "description": "tiny needs a server started with --tiny-vae" } } })
+                     "description": "tiny needs a server started with --tiny-vae" },
+            "clip_skip": clip_skip } })
 }
 
 /// The OpenAPI 3.1 description of this API.

@@ -10,8 +10,8 @@ use sketchx_core::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
 use sketchx_core::request::{
-    GenerationRequest, VaeKind, CONTROLNET_SCALE_RANGE, CONTROL_GUIDANCE_RANGE, ETA_RANGE,
-    GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, VaeKind, CLIP_SKIP_RANGE, CONTROLNET_SCALE_RANGE, CONTROL_GUIDANCE_RANGE,
+    ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx_core::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx_core::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR};
@@ -42,6 +42,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("timestep_spacing", r.timestep_spacing.map(|s| s.as_str()))?;
     d.set_item("eta", r.eta)?;
     d.set_item("vae", r.vae.as_str())?;
+    d.set_item("clip_skip", r.clip_skip)?;
     d.set_item("model", DEFAULT_MODEL)?;
     d.set_item("controlnet", DEFAULT_CONTROLNET)?;
     d.set_item("device", DEFAULT_DEVICE)?;
@@ -57,6 +58,9 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     debug_assert!(s.loras.is_empty());
     d.set_item("loras", PyTuple::empty(py))?;
     d.set_item("preview_vae", s.tiny_vae)?;
+    // No textual inversion embedding (an empty tuple, as for `loras`).
+    debug_assert!(s.embeddings.is_empty());
+    d.set_item("embeddings", PyTuple::empty(py))?;
     Ok(d)
 }
 
@@ -78,6 +82,7 @@ pub fn ranges(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("control_guidance_start", pair(&CONTROL_GUIDANCE_RANGE))?;
     d.set_item("control_guidance_end", pair(&CONTROL_GUIDANCE_RANGE))?;
     d.set_item("eta", pair(&ETA_RANGE))?;
+    d.set_item("clip_skip", pair(&CLIP_SKIP_RANGE))?;
     Ok(d)
 }
 

@@ -9,8 +9,8 @@ use sketchx_core::settings::PipelineSettings;
 use sketchx_core::{Error, JobId, Pipeline};
 
 use crate::convert::{
-    bool_field, float_field, int_field, lora_list, opt_float_field, opt_int_field, seconds,
-    text_field,
+    bool_field, embedding_list, float_field, int_field, lora_list, opt_float_field, opt_int_field,
+    seconds, text_field,
 };
 use crate::errors::{to_py, OrRaise};
 use crate::sketch::SketchArg;
@@ -35,7 +35,7 @@ impl NativePipeline {
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
                         cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None,
-                        loras=None, preview_vae=None))]
+                        loras=None, preview_vae=None, embeddings=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -52,6 +52,7 @@ impl NativePipeline {
         drain_on_shutdown: Option<&Bound<'_, PyAny>>,
         loras: Option<&Bound<'_, PyAny>>,
         preview_vae: Option<&Bound<'_, PyAny>>,
+        embeddings: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let drain_on_shutdown = match drain_on_shutdown {
             Some(v) => bool_field(py, "drain_on_shutdown", v)?,
@@ -75,6 +76,7 @@ impl NativePipeline {
             drain_on_shutdown,
             loras: lora_list(py, loras)?,
             tiny_vae: text_field(py, "preview_vae", preview_vae)?,
+            embeddings: embedding_list(py, embeddings)?,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py
@@ -122,7 +124,7 @@ impl NativePipeline {
     #[pyo3(signature = (sketch, raw, prompt, negative_prompt, temperature, guidance_scale, num_images, steps,
                         seed, width, height, scheduler, preprocess, controlnet_scale, guess_mode,
                         control_guidance_start, control_guidance_end, timestep_spacing=None, eta=None,
-                        vae=None))]
+                        vae=None, clip_skip=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -147,6 +149,7 @@ impl NativePipeline {
         timestep_spacing: Option<&Bound<'_, PyAny>>,
         eta: Option<&Bound<'_, PyAny>>,
         vae: Option<&Bound<'_, PyAny>>,
+        clip_skip: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
         let d = GenerationRequest::DEFAULT;
         let request = GenerationRequest {
@@ -178,6 +181,7 @@ impl NativePipeline {
                 Some(s) => s.parse().or_raise(py)?,
                 None => d.vae,
             },
+            clip_skip: opt_int_field(py, "clip_skip", clip_skip)?.unwrap_or(d.clip_skip),
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
         let pipe = &self.pipe;

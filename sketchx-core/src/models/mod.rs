@@ -7,6 +7,7 @@ pub mod controlnet;
 pub mod loader;
 pub mod lora;
 pub mod taesd;
+pub mod textual_inversion;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -235,6 +235,7 @@ fn request_to_json(r: &GenerationRequest) -> String {
         "scheduler": r.scheduler.as_str(), "preprocess": r.preprocess.as_str(), "guess_mode": r.guess_mode,
         "control_guidance_start": r.control_guidance_start, "control_guidance_end": r.control_guidance_end,
         "timestep_spacing": r.timestep_spacing.map(|s| s.as_str()), "eta": r.eta, "vae": r.vae.as_str(),
+        "clip_skip": r.clip_skip,
     })
     .to_string()
 }
@@ -280,6 +281,8 @@ fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> 
             Some(name) => name.parse().map_err(|e: Error| e.to_string())?,
             None => GenerationRequest::DEFAULT.vae,
         },
+        clip_skip: typed::<Option<u32>>(field("clip_skip"), "clip_skip")?
+            .unwrap_or(GenerationRequest::DEFAULT.clip_skip),
     })
 }
 
@@ -1139,16 +1142,17 @@ mod tests {
             scheduler: "ddim".parse().unwrap(),
             preprocess: "none".parse().unwrap(),
             vae: "tiny".parse().unwrap(),
+            clip_skip: 2,
             ..Default::default()
         };
         assert_eq!(request_from_json(&request_to_json(&r)).unwrap(), r);
         // A job stored without the field decodes with the default VAE.
         let mut v: serde_json::Value = serde_json::from_str(&request_to_json(&r)).unwrap();
         v.as_object_mut().unwrap().remove("vae");
-        assert_eq!(
-            request_from_json(&v.to_string()).unwrap().vae,
-            GenerationRequest::DEFAULT.vae
-        );
+        v.as_object_mut().unwrap().remove("clip_skip");
+        let old = request_from_json(&v.to_string()).unwrap();
+        assert_eq!(old.vae, GenerationRequest::DEFAULT.vae);
+        assert_eq!(old.clip_skip, GenerationRequest::DEFAULT.clip_skip);
         assert!(request_from_json("{}").is_err());
     }
 

@@ -120,6 +120,12 @@ class Pipeline:
     ±10 (``InvalidRequestError`` naming ``loras.scale`` otherwise; a bare path means scale 1). ``preview_vae``: a
     tiny VAE (TAESD: local directory or Hub id such as ``madebyollin/taesd``) for live previews and for
     ``submit(..., vae="tiny")``.
+    ``embeddings``: textual inversion embeddings loaded in this order, as ``(path, token)`` pairs (a ``None``
+    token binds the file's own) or ``"PATH[:TOKEN]"`` strings as the CLI's ``--embedding``: A1111 ``.pt`` / ``.safetensors`` and diffusers
+    ``learned_embeds`` files (or a directory or Hub repo holding one, or a Hub file ``owner/name/file``), used
+    through their token in the prompt and the negative prompt as diffusers' ``load_textual_inversion`` does
+    (``ModelLoadError`` for a width other than the text encoder's, a token already in the vocabulary, an unknown
+    layout).
     ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
     then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
     ``drain_on_shutdown=True``: ``close`` finishes the pending jobs instead of cancelling them (with Redis: the
@@ -145,6 +151,9 @@ class Pipeline:
             "loras"
         ],
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["preview_vae"],
+        embeddings: Iterable[
+            Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
+        ] = _DEFAULTS["embeddings"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -160,6 +169,7 @@ class Pipeline:
             drain_on_shutdown,
             loras,
             None if preview_vae is None else os.fspath(preview_vae),
+            embeddings,
         )
 
     def submit(
@@ -184,6 +194,7 @@ class Pipeline:
         timestep_spacing: Optional[str] = _DEFAULTS["timestep_spacing"],
         eta: float = _DEFAULTS["eta"],
         vae: str = _DEFAULTS["vae"],
+        clip_skip: int = _DEFAULTS["clip_skip"],
     ) -> str:
         """Validates the request, decodes the sketch and queues the job; returns its id at once.
 
@@ -191,7 +202,9 @@ class Pipeline:
         ``PIL.Image.Image`` or a ``numpy.ndarray`` of shape (H, W, 3) or (H, W, 4) and dtype uint8.
         ``scheduler``, ``preprocess``, ``timestep_spacing`` (``None``: the model's) and ``vae`` (``"tiny"`` needs
         the pipeline's ``preview_vae``) take the names in ``sketchx.NAMES`` (any ASCII case); ``eta`` is the
-        stochasticity of the ``ddim`` and ``tcd`` steps; the ranges are in
+        stochasticity of the ``ddim`` and ``tcd`` steps; ``clip_skip`` is diffusers' (the prompt is encoded by the
+        hidden state that many layers before the last; A1111's "clip skip N" is N - 1; the negative prompt always
+        uses the last layer, as in diffusers); the ranges are in
         ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
         parameters or an undecodable sketch, ``QueueFullError`` when the queue is full.
         """
@@ -217,6 +230,7 @@ class Pipeline:
             timestep_spacing,
             eta,
             vae,
+            clip_skip,
         )
 
     def poll(self, job_id: str) -> JobStatus:

@@ -60,6 +60,9 @@ class Pipeline:
         drain_on_shutdown: bool = False,
         loras: Iterable[Union[Tuple[Union[str, "os.PathLike[str]"], float], str, "os.PathLike[str]"]] = (),
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = None,
+        embeddings: Iterable[
+            Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
+        ] = (),
     ) -> None: ...
     def submit(
         self,
@@ -83,6 +86,7 @@ class Pipeline:
         timestep_spacing: Optional[str] = None,
         eta: float = 0.0,
         vae: str = "full",
+        clip_skip: int = 0,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...
