@@ -13,12 +13,16 @@
 
 #include "sketchx.h"
 
+/* Most --embedding flags taken. */
+#define MAX_EMBEDDINGS 16
+
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s --sketch PATH [--prompt TEXT] [--negative-prompt TEXT] [--temperature X]\n"
             "          [--guidance-scale X] [--num-images N] [--steps N] [--seed N] [--width N] [--height N]\n"
             "          [--scheduler euler_a|euler|ddim|lcm|tcd] [--preprocess scribble|none] [--model ID_OR_DIR]\n"
-            "          [--controlnet ID_OR_DIR] [--out DIR] [--device cpu|cuda|metal] [--vae-tiling]\n",
+            "          [--controlnet ID_OR_DIR] [--out DIR] [--device cpu|cuda|metal] [--vae-tiling]\n"
+            "          [--clip-skip N] [--embedding PATH[:TOKEN]]...\n",
             argv0);
 }
 
@@ -44,6 +48,7 @@ int main(int argc, char **argv) {
     sketchx_pipeline_options options;
     sketchx_request request;
     const char *sketch = NULL;
+    const char *embeddings[MAX_EMBEDDINGS]; /* borrowed from argv */
     sketchx_result r;
 
     if ((r = sketchx_pipeline_options_init(&options)) != SKETCHX_OK ||
@@ -89,6 +94,15 @@ int main(int argc, char **argv) {
         else if (strcmp(flag, "--controlnet") == 0) options.controlnet = v;
         else if (strcmp(flag, "--out") == 0) options.output_dir = v;
         else if (strcmp(flag, "--device") == 0) options.device = v;
+        else if (strcmp(flag, "--clip-skip") == 0) request.clip_skip = (uint32_t)strtoul(v, NULL, 10);
+        else if (strcmp(flag, "--embedding") == 0) {
+            if (options.embedding_count == MAX_EMBEDDINGS) {
+                fprintf(stderr, "error: at most %d --embedding flags\n", MAX_EMBEDDINGS);
+                return 2;
+            }
+            embeddings[options.embedding_count++] = v;
+            options.embeddings = embeddings;
+        }
         else {
             fprintf(stderr, "error: unknown flag %s\n", flag);
             usage(argv[0]);
