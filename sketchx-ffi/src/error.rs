@@ -155,7 +155,9 @@ impl From<Error> for Failure {
             Error::MalformedFile { .. } | Error::Lora { .. } | Error::Embedding { .. } => {
                 (SKETCHX_MODEL_MALFORMED, None)
             }
-            Error::UnsupportedModel { .. } => (SKETCHX_MODEL_UNSUPPORTED, None),
+            Error::UnsupportedModel { .. } | Error::Checkpoint { .. } => {
+                (SKETCHX_MODEL_UNSUPPORTED, None)
+            }
             Error::Download { .. } => (SKETCHX_DOWNLOAD, None),
             Error::Device(_) => (SKETCHX_DEVICE, None),
             Error::QueueFull { .. } => (SKETCHX_QUEUE_FULL, None),
