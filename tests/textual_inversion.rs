@@ -164,6 +164,29 @@ fn tokenizer_and_text_encoder_match_transformers_with_and_without_embeddings() {
 }
 
 #[test]
+fn files_bind_their_own_token_when_none_is_given() {
+    for (file, token, vectors) in [
+        ("tiny-style.pt", "tiny-style", 2),
+        ("learned_embeds.safetensors", "<tiny-cat>", 1),
+    ] {
+        let e = Embedding::read(&EmbeddingSpec::file(ti(file), None)).unwrap();
+        assert_eq!((e.token.as_str(), e.len(), e.width()), (token, vectors, 32));
+        assert_eq!(
+            e.tokens(),
+            (0..vectors)
+                .map(|i| match i {
+                    0 => token.to_string(),
+                    i => format!("{token}_{i}"),
+                })
+                .collect::<Vec<_>>()
+        );
+    }
+    // A given token wins.
+    let e = Embedding::read(&EmbeddingSpec::file(ti("tiny-style.pt"), Some("<s>"))).unwrap();
+    assert_eq!(e.token, "<s>");
+}
+
+#[test]
 fn embeddings_take_ids_from_the_vocabulary_size_on_in_load_order() {
     let (mut tokenizer, model, _) = text_model();
     let first = tokenizer.next_added_id();
@@ -539,6 +562,68 @@ fn files_in_no_embedding_layout_are_refused_by_name() {
     let cut = dir.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 8]).unwrap();
     embedding_error(add_error(&[EmbeddingSpec::file(&cut, None)]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bare pickle (protocol 2) of `{"string_to_param": {"*": <value>}, "name": "x"}`, `value` being pickle opcodes
+/// that push one value.
+fn a1111_pickle(value: &[u8]) -> Vec<u8> {
+    let text = |s: &str| {
+        let mut b = vec![b'X'];
+        b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+        b
+    };
+    let mut p = vec![0x80, 2, b'}', b'('];
+    p.extend(text("string_to_param"));
+    p.push(b'}');
+    p.extend(text("*"));
+    p.extend_from_slice(value);
+    p.push(b's');
+    p.extend(text("name"));
+    p.extend(text("x"));
+    p.extend_from_slice(b"u.");
+    p
+}
+
+#[test]
+fn torch_files_whose_embedding_is_not_a_tensor_are_refused_by_key_and_never_run() {
+    let dir = scratch_dir("ti-pickle");
+    std::fs::create_dir_all(&dir).unwrap();
+    // os.system("echo ...") as the vectors: named, never called.
+    let mut call = b"cos\nsystem\nX".to_vec();
+    let arg = "echo sketchx-ti-payload-ran";
+    call.extend_from_slice(&(arg.len() as u32).to_le_bytes());
+    call.extend_from_slice(arg.as_bytes());
+    call.extend_from_slice(&[0x85, b'R']);
+    let system = dir.join("system.pt");
+    std::fs::write(&system, a1111_pickle(&call)).unwrap();
+    let e = add_error(&[EmbeddingSpec::file(&system, None)]);
+    let text = e.to_string();
+    assert!(
+        text.contains("system.pt")
+            && text.contains("string_to_param/*")
+            && text.contains("os.system"),
+        "{text}"
+    );
+    // A string as the vectors.
+    let string = dir.join("string.pt");
+    let mut value = vec![b'X', 3, 0, 0, 0];
+    value.extend_from_slice(b"abc");
+    std::fs::write(&string, a1111_pickle(&value)).unwrap();
+    let (p, key, message) = embedding_error(add_error(&[EmbeddingSpec::file(&string, None)]));
+    assert_eq!(p, string.display().to_string());
+    assert_eq!(key, "string_to_param/*");
+    assert!(message.contains("\"abc\""), "{message}");
+    // The fixtures' os.system checkpoints: one entry, a dict, is not an embedding.
+    for file in ["pickle_os_system.ckpt", "pickle_os_system_raw.ckpt"] {
+        let path = formats().join("bad").join(file);
+        let (p, key, _) = embedding_error(add_error(&[EmbeddingSpec::file(&path, Some("tok"))]));
+        assert_eq!(
+            (p, key.as_str()),
+            (path.display().to_string(), "state_dict")
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -7,8 +7,11 @@
 //!   another is given;
 //! - A1111's `.safetensors`: one entry `emb_params`. diffusers reads it as `{token: vectors}` and would bind the
 //!   token `emb_params`; sketchx asks for the token instead (A1111 uses the file name);
-//! - A1111's `.pt` (a torch pickle, parsed, never run): `string_to_param['*']`, bound to the file's `name` unless
-//!   a token is given; a pickle holding a bare tensor needs a token.
+//! - A1111's `.pt` (a torch pickle, parsed by [`TorchFile`], never run): `string_to_param['*']` (a dict, or the
+//!   original textual inversion code's `ParameterDict`), bound to the file's `name` unless a token is given.
+//!
+//! A torch file holding a bare tensor (which diffusers binds to the given token) is refused: the pickle reader
+//! reads tensors of dicts only.
 //!
 //! An embedding of `n` vectors adds the tokens `T`, `T_1`, ..., `T_{n-1}`, with ids from the tokenizer's size on
 //! (49408 for CLIP) in load order, and their vectors as new rows of the text encoder's token embedding table; the
@@ -24,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::loader::{ModelSource, Resolver};
 use super::lora::LoraSource;
+use super::pickle::{Entry, TorchFile};
 use super::tokenizer::ClipTokenizer;
 use super::weights::SafetensorsFile;
 use crate::error::{Error, Result};
@@ -144,8 +148,7 @@ pub struct EmbeddingSpec {
     /// The file.
     pub source: EmbeddingSource,
     /// The token written in prompts (diffusers' `token=`); `None`: the file's own (the key of a
-    /// `{token: vectors}` file, the `name` of an A1111 `.pt`), which an A1111 `.safetensors` file and a bare
-    /// tensor do not have.
+    /// `{token: vectors}` file, the `name` of an A1111 `.pt`), which an A1111 `.safetensors` file does not have.
     pub token: Option<String>,
 }
 
@@ -215,8 +218,6 @@ enum Payload {
         name: Option<String>,
         vectors: Tensor,
     },
-    /// A bare tensor.
-    Bare(Tensor),
 }
 
 /// One embedding read from its file and bound to its token.
@@ -262,7 +263,7 @@ impl Embedding {
                 (key, token, vectors)
             }
             Payload::A1111 { name, vectors } => {
-                let key = "string_to_param.*".to_string();
+                let key = "string_to_param/*".to_string();
                 let token = given.or(name).ok_or_else(|| {
                     bad(
                         "name",
@@ -270,15 +271,6 @@ impl Embedding {
                     )
                 })?;
                 (key, token, vectors)
-            }
-            Payload::Bare(vectors) => {
-                let token = given.ok_or_else(|| {
-                    bad(
-                        "(tensor)",
-                        "the file holds a bare tensor, which names no token: give one".into(),
-                    )
-                })?;
-                (String::from("(tensor)"), token, vectors)
             }
         };
         let vectors = match *vectors.dims() {
@@ -410,23 +402,24 @@ fn check_token(e: &Embedding, tokenizer: &ClipTokenizer) -> Result<()> {
     Ok(())
 }
 
-/// Reads `path` as safetensors, else as a torch pickle; anything else is [`Error::Embedding`].
+/// Reads `path` as safetensors, else as a torch checkpoint (parsed by [`TorchFile`], never run), as diffusers
+/// tries safetensors first and falls back to `torch.load`; anything else is [`Error::Embedding`].
 fn read_payload(path: &Path, name: &str) -> Result<Payload> {
-    let safetensors = match SafetensorsFile::open(path) {
+    let not_safetensors = match SafetensorsFile::open(path) {
         Ok(f) => return safetensors_payload(&f, name),
         Err(Error::MalformedFile { message, .. }) => message,
         Err(e) => return Err(e),
     };
-    let mut head = [0u8; 4];
-    let n = read_head(path, &mut head)?;
-    if is_pickle(&head[..n]) {
-        return pickle_payload(path, name);
-    }
+    let not_torch = match TorchFile::open(path) {
+        Ok(f) => return torch_payload(&f, name),
+        Err(Error::MalformedFile { message, .. }) => message,
+        Err(e) => return Err(e),
+    };
     Err(Error::Embedding {
         path: name.to_string(),
         key: "(file)".into(),
         message: format!(
-            "neither a safetensors file ({safetensors}) nor a torch pickle: not a textual inversion embedding"
+            "neither a safetensors file ({not_safetensors}) nor a torch checkpoint ({not_torch})"
         ),
     })
 }
@@ -459,33 +452,86 @@ fn safetensors_payload(f: &SafetensorsFile, name: &str) -> Result<Payload> {
     }
 }
 
-/// The first bytes of `path` (as many as fit `buf` and the file has).
-fn read_head(path: &Path, buf: &mut [u8]) -> Result<usize> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::reading(path, e))?;
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(path, e)),
-        }
-    }
-    Ok(n)
-}
-
-/// A torch file: a zip archive (`torch.save` since 1.6) or a bare pickle (protocol 2 or later starts with
-/// `PROTO`, 0x80).
-fn is_pickle(head: &[u8]) -> bool {
-    head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80)
-}
-
-/// A torch pickle's embedding.
-fn pickle_payload(_path: &Path, name: &str) -> Result<Payload> {
-    Err(Error::Embedding {
+/// A torch checkpoint's embedding, as diffusers' `_retrieve_tokens_and_embeddings` reads a `torch.load`ed
+/// dict: one entry `{token: vectors}`, else A1111's `string_to_param['*']` (a plain dict, or the
+/// `torch.nn.ParameterDict` of the original textual inversion code) with its `name`.
+fn torch_payload(f: &TorchFile, name: &str) -> Result<Payload> {
+    let bad = |key: &str, message: String| Error::Embedding {
         path: name.to_string(),
-        key: "(file)".into(),
-        message: "torch pickles are not read yet".into(),
-    })
+        key: key.to_string(),
+        message,
+    };
+    let keys = match f.get(&[])? {
+        Entry::Dict(keys) => keys,
+        Entry::Tensor(_) => return Err(bad(
+            "(tensor)",
+            "the file holds a bare tensor, which sketchx does not read: save it as {token: tensor}"
+                .into(),
+        )),
+        other => {
+            return Err(bad(
+                "(root)",
+                format!("expected a dict of embeddings, found {}", describe(&other)),
+            ))
+        }
+    };
+    if let [key] = keys.as_slice() {
+        let vectors = torch_tensor(f, &[], key, name)?;
+        return Ok(Payload::Single {
+            key: key.clone(),
+            vectors,
+        });
+    }
+    if keys.iter().any(|k| k == "string_to_param") {
+        let dict: &[&str] = match f.get(&["string_to_param", "_parameters"]) {
+            Ok(Entry::Dict(_)) => &["string_to_param", "_parameters"],
+            _ => &["string_to_param"],
+        };
+        let vectors = torch_tensor(f, dict, "*", name)?;
+        let name = match f.get(&["name"]) {
+            Ok(Entry::Str(s)) => Some(s),
+            _ => None,
+        };
+        return Ok(Payload::A1111 { name, vectors });
+    }
+    Err(bad(
+        &keys.join(", "),
+        "expected one entry {token: vectors} or A1111's string_to_param".into(),
+    ))
+}
+
+/// The tensor `key` of the dict at `dict` in f32; anything else there is [`Error::Embedding`] naming it.
+fn torch_tensor(f: &TorchFile, dict: &[&str], key: &str, name: &str) -> Result<Tensor> {
+    let path: Vec<&str> = dict.iter().copied().chain([key]).collect();
+    let entry = f.get(&path)?;
+    if !matches!(entry, Entry::Tensor(_)) {
+        return Err(Error::Embedding {
+            path: name.to_string(),
+            key: path.join("/"),
+            message: format!("expected the vectors, found {}", describe(&entry)),
+        });
+    }
+    f.tensors_at(dict)?
+        .load(key, DType::F32, &Device::Cpu)
+        .map_err(|e| Error::Embedding {
+            path: name.to_string(),
+            key: path.join("/"),
+            message: e.to_string(),
+        })
+}
+
+/// A checkpoint value for messages.
+fn describe(entry: &Entry) -> String {
+    match entry {
+        Entry::None => "None".into(),
+        Entry::Bool(b) => format!("the bool {b}"),
+        Entry::Int(i) => format!("the integer {i}"),
+        Entry::Float(x) => format!("the float {x}"),
+        Entry::Str(s) => format!("the string {s:?}"),
+        Entry::Bytes(b) => format!("{} bytes", b.len()),
+        Entry::Tensor(_) => "a tensor".into(),
+        Entry::Dict(keys) => format!("a dict ({})", keys.join(", ")),
+        Entry::List(n) => format!("a list of {n}"),
+        Entry::Other(what) => format!("an object built by {what} (never run)"),
+    }
 }
