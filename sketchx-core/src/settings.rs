@@ -245,7 +245,8 @@ pub fn duration_from_secs(field: &'static str, secs: f64) -> Result<Duration> {
 }
 
 /// The allowed range of an integer field, by the name the bindings use: the request's `num_images`, `steps`,
-/// `width`, `height`, `seed`, `clip_skip`, and the settings' `queue_capacity` and `preview_every`. `None` for other names.
+/// `width`, `height`, `seed`, `clip_skip`, and the settings' `queue_capacity` and `preview_every`. `None` for other
+/// names.
 pub fn int_range(field: &str) -> Option<(u64, u64)> {
     let range =
         |r: &std::ops::RangeInclusive<u32>| Some((u64::from(*r.start()), u64::from(*r.end())));
