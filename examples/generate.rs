@@ -19,11 +19,13 @@ use sketchx::names::{
 };
 use sketchx::output::{image_file_name, write_file_atomic, write_png_atomic, PngSettings};
 use sketchx::request::{
-    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, ETA_RANGE, GUIDANCE_RANGE,
-    NUM_IMAGES_RANGE, STEPS_RANGE, STRENGTH_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, ETA_RANGE,
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE, STRENGTH_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
-use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
+use sketchx::settings::{
+    embedding_args, lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY,
+};
 use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::JobId;
 
@@ -88,6 +90,12 @@ struct Args {
     #[arg(long, default_value_t = D.vae, help = format!(
         "Which VAE decodes the images: {} (tiny needs --tiny-vae)", VaeKind::names().join(", ")))]
     vae: VaeKind,
+    /// diffusers' clip_skip: encode the prompt with the hidden state this many layers before the last.
+    #[arg(long, default_value_t = D.clip_skip, help = format!(
+        "diffusers' clip_skip, {}: the prompt is encoded by the hidden state this many layers before the last \
+         (A1111's \"clip skip N\" is N - 1; the negative prompt always uses the last layer, as in diffusers)",
+        span(&CLIP_SKIP_RANGE)))]
+    clip_skip: u32,
     /// Sketch preprocessing.
     #[arg(long, default_value_t = D.preprocess, help = format!(
         "Sketch preprocessing: {} (scribble: threshold, polarity; lineart: white lines on black; canny: OpenCV's \
@@ -131,6 +139,11 @@ struct Args {
     /// scale after the last ':' (default 1). Repeatable.
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     loras: Vec<String>,
+    /// A textual inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds; a local file or
+    /// directory, a Hub file owner/name/file or repo owner/name) and the token written in prompts after the last
+    /// ':' (default: the file's own; A1111 .safetensors files have none). Repeatable, loaded in order.
+    #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
+    embeddings: Vec<String>,
     /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for --vae tiny.
     #[arg(long, value_name = "DIR|HUB_ID")]
     tiny_vae: Option<String>,
@@ -170,6 +183,7 @@ fn run(args: Args) -> sketchx::Result<()> {
             .map(StartImage::from_arg)
             .transpose()?,
         strength: args.strength,
+        clip_skip: args.clip_skip,
         ..GenerationRequest::DEFAULT
     };
     request.validate()?;
@@ -186,6 +200,7 @@ fn run(args: Args) -> sketchx::Result<()> {
         vae_tiling: args.vae_tiling,
         loras: lora_args(&args.loras),
         tiny_vae: args.tiny_vae,
+        embeddings: embedding_args(&args.embeddings),
         ..PipelineSettings::DEFAULT
     };
     let config = settings.to_config()?.engine;

@@ -69,7 +69,8 @@ enum sketchx_result
   SKETCHX_MODEL_NOT_FOUND = 5,
   /**
    * A model file exists but cannot be parsed, or a LoRA file cannot be applied to the model (a key that
-   * matches no layer, a shape that does not fit); the message names the file and the key.
+   * matches no layer, a shape that does not fit), or a textual inversion embedding cannot be used (its width,
+   * its token, its layout); the message names the file and the key.
    */
   SKETCHX_MODEL_MALFORMED = 6,
   /**
@@ -378,6 +379,21 @@ typedef struct sketchx_pipeline_options {
    * The number of strings in `loras`.
    */
   size_t lora_count;
+  /**
+   * `embedding_count` textual inversion embeddings loaded in this order, each a UTF-8 string `PATH[:TOKEN]`:
+   * an A1111 `.pt` / `.safetensors` or a diffusers `learned_embeds` file (or a directory or Hub repository
+   * holding one, or a Hub file `owner/name[@revision]/file`), and the token written in prompts after the last
+   * `:` (default: the file's own; A1111 `.safetensors` files have none). An embedding of n vectors is
+   * used through its token as diffusers' `load_textual_inversion` does (`T` becomes `T T_1 ... T_{n-1}`, in
+   * the prompt and the negative prompt). Borrowed, only read during `sketchx_pipeline_new`. NULL with
+   * `embedding_count` 0: none (the default). A missing file is `SKETCHX_MODEL_NOT_FOUND`; a width other than
+   * the text encoder's, a token already in the vocabulary or an unknown layout `SKETCHX_MODEL_MALFORMED`.
+   */
+  const char *const *embeddings;
+  /**
+   * The number of strings in `embeddings`.
+   */
+  size_t embedding_count;
 } sketchx_pipeline_options;
 
 /**
@@ -495,6 +511,12 @@ typedef struct sketchx_request {
    * `canny` preprocessing: the upper threshold, 0..=2040.
    */
   uint32_t canny_high_threshold;
+  /**
+   * diffusers' `clip_skip`, 0..=12 and at most the text encoder's layers: the prompt is encoded by the hidden
+   * state this many layers before the last (A1111's "clip skip N" is N - 1); 0 (the default): the last
+   * layer. As in diffusers, the negative prompt always uses the last layer.
+   */
+  uint32_t clip_skip;
 } sketchx_request;
 
 /**

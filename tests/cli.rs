@@ -335,3 +335,40 @@ fn a_bad_lora_names_the_file_or_the_field() {
     assert!(!o.status.success());
     assert!(stderr.contains("eta"), "{stderr}");
 }
+
+#[test]
+fn embeddings_and_clip_skip_change_the_image_and_bad_ones_are_named() {
+    let ti = "tests/fixtures/formats/textual_inversion";
+    // The negative prompt uses an embedding (lcm_image's prompt is "a house").
+    let prompt = ["--negative-prompt", "tinyneg, lowres"];
+    let plain = lcm_image(&prompt);
+    let neg = format!("{ti}/tiny-neg.safetensors:tinyneg");
+    let cat = format!("{ti}/learned_embeds.safetensors");
+    let mut args = prompt.to_vec();
+    args.extend_from_slice(&["--embedding", &neg, "--embedding", &cat]);
+    let with_ti = lcm_image(&args);
+    assert_ne!(plain, with_ti);
+    args.extend_from_slice(&["--clip-skip", "1"]);
+    assert_ne!(lcm_image(&args), with_ti);
+
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let base = ["--sketch", sketch.to_str().unwrap(), "--steps", "1"];
+    let taken = format!("{cat}:cat");
+    let bare_neg = format!("{ti}/tiny-neg.safetensors");
+    for (extra, named) in [
+        (
+            ["--embedding", taken.as_str()],
+            "learned_embeds.safetensors",
+        ),
+        (["--embedding", bare_neg.as_str()], "emb_params"),
+        (["--embedding", "tests/fixtures/nope.pt:tok"], "nope.pt"),
+        (["--clip-skip", "13"], "clip_skip"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&extra);
+        let o = run(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?}");
+        assert!(stderr.contains(named), "{extra:?}: {stderr}");
+    }
+}

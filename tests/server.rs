@@ -430,6 +430,7 @@ fn the_few_step_fields_reach_the_request() {
         ("timestep_spacing", "trailing".into()),
         ("eta", "0.5".into()),
         ("vae", "full".into()),
+        ("clip_skip", "1".into()),
     ]);
     let (code, body, _) = post(&s, &fields, Some(&sk));
     assert_eq!(code, 200, "{body}");
@@ -454,6 +455,9 @@ fn the_few_step_fields_reach_the_request() {
         ("timestep_spacing", "sideways"),
         ("vae", "medium"),
         ("scheduler", "lcm2"),
+        ("clip_skip", "13"),
+        ("clip_skip", "3"),
+        ("clip_skip", "-1"),
     ] {
         let mut fields = small("2");
         fields.push((field, value.into()));
@@ -477,6 +481,11 @@ fn the_openapi_form_has_the_few_step_fields_from_the_core() {
     assert_eq!(p["eta"]["maximum"].as_f64(), Some(*ETA_RANGE.end()));
     assert_eq!(p["vae"]["default"], d.vae.as_str());
     assert_eq!(p["vae"]["enum"], serde_json::json!(VaeKind::names()));
+    assert_eq!(p["clip_skip"]["default"].as_u64(), Some(d.clip_skip.into()));
+    assert_eq!(
+        p["clip_skip"]["maximum"].as_u64(),
+        Some((*sketchx::request::CLIP_SKIP_RANGE.end()).into())
+    );
     assert_eq!(
         p["timestep_spacing"]["enum"],
         serde_json::json!(TimestepSpacing::names())

@@ -13,6 +13,9 @@
 
 #include "sketchx.h"
 
+/* Most --embedding flags taken. */
+#define MAX_EMBEDDINGS 16
+
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s --sketch PATH [--prompt TEXT] [--negative-prompt TEXT] [--temperature X]\n"
@@ -20,7 +23,7 @@ static void usage(const char *argv0) {
             "          [--scheduler euler_a|euler|ddim|lcm|tcd] [--preprocess scribble|lineart|canny|none]\n"
             "          [--canny-low-threshold N] [--canny-high-threshold N] [--start-image PATH|sketch]\n"
             "          [--strength X] [--model ID_OR_DIR] [--controlnet ID_OR_DIR] [--out DIR]\n"
-            "          [--device cpu|cuda|metal] [--vae-tiling]\n",
+            "          [--device cpu|cuda|metal] [--vae-tiling] [--clip-skip N] [--embedding PATH[:TOKEN]]...\n",
             argv0);
 }
 
@@ -66,6 +69,7 @@ int main(int argc, char **argv) {
     const char *sketch = NULL;
     const char *start_image = NULL;
     unsigned char *start_bytes = NULL;
+    const char *embeddings[MAX_EMBEDDINGS]; /* borrowed from argv */
     sketchx_result r;
 
     if ((r = sketchx_pipeline_options_init(&options)) != SKETCHX_OK ||
@@ -115,6 +119,15 @@ int main(int argc, char **argv) {
         else if (strcmp(flag, "--controlnet") == 0) options.controlnet = v;
         else if (strcmp(flag, "--out") == 0) options.output_dir = v;
         else if (strcmp(flag, "--device") == 0) options.device = v;
+        else if (strcmp(flag, "--clip-skip") == 0) request.clip_skip = (uint32_t)strtoul(v, NULL, 10);
+        else if (strcmp(flag, "--embedding") == 0) {
+            if (options.embedding_count == MAX_EMBEDDINGS) {
+                fprintf(stderr, "error: at most %d --embedding flags\n", MAX_EMBEDDINGS);
+                return 2;
+            }
+            embeddings[options.embedding_count++] = v;
+            options.embeddings = embeddings;
+        }
         else {
             fprintf(stderr, "error: unknown flag %s\n", flag);
             usage(argv[0]);

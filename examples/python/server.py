@@ -9,7 +9,7 @@ pipeline runs jobs in-process.
                                 seed (and, new, optional negative_prompt, width, height, scheduler,
                                 timestep_spacing, eta, vae, preprocess, canny_low_threshold,
                                 canny_high_threshold, start_image (an image file, or the text "sketch":
-                                img2img) and strength)
+                                img2img), strength and clip_skip)
                                 -> {"status": "queued", "job_id": "..."}
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
@@ -130,6 +130,7 @@ def create_app(
         canny_low_threshold: int = _form("canny_low_threshold"),
         canny_high_threshold: int = _form("canny_high_threshold"),
         strength: float = _form("strength"),
+        clip_skip: int = _form("clip_skip"),
     ) -> Dict[str, Any]:
         data = await sketch.read(MAX_SKETCH_BYTES + 1)
         if len(data) > MAX_SKETCH_BYTES:
@@ -157,6 +158,7 @@ def create_app(
                 canny_high_threshold=canny_high_threshold,
                 start_image=start_image,
                 strength=strength,
+                clip_skip=clip_skip,
             )
         except sketchx.InvalidRequestError as e:
             raise HTTPException(422, str(e)) from None

@@ -3,7 +3,7 @@
 //! - `POST /api/generate` (multipart: `sketch` file, `prompt`, `negative_prompt`, `temperature`,
 //!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`, `scheduler`, `timestep_spacing`, `eta`,
 //!   `vae`, `preprocess`, `canny_low_threshold`, `canny_high_threshold`, `start_image` (a file, or the text
-//!   `sketch`), `strength`) -> `{"status": "queued", "job_id": ...}`
+//!   `sketch`), `strength`, `clip_skip`) -> `{"status": "queued", "job_id": ...}`
 //! - `GET /api/status/{job_id}` -> the job's JSON status (images as `/generated/...` URLs)
 //! - `DELETE /api/jobs/{job_id}` -> `{"job_id": ..., "cancelled": bool}`
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
@@ -18,8 +18,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
-    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, ETA_RANGE, GUIDANCE_RANGE,
-    NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, STRENGTH_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, ETA_RANGE,
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, STRENGTH_RANGE,
+    TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx::sketch::Preprocess;
@@ -164,6 +165,7 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
                 req.canny_high_threshold = parse("canny_high_threshold", &text)?
             }
             "strength" => req.strength = parse("strength", &text)?,
+            "clip_skip" => req.clip_skip = parse("clip_skip", &text)?,
             other => {
                 return Err(ApiError::unprocessable(
                     other,
@@ -258,6 +260,11 @@ pub fn generate_form_schema() -> Value {
     let d = GenerationRequest::DEFAULT;
     let mut size = integer(&SIZE_RANGE, None);
     size["multipleOf"] = SIZE_MULTIPLE.into();
+    let mut clip_skip = integer(&CLIP_SKIP_RANGE, Some(d.clip_skip));
+    clip_skip["description"] = "diffusers' clip_skip: the prompt is encoded by the hidden state this many layers \
+                                before the last (A1111's clip skip N is N - 1); the negative prompt always uses \
+                                the last layer"
+        .into();
     json!({
         "type": "object", "required": ["sketch"],
         "properties": {
@@ -285,7 +292,8 @@ pub fn generate_form_schema() -> Value {
                                              the sketch's own colours; absent: from noise",
                              "oneOf": [ { "type": "string", "format": "binary" },
                                         { "type": "string", "enum": [StartImage::SKETCH_NAME] } ] },
-            "strength": number(&STRENGTH_RANGE, d.strength) } })
+            "strength": number(&STRENGTH_RANGE, d.strength),
+            "clip_skip": clip_skip } })
 }
 
 /// The OpenAPI 3.1 description of this API.

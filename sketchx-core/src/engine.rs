@@ -16,6 +16,7 @@ use crate::models::controlnet::{ControlNet, ControlResiduals};
 use crate::models::loader::{self, build_error, ModelSource, Resolver};
 use crate::models::lora::{self, FusedWeights, LoraSpec};
 use crate::models::taesd::TinyVae;
+use crate::models::textual_inversion::{self, AddedEmbeddings, EmbeddingSpec};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
@@ -70,6 +71,12 @@ pub struct EngineConfig {
     /// and scale factor must match the model's VAE ([`Error::UnsupportedModel`] otherwise). Tiling does not apply
     /// to it (its activations are small).
     pub tiny_vae: Option<ModelSource>,
+    /// Textual inversion embeddings bound to new tokens, in load order, as diffusers' `load_textual_inversion`
+    /// (see [`crate::models::textual_inversion`]): A1111 `.pt` / `.safetensors` and diffusers `learned_embeds`
+    /// files, usable in the prompt and the negative prompt. A width other than the text encoder's, a token
+    /// already in the vocabulary or a file in no known layout fails [`Engine::load`] ([`Error::Embedding`]).
+    /// Default: none.
+    pub embeddings: Vec<EmbeddingSpec>,
 }
 
 impl EngineConfig {
@@ -89,6 +96,7 @@ impl EngineConfig {
             vae_tiling: false,
             loras: Vec::new(),
             tiny_vae: None,
+            embeddings: Vec::new(),
         })
     }
 }
@@ -142,7 +150,8 @@ pub struct Engine {
     device: Device,
     dtype: DType,
     vae_tiling: bool,
-    prompt_cache: Mutex<VecDeque<(String, Tensor)>>,
+    /// Text embeddings by (text, clip skip), most recently used first.
+    prompt_cache: Mutex<VecDeque<((String, u32), Tensor)>>,
     /// The VAE encoder, built on the first img2img request (most requests never need it).
     vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
     vae_encoder_source: EncoderSource,
@@ -166,16 +175,23 @@ impl Engine {
     /// Nothing stays mapped: resident memory after loading is the weights themselves, and the peak during loading
     /// is no higher. LoRAs ([`EngineConfig::loras`]) are read and checked against the UNet's and the text
     /// encoder's weights before any network is built, and their fused weights replace the files' tensors as the
-    /// networks read them (before any rounding to the network's precision).
+    /// networks read them (before any rounding to the network's precision). Textual inversion embeddings
+    /// ([`EngineConfig::embeddings`]) are read and their tokens added before any network is built too; their
+    /// vectors become rows of the text encoder's token embedding table once it is.
     pub fn load(config: &EngineConfig) -> Result<Self> {
         let base = Resolver::new(config.model.clone())?;
         let cn = Resolver::new(config.controlnet.clone())?;
         let precision = Precision::new(&config.device, config.dtype);
-        let tokenizer = load_tokenizer(&base)?;
+        let mut tokenizer = load_tokenizer(&base)?;
         for spec in &config.loras {
             spec.validate()?;
         }
         let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
+        let added = textual_inversion::add_embeddings(
+            &config.embeddings,
+            &mut tokenizer,
+            files.text_encoder.0.hidden_size,
+        )?;
         // Located before the networks are built, so that a missing tiny VAE fails fast.
         let tiny_files = config
             .tiny_vae
@@ -188,8 +204,18 @@ impl Engine {
             &files.text_encoder.2,
             precision,
         )?;
-        let (text_encoder, unet, vae, controlnet) =
+        let (mut text_encoder, unet, vae, controlnet) =
             files.build(precision, &config.device, fused)?;
+        if let Some(AddedEmbeddings {
+            first_id, vectors, ..
+        }) = &added
+        {
+            text_encoder.append_token_embeddings(
+                *first_id as usize,
+                vectors,
+                &files.text_encoder.1,
+            )?;
+        }
         if config.vae_tiling {
             vae.tiling()?;
         }
@@ -314,31 +340,62 @@ impl Engine {
         &self.scheduler_config
     }
 
-    /// The text embedding `(1, 77, hidden)` of `text`, cached per distinct text.
+    /// The text embedding `(1, 77, hidden)` of `text` (the last layer's), cached per distinct text.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
+        self.encode_prompt_clip_skip(text, 0)
+    }
+
+    /// The text embedding `(1, 77, hidden)` of `text` with diffusers' `clip_skip` (see
+    /// [`ClipTextModel::forward_clip_skip`]), cached per distinct (text, clip skip). Multi-vector textual
+    /// inversion tokens are expanded first ([`ClipTokenizer::expand_multi_vector_tokens`]), as diffusers'
+    /// `maybe_convert_prompt` does.
+    pub fn encode_prompt_clip_skip(&self, text: &str, clip_skip: u32) -> Result<Tensor> {
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = cache.iter().position(|(k, _)| k == text) {
+        if let Some(pos) = cache
+            .iter()
+            .position(|((t, skip), _)| t == text && *skip == clip_skip)
+        {
             let entry = cache.remove(pos).expect("position is valid");
             let t = entry.1.clone();
             cache.push_front(entry);
             return Ok(t);
         }
         drop(cache);
-        let ids = self.tokenizer.encode_padded(text);
+        let ids = self.prompt_ids(text);
         let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
-        let emb = self.text_encoder.forward(&ids)?;
+        let emb = self
+            .text_encoder
+            .forward_clip_skip(&ids, clip_skip as usize)?;
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.push_front((text.to_string(), emb.clone()));
+        cache.push_front(((text.to_string(), clip_skip), emb.clone()));
         cache.truncate(PROMPT_CACHE_ENTRIES);
         Ok(emb)
     }
 
+    /// The padded token ids the text encoder reads for `text`: multi-vector textual inversion tokens expanded
+    /// (diffusers' `maybe_convert_prompt`), then tokenized, truncated and padded to the context length.
+    pub fn prompt_ids(&self, text: &str) -> Vec<u32> {
+        self.tokenizer
+            .encode_padded(&self.tokenizer.expand_multi_vector_tokens(text))
+    }
+
     /// The output size for `sketch` under `req` (explicit width/height, else derived from the sketch). Also
     /// refuses what only the loaded models decide (so that a pipeline refuses it at submit): a size that is not a
-    /// multiple of the VAE's scale factor, `vae: tiny` without a tiny VAE ([`Error::InvalidRequest`] for `vae`).
+    /// multiple of the VAE's scale factor, `vae: tiny` without a tiny VAE ([`Error::InvalidRequest`] for `vae`), a
+    /// `clip_skip` beyond the text encoder's layers.
     pub fn output_size(&self, req: &GenerationRequest, sketch: &Sketch) -> Result<(u32, u32)> {
         if req.vae == VaeKind::Tiny {
             self.require_tiny()?;
+        }
+        let layers = self.text_encoder.config().num_hidden_layers;
+        if req.clip_skip as usize > layers {
+            return Err(Error::invalid(
+                "clip_skip",
+                format!(
+                    "{} exceeds this model's {layers} text encoder layers",
+                    req.clip_skip
+                ),
+            ));
         }
         let (w, h) = sketch.target_size(req.width, req.height);
         let f = self.vae.scale_factor as u32;
@@ -420,11 +477,12 @@ impl Engine {
         Scheduler::with_eta(req.scheduler, &config, req.steps as usize, req.eta)
     }
 
-    /// The text embeddings the UNet and the ControlNet attend to.
+    /// The text embeddings the UNet and the ControlNet attend to. As in diffusers, clip skip applies to the
+    /// prompt only: the negative prompt is encoded by the last layer.
     fn encode_prompts(&self, req: &GenerationRequest, g: &Guidance) -> Result<TextConditioning> {
         let dt = self.dtype;
         let cond = self
-            .encode_prompt(req.prompt_text())?
+            .encode_prompt_clip_skip(req.prompt_text(), req.clip_skip)?
             .to_dtype(dt)?
             .repeat((g.n, 1, 1))?;
         let unet = if g.cfg {

@@ -34,6 +34,9 @@ pub const STRENGTH_RANGE: std::ops::RangeInclusive<f64> = 0.0..=1.0;
 /// Allowed `canny_low_threshold` and `canny_high_threshold` (the low one at most the high one). 2040 is the
 /// largest L1 Sobel magnitude of an 8-bit image: above it nothing is an edge.
 pub const CANNY_THRESHOLD_RANGE: std::ops::RangeInclusive<u32> = 0..=2040;
+/// Allowed `clip_skip`: up to the 12 layers of SD1.5's text encoder (a model with fewer layers refuses more
+/// than it has when the request is submitted).
+pub const CLIP_SKIP_RANGE: std::ops::RangeInclusive<u32> = 0..=12;
 /// Longest accepted prompt or negative prompt, in bytes (the text encoder reads 77 tokens; this only bounds work).
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
@@ -231,14 +234,19 @@ pub struct GenerationRequest {
     pub canny_low_threshold: u32,
     /// [`Preprocess::Canny`]'s upper threshold (`threshold2`), `0..=2040`.
     pub canny_high_threshold: u32,
+    /// diffusers' `clip_skip`, in `0..=12` and at most the text encoder's layer count: the prompt is encoded by
+    /// the hidden state this many layers before the last (through the final layer norm); 0 (the default, and
+    /// diffusers' `None`) uses the last layer. A1111's "clip skip N" is `N - 1` here. As in diffusers, it
+    /// applies to the prompt only: the negative prompt is always encoded by the last layer.
+    pub clip_skip: u32,
 }
 
 impl GenerationRequest {
     /// The defaults, those of the original service: no prompt, the default negative prompt, temperature 0.65
     /// (ControlNet scale 1.0), guidance 7.5, one image, 30 steps, a random seed, the size from the sketch,
     /// `euler_a`, `scribble`, automatic guess mode, the ControlNet over all steps, the model's timestep spacing,
-    /// `eta` 0, the full VAE, no start image (strength 0.8 when one is given), canny thresholds 100 and 200. A
-    /// constant, so that bindings
+    /// `eta` 0, the full VAE, no start image (strength 0.8 when one is given), canny thresholds 100 and 200, no
+    /// clip skip. A constant, so that bindings
     /// can use its fields where a constant is needed (`#[arg(default_value_t = GenerationRequest::DEFAULT.steps)]`).
     pub const DEFAULT: GenerationRequest = GenerationRequest {
         prompt: None,
@@ -263,6 +271,7 @@ impl GenerationRequest {
         strength: 0.8,
         canny_low_threshold: CannyThresholds::DEFAULT.low,
         canny_high_threshold: CannyThresholds::DEFAULT.high,
+        clip_skip: 0,
     };
 }
 
@@ -360,6 +369,7 @@ impl GenerationRequest {
         )?;
         check_finite("eta", self.eta)?;
         check_range("eta", self.eta, &ETA_RANGE)?;
+        check_range("clip_skip", self.clip_skip, &CLIP_SKIP_RANGE)?;
         if self.control_guidance_start >= self.control_guidance_end {
             return Err(Error::invalid(
                 "control_guidance_start",

@@ -30,10 +30,11 @@ use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::models::loader::ModelSource;
 use crate::models::lora::LoraSpec;
+use crate::models::textual_inversion::EmbeddingSpec;
 use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use crate::pipeline::{PipelineConfig, ShutdownPolicy};
 use crate::request::{
-    out_of_range, CANNY_THRESHOLD_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE,
+    out_of_range, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE,
 };
 
 pub use crate::pipeline::{
@@ -87,6 +88,11 @@ pub struct PipelineSettings {
     /// A tiny VAE (TAESD: a local directory or a Hub id) for `vae: tiny` requests and live previews
     /// ([`EngineConfig::tiny_vae`]); `None`: none.
     pub tiny_vae: Option<String>,
+    /// Textual inversion embeddings loaded in this order ([`EngineConfig::embeddings`]): each a location
+    /// ([`EmbeddingSource::parse`](crate::models::textual_inversion::EmbeddingSource::parse): a local file or
+    /// directory, a Hub file or repository) and the token it binds (`None`: the file's own). A `PATH[:TOKEN]`
+    /// argument splits with [`EmbeddingSpec::split_arg`]. Default: none.
+    pub embeddings: Vec<(String, Option<String>)>,
 }
 
 impl PipelineSettings {
@@ -112,6 +118,7 @@ impl PipelineSettings {
         redis_url: None,
         loras: Vec::new(),
         tiny_vae: None,
+        embeddings: Vec::new(),
     };
 
     /// Parses and checks every field and builds the [`PipelineConfig`] (no model is loaded yet). Errors:
@@ -142,6 +149,11 @@ impl PipelineSettings {
             .as_deref()
             .map(ModelSource::parse)
             .transpose()?;
+        engine.embeddings = self
+            .embeddings
+            .iter()
+            .map(|(location, token)| EmbeddingSpec::from_location(location, token.as_deref()))
+            .collect::<Result<_>>()?;
         let mut config = PipelineConfig::with_engine(engine);
         if let Some(dir) = &self.output_dir {
             config.output_dir = dir.clone();
@@ -209,6 +221,18 @@ pub fn lora_args<S: AsRef<str>>(args: &[S]) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// `PATH[:TOKEN]` arguments (the CLI's repeated `--embedding`, the C options' strings) as
+/// [`PipelineSettings::embeddings`], each split by [`EmbeddingSpec::split_arg`]; checked by
+/// [`PipelineSettings::to_config`].
+pub fn embedding_args<S: AsRef<str>>(args: &[S]) -> Vec<(String, Option<String>)> {
+    args.iter()
+        .map(|a| {
+            let (location, token) = EmbeddingSpec::split_arg(a.as_ref());
+            (location.to_string(), token.map(str::to_string))
+        })
+        .collect()
+}
+
 /// A number of seconds as a [`Duration`]: NaN, infinite or negative is [`Error::InvalidRequest`] for `field`;
 /// a finite value beyond what a `Duration` holds saturates at [`Duration::MAX`] ("forever"). For every
 /// seconds argument of a binding (settings, wait timeouts, cleanup ages).
@@ -223,8 +247,8 @@ pub fn duration_from_secs(field: &'static str, secs: f64) -> Result<Duration> {
 }
 
 /// The allowed range of an integer field, by the name the bindings use: the request's `num_images`, `steps`,
-/// `width`, `height`, `seed`, `canny_low_threshold`, `canny_high_threshold`, and the settings' `queue_capacity` and
-/// `preview_every`. `None` for other names.
+/// `width`, `height`, `seed`, `canny_low_threshold`, `canny_high_threshold`, `clip_skip`, and the settings'
+/// `queue_capacity` and `preview_every`. `None` for other names.
 pub fn int_range(field: &str) -> Option<(u64, u64)> {
     let range =
         |r: &std::ops::RangeInclusive<u32>| Some((u64::from(*r.start()), u64::from(*r.end())));
@@ -232,6 +256,7 @@ pub fn int_range(field: &str) -> Option<(u64, u64)> {
         "num_images" => range(&NUM_IMAGES_RANGE),
         "steps" => range(&STEPS_RANGE),
         "width" | "height" => range(&SIZE_RANGE),
+        "clip_skip" => range(&CLIP_SKIP_RANGE),
         "seed" => Some((0, u64::MAX)),
         "canny_low_threshold" | "canny_high_threshold" => range(&CANNY_THRESHOLD_RANGE),
         "queue_capacity" => Some((1, usize::MAX as u64)),

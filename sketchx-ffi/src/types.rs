@@ -191,6 +191,17 @@ pub struct sketchx_pipeline_options {
     pub loras: *const *const c_char,
     /// The number of strings in `loras`.
     pub lora_count: usize,
+    /// `embedding_count` textual inversion embeddings loaded in this order, each a UTF-8 string `PATH[:TOKEN]`:
+    /// an A1111 `.pt` / `.safetensors` or a diffusers `learned_embeds` file (or a directory or Hub repository
+    /// holding one, or a Hub file `owner/name[@revision]/file`), and the token written in prompts after the last
+    /// `:` (default: the file's own; A1111 `.safetensors` files have none). An embedding of n vectors is
+    /// used through its token as diffusers' `load_textual_inversion` does (`T` becomes `T T_1 ... T_{n-1}`, in
+    /// the prompt and the negative prompt). Borrowed, only read during `sketchx_pipeline_new`. NULL with
+    /// `embedding_count` 0: none (the default). A missing file is `SKETCHX_MODEL_NOT_FOUND`; a width other than
+    /// the text encoder's, a token already in the vocabulary or an unknown layout `SKETCHX_MODEL_MALFORMED`.
+    pub embeddings: *const *const c_char,
+    /// The number of strings in `embeddings`.
+    pub embedding_count: usize,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -257,6 +268,10 @@ pub struct sketchx_request {
     pub canny_low_threshold: u32,
     /// `canny` preprocessing: the upper threshold, 0..=2040.
     pub canny_high_threshold: u32,
+    /// diffusers' `clip_skip`, 0..=12 and at most the text encoder's layers: the prompt is encoded by the hidden
+    /// state this many layers before the last (A1111's "clip skip N" is N - 1); 0 (the default): the last
+    /// layer. As in diffusers, the negative prompt always uses the last layer.
+    pub clip_skip: u32,
 }
 
 /// What a cleanup removed.
@@ -326,6 +341,8 @@ impl sketchx_pipeline_options {
             tiny_vae: std::ptr::null(),
             loras: std::ptr::null(),
             lora_count: d.loras.len(),
+            embeddings: std::ptr::null(),
+            embedding_count: d.embeddings.len(),
         }
     }
 
@@ -333,7 +350,8 @@ impl sketchx_pipeline_options {
     /// non-zero to true); nothing is checked here.
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them.
+    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them, `embeddings`
+    /// to `embedding_count`.
     unsafe fn settings(&self) -> Result<PipelineSettings, Failure> {
         let text = |p: *const c_char, name: &'static str| -> Result<Option<String>, Failure> {
             // SAFETY: only called with this struct's string fields, which the caller guarantees.
@@ -356,7 +374,13 @@ impl sketchx_pipeline_options {
             redis_url: text(self.redis_url, "options.redis_url")?,
             tiny_vae: text(self.tiny_vae, "options.tiny_vae")?,
             // SAFETY: the caller guarantees `loras` points to `lora_count` NULL or NUL-terminated strings.
-            loras: settings::lora_args(&unsafe { lora_strings(self.loras, self.lora_count) }?),
+            loras: settings::lora_args(&unsafe {
+                c_strings(self.loras, self.lora_count, "options.loras")
+            }?),
+            // SAFETY: as for `loras`, with `embeddings` and `embedding_count`.
+            embeddings: settings::embedding_args(&unsafe {
+                c_strings(self.embeddings, self.embedding_count, "options.embeddings")
+            }?),
         })
     }
 
@@ -364,7 +388,8 @@ impl sketchx_pipeline_options {
     /// the progress callback.
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them.
+    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them, `embeddings`
+    /// to `embedding_count`.
     pub(crate) unsafe fn core_config(&self) -> Result<PipelineConfig, Failure> {
         // SAFETY: the caller guarantees the string fields.
         let mut c = unsafe { self.settings() }?.to_config()?;
@@ -380,27 +405,30 @@ impl sketchx_pipeline_options {
     }
 }
 
-/// The `count` strings of a C array (`loras`); NULL with a count of 0 is empty.
+/// The `count` strings of a C array (`loras`, `embeddings`, named `name` in errors); NULL with a count of 0 is
+/// empty.
 ///
 /// # Safety
 /// `items` is NULL or points to `count` pointers, each NULL or a NUL-terminated string.
-unsafe fn lora_strings<'a>(
+unsafe fn c_strings<'a>(
     items: *const *const c_char,
     count: usize,
+    name: &'static str,
 ) -> Result<Vec<&'a str>, Failure> {
     if count == 0 {
         return Ok(Vec::new());
     }
     if items.is_null() {
-        return Err(Failure::null("options.loras"));
+        return Err(Failure::null(name));
     }
     // SAFETY: non-NULL, and the caller guarantees `count` pointers.
     let items = unsafe { std::slice::from_raw_parts(items, count) };
     items
         .iter()
+        .enumerate()
         // SAFETY: each is NULL or a NUL-terminated string (caller's guarantee); the strings are only used
         // while the options are being read.
-        .map(|&p| unsafe { arg_str(p, "options.loras[i]") })
+        .map(|(i, &p)| unsafe { arg_str(p, &format!("{name}[{i}]")) })
         .collect()
 }
 
@@ -444,6 +472,7 @@ impl sketchx_request {
             strength: r.strength,
             canny_low_threshold: r.canny_low_threshold,
             canny_high_threshold: r.canny_high_threshold,
+            clip_skip: r.clip_skip,
         }
     }
 
@@ -510,6 +539,7 @@ impl sketchx_request {
             strength: self.strength,
             canny_low_threshold: self.canny_low_threshold,
             canny_high_threshold: self.canny_high_threshold,
+            clip_skip: self.clip_skip,
         })
     }
 }
@@ -710,6 +740,50 @@ mod tests {
         // SAFETY: live strings.
         let e = unsafe { o.core_config() }.unwrap_err();
         assert_eq!(e.field, Some("loras.scale"));
+    }
+
+    #[test]
+    fn embeddings_and_clip_skip_translate() {
+        let mut r = sketchx_request::defaults();
+        assert_eq!(r.clip_skip, 0);
+        r.clip_skip = 2;
+        // SAFETY: NULL strings.
+        assert_eq!(unsafe { r.core_request() }.unwrap().clip_skip, 2);
+
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/formats");
+        let neg = std::ffi::CString::new(format!(
+            "{fixtures}/textual_inversion/tiny-neg.safetensors:tinyneg"
+        ))
+        .unwrap();
+        let cat = std::ffi::CString::new(format!(
+            "{fixtures}/textual_inversion/learned_embeds.safetensors"
+        ))
+        .unwrap();
+        let embeddings = [neg.as_ptr(), cat.as_ptr()];
+        let mut o = sketchx_pipeline_options::defaults();
+        assert_eq!(o.embedding_count, 0);
+        o.embeddings = embeddings.as_ptr();
+        o.embedding_count = 2;
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        let tokens: Vec<Option<&str>> = c
+            .engine
+            .embeddings
+            .iter()
+            .map(|e| e.token.as_deref())
+            .collect();
+        assert_eq!(tokens, [Some("tinyneg"), None]);
+        let missing = c"/nonexistent/embedding.pt:tok";
+        let embeddings = [missing.as_ptr()];
+        o.embeddings = embeddings.as_ptr();
+        o.embedding_count = 1;
+        // SAFETY: live strings.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_MODEL_NOT_FOUND);
+        o.embeddings = std::ptr::null();
+        // SAFETY: NULL with a count is refused before any read.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_NULL_ARGUMENT);
     }
 
     #[test]

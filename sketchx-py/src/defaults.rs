@@ -10,7 +10,7 @@ use sketchx_core::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
 use sketchx_core::request::{
-    GenerationRequest, VaeKind, CANNY_THRESHOLD_RANGE, CONTROLNET_SCALE_RANGE,
+    GenerationRequest, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, CONTROLNET_SCALE_RANGE,
     CONTROL_GUIDANCE_RANGE, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE,
     STRENGTH_RANGE, TEMPERATURE_RANGE,
 };
@@ -49,6 +49,7 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("strength", r.strength)?;
     d.set_item("canny_low_threshold", r.canny_low_threshold)?;
     d.set_item("canny_high_threshold", r.canny_high_threshold)?;
+    d.set_item("clip_skip", r.clip_skip)?;
     d.set_item("model", DEFAULT_MODEL)?;
     d.set_item("controlnet", DEFAULT_CONTROLNET)?;
     d.set_item("device", DEFAULT_DEVICE)?;
@@ -64,6 +65,9 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     debug_assert!(s.loras.is_empty());
     d.set_item("loras", PyTuple::empty(py))?;
     d.set_item("preview_vae", s.tiny_vae)?;
+    // No textual inversion embedding (an empty tuple, as for `loras`).
+    debug_assert!(s.embeddings.is_empty());
+    d.set_item("embeddings", PyTuple::empty(py))?;
     Ok(d)
 }
 
@@ -88,6 +92,7 @@ pub fn ranges(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("strength", pair(&STRENGTH_RANGE))?;
     d.set_item("canny_low_threshold", pair(&CANNY_THRESHOLD_RANGE))?;
     d.set_item("canny_high_threshold", pair(&CANNY_THRESHOLD_RANGE))?;
+    d.set_item("clip_skip", pair(&CLIP_SKIP_RANGE))?;
     Ok(d)
 }
 

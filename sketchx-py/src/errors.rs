@@ -25,7 +25,9 @@ fn class_of(err: &Error) -> (&'static PyOnceLock<Py<PyType>>, &'static str) {
         Error::MissingFile { .. }
         | Error::MalformedFile { .. }
         | Error::Lora { .. }
+        | Error::Embedding { .. }
         | Error::UnsupportedModel { .. }
+        | Error::Checkpoint { .. }
         | Error::Download { .. }
         | Error::Device(_) => (&MODEL_LOAD, "ModelLoadError"),
         Error::QueueFull { .. } => (&QUEUE_FULL, "QueueFullError"),

@@ -9,8 +9,8 @@ use sketchx_core::settings::PipelineSettings;
 use sketchx_core::{Error, JobId, Pipeline};
 
 use crate::convert::{
-    bool_field, float_field, int_field, lora_list, opt_float_field, opt_int_field, seconds,
-    text_field,
+    bool_field, embedding_list, float_field, int_field, lora_list, opt_float_field, opt_int_field,
+    seconds, text_field,
 };
 use crate::errors::{to_py, OrRaise};
 use crate::sketch::{SketchArg, StartImageArg};
@@ -35,7 +35,7 @@ impl NativePipeline {
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
                         cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None,
-                        loras=None, preview_vae=None))]
+                        loras=None, preview_vae=None, embeddings=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -52,6 +52,7 @@ impl NativePipeline {
         drain_on_shutdown: Option<&Bound<'_, PyAny>>,
         loras: Option<&Bound<'_, PyAny>>,
         preview_vae: Option<&Bound<'_, PyAny>>,
+        embeddings: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let drain_on_shutdown = match drain_on_shutdown {
             Some(v) => bool_field(py, "drain_on_shutdown", v)?,
@@ -75,6 +76,7 @@ impl NativePipeline {
             drain_on_shutdown,
             loras: lora_list(py, loras)?,
             tiny_vae: text_field(py, "preview_vae", preview_vae)?,
+            embeddings: embedding_list(py, embeddings)?,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py
@@ -123,7 +125,7 @@ impl NativePipeline {
                         seed, width, height, scheduler, preprocess, controlnet_scale, guess_mode,
                         control_guidance_start, control_guidance_end, timestep_spacing=None, eta=None,
                         vae=None, start_image=None, start_raw=None, strength=None,
-                        canny_low_threshold=None, canny_high_threshold=None))]
+                        canny_low_threshold=None, canny_high_threshold=None, clip_skip=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -153,6 +155,7 @@ impl NativePipeline {
         strength: Option<&Bound<'_, PyAny>>,
         canny_low_threshold: Option<&Bound<'_, PyAny>>,
         canny_high_threshold: Option<&Bound<'_, PyAny>>,
+        clip_skip: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
         let d = GenerationRequest::DEFAULT;
         let request = GenerationRequest {
@@ -190,6 +193,7 @@ impl NativePipeline {
                 .unwrap_or(d.canny_low_threshold),
             canny_high_threshold: opt_int_field(py, "canny_high_threshold", canny_high_threshold)?
                 .unwrap_or(d.canny_high_threshold),
+            clip_skip: opt_int_field(py, "clip_skip", clip_skip)?.unwrap_or(d.clip_skip),
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
         let start = start_image

@@ -83,7 +83,7 @@ def test_generate_poll_and_download(client: TestClient) -> None:
 
 
 def test_the_few_step_form_fields(client: TestClient) -> None:
-    r = post(client, scheduler="lcm", timestep_spacing="trailing", eta=0.5, vae="full")
+    r = post(client, scheduler="lcm", timestep_spacing="trailing", eta=0.5, vae="full", clip_skip=1)
     assert r.status_code == 200, r.text
     assert poll_until_final(client, r.json()["job_id"])["status"] == "completed"
     r = post(client, scheduler="TCD", timestep_spacing="")
@@ -159,6 +159,8 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
         (dict(timestep_spacing="sideways"), "timestep_spacing"),
         (dict(vae="medium"), "vae"),
         (dict(scheduler="lcm2"), "scheduler"),
+        (dict(clip_skip=13), "clip_skip"),
+        (dict(clip_skip=3), "clip_skip"),
     ],
 )
 def test_bad_parameters_are_422(client: TestClient, overrides: dict, needle: str) -> None:

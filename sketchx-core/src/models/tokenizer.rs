@@ -15,6 +15,7 @@
 //! [`ClipTokenizer::encode_padded`] then adds the start/end tokens, truncates and pads to `model_max_length`
 //! exactly as `tokenizer(text, padding="max_length", max_length=model_max_length, truncation=True)` does.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
@@ -44,13 +45,38 @@ const CLIP_PATTERN: &str =
 /// leading spaces never match there, so no look-ahead is needed).
 const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
 
-/// A special token matched in the text before BPE.
+/// A special or added token matched in the text before BPE.
 #[derive(Debug, Clone)]
 struct AddedToken {
+    /// The token as given (a key of transformers' `added_tokens_encoder`).
     content: String,
+    /// What is matched: `content`, normalized when `normalized` (set by [`AddedToken::set_pattern`]).
+    pattern: String,
     id: u32,
     /// Matched in the normalized text (`true`) or in the raw text (`false`).
     normalized: bool,
+}
+
+impl AddedToken {
+    fn new(content: String, id: u32, normalized: bool) -> Self {
+        let mut t = Self {
+            pattern: String::new(),
+            content,
+            id,
+            normalized,
+        };
+        t.set_pattern();
+        t
+    }
+
+    /// Normalized tokens are matched in normalized text, so their normalized form is what is matched.
+    fn set_pattern(&mut self) {
+        self.pattern = if self.normalized {
+            normalize(&self.content)
+        } else {
+            self.content.clone()
+        };
+    }
 }
 
 /// A merge rule: its priority and the id of the merged symbol.
@@ -272,11 +298,7 @@ fn decoder_tokens(
             .get("normalized")
             .and_then(Value::as_bool)
             .unwrap_or(!special);
-        added.push(AddedToken {
-            content: content.to_string(),
-            id,
-            normalized,
-        });
+        added.push(AddedToken::new(content.to_string(), id, normalized));
     }
     Ok(added)
 }
@@ -328,12 +350,11 @@ fn special_tokens(
             .iter_mut()
             .find(|t| t.content == content)
         {
-            Some(t) => t.normalized = normalized,
-            None => added.push(AddedToken {
-                content,
-                id,
-                normalized,
-            }),
+            Some(t) => {
+                t.normalized = normalized;
+                t.set_pattern();
+            }
+            None => added.push(AddedToken::new(content, id, normalized)),
         }
     }
     Ok(ids)
@@ -385,10 +406,6 @@ impl ClipTokenizer {
             &vocab_path,
             &mut added,
         )?;
-        // Normalized tokens are matched in normalized text, so match their normalized form.
-        for t in added.iter_mut().filter(|t| t.normalized) {
-            t.content = normalize(&t.content);
-        }
         Ok(Self {
             vocab,
             merges,
@@ -450,13 +467,13 @@ impl ClipTokenizer {
             .added
             .iter()
             .filter(|t| !t.normalized)
-            .map(|t| (t.content.as_str(), t.id))
+            .map(|t| (t.pattern.as_str(), t.id))
             .collect();
         let norm_tokens: Vec<(&str, u32)> = self
             .added
             .iter()
             .filter(|t| t.normalized)
-            .map(|t| (t.content.as_str(), t.id))
+            .map(|t| (t.pattern.as_str(), t.id))
             .collect();
 
         let mut raw_segments = Vec::new();
@@ -595,6 +612,85 @@ impl ClipTokenizer {
     /// Size of the vocabulary in `vocab.json`.
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
+    }
+
+    /// Whether `token` is a token of the vocabulary or an added token, as given (transformers' `token in
+    /// tokenizer.get_vocab()`): BPE entries such as `cat</w>` as well as special and added tokens.
+    pub fn contains_token(&self, token: &str) -> bool {
+        self.vocab.contains_key(token) || self.added.iter().any(|t| t.content == token)
+    }
+
+    /// The id [`ClipTokenizer::add_token`] gives the next new token, as the tokenizers library numbers added
+    /// tokens: the vocabulary's size, or one past the largest added id when that is not below it (49408 for CLIP).
+    pub fn next_added_id(&self) -> u32 {
+        let size = u32::try_from(self.vocab.len()).unwrap_or(u32::MAX);
+        match self.added.iter().map(|t| t.id).max() {
+            Some(max) if max >= size => max.saturating_add(1),
+            _ => size,
+        }
+    }
+
+    /// Adds `token` as transformers' `tokenizer.add_tokens(token)` does (a plain, non-special token: matched
+    /// in the normalized text, so in any letter case, before BPE) and returns its id: its existing id when it
+    /// is already a vocabulary or added token, else [`ClipTokenizer::next_added_id`].
+    pub fn add_token(&mut self, token: &str) -> u32 {
+        if let Some(&id) = self.vocab.get(token) {
+            return id;
+        }
+        if let Some(t) = self.added.iter().find(|t| t.content == token) {
+            return t.id;
+        }
+        let id = self.next_added_id();
+        self.added
+            .push(AddedToken::new(token.to_string(), id, true));
+        id
+    }
+
+    /// diffusers' `maybe_convert_prompt` for multi-vector textual inversion tokens: every added token `T` found
+    /// in the tokenized `prompt` that has siblings `T_1`, `T_2`, ... among the added tokens is replaced in the
+    /// prompt's text by `T T_1 T_2 ...` (every occurrence, as Python's `str.replace`, also inside longer words).
+    ///
+    /// As in diffusers, the lookup uses the text the tokenizer matched, which is the normalized (lowercased)
+    /// form of a token matched in normalized text, and the replacement is case-sensitive: a token with
+    /// upper-case letters, or written in the prompt in another case, is not expanded and gets its first vector
+    /// only. The prompt comes back unchanged (borrowed) when no token expands.
+    pub fn expand_multi_vector_tokens<'a>(&self, prompt: &'a str) -> Cow<'a, str> {
+        let has_siblings = |t: &str| {
+            let first = format!("{t}_1");
+            self.added.iter().any(|a| a.content == first)
+        };
+        if !self.added.iter().any(|t| has_siblings(&t.content)) {
+            return Cow::Borrowed(prompt);
+        }
+        let ids = self.encode(prompt);
+        // The text each added token found in the prompt was matched as, once each, in the added tokens' order.
+        let mut matched: Vec<&str> = Vec::new();
+        for t in &self.added {
+            if ids.contains(&t.id) && !matched.contains(&t.pattern.as_str()) {
+                matched.push(&t.pattern);
+            }
+        }
+        let mut out = Cow::Borrowed(prompt);
+        for text in matched {
+            if !self.added.iter().any(|a| a.content == text) {
+                continue;
+            }
+            let mut replacement = text.to_string();
+            let mut i = 1;
+            loop {
+                let sibling = format!("{text}_{i}");
+                if !self.added.iter().any(|a| a.content == sibling) {
+                    break;
+                }
+                replacement.push(' ');
+                replacement.push_str(&sibling);
+                i += 1;
+            }
+            if i > 1 && out.contains(text) {
+                out = Cow::Owned(out.replace(text, &replacement));
+            }
+        }
+        out
     }
 
     /// Maps token ids back to text (special tokens dropped, `</w>` as word breaks); for diagnostics.

@@ -247,6 +247,7 @@ fn request_to_json(r: &GenerationRequest) -> String {
         "scheduler": r.scheduler.as_str(), "preprocess": r.preprocess.as_str(), "guess_mode": r.guess_mode,
         "control_guidance_start": r.control_guidance_start, "control_guidance_end": r.control_guidance_end,
         "timestep_spacing": r.timestep_spacing.map(|s| s.as_str()), "eta": r.eta, "vae": r.vae.as_str(),
+        "clip_skip": r.clip_skip,
     })
     .to_string()
 }
@@ -315,6 +316,8 @@ fn request_from_json(s: &str) -> std::result::Result<(GenerationRequest, bool), 
             Some(name) => name.parse().map_err(|e: Error| e.to_string())?,
             None => d.vae,
         },
+        clip_skip: typed::<Option<u32>>(field("clip_skip"), "clip_skip")?
+            .unwrap_or(GenerationRequest::DEFAULT.clip_skip),
     };
     Ok((request, image_follows))
 }
@@ -1227,6 +1230,7 @@ mod tests {
             scheduler: "ddim".parse().unwrap(),
             preprocess: "none".parse().unwrap(),
             vae: "tiny".parse().unwrap(),
+            clip_skip: 2,
             ..Default::default()
         };
         assert_eq!(
@@ -1241,11 +1245,13 @@ mod tests {
             "strength",
             "canny_low_threshold",
             "canny_high_threshold",
+            "clip_skip",
         ] {
             v.as_object_mut().unwrap().remove(k);
         }
         let defaults = GenerationRequest {
             vae: GenerationRequest::DEFAULT.vae,
+            clip_skip: GenerationRequest::DEFAULT.clip_skip,
             ..r
         };
         assert_eq!(

@@ -3,7 +3,8 @@
  * job ids, invalid parameters, bad sketches and models, buffers too small, calls after shutdown, and the frees
  * documented as safe (NULL, shutdown twice). Then a full job lifecycle: submit, progress callback, poll, wait,
  * the PNG bytes of a finished job, timeout, cancel, queue full, preview, cleanup, shutdown. Then the
- * `vae_tiling` option. Last, the Redis client (and, with SKETCHX_TEST_REDIS_URL, a worker serving it).
+ * `vae_tiling` option, textual inversion embeddings and clip skip. Last, the Redis client (and, with
+ * SKETCHX_TEST_REDIS_URL, a worker serving it).
  *
  *   api_test FIXTURES_DIR WORK_DIR      (WORK_DIR: an empty, writable directory)
  *
@@ -660,6 +661,106 @@ static void test_few_step(const char *fixtures, const char *work) {
     sketchx_pipeline_free(p);
 }
 
+/* One 2-step job with `prompt` / `negative_prompt` and `clip_skip` on a pipeline with `embedding_count`
+ * embeddings. Returns the PNG's bytes (malloc'd), NULL on failure. */
+static char *embedding_png(const char *fixtures, const char *out_dir, const char *const *embeddings,
+                           size_t embedding_count, const char *prompt, const char *negative_prompt,
+                           uint32_t clip_skip, size_t *len) {
+    char sd[1024], cn[1024], sketch_path[1024];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    opt.embeddings = embeddings;
+    opt.embedding_count = embedding_count;
+    sketchx_pipeline *p = NULL;
+    char *png = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return NULL;
+    sketchx_request req;
+    request_for_tests(&req, 2);
+    req.prompt = prompt;
+    req.negative_prompt = negative_prompt;
+    req.clip_skip = clip_skip;
+    sketchx_job_id id;
+    sketchx_status *st = NULL;
+    CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch_path, &id));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
+    if (st != NULL && sketchx_status_image_count(st) == 1) png = read_file(sketchx_status_image_path(st, 0), len);
+    CHECK(png != NULL);
+    sketchx_status_free(st);
+    sketchx_pipeline_free(p);
+    return png;
+}
+
+/* Textual inversion embeddings (options) and clip skip (request): each changes the image; a token already in the
+ * vocabulary, a missing file and out-of-range clip skips are refused by name. */
+static void test_textual_inversion(const char *fixtures, const char *work) {
+    sketchx_request req;
+    sketchx_pipeline_options opt;
+    sketchx_request_init(&req);
+    sketchx_pipeline_options_init(&opt);
+    CHECK(req.clip_skip == 0 && opt.embeddings == NULL && opt.embedding_count == 0);
+
+    char out_dir[1100], neg[1100], cat[1100], taken[1100], missing[1100];
+    snprintf(out_dir, sizeof out_dir, "%s/out-ti", work);
+    snprintf(neg, sizeof neg, "%s/formats/textual_inversion/tiny-neg.safetensors:tinyneg", fixtures);
+    snprintf(cat, sizeof cat, "%s/formats/textual_inversion/learned_embeds.safetensors", fixtures);
+    snprintf(taken, sizeof taken, "%s/formats/textual_inversion/learned_embeds.safetensors:cat", fixtures);
+    snprintf(missing, sizeof missing, "%s/formats/textual_inversion/missing.pt:tok", fixtures);
+    const char *both[2] = {neg, cat};
+    size_t n_plain = 0, n_ti = 0, n_skip = 0;
+    char *plain = embedding_png(fixtures, out_dir, NULL, 0, "a <tiny-cat> house", "tinyneg, lowres", 0, &n_plain);
+    char *ti = embedding_png(fixtures, out_dir, both, 2, "a <tiny-cat> house", "tinyneg, lowres", 0, &n_ti);
+    char *skip = embedding_png(fixtures, out_dir, both, 2, "a <tiny-cat> house", "tinyneg, lowres", 1, &n_skip);
+    if (plain != NULL && ti != NULL) CHECK(n_plain != n_ti || memcmp(plain, ti, n_plain) != 0);
+    if (ti != NULL && skip != NULL) CHECK(n_ti != n_skip || memcmp(ti, skip, n_ti) != 0);
+    free(plain);
+    free(ti);
+    free(skip);
+
+    char sd[1024], cn[1024], sketch_path[1024];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = (sketchx_pipeline *)0x1;
+    const char *bad[1] = {taken};
+    opt.embeddings = bad;
+    opt.embedding_count = 1;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_MALFORMED, "");
+    CHECK(strstr(sketchx_last_error_message(), "learned_embeds.safetensors") != NULL);
+    CHECK(strstr(sketchx_last_error_message(), "cat") != NULL);
+    bad[0] = missing;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_NOT_FOUND, "");
+    CHECK(strstr(sketchx_last_error_message(), "missing.pt") != NULL);
+    bad[0] = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_INVALID_UTF8, "");
+    opt.embeddings = NULL;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_NULL_ARGUMENT, "");
+    CHECK(p == (sketchx_pipeline *)0x1);
+
+    opt.embedding_count = 0;
+    p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return;
+    sketchx_job_id id;
+    request_for_tests(&req, 2);
+    req.clip_skip = 13; /* beyond the request's range */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, &id), SKETCHX_INVALID_REQUEST, "clip_skip");
+    req.clip_skip = 3; /* beyond the tiny text encoder's 2 layers */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, &id), SKETCHX_INVALID_REQUEST, "clip_skip");
+    sketchx_pipeline_free(p);
+}
+
 /* The Redis client: argument errors and an unreachable server without one; with SKETCHX_TEST_REDIS_URL set (as
  * scripts/test does), a client that refuses bad input and unknown ids and queues a job. */
 static void test_redis_client(const char *fixtures, const char *work) {
@@ -844,6 +945,7 @@ int main(int argc, char **argv) {
     test_static_functions();
     test_pipeline(argv[1], argv[2]);
     test_vae_tiling(argv[1], argv[2]);
+    test_textual_inversion(argv[1], argv[2]);
     test_few_step(argv[1], argv[2]);
     test_img2img_and_preprocess(argv[1], argv[2]);
     test_redis_client(argv[1], argv[2]);

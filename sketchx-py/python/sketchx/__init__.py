@@ -120,6 +120,12 @@ class Pipeline:
     ±10 (``InvalidRequestError`` naming ``loras.scale`` otherwise; a bare path means scale 1). ``preview_vae``: a
     tiny VAE (TAESD: local directory or Hub id such as ``madebyollin/taesd``) for live previews and for
     ``submit(..., vae="tiny")``.
+    ``embeddings``: textual inversion embeddings loaded in this order, as ``(path, token)`` pairs (a ``None``
+    token binds the file's own) or ``"PATH[:TOKEN]"`` strings as the CLI's ``--embedding``: A1111 ``.pt`` / ``.safetensors`` and diffusers
+    ``learned_embeds`` files (or a directory or Hub repo holding one, or a Hub file ``owner/name/file``), used
+    through their token in the prompt and the negative prompt as diffusers' ``load_textual_inversion`` does
+    (``ModelLoadError`` for a width other than the text encoder's, a token already in the vocabulary, an unknown
+    layout).
     ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
     then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
     ``drain_on_shutdown=True``: ``close`` finishes the pending jobs instead of cancelling them (with Redis: the
@@ -145,6 +151,9 @@ class Pipeline:
             "loras"
         ],
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["preview_vae"],
+        embeddings: Iterable[
+            Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
+        ] = _DEFAULTS["embeddings"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -160,6 +169,7 @@ class Pipeline:
             drain_on_shutdown,
             loras,
             None if preview_vae is None else os.fspath(preview_vae),
+            embeddings,
         )
 
     def submit(
@@ -188,6 +198,7 @@ class Pipeline:
         strength: float = _DEFAULTS["strength"],
         canny_low_threshold: int = _DEFAULTS["canny_low_threshold"],
         canny_high_threshold: int = _DEFAULTS["canny_high_threshold"],
+        clip_skip: int = _DEFAULTS["clip_skip"],
     ) -> str:
         """Validates the request, decodes the sketch and queues the job; returns its id at once.
 
@@ -199,7 +210,10 @@ class Pipeline:
         ``StableDiffusionControlNetImg2ImgPipeline``): ``"sketch"`` starts from the sketch's own colours, any other
         image (given as a sketch is) from that image; ``strength`` says how far it is noised (the last
         ``int(steps * strength)`` steps run). ``canny_low_threshold`` / ``canny_high_threshold`` are the
-        thresholds of ``preprocess="canny"`` (OpenCV's Canny). The ranges are in ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
+        thresholds of ``preprocess="canny"`` (OpenCV's Canny). ``clip_skip`` is diffusers' (the prompt is encoded
+        by the hidden state that many layers before the last; A1111's "clip skip N" is N - 1; the negative prompt
+        always uses the last layer, as in diffusers). The ranges are in ``sketchx.RANGES``. Raises
+        ``InvalidRequestError`` (naming the field and the allowed range) for bad
         parameters or an undecodable sketch, ``QueueFullError`` when the queue is full.
         """
         data, raw = _sketch_args(sketch)
@@ -230,6 +244,7 @@ class Pipeline:
             strength,
             canny_low_threshold,
             canny_high_threshold,
+            clip_skip,
         )
 
     def poll(self, job_id: str) -> JobStatus:

@@ -60,6 +60,9 @@ class Pipeline:
         drain_on_shutdown: bool = False,
         loras: Iterable[Union[Tuple[Union[str, "os.PathLike[str]"], float], str, "os.PathLike[str]"]] = (),
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = None,
+        embeddings: Iterable[
+            Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
+        ] = (),
     ) -> None: ...
     def submit(
         self,
@@ -87,6 +90,7 @@ class Pipeline:
         strength: float = 0.8,
         canny_low_threshold: int = 100,
         canny_high_threshold: int = 200,
+        clip_skip: int = 0,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...
