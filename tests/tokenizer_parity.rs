@@ -298,5 +298,10 @@ fn the_built_in_sd15_tokenizer_is_the_real_one() {
     let from_dir = ClipTokenizer::from_dir(&tokenizer_dir()).unwrap();
     assert_eq!(format!("{built_in:?}"), format!("{from_dir:?}"));
     let bad = mismatches(&built_in, &refs()["cases"]);
-    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }

@@ -25,6 +25,7 @@ use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
 use super::config::{read_json, read_text, ConfigFile};
+use super::loader::Resolver;
 use crate::error::{Error, Result};
 
 /// Suffix BPE appends to the last symbol of every word.
@@ -412,6 +413,24 @@ impl ClipTokenizer {
         let config = optional_config(&dir.join("tokenizer_config.json"))?;
         let map = optional_config(&dir.join("special_tokens_map.json"))?;
         Self::from_parts(vocab, &vocab_path, &merges, &merges_path, config, map)
+    }
+
+    /// The `tokenizer/` folder of a model folder or Hub repository (`vocab.json` and `merges.txt`, with the optional
+    /// config files beside them fetched too, so that a Hub download has everything [`ClipTokenizer::from_dir`]
+    /// reads).
+    pub fn from_resolver(base: &Resolver) -> Result<Self> {
+        let vocab = base.get("tokenizer/vocab.json")?;
+        base.get("tokenizer/merges.txt")?;
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let rel = format!("tokenizer/{f}");
+            if base.exists(&rel) {
+                base.get(&rel)?;
+            }
+        }
+        let dir = vocab.parent().ok_or_else(|| Error::MissingFile {
+            path: base.describe("tokenizer"),
+        })?;
+        Self::from_dir(dir)
     }
 
     /// The tokenizer of Stable Diffusion 1.x (OpenAI CLIP ViT-L/14's, as in `stable-diffusion-v1-5/tokenizer`),
