@@ -60,6 +60,11 @@ class Pipeline:
         drain_on_shutdown: bool = False,
         loras: Iterable[Union[Tuple[Union[str, "os.PathLike[str]"], float], str, "os.PathLike[str]"]] = (),
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = None,
+        model_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        original_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        extract_ema: bool = False,
+        controlnet_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        vae_model: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> None: ...
     def submit(
         self,
