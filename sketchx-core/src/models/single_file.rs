@@ -639,15 +639,15 @@ pub fn open_controlnet(
     let file = Arc::new(TensorFile::open(path)?);
     let names = file.names();
     refuse_other_families(&file, &names, Expect::ControlNet)?;
+    let diffusers_layout = names
+        .iter()
+        .any(|k| k.starts_with("controlnet_cond_embedding."));
     // diffusers: the prefix is stripped unless `time_embed.0.weight` is a top-level key.
-    let prefix = if file.shape("time_embed.0.weight").is_some() {
+    let prefix = if diffusers_layout || file.shape("time_embed.0.weight").is_some() {
         ""
     } else {
         CONTROLNET_PREFIX
     };
-    let diffusers_layout = names
-        .iter()
-        .any(|k| k.starts_with("controlnet_cond_embedding."));
     let config = match config {
         Some(c) => c,
         None if diffusers_layout => {
@@ -881,11 +881,11 @@ fn check_in_channels(file: &TensorFile, unet: &ConfigFile) -> Result<()> {
     };
     let want = unet.usize_or("in_channels", 4)?;
     match shape.get(1) {
-        Some(&9) if want != 9 => Err(file.error(
+        Some(&9) => Err(file.error(
             key,
             format!(
                 "an inpainting UNet ({shape:?}: 9 input channels, latents + masked-image latents + mask); sketchx's \
-                 sketch-to-image pipeline runs {want}-channel text-to-image UNets"
+                 sketch-to-image pipeline is not an inpainting pipeline"
             ),
         )),
         Some(&c) if c != want => Err(file.error(
