@@ -5,7 +5,9 @@
 //! ```
 //!
 //! Models are downloaded from the Hugging Face Hub on first use (progress bars on stderr) into the standard HF
-//! cache and reused offline afterwards; `--model` / `--controlnet` also take local diffusers-layout directories.
+//! cache and reused offline afterwards; `--model` / `--controlnet` also take local diffusers-layout directories
+//! and single files in the original layout (an A1111/civitai `.safetensors` or `.ckpt` checkpoint, a
+//! `control_v11p_sd15_scribble.pth`), which need no Hub access at all; `--vae PATH` swaps in another VAE.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +26,7 @@ use sketchx::request::{
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx::settings::{
-    embedding_args, lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY,
+    embedding_args, lora_args, PipelineSettings, VaeArg, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY,
 };
 use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::JobId;
@@ -86,10 +88,12 @@ struct Args {
     #[arg(long, default_value_t = D.eta, help = format!(
         "Stochasticity of the ddim and tcd steps, {}", span(&ETA_RANGE)))]
     eta: f64,
-    /// Which VAE decodes the images.
-    #[arg(long, default_value_t = D.vae, help = format!(
-        "Which VAE decodes the images: {} (tiny needs --tiny-vae)", VaeKind::names().join(", ")))]
-    vae: VaeKind,
+    /// Which VAE decodes the images, or a VAE replacing the model's.
+    #[arg(long, default_value_t = VaeArg::Decoder(D.vae), value_name = "full|tiny|PATH", help = format!(
+        "Which VAE decodes the images: {} (tiny needs --tiny-vae); anything else is a VAE replacing the model's: \
+         a single file (e.g. vae-ft-mse-840000-ema-pruned.safetensors), a folder or a Hub id (./tiny for a folder \
+         named tiny)", VaeKind::names().join(", ")))]
+    vae: VaeArg,
     /// diffusers' clip_skip: encode the prompt with the hidden state this many layers before the last.
     #[arg(long, default_value_t = D.clip_skip, help = format!(
         "diffusers' clip_skip, {}: the prompt is encoded by the hidden state this many layers before the last \
@@ -117,12 +121,27 @@ struct Args {
         "With --start-image: how far the start image is noised, {} (the last int(steps * strength) steps run)",
         span(&STRENGTH_RANGE)))]
     strength: f64,
-    /// Stable Diffusion 1.5 model: Hub repo id or local directory.
+    /// Stable Diffusion 1.5 model: Hub repo id, local diffusers directory, or single checkpoint file
+    /// (.safetensors / .ckpt / .pt in the original layout).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// ControlNet: Hub repo id or local directory.
+    /// For a single-file --model: a diffusers folder or Hub id whose configs (and tokenizer) describe it; default:
+    /// --original-config, else SD1.5's configs built into sketchx.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    model_config: Option<String>,
+    /// For a single-file --model: an original LDM .yaml (v1-inference.yaml or a variant).
+    #[arg(long, value_name = "FILE.yaml")]
+    original_config: Option<String>,
+    /// For a single-file --model: take the UNet's EMA weights (model_ema.*) instead of its non-EMA ones.
+    #[arg(long)]
+    extract_ema: bool,
+    /// ControlNet: Hub repo id, local directory, or single file in the original layout (.safetensors / .pth).
     #[arg(long, default_value = DEFAULT_CONTROLNET)]
     controlnet: String,
+    /// For a single-file --controlnet: a ControlNet folder or Hub id whose config.json describes it; default:
+    /// derived from the UNet's config.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    controlnet_config: Option<String>,
     /// Output directory (created if missing).
     #[arg(long, default_value = DEFAULT_OUTPUT_DIR)]
     out: PathBuf,
@@ -174,7 +193,10 @@ fn run(args: Args) -> sketchx::Result<()> {
         preprocess: args.preprocess,
         timestep_spacing: args.timestep_spacing,
         eta: args.eta,
-        vae: args.vae,
+        vae: match &args.vae {
+            VaeArg::Decoder(kind) => *kind,
+            VaeArg::Override(_) => VaeKind::Full,
+        },
         canny_low_threshold: args.canny_low_threshold,
         canny_high_threshold: args.canny_high_threshold,
         start_image: args
@@ -201,6 +223,14 @@ fn run(args: Args) -> sketchx::Result<()> {
         loras: lora_args(&args.loras),
         tiny_vae: args.tiny_vae,
         embeddings: embedding_args(&args.embeddings),
+        model_config: args.model_config,
+        original_config: args.original_config,
+        extract_ema: args.extract_ema,
+        controlnet_config: args.controlnet_config,
+        vae: match args.vae {
+            VaeArg::Override(path) => Some(path),
+            VaeArg::Decoder(_) => None,
+        },
         ..PipelineSettings::DEFAULT
     };
     let config = settings.to_config()?.engine;

@@ -292,12 +292,14 @@ typedef void (*sketchx_progress_fn)(const struct sketchx_job_info *info, void *u
  */
 typedef struct sketchx_pipeline_options {
   /**
-   * Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`) or local diffusers directory.
-   * NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+   * Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`), local diffusers directory or
+   * single checkpoint file (`.safetensors`, `.ckpt`, `.pt` in the original layout; see `model_config`,
+   * `original_config`, `extract_ema`). NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
    */
   const char *model;
   /**
-   * ControlNet: repo id or local directory. NULL: `lllyasviel/sd-controlnet-scribble`.
+   * ControlNet: repo id, local directory or single file in the original layout (`.safetensors`, `.pth`; see
+   * `controlnet_config`). NULL: `lllyasviel/sd-controlnet-scribble`.
    */
   const char *controlnet;
   /**
@@ -394,6 +396,32 @@ typedef struct sketchx_pipeline_options {
    * The number of strings in `embeddings`.
    */
   size_t embedding_count;
+  /**
+   * For a single-file `model` (a `.safetensors` / `.ckpt` checkpoint in the original layout): a diffusers
+   * folder or Hub id whose configs (and tokenizer) describe it, as diffusers' `from_single_file(config=...)`.
+   * NULL: `original_config`, else SD1.5's configs built into the library (the default).
+   */
+  const char *model_config;
+  /**
+   * For a single-file `model`: an original LDM `.yaml` (`v1-inference.yaml` or a variant with
+   * `parameterization: v`, ...). NULL: none (the default).
+   */
+  const char *original_config;
+  /**
+   * Non-zero: take a single-file `model`'s UNet from its EMA weights (`model_ema.*`; a file without them is
+   * `SKETCHX_MODEL_UNSUPPORTED`). 0: its non-EMA weights (the default, as diffusers).
+   */
+  int extract_ema;
+  /**
+   * For a single-file `controlnet` (`.safetensors` / `.pth` in the original layout): a ControlNet folder or
+   * Hub id whose `config.json` describes it. NULL: derived from the UNet's config (the default).
+   */
+  const char *controlnet_config;
+  /**
+   * A VAE replacing the model's: a single file (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`), a folder or
+   * a Hub id. NULL: the model's own VAE (the default).
+   */
+  const char *vae;
 } sketchx_pipeline_options;
 
 /**

@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::config::ConfigFile;
 use crate::models::controlnet::{ControlNet, ControlResiduals};
-use crate::models::loader::{self, build_error, ModelSource, Resolver};
+use crate::models::loader::{self, build_error, ModelSource, Resolver, WeightsSource};
 use crate::models::lora::{self, FusedWeights, LoraSpec};
+use crate::models::single_file::{self, SingleFileOptions};
 use crate::models::taesd::TinyVae;
 use crate::models::textual_inversion::{self, AddedEmbeddings, EmbeddingSpec};
 use crate::models::tokenizer::ClipTokenizer;
@@ -42,9 +43,13 @@ const PROMPT_CACHE_ENTRIES: usize = 32;
 /// Which models to load and where to run them.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// The Stable Diffusion repository or directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// The Stable Diffusion model: a Hub repository or a directory in diffusers layout (unet/, vae/,
+    /// text_encoder/, tokenizer/, scheduler/), or a single checkpoint file in the original layout (`.safetensors`,
+    /// `.ckpt`, `.pt`; see [`crate::models::single_file`] and [`EngineConfig::single_file`]).
     pub model: ModelSource,
-    /// The ControlNet repository or directory (config.json + weights at its root).
+    /// The ControlNet: a Hub repository or a directory (config.json + weights at its root), or a single file in
+    /// the original layout (`control_model.*` or plain keys, `.safetensors` or `.pth`; its config from
+    /// [`EngineConfig::controlnet_config`], else derived from the UNet's).
     pub controlnet: ModelSource,
     /// Where the networks run.
     pub device: Device,
@@ -77,6 +82,18 @@ pub struct EngineConfig {
     /// already in the vocabulary or a file in no known layout fails [`Engine::load`] ([`Error::Embedding`]).
     /// Default: none.
     pub embeddings: Vec<EmbeddingSpec>,
+    /// How a single-file [`EngineConfig::model`] is read: a diffusers config folder or an original `.yaml` for its
+    /// sizes (SD1.5's built-in configs otherwise), EMA weights. Ignored for a folder or Hub model.
+    pub single_file: SingleFileOptions,
+    /// The config of a single-file [`EngineConfig::controlnet`]: a ControlNet folder or Hub repository (its
+    /// `config.json`), as `ControlNetModel.from_single_file(config=...)`. `None` (the default): the UNet's config
+    /// without its decoder half, with the conditioning embedding's sizes read from the file.
+    pub controlnet_config: Option<ModelSource>,
+    /// A VAE that replaces the model's (diffusers' `vae=` argument): a single file (original layout with no
+    /// prefix, `first_stage_model.` or `vae.`, e.g. `vae-ft-mse-840000-ema-pruned.safetensors`; built with the
+    /// model's VAE config), a folder or Hub repository (its `config.json` and weights at the root, or in `vae/`).
+    /// `None` (the default): the model's own VAE.
+    pub vae: Option<ModelSource>,
 }
 
 impl EngineConfig {
@@ -85,7 +102,7 @@ impl EngineConfig {
         Self::new(DEFAULT_MODEL, DEFAULT_CONTROLNET)
     }
 
-    /// The given models (Hub ids or local directories) on the CPU in f32.
+    /// The given models (Hub ids, local directories or single files) on the CPU in f32.
     pub fn new(model: &str, controlnet: &str) -> Result<Self> {
         Ok(Self {
             model: ModelSource::parse(model)?,
@@ -97,6 +114,9 @@ impl EngineConfig {
             loras: Vec::new(),
             tiny_vae: None,
             embeddings: Vec::new(),
+            single_file: SingleFileOptions::default(),
+            controlnet_config: None,
+            vae: None,
         })
     }
 }
@@ -160,7 +180,7 @@ pub struct Engine {
 /// Where the VAE encoder's weights are, to build it when first needed.
 struct EncoderSource {
     config: ConfigFile,
-    path: PathBuf,
+    source: WeightsSource,
     precision: Precision,
 }
 
@@ -179,14 +199,11 @@ impl Engine {
     /// ([`EngineConfig::embeddings`]) are read and their tokens added before any network is built too; their
     /// vectors become rows of the text encoder's token embedding table once it is.
     pub fn load(config: &EngineConfig) -> Result<Self> {
-        let base = Resolver::new(config.model.clone())?;
-        let cn = Resolver::new(config.controlnet.clone())?;
         let precision = Precision::new(&config.device, config.dtype);
-        let mut tokenizer = load_tokenizer(&base)?;
         for spec in &config.loras {
             spec.validate()?;
         }
-        let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
+        let (mut tokenizer, files) = NetworkFiles::locate(config)?;
         let added = textual_inversion::add_embeddings(
             &config.embeddings,
             &mut tokenizer,
@@ -198,7 +215,7 @@ impl Engine {
             .as_ref()
             .map(|source| locate_tiny_vae(source, config.variant.as_deref()))
             .transpose()?;
-        let fused = lora::fuse(
+        let fused = lora::fuse_sources(
             &config.loras,
             &files.unet.1,
             &files.text_encoder.2,
@@ -238,7 +255,7 @@ impl Engine {
             vae_encoder: Mutex::new(None),
             vae_encoder_source: EncoderSource {
                 config: files.vae.0.clone(),
-                path: files.vae.1.clone(),
+                source: files.vae.1.clone(),
                 precision,
             },
         })
@@ -297,8 +314,12 @@ impl Engine {
             return Ok(Arc::clone(e));
         }
         let s = &self.vae_encoder_source;
-        let encoder = loader::weights(&s.path, s.precision, &self.device)
-            .and_then(|w| VaeEncoder::load(w, &s.config).map_err(|e| candle_to_file(e, &s.path)))?;
+        // A single file's VAE: the decoder has read its tensors already and the encoder's are optional there, so
+        // `finish` only reports what this build recorded (a misfit or missing key).
+        let encoder = s.source.finish(
+            loader::weights_from(&s.source, s.precision, &self.device)
+                .and_then(|w| VaeEncoder::load(w, &s.config)),
+        )?;
         let encoder = Arc::new(encoder);
         *slot = Some(Arc::clone(&encoder));
         Ok(encoder)
@@ -757,59 +778,85 @@ struct TextConditioning {
     controlnet: Tensor,
 }
 
-/// The tokenizer of `base` (`tokenizer/vocab.json` and `merges.txt`, with the optional config files beside them
-/// fetched too, so that a Hub download has everything [`ClipTokenizer::from_dir`] reads).
-fn load_tokenizer(base: &Resolver) -> Result<ClipTokenizer> {
-    let vocab = base.get("tokenizer/vocab.json")?;
-    base.get("tokenizer/merges.txt")?;
-    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
-        let rel = format!("tokenizer/{f}");
-        if base.exists(&rel) {
-            base.get(&rel)?;
-        }
-    }
-    let dir = vocab.parent().ok_or_else(|| Error::MissingFile {
-        path: base.describe("tokenizer"),
-    })?;
-    ClipTokenizer::from_dir(dir)
-}
-
-/// Every network's config and weights file, located (and downloaded) before any is built.
+/// Every network's config and weights, located (and downloaded) before any is built.
 struct NetworkFiles {
-    text_encoder: (ClipTextConfig, String, PathBuf),
-    unet: (ConfigFile, PathBuf),
-    vae: (ConfigFile, PathBuf),
+    text_encoder: (ClipTextConfig, String, WeightsSource),
+    unet: (ConfigFile, WeightsSource),
+    vae: (ConfigFile, WeightsSource),
     scheduler: SchedulerConfig,
-    controlnet: (ConfigFile, PathBuf),
+    controlnet: (ConfigFile, WeightsSource),
 }
 
 impl NetworkFiles {
-    /// Locates the files one at a time, in the order a sequential load reports errors in.
-    fn locate(base: &Resolver, cn: &Resolver, variant: Option<&str>) -> Result<Self> {
-        let te = base.config("text_encoder/config.json")?;
-        let text_encoder = (
-            ClipTextConfig::from_config(&te)?,
-            te.origin().to_string(),
-            base.weights("text_encoder", variant)?,
-        );
-        let unet = (
-            base.config("unet/config.json")?,
-            base.weights("unet", variant)?,
-        );
-        let vae = (
-            base.config("vae/config.json")?,
-            base.weights("vae", variant)?,
-        );
-        let scheduler =
-            SchedulerConfig::from_config(&base.config("scheduler/scheduler_config.json")?)?;
-        let controlnet = (cn.config("config.json")?, cn.weights("", variant)?);
-        Ok(Self {
-            text_encoder,
-            unet,
-            vae,
-            scheduler,
-            controlnet,
-        })
+    /// Locates the tokenizer and the files one at a time, in the order a sequential load reports errors in: the
+    /// model (a folder or Hub repository, or a single file), the VAE override, the ControlNet.
+    fn locate(config: &EngineConfig) -> Result<(ClipTokenizer, Self)> {
+        let variant = config.variant.as_deref();
+        let need_vae = config.vae.is_none();
+        let (tokenizer, text_encoder, unet, vae_config, vae, scheduler) = match &config.model {
+            ModelSource::File(path) => {
+                let c = single_file::open_checkpoint(path, &config.single_file, need_vae)?;
+                let scheduler = SchedulerConfig::from_config(&c.scheduler)?;
+                (
+                    c.tokenizer,
+                    c.text_encoder,
+                    c.unet,
+                    c.vae_config,
+                    c.vae,
+                    scheduler,
+                )
+            }
+            source => {
+                let base = Resolver::new(source.clone())?;
+                let tokenizer = ClipTokenizer::from_resolver(&base)?;
+                let te = base.config("text_encoder/config.json")?;
+                let text_encoder = (
+                    ClipTextConfig::from_config(&te)?,
+                    te.origin().to_string(),
+                    base.weights("text_encoder", variant)?.into(),
+                );
+                let unet = (
+                    base.config("unet/config.json")?,
+                    base.weights("unet", variant)?.into(),
+                );
+                let vae_config = base.config("vae/config.json")?;
+                let vae = need_vae
+                    .then(|| base.weights("vae", variant).map(WeightsSource::from))
+                    .transpose()?;
+                let scheduler =
+                    SchedulerConfig::from_config(&base.config("scheduler/scheduler_config.json")?)?;
+                (tokenizer, text_encoder, unet, vae_config, vae, scheduler)
+            }
+        };
+        let vae = match (&config.vae, vae) {
+            (Some(source), _) => locate_vae(source, &vae_config, variant)?,
+            (None, Some(weights)) => (vae_config, weights),
+            (None, None) => unreachable!("the model's VAE is located when there is no override"),
+        };
+        let controlnet = match &config.controlnet {
+            ModelSource::File(path) => {
+                let given = config
+                    .controlnet_config
+                    .as_ref()
+                    .map(|s| Resolver::new(s.clone())?.config("config.json"))
+                    .transpose()?;
+                single_file::open_controlnet(path, given, &unet.0)?
+            }
+            source => {
+                let cn = Resolver::new(source.clone())?;
+                (cn.config("config.json")?, cn.weights("", variant)?.into())
+            }
+        };
+        Ok((
+            tokenizer,
+            Self {
+                text_encoder,
+                unet,
+                vae,
+                scheduler,
+                controlnet,
+            },
+        ))
     }
 
     /// Builds the four networks at once, as tasks on rayon's pool (not on threads of their own: the reads inside
@@ -823,40 +870,38 @@ impl NetworkFiles {
         dev: &Device,
         fused: FusedWeights,
     ) -> Result<(ClipTextModel, UNet, Vae, ControlNet)> {
-        let open = |path: &Path| loader::weights(path, precision, dev);
+        let open = |source: &WeightsSource| loader::weights_from(source, precision, dev);
         // The fused maps move into their networks' builders, so they are freed with them once each is built.
         let FusedWeights {
             unet: fused_unet,
             text_encoder: fused_te,
         } = fused;
-        let open_fused = |path: &Path, fused| loader::weights_fused(path, precision, dev, fused);
+        let open_fused = |source: &WeightsSource, fused| {
+            loader::weights_fused_from(source, precision, dev, fused)
+        };
         let (mut te, mut unet, mut vae, mut cn) = (None, None, None, None);
         rayon::scope(|s| {
             let te = &mut te;
             s.spawn(move |_| {
-                let (config, origin, path) = &self.text_encoder;
-                *te = Some(open_fused(path, fused_te).and_then(|w| {
-                    ClipTextModel::load(w, config, origin).map_err(|e| candle_to_file(e, path))
-                }))
-            });
-            s.spawn(|_| {
-                let (config, path) = &self.vae;
-                vae = Some(
-                    open(path)
-                        .and_then(|w| Vae::load(w, config).map_err(|e| candle_to_file(e, path))),
+                let (config, origin, source) = &self.text_encoder;
+                *te = Some(
+                    source.finish(
+                        open_fused(source, fused_te)
+                            .and_then(|w| ClipTextModel::load(w, config, origin)),
+                    ),
                 )
             });
             s.spawn(|_| {
-                let (config, path) = &self.controlnet;
-                cn =
-                    Some(open(path).and_then(|w| {
-                        ControlNet::load(w, config).map_err(|e| candle_to_file(e, path))
-                    }))
+                let (config, source) = &self.vae;
+                vae = Some(source.finish(open(source).and_then(|w| Vae::load(w, config))))
             });
-            let (config, path) = &self.unet;
+            s.spawn(|_| {
+                let (config, source) = &self.controlnet;
+                cn = Some(source.finish(open(source).and_then(|w| ControlNet::load(w, config))))
+            });
+            let (config, source) = &self.unet;
             unet = Some(
-                open_fused(path, fused_unet)
-                    .and_then(|w| UNet::load(w, config).map_err(|e| candle_to_file(e, path))),
+                source.finish(open_fused(source, fused_unet).and_then(|w| UNet::load(w, config))),
             );
         });
         // `rayon::scope` returns once every task has run (a panicking task re-panics here), so all four are set.
@@ -880,6 +925,16 @@ fn check_compatible(
     controlnet: &ControlNet,
 ) -> Result<()> {
     let (unet_origin, cn_origin) = (files.unet.0.origin(), files.controlnet.0.origin());
+    if controlnet.residual_channels() != unet.residual_channels() {
+        return Err(Error::unsupported(
+            cn_origin,
+            format!(
+                "the ControlNet's residual channels {:?} do not fit the UNet's skip connections {:?} ({unet_origin})",
+                controlnet.residual_channels(),
+                unet.residual_channels()
+            ),
+        ));
+    }
     if controlnet.downscale_factor() != vae.scale_factor {
         return Err(Error::unsupported(
             cn_origin,
@@ -924,11 +979,41 @@ fn to_hwc(img: &Tensor) -> Result<Vec<f32>> {
 
 /// The config and weights file of [`EngineConfig::tiny_vae`] (both at the source's root), downloaded if needed.
 fn locate_tiny_vae(source: &ModelSource, variant: Option<&str>) -> Result<(ConfigFile, PathBuf)> {
+    if let ModelSource::File(p) = source {
+        return Err(Error::invalid(
+            "tiny_vae",
+            format!(
+                "{} is a file; a tiny VAE is read from a folder or Hub repository (config.json and weights)",
+                p.display()
+            ),
+        ));
+    }
     let resolver = Resolver::new(source.clone())?;
     Ok((
         resolver.config("config.json")?,
         resolver.weights("", variant)?,
     ))
+}
+
+/// The config and weights of a VAE override ([`EngineConfig::vae`]): a single file built with the model's VAE
+/// config, or a folder / Hub repository with its own `config.json` at the root (a VAE repository) or in `vae/` (a
+/// whole model's).
+fn locate_vae(
+    source: &ModelSource,
+    model_vae: &ConfigFile,
+    variant: Option<&str>,
+) -> Result<(ConfigFile, WeightsSource)> {
+    if let ModelSource::File(path) = source {
+        return Ok((model_vae.clone(), single_file::open_vae(path, model_vae)?));
+    }
+    let r = Resolver::new(source.clone())?;
+    let sub = if r.exists("config.json") { "" } else { "vae" };
+    let config = r.config(if sub.is_empty() {
+        "config.json"
+    } else {
+        "vae/config.json"
+    })?;
+    Ok((config, r.weights(sub, variant)?.into()))
 }
 
 /// Builds the tiny VAE and checks that it decodes the model's latents: same latent channels, same scale factor

@@ -30,11 +30,13 @@ use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::models::loader::ModelSource;
 use crate::models::lora::LoraSpec;
+use crate::models::single_file::SingleFileOptions;
 use crate::models::textual_inversion::EmbeddingSpec;
 use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use crate::pipeline::{PipelineConfig, ShutdownPolicy};
 use crate::request::{
-    out_of_range, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE,
+    out_of_range, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE,
+    STEPS_RANGE,
 };
 
 pub use crate::pipeline::{
@@ -48,10 +50,11 @@ pub use crate::store::DEFAULT_RETENTION_SECS;
 /// settings) is set on the [`PipelineConfig`] afterwards.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineSettings {
-    /// Stable Diffusion 1.5: a Hub id (`owner/name[@revision]`) or a local diffusers directory; `None`:
-    /// [`DEFAULT_MODEL`].
+    /// Stable Diffusion 1.5: a Hub id (`owner/name[@revision]`), a local diffusers directory or a single
+    /// checkpoint file (`.safetensors`, `.ckpt`, `.pt` in the original layout); `None`: [`DEFAULT_MODEL`].
     pub model: Option<String>,
-    /// The ControlNet: a Hub id or a local directory; `None`: [`DEFAULT_CONTROLNET`].
+    /// The ControlNet: a Hub id, a local directory or a single file in the original layout (`.safetensors`,
+    /// `.pth`); `None`: [`DEFAULT_CONTROLNET`].
     pub controlnet: Option<String>,
     /// A device name ([`crate::names::DEVICE_NAMES`]); `None`: [`crate::names::DEFAULT_DEVICE`].
     pub device: Option<String>,
@@ -93,6 +96,19 @@ pub struct PipelineSettings {
     /// directory, a Hub file or repository) and the token it binds (`None`: the file's own). A `PATH[:TOKEN]`
     /// argument splits with [`EmbeddingSpec::split_arg`]. Default: none.
     pub embeddings: Vec<(String, Option<String>)>,
+    /// For a single-file `model`: a diffusers folder or Hub id whose configs (and tokenizer) describe it
+    /// ([`SingleFileOptions::config`]); `None`: `original_config`, else SD1.5's built-in configs.
+    pub model_config: Option<String>,
+    /// For a single-file `model`: an original LDM `.yaml` ([`SingleFileOptions::original_config`]).
+    pub original_config: Option<String>,
+    /// For a single-file `model`: take the UNet's EMA weights ([`SingleFileOptions::extract_ema`]).
+    pub extract_ema: bool,
+    /// For a single-file `controlnet`: a ControlNet folder or Hub id whose `config.json` describes it
+    /// ([`EngineConfig::controlnet_config`]); `None`: derived from the UNet's config.
+    pub controlnet_config: Option<String>,
+    /// A VAE replacing the model's ([`EngineConfig::vae`]): a single file, a folder or a Hub id; `None`: the
+    /// model's.
+    pub vae: Option<String>,
 }
 
 impl PipelineSettings {
@@ -119,6 +135,11 @@ impl PipelineSettings {
         loras: Vec::new(),
         tiny_vae: None,
         embeddings: Vec::new(),
+        model_config: None,
+        original_config: None,
+        extract_ema: false,
+        controlnet_config: None,
+        vae: None,
     };
 
     /// Parses and checks every field and builds the [`PipelineConfig`] (no model is loaded yet). Errors:
@@ -154,6 +175,34 @@ impl PipelineSettings {
             .iter()
             .map(|(location, token)| EmbeddingSpec::from_location(location, token.as_deref()))
             .collect::<Result<_>>()?;
+        engine.single_file = SingleFileOptions {
+            config: self
+                .model_config
+                .as_deref()
+                .map(ModelSource::parse)
+                .transpose()?,
+            original_config: self
+                .original_config
+                .as_deref()
+                .map(|p| {
+                    let p = PathBuf::from(p);
+                    if p.is_file() {
+                        Ok(p)
+                    } else {
+                        Err(Error::MissingFile {
+                            path: format!("{} (original_config)", p.display()),
+                        })
+                    }
+                })
+                .transpose()?,
+            extract_ema: self.extract_ema,
+        };
+        engine.controlnet_config = self
+            .controlnet_config
+            .as_deref()
+            .map(ModelSource::parse)
+            .transpose()?;
+        engine.vae = self.vae.as_deref().map(ModelSource::parse).transpose()?;
         let mut config = PipelineConfig::with_engine(engine);
         if let Some(dir) = &self.output_dir {
             config.output_dir = dir.clone();
@@ -207,6 +256,37 @@ fn settings_field_names(e: Error) -> Error {
             message,
         },
         other => other,
+    }
+}
+
+/// A `--vae` argument as the CLI takes it: a decoder name ([`VaeKind`]: `full` or `tiny`, any case) or else a VAE
+/// to load in place of the model's ([`PipelineSettings::vae`]: a single file, a folder or a Hub id; `./tiny` for
+/// a folder of that name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaeArg {
+    /// Which of the loaded VAEs decodes ([`crate::request::GenerationRequest::vae`]).
+    Decoder(VaeKind),
+    /// The VAE to load instead of the model's.
+    Override(String),
+}
+
+impl std::str::FromStr for VaeArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(match s.parse::<VaeKind>() {
+            Ok(kind) => VaeArg::Decoder(kind),
+            Err(_) => VaeArg::Override(s.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for VaeArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VaeArg::Decoder(kind) => kind.fmt(f),
+            VaeArg::Override(s) => f.write_str(s),
+        }
     }
 }
 

@@ -139,10 +139,12 @@ pub type sketchx_progress_fn =
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct sketchx_pipeline_options {
-    /// Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`) or local diffusers directory.
-    /// NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+    /// Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`), local diffusers directory or
+    /// single checkpoint file (`.safetensors`, `.ckpt`, `.pt` in the original layout; see `model_config`,
+    /// `original_config`, `extract_ema`). NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
     pub model: *const c_char,
-    /// ControlNet: repo id or local directory. NULL: `lllyasviel/sd-controlnet-scribble`.
+    /// ControlNet: repo id, local directory or single file in the original layout (`.safetensors`, `.pth`; see
+    /// `controlnet_config`). NULL: `lllyasviel/sd-controlnet-scribble`.
     pub controlnet: *const c_char,
     /// `cpu`, `cuda`, `cuda:N` or `metal` (GPUs need a build with the matching feature). NULL: `cpu`.
     pub device: *const c_char,
@@ -202,6 +204,22 @@ pub struct sketchx_pipeline_options {
     pub embeddings: *const *const c_char,
     /// The number of strings in `embeddings`.
     pub embedding_count: usize,
+    /// For a single-file `model` (a `.safetensors` / `.ckpt` checkpoint in the original layout): a diffusers
+    /// folder or Hub id whose configs (and tokenizer) describe it, as diffusers' `from_single_file(config=...)`.
+    /// NULL: `original_config`, else SD1.5's configs built into the library (the default).
+    pub model_config: *const c_char,
+    /// For a single-file `model`: an original LDM `.yaml` (`v1-inference.yaml` or a variant with
+    /// `parameterization: v`, ...). NULL: none (the default).
+    pub original_config: *const c_char,
+    /// Non-zero: take a single-file `model`'s UNet from its EMA weights (`model_ema.*`; a file without them is
+    /// `SKETCHX_MODEL_UNSUPPORTED`). 0: its non-EMA weights (the default, as diffusers).
+    pub extract_ema: c_int,
+    /// For a single-file `controlnet` (`.safetensors` / `.pth` in the original layout): a ControlNet folder or
+    /// Hub id whose `config.json` describes it. NULL: derived from the UNet's config (the default).
+    pub controlnet_config: *const c_char,
+    /// A VAE replacing the model's: a single file (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`), a folder or
+    /// a Hub id. NULL: the model's own VAE (the default).
+    pub vae: *const c_char,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -343,6 +361,11 @@ impl sketchx_pipeline_options {
             lora_count: d.loras.len(),
             embeddings: std::ptr::null(),
             embedding_count: d.embeddings.len(),
+            model_config: std::ptr::null(),
+            original_config: std::ptr::null(),
+            extract_ema: c_int::from(d.extract_ema),
+            controlnet_config: std::ptr::null(),
+            vae: std::ptr::null(),
         }
     }
 
@@ -381,6 +404,11 @@ impl sketchx_pipeline_options {
             embeddings: settings::embedding_args(&unsafe {
                 c_strings(self.embeddings, self.embedding_count, "options.embeddings")
             }?),
+            model_config: text(self.model_config, "options.model_config")?,
+            original_config: text(self.original_config, "options.original_config")?,
+            extract_ema: self.extract_ema != 0,
+            controlnet_config: text(self.controlnet_config, "options.controlnet_config")?,
+            vae: text(self.vae, "options.vae")?,
         })
     }
 
@@ -740,6 +768,50 @@ mod tests {
         // SAFETY: live strings.
         let e = unsafe { o.core_config() }.unwrap_err();
         assert_eq!(e.field, Some("loras.scale"));
+
+        // Single files: the model, its config folder or yaml, EMA, the ControlNet's config, a VAE override.
+        let model = std::ffi::CString::new(format!(
+            "{fixtures}/formats/single_file/tiny-sd.safetensors"
+        ))
+        .unwrap();
+        let config = std::ffi::CString::new(format!("{fixtures}/tiny-sd")).unwrap();
+        let yaml =
+            std::ffi::CString::new(format!("{fixtures}/formats/single_file/tiny-sd.yaml")).unwrap();
+        let cn = std::ffi::CString::new(format!(
+            "{fixtures}/formats/single_file/tiny-controlnet.pth"
+        ))
+        .unwrap();
+        let cn_config = std::ffi::CString::new(format!("{fixtures}/tiny-controlnet")).unwrap();
+        let vae = std::ffi::CString::new(format!(
+            "{fixtures}/formats/single_file/tiny-vae-alt.safetensors"
+        ))
+        .unwrap();
+        let mut o = sketchx_pipeline_options::defaults();
+        assert!(o.model_config.is_null() && o.original_config.is_null() && o.vae.is_null());
+        assert_eq!(o.extract_ema, 0);
+        o.model = model.as_ptr();
+        o.model_config = config.as_ptr();
+        o.extract_ema = 1;
+        o.controlnet = cn.as_ptr();
+        o.controlnet_config = cn_config.as_ptr();
+        o.vae = vae.as_ptr();
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        assert!(matches!(
+            c.engine.model,
+            sketchx_core::models::loader::ModelSource::File(_)
+        ));
+        assert!(c.engine.single_file.config.is_some() && c.engine.single_file.extract_ema);
+        assert!(c.engine.controlnet_config.is_some() && c.engine.vae.is_some());
+        o.model_config = std::ptr::null();
+        o.original_config = yaml.as_ptr();
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        assert!(c.engine.single_file.original_config.is_some());
+        o.original_config = c"/no/such.yaml".as_ptr();
+        // SAFETY: static and live strings.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_MODEL_NOT_FOUND);
     }
 
     #[test]

@@ -68,6 +68,13 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     // No textual inversion embedding (an empty tuple, as for `loras`).
     debug_assert!(s.embeddings.is_empty());
     d.set_item("embeddings", PyTuple::empty(py))?;
+    // Single-file models: SD1.5's built-in configs, non-EMA weights; the ControlNet's config from the UNet's;
+    // the model's own VAE.
+    d.set_item("model_config", s.model_config)?;
+    d.set_item("original_config", s.original_config)?;
+    d.set_item("extract_ema", s.extract_ema)?;
+    d.set_item("controlnet_config", s.controlnet_config)?;
+    d.set_item("vae_model", s.vae)?;
     Ok(d)
 }
 

@@ -35,7 +35,8 @@ impl NativePipeline {
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
                         cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None,
-                        loras=None, preview_vae=None, embeddings=None))]
+                        loras=None, preview_vae=None, embeddings=None, model_config=None,
+                        original_config=None, extract_ema=None, controlnet_config=None, vae_model=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -53,6 +54,11 @@ impl NativePipeline {
         loras: Option<&Bound<'_, PyAny>>,
         preview_vae: Option<&Bound<'_, PyAny>>,
         embeddings: Option<&Bound<'_, PyAny>>,
+        model_config: Option<&Bound<'_, PyAny>>,
+        original_config: Option<&Bound<'_, PyAny>>,
+        extract_ema: Option<&Bound<'_, PyAny>>,
+        controlnet_config: Option<&Bound<'_, PyAny>>,
+        vae_model: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let drain_on_shutdown = match drain_on_shutdown {
             Some(v) => bool_field(py, "drain_on_shutdown", v)?,
@@ -77,6 +83,14 @@ impl NativePipeline {
             loras: lora_list(py, loras)?,
             tiny_vae: text_field(py, "preview_vae", preview_vae)?,
             embeddings: embedding_list(py, embeddings)?,
+            model_config: text_field(py, "model_config", model_config)?,
+            original_config: text_field(py, "original_config", original_config)?,
+            extract_ema: match extract_ema {
+                Some(v) => bool_field(py, "extract_ema", v)?,
+                None => PipelineSettings::DEFAULT.extract_ema,
+            },
+            controlnet_config: text_field(py, "controlnet_config", controlnet_config)?,
+            vae: text_field(py, "vae_model", vae_model)?,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py

@@ -1,12 +1,15 @@
-//! The networks of a Stable Diffusion + ControlNet pipeline, built from diffusers-layout checkpoints.
+//! The networks of a Stable Diffusion + ControlNet pipeline, built from diffusers-layout folders or single-file
+//! checkpoints in the original layout.
 
 pub(crate) mod blocks;
 pub mod clip;
 pub mod config;
 pub mod controlnet;
+pub mod ldm_yaml;
 pub mod loader;
 pub mod lora;
 pub mod pickle;
+pub mod single_file;
 pub mod taesd;
 pub mod textual_inversion;
 pub mod tokenizer;

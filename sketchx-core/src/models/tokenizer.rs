@@ -26,6 +26,7 @@ use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
 use super::config::{read_json, read_text, ConfigFile};
+use super::loader::Resolver;
 use crate::error::{Error, Result};
 
 /// Suffix BPE appends to the last symbol of every word.
@@ -136,6 +137,41 @@ fn bytes_to_unicode() -> [char; 256] {
         };
     }
     table
+}
+
+/// SD1.5's `tokenizer/merges.txt` (OpenAI CLIP ViT-L/14), zlib-compressed; see [`ClipTokenizer::sd15`].
+const SD15_MERGES_ZLIB: &[u8] = include_bytes!("clip_tokenizer/merges.txt.zlib");
+/// SD1.5's `tokenizer/tokenizer_config.json`.
+const SD15_TOKENIZER_CONFIG: &str = include_str!("clip_tokenizer/tokenizer_config.json");
+/// SD1.5's `tokenizer/special_tokens_map.json`.
+const SD15_SPECIAL_TOKENS: &str = include_str!("clip_tokenizer/special_tokens_map.json");
+
+/// CLIP's vocabulary from its merges, as `CLIPTokenizer` / OpenAI's `SimpleTokenizer` build it: the byte symbols in
+/// the byte table's order, the same with `</w>`, each merge's result, then the start and end tokens.
+fn clip_vocab(merges: &str) -> std::result::Result<HashMap<String, u32>, String> {
+    let table = bytes_to_unicode();
+    // The table's order: the printable bytes first (as bytes_to_unicode lists them), then the rest.
+    let mut order: Vec<(u8, char)> = (0..=255u8).map(|b| (b, table[b as usize])).collect();
+    order.sort_by_key(|&(_, c)| c as u32);
+    let mut tokens: Vec<String> = order.iter().map(|&(_, c)| c.to_string()).collect();
+    tokens.extend(order.iter().map(|&(_, c)| format!("{c}{END_OF_WORD}")));
+    for (n, line) in merges.lines().enumerate() {
+        if (n == 0 && line.starts_with("#version")) || line.trim().is_empty() {
+            continue;
+        }
+        let (a, b) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("merges line {}: {line:?} is not a pair", n + 1))?;
+        tokens.push(format!("{a}{b}"));
+    }
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    let mut vocab = HashMap::with_capacity(tokens.len());
+    for (id, t) in tokens.into_iter().enumerate() {
+        // As `dict(zip(vocab, range(len(vocab))))`: a repeated token keeps its last id.
+        vocab.insert(t, id as u32);
+    }
+    Ok(vocab)
 }
 
 /// Whitespace as the normalizer's `\s+` sees it (Unicode `White_Space`).
@@ -394,16 +430,68 @@ impl ClipTokenizer {
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
         let vocab = read_vocab(&vocab_path)?;
-        let merges = Self::parse_merges(&read_text(&merges_path)?, &vocab, &merges_path)?;
-        let (byte_chars, byte_ids) = byte_symbols(&vocab);
+        let merges = read_text(&merges_path)?;
         let config = optional_config(&dir.join("tokenizer_config.json"))?;
         let map = optional_config(&dir.join("special_tokens_map.json"))?;
+        Self::from_parts(vocab, &vocab_path, &merges, &merges_path, config, map)
+    }
+
+    /// The `tokenizer/` folder of a model folder or Hub repository (`vocab.json` and `merges.txt`, with the optional
+    /// config files beside them fetched too, so that a Hub download has everything [`ClipTokenizer::from_dir`]
+    /// reads).
+    pub fn from_resolver(base: &Resolver) -> Result<Self> {
+        let vocab = base.get("tokenizer/vocab.json")?;
+        base.get("tokenizer/merges.txt")?;
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let rel = format!("tokenizer/{f}");
+            if base.exists(&rel) {
+                base.get(&rel)?;
+            }
+        }
+        let dir = vocab.parent().ok_or_else(|| Error::MissingFile {
+            path: base.describe("tokenizer"),
+        })?;
+        Self::from_dir(dir)
+    }
+
+    /// The tokenizer of Stable Diffusion 1.x (OpenAI CLIP ViT-L/14's, as in `stable-diffusion-v1-5/tokenizer`),
+    /// built from data compiled into sketchx: for a single-file checkpoint, which holds no tokenizer, with no Hub
+    /// access at all. Only the merge rules are stored (compressed, about 200 KB); the vocabulary is derived from
+    /// them as CLIP builds it: the 256 byte symbols, the same with `</w>`, every merge's result in rank order, then
+    /// `<|startoftext|>` and `<|endoftext|>` (49408 tokens). The tokenizer and special-token configs are SD1.5's.
+    pub fn sd15() -> Result<Self> {
+        let origin = Path::new("<sketchx's built-in SD1.5 tokenizer>");
+        let bad = |m: String| Error::malformed(origin.display(), m);
+        let mut merges = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::ZlibDecoder::new(SD15_MERGES_ZLIB),
+            &mut merges,
+        )
+        .map_err(|e| bad(format!("cannot inflate the merges: {e}")))?;
+        let vocab = clip_vocab(&merges).map_err(bad)?;
+        let config = ConfigFile::parse(SD15_TOKENIZER_CONFIG, "<built-in tokenizer_config.json>")?;
+        let map = ConfigFile::parse(SD15_SPECIAL_TOKENS, "<built-in special_tokens_map.json>")?;
+        Self::from_parts(vocab, origin, &merges, origin, Some(config), Some(map))
+    }
+
+    /// Builds the tokenizer from a vocabulary, the merges text and the optional configs (`vocab_path` and
+    /// `merges_path` name them in errors).
+    fn from_parts(
+        vocab: HashMap<String, u32>,
+        vocab_path: &Path,
+        merges: &str,
+        merges_path: &Path,
+        config: Option<ConfigFile>,
+        map: Option<ConfigFile>,
+    ) -> Result<Self> {
+        let merges = Self::parse_merges(merges, &vocab, merges_path)?;
+        let (byte_chars, byte_ids) = byte_symbols(&vocab);
         let max_length = max_length(config.as_ref())?;
         let mut added = decoder_tokens(config.as_ref(), &vocab)?;
         let [bos_id, eos_id, unk_id, pad_id] = special_tokens(
             [config.as_ref(), map.as_ref()],
             &vocab,
-            &vocab_path,
+            vocab_path,
             &mut added,
         )?;
         Ok(Self {
@@ -421,6 +509,11 @@ impl ClipTokenizer {
             unk_id,
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The vocabulary (token -> id).
+    pub fn vocab(&self) -> &HashMap<String, u32> {
+        &self.vocab
     }
 
     fn parse_merges(
@@ -719,5 +812,27 @@ impl ClipTokenizer {
             }
         }
         String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compressed merges are SD1.5's `merges.txt` byte for byte (the fixture folder is the real tokenizer).
+    #[test]
+    fn embedded_merges_are_sd15s() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/tiny-sd/tokenizer/merges.txt"
+        );
+        let expected = std::fs::read_to_string(fixture).unwrap();
+        let mut merges = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::ZlibDecoder::new(SD15_MERGES_ZLIB),
+            &mut merges,
+        )
+        .unwrap();
+        assert!(merges == expected);
     }
 }

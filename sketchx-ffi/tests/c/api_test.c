@@ -761,6 +761,44 @@ static void test_textual_inversion(const char *fixtures, const char *work) {
     sketchx_pipeline_free(p);
 }
 
+/* Single files: a checkpoint with its config folder, an original-format ControlNet and a VAE file load; a file of
+ * another family is refused with SKETCHX_MODEL_UNSUPPORTED naming it; a missing yaml is SKETCHX_MODEL_NOT_FOUND. */
+static void test_single_file(const char *fixtures, const char *work) {
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    CHECK(opt.model_config == NULL && opt.original_config == NULL && opt.extract_ema == 0);
+    CHECK(opt.controlnet_config == NULL && opt.vae == NULL);
+    char model[1100], config[1100], cn[1100], vae[1100], sd2[1100], out_dir[1100];
+    snprintf(model, sizeof model, "%s/formats/single_file/tiny-sd-ema.ckpt", fixtures);
+    snprintf(config, sizeof config, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/formats/single_file/tiny-controlnet.pth", fixtures);
+    snprintf(vae, sizeof vae, "%s/formats/single_file/tiny-vae-alt.safetensors", fixtures);
+    snprintf(sd2, sizeof sd2, "%s/formats/bad/sd2.safetensors", fixtures);
+    snprintf(out_dir, sizeof out_dir, "%s/out-single-file", work);
+    opt.model = model;
+    opt.model_config = config;
+    opt.extract_ema = 1;
+    opt.controlnet = cn;
+    opt.vae = vae;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    sketchx_pipeline_free(p);
+    opt.model = sd2;
+    p = (sketchx_pipeline *)0x1;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_UNSUPPORTED, "");
+    CHECK(strstr(sketchx_last_error_message(), "sd2.safetensors") != NULL);
+    CHECK(strstr(sketchx_last_error_message(), "cond_stage_model.model.") != NULL);
+    CHECK(p == (sketchx_pipeline *)0x1);
+    opt.model = model;
+    opt.model_config = NULL;
+    opt.original_config = "/no/such/v1-inference.yaml";
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_NOT_FOUND, "");
+    opt.original_config = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_INVALID_UTF8, "");
+}
+
 /* The Redis client: argument errors and an unreachable server without one; with SKETCHX_TEST_REDIS_URL set (as
  * scripts/test does), a client that refuses bad input and unknown ids and queues a job. */
 static void test_redis_client(const char *fixtures, const char *work) {
@@ -948,6 +986,7 @@ int main(int argc, char **argv) {
     test_textual_inversion(argv[1], argv[2]);
     test_few_step(argv[1], argv[2]);
     test_img2img_and_preprocess(argv[1], argv[2]);
+    test_single_file(argv[1], argv[2]);
     test_redis_client(argv[1], argv[2]);
     printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
     return failures == 0 ? 0 : 1;

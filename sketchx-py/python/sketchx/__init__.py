@@ -126,6 +126,14 @@ class Pipeline:
     through their token in the prompt and the negative prompt as diffusers' ``load_textual_inversion`` does
     (``ModelLoadError`` for a width other than the text encoder's, a token already in the vocabulary, an unknown
     layout).
+    Single files: ``model`` may be a ``.safetensors`` / ``.ckpt`` / ``.pt`` checkpoint in the original (A1111)
+    layout and ``controlnet`` a ``.safetensors`` / ``.pth`` in the original layout. ``model_config``: a diffusers
+    folder or Hub id whose configs describe the single-file model (diffusers' ``config=``); ``original_config``: an
+    original LDM ``.yaml`` instead; neither: SD1.5's configs and tokenizer built into sketchx (no Hub access
+    needed). ``extract_ema=True``: the UNet's EMA weights (``model_ema.*``). ``controlnet_config``: a ControlNet
+    folder or Hub id for a single-file ControlNet (default: derived from the UNet's config). ``vae_model``: a VAE
+    replacing the model's (a single file such as ``vae-ft-mse-840000-ema-pruned.safetensors``, a folder or a Hub
+    id).
     ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
     then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
     ``drain_on_shutdown=True``: ``close`` finishes the pending jobs instead of cancelling them (with Redis: the
@@ -154,6 +162,11 @@ class Pipeline:
         embeddings: Iterable[
             Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
         ] = _DEFAULTS["embeddings"],
+        model_config: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["model_config"],
+        original_config: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["original_config"],
+        extract_ema: bool = _DEFAULTS["extract_ema"],
+        controlnet_config: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["controlnet_config"],
+        vae_model: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["vae_model"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -170,6 +183,11 @@ class Pipeline:
             loras,
             None if preview_vae is None else os.fspath(preview_vae),
             embeddings,
+            None if model_config is None else os.fspath(model_config),
+            None if original_config is None else os.fspath(original_config),
+            extract_ema,
+            None if controlnet_config is None else os.fspath(controlnet_config),
+            None if vae_model is None else os.fspath(vae_model),
         )
 
     def submit(

@@ -63,6 +63,11 @@ class Pipeline:
         embeddings: Iterable[
             Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
         ] = (),
+        model_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        original_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        extract_ema: bool = False,
+        controlnet_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        vae_model: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> None: ...
     def submit(
         self,

@@ -67,6 +67,11 @@ class Pipeline:
         loras: Optional[Any] = None,
         preview_vae: Optional[str] = None,
         embeddings: Optional[Any] = None,
+        model_config: Optional[str] = None,
+        original_config: Optional[str] = None,
+        extract_ema: Optional[bool] = None,
+        controlnet_config: Optional[str] = None,
+        vae_model: Optional[str] = None,
     ) -> "Pipeline": ...
     @staticmethod
     def connect(url: str, prefix: Optional[str], queue_capacity: int) -> "Pipeline": ...
