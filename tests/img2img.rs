@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use sketchx::engine::{Engine, EngineConfig, Generated};
+use sketchx::models::loader::ModelSource;
 use sketchx::request::{GenerationRequest, StartImage};
 use sketchx::sketch::Sketch;
 use sketchx::{Error, JobState, Pipeline, PipelineConfig};
@@ -141,14 +142,29 @@ fn check_images(engine: &Engine, case: &Value, dir: &str, report: &mut Vec<Strin
     }
 }
 
-/// Whether the case runs here: it needs only the diffusers-layout tiny models.
-fn runs_here(case: &Value) -> bool {
-    // img2img_vae_override_single_file loads tiny-sd from a single file with a VAE from another single file:
-    // that needs the single-file checkpoint loader and the VAE override (branch formats-sf), not img2img.
-    ["model_file", "controlnet_file", "vae", "vae_file"]
-        .iter()
-        .all(|k| case[*k].is_null())
-        && !case["extract_ema"].as_bool().unwrap_or(false)
+/// The engine of a reference case: the shared diffusers-layout one, or, for a case that names single files (the
+/// checkpoint, a VAE override), an engine loaded from them with the diffusers folder as their config, as the
+/// reference was made (`from_single_file(config=...)`, `vae=AutoencoderKL.from_single_file(...)`).
+fn engine_for(case: &Value) -> Option<Engine> {
+    let file = |k: &str| {
+        case[k]
+            .as_str()
+            .map(|f| fixtures().join(f).to_string_lossy().into_owned())
+    };
+    if file("model_file").is_none() && file("vae_file").is_none() {
+        return None;
+    }
+    let (model, controlnet) = tiny_models();
+    let mut config = EngineConfig::new(
+        &file("model_file").unwrap_or(model.clone()),
+        &file("controlnet_file").unwrap_or(controlnet),
+    )
+    .unwrap();
+    if file("model_file").is_some() {
+        config.single_file.config = Some(ModelSource::parse(&model).unwrap());
+    }
+    config.vae = file("vae_file").map(|v| ModelSource::parse(&v).unwrap());
+    Some(Engine::load(&config).expect("single-file fixtures load"))
 }
 
 #[test]
@@ -156,18 +172,14 @@ fn every_img2img_case_matches_diffusers() {
     let mut report = Vec::new();
     let mut ran = 0;
     for case in cases() {
-        let name = case["name"].as_str().unwrap();
-        if !runs_here(&case) {
-            report.push(format!(
-                "{name}: skipped (needs the single-file loader of formats-sf)"
-            ));
-            continue;
+        match engine_for(&case) {
+            Some(own) => check_images(&own, &case, "formats/reference", &mut report),
+            None => check_images(engine(), &case, "formats/reference", &mut report),
         }
-        check_images(engine(), &case, "formats/reference", &mut report);
         ran += 1;
     }
     eprintln!("{}", report.join("\n"));
-    assert!(ran >= 4, "only {ran} img2img cases ran");
+    assert!(ran >= 5, "only {ran} img2img cases ran");
 }
 
 /// Euler, LCM, TCD (eta 0.3), DDIM and Euler-Ancestral with trailing spacing (two images), tiled VAE encode and
