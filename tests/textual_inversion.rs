@@ -682,6 +682,13 @@ fn tokens_already_in_the_vocabulary_are_refused_as_diffusers_refuses_them() {
     ]));
     assert_eq!(key, "<q>");
     assert!(message.contains("\"<q>_1\""), "{message}");
+    // A token whose `T_2` exists (diffusers would overwrite that token's vector).
+    let (_, key, message) = embedding_error(add_error(&[
+        EmbeddingSpec::file(&cat, Some("<q>_2")),
+        EmbeddingSpec::file(&neg, Some("<q>")),
+    ]));
+    assert_eq!(key, "<q>");
+    assert!(message.contains("\"<q>_2\""), "{message}");
     // An empty token.
     assert!(matches!(
         EmbeddingSpec::from_location(cat.to_str().unwrap(), Some(" ")),

@@ -17,8 +17,9 @@
 //! (49408 for CLIP) in load order, and their vectors as new rows of the text encoder's token embedding table; the
 //! prompt and the negative prompt expand `T` into `T T_1 ...` before tokenizing
 //! ([`ClipTokenizer::expand_multi_vector_tokens`], with diffusers' quirks). A token that is already in the
-//! vocabulary (or added by an earlier embedding), or whose `T_1` is, is refused as diffusers refuses it; so is a
-//! width other than the text encoder's. Every such problem is an [`Error::Embedding`] naming the file and the key
+//! vocabulary (or added by an earlier embedding), or whose `T_1` is, is refused as diffusers refuses it (and so
+//! is one whose later `T_i` is, which diffusers would write over that token's vector); so is a width other than
+//! the text encoder's. Every such problem is an [`Error::Embedding`] naming the file and the key
 //! or token.
 
 use std::path::{Path, PathBuf};
@@ -376,7 +377,7 @@ pub fn add_embeddings(
 }
 
 /// diffusers' refusals: an empty token, a token already in the vocabulary (BPE entries, special tokens, tokens
-/// added by earlier embeddings), or one whose `T_1` is.
+/// added by earlier embeddings), or one whose `T_1` is; also one whose later `T_i` is.
 fn check_token(e: &Embedding, tokenizer: &ClipTokenizer) -> Result<()> {
     let refuse = |message: String| Error::Embedding {
         path: e.path.clone(),
@@ -397,6 +398,13 @@ fn check_token(e: &Embedding, tokenizer: &ClipTokenizer) -> Result<()> {
     if tokenizer.contains_token(&first) {
         return Err(refuse(format!(
             "the multi-vector token {first:?} is already in the tokenizer's vocabulary: choose another"
+        )));
+    }
+    // diffusers checks `T_1` only and would then write a later `T_i` that exists over that token's vector;
+    // refusing keeps every added token's row its own.
+    if let Some(taken) = e.tokens()[1..].iter().find(|t| tokenizer.contains_token(t)) {
+        return Err(refuse(format!(
+            "the multi-vector token {taken:?} is already in the tokenizer's vocabulary: choose another"
         )));
     }
     Ok(())
