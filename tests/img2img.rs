@@ -67,7 +67,6 @@ fn sketch_file(name: &str) -> std::path::PathBuf {
 /// The case's request; a start image that is the sketch's own file is asked for as [`StartImage::Sketch`], so
 /// both ways of giving one are exercised.
 fn request_for(case: &Value) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().map(str::to_string);
     let start = case["start_image"].as_str().unwrap();
     let start_image = if start == case["sketch"].as_str().unwrap() {
         StartImage::Sketch
@@ -75,26 +74,14 @@ fn request_for(case: &Value) -> GenerationRequest {
         StartImage::open(&sketch_file(start)).unwrap()
     };
     GenerationRequest {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        temperature: case["temperature"].as_f64().unwrap(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        num_images: case["num_images"].as_u64().unwrap() as u32,
-        steps: case["steps"].as_u64().unwrap() as u32,
-        seed: Some(case["seed"].as_u64().unwrap()),
-        width: Some(case["width"].as_u64().unwrap() as u32),
-        height: Some(case["height"].as_u64().unwrap() as u32),
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
         preprocess: case["preprocess"].as_str().unwrap().parse().unwrap(),
-        control_guidance_start: case["control_guidance_start"].as_f64().unwrap(),
-        control_guidance_end: case["control_guidance_end"].as_f64().unwrap(),
         start_image: Some(start_image),
         strength: case["strength"].as_f64().unwrap(),
         timestep_spacing: case["timestep_spacing"]
             .as_str()
             .map(|s| s.parse().unwrap()),
         eta: case["eta"].as_f64().unwrap_or(0.0),
-        ..Default::default()
+        ..case_request(case)
     }
 }
 

@@ -295,23 +295,10 @@ fn case(name: &str) -> Value {
 }
 
 fn request_for(case: &Value) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().map(str::to_string);
     GenerationRequest {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        temperature: case["temperature"].as_f64().unwrap(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        num_images: case["num_images"].as_u64().unwrap() as u32,
-        steps: case["steps"].as_u64().unwrap() as u32,
-        seed: Some(case["seed"].as_u64().unwrap()),
-        width: Some(case["width"].as_u64().unwrap() as u32),
-        height: Some(case["height"].as_u64().unwrap() as u32),
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
         preprocess: case["preprocess"].as_str().unwrap().parse().unwrap(),
-        control_guidance_start: case["control_guidance_start"].as_f64().unwrap(),
-        control_guidance_end: case["control_guidance_end"].as_f64().unwrap(),
         clip_skip: case["clip_skip"].as_u64().unwrap_or(0) as u32,
-        ..Default::default()
+        ..case_request(case)
     }
 }
 
