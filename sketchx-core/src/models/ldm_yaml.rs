@@ -23,7 +23,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use super::config::read_text;
-use super::single_file::sd15;
+use super::sd15;
 use crate::error::{Error, Result};
 
 /// The diffusers configs of a yaml (JSON objects for [`super::config::ConfigFile`]).

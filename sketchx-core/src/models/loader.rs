@@ -15,8 +15,8 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use super::config::ConfigFile;
+use super::mapped::MappedWeights;
 use super::pickle::TorchFile;
-use super::single_file::MappedWeights;
 use crate::error::{Error, Result};
 use crate::models::weights::SafetensorsFile;
 use crate::precision::{Precision, Weights};

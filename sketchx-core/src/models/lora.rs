@@ -31,8 +31,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::loader::{ModelSource, Resolver, WeightsSource};
+use super::mapped::MappedWeights;
 use super::pickle::{StateDict, TorchFile};
-use super::single_file::MappedWeights;
 use super::weights::SafetensorsFile;
 use crate::error::{Error, Result};
 use crate::precision::Precision;
