@@ -413,6 +413,44 @@ fn controlnet_config_derived_from_the_unet_is_the_folders() {
     }
 }
 
+/// LoRAs fuse into a single-file model's UNet and text encoder exactly as into the folder's: the same pixels.
+#[test]
+fn a_lora_fuses_into_a_single_file_model_as_into_its_folder() {
+    let case = case("single_file_f32");
+    let lora =
+        sketchx::models::lora::LoraSpec::file(fixtures().join("lora/kohya.safetensors"), 0.8);
+    let sketch = Sketch::open(
+        &fixtures()
+            .join("sketches")
+            .join(case["sketch"].as_str().unwrap()),
+    )
+    .unwrap();
+    let image = |cfg: &mut EngineConfig| {
+        cfg.loras = vec![lora.clone()];
+        let engine = Engine::load(cfg).unwrap();
+        engine
+            .generate(&request_for(&case), &sketch, &mut |_| true)
+            .unwrap()
+            .images
+    };
+    let from_file = image(&mut config_for(&case));
+    let mut folders = EngineConfig::new(
+        fixtures().join("tiny-sd").to_str().unwrap(),
+        fixtures().join("tiny-controlnet").to_str().unwrap(),
+    )
+    .unwrap();
+    let from_folder = image(&mut folders);
+    assert_eq!(from_file, from_folder);
+    let mut plain = config_for(&case);
+    plain.loras.clear();
+    let engine = Engine::load(&plain).unwrap();
+    let without = engine
+        .generate(&request_for(&case), &sketch, &mut |_| true)
+        .unwrap()
+        .images;
+    assert_ne!(without, from_file, "the LoRA changed nothing");
+}
+
 /// The file of `formats/bad/` with the manifest's explanation.
 fn bad(name: &str) -> PathBuf {
     formats().join("bad").join(name)

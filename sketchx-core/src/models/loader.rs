@@ -418,6 +418,10 @@ pub fn weights_fused_from(
     fused: HashMap<String, Tensor>,
 ) -> Result<Weights<'static>> {
     let base = source.backend()?;
+    if let WeightsSource::Mapped(m) = source {
+        // The fused tensors replace the file's, which are read (for the fusion) but not through this builder.
+        m.mark_used(fused.keys());
+    }
     let backend: Box<dyn SimpleBackend> = if fused.is_empty() {
         base
     } else {

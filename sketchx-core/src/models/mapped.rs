@@ -180,6 +180,13 @@ impl MappedWeights {
         Box::new(MappedBackend(self.clone()))
     }
 
+    /// Counts `names` as read (parameters a network gets from elsewhere, such as LoRA-fused weights computed from
+    /// these).
+    pub(crate) fn mark_used<'a>(&self, names: impl IntoIterator<Item = &'a String>) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.extend(names.into_iter().cloned());
+    }
+
     fn record(&self, e: Error) {
         let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         if f.is_none() {
