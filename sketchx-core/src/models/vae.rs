@@ -278,6 +278,46 @@ pub(super) fn tile_sample_size(
     }))
 }
 
+/// diffusers' tiled VAE pass (`tiled_decode` / `_tiled_encode`): `input` `(b, c, h, w)` is cut into tiles of `size`
+/// every `stride` along both sides, `f` maps each tile, each result is blended with its already blended upper and
+/// left neighbours over `blend_extent`, cropped to `row_limit`, and the crops are joined.
+pub(crate) fn tiled(
+    input: &Tensor,
+    (size, stride): (usize, usize),
+    (blend_extent, row_limit): (usize, usize),
+    f: impl Fn(&Tensor) -> CResult<Tensor>,
+) -> CResult<Tensor> {
+    let (_, _, h, w) = input.dims4()?;
+    let mut rows = Vec::with_capacity(h.div_ceil(stride));
+    let mut above: Vec<Tensor> = Vec::new();
+    for i in (0..h).step_by(stride) {
+        let mut row: Vec<Tensor> = Vec::with_capacity(w.div_ceil(stride));
+        let mut kept = Vec::with_capacity(w.div_ceil(stride));
+        for (k, j) in (0..w).step_by(stride).enumerate() {
+            let tile = input
+                .narrow(2, i, size.min(h - i))?
+                .narrow(3, j, size.min(w - j))?
+                .contiguous()?;
+            let mut tile = f(&tile)?;
+            if let Some(up) = above.get(k) {
+                tile = blend(up, &tile, blend_extent, 2)?;
+            }
+            if let Some(left) = row.last() {
+                tile = blend(left, &tile, blend_extent, 3)?;
+            }
+            let (_, _, th, tw) = tile.dims4()?;
+            kept.push(
+                tile.narrow(2, 0, row_limit.min(th))?
+                    .narrow(3, 0, row_limit.min(tw))?,
+            );
+            row.push(tile);
+        }
+        rows.push(Tensor::cat(&kept, 3)?);
+        above = row;
+    }
+    Tensor::cat(&rows, 2)
+}
+
 /// diffusers' `blend_v` (`dim` 2) / `blend_h` (`dim` 3): the first `extent` rows (columns) of `b` become
 /// `a`'s last ones x (1 - y / extent) + `b`'s x (y / extent), each weight rounded to the tensor's type once and
 /// each product rounded before the sum, as torch computes `tensor * python_float`. Returns the blended `b`.
@@ -430,36 +470,12 @@ impl Vae {
         if !t.applies_to(h, w) {
             return Ok(self.decoder.forward(&scaled)?);
         }
-        let stride = t.latent_stride;
-        let mut rows = Vec::with_capacity(h.div_ceil(stride));
-        let mut above: Vec<Tensor> = Vec::new();
-        for i in (0..h).step_by(stride) {
-            let mut row: Vec<Tensor> = Vec::with_capacity(w.div_ceil(stride));
-            let mut kept = Vec::with_capacity(w.div_ceil(stride));
-            for (k, j) in (0..w).step_by(stride).enumerate() {
-                let tile = scaled
-                    .narrow(2, i, t.latent_size.min(h - i))?
-                    .narrow(3, j, t.latent_size.min(w - j))?
-                    .contiguous()?;
-                let mut tile = self.decoder.forward(&tile)?;
-                if let Some(up) = above.get(k) {
-                    tile = blend(up, &tile, t.blend_extent, 2)?;
-                }
-                if let Some(left) = row.last() {
-                    tile = blend(left, &tile, t.blend_extent, 3)?;
-                }
-                let (_, _, th, tw) = tile.dims4()?;
-                kept.push(tile.narrow(2, 0, t.row_limit.min(th))?.narrow(
-                    3,
-                    0,
-                    t.row_limit.min(tw),
-                )?);
-                row.push(tile);
-            }
-            rows.push(Tensor::cat(&kept, 3)?);
-            above = row;
-        }
-        Ok(Tensor::cat(&rows, 2)?)
+        Ok(tiled(
+            &scaled,
+            (t.latent_size, t.latent_stride),
+            (t.blend_extent, t.row_limit),
+            |tile| self.decoder.forward(tile),
+        )?)
     }
 }
 

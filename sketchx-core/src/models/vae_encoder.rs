@@ -11,7 +11,7 @@ use candle_nn::Conv2dConfig;
 
 use super::blocks::{conv2d as fast_conv2d, group_norm, BlockParams, ResnetBlock};
 use super::config::ConfigFile;
-use super::vae::{blend, pad1, tile_sample_size, VaeAttention, VaeShape};
+use super::vae::{pad1, tile_sample_size, tiled, VaeAttention, VaeShape};
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d;
 use crate::ops::norm::FastGroupNorm;
@@ -277,35 +277,13 @@ impl VaeEncoder {
         if !t.applies_to(h, w) {
             return self.encode(images);
         }
-        let mut rows = Vec::with_capacity(h.div_ceil(t.sample_stride));
-        let mut above: Vec<Tensor> = Vec::new();
-        for i in (0..h).step_by(t.sample_stride) {
-            let mut row: Vec<Tensor> = Vec::with_capacity(w.div_ceil(t.sample_stride));
-            let mut kept = Vec::with_capacity(w.div_ceil(t.sample_stride));
-            for (k, j) in (0..w).step_by(t.sample_stride).enumerate() {
-                let tile = images
-                    .narrow(2, i, t.sample_size.min(h - i))?
-                    .narrow(3, j, t.sample_size.min(w - j))?
-                    .contiguous()?;
-                let mut tile = self.encoder.forward(&tile)?;
-                if let Some(up) = above.get(k) {
-                    tile = blend(up, &tile, t.blend_extent, 2)?;
-                }
-                if let Some(left) = row.last() {
-                    tile = blend(left, &tile, t.blend_extent, 3)?;
-                }
-                let (_, _, th, tw) = tile.dims4()?;
-                kept.push(tile.narrow(2, 0, t.row_limit.min(th))?.narrow(
-                    3,
-                    0,
-                    t.row_limit.min(tw),
-                )?);
-                row.push(tile);
-            }
-            rows.push(Tensor::cat(&kept, 3)?);
-            above = row;
-        }
-        LatentDistribution::from_moments(&Tensor::cat(&rows, 2)?)
+        let moments = tiled(
+            images,
+            (t.sample_size, t.sample_stride),
+            (t.blend_extent, t.row_limit),
+            |tile| self.encoder.forward(tile),
+        )?;
+        LatentDistribution::from_moments(&moments)
     }
 }
 
