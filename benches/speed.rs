@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench speed -- --model DIR --controlnet DIR [options]` loads the models and times, each
 //! `--runs` times after one warm-up: `load` (Engine::load), `text` (tokenizer + text encoder, no cache),
-//! `step` (ControlNet + UNet at batch 2, i.e. classifier-free guidance, on `--step-size` pixels), `vae` (decode
+//! `step` (ControlNet + UNet at batch `--step-batch`, default 2: classifier-free guidance; 1 is a few-step recipe
+//! without it, on `--step-size` pixels), `vae` (decode
 //! of one `--vae-size` image) and `job` (a whole `Engine::generate` at `--job-size` with `--job-steps` steps).
 //! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's time goes per operation
 //! kind; `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
@@ -55,6 +56,7 @@ fn main() {
     let cn = get("controlnet", "target/full-size/controlnet");
     let runs: usize = get("runs", "3").parse().unwrap();
     let step_size: usize = get("step-size", "256").parse().unwrap();
+    let step_batch: usize = get("step-batch", "2").parse().unwrap();
     let vae_size: usize = get("vae-size", "512").parse().unwrap();
     let job_size: u32 = get("job-size", "512").parse().unwrap();
     let job_steps: u32 = get("job-steps", "2").parse().unwrap();
@@ -116,15 +118,15 @@ fn main() {
     if pieces.contains(&"step") {
         let l = step_size / 8;
         let hidden = engine.unet().cross_attention_dim;
-        let lat = Tensor::randn(0f32, 1., (2, 4, l, l), &dev)
+        let lat = Tensor::randn(0f32, 1., (step_batch, 4, l, l), &dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let ctx = Tensor::randn(0f32, 1., (2, 77, hidden), &dev)
+        let ctx = Tensor::randn(0f32, 1., (step_batch, 77, hidden), &dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let cond = Tensor::rand(0f32, 1., (2, 3, step_size, step_size), &dev)
+        let cond = Tensor::rand(0f32, 1., (step_batch, 3, step_size, step_size), &dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();

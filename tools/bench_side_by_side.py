@@ -174,6 +174,8 @@ def main():
     ap.add_argument("--baseline", action="store_true",
                     help="also time sketchx with its kernels off (SKETCHX_PLAIN_CANDLE=1): the 'before' column")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--diffusers-json", help="reuse the diffusers side of an earlier --json run with the same "
+                    "settings (diffusers' figures do not change with sketchx's code); only sketchx runs")
     ap.add_argument("--sketchx-bin", help="run this already built speed bench binary instead of `cargo bench`")
     ap.add_argument("--python", help="the Python that runs the diffusers worker (default: $PYTHON, else the "
                     "interpreter running this script)")
@@ -204,8 +206,14 @@ def main():
             res["plain"].append(run_worker(sx_cmd, env=dict(os.environ, SKETCHX_PLAIN_CANDLE="1")))
         print(f"round {r + 1}/{a.rounds}: sketchx", file=sys.stderr)
         res["sketchx"].append(run_worker(sx_cmd))
-        print(f"round {r + 1}/{a.rounds}: diffusers", file=sys.stderr)
-        res["diffusers"].append(run_worker(df_cmd))
+        if not a.diffusers_json:
+            print(f"round {r + 1}/{a.rounds}: diffusers", file=sys.stderr)
+            res["diffusers"].append(run_worker(df_cmd))
+    if a.diffusers_json:
+        with open(a.diffusers_json) as f:
+            earlier = json.load(f)
+        # Either a whole earlier result ({"diffusers": [...]}) or one diffusers worker's output.
+        res["diffusers"] = earlier["diffusers"] if "diffusers" in earlier else [earlier]
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

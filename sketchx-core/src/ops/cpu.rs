@@ -48,6 +48,9 @@ pub(crate) struct Features {
     pub avx512: bool,
     /// AVX-512 BF16 on top of [`Features::avx512`] (the bf16 GEMM micro-kernel and conversions).
     pub avx512_bf16: bool,
+    /// AMX-TILE and AMX-BF16 on top of [`Features::avx512_bf16`], granted by the OS (the bf16 product on
+    /// tiles, [`super::amx`]).
+    pub amx_bf16: bool,
 }
 
 /// This CPU's features, detected once; none on other architectures, and none while a test forces the portable
@@ -69,6 +72,7 @@ fn detect() -> Features {
         avx2_fma: has!("avx2") && has!("fma"),
         avx512,
         avx512_bf16: avx512 && has!("avx512bf16"),
+        amx_bf16: avx512 && has!("avx512bf16") && super::amx::detect(),
     }
 }
 

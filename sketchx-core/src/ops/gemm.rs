@@ -94,6 +94,11 @@ impl PackedB {
         self.k.div_ceil(self.format.per_word())
     }
 
+    /// The packed words (`panels x words x NR`).
+    pub(crate) fn data_ptr(&self) -> *const u32 {
+        self.data.as_ptr()
+    }
+
     fn panel_len(&self) -> usize {
         self.words() * NR
     }
@@ -157,12 +162,15 @@ impl PackedB {
 }
 
 /// A left operand packed once (a layer's kernel): blocks of 8 rows, word-interleaved so that the micro-kernel
-/// reads its 8 broadcast words from one 32-byte line per step instead of 8 rows.
+/// reads its 8 broadcast words from one 32-byte line per step instead of 8 rows. In bf16 on a CPU with AMX, plain
+/// row-major bf16 instead, the layout tile loads read (the AVX-512 kernel reads it too).
 #[derive(Debug, Clone)]
 pub struct PackedA {
     m: usize,
     k: usize,
     format: Format,
+    /// Row-major bf16 (`m x k` entries, two per word) rather than blocks of 8 rows.
+    row_major: bool,
     /// `ceil(m / MR) x words x MR` words; rows past `m` and entries past `k` are zero.
     data: Vec<u32>,
 }
@@ -171,8 +179,36 @@ impl PackedA {
     /// Packs a row-major `m x k` f32 matrix (rounded to bf16 for [`Format::Bf16`]).
     pub fn new(a: &[f32], m: usize, k: usize, format: Format) -> Self {
         assert_eq!(a.len(), m * k, "matrix size");
+        #[cfg(target_arch = "x86_64")]
+        if format == Format::Bf16 && super::amx::available() {
+            let mut data = vec![0u32; (m * k).div_ceil(2)];
+            // SAFETY: `data` holds at least m * k u16 values, and u16 has a smaller alignment than u32.
+            let halves =
+                unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u16>(), m * k) };
+            halves
+                .par_chunks_mut(1 << 14)
+                .zip(a.par_chunks(1 << 14))
+                .for_each(|(d, s)| {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d = round_bf16(s);
+                    }
+                });
+            return Self {
+                m,
+                k,
+                format,
+                row_major: true,
+                data,
+            };
+        }
         let data = pack_row_blocks(a, m, k, MR, format);
-        Self { m, k, format, data }
+        Self {
+            m,
+            k,
+            format,
+            row_major: false,
+            data,
+        }
     }
 
     /// Rows (`m`).
@@ -189,7 +225,20 @@ impl PackedA {
 
     /// The matrix back in f32, row-major `m x k` (the portable path, and tests).
     pub fn to_f32(&self) -> Vec<f32> {
+        if self.row_major {
+            return self
+                .halves()
+                .iter()
+                .map(|&v| bf16::from_bits(v).to_f32())
+                .collect();
+        }
         unpack_row_blocks(&self.data, self.m, self.k, MR, self.format)
+    }
+
+    /// The row-major bf16 entries (when `row_major`).
+    fn halves(&self) -> &[u16] {
+        // SAFETY: a row-major `data` holds at least m * k u16 values (see `new`).
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast::<u16>(), self.m * self.k) }
     }
 }
 
@@ -360,9 +409,17 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     );
     assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
     if check(a.m, b, c.len(), ldc) {
-        let view = AView::Packed {
-            ptr: a.data.as_ptr(),
-            words: b.words(),
+        let view = if a.row_major {
+            AView::Rows {
+                ptr: a.data.as_ptr().cast(),
+                elem: 2,
+                lda: a.k,
+            }
+        } else {
+            AView::Packed {
+                ptr: a.data.as_ptr(),
+                words: b.words(),
+            }
         };
         run(a.m, view, b, c, ldc, || a.to_f32());
     }
@@ -440,6 +497,15 @@ fn run(
     ldc: usize,
     widen: impl FnOnce() -> Vec<f32>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Format::Bf16, true, AView::Rows { ptr, elem: 2, lda }) =
+        (b.format, super::amx::available(), a)
+    {
+        // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart and `c` the m x n
+        // block (checked by the callers).
+        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, true) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if b.format.has_fast_kernel() {
         tiles(m, a, b, c.as_mut_ptr(), ldc, true);

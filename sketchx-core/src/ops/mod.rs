@@ -1,7 +1,7 @@
 //! The CPU kernels behind the networks' layers, as candle custom ops, and their instrumentation.
 //!
-//! [`gemm`] is the matrix product they share (AVX-512 micro-kernels in f32 and bf16 over packed operands, the
-//! `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col + GEMM, bf16 kernels packed once at load) hold their
+//! [`gemm`] is the matrix product they share (AVX-512 micro-kernels in f32 and bf16 over packed operands, AMX
+//! tiles for bf16 where the CPU has them (`amx`), the `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col + GEMM, bf16 kernels packed once at load) hold their
 //! weights as the network's [`Precision`](crate::precision::Precision) says; [`attention`] (tiled, without the full
 //! score matrix) and [`norm`] (group norm fused with SiLU) run on f32. Each falls back to candle for other
 //! dtypes and devices. `simd` has the vectorised element-wise helpers, `cpu` the plumbing they all share, and
@@ -24,6 +24,7 @@ pub(crate) fn packs_bf16(precision: crate::precision::Precision) -> bool {
     precision == crate::precision::Precision::CpuBf16 && kernels_enabled()
 }
 
+pub(crate) mod amx;
 pub mod attention;
 pub mod conv;
 pub(crate) mod cpu;

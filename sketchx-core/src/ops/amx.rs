@@ -1,0 +1,460 @@
+//! The bf16 matrix product on Intel AMX tiles (`tdpbf16ps`), for CPUs that have them (Sapphire Rapids and later).
+//!
+//! One `tdpbf16ps` multiplies a 16 x 32 bf16 tile of `A` by a 32 x 16 tile of `B` into a 16 x 16 f32 tile of `C`:
+//! 8,192 multiply-adds per instruction, several times what the AVX-512 BF16 micro-kernel of [`super::gemm`] does in
+//! the same time. `B`'s tile layout (16 rows of 16 words, each word two consecutive `k` entries of one column) is
+//! exactly a [`PackedB`] bf16 panel, so the operands packed for the AVX-512 kernels serve as they are; `A` is read
+//! as row-major bf16. Each task keeps a 32 x 32 block of `C` in four tiles (two tiles of `A`, two of `B` per step
+//! of 32 `k` entries) and walks a column block's rows, so that the column block of `B` stays in the L2 cache.
+//! Edges (rows, columns or `k` entries that do not fill a tile) go through zero-filled scratch tiles, so that no
+//! tile load reads past an operand.
+//!
+//! Linux hands out AMX state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once by [`available`];
+//! without it, or with `SKETCHX_NO_AMX=1`, the AVX-512 kernels run. The instructions are written as inline
+//! assembly because Rust's AMX intrinsics are not stable.
+
+use rayon::prelude::*;
+
+use super::cpu::SendPtr;
+use super::gemm::{PackedB, NR};
+
+/// Rows of a tile, and columns of a `C` tile.
+const TILE: usize = 16;
+/// 32-bit words of `k` per tile step (32 bf16 entries).
+const TW: usize = 16;
+/// Largest number of rows per parallel task.
+const ROWS_MAX: usize = 512;
+
+/// Whether the AMX kernel runs: the CPU has AMX-TILE and AMX-BF16, the OS granted the tile state, and
+/// `SKETCHX_NO_AMX` is unset (or `0`). Asks the OS once.
+pub(crate) fn available() -> bool {
+    super::cpu::features().amx_bf16
+}
+
+/// Detection for [`super::cpu::features`]: the CPUID bits and the OS's permission (requested here, once per
+/// process, before any tile instruction runs).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn detect() -> bool {
+    if std::env::var_os("SKETCHX_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+        return false;
+    }
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    amx_bf16 && amx_tile && request_permission()
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: without it, the first tile instruction faults.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_permission() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; it only changes which CPU state the process may use.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_permission() -> bool {
+    false
+}
+
+/// `C += A B`: `A` row-major bf16 bit patterns (`m` rows of `b.k()` entries, `lda` apart), `B` packed in bf16,
+/// `C` row-major f32 (`m` rows of `b.n()`, `ldc` apart); tasks in parallel when `parallel`.
+///
+/// # Safety
+/// [`available`] must have returned `true`. `a` must point to `m` rows of `b.k()` readable entries `lda` apart
+/// and `c` to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    a: *const u16,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+) {
+    let (k, n) = (b.k(), b.n());
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let panels = n.div_ceil(NR);
+    let col_blocks = panels.div_ceil(2);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    // Rows per task: all of them (B's column block is read once), fewer when that leaves threads idle.
+    let mut rows = ROWS_MAX.min(m.div_ceil(2 * TILE) * 2 * TILE);
+    while rows > 2 * TILE && m.div_ceil(rows) * col_blocks < 4 * threads {
+        rows = (rows / 2).div_ceil(2 * TILE) * 2 * TILE;
+    }
+    let row_blocks = m.div_ceil(rows);
+    let job = Job {
+        k,
+        n,
+        a: SendPtr(a.cast_mut()),
+        lda,
+        b,
+        c: SendPtr(c),
+        ldc,
+    };
+    let task = |t: usize| {
+        let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let r1 = ((rb + 1) * rows).min(m);
+        // SAFETY: the caller's contract; tasks write disjoint blocks of C.
+        unsafe { job.block(rb * rows, r1, 2 * cb) };
+    };
+    if parallel {
+        (0..row_blocks * col_blocks).into_par_iter().for_each(task);
+    } else {
+        (0..row_blocks * col_blocks).for_each(task);
+    }
+}
+
+/// The operands of one product, shared by its tasks.
+#[cfg(target_arch = "x86_64")]
+struct Job<'a> {
+    k: usize,
+    n: usize,
+    a: SendPtr<u16>,
+    lda: usize,
+    b: &'a PackedB,
+    c: SendPtr<f32>,
+    ldc: usize,
+}
+
+/// The tile configuration `ldtilecfg` reads: palette 1, every tile 16 rows of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+#[cfg(target_arch = "x86_64")]
+impl TileConfig {
+    fn all_full() -> Self {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..8 {
+            // bytes 16..48: columns per row in bytes (u16 each); 48..64: rows (u8 each).
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg[48 + t] = TILE as u8;
+        }
+        Self(cfg)
+    }
+}
+
+/// A zero-padded copy of an edge tile (16 rows of 64 bytes).
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct Scratch([u32; TILE * TW]);
+
+/// One tile instruction. Tile registers: `C` blocks in tmm0..tmm3 (`2 * row tile + column tile`), `A` in tmm4 and
+/// tmm5, `B` in tmm6 and tmm7. `$mem` addressing is `[base + stride * 1]`, the only form tile loads take.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_load {
+    ($tmm:literal, $ptr:expr, $stride:expr) => {
+        std::arch::asm!(
+            concat!("tileloadd ", $tmm, ", [{p} + {s} * 1]"),
+            p = in(reg) $ptr,
+            s = in(reg) $stride,
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_store {
+    ($tmm:literal, $ptr:expr, $stride:expr) => {
+        std::arch::asm!(
+            concat!("tilestored [{p} + {s} * 1], ", $tmm),
+            p = in(reg) $ptr,
+            s = in(reg) $stride,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_dp {
+    ($c:literal, $a:literal, $b:literal) => {
+        std::arch::asm!(
+            concat!("tdpbf16ps ", $c, ", ", $a, ", ", $b),
+            options(nostack, nomem, preserves_flags)
+        )
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Job<'_> {
+    /// Rows `r0..r1` of the column block of panels `p0, p0 + 1`.
+    ///
+    /// # Safety
+    /// As [`gemm`]; no other task writes these rows and columns of `C`.
+    unsafe fn block(&self, r0: usize, r1: usize, p0: usize) {
+        let cfg = TileConfig::all_full();
+        let panels = self.n.div_ceil(NR);
+        let cols = [0, 1].map(|j| {
+            if p0 + j < panels {
+                (self.n - (p0 + j) * NR).min(NR)
+            } else {
+                0
+            }
+        });
+        // SAFETY: the configuration is 64 valid bytes; `available` made the OS grant the tile state.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
+        }
+        let mut r = r0;
+        while r < r1 {
+            let rows = [0, 1].map(|i| (r1.saturating_sub(r + i * TILE)).min(TILE));
+            // SAFETY: the tiles touched lie inside this task's rows and columns (the caller's contract).
+            unsafe { self.tile_block(r, rows, p0, cols) };
+            r += 2 * TILE;
+        }
+        // SAFETY: releases the tile state this thread configured above.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+    }
+
+    /// One 32 x 32 block of `C` (`rows[i]` rows in row tile `i`, `cols[j]` columns in column tile `j`; 0 for a
+    /// tile past the edge) over all of `k`.
+    ///
+    /// # Safety
+    /// As [`Job::block`], with the tiles configured.
+    unsafe fn tile_block(&self, r: usize, rows: [usize; 2], p0: usize, cols: [usize; 2]) {
+        let b = self.b;
+        let words = self.k.div_ceil(2);
+        let panel_len = words * NR;
+        let mut c_scratch = [
+            [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])],
+            [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])],
+        ];
+        let mut a_scratch = [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])];
+        let mut b_scratch = [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])];
+        let has = |i: usize, j: usize| rows[i] > 0 && cols[j] > 0;
+        // Where each C tile lives while it is computed: C itself, or a scratch copy at an edge.
+        let mut c_at = [[(std::ptr::null_mut::<f32>(), 0usize); 2]; 2];
+        for i in 0..2 {
+            for j in 0..2 {
+                if !has(i, j) {
+                    continue;
+                }
+                // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C (rows/cols > 0).
+                let origin = unsafe { self.c.0.add((r + i * TILE) * self.ldc + (p0 + j) * NR) };
+                c_at[i][j] = if rows[i] == TILE && cols[j] == NR {
+                    (origin, self.ldc * 4)
+                } else {
+                    let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
+                    for y in 0..rows[i] {
+                        // SAFETY: rows[i] x cols[j] values of C from `origin` are the task's; the scratch holds 16 x 16.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                origin.add(y * self.ldc),
+                                s.add(y * TILE),
+                                cols[j],
+                            )
+                        };
+                    }
+                    (s, 64)
+                };
+            }
+        }
+        // SAFETY (every tile instruction below): each load reads 16 rows of 64 bytes from `ptr` with `stride`,
+        // which lie inside an operand (full tiles) or a scratch tile (edges); stores write C's own tile or scratch.
+        unsafe {
+            if has(0, 0) {
+                tile_load!("tmm0", c_at[0][0].0, c_at[0][0].1);
+            }
+            if has(0, 1) {
+                tile_load!("tmm1", c_at[0][1].0, c_at[0][1].1);
+            }
+            if has(1, 0) {
+                tile_load!("tmm2", c_at[1][0].0, c_at[1][0].1);
+            }
+            if has(1, 1) {
+                tile_load!("tmm3", c_at[1][1].0, c_at[1][1].1);
+            }
+            for w0 in (0..words).step_by(TW) {
+                let kw = (words - w0).min(TW);
+                // Entries of k in this step (the last word of an odd k holds one).
+                let ke = (self.k - 2 * w0).min(2 * TW);
+                for i in 0..2 {
+                    if rows[i] == 0 {
+                        continue;
+                    }
+                    let origin = self.a.0.add((r + i * TILE) * self.lda + 2 * w0);
+                    let (ptr, stride) = if rows[i] == TILE && ke == 2 * TW {
+                        (origin.cast_const().cast::<u8>(), self.lda * 2)
+                    } else {
+                        let s = a_scratch[i].0.as_mut_ptr().cast::<u16>();
+                        std::ptr::write_bytes(s, 0, TILE * 2 * TW);
+                        for y in 0..rows[i] {
+                            std::ptr::copy_nonoverlapping(
+                                origin.add(y * self.lda),
+                                s.add(y * 2 * TW),
+                                ke,
+                            );
+                        }
+                        (s.cast_const().cast::<u8>(), 64)
+                    };
+                    if i == 0 {
+                        tile_load!("tmm4", ptr, stride);
+                    } else {
+                        tile_load!("tmm5", ptr, stride);
+                    }
+                }
+                for j in 0..2 {
+                    if cols[j] == 0 {
+                        continue;
+                    }
+                    let origin = b.data_ptr().add((p0 + j) * panel_len + w0 * NR);
+                    let ptr = if kw == TW {
+                        origin
+                    } else {
+                        let s = b_scratch[j].0.as_mut_ptr();
+                        std::ptr::write_bytes(s, 0, TILE * TW);
+                        std::ptr::copy_nonoverlapping(origin, s, kw * NR);
+                        s.cast_const()
+                    };
+                    if j == 0 {
+                        tile_load!("tmm6", ptr, 64usize);
+                    } else {
+                        tile_load!("tmm7", ptr, 64usize);
+                    }
+                }
+                if has(0, 0) {
+                    tile_dp!("tmm0", "tmm4", "tmm6");
+                }
+                if has(0, 1) {
+                    tile_dp!("tmm1", "tmm4", "tmm7");
+                }
+                if has(1, 0) {
+                    tile_dp!("tmm2", "tmm5", "tmm6");
+                }
+                if has(1, 1) {
+                    tile_dp!("tmm3", "tmm5", "tmm7");
+                }
+            }
+            if has(0, 0) {
+                tile_store!("tmm0", c_at[0][0].0, c_at[0][0].1);
+            }
+            if has(0, 1) {
+                tile_store!("tmm1", c_at[0][1].0, c_at[0][1].1);
+            }
+            if has(1, 0) {
+                tile_store!("tmm2", c_at[1][0].0, c_at[1][0].1);
+            }
+            if has(1, 1) {
+                tile_store!("tmm3", c_at[1][1].0, c_at[1][1].1);
+            }
+        }
+        // Edge tiles back into C.
+        for i in 0..2 {
+            for j in 0..2 {
+                if !has(i, j) || (rows[i] == TILE && cols[j] == NR) {
+                    continue;
+                }
+                let s = c_scratch[i][j].0.as_ptr().cast::<f32>();
+                for y in 0..rows[i] {
+                    // SAFETY: as when the tile was copied out.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            s.add(y * TILE),
+                            self.c.0.add((r + i * TILE + y) * self.ldc + (p0 + j) * NR),
+                            cols[j],
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::ops::gemm::{round_bf16, Format};
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// The AMX product equals the f64 product of the bf16-rounded operands (up to f32 summation error) on shapes
+    /// with every kind of edge: rows, columns and `k` that fill no tile, odd `k`, a row stride past the row.
+    #[test]
+    fn matches_the_rounded_product() {
+        if !available() {
+            eprintln!(
+                "AMX not available on this CPU: the AVX-512 path serves instead (nothing to test)"
+            );
+            return;
+        }
+        let to_f = |v: u16| half::bf16::from_bits(v).to_f32() as f64;
+        for (idx, &(m, n, k, pad)) in [
+            (1, 1, 1, 0),
+            (16, 16, 32, 0),
+            (32, 32, 64, 0),
+            (17, 33, 31, 3),
+            (70, 45, 77, 0),
+            (64, 320, 320, 5),
+            (5, 7, 1000, 0),
+            (129, 16, 2, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let lda = k + pad;
+            let a: Vec<u16> = values(m * lda, idx as u64 + 1)
+                .into_iter()
+                .map(round_bf16)
+                .collect();
+            let bm = values(k * n, idx as u64 + 100);
+            let b = PackedB::from_rows(k, n, Format::Bf16, |r, row| {
+                row.copy_from_slice(&bm[r * n..(r + 1) * n])
+            });
+            let ldc = n + 2;
+            let c0 = values(m * ldc, idx as u64 + 200);
+            for parallel in [false, true] {
+                let mut c = c0.clone();
+                // SAFETY: AMX is available (checked); the buffers have the sizes the strides describe.
+                unsafe { gemm(m, a.as_ptr(), lda, &b, c.as_mut_ptr(), ldc, parallel) };
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let got = c[i * ldc + j] as f64;
+                        if j >= n {
+                            assert_eq!(
+                                got,
+                                c0[i * ldc + j] as f64,
+                                "column {j} past n was written"
+                            );
+                            continue;
+                        }
+                        let mut want = c0[i * ldc + j] as f64;
+                        for p in 0..k {
+                            let bv = half::bf16::from_f32(bm[p * n + j]).to_f32() as f64;
+                            want += to_f(a[i * lda + p]) * bv;
+                        }
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
+                            "m {m} n {n} k {k}: C[{i}][{j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
