@@ -36,7 +36,7 @@ fn attn(c: &mut Criterion) {
     let mut g = c.benchmark_group("self_attention_1024x320_8heads_b2");
     g.sample_size(10);
     g.bench_function("sketchx", |b| {
-        b.iter(|| attention(&q, &k, &v, 8, scale).unwrap())
+        b.iter(|| attention(&q, &k, &v, 8, scale, false).unwrap())
     });
     g.bench_function("candle", |b| {
         b.iter(|| reference(&q, &k, &v, 8, scale).unwrap())

@@ -13,8 +13,9 @@ pub enum Precision {
     /// Weights, activations and products in f32: the reference.
     F32,
     /// The CPU bf16 mode: weights are read as f32; convolutions and linear layers round theirs to bf16 and pack
-    /// them for the crate's bf16 GEMM, round their inputs to bf16 and accumulate in f32. Norms, attention,
-    /// activations and the scheduler stay f32. With the crate's kernels off (`SKETCHX_PLAIN_CANDLE=1`) it runs
+    /// them for the crate's bf16 GEMM, round their inputs to bf16 and accumulate in f32. On CPUs with AMX the
+    /// attention's two products also take bf16 operands (scores and softmax stay f32). Norms, activations and the
+    /// scheduler stay f32. With the crate's kernels off (`SKETCHX_PLAIN_CANDLE=1`) it runs
     /// entirely in f32.
     CpuBf16,
     /// Weights and activations in this reduced type throughout (f16 or bf16 on GPUs, f16 on the CPU).

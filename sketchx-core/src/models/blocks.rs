@@ -255,6 +255,8 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// The CPU bf16 mode: the products in bf16 where the CPU has AMX.
+    bf16: bool,
 }
 
 impl Attention {
@@ -266,6 +268,7 @@ impl Attention {
         head_dim: usize,
     ) -> CResult<Self> {
         let inner = heads * head_dim;
+        let bf16 = crate::ops::packs_bf16(vb.precision());
         Ok(Self {
             to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(ctx_dim, inner, vb.pp("to_k"))?,
@@ -273,6 +276,7 @@ impl Attention {
             to_out: linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
             scale: (head_dim as f64).powf(-0.5),
+            bf16,
         })
     }
 
@@ -281,7 +285,7 @@ impl Attention {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let o = (crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale))?;
+        let o = (crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale, self.bf16))?;
         self.to_out.forward(&o)
     }
 }

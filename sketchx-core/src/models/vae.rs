@@ -31,6 +31,8 @@ pub(super) struct VaeAttention {
     v: Linear,
     out: Linear,
     scale: f64,
+    /// The CPU bf16 mode: the products in bf16 where the CPU has AMX.
+    bf16: bool,
 }
 
 impl VaeAttention {
@@ -38,6 +40,7 @@ impl VaeAttention {
         // diffusers' current names, or the legacy ones it still converts on load.
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
         let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        let bf16 = crate::ops::packs_bf16(vb.precision());
         Ok(Self {
             norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
             q: linear(channels, channels, vb.pp(name("to_q", "query")))?,
@@ -45,6 +48,7 @@ impl VaeAttention {
             v: linear(channels, channels, vb.pp(name("to_v", "value")))?,
             out: linear(channels, channels, vb.pp(name("to_out.0", "proj_attn")))?,
             scale: (channels as f64).powf(-0.5),
+            bf16,
         })
     }
 
@@ -62,7 +66,7 @@ impl VaeAttention {
             self.v.forward(&seq)?,
         );
         let o = self.out.forward(&crate::ops::attention::attention(
-            &q, &k, &v, 1, self.scale,
+            &q, &k, &v, 1, self.scale, self.bf16,
         )?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + xs

@@ -105,17 +105,41 @@ pub(crate) unsafe fn gemm(
         c: SendPtr(c),
         ldc,
     };
-    let task = |t: usize| {
+    let block = |t: usize| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let r1 = ((rb + 1) * rows).min(m);
-        // SAFETY: the caller's contract; tasks write disjoint blocks of C.
+        // SAFETY: the caller's contract; tasks write disjoint blocks of C; the tiles are configured.
         unsafe { job.block(rb * rows, r1, 2 * cb) };
     };
+    let cfg = TileConfig::all_full();
+    // SAFETY (configure / release): `available` made the OS grant the tile state; each thread configures the
+    // tiles before its tile instructions and releases them after (another library's AMX code may run between
+    // tasks on the same thread).
     if parallel {
-        (0..row_blocks * col_blocks).into_par_iter().for_each(task);
+        (0..row_blocks * col_blocks)
+            .into_par_iter()
+            .for_each(|t| unsafe {
+                cfg.load();
+                block(t);
+                release();
+            });
     } else {
-        (0..row_blocks * col_blocks).for_each(task);
+        unsafe {
+            cfg.load();
+            (0..row_blocks * col_blocks).for_each(block);
+            release();
+        }
     }
+}
+
+/// `tilerelease`: back to the initial tile state.
+///
+/// # Safety
+/// The OS must have granted the tile state.
+#[cfg(target_arch = "x86_64")]
+unsafe fn release() {
+    // SAFETY: the contract.
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
 }
 
 /// The operands of one product, shared by its tasks.
@@ -146,6 +170,17 @@ impl TileConfig {
             cfg[48 + t] = TILE as u8;
         }
         Self(cfg)
+    }
+
+    /// `ldtilecfg`.
+    ///
+    /// # Safety
+    /// The OS must have granted the tile state.
+    unsafe fn load(&self) {
+        // SAFETY: 64 valid bytes; the contract.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) self.0.as_ptr(), options(nostack, readonly, preserves_flags));
+        }
     }
 }
 
@@ -195,9 +230,8 @@ impl Job<'_> {
     /// Rows `r0..r1` of the column block of panels `p0, p0 + 1`.
     ///
     /// # Safety
-    /// As [`gemm`]; no other task writes these rows and columns of `C`.
+    /// As [`gemm`]; no other task writes these rows and columns of `C`; the tiles are configured.
     unsafe fn block(&self, r0: usize, r1: usize, p0: usize) {
-        let cfg = TileConfig::all_full();
         let panels = self.n.div_ceil(NR);
         let cols = [0, 1].map(|j| {
             if p0 + j < panels {
@@ -206,10 +240,6 @@ impl Job<'_> {
                 0
             }
         });
-        // SAFETY: the configuration is 64 valid bytes; `available` made the OS grant the tile state.
-        unsafe {
-            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly, preserves_flags));
-        }
         let mut r = r0;
         while r < r1 {
             let rows = [0, 1].map(|i| (r1.saturating_sub(r + i * TILE)).min(TILE));
@@ -217,8 +247,6 @@ impl Job<'_> {
             unsafe { self.tile_block(r, rows, p0, cols) };
             r += 2 * TILE;
         }
-        // SAFETY: releases the tile state this thread configured above.
-        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
     }
 
     /// One 32 x 32 block of `C` (`rows[i]` rows in row tile `i`, `cols[j]` columns in column tile `j`; 0 for a

@@ -15,9 +15,19 @@ use super::simd::softmax_row;
 pub const QUERY_TILE: usize = 64;
 
 /// `softmax(q k^T * scale) v` per head for `q` `(b, n, heads * d)`, `k` and `v` `(b, m, heads * d)`.
-/// f32 CPU tensors use [`AttentionOp`]; anything else the plain candle formulation. Timed as `attention`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    super::profile::scope("attention", || attention_untimed(q, k, v, heads, scale))
+/// f32 CPU tensors use [`AttentionOp`]; anything else the plain candle formulation. `bf16` (the CPU bf16 mode)
+/// lets the two products round their operands to bf16 where the CPU has AMX tiles. Timed as `attention`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    bf16: bool,
+) -> Result<Tensor> {
+    super::profile::scope("attention", || {
+        attention_untimed(q, k, v, heads, scale, bf16)
+    })
 }
 
 fn attention_untimed(
@@ -26,11 +36,13 @@ fn attention_untimed(
     v: &Tensor,
     heads: usize,
     scale: f64,
+    bf16: bool,
 ) -> Result<Tensor> {
     if super::kernels_enabled() && q.device().is_cpu() && q.dtype() == DType::F32 {
         let op = AttentionOp {
             heads,
             scale: scale as f32,
+            bf16,
         };
         return q
             .contiguous()?
@@ -66,6 +78,8 @@ pub struct AttentionOp {
     pub heads: usize,
     /// Factor applied to the scores before the softmax.
     pub scale: f32,
+    /// Products in bf16 (f32 accumulation) on AMX tiles, when the CPU has them; f32 otherwise.
+    pub bf16: bool,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -98,6 +112,12 @@ impl CustomOp3 for AttentionOp {
                 l2.shape(),
                 l3.shape()
             );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 && super::amx::available() {
+            // SAFETY: AMX is available (checked just above).
+            let out = unsafe { on_tiles(q, k, v, (b, n, m, inner), self.heads, self.scale) };
+            return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
         }
         #[cfg(target_arch = "x86_64")]
         if super::gemm::Format::F32.has_fast_kernel() {
@@ -255,6 +275,86 @@ unsafe fn packed(
     out
 }
 
+/// The CPU bf16 mode on AMX tiles: as [`packed`], with `Q`, `K`, the probabilities and `V` rounded to bf16
+/// (as torch's bf16 attention does) and both products on [`super::amx`]; scores, softmax and sums stay f32. The
+/// head dimension is zero-padded to whole tile steps (32) in `Q` and `K`, so that `Q K^T` reads whole tiles.
+///
+/// # Safety
+/// [`super::amx::available`] must have returned `true`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn on_tiles(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, n, m, inner): (usize, usize, usize, usize),
+    heads: usize,
+    scale: f32,
+) -> Vec<f32> {
+    use super::gemm::{convert_bf16, Format, PackedB};
+
+    let d = inner / heads;
+    let dp = d.next_multiple_of(32);
+    let tiles = n.div_ceil(QUERY_TILE);
+    let packed: Vec<(PackedB, PackedB)> = (0..b * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hi) = (bh / heads, bh % heads);
+            let col = |r: usize| (bi * m + r) * inner + hi * d;
+            let mut kh = vec![0f32; m * dp];
+            for (r, row) in kh.chunks_exact_mut(dp).enumerate() {
+                row[..d].copy_from_slice(&k[col(r)..][..d]);
+            }
+            (
+                PackedB::from_transposed(&kh, m, dp, Format::Bf16),
+                PackedB::from_rows(m, d, Format::Bf16, |r, row| {
+                    row.copy_from_slice(&v[col(r)..][..d])
+                }),
+            )
+        })
+        .collect();
+    let mut out = vec![0f32; b * n * inner];
+    let dst = SendPtr(out.as_mut_ptr());
+    let dst = &dst;
+    (0..b * heads * tiles).into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; QUERY_TILE * m],
+                vec![0u16; QUERY_TILE * dp],
+                vec![0u16; QUERY_TILE * m],
+            )
+        },
+        |(scores, qb, pb), task| {
+            let (bh, t) = (task / tiles, task % tiles);
+            let (bi, hi) = (bh / heads, bh % heads);
+            let (keys, values) = &packed[bh];
+            let r0 = t * QUERY_TILE;
+            let rows = QUERY_TILE.min(n - r0);
+            // Entries d..dp of every row stay zero (written nowhere).
+            for r in 0..rows {
+                let src = &q[(bi * n + r0 + r) * inner + hi * d..][..d];
+                convert_bf16(src, &mut qb[r * dp..r * dp + d]);
+            }
+            let sc = &mut scores[..rows * m];
+            sc.fill(0.0);
+            // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
+            // is this task's own `rows x m` block.
+            unsafe { super::amx::gemm(rows, qb.as_ptr(), dp, keys, sc.as_mut_ptr(), m, false) };
+            for row in sc.chunks_exact_mut(m) {
+                row.iter_mut().for_each(|x| *x *= scale);
+                softmax_row(row);
+            }
+            convert_bf16(sc, &mut pb[..rows * m]);
+            // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
+            // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities.
+            unsafe {
+                let op = dst.0.add((bi * n + r0) * inner + hi * d);
+                super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false);
+            }
+        },
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +368,37 @@ mod tests {
     #[test]
     fn portable_path_matches_reference() {
         crate::ops::cpu::force_portable(matches_reference_on_this_path);
+    }
+
+    /// The attention with every product operand rounded to bf16, as the AMX path computes it.
+    fn rounded_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let (b, n, inner) = q.dims3().unwrap();
+        let m = k.dim(1).unwrap();
+        let hd = inner / heads;
+        let split = |t: &Tensor, len: usize| {
+            round(t)
+                .reshape((b, len, heads, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (qh, kh, vh) = (split(q, n), split(k, m), split(v, m));
+        let att = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
+        let p = round(&candle_nn::ops::softmax_last_dim(&att).unwrap());
+        p.matmul(&vh)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, n, inner))
+            .unwrap()
     }
 
     fn matches_reference_on_this_path() {
@@ -286,12 +417,26 @@ mod tests {
             let v = Tensor::randn(0f32, 1., (2, m, heads * d), &dev).unwrap();
             let scale = (d as f64).powf(-0.5);
             let want = reference(&q, &k, &v, heads, scale).unwrap();
-            let got = attention(&q, &k, &v, heads, scale).unwrap();
+            let got = attention(&q, &k, &v, heads, scale, false).unwrap();
             let diff = crate::ops::max_abs_diff(&want, &got);
             assert!(
                 diff < 1e-5,
                 "n {n} m {m} heads {heads} d {d}: max diff {diff}"
             );
+            // The bf16 products on AMX: the reference with Q, K, the probabilities and V rounded to bf16 (left:
+            // the order of the f32 sums); without AMX, the f32 path.
+            let got = attention(&q, &k, &v, heads, scale, true).unwrap();
+            if crate::ops::amx::available() {
+                let want = rounded_reference(&q, &k, &v, heads, scale);
+                let diff = crate::ops::max_abs_diff(&want, &got);
+                assert!(
+                    diff < 1e-3,
+                    "bf16: n {n} m {m} heads {heads} d {d}: max diff {diff}"
+                );
+            } else {
+                let diff = crate::ops::max_abs_diff(&want, &got);
+                assert!(diff < 1e-5, "bf16 off: max diff {diff}");
+            }
         }
     }
 }

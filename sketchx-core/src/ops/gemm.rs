@@ -344,18 +344,21 @@ pub fn to_bf16(src: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; src.len()];
     out.par_chunks_mut(1 << 14)
         .zip(src.par_chunks(1 << 14))
-        .for_each(|(d, s)| {
-            #[cfg(target_arch = "x86_64")]
-            if Format::Bf16.has_fast_kernel() {
-                // SAFETY: the CPU has the features; `d` and `s` have the same length.
-                unsafe { x86::convert(s, d) };
-                return;
-            }
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = round_bf16(s);
-            }
-        });
+        .for_each(|(d, s)| convert_bf16(s, d));
     out
+}
+
+/// Converts `src` to bf16 bit patterns into `dst` (as many as the shorter holds), on the calling thread.
+pub(crate) fn convert_bf16(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if Format::Bf16.has_fast_kernel() {
+        // SAFETY: the CPU has the features; `convert` stops at the shorter slice.
+        unsafe { x86::convert(src, dst) };
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = round_bf16(s);
+    }
 }
 
 /// `C += A B` in f32: `A` row-major `m x b.k()` with row stride `lda`, `C` row-major `m x b.n()` with row stride
