@@ -9,7 +9,7 @@
 //! kind; `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
 //! process). The few-step recipe of the `job` piece: `--scheduler NAME` (default `euler_a`), `--guidance G`
 //! (default the request's), `--lora PATH[:SCALE]`, `--tiny-vae DIR` with `--vae tiny` (decode the job's image with
-//! it); the piece `tinyvae` times the tiny VAE's decode of one `--vae-size` image. The last stdout line is a JSON
+//! it), `--job-warmup 0` (no untimed job first); the piece `tinyvae` times the tiny VAE's decode of one `--vae-size` image. The last stdout line is a JSON
 //! object: seconds per run for each piece, the profile, and the peak resident memory (VmHWM).
 
 use std::collections::BTreeMap;
@@ -185,7 +185,18 @@ fn main() {
         let tiny = engine.tiny_vae().expect("--tiny-vae for the tinyvae piece");
         let run = || tiny.decode(&lat).unwrap();
         run();
+        profile::enable(want_profile);
         record("tinyvae", (0..runs).map(|_| time(run).0).collect());
+        profile::enable(false);
+        if want_profile {
+            for (k, secs, calls) in profile::take() {
+                eprintln!(
+                    "tinyvae profile: {k} {:.3} s per decode ({} calls)",
+                    secs / runs as f64,
+                    calls / runs as u64
+                );
+            }
+        }
     }
 
     if pieces.contains(&"job") {
@@ -206,7 +217,10 @@ fn main() {
             ..Default::default()
         };
         let run = || engine.generate(&req, &sketch, &mut |_| true).unwrap();
-        run();
+        // `--job-warmup 0` skips the untimed first job (for long jobs, whose first step warms up the same).
+        if get("job-warmup", "1") != "0" {
+            run();
+        }
         record("job", (0..runs).map(|_| time(run).0).collect());
     }
 

@@ -84,6 +84,12 @@ impl FastConv2d {
     /// For the CPU bf16 mode: the kernel rounded to bf16 and packed for the bf16 GEMM (the f32 copy is dropped;
     /// the bias stays f32). A convolution the op cannot run stays as it is.
     pub fn into_cpu_bf16(self) -> Result<Self> {
+        self.into_packed(Format::Bf16)
+    }
+
+    /// The kernel packed for the crate's GEMM in `format` (the f32 copy is dropped; the bias stays f32). A
+    /// convolution the op cannot run stays as it is.
+    pub fn into_packed(self, format: Format) -> Result<Self> {
         let ConvImpl::Candle {
             inner,
             op: Some(op),
@@ -100,7 +106,7 @@ impl FastConv2d {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let packed = PackedA::new(&w, cout, cin * kh * kw, Format::Bf16);
+        let packed = PackedA::new(&w, cout, cin * kh * kw, format);
         Ok(Self {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
@@ -277,7 +283,7 @@ impl Conv2dOp {
                         plain_gemm_f32(cout, nb, k, w, rhs, dst, n);
                     }
                     Weight::Packed(w) => {
-                        let rhs = pack(xb, direct, k, &g, rows, Format::Bf16);
+                        let rhs = pack(xb, direct, k, &g, rows, w.format());
                         gemm_packed(w, &rhs, dst, n);
                     }
                 }

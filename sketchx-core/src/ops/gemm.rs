@@ -223,6 +223,11 @@ impl PackedA {
         self.k
     }
 
+    /// The element type.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
     /// The matrix back in f32, row-major `m x k` (the portable path, and tests).
     pub fn to_f32(&self) -> Vec<f32> {
         if self.row_major {
