@@ -105,28 +105,30 @@ pub(crate) unsafe fn gemm(
         c: SendPtr(c),
         ldc,
     };
-    let block = |t: usize| {
+    let block = |t: usize, scratch: &mut Scratches| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let r1 = ((rb + 1) * rows).min(m);
         // SAFETY: the caller's contract; tasks write disjoint blocks of C; the tiles are configured.
-        unsafe { job.block(rb * rows, r1, 2 * cb) };
+        unsafe { job.block(rb * rows, r1, 2 * cb, scratch) };
     };
     let cfg = TileConfig::all_full();
     // SAFETY (configure / release): `available` made the OS grant the tile state; each thread configures the
     // tiles before its tile instructions and releases them after (another library's AMX code may run between
     // tasks on the same thread).
     if parallel {
-        (0..row_blocks * col_blocks)
-            .into_par_iter()
-            .for_each(|t| unsafe {
+        (0..row_blocks * col_blocks).into_par_iter().for_each_init(
+            Scratches::new,
+            |scratch, t| unsafe {
                 cfg.load();
-                block(t);
+                block(t, scratch);
                 release();
-            });
+            },
+        );
     } else {
+        let mut scratch = Scratches::new();
         unsafe {
             cfg.load();
-            (0..row_blocks * col_blocks).for_each(block);
+            (0..row_blocks * col_blocks).for_each(|t| block(t, &mut scratch));
             release();
         }
     }
@@ -189,6 +191,27 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Scratch([u32; TILE * TW]);
 
+/// The scratch tiles of one thread: made once per task or product (zeroing them per block of `C` would cost
+/// more than the block's products), cleared only where an edge uses them.
+#[cfg(target_arch = "x86_64")]
+struct Scratches {
+    c: [[Scratch; 2]; 2],
+    a: [Scratch; 2],
+    b: [Scratch; 2],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Scratches {
+    fn new() -> Self {
+        let z = || Scratch([0; TILE * TW]);
+        Self {
+            c: [[z(), z()], [z(), z()]],
+            a: [z(), z()],
+            b: [z(), z()],
+        }
+    }
+}
+
 /// One tile instruction. Tile registers: `C` blocks in tmm0..tmm3 (`2 * row tile + column tile`), `A` in tmm4 and
 /// tmm5, `B` in tmm6 and tmm7. `$mem` addressing is `[base + stride * 1]`, the only form tile loads take.
 #[cfg(target_arch = "x86_64")]
@@ -231,7 +254,7 @@ impl Job<'_> {
     ///
     /// # Safety
     /// As [`gemm`]; no other task writes these rows and columns of `C`; the tiles are configured.
-    unsafe fn block(&self, r0: usize, r1: usize, p0: usize) {
+    unsafe fn block(&self, r0: usize, r1: usize, p0: usize, scratch: &mut Scratches) {
         let panels = self.n.div_ceil(NR);
         let cols = [0, 1].map(|j| {
             if p0 + j < panels {
@@ -244,7 +267,7 @@ impl Job<'_> {
         while r < r1 {
             let rows = [0, 1].map(|i| (r1.saturating_sub(r + i * TILE)).min(TILE));
             // SAFETY: the tiles touched lie inside this task's rows and columns (the caller's contract).
-            unsafe { self.tile_block(r, rows, p0, cols) };
+            unsafe { self.tile_block(r, rows, p0, cols, scratch) };
             r += 2 * TILE;
         }
     }
@@ -254,16 +277,22 @@ impl Job<'_> {
     ///
     /// # Safety
     /// As [`Job::block`], with the tiles configured.
-    unsafe fn tile_block(&self, r: usize, rows: [usize; 2], p0: usize, cols: [usize; 2]) {
+    unsafe fn tile_block(
+        &self,
+        r: usize,
+        rows: [usize; 2],
+        p0: usize,
+        cols: [usize; 2],
+        scratch: &mut Scratches,
+    ) {
         let b = self.b;
         let words = self.k.div_ceil(2);
         let panel_len = words * NR;
-        let mut c_scratch = [
-            [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])],
-            [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])],
-        ];
-        let mut a_scratch = [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])];
-        let mut b_scratch = [Scratch([0; TILE * TW]), Scratch([0; TILE * TW])];
+        let Scratches {
+            c: c_scratch,
+            a: a_scratch,
+            b: b_scratch,
+        } = scratch;
         let has = |i: usize, j: usize| rows[i] > 0 && cols[j] > 0;
         // Where each C tile lives while it is computed: C itself, or a scratch copy at an edge.
         let mut c_at = [[(std::ptr::null_mut::<f32>(), 0usize); 2]; 2];
@@ -278,6 +307,8 @@ impl Job<'_> {
                     (origin, self.ldc * 4)
                 } else {
                     let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
+                    // SAFETY: the scratch holds 16 x 16 values.
+                    unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
                     for y in 0..rows[i] {
                         // SAFETY: rows[i] x cols[j] values of C from `origin` are the task's; the scratch holds 16 x 16.
                         unsafe {

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::SendPtr;
-use super::simd::softmax_row;
+use super::simd::{exp_sum_row, softmax_row};
 
 /// Queries per task: a `QUERY_TILE x keys` score block (1 MiB at 4096 keys) stays in the L2 cache.
 pub const QUERY_TILE: usize = 64;
@@ -277,6 +277,8 @@ unsafe fn packed(
 
 /// The CPU bf16 mode on AMX tiles: as [`packed`], with `Q`, `K`, the probabilities and `V` rounded to bf16
 /// (as torch's bf16 attention does) and both products on [`super::amx`]; scores, softmax and sums stay f32. The
+/// probabilities go into the product unnormalised (`exp(scale (s - max))`) and each output row is divided by
+/// its sum afterwards, flash-attention style: three passes over the scores instead of six. The
 /// head dimension is zero-padded to whole tile steps (32) in `Q` and `K`, so that `Q K^T` reads whole tiles.
 ///
 /// # Safety
@@ -339,9 +341,11 @@ unsafe fn on_tiles(
             // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
             // is this task's own `rows x m` block.
             unsafe { super::amx::gemm(rows, qb.as_ptr(), dp, keys, sc.as_mut_ptr(), m, false) };
-            for row in sc.chunks_exact_mut(m) {
-                row.iter_mut().for_each(|x| *x *= scale);
-                softmax_row(row);
+            // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones); each output row
+            // is divided by its sum after the product.
+            let mut sums = [0f32; QUERY_TILE];
+            for (row, sum) in sc.chunks_exact_mut(m).zip(sums.iter_mut()) {
+                *sum = exp_sum_row(row, scale);
             }
             convert_bf16(sc, &mut pb[..rows * m]);
             // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
@@ -349,6 +353,12 @@ unsafe fn on_tiles(
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
                 super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false);
+                for (r, sum) in sums.iter().enumerate().take(rows) {
+                    let inv = 1.0 / sum;
+                    std::slice::from_raw_parts_mut(op.add(r * inner), d)
+                        .iter_mut()
+                        .for_each(|x| *x *= inv);
+                }
             }
         },
     );
@@ -370,7 +380,8 @@ mod tests {
         crate::ops::cpu::force_portable(matches_reference_on_this_path);
     }
 
-    /// The attention with every product operand rounded to bf16, as the AMX path computes it.
+    /// The attention with every product operand rounded to bf16 as the AMX path computes it: the unnormalised
+    /// probabilities rounded, each output row divided by the sum afterwards.
     fn rounded_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
         let round = |t: &Tensor| {
             t.to_dtype(DType::BF16)
@@ -392,8 +403,13 @@ mod tests {
         };
         let (qh, kh, vh) = (split(q, n), split(k, m), split(v, m));
         let att = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
-        let p = round(&candle_nn::ops::softmax_last_dim(&att).unwrap());
-        p.matmul(&vh)
+        let max = att.max_keepdim(3).unwrap();
+        let e = att.broadcast_sub(&max).unwrap().exp().unwrap();
+        let sum = e.sum_keepdim(3).unwrap();
+        round(&e)
+            .matmul(&vh)
+            .unwrap()
+            .broadcast_div(&sum)
             .unwrap()
             .transpose(1, 2)
             .unwrap()

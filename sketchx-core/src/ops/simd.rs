@@ -96,6 +96,44 @@ dispatch! {
 }
 
 dispatch! {
+    /// The unnormalised softmax of `row * scale` (`scale > 0`): each `x` becomes `exp(scale * (x - max))`, in one
+    /// pass after the max; returns their sum (the caller divides later, once per output row instead of once per
+    /// score).
+    pub fn exp_sum_row(row: &mut [f32], scale: f32) -> f32 {
+        const L: usize = 16;
+        let mut lanes = [f32::NEG_INFINITY; L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &m in lanes.iter().chain(rest) {
+            if m > max {
+                max = m;
+            }
+        }
+        let mut acc = [0f32; L];
+        let mut chunks = row.chunks_exact_mut(L);
+        for c in &mut chunks {
+            for i in 0..L {
+                let e = exp_f32((c[i] - max) * scale);
+                c[i] = e;
+                acc[i] += e;
+            }
+        }
+        let mut sum = acc.iter().sum::<f32>();
+        for x in chunks.into_remainder() {
+            *x = exp_f32((*x - max) * scale);
+            sum += *x;
+        }
+        sum
+    }
+}
+
+dispatch! {
     /// `y = x * a + b` over a slice, then SiLU (`y / (1 + exp(-y))`) when `silu`.
     pub fn affine_silu(src: &[f32], dst: &mut [f32], a: f32, b: f32, silu: bool) {
         if silu {
