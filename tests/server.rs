@@ -237,6 +237,11 @@ fn bad_input_is_422_naming_the_field_never_500() {
         (small("2"), Some(b"not an image"), "sketch"),
         (small("2"), Some(b""), "sketch"),
         (vec![("bogus", "1".into())], Some(&sk), "bogus"),
+        (
+            vec![("prompt", "x".repeat(sketchx::request::MAX_PROMPT_BYTES + 1))],
+            Some(&sk),
+            "prompt",
+        ),
     ];
     for (fields, sketch, field) in cases {
         let (code, body, _) = post(&s, &fields, sketch);
@@ -247,6 +252,10 @@ fn bad_input_is_422_naming_the_field_never_500() {
     let big = vec![0u8; app::MAX_UPLOAD_BYTES + 1024];
     let (code, _, _) = post(&s, &small("2"), Some(&big));
     assert_eq!(code, 413);
+    // So is a text field over it.
+    let huge_prompt = vec![("prompt", "x".repeat(app::MAX_UPLOAD_BYTES + 1024))];
+    let (code, body, _) = post(&s, &huge_prompt, Some(&sk));
+    assert_eq!(code, 413, "{body}");
     // Not multipart at all: a client error, not a 500.
     let (code, _, _) = call(
         ureq::post(&format!("{}/api/generate", s.base)),

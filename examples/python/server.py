@@ -12,7 +12,9 @@ pipeline runs jobs in-process.
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
 
-Bad parameters or sketches answer 422 with the message naming the field; a full queue 503. Every default, range
+Bad parameters or sketches answer 422 with the message naming the field; a full queue 503; a request body over
+MAX_UPLOAD_BYTES 413, before the form parser stores it (at once when its Content-Length says so, else as soon as
+the streamed body passes the limit). Every default, range
 and name (in the form and its OpenAPI description at /openapi.json) is the Rust core's, from `sketchx.DEFAULTS`,
 `sketchx.RANGES` and `sketchx.NAMES`; the checks are the core's. Environment: SKETCHX_MODEL, SKETCHX_CONTROLNET,
 SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR, SKETCHX_RETENTION_SECS (defaults: the module's), and SKETCHX_REDIS_URL: when
@@ -29,11 +31,72 @@ from typing import Any, AsyncIterator, Dict, Optional
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sketchx
 
-# A sketch upload larger than this is refused before decoding (the decoder has its own pixel limits too).
-MAX_SKETCH_BYTES = 32 * 1024 * 1024
+# A request body (the whole multipart form, sketch included) larger than this is refused with 413 before it is
+# read whole (the decoder has its own pixel limits too).
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+
+
+class UploadLimit:
+    """ASGI middleware refusing a request body over ``limit`` bytes with 413. Starlette's form parser would
+    otherwise spool a file field of any size to disk before the endpoint runs. The refusal comes at once when the
+    Content-Length header is over the limit; a body streamed without one is counted as it arrives, and once past
+    the limit the 413 is sent and the app sees the client disconnect (whatever it answers then is dropped)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def refuse(self, send: Send) -> None:
+        body = ('{"detail": "the request body exceeds %d bytes"}' % self.limit).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self.refuse(send)
+            return
+        received = 0
+        refused = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    refused = True
+                    if not started:
+                        await self.refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+
 
 _DEFAULTS = sketchx.DEFAULTS
 
@@ -57,9 +120,10 @@ def create_app(
     output_dir: Optional[str] = None,
     retention_secs: Optional[float] = None,
     redis_url: Optional[str] = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> FastAPI:
     """The app; the pipeline (models) loads at startup and shuts down with the app. With ``redis_url`` it
-    connects to that job queue instead and loads no model."""
+    connects to that job queue instead and loads no model. Request bodies over ``max_upload_bytes`` get 413."""
     redis_url = redis_url or os.environ.get("SKETCHX_REDIS_URL") or None
     model = model or os.environ.get("SKETCHX_MODEL", _DEFAULTS["model"])
     controlnet = controlnet or os.environ.get("SKETCHX_CONTROLNET", _DEFAULTS["controlnet"])
@@ -85,6 +149,7 @@ def create_app(
             await run_in_threadpool(pipe.close)
 
     app = FastAPI(title="sketchx", lifespan=lifespan)
+    app.add_middleware(UploadLimit, limit=max_upload_bytes)
 
     def pipeline(request: Request) -> sketchx.Pipeline:
         pipe: sketchx.Pipeline = request.app.state.pipe
@@ -108,9 +173,7 @@ def create_app(
         eta: float = _form("eta"),
         vae: str = _form("vae"),
     ) -> Dict[str, Any]:
-        data = await sketch.read(MAX_SKETCH_BYTES + 1)
-        if len(data) > MAX_SKETCH_BYTES:
-            raise HTTPException(413, f"the sketch exceeds {MAX_SKETCH_BYTES} bytes")
+        data = await sketch.read()  # at most max_upload_bytes (UploadLimit)
         try:
             job_id = await run_in_threadpool(
                 pipeline(request).submit,

@@ -153,6 +153,53 @@ def test_missing_or_empty_sketch_is_422(client: TestClient) -> None:
     assert r.status_code == 422 and "sketch" in r.text
 
 
+def test_a_prompt_over_the_limit_is_422(client: TestClient) -> None:
+    limit = 16 * 1024  # the core's MAX_PROMPT_BYTES
+    assert post(client, prompt="x" * limit, steps=1).status_code == 200
+    for field in ["prompt", "negative_prompt"]:
+        r = post(client, **{field: "x" * (limit + 1)})
+        assert r.status_code == 422, (r.status_code, r.text)
+        assert field in r.text and str(limit) in r.text
+
+
+@pytest.fixture(scope="module")
+def small_upload_client(server) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    module, out = server
+    app = module.create_app(str(TINY_SD), str(TINY_CONTROLNET), output_dir=str(out), max_upload_bytes=64 << 10)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_an_upload_over_the_limit_is_413_before_it_is_read(small_upload_client: TestClient) -> None:
+    c = small_upload_client
+    assert post(c, steps=1).status_code == 200  # the house sketch is far below 64 KiB
+    big = HOUSE.read_bytes() + bytes(64 << 10)
+    # Content-Length over the limit: refused at once.
+    r = post(c, sketch=big)
+    assert r.status_code == 413, (r.status_code, r.text)
+    assert "65536" in r.json()["detail"]
+    # A text field over the limit too.
+    r = c.post("/api/generate", data=form(prompt="x" * (80 << 10)),
+               files={"sketch": ("house.png", HOUSE.read_bytes(), "image/png")})
+    assert r.status_code == 413, (r.status_code, r.text)
+
+    # Streamed without a Content-Length: refused once the body passes the limit, the rest never read.
+    sent = []
+
+    def chunks() -> Iterator[bytes]:
+        boundary = b"--sketchxBoundary"
+        yield boundary + b'\r\nContent-Disposition: form-data; name="sketch"; filename="s.png"\r\n\r\n'
+        for _ in range(64):
+            sent.append(1)
+            yield bytes(16 << 10)
+        yield b"\r\n" + boundary + b"--\r\n"
+
+    r = c.post("/api/generate", content=chunks(),
+               headers={"content-type": "multipart/form-data; boundary=sketchxBoundary"})
+    assert r.status_code == 413, (r.status_code, r.text)
+    assert len(sent) < 64, "the whole body was read"
+
+
 def test_the_openapi_form_takes_its_defaults_ranges_and_names_from_the_core(client: TestClient) -> None:
     import sketchx
 
