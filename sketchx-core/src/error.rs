@@ -151,6 +151,19 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A weights file whose content sketchx will not use as it stands, named down to the key at fault: a
+    /// checkpoint of another model family (SD2, SDXL, a LoRA or a ControlNet given as a model), a key that maps to
+    /// no layer of the network being built, a tensor whose shape does not fit it, a missing tensor, or a pickle
+    /// entry built by a Python callable that sketchx never runs (such as `os.system`). Nothing is loaded.
+    #[error("cannot load {path}: {key}: {message}")]
+    Checkpoint {
+        /// The file (a path, or `repo_id/file` for the Hub).
+        path: String,
+        /// The key at fault, as the file names it (for a pickle, the path of dict keys joined with `/`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor operation failed inside candle.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),

@@ -152,7 +152,9 @@ impl From<Error> for Failure {
             Error::InvalidSketch(_) => (SKETCHX_INVALID_SKETCH, None),
             Error::MissingFile { .. } => (SKETCHX_MODEL_NOT_FOUND, None),
             Error::MalformedFile { .. } | Error::Lora { .. } => (SKETCHX_MODEL_MALFORMED, None),
-            Error::UnsupportedModel { .. } => (SKETCHX_MODEL_UNSUPPORTED, None),
+            Error::UnsupportedModel { .. } | Error::Checkpoint { .. } => {
+                (SKETCHX_MODEL_UNSUPPORTED, None)
+            }
             Error::Download { .. } => (SKETCHX_DOWNLOAD, None),
             Error::Device(_) => (SKETCHX_DEVICE, None),
             Error::QueueFull { .. } => (SKETCHX_QUEUE_FULL, None),

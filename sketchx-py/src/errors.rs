@@ -26,6 +26,7 @@ fn class_of(err: &Error) -> (&'static PyOnceLock<Py<PyType>>, &'static str) {
         | Error::MalformedFile { .. }
         | Error::Lora { .. }
         | Error::UnsupportedModel { .. }
+        | Error::Checkpoint { .. }
         | Error::Download { .. }
         | Error::Device(_) => (&MODEL_LOAD, "ModelLoadError"),
         Error::QueueFull { .. } => (&QUEUE_FULL, "QueueFullError"),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod controlnet;
 pub mod loader;
 pub mod lora;
+pub mod pickle;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;

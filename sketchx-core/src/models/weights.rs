@@ -139,71 +139,84 @@ impl SafetensorsFile {
     /// Reads tensor `name`, converted to `dtype`, onto `device` (read on the CPU, then moved).
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let info = self.info(name)?;
-        let shape = Shape::from(info.shape.clone());
         let offset = self.data_start + info.data_offsets.0 as u64;
-        let n = shape.elem_count();
-        // A failed read stays an I/O error (the engine reports it as `Error::Io` naming the file).
-        let io = |e: std::io::Error| {
-            candle_core::Error::Io(std::io::Error::new(
-                e.kind(),
-                format!("reading tensor {name}: {e}"),
-            ))
+        let bytes = info.data_offsets.1 - info.data_offsets.0;
+        read_tensor(&self.file, offset, bytes, info.dtype, &info.shape, dtype)
+            .map_err(|e| in_tensor(e, name))?
+            .to_device(device)
+    }
+}
+
+/// Names the tensor in a failed read (which stays an I/O error: the engine reports it as `Error::Io` naming the
+/// file).
+pub(crate) fn in_tensor(e: candle_core::Error, name: &str) -> candle_core::Error {
+    match e {
+        candle_core::Error::Io(e) => candle_core::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("reading tensor {name}: {e}"),
+        )),
+        e => e,
+    }
+}
+
+/// Reads the tensor of `shape` stored contiguously, little-endian, as `stored` in the `bytes` bytes at `offset` of
+/// `file`, converted to `dtype`, on the CPU: straight into the tensor's buffer for f32/f16/bf16 (converted piece by
+/// piece between them) and the other plain types, through candle's conversion for the rest. The caller has checked
+/// that `bytes` is the shape's size in `stored` and that the range lies inside the file.
+pub(crate) fn read_tensor(
+    file: &File,
+    offset: u64,
+    bytes: usize,
+    stored: Dtype,
+    shape: &[usize],
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let shape = Shape::from(shape.to_vec());
+    let n = shape.elem_count();
+    let cpu = &Device::Cpu;
+    // As stored, straight into the tensor's buffer.
+    macro_rules! raw {
+        ($t:ty) => {
+            Tensor::from_vec(read_vec::<$t>(file, offset, n)?, shape, cpu)
         };
-        let cpu = &Device::Cpu;
-        // As stored, straight into the tensor's buffer.
-        macro_rules! raw {
-            ($t:ty) => {
-                Tensor::from_vec(
-                    read_vec::<$t>(&self.file, offset, n).map_err(io)?,
-                    shape,
-                    cpu,
-                )
-            };
+    }
+    // Converted piece by piece into the tensor's buffer.
+    macro_rules! converted {
+        ($s:ty, $d:ty) => {
+            Tensor::from_vec(read_converted::<$s, $d>(file, offset, n)?, shape, cpu)
+        };
+    }
+    match (stored, dtype) {
+        (Dtype::F32, DType::F32) => raw!(f32),
+        (Dtype::F16, DType::F16) => raw!(f16),
+        (Dtype::BF16, DType::BF16) => raw!(bf16),
+        (Dtype::F32, DType::F16) => converted!(f32, f16),
+        (Dtype::F32, DType::BF16) => converted!(f32, bf16),
+        (Dtype::F16, DType::F32) => converted!(f16, f32),
+        (Dtype::F16, DType::BF16) => converted!(f16, bf16),
+        (Dtype::BF16, DType::F32) => converted!(bf16, f32),
+        (Dtype::BF16, DType::F16) => converted!(bf16, f16),
+        (stored, _) => {
+            let t = match stored {
+                Dtype::F32 => raw!(f32),
+                Dtype::F16 => raw!(f16),
+                Dtype::BF16 => raw!(bf16),
+                Dtype::F64 => raw!(f64),
+                Dtype::U8 => raw!(u8),
+                Dtype::U32 => raw!(u32),
+                Dtype::I16 => raw!(i16),
+                Dtype::I32 => raw!(i32),
+                Dtype::I64 => raw!(i64),
+                // Anything else (U16, 8-bit and smaller floats...): the raw bytes through candle's own
+                // conversion, which knows these types or refuses them with its error.
+                _ => {
+                    let data = read_vec::<u8>(file, offset, bytes)?;
+                    let view = TensorView::new(stored, shape.dims().to_vec(), &data)?;
+                    candle_core::safetensors::Load::load(&view, cpu)
+                }
+            }?;
+            t.to_dtype(dtype)
         }
-        // Converted piece by piece into the tensor's buffer.
-        macro_rules! converted {
-            ($s:ty, $d:ty) => {
-                Tensor::from_vec(
-                    read_converted::<$s, $d>(&self.file, offset, n).map_err(io)?,
-                    shape,
-                    cpu,
-                )
-            };
-        }
-        let tensor = match (info.dtype, dtype) {
-            (Dtype::F32, DType::F32) => raw!(f32),
-            (Dtype::F16, DType::F16) => raw!(f16),
-            (Dtype::BF16, DType::BF16) => raw!(bf16),
-            (Dtype::F32, DType::F16) => converted!(f32, f16),
-            (Dtype::F32, DType::BF16) => converted!(f32, bf16),
-            (Dtype::F16, DType::F32) => converted!(f16, f32),
-            (Dtype::F16, DType::BF16) => converted!(f16, bf16),
-            (Dtype::BF16, DType::F32) => converted!(bf16, f32),
-            (Dtype::BF16, DType::F16) => converted!(bf16, f16),
-            (stored, _) => {
-                let t = match stored {
-                    Dtype::F32 => raw!(f32),
-                    Dtype::F16 => raw!(f16),
-                    Dtype::BF16 => raw!(bf16),
-                    Dtype::F64 => raw!(f64),
-                    Dtype::U8 => raw!(u8),
-                    Dtype::U32 => raw!(u32),
-                    Dtype::I16 => raw!(i16),
-                    Dtype::I32 => raw!(i32),
-                    Dtype::I64 => raw!(i64),
-                    // Anything else (U16, 8-bit and smaller floats...): the raw bytes through candle's own
-                    // conversion, which knows these types or refuses them with its error.
-                    _ => {
-                        let (start, end) = info.data_offsets;
-                        let bytes = read_vec::<u8>(&self.file, offset, end - start).map_err(io)?;
-                        let view = TensorView::new(info.dtype, info.shape.clone(), &bytes)?;
-                        candle_core::safetensors::Load::load(&view, cpu)
-                    }
-                }?;
-                t.to_dtype(dtype)
-            }
-        }?;
-        tensor.to_device(device)
     }
 }
 
@@ -414,7 +427,7 @@ fn as_bytes_mut<T: PlainData>(v: &mut [T]) -> &mut [u8] {
 }
 
 /// Fills `buf` with the file's bytes at `offset`; fails unless all of them were read.
-fn read_exact_into(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn read_exact_into(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     // SAFETY: `buf` is writable memory of `buf.len()` bytes.
     unsafe { read_exact_at(file, buf.as_mut_ptr(), buf.len(), offset) }
 }
