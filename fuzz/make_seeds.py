@@ -4,7 +4,7 @@ the keys, names and numbers the formats use), deterministically: small valid and
 each target reads, so that the fuzzer starts from the formats' interesting paths instead of discovering JSON or PNG
 from nothing. The committed files are this script's output; rerun it after changing it:
 
-    python3 fuzz/make_seeds.py          # needs Pillow (the sketch images)
+    python3 fuzz/make_seeds.py          # needs Pillow (the sketch images) and torch (the checkpoints)
 
 The input layouts are those of fuzz/src/checks.rs: `sketch` is 4 control bytes + an image file, `tokenizer_files`
 is vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json and a prompt separated by 0xFF bytes,
@@ -345,6 +345,61 @@ def lora_seeds() -> None:
              16, [])))
 
 
+# --- pickle ------------------------------------------------------------------------------------------------
+def pickle_seeds() -> None:
+    import pickle as pk
+    import zipfile
+    from collections import OrderedDict
+
+    import torch
+
+    torch.manual_seed(0)
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8
+    tensors = OrderedDict([
+        ("a.weight", base.clone()),
+        ("a.half", base.half()[:, :2].contiguous()),
+        ("a.bf16", base.bfloat16().flatten()[:5].clone()),
+        ("a.long", torch.tensor([1, -2, 3])),
+        ("a.bool", torch.tensor([True, False])),
+        ("a.transposed", base.t()),  # a strided view
+        ("a.slice", base.flatten()[3:9]),  # an offset into a shared storage
+        ("a.scalar", torch.tensor(2.5)),
+        ("a.param", torch.nn.Parameter(torch.ones(2, 2))),
+    ])
+
+    def saved(obj: object, **kw) -> bytes:
+        b = io.BytesIO()
+        torch.save(obj, b, **kw)
+        return b.getvalue()
+
+    out("pickle", "state_dict.pt", saved(tensors))
+    out("pickle", "legacy.pt", saved(tensors, _use_new_zipfile_serialization=False))
+    out("pickle", "training.ckpt", saved({"epoch": 3, "global_step": 10, "state_dict": {"state_dict": tensors},
+                                         "callbacks": {"x": [1.5, "y", None, (1, 2)]}}))
+    out("pickle", "textual_inversion.pt", saved({"string_to_param": {"*": torch.ones(2, 4)},
+                                                 "name": "style", "step": 7}))
+    zipped = saved({"w": torch.ones(8, 8, dtype=torch.float16)})
+    with zipfile.ZipFile(io.BytesIO(zipped)) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    b = io.BytesIO()
+    with zipfile.ZipFile(b, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    out("pickle", "deflated.pt", b.getvalue())
+    out("pickle", "bare_protocol2.pkl", pk.dumps({"a": [1, 2.5, "x", b"y", True, None], "b": (1 << 70,)}, 2))
+    out("pickle", "bare_protocol0.pkl", pk.dumps({"a": [1, "x"], "b": {"c": 1.5}}, 0))
+    out("pickle", "bare_protocol5.pkl", pk.dumps({"a": frozenset({1}), "b": bytearray(b"zz")}, 5))
+    for p in sorted((FIXTURES / "formats" / "bad").glob("*.ckpt")):
+        out("pickle", p.name, p.read_bytes())
+    globals_ = ["torch._utils\n_rebuild_tensor_v2\n", "collections\nOrderedDict\n", "torch\nFloatStorage\n",
+                "torch\nHalfStorage\n", "torch\nBFloat16Storage\n", "torch\nLongStorage\n",
+                "torch._utils\n_rebuild_parameter\n", "builtins\nset\n", "os\nsystem\n", "storage",
+                "archive/data.pkl", "archive/data/0", "archive/byteorder", "little", "big", "state_dict"]
+    dictionary("pickle", globals_ + ["PK\x03\x04", "PK\x01\x02", "PK\x05\x06", "PK\x06\x06", "\x80\x02",
+                                     "\x80\x05", "\x95", "\x8c", "\x93", "R", "b", "c", "\x94", "h", "q",
+                                     "}", "]", ")", "(", "u", "e", "t", "\x85", "\x86", "\x87", "Q", "."])
+
+
 def main() -> None:
     for d in (SEEDS, DICTS):
         if d.exists():
@@ -355,6 +410,7 @@ def main() -> None:
     tokenizer_seeds()
     request_seeds()
     lora_seeds()
+    pickle_seeds()
     for d in sorted(SEEDS.iterdir()):
         files = list(d.iterdir())
         print(f"{d.name}: {len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes")

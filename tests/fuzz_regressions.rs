@@ -94,3 +94,8 @@ fn replays_request() {
 fn replays_lora() {
     replay("lora");
 }
+
+#[test]
+fn replays_pickle() {
+    replay("pickle");
+}

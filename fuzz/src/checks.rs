@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 use sketchx::models::config::ConfigFile;
 use sketchx::models::lora::{self, LoraSpec};
+use sketchx::models::pickle::{Entry, TorchFile};
 use sketchx::models::tokenizer::ClipTokenizer;
 use sketchx::models::weights::SafetensorsFile;
 use sketchx::models::{clip, controlnet, taesd, unet, vae};
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("tokenizer_text", tokenizer_text),
     ("request", request),
     ("lora", lora),
+    ("pickle", pickle),
 ];
 
 /// The repository root (this file is compiled by the fuzz crate in `fuzz/` and by the root package's tests).
@@ -621,5 +623,105 @@ pub fn lora(data: &[u8]) {
             assert_eq!(named, path.display().to_string(), "the error names the LoRA file");
         }
         Err(e) => panic!("a bad LoRA must be Lora or MalformedFile, got {e:?}"),
+    }
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// pickle: torch checkpoints (zip, legacy and bare pickles) read without running them.
+// -----------------------------------------------------------------------------------------------------------
+
+/// What interpreting a pickle of `len` bytes may allocate at once: the reader promises memory proportional to the
+/// pickle (every opcode adds at most one value or container); this is the factor allowed, plus fixed space.
+pub fn pickle_bound(len: usize) -> usize {
+    64 * len + (8 << 20)
+}
+
+/// Asserts that `e` is one of the errors a bad checkpoint may give, naming `path`.
+fn assert_checkpoint_error(e: &Error, path: &Path) {
+    let shown = path.display().to_string();
+    match e {
+        Error::MalformedFile { path: p, .. }
+        | Error::UnsupportedModel { path: p, .. }
+        | Error::Checkpoint { path: p, .. } => assert_eq!(p, &shown, "{e}"),
+        other => panic!("a bad checkpoint must be a typed file error, got {other:?}"),
+    }
+}
+
+/// The input is the whole file (`.ckpt`/`.pt`/`.bin`). Opening it interprets its pickle within [`pickle_bound`]
+/// and gives a checkpoint or a typed error naming the file; every value and dict reachable from the root reads
+/// without panicking; every tensor of the state dict (and of any top-level dict) reads in its stored dtype and as
+/// f32/f16/bf16 with its shape, the same values either way, allocating at most a few times its size (plus what a
+/// deflated storage inflates to), or fails with an error.
+pub fn pickle(data: &[u8]) {
+    let scratch = Scratch::new();
+    let path = scratch.write("model.ckpt", data);
+    let (opened, peak) = crate::alloc::peak_during(|| TorchFile::open(&path));
+    assert_allocated_within(peak, pickle_bound(data.len()), "interpreting the pickle");
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => return assert_checkpoint_error(&e, &path),
+    };
+    let mut dicts: Vec<Vec<String>> = vec![Vec::new()];
+    if let Ok(keys) = file.keys_at(&[]) {
+        for k in keys.into_iter().take(16) {
+            match file.get(&[k.as_str()]) {
+                Ok(Entry::Dict(_)) => dicts.push(vec![k]),
+                Ok(_) => {}
+                Err(e) => assert_checkpoint_error(&e, &path),
+            }
+        }
+    }
+    let read_bound = |bytes: usize| 6 * bytes + 1100 * data.len() + (16 << 20);
+    let cpu = &Device::Cpu;
+    let mut states = vec![file.state_dict()];
+    for keys in &dicts {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        states.push(file.tensors_at(&keys));
+    }
+    for state in states {
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                assert_checkpoint_error(&e, &path);
+                continue;
+            }
+        };
+        for name in state.names() {
+            let info = state.info(name).expect("listed").clone();
+            assert_eq!(state.shape(name), Some(&info.shape[..]));
+            let bytes = info
+                .shape
+                .iter()
+                .try_fold(info.dtype.size(), |n, &d| n.checked_mul(d))
+                .expect("a tensor inside its storage has a countable size");
+            let (stored, peak) = crate::alloc::peak_during(|| state.tensor(name));
+            assert_allocated_within(peak, read_bound(bytes), name);
+            let stored = match stored {
+                Ok(t) => t,
+                Err(e) => {
+                    assert_checkpoint_error(&e, &path);
+                    continue;
+                }
+            };
+            assert_eq!(stored.dims(), &info.shape[..], "{name}");
+            assert_eq!(stored.dtype(), info.dtype.dtype(), "{name}");
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let (got, peak) = crate::alloc::peak_during(|| state.load(name, dtype, cpu));
+                assert_allocated_within(peak, read_bound(bytes), name);
+                let want = stored.to_dtype(dtype);
+                match (got, want) {
+                    (Ok(got), Ok(want)) => {
+                        assert_eq!(got.dims(), &info.shape[..], "{name}");
+                        assert!(
+                            tensor_bits(&got) == tensor_bits(&want),
+                            "{name} as {dtype:?} differs from its stored values converted"
+                        );
+                    }
+                    (Err(_), Err(_)) => {}
+                    (Ok(_), Err(e)) => panic!("{name} as {dtype:?}: read, but candle cannot convert it: {e}"),
+                    (Err(e), Ok(_)) => panic!("{name} as {dtype:?}: read in its dtype, not in this one: {e}"),
+                }
+            }
+        }
     }
 }
