@@ -1,8 +1,8 @@
 //! Limits that hold against hostile input, measured with a counting global allocator
 //! (`fuzz/src/alloc.rs`): a safetensors header that claims more than its file holds (a header length past the
-//! end, tensors past the data, huge or uncountable shapes) is an error before anything of the claimed size is
-//! allocated; reading a file allocates a bounded multiple of its size, and building a network from it its
-//! declared size; a decompression bomb is refused before its pixels are allocated; a scheduler config cannot
+//! end, tensors past the data, huge or uncountable shapes, names listed twice) is an error before anything of the
+//! claimed size is allocated; reading a file allocates a bounded multiple of its size (its header, however dense,
+//! at most 8 times its length), and building a network from it its declared size; a decompression bomb is refused before its pixels are allocated; a scheduler config cannot
 //! make the schedule arbitrarily long; prompts are limited to `MAX_PROMPT_BYTES`. (The queue limit is tested in
 //! every binding: tests/pipeline.rs, tests/server.rs, the C and Python tests; the REST upload limits in
 //! tests/server.rs and sketchx-py/tests/test_server.py.)
@@ -113,6 +113,15 @@ fn headers_that_claim_more_than_the_file_are_refused_before_allocating_it() {
             ),
             "invalid safetensors header",
         ),
+        // A tensor listed twice (JSON keeps the last one; the file is refused instead).
+        (
+            "duplicate_names",
+            small(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                &[0; 8],
+            ),
+            "listed twice",
+        ),
         (
             "wrong_dtype_size",
             small(
@@ -144,6 +153,10 @@ fn a_large_header_costs_a_bounded_multiple_of_its_size() {
     let path = dir.join("dense.safetensors");
     std::fs::write(&path, &bytes).unwrap();
     let (file, peak) = measured(|| SafetensorsFile::open(&path).unwrap());
+    eprintln!(
+        "dense header: file {} bytes, peak {peak} bytes while opening",
+        bytes.len()
+    );
     let bound = 8 * bytes.len() + (8 << 20);
     assert!(peak <= bound, "{peak} > {bound}");
     let (t, peak) = measured(|| file.load("w", DType::F32, &Device::Cpu).unwrap());

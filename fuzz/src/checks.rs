@@ -203,8 +203,47 @@ fn countable(shape: &[usize]) -> bool {
         .is_some()
 }
 
+/// Whether the file's header (when its length field fits the file and it is a JSON object) has a key twice.
+fn duplicate_names(data: &[u8]) -> bool {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys(Vec<String>);
+    impl<'de> Deserialize<'de> for Keys {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some(k) = map.next_key::<String>()? {
+                        map.next_value::<IgnoredAny>()?;
+                        keys.push(k);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let Some((n, rest)) = data.split_first_chunk::<8>() else {
+        return false;
+    };
+    let Some(header) = usize::try_from(u64::from_le_bytes(*n))
+        .ok()
+        .and_then(|n| rest.get(..n))
+    else {
+        return false;
+    };
+    serde_json::from_slice::<Keys>(header).is_ok_and(|Keys(mut keys)| {
+        keys.sort();
+        keys.windows(2).any(|w| w[0] == w[1])
+    })
+}
+
 /// The input is the whole file. sketchx's reader must accept exactly the files the safetensors crate accepts
-/// (except shapes whose element count overflows, which it refuses), refuse the rest with
+/// (except shapes whose element count overflows and tensors listed twice, which it refuses), refuse the rest with
 /// [`Error::MalformedFile`] naming the file, and read every tensor into f32, f16 and bf16 exactly as candle's own
 /// loading and conversion do (or fail where they fail), within [`read_bound`].
 pub fn safetensors(data: &[u8]) {
@@ -214,9 +253,10 @@ pub fn safetensors(data: &[u8]) {
     let (ours, peak) = crate::alloc::peak_during(|| SafetensorsFile::open(&path));
     assert_allocated_within(peak, bound, "opening the file");
     let reference = candle_core::safetensors::SliceSafetensors::new(data);
-    let reference_ok = reference
-        .as_ref()
-        .is_ok_and(|r| r.tensors().iter().all(|(_, v)| countable(v.shape())));
+    let reference_ok = !duplicate_names(data)
+        && reference
+            .as_ref()
+            .is_ok_and(|r| r.tensors().iter().all(|(_, v)| countable(v.shape())));
     let file = match ours {
         Ok(file) => {
             assert!(reference_ok, "sketchx reads a file the safetensors crate refuses or candle cannot shape");
