@@ -46,7 +46,10 @@ fn replay(target: &str) {
         })
         .map(|p| p.display().to_string())
         .collect();
-    assert!(failed.is_empty(), "{target}: the check fails on {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "{target}: the check fails on {failed:#?}"
+    );
 }
 
 #[test]

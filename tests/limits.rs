@@ -66,8 +66,16 @@ fn headers_that_claim_more_than_the_file_are_refused_before_allocating_it() {
     let small = |header: &str, data: &[u8]| file_bytes(header.len() as u64, header, data);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         // A header length far beyond the file (and beyond the safetensors crate's 100 MB header limit).
-        ("header_len_2^40", file_bytes(1 << 40, "{}", &[]), "impossible"),
-        ("header_len_past_end", file_bytes(4096, "{}", &[0; 100]), "impossible"),
+        (
+            "header_len_2^40",
+            file_bytes(1 << 40, "{}", &[]),
+            "impossible",
+        ),
+        (
+            "header_len_past_end",
+            file_bytes(4096, "{}", &[0; 100]),
+            "impossible",
+        ),
         // A tensor of 10^10 floats whose data would lie beyond the 16 bytes present.
         (
             "tensor_past_the_data",

@@ -118,10 +118,7 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             sketch = Some(data.to_vec());
             continue;
         }
-        let text = field
-            .text()
-            .await
-            .map_err(|e| body_error(e, Some(&name)))?;
+        let text = field.text().await.map_err(|e| body_error(e, Some(&name)))?;
         // The core parses every field (`set_form_field`, also what the fuzzer drives); unknown names stop here.
         if !req.set_form_field(&name, &text)? {
             return Err(ApiError::unprocessable(

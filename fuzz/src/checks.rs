@@ -21,8 +21,8 @@ use sketchx::models::weights::SafetensorsFile;
 use sketchx::models::{clip, controlnet, taesd, unet, vae};
 use sketchx::precision::{Precision, Weights};
 use sketchx::request::{
-    GenerationRequest, ETA_RANGE, GUIDANCE_RANGE, MAX_PROMPT_BYTES, NUM_IMAGES_RANGE, SIZE_MULTIPLE,
-    SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, ETA_RANGE, GUIDANCE_RANGE, MAX_PROMPT_BYTES, NUM_IMAGES_RANGE,
+    SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::rng::TorchRng;
 use sketchx::sampling::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
@@ -151,7 +151,10 @@ pub fn sketch(data: &[u8]) {
     // 8 in 64..=2048.
     let (tw, th) = sketch.target_size(None, None);
     for side in [tw, th] {
-        assert!((64..=1024).contains(&side) && side % 64 == 0, "{w}x{h} -> {tw}x{th}");
+        assert!(
+            (64..=1024).contains(&side) && side % 64 == 0,
+            "{w}x{h} -> {tw}x{th}"
+        );
     }
     let given = *SIZE_RANGE.start() + SIZE_MULTIPLE * u32::from(ctl[3]);
     let (given_w, derived_h) = sketch.target_size(Some(given), None);
@@ -178,7 +181,11 @@ pub fn sketch(data: &[u8]) {
         assert!(control.rgb.iter().all(|&v| v == 0 || v == 255));
     }
     if (ow, oh) == (w, h) && mode == Preprocess::None {
-        assert_eq!(control.rgb, sketch.rgb(), "resizing to the same size is a copy");
+        assert_eq!(
+            control.rgb,
+            sketch.rgb(),
+            "resizing to the same size is a copy"
+        );
     }
 }
 
@@ -259,11 +266,18 @@ pub fn safetensors(data: &[u8]) {
             .is_ok_and(|r| r.tensors().iter().all(|(_, v)| countable(v.shape())));
     let file = match ours {
         Ok(file) => {
-            assert!(reference_ok, "sketchx reads a file the safetensors crate refuses or candle cannot shape");
+            assert!(
+                reference_ok,
+                "sketchx reads a file the safetensors crate refuses or candle cannot shape"
+            );
             file
         }
         Err(Error::MalformedFile { path: named, .. }) => {
-            assert_eq!(named, path.display().to_string(), "the error names the file");
+            assert_eq!(
+                named,
+                path.display().to_string(),
+                "the error names the file"
+            );
             assert!(
                 !reference_ok,
                 "sketchx refuses a file the safetensors crate reads"
@@ -275,7 +289,8 @@ pub fn safetensors(data: &[u8]) {
     let reference = reference.expect("checked above");
     let mut names = file.names();
     names.sort();
-    let mut reference_names: Vec<String> = reference.tensors().into_iter().map(|(n, _)| n).collect();
+    let mut reference_names: Vec<String> =
+        reference.tensors().into_iter().map(|(n, _)| n).collect();
     reference_names.sort();
     assert_eq!(names, reference_names);
     let cpu = &Device::Cpu;
@@ -286,9 +301,10 @@ pub fn safetensors(data: &[u8]) {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let (got, peak) = crate::alloc::peak_during(|| file.load(name, dtype, cpu));
             assert_allocated_within(peak, bound, name);
-            let want = stored.as_ref().map_err(|e| e.to_string()).and_then(|t| {
-                t.to_dtype(dtype).map_err(|e| e.to_string())
-            });
+            let want = stored
+                .as_ref()
+                .map_err(|e| e.to_string())
+                .and_then(|t| t.to_dtype(dtype).map_err(|e| e.to_string()));
             match (got, want) {
                 (Ok(got), Ok(want)) => {
                     assert_eq!(got.dims(), view.shape(), "{name}");
@@ -299,8 +315,12 @@ pub fn safetensors(data: &[u8]) {
                     );
                 }
                 (Err(_), Err(_)) => {}
-                (Ok(_), Err(e)) => panic!("{name} as {dtype:?}: sketchx reads what candle refuses ({e})"),
-                (Err(e), Ok(_)) => panic!("{name} as {dtype:?}: sketchx fails where candle reads: {e}"),
+                (Ok(_), Err(e)) => {
+                    panic!("{name} as {dtype:?}: sketchx reads what candle refuses ({e})")
+                }
+                (Err(e), Ok(_)) => {
+                    panic!("{name} as {dtype:?}: sketchx fails where candle reads: {e}")
+                }
             }
         }
         // A network asking for another shape gets an error, never a reinterpretation.
@@ -391,7 +411,9 @@ pub fn configs(data: &[u8]) {
     let bound = 4 * ZEROS_BUDGET + (16 << 20);
     let builders: [(&str, fn(&ConfigFile) -> sketchx::Result<()>); 5] = [
         ("unet", |c| unet::UNet::load(zeros(), c).map(drop)),
-        ("controlnet", |c| controlnet::ControlNet::load(zeros(), c).map(drop)),
+        ("controlnet", |c| {
+            controlnet::ControlNet::load(zeros(), c).map(drop)
+        }),
         ("vae", |c| vae::Vae::load(zeros(), c).map(drop)),
         ("taesd", |c| taesd::TinyVae::load(zeros(), c).map(drop)),
         ("text_encoder", |c| {
@@ -456,7 +478,10 @@ fn schedule(kind: SchedulerKind, config: &SchedulerConfig, steps: usize, eta: f6
             .unwrap_or_else(|e| panic!("{kind:?} step {i} of {n}: {e}"));
         assert_eq!(sample.dims(), [1, 4, 2, 2]);
     }
-    assert!(s.step(&eps, n, &sample, &mut rng).is_err(), "a step past the end");
+    assert!(
+        s.step(&eps, n, &sample, &mut rng).is_err(),
+        "a step past the end"
+    );
 }
 
 // -----------------------------------------------------------------------------------------------------------
@@ -476,7 +501,11 @@ fn check_encoding(t: &ClipTokenizer, text: &str, decode: bool) {
     assert_eq!(&ids[1..1 + kept], &body[..kept]);
     assert_eq!(ids[1 + kept], t.eos_id());
     assert!(ids[2 + kept..].iter().all(|&id| id == t.pad_id()));
-    assert_eq!(t.encode_padded(text), ids, "encoding again (from the cache)");
+    assert_eq!(
+        t.encode_padded(text),
+        ids,
+        "encoding again (from the cache)"
+    );
     if decode {
         let _ = t.decode(&ids);
     }
@@ -594,9 +623,18 @@ pub const LORA_BASE_UNET: &[(&str, &[usize])] = &[
     ("time_embedding.linear_1.weight", &[16, 8]),
     ("down_blocks.0.resnets.0.conv1.weight", &[8, 8, 3, 3]),
     ("down_blocks.0.attentions.0.proj_in.weight", &[8, 8, 1, 1]),
-    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight", &[8, 8]),
-    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight", &[8, 8]),
-    ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", &[8, 12]),
+    (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        &[8, 8],
+    ),
+    (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
+        &[8, 8],
+    ),
+    (
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        &[8, 12],
+    ),
     ("mid_block.a_b.weight", &[4, 4]),
     ("mid_block.a.b.weight", &[4, 4]),
 ];
@@ -604,7 +642,10 @@ pub const LORA_BASE_UNET: &[(&str, &[usize])] = &[
 /// The synthetic text encoder's layers (see [`LORA_BASE_UNET`]).
 pub const LORA_BASE_TEXT_ENCODER: &[(&str, &[usize])] = &[
     ("text_model.embeddings.token_embedding.weight", &[16, 12]),
-    ("text_model.encoder.layers.0.self_attn.q_proj.weight", &[12, 12]),
+    (
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        &[12, 12],
+    ),
     ("text_model.encoder.layers.0.mlp.fc1.weight", &[24, 12]),
 ];
 
@@ -660,7 +701,11 @@ pub fn lora(data: &[u8]) {
             }
         }
         Err(Error::Lora { path: named, .. }) | Err(Error::MalformedFile { path: named, .. }) => {
-            assert_eq!(named, path.display().to_string(), "the error names the LoRA file");
+            assert_eq!(
+                named,
+                path.display().to_string(),
+                "the error names the LoRA file"
+            );
         }
         Err(e) => panic!("a bad LoRA must be Lora or MalformedFile, got {e:?}"),
     }
@@ -758,8 +803,12 @@ pub fn pickle(data: &[u8]) {
                         );
                     }
                     (Err(_), Err(_)) => {}
-                    (Ok(_), Err(e)) => panic!("{name} as {dtype:?}: read, but candle cannot convert it: {e}"),
-                    (Err(e), Ok(_)) => panic!("{name} as {dtype:?}: read in its dtype, not in this one: {e}"),
+                    (Ok(_), Err(e)) => {
+                        panic!("{name} as {dtype:?}: read, but candle cannot convert it: {e}")
+                    }
+                    (Err(e), Ok(_)) => {
+                        panic!("{name} as {dtype:?}: read in its dtype, not in this one: {e}")
+                    }
                 }
             }
         }

@@ -230,7 +230,10 @@ fn parse_header(header: &[u8]) -> std::result::Result<Metadata, String> {
                 fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                     f.write_str("a JSON object of tensors")
                 }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Header, A::Error> {
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Header, A::Error> {
                     let (mut metadata, mut tensors) = (None, Vec::new());
                     while let Some(key) = map.next_key::<String>()? {
                         if key == "__metadata__" {
@@ -246,7 +249,8 @@ fn parse_header(header: &[u8]) -> std::result::Result<Metadata, String> {
         }
     }
 
-    let Header(metadata, mut tensors) = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let Header(metadata, mut tensors) =
+        serde_json::from_slice(header).map_err(|e| e.to_string())?;
     let mut names = std::collections::HashSet::with_capacity(tensors.len());
     for (name, info) in &tensors {
         if !names.insert(name.as_str()) {
@@ -663,7 +667,8 @@ mod tests {
 
     impl TempFile {
         fn new(name: &str, bytes: &[u8]) -> Self {
-            let dir = std::env::temp_dir().join(format!("sketchx-weights-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("sketchx-weights-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("w.safetensors");
             std::fs::write(&path, bytes).unwrap();

@@ -822,6 +822,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "no SIMD under Miri: the portable_path test runs this")]
     fn f32_matches_the_product_on_every_edge() {
         for &(m, n, k) in shapes() {
             check(Format::F32, m, n, k);
@@ -829,6 +830,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "no SIMD under Miri: the portable_path test runs this")]
     fn bf16_matches_the_rounded_product_on_every_edge() {
         for &(m, n, k) in shapes() {
             check(Format::Bf16, m, n, k);
