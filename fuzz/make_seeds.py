@@ -2,7 +2,8 @@
 """Writes the fuzz targets' seed corpora (fuzz/seeds/<target>/) and libFuzzer dictionaries (fuzz/dicts/<target>.dict:
 the keys, names and numbers the formats use), deterministically: small valid and nearly valid inputs of every kind
 each target reads, so that the fuzzer starts from the formats' interesting paths instead of discovering JSON or PNG
-from nothing. The committed files are this script's output; rerun it after changing it:
+from nothing. The committed files are this script's output (byte for byte, except the legacy and deflated
+checkpoints, in which torch writes random storage keys); rerun it after changing it:
 
     python3 fuzz/make_seeds.py          # needs Pillow (the sketch images) and torch (the checkpoints)
 
@@ -173,16 +174,17 @@ def configs_seeds() -> None:
         if data in seen:
             continue
         seen.add(data)
-        out("configs", "_".join(rel.parts), data)
+        target = "scheduler_config" if p.name == "scheduler_config.json" else "configs"
+        out(target, "_".join(rel.parts), data)
         words += json_words(json.loads(data))
-    out("configs", "trained_betas.json", json.dumps({
+    out("scheduler_config", "trained_betas.json", json.dumps({
         "_class_name": "DDIMScheduler", "trained_betas": [0.1, 0.2, 0.3, 0.4], "num_train_timesteps": 4,
         "timestep_spacing": "trailing", "set_alpha_to_one": False, "_use_default_values": ["clip_sample"]}).encode())
-    out("configs", "karras.json", json.dumps({
+    out("scheduler_config", "karras.json", json.dumps({
         "_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True, "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "final_sigmas_type": "sigma_min",
         "timestep_spacing": "leading", "steps_offset": 1}).encode())
-    out("configs", "cosine_lcm.json", json.dumps({
+    out("scheduler_config", "cosine_lcm.json", json.dumps({
         "_class_name": "LCMScheduler", "beta_schedule": "squaredcos_cap_v2", "original_inference_steps": 10,
         "num_train_timesteps": 100, "timestep_scaling": 10.0}).encode())
     scheduler_keys = ["num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -193,7 +195,8 @@ def configs_seeds() -> None:
                       "_use_default_values"]
     values = ["linear", "scaled_linear", "squaredcos_cap_v2", "epsilon", "v_prediction", "sample",
               "original_sample", "linspace", "leading", "trailing", "zero", "sigma_min", "discrete", "continuous"]
-    dictionary("configs", words + [json.dumps(w) for w in scheduler_keys + values] + NUMBERS
+    dictionary("configs", words + NUMBERS + ["null", "true", "false", "[]", "{}"])
+    dictionary("scheduler_config", [json.dumps(w) for w in scheduler_keys + values] + NUMBERS
                + ["null", "true", "false", "[]", "{}"])
 
 

@@ -79,6 +79,11 @@ fn replays_configs() {
 }
 
 #[test]
+fn replays_scheduler_config() {
+    replay("scheduler_config");
+}
+
+#[test]
 fn replays_tokenizer_files() {
     replay("tokenizer_files");
 }

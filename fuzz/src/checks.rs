@@ -35,6 +35,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sketch", sketch),
     ("safetensors", safetensors),
     ("configs", configs),
+    ("scheduler_config", scheduler_config),
     ("tokenizer_files", tokenizer_files),
     ("tokenizer_text", tokenizer_text),
     ("request", request),
@@ -338,7 +339,7 @@ pub fn safetensors(data: &[u8]) {
 }
 
 // -----------------------------------------------------------------------------------------------------------
-// configs: config.json of every network and scheduler_config.json.
+// configs and scheduler_config: config.json of every network, scheduler_config.json.
 // -----------------------------------------------------------------------------------------------------------
 
 /// Elements the networks built from one fuzzed config may get from [`Zeros`] (16 MiB of f32).
@@ -394,10 +395,8 @@ fn zeros() -> Weights<'static> {
     )
 }
 
-/// The input is one JSON file, read as every network's `config.json` and as a `scheduler_config.json`. Each
-/// network is built (from [`Zeros`]) or refused with an error, allocating nothing beyond the weights it asked for
-/// (plus 16 MiB); each scheduler kind is built for several step counts or refused with a typed error, and a
-/// built one has a schedule of the promised shape and steps through it (up to 3 steps) without error.
+/// The input is one JSON file, read as every network's `config.json`. Each network is built (from [`Zeros`]) or
+/// refused with an error, allocating nothing beyond the weights it asked for (plus 16 MiB).
 pub fn configs(data: &[u8]) {
     let scratch = Scratch::new();
     let path = scratch.write("config.json", data);
@@ -425,14 +424,29 @@ pub fn configs(data: &[u8]) {
         let (_, peak) = crate::alloc::peak_during(|| build(&config));
         assert_allocated_within(peak, bound, what);
     }
+}
 
-    let Ok(scheduler_config) = SchedulerConfig::from_config(&config) else {
-        return;
+/// The input is a `scheduler_config.json`. It is read or refused with a file error naming it; each scheduler kind
+/// is built from it for several step counts (within 64 MiB plus a multiple of the file: `trained_betas`) or
+/// refused with a typed error, and a built one has a schedule of the promised shape and steps through it (up to 3
+/// steps) without error.
+pub fn scheduler_config(data: &[u8]) {
+    let scratch = Scratch::new();
+    let path = scratch.write("scheduler_config.json", data);
+    let config = match SchedulerConfig::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            assert_names_file(&e, &path);
+            return;
+        }
     };
+    let bound = 64 * data.len() + (64 << 20);
     for kind in SchedulerKind::ALL {
         for steps in [1, 2, 3, 25, 150] {
             for eta in [0.0, 0.7] {
-                schedule(kind, &scheduler_config, steps, eta);
+                let (_, peak) =
+                    crate::alloc::peak_during(|| schedule(kind, &config, steps, eta));
+                assert_allocated_within(peak, bound, kind.as_str());
             }
         }
     }
