@@ -5,7 +5,9 @@
 //! ```
 //!
 //! Models are downloaded from the Hugging Face Hub on first use (progress bars on stderr) into the standard HF
-//! cache and reused offline afterwards; `--model` / `--controlnet` also take local diffusers-layout directories.
+//! cache and reused offline afterwards; `--model` / `--controlnet` also take local diffusers-layout directories
+//! and single files in the original layout (an A1111/civitai `.safetensors` or `.ckpt` checkpoint, a
+//! `control_v11p_sd15_scribble.pth`), which need no Hub access at all; `--vae PATH` swaps in another VAE.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,11 +21,13 @@ use sketchx::names::{
 };
 use sketchx::output::{image_file_name, write_file_atomic, write_png_atomic, PngSettings};
 use sketchx::request::{
-    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE,
-    TEMPERATURE_RANGE,
+    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, ETA_RANGE,
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, STEPS_RANGE, STRENGTH_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
-use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
+use sketchx::settings::{
+    embedding_args, lora_args, PipelineSettings, VaeArg, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY,
+};
 use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::JobId;
 
@@ -84,20 +88,60 @@ struct Args {
     #[arg(long, default_value_t = D.eta, help = format!(
         "Stochasticity of the ddim and tcd steps, {}", span(&ETA_RANGE)))]
     eta: f64,
-    /// Which VAE decodes the images.
-    #[arg(long, default_value_t = D.vae, help = format!(
-        "Which VAE decodes the images: {} (tiny needs --tiny-vae)", VaeKind::names().join(", ")))]
-    vae: VaeKind,
+    /// Which VAE decodes the images, or a VAE replacing the model's.
+    #[arg(long, default_value_t = VaeArg::Decoder(D.vae), value_name = "full|tiny|PATH", help = format!(
+        "Which VAE decodes the images: {} (tiny needs --tiny-vae); anything else is a VAE replacing the model's: \
+         a single file (e.g. vae-ft-mse-840000-ema-pruned.safetensors), a folder or a Hub id (./tiny for a folder \
+         named tiny)", VaeKind::names().join(", ")))]
+    vae: VaeArg,
+    /// diffusers' clip_skip: encode the prompt with the hidden state this many layers before the last.
+    #[arg(long, default_value_t = D.clip_skip, help = format!(
+        "diffusers' clip_skip, {}: the prompt is encoded by the hidden state this many layers before the last \
+         (A1111's \"clip skip N\" is N - 1; the negative prompt always uses the last layer, as in diffusers)",
+        span(&CLIP_SKIP_RANGE)))]
+    clip_skip: u32,
     /// Sketch preprocessing.
     #[arg(long, default_value_t = D.preprocess, help = format!(
-        "Sketch preprocessing: {} (scribble: threshold, polarity; any case)", Preprocess::names().join(", ")))]
+        "Sketch preprocessing: {} (scribble: threshold, polarity; lineart: white lines on black; canny: OpenCV's \
+         edges; any case)", Preprocess::names().join(", ")))]
     preprocess: Preprocess,
-    /// Stable Diffusion 1.5 model: Hub repo id or local directory.
+    /// Canny's lower threshold.
+    #[arg(long, default_value_t = D.canny_low_threshold, help = format!(
+        "Lower threshold of --preprocess canny, {}, at most the upper one", span(&CANNY_THRESHOLD_RANGE)))]
+    canny_low_threshold: u32,
+    /// Canny's upper threshold.
+    #[arg(long, default_value_t = D.canny_high_threshold, help = format!(
+        "Upper threshold of --preprocess canny, {}", span(&CANNY_THRESHOLD_RANGE)))]
+    canny_high_threshold: u32,
+    /// img2img: start from this image (or from the sketch's own colours with `sketch`) instead of pure noise.
+    #[arg(long, value_name = "PATH|sketch")]
+    start_image: Option<String>,
+    /// img2img: how far the start image is noised.
+    #[arg(long, default_value_t = D.strength, help = format!(
+        "With --start-image: how far the start image is noised, {} (the last int(steps * strength) steps run)",
+        span(&STRENGTH_RANGE)))]
+    strength: f64,
+    /// Stable Diffusion 1.5 model: Hub repo id, local diffusers directory, or single checkpoint file
+    /// (.safetensors / .ckpt / .pt in the original layout).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// ControlNet: Hub repo id or local directory.
+    /// For a single-file --model: a diffusers folder or Hub id whose configs (and tokenizer) describe it; default:
+    /// --original-config, else SD1.5's configs built into sketchx.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    model_config: Option<String>,
+    /// For a single-file --model: an original LDM .yaml (v1-inference.yaml or a variant).
+    #[arg(long, value_name = "FILE.yaml")]
+    original_config: Option<String>,
+    /// For a single-file --model: take the UNet's EMA weights (model_ema.*) instead of its non-EMA ones.
+    #[arg(long)]
+    extract_ema: bool,
+    /// ControlNet: Hub repo id, local directory, or single file in the original layout (.safetensors / .pth).
     #[arg(long, default_value = DEFAULT_CONTROLNET)]
     controlnet: String,
+    /// For a single-file --controlnet: a ControlNet folder or Hub id whose config.json describes it; default:
+    /// derived from the UNet's config.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    controlnet_config: Option<String>,
     /// Output directory (created if missing).
     #[arg(long, default_value = DEFAULT_OUTPUT_DIR)]
     out: PathBuf,
@@ -114,6 +158,11 @@ struct Args {
     /// scale after the last ':' (default 1). Repeatable.
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     loras: Vec<String>,
+    /// A textual inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds; a local file or
+    /// directory, a Hub file owner/name/file or repo owner/name) and the token written in prompts after the last
+    /// ':' (default: the file's own; A1111 .safetensors files have none). Repeatable, loaded in order.
+    #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
+    embeddings: Vec<String>,
     /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for --vae tiny.
     #[arg(long, value_name = "DIR|HUB_ID")]
     tiny_vae: Option<String>,
@@ -144,7 +193,19 @@ fn run(args: Args) -> sketchx::Result<()> {
         preprocess: args.preprocess,
         timestep_spacing: args.timestep_spacing,
         eta: args.eta,
-        vae: args.vae,
+        vae: match &args.vae {
+            VaeArg::Decoder(kind) => *kind,
+            VaeArg::Override(_) => VaeKind::Full,
+        },
+        canny_low_threshold: args.canny_low_threshold,
+        canny_high_threshold: args.canny_high_threshold,
+        start_image: args
+            .start_image
+            .as_deref()
+            .map(StartImage::from_arg)
+            .transpose()?,
+        strength: args.strength,
+        clip_skip: args.clip_skip,
         ..GenerationRequest::DEFAULT
     };
     request.validate()?;
@@ -161,6 +222,15 @@ fn run(args: Args) -> sketchx::Result<()> {
         vae_tiling: args.vae_tiling,
         loras: lora_args(&args.loras),
         tiny_vae: args.tiny_vae,
+        embeddings: embedding_args(&args.embeddings),
+        model_config: args.model_config,
+        original_config: args.original_config,
+        extract_ema: args.extract_ema,
+        controlnet_config: args.controlnet_config,
+        vae: match args.vae {
+            VaeArg::Override(path) => Some(path),
+            VaeArg::Decoder(_) => None,
+        },
         ..PipelineSettings::DEFAULT
     };
     let config = settings.to_config()?.engine;
@@ -181,6 +251,8 @@ fn run(args: Args) -> sketchx::Result<()> {
     bar.set_message(format!("{w}x{h}"));
     let t1 = Instant::now();
     let result = engine.generate(&request, &sketch, &mut |s| {
+        // img2img runs fewer steps than asked.
+        bar.set_length((s.total_steps + s.num_images) as u64);
         bar.set_position((s.step + s.decoded) as u64);
         true
     })?;

@@ -18,7 +18,9 @@ use clap::Parser;
 use sketchx::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
-use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_RETENTION_SECS};
+use sketchx::settings::{
+    embedding_args, lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_RETENTION_SECS,
+};
 use sketchx::store::redis::{
     DEFAULT_HEARTBEAT_SECS, DEFAULT_HEARTBEAT_TIMEOUT_SECS, DEFAULT_MAX_DELIVERIES, DEFAULT_PREFIX,
 };
@@ -50,6 +52,10 @@ struct Args {
     /// scale after the last ':' (default 1). Repeatable.
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     loras: Vec<String>,
+    /// A textual inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) and the token written in
+    /// prompts after the last ':' (default: the file's own). Repeatable, loaded in order.
+    #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
+    embeddings: Vec<String>,
     /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for `vae: tiny` requests and
     /// live previews.
     #[arg(long, value_name = "DIR|HUB_ID")]
@@ -100,6 +106,7 @@ fn start(args: &Args) -> sketchx::Result<Pipeline> {
         drain_on_shutdown: args.drain,
         loras: lora_args(&args.loras),
         tiny_vae: args.tiny_vae.clone(),
+        embeddings: embedding_args(&args.embeddings),
         ..PipelineSettings::DEFAULT
     }
     .to_config()?;

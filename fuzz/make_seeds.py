@@ -273,15 +273,19 @@ def request_seeds() -> None:
         "numbers_as_json": {"steps": 25, "eta": 1.0, "width": 64, "seed": 18446744073709551615},
         "bad_number": {"steps": " 3x"},
         "bad_name": {"scheduler": "plms"},
-        "unknown_field": {"strength": "0.5"},
+        "img2img_and_preprocess": {"preprocess": "canny", "canny_low_threshold": "100",
+                                   "canny_high_threshold": "200", "strength": "0.5", "clip_skip": "1"},
+        "unknown_field": {"sampler": "k_euler"},
         "long_prompt": {"prompt": "x" * 16385},
         "nul": {"negative_prompt": "a\u0000b"},
     }
     for name, fields in requests.items():
         out("request", name + ".json", json.dumps(fields, ensure_ascii=False).encode())
     fields = ["prompt", "negative_prompt", "temperature", "guidance_scale", "num_images", "steps", "seed", "width",
-              "height", "scheduler", "timestep_spacing", "eta", "vae"]
-    names = ["euler_a", "euler", "ddim", "lcm", "tcd", "linspace", "leading", "trailing", "full", "tiny"]
+              "height", "scheduler", "timestep_spacing", "eta", "vae", "preprocess", "canny_low_threshold",
+              "canny_high_threshold", "strength", "clip_skip"]
+    names = ["euler_a", "euler", "ddim", "lcm", "tcd", "linspace", "leading", "trailing", "full", "tiny", "scribble",
+             "lineart", "canny", "none"]
     dictionary("request", [json.dumps(w) for w in fields + names] + NUMBERS + ["\\u0000", " ", "inf", "nan"])
 
 

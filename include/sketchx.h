@@ -69,7 +69,8 @@ enum sketchx_result
   SKETCHX_MODEL_NOT_FOUND = 5,
   /**
    * A model file exists but cannot be parsed, or a LoRA file cannot be applied to the model (a key that
-   * matches no layer, a shape that does not fit); the message names the file and the key.
+   * matches no layer, a shape that does not fit), or a textual inversion embedding cannot be used (its width,
+   * its token, its layout); the message names the file and the key.
    */
   SKETCHX_MODEL_MALFORMED = 6,
   /**
@@ -291,12 +292,14 @@ typedef void (*sketchx_progress_fn)(const struct sketchx_job_info *info, void *u
  */
 typedef struct sketchx_pipeline_options {
   /**
-   * Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`) or local diffusers directory.
-   * NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+   * Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`), local diffusers directory or
+   * single checkpoint file (`.safetensors`, `.ckpt`, `.pt` in the original layout; see `model_config`,
+   * `original_config`, `extract_ema`). NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
    */
   const char *model;
   /**
-   * ControlNet: repo id or local directory. NULL: `lllyasviel/sd-controlnet-scribble`.
+   * ControlNet: repo id, local directory or single file in the original layout (`.safetensors`, `.pth`; see
+   * `controlnet_config`). NULL: `lllyasviel/sd-controlnet-scribble`.
    */
   const char *controlnet;
   /**
@@ -378,6 +381,47 @@ typedef struct sketchx_pipeline_options {
    * The number of strings in `loras`.
    */
   size_t lora_count;
+  /**
+   * `embedding_count` textual inversion embeddings loaded in this order, each a UTF-8 string `PATH[:TOKEN]`:
+   * an A1111 `.pt` / `.safetensors` or a diffusers `learned_embeds` file (or a directory or Hub repository
+   * holding one, or a Hub file `owner/name[@revision]/file`), and the token written in prompts after the last
+   * `:` (default: the file's own; A1111 `.safetensors` files have none). An embedding of n vectors is
+   * used through its token as diffusers' `load_textual_inversion` does (`T` becomes `T T_1 ... T_{n-1}`, in
+   * the prompt and the negative prompt). Borrowed, only read during `sketchx_pipeline_new`. NULL with
+   * `embedding_count` 0: none (the default). A missing file is `SKETCHX_MODEL_NOT_FOUND`; a width other than
+   * the text encoder's, a token already in the vocabulary or an unknown layout `SKETCHX_MODEL_MALFORMED`.
+   */
+  const char *const *embeddings;
+  /**
+   * The number of strings in `embeddings`.
+   */
+  size_t embedding_count;
+  /**
+   * For a single-file `model` (a `.safetensors` / `.ckpt` checkpoint in the original layout): a diffusers
+   * folder or Hub id whose configs (and tokenizer) describe it, as diffusers' `from_single_file(config=...)`.
+   * NULL: `original_config`, else SD1.5's configs built into the library (the default).
+   */
+  const char *model_config;
+  /**
+   * For a single-file `model`: an original LDM `.yaml` (`v1-inference.yaml` or a variant with
+   * `parameterization: v`, ...). NULL: none (the default).
+   */
+  const char *original_config;
+  /**
+   * Non-zero: take a single-file `model`'s UNet from its EMA weights (`model_ema.*`; a file without them is
+   * `SKETCHX_MODEL_UNSUPPORTED`). 0: its non-EMA weights (the default, as diffusers).
+   */
+  int extract_ema;
+  /**
+   * For a single-file `controlnet` (`.safetensors` / `.pth` in the original layout): a ControlNet folder or
+   * Hub id whose `config.json` describes it. NULL: derived from the UNet's config (the default).
+   */
+  const char *controlnet_config;
+  /**
+   * A VAE replacing the model's: a single file (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`), a folder or
+   * a Hub id. NULL: the model's own VAE (the default).
+   */
+  const char *vae;
 } sketchx_pipeline_options;
 
 /**
@@ -440,7 +484,7 @@ typedef struct sketchx_request {
    */
   const char *scheduler;
   /**
-   * `scribble` or `none`. NULL: `scribble`.
+   * `scribble`, `lineart`, `canny` or `none`. NULL: `scribble`.
    */
   const char *preprocess;
   /**
@@ -468,6 +512,39 @@ typedef struct sketchx_request {
    * Which VAE decodes the images: `full` or `tiny` (needs the options' `tiny_vae`). NULL: `full`.
    */
   const char *vae;
+  /**
+   * img2img: an encoded start image (PNG, JPEG, WebP, BMP or GIF) of `start_image_len` bytes, copied during the
+   * submit call; NULL: none. An image that cannot be decoded is `SKETCHX_INVALID_REQUEST` naming
+   * `start_image`.
+   */
+  const uint8_t *start_image;
+  /**
+   * The number of bytes at `start_image`.
+   */
+  size_t start_image_len;
+  /**
+   * img2img: non-zero: the sketch itself (its colours) is the start image; `start_image` must then be NULL.
+   */
+  int start_image_from_sketch;
+  /**
+   * img2img: how far the start image is noised, 0..=1 (the last `int(steps * strength)` steps run; at least
+   * one must). Read only with a start image.
+   */
+  double strength;
+  /**
+   * `canny` preprocessing: the lower hysteresis threshold, 0..=2040, at most `canny_high_threshold`.
+   */
+  uint32_t canny_low_threshold;
+  /**
+   * `canny` preprocessing: the upper threshold, 0..=2040.
+   */
+  uint32_t canny_high_threshold;
+  /**
+   * diffusers' `clip_skip`, 0..=12 and at most the text encoder's layers: the prompt is encoded by the hidden
+   * state this many layers before the last (A1111's "clip skip N" is N - 1); 0 (the default): the last
+   * layer. As in diffusers, the negative prompt always uses the last layer.
+   */
+  uint32_t clip_skip;
 } sketchx_request;
 
 /**
@@ -861,7 +938,8 @@ sketchx_result sketchx_pipeline_options_init(struct sketchx_pipeline_options *op
 /**
  * Fills `request` with the defaults (the core's `GenerationRequest::DEFAULT`: no prompt, default
  * negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
- * `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
+ * `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps, no start image (strength 0.8 when
+ * one is set), canny thresholds 100 and 200).
  *
  * Returns `SKETCHX_NULL_ARGUMENT` if `request` is NULL. Ownership: `request` is the caller's.
  *

@@ -345,3 +345,137 @@ fn a_bad_lora_names_the_file_or_the_field() {
     assert!(!o.status.success());
     assert!(stderr.contains("eta"), "{stderr}");
 }
+
+#[test]
+fn embeddings_and_clip_skip_change_the_image_and_bad_ones_are_named() {
+    let ti = "tests/fixtures/formats/textual_inversion";
+    // The negative prompt uses an embedding (lcm_image's prompt is "a house").
+    let prompt = ["--negative-prompt", "tinyneg, lowres"];
+    let plain = lcm_image(&prompt);
+    let neg = format!("{ti}/tiny-neg.safetensors:tinyneg");
+    let cat = format!("{ti}/learned_embeds.safetensors");
+    let mut args = prompt.to_vec();
+    args.extend_from_slice(&["--embedding", &neg, "--embedding", &cat]);
+    let with_ti = lcm_image(&args);
+    assert_ne!(plain, with_ti);
+    args.extend_from_slice(&["--clip-skip", "1"]);
+    assert_ne!(lcm_image(&args), with_ti);
+
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let base = ["--sketch", sketch.to_str().unwrap(), "--steps", "1"];
+    let taken = format!("{cat}:cat");
+    let bare_neg = format!("{ti}/tiny-neg.safetensors");
+    for (extra, named) in [
+        (
+            ["--embedding", taken.as_str()],
+            "learned_embeds.safetensors",
+        ),
+        (["--embedding", bare_neg.as_str()], "emb_params"),
+        (["--embedding", "tests/fixtures/nope.pt:tok"], "nope.pt"),
+        (["--clip-skip", "13"], "clip_skip"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(&extra);
+        let o = run(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?}");
+        assert!(stderr.contains(named), "{extra:?}: {stderr}");
+    }
+}
+
+/// The pixels `generate` writes for a tiny 2-step request with `args` (the model and ControlNet flags included).
+fn image_with(args: &[&str]) -> Vec<u8> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = scratch_dir(&format!("cli-single-file-{n}"));
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let o = Command::new(generate_bin())
+        .args([
+            "--sketch",
+            sketch.to_str().unwrap(),
+            "--prompt",
+            "a house",
+            "--steps",
+            "2",
+        ])
+        .args([
+            "--seed",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{args:?}: {stderr}");
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let pixels = image::open(stdout.lines().next().unwrap())
+        .unwrap()
+        .to_rgb8()
+        .into_raw();
+    std::fs::remove_dir_all(out).unwrap();
+    pixels
+}
+
+/// `--model` and `--controlnet` take single files (with `--model-config` for the tiny sizes), `--vae PATH` swaps the
+/// VAE while `--vae full|tiny` still picks the decoder, and a file of another family fails naming file and key.
+#[test]
+fn single_files_and_a_vae_path_are_accepted() {
+    let f = |p: &str| fixtures().join(p).to_string_lossy().into_owned();
+    let (folder, folder_cn) = (f("tiny-sd"), f("tiny-controlnet"));
+    let folders = image_with(&[
+        "--model",
+        &folder,
+        "--controlnet",
+        &folder_cn,
+        "--vae",
+        "full",
+    ]);
+    let (file, pth) = (
+        f("formats/single_file/tiny-sd.safetensors"),
+        f("formats/single_file/tiny-controlnet.pth"),
+    );
+    let files = image_with(&[
+        "--model",
+        &file,
+        "--model-config",
+        &folder,
+        "--controlnet",
+        &pth,
+    ]);
+    assert_eq!(folders, files);
+    let vae = f("formats/single_file/tiny-vae-alt.safetensors");
+    let swapped = image_with(&[
+        "--model",
+        &folder,
+        "--controlnet",
+        &folder_cn,
+        "--vae",
+        &vae,
+    ]);
+    assert_ne!(folders, swapped);
+    let sketch = fixtures().join("sketches/house_black_on_white.png");
+    let o = Command::new(generate_bin())
+        .args(["--sketch", sketch.to_str().unwrap(), "--steps", "1"])
+        .args([
+            "--model",
+            &f("formats/bad/sdxl.safetensors"),
+            "--controlnet",
+            &folder_cn,
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("sdxl.safetensors") && stderr.contains("conditioner.embedders."),
+        "{stderr}"
+    );
+}

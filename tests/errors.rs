@@ -165,7 +165,7 @@ fn unknown_scheduler_and_preprocess_names_are_errors() {
         ),
         "{e}"
     );
-    let e = "canny".parse::<sketchx::sketch::Preprocess>().unwrap_err();
+    let e = "hed".parse::<sketchx::sketch::Preprocess>().unwrap_err();
     assert!(
         matches!(
             e,

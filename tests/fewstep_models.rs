@@ -145,25 +145,12 @@ fn diff_stats(a: &[u8], b: &[u8]) -> (f64, f64) {
 }
 
 fn request_for(case: &Value) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().map(str::to_string);
     GenerationRequest {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        temperature: case["temperature"].as_f64().unwrap(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        num_images: case["num_images"].as_u64().unwrap() as u32,
-        steps: case["steps"].as_u64().unwrap() as u32,
-        seed: Some(case["seed"].as_u64().unwrap()),
-        width: Some(case["width"].as_u64().unwrap() as u32),
-        height: Some(case["height"].as_u64().unwrap() as u32),
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        control_guidance_start: case["control_guidance_start"].as_f64().unwrap(),
-        control_guidance_end: case["control_guidance_end"].as_f64().unwrap(),
         timestep_spacing: case["timestep_spacing"]
             .as_str()
             .map(|s| s.parse().unwrap()),
         eta: case["eta"].as_f64().unwrap(),
-        ..Default::default()
+        ..case_request(case)
     }
 }
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use sketchx::engine::{Engine, EngineConfig, Generated, StepInfo};
 use sketchx::pipeline::Generator;
-use sketchx::request::GenerationRequest;
-use sketchx::sketch::Sketch;
+use sketchx::request::{GenerationRequest, StartImage};
+use sketchx::sketch::{Preprocess, Sketch};
 use sketchx::{
     Error, JobId, JobState, Pipeline, PipelineConfig, RedisConfig, ShutdownPolicy, StoreConfig,
 };
@@ -814,5 +814,42 @@ fn a_worker_and_a_client_in_one_process_share_the_queue_with_other_processes() {
     let other = local_worker(&url, &p, Mode::Noop { step_ms: 1 }, &out);
     assert_eq!(c.wait(&waiting, LONG).unwrap().state, JobState::Completed);
     other.shutdown();
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// An img2img request with its own start image and canny preprocessing travels through Redis whole: the worker's
+/// image equals the engine's for the same request.
+#[test]
+fn img2img_and_canny_requests_travel_through_redis_with_their_start_image() {
+    let Some(url) = redis_url("img2img") else {
+        return;
+    };
+    let p = prefix("img2img");
+    let out = scratch_dir("redis-img2img");
+    let engine = Engine::load(&engine_config()).unwrap();
+    let worker = local_worker(&url, &p, Mode::Engine(engine), &out);
+    let start = std::fs::read(fixtures().join("sketches/house_colour_alt.png")).unwrap();
+    let sketch = std::fs::read(fixtures().join("sketches/house_colour.png")).unwrap();
+    let request = GenerationRequest {
+        start_image: Some(StartImage::decode(&start).unwrap()),
+        strength: 0.6,
+        preprocess: Preprocess::Canny,
+        canny_low_threshold: 50,
+        canny_high_threshold: 120,
+        ..req("a house", 4, 9)
+    };
+    let c = client(&url, &p);
+    let id = c.submit(request.clone(), sketch.clone()).unwrap();
+    let st = c.wait(&id, LONG).unwrap();
+    assert_eq!(st.state, JobState::Completed, "{:?}", st.message);
+    // int(4 * 0.6) = 2 steps ran.
+    assert_eq!(st.total_steps, 2);
+    let png = c.images(&id).unwrap();
+    let direct = Engine::load(&engine_config())
+        .unwrap()
+        .generate(&request, &Sketch::decode(&sketch).unwrap(), &mut |_| true)
+        .unwrap();
+    assert_eq!(decode_png(&png[0]), direct.images[0]);
+    worker.shutdown();
     let _ = std::fs::remove_dir_all(out);
 }

@@ -439,6 +439,7 @@ fn the_few_step_fields_reach_the_request() {
         ("timestep_spacing", "trailing".into()),
         ("eta", "0.5".into()),
         ("vae", "full".into()),
+        ("clip_skip", "1".into()),
     ]);
     let (code, body, _) = post(&s, &fields, Some(&sk));
     assert_eq!(code, 200, "{body}");
@@ -463,6 +464,9 @@ fn the_few_step_fields_reach_the_request() {
         ("timestep_spacing", "sideways"),
         ("vae", "medium"),
         ("scheduler", "lcm2"),
+        ("clip_skip", "13"),
+        ("clip_skip", "3"),
+        ("clip_skip", "-1"),
     ] {
         let mut fields = small("2");
         fields.push((field, value.into()));
@@ -486,6 +490,11 @@ fn the_openapi_form_has_the_few_step_fields_from_the_core() {
     assert_eq!(p["eta"]["maximum"].as_f64(), Some(*ETA_RANGE.end()));
     assert_eq!(p["vae"]["default"], d.vae.as_str());
     assert_eq!(p["vae"]["enum"], serde_json::json!(VaeKind::names()));
+    assert_eq!(p["clip_skip"]["default"].as_u64(), Some(d.clip_skip.into()));
+    assert_eq!(
+        p["clip_skip"]["maximum"].as_u64(),
+        Some((*sketchx::request::CLIP_SKIP_RANGE.end()).into())
+    );
     assert_eq!(
         p["timestep_spacing"]["enum"],
         serde_json::json!(TimestepSpacing::names())
@@ -495,4 +504,103 @@ fn the_openapi_form_has_the_few_step_fields_from_the_core() {
     for kind in ["lcm", "tcd"] {
         assert!(names.iter().any(|n| n == kind), "{kind}");
     }
+}
+
+/// A multipart body with text fields and file parts (`(field, bytes)`).
+fn multipart_files(fields: &[(&str, String)], files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "sketchxBoundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .bytes(),
+        );
+    }
+    for (k, data) in files {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{k}.png\"\r\nContent-Type: image/png\r\n\r\n")
+                .bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn img2img_and_the_preprocessors_over_http() {
+    let s = start(64);
+    let sk = std::fs::read(fixtures().join("sketches/house_colour.png")).unwrap();
+    let other = std::fs::read(fixtures().join("sketches/house_colour_alt.png")).unwrap();
+    let send = |fields: &[(&str, String)], files: &[(&str, &[u8])]| {
+        call(
+            ureq::post(&format!("{}/api/generate", s.base)),
+            Some(multipart_files(fields, files)),
+        )
+    };
+    // The sketch's own colours (text part), lineart; another image (file part), canny: both complete, running
+    // int(4 * strength) steps.
+    let mut from_sketch = small("4");
+    from_sketch.extend([
+        ("start_image", "Sketch".to_string()),
+        ("strength", "0.5".into()),
+        ("preprocess", "lineart".into()),
+    ]);
+    let mut from_file = small("4");
+    from_file.extend([
+        ("strength", "0.75".into()),
+        ("preprocess", "canny".into()),
+        ("canny_low_threshold", "50".into()),
+        ("canny_high_threshold", "120".into()),
+    ]);
+    for (fields, files, steps) in [
+        (&from_sketch, vec![("sketch", &sk[..])], 2),
+        (
+            &from_file,
+            vec![("sketch", &sk[..]), ("start_image", &other[..])],
+            3,
+        ),
+    ] {
+        let (code, body, _) = send(fields, &files);
+        assert_eq!(code, 200, "{body}");
+        let st = wait_final(&s, body["job_id"].as_str().unwrap());
+        assert_eq!(st["status"], "completed", "{st}");
+        assert_eq!(st["total_steps"], steps, "{st}");
+    }
+    // Bad values are 422 naming the field; a text start image other than "sketch" is never a server path.
+    let garbage: &[u8] = b"not an image";
+    for (field, value, file) in [
+        ("strength", "1.5", None),
+        ("strength", "x", None),
+        ("start_image", "/etc/hostname", None),
+        ("start_image", "", Some(garbage)),
+        ("canny_low_threshold", "300", None),
+        ("canny_high_threshold", "9999", None),
+        ("preprocess", "hed", None),
+    ] {
+        let mut fields = small("4");
+        let mut files = vec![("sketch", &sk[..])];
+        match file {
+            Some(bytes) => files.push((field, bytes)),
+            None => fields.push((field, value.to_string())),
+        }
+        let (code, body, _) = send(&fields, &files);
+        assert_eq!(code, 422, "{field}={value}: {body}");
+        assert_eq!(body["field"], field, "{body}");
+    }
+    let form = app::generate_form_schema();
+    let p = &form["properties"];
+    let d = sketchx::request::GenerationRequest::DEFAULT;
+    assert_eq!(p["strength"]["default"].as_f64(), Some(d.strength));
+    assert_eq!(
+        p["preprocess"]["enum"],
+        serde_json::json!(sketchx::sketch::Preprocess::names())
+    );
+    assert_eq!(
+        p["canny_high_threshold"]["default"].as_u64(),
+        Some(u64::from(d.canny_high_threshold))
+    );
+    assert!(p.get("start_image").is_some());
+    std::fs::remove_dir_all(&s.dir).unwrap();
 }

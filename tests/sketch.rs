@@ -228,7 +228,7 @@ fn preprocess_parses() {
         Preprocess::Scribble
     );
     assert_eq!(Preprocess::default(), Preprocess::Scribble);
-    match "canny".parse::<Preprocess>() {
+    match "hed".parse::<Preprocess>() {
         Err(Error::InvalidRequest { field, .. }) => assert_eq!(field, "preprocess"),
         other => panic!("{other:?}"),
     }

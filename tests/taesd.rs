@@ -145,26 +145,13 @@ fn reference_png(file: &str) -> Vec<u8> {
 
 /// The request of a few-step case (its LoRAs belong to the engine), decoded by `vae`.
 fn request_for(case: &Value, vae: VaeKind) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().map(str::to_string);
     GenerationRequest {
-        prompt: s("prompt"),
-        negative_prompt: s("negative_prompt"),
-        temperature: case["temperature"].as_f64().unwrap(),
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        num_images: case["num_images"].as_u64().unwrap() as u32,
-        steps: case["steps"].as_u64().unwrap() as u32,
-        seed: Some(case["seed"].as_u64().unwrap()),
-        width: Some(case["width"].as_u64().unwrap() as u32),
-        height: Some(case["height"].as_u64().unwrap() as u32),
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        control_guidance_start: case["control_guidance_start"].as_f64().unwrap(),
-        control_guidance_end: case["control_guidance_end"].as_f64().unwrap(),
         eta: case["eta"].as_f64().unwrap_or(0.0),
         timestep_spacing: case["timestep_spacing"]
             .as_str()
             .map(|t| t.parse().unwrap()),
         vae,
-        ..Default::default()
+        ..case_request(case)
     }
 }
 

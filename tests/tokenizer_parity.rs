@@ -284,3 +284,24 @@ fn malformed_files_are_malformed_file_errors() {
     );
     expect_malformed(dir.path(), "special_tokens_map.json");
 }
+
+/// The tokenizer compiled into sketchx for single-file checkpoints (no tokenizer folder, no Hub) is SD1.5's: its
+/// vocabulary, derived from the embedded merges, equals `vocab.json` entry for entry, the embedded merges equal
+/// `merges.txt`, and it encodes every reference prompt as transformers does.
+#[test]
+fn the_built_in_sd15_tokenizer_is_the_real_one() {
+    let built_in = ClipTokenizer::sd15().expect("built-in tokenizer");
+    let text = std::fs::read_to_string(tokenizer_dir().join("vocab.json")).unwrap();
+    let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(&text).unwrap();
+    assert_eq!(vocab.len(), 49408);
+    assert!(built_in.vocab() == &vocab, "the derived vocabulary differs");
+    let from_dir = ClipTokenizer::from_dir(&tokenizer_dir()).unwrap();
+    assert_eq!(format!("{built_in:?}"), format!("{from_dir:?}"));
+    let bad = mismatches(&built_in, &refs()["cases"]);
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}

@@ -7,7 +7,8 @@ Order matters: the tokenizer files come first (the models' references tokenize w
 scheduler references, the sketch references, the tiny models with diffusers' outputs, then the few-step fixtures
 (fewstep.py: LoRAs, LCM UNet, TAESD, LCM/TCD/trailing references over the tiny models), bf16's yardstick and the
 other model formats (formats.py: single files, original-layout ControlNets, VAE override, textual inversion,
-img2img, preprocessors, bad input).
+img2img, preprocessors, bad input), then img2img for every scheduler (img2img.py: it reads the colour sketches
+formats.py draws).
 """
 
 import sys
@@ -22,10 +23,11 @@ import tokenizer  # noqa: E402
 import bf16  # noqa: E402  (after models: it reads the f32 references)
 import fewstep  # noqa: E402  (after models: LoRAs, LCM, TAESD over the tiny models; also runnable alone)
 import formats  # noqa: E402  (after models: it converts the tiny models and reads reference/e2e)
+import img2img  # noqa: E402  (after formats: it reads sketches/house_colour*.png)
 
 
 def main(out: str) -> None:
-    for module in (tokenizer, sampling, sketch, models, fewstep, bf16, formats):
+    for module in (tokenizer, sampling, sketch, models, fewstep, bf16, formats, img2img):
         print(f"== {module.__name__}", flush=True)
         module.generate(out)
 

@@ -13,12 +13,17 @@
 
 #include "sketchx.h"
 
+/* Most --embedding flags taken. */
+#define MAX_EMBEDDINGS 16
+
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s --sketch PATH [--prompt TEXT] [--negative-prompt TEXT] [--temperature X]\n"
             "          [--guidance-scale X] [--num-images N] [--steps N] [--seed N] [--width N] [--height N]\n"
-            "          [--scheduler euler_a|euler|ddim|lcm|tcd] [--preprocess scribble|none] [--model ID_OR_DIR]\n"
-            "          [--controlnet ID_OR_DIR] [--out DIR] [--device cpu|cuda|metal] [--vae-tiling]\n",
+            "          [--scheduler euler_a|euler|ddim|lcm|tcd] [--preprocess scribble|lineart|canny|none]\n"
+            "          [--canny-low-threshold N] [--canny-high-threshold N] [--start-image PATH|sketch]\n"
+            "          [--strength X] [--model ID_OR_DIR] [--controlnet ID_OR_DIR] [--out DIR]\n"
+            "          [--device cpu|cuda|metal] [--vae-tiling] [--clip-skip N] [--embedding PATH[:TOKEN]]...\n",
             argv0);
 }
 
@@ -33,6 +38,24 @@ static void on_progress(const sketchx_job_info *info, void *user_data) {
     }
 }
 
+/* The whole file at `path` (malloc'd, `*len` bytes), or NULL. */
+static unsigned char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    unsigned char *data = NULL;
+    long size;
+    if (f == NULL) return NULL;
+    if (fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0 &&
+        (data = malloc(size > 0 ? (size_t)size : 1)) != NULL) {
+        *len = fread(data, 1, (size_t)size, f);
+        if (*len != (size_t)size) {
+            free(data);
+            data = NULL;
+        }
+    }
+    fclose(f);
+    return data;
+}
+
 static int fail(const char *what, sketchx_result r) {
     const char *field = sketchx_last_error_field();
     fprintf(stderr, "error: %s: %s (%s%s%s)\n", what, sketchx_last_error_message(), sketchx_result_name(r),
@@ -44,6 +67,9 @@ int main(int argc, char **argv) {
     sketchx_pipeline_options options;
     sketchx_request request;
     const char *sketch = NULL;
+    const char *start_image = NULL;
+    unsigned char *start_bytes = NULL;
+    const char *embeddings[MAX_EMBEDDINGS]; /* borrowed from argv */
     sketchx_result r;
 
     if ((r = sketchx_pipeline_options_init(&options)) != SKETCHX_OK ||
@@ -85,10 +111,23 @@ int main(int argc, char **argv) {
         else if (strcmp(flag, "--height") == 0) request.height = (uint32_t)strtoul(v, NULL, 10);
         else if (strcmp(flag, "--scheduler") == 0) request.scheduler = v;
         else if (strcmp(flag, "--preprocess") == 0) request.preprocess = v;
+        else if (strcmp(flag, "--canny-low-threshold") == 0) request.canny_low_threshold = (uint32_t)strtoul(v, NULL, 10);
+        else if (strcmp(flag, "--canny-high-threshold") == 0) request.canny_high_threshold = (uint32_t)strtoul(v, NULL, 10);
+        else if (strcmp(flag, "--start-image") == 0) start_image = v;
+        else if (strcmp(flag, "--strength") == 0) request.strength = strtod(v, NULL);
         else if (strcmp(flag, "--model") == 0) options.model = v;
         else if (strcmp(flag, "--controlnet") == 0) options.controlnet = v;
         else if (strcmp(flag, "--out") == 0) options.output_dir = v;
         else if (strcmp(flag, "--device") == 0) options.device = v;
+        else if (strcmp(flag, "--clip-skip") == 0) request.clip_skip = (uint32_t)strtoul(v, NULL, 10);
+        else if (strcmp(flag, "--embedding") == 0) {
+            if (options.embedding_count == MAX_EMBEDDINGS) {
+                fprintf(stderr, "error: at most %d --embedding flags\n", MAX_EMBEDDINGS);
+                return 2;
+            }
+            embeddings[options.embedding_count++] = v;
+            options.embeddings = embeddings;
+        }
         else {
             fprintf(stderr, "error: unknown flag %s\n", flag);
             usage(argv[0]);
@@ -101,6 +140,18 @@ int main(int argc, char **argv) {
         return 2;
     }
 
+    /* img2img: the sketch's own colours, or an image file's bytes (the library decodes them). */
+    if (start_image != NULL && strcmp(start_image, "sketch") == 0) {
+        request.start_image_from_sketch = 1;
+    } else if (start_image != NULL) {
+        start_bytes = read_file(start_image, &request.start_image_len);
+        if (start_bytes == NULL) {
+            fprintf(stderr, "error: cannot read --start-image %s\n", start_image);
+            return 2;
+        }
+        request.start_image = start_bytes;
+    }
+
     int last_step = -1;
     options.progress_callback = on_progress;
     options.user_data = &last_step; /* outlives the pipeline: freed below, before main returns */
@@ -108,8 +159,10 @@ int main(int argc, char **argv) {
 
     fprintf(stderr, "loading models (sketchx %s) ...\n", sketchx_version());
     sketchx_pipeline *pipeline = NULL;
-    if ((r = sketchx_pipeline_new(&options, &pipeline)) != SKETCHX_OK)
+    if ((r = sketchx_pipeline_new(&options, &pipeline)) != SKETCHX_OK) {
+        free(start_bytes);
         return fail("loading the models", r);
+    }
 
     int status_code = 1;
     sketchx_job_id id;
@@ -134,5 +187,6 @@ int main(int argc, char **argv) {
     }
     sketchx_status_free(status);
     sketchx_pipeline_free(pipeline);
+    free(start_bytes);
     return status_code;
 }

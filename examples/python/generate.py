@@ -41,6 +41,20 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=d["height"], help="multiple of 8; default: from the sketch")
     p.add_argument("--scheduler", default=d["scheduler"], help=", ".join(n["scheduler"]))
     p.add_argument("--preprocess", default=d["preprocess"], help=", ".join(n["preprocess"]))
+    p.add_argument("--canny-low-threshold", type=int, default=d["canny_low_threshold"],
+                   help=f"{span('canny_low_threshold')}, lower threshold of --preprocess canny")
+    p.add_argument("--canny-high-threshold", type=int, default=d["canny_high_threshold"],
+                   help=f"{span('canny_high_threshold')}, upper threshold of --preprocess canny")
+    p.add_argument("--start-image", default=d["start_image"], metavar="PATH|sketch",
+                   help="img2img: start from this image, or from the sketch's own colours with 'sketch'")
+    p.add_argument("--strength", type=float, default=d["strength"],
+                   help=f"{span('strength')}: with --start-image, how far it is noised")
+    p.add_argument("--clip-skip", type=int, default=d["clip_skip"],
+                   help=f"{span('clip_skip')}: diffusers' clip_skip (A1111's clip skip N is N - 1; the negative "
+                   "prompt always uses the last layer)")
+    p.add_argument("--embedding", action="append", default=list(d["embeddings"]), metavar="PATH[:TOKEN]",
+                   help="a textual inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) and "
+                   "the token written in prompts (default: the file's own); repeatable, loaded in order")
     p.add_argument("--model", default=d["model"], help="Stable Diffusion 1.5: Hub repo id or directory")
     p.add_argument("--controlnet", default=d["controlnet"], help="ControlNet: Hub repo id or directory")
     p.add_argument("--out", default=d["output_dir"], help="output directory (created if missing)")
@@ -65,6 +79,7 @@ def main(argv: "list[str] | None" = None) -> int:
             output_dir=args.out,
             cleanup_interval_secs=None,
             vae_tiling=args.vae_tiling,
+            embeddings=args.embedding,
         ) as pipe:
             print(f"models loaded in {time.monotonic() - t0:.1f}s", file=sys.stderr)
             t1 = time.monotonic()
@@ -81,6 +96,11 @@ def main(argv: "list[str] | None" = None) -> int:
                 height=args.height,
                 scheduler=args.scheduler,
                 preprocess=args.preprocess,
+                canny_low_threshold=args.canny_low_threshold,
+                canny_high_threshold=args.canny_high_threshold,
+                start_image=args.start_image,
+                strength=args.strength,
+                clip_skip=args.clip_skip,
             )
             while True:
                 try:

@@ -7,7 +7,9 @@ pipeline runs jobs in-process.
 
     POST /api/generate          multipart: sketch (file), prompt, temperature, guidance_scale, num_images, steps,
                                 seed (and, new, optional negative_prompt, width, height, scheduler,
-                                timestep_spacing, eta and vae)
+                                timestep_spacing, eta, vae, preprocess, canny_low_threshold,
+                                canny_high_threshold, start_image (an image file, or the text "sketch":
+                                img2img), strength and clip_skip)
                                 -> {"status": "queued", "job_id": "..."}
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Dict, Optional
+from typing import Any, AsyncIterator, Dict, Optional, Union
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -112,6 +114,20 @@ def _form(field: str) -> Any:
     return Form(_DEFAULTS[field], json_schema_extra=schema or None)
 
 
+async def _start_image(request: Request) -> Optional[Union[bytes, str]]:
+    """img2img's ``start_image`` form field (a file part or a text part, so it is read from the form itself): an
+    uploaded image's bytes, the text ``sketch`` (start from the sketch's colours), or ``None`` when absent or
+    empty. Any other text is refused here: a client must never name a file on the server."""
+    value = (await request.form()).get("start_image")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() != "sketch":
+            raise HTTPException(422, "invalid start_image: expected an image file or the text \"sketch\"")
+        return value
+    return await value.read()  # at most max_upload_bytes (UploadLimit)
+
+
 def create_app(
     model: Optional[str] = None,
     controlnet: Optional[str] = None,
@@ -172,8 +188,14 @@ def create_app(
         timestep_spacing: Optional[str] = _form("timestep_spacing"),
         eta: float = _form("eta"),
         vae: str = _form("vae"),
+        preprocess: str = _form("preprocess"),
+        canny_low_threshold: int = _form("canny_low_threshold"),
+        canny_high_threshold: int = _form("canny_high_threshold"),
+        strength: float = _form("strength"),
+        clip_skip: int = _form("clip_skip"),
     ) -> Dict[str, Any]:
         data = await sketch.read()  # at most max_upload_bytes (UploadLimit)
+        start_image = await _start_image(request)
         try:
             job_id = await run_in_threadpool(
                 pipeline(request).submit,
@@ -191,6 +213,12 @@ def create_app(
                 timestep_spacing=timestep_spacing or None,
                 eta=eta,
                 vae=vae,
+                preprocess=preprocess,
+                canny_low_threshold=canny_low_threshold,
+                canny_high_threshold=canny_high_threshold,
+                start_image=start_image,
+                strength=strength,
+                clip_skip=clip_skip,
             )
         except sketchx.InvalidRequestError as e:
             raise HTTPException(422, str(e)) from None

@@ -2,7 +2,8 @@
 //!
 //! - `POST /api/generate` (multipart: `sketch` file, `prompt`, `negative_prompt`, `temperature`,
 //!   `guidance_scale`, `num_images`, `steps`, `seed`, `width`, `height`, `scheduler`, `timestep_spacing`, `eta`,
-//!   `vae`) -> `{"status": "queued", "job_id": ...}`
+//!   `vae`, `preprocess`, `canny_low_threshold`, `canny_high_threshold`, `start_image` (a file, or the text
+//!   `sketch`), `strength`, `clip_skip`) -> `{"status": "queued", "job_id": ...}`
 //! - `GET /api/status/{job_id}` -> the job's JSON status (images as `/generated/...` URLs)
 //! - `DELETE /api/jobs/{job_id}` -> `{"job_id": ..., "cancelled": bool}`
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
@@ -18,10 +19,12 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
-    GenerationRequest, VaeKind, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE,
-    SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, ETA_RANGE,
+    GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_MULTIPLE, SIZE_RANGE, STEPS_RANGE, STRENGTH_RANGE,
+    TEMPERATURE_RANGE,
 };
 use sketchx::sampling::schedulers::{SchedulerKind, TimestepSpacing};
+use sketchx::sketch::Preprocess;
 use sketchx::{Error, JobId, Pipeline};
 use tower_http::services::ServeDir;
 
@@ -103,6 +106,8 @@ fn body_error(e: MultipartError, field: Option<&str>) -> ApiError {
 async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<Response, ApiError> {
     let mut req = GenerationRequest::DEFAULT;
     let mut sketch: Option<Vec<u8>> = None;
+    // A file part is an image to decode; a text part `sketch` asks for the sketch itself.
+    let mut start: Option<(bool, Vec<u8>)> = None;
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -118,6 +123,15 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             sketch = Some(data.to_vec());
             continue;
         }
+        if name == "start_image" {
+            let is_file = field.file_name().is_some();
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| body_error(e, Some("start_image")))?;
+            start = Some((is_file, data.to_vec()));
+            continue;
+        }
         let text = field.text().await.map_err(|e| body_error(e, Some(&name)))?;
         // The core parses every field (`set_form_field`, also what the fuzzer drives); unknown names stop here.
         if !req.set_form_field(&name, &text)? {
@@ -129,15 +143,29 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
     }
     let sketch =
         sketch.ok_or_else(|| ApiError::unprocessable("sketch", "sketch: a file is required"))?;
-    // Decoding the sketch takes milliseconds: keep it off the async executor.
-    let id = tokio::task::spawn_blocking(move || pipe.submit(req, sketch))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            detail: e.to_string(),
-            field: None,
-            retry_after: None,
-        })??;
+    // Decoding the images takes milliseconds: keep it off the async executor.
+    let id = tokio::task::spawn_blocking(move || {
+        req.start_image = match start {
+            None => None,
+            Some((false, text)) if text.trim_ascii().is_empty() => None,
+            Some((false, text))
+                if text
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(StartImage::SKETCH_NAME.as_bytes()) =>
+            {
+                Some(StartImage::Sketch)
+            }
+            Some((_, bytes)) => Some(StartImage::decode(&bytes)?),
+        };
+        pipe.submit(req, sketch)
+    })
+    .await
+    .map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        detail: e.to_string(),
+        field: None,
+        retry_after: None,
+    })??;
     Ok((
         StatusCode::OK,
         Json(json!({ "status": "queued", "job_id": id.as_str() })),
@@ -199,6 +227,11 @@ pub fn generate_form_schema() -> Value {
     let d = GenerationRequest::DEFAULT;
     let mut size = integer(&SIZE_RANGE, None);
     size["multipleOf"] = SIZE_MULTIPLE.into();
+    let mut clip_skip = integer(&CLIP_SKIP_RANGE, Some(d.clip_skip));
+    clip_skip["description"] = "diffusers' clip_skip: the prompt is encoded by the hidden state this many layers \
+                                before the last (A1111's clip skip N is N - 1); the negative prompt always uses \
+                                the last layer"
+        .into();
     json!({
         "type": "object", "required": ["sketch"],
         "properties": {
@@ -218,7 +251,16 @@ pub fn generate_form_schema() -> Value {
                                   "description": "default: the model's scheduler config" },
             "eta": number(&ETA_RANGE, d.eta),
             "vae": { "type": "string", "enum": VaeKind::names(), "default": d.vae.as_str(),
-                     "description": "tiny needs a server started with --tiny-vae" } } })
+                     "description": "tiny needs a server started with --tiny-vae" },
+            "preprocess": { "type": "string", "enum": Preprocess::names(), "default": d.preprocess.as_str() },
+            "canny_low_threshold": integer(&CANNY_THRESHOLD_RANGE, Some(d.canny_low_threshold)),
+            "canny_high_threshold": integer(&CANNY_THRESHOLD_RANGE, Some(d.canny_high_threshold)),
+            "start_image": { "description": "img2img: an image file to start from, or the text \"sketch\" for \
+                                             the sketch's own colours; absent: from noise",
+                             "oneOf": [ { "type": "string", "format": "binary" },
+                                        { "type": "string", "enum": [StartImage::SKETCH_NAME] } ] },
+            "strength": number(&STRENGTH_RANGE, d.strength),
+            "clip_skip": clip_skip } })
 }
 
 /// The OpenAPI 3.1 description of this API.

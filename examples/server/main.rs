@@ -15,7 +15,9 @@ use clap::Parser;
 use sketchx::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
-use sketchx::settings::{lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY};
+use sketchx::settings::{
+    embedding_args, lora_args, PipelineSettings, DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE_CAPACITY,
+};
 use sketchx::Pipeline;
 
 /// REST server for sketch-to-image jobs.
@@ -44,6 +46,10 @@ struct Args {
     /// scale after the last ':' (default 1). Repeatable.
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     loras: Vec<String>,
+    /// A textual inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds) and the token written in
+    /// prompts after the last ':' (default: the file's own). Repeatable, loaded in order.
+    #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
+    embeddings: Vec<String>,
     /// A tiny VAE (TAESD: local directory or Hub id such as madebyollin/taesd) for `vae: tiny` requests and
     /// live previews.
     #[arg(long, value_name = "DIR|HUB_ID")]
@@ -82,6 +88,7 @@ async fn load(args: Args) -> Result<Pipeline, Box<dyn std::error::Error>> {
         queue_capacity: args.queue_capacity,
         loras: lora_args(&args.loras),
         tiny_vae: args.tiny_vae,
+        embeddings: embedding_args(&args.embeddings),
         ..PipelineSettings::DEFAULT
     }
     .to_config()?;

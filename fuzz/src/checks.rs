@@ -444,8 +444,7 @@ pub fn scheduler_config(data: &[u8]) {
     for kind in SchedulerKind::ALL {
         for steps in [1, 2, 3, 25, 150] {
             for eta in [0.0, 0.7] {
-                let (_, peak) =
-                    crate::alloc::peak_during(|| schedule(kind, &config, steps, eta));
+                let (_, peak) = crate::alloc::peak_during(|| schedule(kind, &config, steps, eta));
                 assert_allocated_within(peak, bound, kind.as_str());
             }
         }

@@ -1,10 +1,11 @@
 //! The generation engine: loads every network of an SD1.5 + ControlNet pipeline once, then turns a validated
 //! request and a decoded sketch into RGB images, step for step as diffusers' `StableDiffusionControlNetPipeline`
-//! does (same seed, same weights, same inputs: the same pixels within float rounding).
+//! does (same seed, same weights, same inputs: the same pixels within float rounding), or, for a request with a
+//! start image, as `StableDiffusionControlNetImg2ImgPipeline` does.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -12,15 +13,18 @@ use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::config::ConfigFile;
 use crate::models::controlnet::{ControlNet, ControlResiduals};
-use crate::models::loader::{self, build_error, ModelSource, Resolver};
+use crate::models::loader::{self, build_error, ModelSource, Resolver, WeightsSource};
 use crate::models::lora::{self, FusedWeights, LoraSpec};
+use crate::models::single_file::{self, SingleFileOptions};
 use crate::models::taesd::TinyVae;
+use crate::models::textual_inversion::{self, AddedEmbeddings, EmbeddingSpec};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
+use crate::models::vae_encoder::{image_to_tensor, VaeEncoder};
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
-use crate::request::{GenerationRequest, VaeKind};
+use crate::request::{GenerationRequest, StartImage, VaeKind};
 use crate::sampling::rng::TorchRng;
 use crate::sampling::schedulers::{Scheduler, SchedulerConfig};
 use crate::sketch::Sketch;
@@ -39,9 +43,13 @@ const PROMPT_CACHE_ENTRIES: usize = 32;
 /// Which models to load and where to run them.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// The Stable Diffusion repository or directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// The Stable Diffusion model: a Hub repository or a directory in diffusers layout (unet/, vae/,
+    /// text_encoder/, tokenizer/, scheduler/), or a single checkpoint file in the original layout (`.safetensors`,
+    /// `.ckpt`, `.pt`; see [`crate::models::single_file`] and [`EngineConfig::single_file`]).
     pub model: ModelSource,
-    /// The ControlNet repository or directory (config.json + weights at its root).
+    /// The ControlNet: a Hub repository or a directory (config.json + weights at its root), or a single file in
+    /// the original layout (`control_model.*` or plain keys, `.safetensors` or `.pth`; its config from
+    /// [`EngineConfig::controlnet_config`], else derived from the UNet's).
     pub controlnet: ModelSource,
     /// Where the networks run.
     pub device: Device,
@@ -68,6 +76,24 @@ pub struct EngineConfig {
     /// and scale factor must match the model's VAE ([`Error::UnsupportedModel`] otherwise). Tiling does not apply
     /// to it (its activations are small).
     pub tiny_vae: Option<ModelSource>,
+    /// Textual inversion embeddings bound to new tokens, in load order, as diffusers' `load_textual_inversion`
+    /// (see [`crate::models::textual_inversion`]): A1111 `.pt` / `.safetensors` and diffusers `learned_embeds`
+    /// files, usable in the prompt and the negative prompt. A width other than the text encoder's, a token
+    /// already in the vocabulary or a file in no known layout fails [`Engine::load`] ([`Error::Embedding`]).
+    /// Default: none.
+    pub embeddings: Vec<EmbeddingSpec>,
+    /// How a single-file [`EngineConfig::model`] is read: a diffusers config folder or an original `.yaml` for its
+    /// sizes (SD1.5's built-in configs otherwise), EMA weights. Ignored for a folder or Hub model.
+    pub single_file: SingleFileOptions,
+    /// The config of a single-file [`EngineConfig::controlnet`]: a ControlNet folder or Hub repository (its
+    /// `config.json`), as `ControlNetModel.from_single_file(config=...)`. `None` (the default): the UNet's config
+    /// without its decoder half, with the conditioning embedding's sizes read from the file.
+    pub controlnet_config: Option<ModelSource>,
+    /// A VAE that replaces the model's (diffusers' `vae=` argument): a single file (original layout with no
+    /// prefix, `first_stage_model.` or `vae.`, e.g. `vae-ft-mse-840000-ema-pruned.safetensors`; built with the
+    /// model's VAE config), a folder or Hub repository (its `config.json` and weights at the root, or in `vae/`).
+    /// `None` (the default): the model's own VAE.
+    pub vae: Option<ModelSource>,
 }
 
 impl EngineConfig {
@@ -76,7 +102,7 @@ impl EngineConfig {
         Self::new(DEFAULT_MODEL, DEFAULT_CONTROLNET)
     }
 
-    /// The given models (Hub ids or local directories) on the CPU in f32.
+    /// The given models (Hub ids, local directories or single files) on the CPU in f32.
     pub fn new(model: &str, controlnet: &str) -> Result<Self> {
         Ok(Self {
             model: ModelSource::parse(model)?,
@@ -87,6 +113,10 @@ impl EngineConfig {
             vae_tiling: false,
             loras: Vec::new(),
             tiny_vae: None,
+            embeddings: Vec::new(),
+            single_file: SingleFileOptions::default(),
+            controlnet_config: None,
+            vae: None,
         })
     }
 }
@@ -140,7 +170,18 @@ pub struct Engine {
     device: Device,
     dtype: DType,
     vae_tiling: bool,
-    prompt_cache: Mutex<VecDeque<(String, Tensor)>>,
+    /// Text embeddings by (text, clip skip), most recently used first.
+    prompt_cache: Mutex<VecDeque<((String, u32), Tensor)>>,
+    /// The VAE encoder, built on the first img2img request (most requests never need it).
+    vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
+    vae_encoder_source: EncoderSource,
+}
+
+/// Where the VAE encoder's weights are, to build it when first needed.
+struct EncoderSource {
+    config: ConfigFile,
+    source: WeightsSource,
+    precision: Precision,
 }
 
 impl Engine {
@@ -154,30 +195,44 @@ impl Engine {
     /// Nothing stays mapped: resident memory after loading is the weights themselves, and the peak during loading
     /// is no higher. LoRAs ([`EngineConfig::loras`]) are read and checked against the UNet's and the text
     /// encoder's weights before any network is built, and their fused weights replace the files' tensors as the
-    /// networks read them (before any rounding to the network's precision).
+    /// networks read them (before any rounding to the network's precision). Textual inversion embeddings
+    /// ([`EngineConfig::embeddings`]) are read and their tokens added before any network is built too; their
+    /// vectors become rows of the text encoder's token embedding table once it is.
     pub fn load(config: &EngineConfig) -> Result<Self> {
-        let base = Resolver::new(config.model.clone())?;
-        let cn = Resolver::new(config.controlnet.clone())?;
         let precision = Precision::new(&config.device, config.dtype);
-        let tokenizer = load_tokenizer(&base)?;
         for spec in &config.loras {
             spec.validate()?;
         }
-        let files = NetworkFiles::locate(&base, &cn, config.variant.as_deref())?;
+        let (mut tokenizer, files) = NetworkFiles::locate(config)?;
+        let added = textual_inversion::add_embeddings(
+            &config.embeddings,
+            &mut tokenizer,
+            files.text_encoder.0.hidden_size,
+        )?;
         // Located before the networks are built, so that a missing tiny VAE fails fast.
         let tiny_files = config
             .tiny_vae
             .as_ref()
             .map(|source| locate_tiny_vae(source, config.variant.as_deref()))
             .transpose()?;
-        let fused = lora::fuse(
+        let fused = lora::fuse_sources(
             &config.loras,
             &files.unet.1,
             &files.text_encoder.2,
             precision,
         )?;
-        let (text_encoder, unet, vae, controlnet) =
+        let (mut text_encoder, unet, vae, controlnet) =
             files.build(precision, &config.device, fused)?;
+        if let Some(AddedEmbeddings {
+            first_id, vectors, ..
+        }) = &added
+        {
+            text_encoder.append_token_embeddings(
+                *first_id as usize,
+                vectors,
+                &files.text_encoder.1,
+            )?;
+        }
         if config.vae_tiling {
             vae.tiling()?;
         }
@@ -197,6 +252,12 @@ impl Engine {
             dtype: precision.activations_dtype(),
             vae_tiling: config.vae_tiling,
             prompt_cache: Mutex::new(VecDeque::new()),
+            vae_encoder: Mutex::new(None),
+            vae_encoder_source: EncoderSource {
+                config: files.vae.0.clone(),
+                source: files.vae.1.clone(),
+                precision,
+            },
         })
     }
 
@@ -245,6 +306,25 @@ impl Engine {
         &self.vae
     }
 
+    /// The VAE's encoder (img2img), built from the VAE's weights on first use and kept; a VAE file without the
+    /// encoder's tensors is an error naming the file and the tensor.
+    pub fn vae_encoder(&self) -> Result<Arc<VaeEncoder>> {
+        let mut slot = self.vae_encoder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = slot.as_ref() {
+            return Ok(Arc::clone(e));
+        }
+        let s = &self.vae_encoder_source;
+        // A single file's VAE: the decoder has read its tensors already and the encoder's are optional there, so
+        // `finish` only reports what this build recorded (a misfit or missing key).
+        let encoder = s.source.finish(
+            loader::weights_from(&s.source, s.precision, &self.device)
+                .and_then(|w| VaeEncoder::load(w, &s.config)),
+        )?;
+        let encoder = Arc::new(encoder);
+        *slot = Some(Arc::clone(&encoder));
+        Ok(encoder)
+    }
+
     /// The tiny VAE ([`EngineConfig::tiny_vae`]), if one was loaded.
     pub fn tiny_vae(&self) -> Option<&TinyVae> {
         self.tiny_vae.as_ref()
@@ -281,31 +361,62 @@ impl Engine {
         &self.scheduler_config
     }
 
-    /// The text embedding `(1, 77, hidden)` of `text`, cached per distinct text.
+    /// The text embedding `(1, 77, hidden)` of `text` (the last layer's), cached per distinct text.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
+        self.encode_prompt_clip_skip(text, 0)
+    }
+
+    /// The text embedding `(1, 77, hidden)` of `text` with diffusers' `clip_skip` (see
+    /// [`ClipTextModel::forward_clip_skip`]), cached per distinct (text, clip skip). Multi-vector textual
+    /// inversion tokens are expanded first ([`ClipTokenizer::expand_multi_vector_tokens`]), as diffusers'
+    /// `maybe_convert_prompt` does.
+    pub fn encode_prompt_clip_skip(&self, text: &str, clip_skip: u32) -> Result<Tensor> {
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pos) = cache.iter().position(|(k, _)| k == text) {
+        if let Some(pos) = cache
+            .iter()
+            .position(|((t, skip), _)| t == text && *skip == clip_skip)
+        {
             let entry = cache.remove(pos).expect("position is valid");
             let t = entry.1.clone();
             cache.push_front(entry);
             return Ok(t);
         }
         drop(cache);
-        let ids = self.tokenizer.encode_padded(text);
+        let ids = self.prompt_ids(text);
         let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
-        let emb = self.text_encoder.forward(&ids)?;
+        let emb = self
+            .text_encoder
+            .forward_clip_skip(&ids, clip_skip as usize)?;
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.push_front((text.to_string(), emb.clone()));
+        cache.push_front(((text.to_string(), clip_skip), emb.clone()));
         cache.truncate(PROMPT_CACHE_ENTRIES);
         Ok(emb)
     }
 
+    /// The padded token ids the text encoder reads for `text`: multi-vector textual inversion tokens expanded
+    /// (diffusers' `maybe_convert_prompt`), then tokenized, truncated and padded to the context length.
+    pub fn prompt_ids(&self, text: &str) -> Vec<u32> {
+        self.tokenizer
+            .encode_padded(&self.tokenizer.expand_multi_vector_tokens(text))
+    }
+
     /// The output size for `sketch` under `req` (explicit width/height, else derived from the sketch). Also
     /// refuses what only the loaded models decide (so that a pipeline refuses it at submit): a size that is not a
-    /// multiple of the VAE's scale factor, `vae: tiny` without a tiny VAE ([`Error::InvalidRequest`] for `vae`).
+    /// multiple of the VAE's scale factor, `vae: tiny` without a tiny VAE ([`Error::InvalidRequest`] for `vae`), a
+    /// `clip_skip` beyond the text encoder's layers.
     pub fn output_size(&self, req: &GenerationRequest, sketch: &Sketch) -> Result<(u32, u32)> {
         if req.vae == VaeKind::Tiny {
             self.require_tiny()?;
+        }
+        let layers = self.text_encoder.config().num_hidden_layers;
+        if req.clip_skip as usize > layers {
+            return Err(Error::invalid(
+                "clip_skip",
+                format!(
+                    "{} exceeds this model's {layers} text encoder layers",
+                    req.clip_skip
+                ),
+            ));
         }
         let (w, h) = sketch.target_size(req.width, req.height);
         let f = self.vae.scale_factor as u32;
@@ -324,7 +435,12 @@ impl Engine {
     /// every decoded image; returning `false` stops the generation with [`Error::Cancelled`].
     ///
     /// The stages, as diffusers' `StableDiffusionControlNetPipeline.__call__` runs them: encode the prompts,
-    /// prepare the control image, draw the initial latents, denoise, decode.
+    /// prepare the control image, draw the initial latents, denoise, decode. With a start image
+    /// ([`GenerationRequest::start_image`]) as `StableDiffusionControlNetImg2ImgPipeline.__call__`: the initial
+    /// latents are the start image's, VAE-encoded and noised to the first of the last `int(steps * strength)`
+    /// steps, which are the ones that run. One difference: a UNet with a guidance embedding (an LCM model) gets
+    /// it here as without a start image (diffusers' img2img ControlNet pipeline has no such embedding and runs
+    /// classifier-free guidance instead, unlike its own LCM img2img pipeline).
     pub fn generate(
         &self,
         req: &GenerationRequest,
@@ -339,18 +455,31 @@ impl Engine {
         let control = self.prepare_control(req, sketch, (width, height), &guidance)?;
         let mut scheduler = self.scheduler(req)?;
         let mut rng = TorchRng::new(seed);
-        let latents = self.initial_latents(&guidance, (width, height), &scheduler, &mut rng)?;
+        let begin = req.denoising_begin();
+        let latents = match &req.start_image {
+            None => self.initial_latents(&guidance, (width, height), &scheduler, &mut rng)?,
+            Some(start) => self.start_latents(
+                start,
+                sketch,
+                &guidance,
+                (width, height),
+                &scheduler,
+                begin,
+                &mut rng,
+            )?,
+        };
         let latents = self.denoise(
             req,
             &guidance,
             &text,
             &control,
             &mut scheduler,
-            latents,
+            (latents, begin),
             &mut rng,
             observer,
         )?;
-        let images = self.decode(&latents, req.vae, scheduler.timesteps().len(), observer)?;
+        let steps_run = scheduler.timesteps().len() - begin;
+        let images = self.decode(&latents, req.vae, steps_run, observer)?;
         Ok(Generated {
             seed,
             width,
@@ -369,11 +498,12 @@ impl Engine {
         Scheduler::with_eta(req.scheduler, &config, req.steps as usize, req.eta)
     }
 
-    /// The text embeddings the UNet and the ControlNet attend to.
+    /// The text embeddings the UNet and the ControlNet attend to. As in diffusers, clip skip applies to the
+    /// prompt only: the negative prompt is encoded by the last layer.
     fn encode_prompts(&self, req: &GenerationRequest, g: &Guidance) -> Result<TextConditioning> {
         let dt = self.dtype;
         let cond = self
-            .encode_prompt(req.prompt_text())?
+            .encode_prompt_clip_skip(req.prompt_text(), req.clip_skip)?
             .to_dtype(dt)?
             .repeat((g.n, 1, 1))?;
         let unet = if g.cfg {
@@ -406,7 +536,7 @@ impl Engine {
         } else {
             2 * g.n
         };
-        let control = sketch.to_control(width, height, req.preprocess);
+        let control = sketch.to_control_with(width, height, req.preprocess, req.canny_thresholds());
         Ok(control
             .to_tensor(&self.device)?
             .to_dtype(self.dtype)?
@@ -431,8 +561,47 @@ impl Engine {
         Ok((rng.randn(&shape, &self.device)? * scheduler.init_noise_sigma())?)
     }
 
-    /// The denoising loop: ControlNet residuals (within the request's control window), the UNet's noise
-    /// prediction with classifier-free guidance, the scheduler's step; `observer` after every step.
+    /// img2img's initial latents, as diffusers' `prepare_latents`: the start image resized to the output
+    /// (LANCZOS, as its image processor) and scaled to `[-1, 1]`, encoded by the VAE (tiled when the engine
+    /// tiles), one sample of the latent distribution drawn from `rng` (one image: the batch shares it), times the
+    /// VAE's scaling factor, repeated for the batch; then noise for the whole batch from the same `rng`, added at
+    /// step `begin` by the scheduler. f32, as the denoising loop holds latents.
+    #[allow(clippy::too_many_arguments)]
+    fn start_latents(
+        &self,
+        start: &StartImage,
+        sketch: &Sketch,
+        g: &Guidance,
+        (width, height): (u32, u32),
+        scheduler: &Scheduler,
+        begin: usize,
+        rng: &mut TorchRng,
+    ) -> Result<Tensor> {
+        let encoder = self.vae_encoder()?;
+        let rgb = start.image(sketch).resized(width, height);
+        let pixels = image_to_tensor(
+            &rgb,
+            width as usize,
+            height as usize,
+            self.dtype,
+            &self.device,
+        )?;
+        let dist = if self.vae_tiling {
+            encoder.encode_tiled(&pixels)?
+        } else {
+            encoder.encode(&pixels)?
+        };
+        let latents = dist.sample(rng)?.to_dtype(DType::F32)?;
+        let latents = (latents * encoder.scaling_factor)?.repeat((g.n, 1, 1, 1))?;
+        let noise = rng
+            .randn_dtype(latents.dims(), self.dtype, &self.device)?
+            .to_dtype(DType::F32)?;
+        scheduler.add_noise(&latents, &noise, begin)
+    }
+
+    /// The denoising loop from step `begin` (0, or img2img's first kept step) to the last: ControlNet residuals
+    /// (within the request's control window, counted over the steps that run), the UNet's noise prediction with
+    /// classifier-free guidance, the scheduler's step; `observer` after every step.
     #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
@@ -441,12 +610,13 @@ impl Engine {
         text: &TextConditioning,
         control: &Tensor,
         scheduler: &mut Scheduler,
-        mut latents: Tensor,
+        (mut latents, begin): (Tensor, usize),
         rng: &mut TorchRng,
         observer: &mut dyn FnMut(&StepInfo) -> bool,
     ) -> Result<Tensor> {
         let dt = self.dtype;
-        let timesteps = scheduler.timesteps().to_vec();
+        let all = scheduler.timesteps().to_vec();
+        let timesteps = all.get(begin..).unwrap_or_default();
         let total = timesteps.len();
         // An LCM UNet takes the guidance scale as an embedding of w = guidance_scale - 1 (float32, one per image)
         // instead of classifier-free guidance, as diffusers' pipeline does.
@@ -463,10 +633,14 @@ impl Engine {
             } else {
                 latents.clone()
             };
-            let model_in = scheduler.scale_model_input(&model_in, i)?.to_dtype(dt)?;
+            let model_in = scheduler
+                .scale_model_input(&model_in, begin + i)?
+                .to_dtype(dt)?;
             let residuals = if g.controls_step(req, i, total) {
                 let control_in = if g.conditional_only() {
-                    scheduler.scale_model_input(&latents, i)?.to_dtype(dt)?
+                    scheduler
+                        .scale_model_input(&latents, begin + i)?
+                        .to_dtype(dt)?
                 } else {
                     model_in.clone()
                 };
@@ -495,7 +669,7 @@ impl Engine {
                 residuals.as_ref().map(|r| &r.mid),
             )?;
             let noise = g.combine(noise.to_dtype(DType::F32)?, req.guidance_scale)?;
-            let out = scheduler.step_output(&noise, i, &latents, rng)?;
+            let out = scheduler.step_output(&noise, begin + i, &latents, rng)?;
             latents = out.prev_sample;
             let info = StepInfo {
                 step: i + 1,
@@ -604,59 +778,85 @@ struct TextConditioning {
     controlnet: Tensor,
 }
 
-/// The tokenizer of `base` (`tokenizer/vocab.json` and `merges.txt`, with the optional config files beside them
-/// fetched too, so that a Hub download has everything [`ClipTokenizer::from_dir`] reads).
-fn load_tokenizer(base: &Resolver) -> Result<ClipTokenizer> {
-    let vocab = base.get("tokenizer/vocab.json")?;
-    base.get("tokenizer/merges.txt")?;
-    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
-        let rel = format!("tokenizer/{f}");
-        if base.exists(&rel) {
-            base.get(&rel)?;
-        }
-    }
-    let dir = vocab.parent().ok_or_else(|| Error::MissingFile {
-        path: base.describe("tokenizer"),
-    })?;
-    ClipTokenizer::from_dir(dir)
-}
-
-/// Every network's config and weights file, located (and downloaded) before any is built.
+/// Every network's config and weights, located (and downloaded) before any is built.
 struct NetworkFiles {
-    text_encoder: (ClipTextConfig, String, PathBuf),
-    unet: (ConfigFile, PathBuf),
-    vae: (ConfigFile, PathBuf),
+    text_encoder: (ClipTextConfig, String, WeightsSource),
+    unet: (ConfigFile, WeightsSource),
+    vae: (ConfigFile, WeightsSource),
     scheduler: SchedulerConfig,
-    controlnet: (ConfigFile, PathBuf),
+    controlnet: (ConfigFile, WeightsSource),
 }
 
 impl NetworkFiles {
-    /// Locates the files one at a time, in the order a sequential load reports errors in.
-    fn locate(base: &Resolver, cn: &Resolver, variant: Option<&str>) -> Result<Self> {
-        let te = base.config("text_encoder/config.json")?;
-        let text_encoder = (
-            ClipTextConfig::from_config(&te)?,
-            te.origin().to_string(),
-            base.weights("text_encoder", variant)?,
-        );
-        let unet = (
-            base.config("unet/config.json")?,
-            base.weights("unet", variant)?,
-        );
-        let vae = (
-            base.config("vae/config.json")?,
-            base.weights("vae", variant)?,
-        );
-        let scheduler =
-            SchedulerConfig::from_config(&base.config("scheduler/scheduler_config.json")?)?;
-        let controlnet = (cn.config("config.json")?, cn.weights("", variant)?);
-        Ok(Self {
-            text_encoder,
-            unet,
-            vae,
-            scheduler,
-            controlnet,
-        })
+    /// Locates the tokenizer and the files one at a time, in the order a sequential load reports errors in: the
+    /// model (a folder or Hub repository, or a single file), the VAE override, the ControlNet.
+    fn locate(config: &EngineConfig) -> Result<(ClipTokenizer, Self)> {
+        let variant = config.variant.as_deref();
+        let need_vae = config.vae.is_none();
+        let (tokenizer, text_encoder, unet, vae_config, vae, scheduler) = match &config.model {
+            ModelSource::File(path) => {
+                let c = single_file::open_checkpoint(path, &config.single_file, need_vae)?;
+                let scheduler = SchedulerConfig::from_config(&c.scheduler)?;
+                (
+                    c.tokenizer,
+                    c.text_encoder,
+                    c.unet,
+                    c.vae_config,
+                    c.vae,
+                    scheduler,
+                )
+            }
+            source => {
+                let base = Resolver::new(source.clone())?;
+                let tokenizer = ClipTokenizer::from_resolver(&base)?;
+                let te = base.config("text_encoder/config.json")?;
+                let text_encoder = (
+                    ClipTextConfig::from_config(&te)?,
+                    te.origin().to_string(),
+                    base.weights("text_encoder", variant)?.into(),
+                );
+                let unet = (
+                    base.config("unet/config.json")?,
+                    base.weights("unet", variant)?.into(),
+                );
+                let vae_config = base.config("vae/config.json")?;
+                let vae = need_vae
+                    .then(|| base.weights("vae", variant).map(WeightsSource::from))
+                    .transpose()?;
+                let scheduler =
+                    SchedulerConfig::from_config(&base.config("scheduler/scheduler_config.json")?)?;
+                (tokenizer, text_encoder, unet, vae_config, vae, scheduler)
+            }
+        };
+        let vae = match (&config.vae, vae) {
+            (Some(source), _) => locate_vae(source, &vae_config, variant)?,
+            (None, Some(weights)) => (vae_config, weights),
+            (None, None) => unreachable!("the model's VAE is located when there is no override"),
+        };
+        let controlnet = match &config.controlnet {
+            ModelSource::File(path) => {
+                let given = config
+                    .controlnet_config
+                    .as_ref()
+                    .map(|s| Resolver::new(s.clone())?.config("config.json"))
+                    .transpose()?;
+                single_file::open_controlnet(path, given, &unet.0)?
+            }
+            source => {
+                let cn = Resolver::new(source.clone())?;
+                (cn.config("config.json")?, cn.weights("", variant)?.into())
+            }
+        };
+        Ok((
+            tokenizer,
+            Self {
+                text_encoder,
+                unet,
+                vae,
+                scheduler,
+                controlnet,
+            },
+        ))
     }
 
     /// Builds the four networks at once, as tasks on rayon's pool (not on threads of their own: the reads inside
@@ -670,40 +870,38 @@ impl NetworkFiles {
         dev: &Device,
         fused: FusedWeights,
     ) -> Result<(ClipTextModel, UNet, Vae, ControlNet)> {
-        let open = |path: &Path| loader::weights(path, precision, dev);
+        let open = |source: &WeightsSource| loader::weights_from(source, precision, dev);
         // The fused maps move into their networks' builders, so they are freed with them once each is built.
         let FusedWeights {
             unet: fused_unet,
             text_encoder: fused_te,
         } = fused;
-        let open_fused = |path: &Path, fused| loader::weights_fused(path, precision, dev, fused);
+        let open_fused = |source: &WeightsSource, fused| {
+            loader::weights_fused_from(source, precision, dev, fused)
+        };
         let (mut te, mut unet, mut vae, mut cn) = (None, None, None, None);
         rayon::scope(|s| {
             let te = &mut te;
             s.spawn(move |_| {
-                let (config, origin, path) = &self.text_encoder;
-                *te = Some(open_fused(path, fused_te).and_then(|w| {
-                    ClipTextModel::load(w, config, origin).map_err(|e| candle_to_file(e, path))
-                }))
-            });
-            s.spawn(|_| {
-                let (config, path) = &self.vae;
-                vae = Some(
-                    open(path)
-                        .and_then(|w| Vae::load(w, config).map_err(|e| candle_to_file(e, path))),
+                let (config, origin, source) = &self.text_encoder;
+                *te = Some(
+                    source.finish(
+                        open_fused(source, fused_te)
+                            .and_then(|w| ClipTextModel::load(w, config, origin)),
+                    ),
                 )
             });
             s.spawn(|_| {
-                let (config, path) = &self.controlnet;
-                cn =
-                    Some(open(path).and_then(|w| {
-                        ControlNet::load(w, config).map_err(|e| candle_to_file(e, path))
-                    }))
+                let (config, source) = &self.vae;
+                vae = Some(source.finish(open(source).and_then(|w| Vae::load(w, config))))
             });
-            let (config, path) = &self.unet;
+            s.spawn(|_| {
+                let (config, source) = &self.controlnet;
+                cn = Some(source.finish(open(source).and_then(|w| ControlNet::load(w, config))))
+            });
+            let (config, source) = &self.unet;
             unet = Some(
-                open_fused(path, fused_unet)
-                    .and_then(|w| UNet::load(w, config).map_err(|e| candle_to_file(e, path))),
+                source.finish(open_fused(source, fused_unet).and_then(|w| UNet::load(w, config))),
             );
         });
         // `rayon::scope` returns once every task has run (a panicking task re-panics here), so all four are set.
@@ -727,6 +925,16 @@ fn check_compatible(
     controlnet: &ControlNet,
 ) -> Result<()> {
     let (unet_origin, cn_origin) = (files.unet.0.origin(), files.controlnet.0.origin());
+    if controlnet.residual_channels() != unet.residual_channels() {
+        return Err(Error::unsupported(
+            cn_origin,
+            format!(
+                "the ControlNet's residual channels {:?} do not fit the UNet's skip connections {:?} ({unet_origin})",
+                controlnet.residual_channels(),
+                unet.residual_channels()
+            ),
+        ));
+    }
     if controlnet.downscale_factor() != vae.scale_factor {
         return Err(Error::unsupported(
             cn_origin,
@@ -771,11 +979,41 @@ fn to_hwc(img: &Tensor) -> Result<Vec<f32>> {
 
 /// The config and weights file of [`EngineConfig::tiny_vae`] (both at the source's root), downloaded if needed.
 fn locate_tiny_vae(source: &ModelSource, variant: Option<&str>) -> Result<(ConfigFile, PathBuf)> {
+    if let ModelSource::File(p) = source {
+        return Err(Error::invalid(
+            "tiny_vae",
+            format!(
+                "{} is a file; a tiny VAE is read from a folder or Hub repository (config.json and weights)",
+                p.display()
+            ),
+        ));
+    }
     let resolver = Resolver::new(source.clone())?;
     Ok((
         resolver.config("config.json")?,
         resolver.weights("", variant)?,
     ))
+}
+
+/// The config and weights of a VAE override ([`EngineConfig::vae`]): a single file built with the model's VAE
+/// config, or a folder / Hub repository with its own `config.json` at the root (a VAE repository) or in `vae/` (a
+/// whole model's).
+fn locate_vae(
+    source: &ModelSource,
+    model_vae: &ConfigFile,
+    variant: Option<&str>,
+) -> Result<(ConfigFile, WeightsSource)> {
+    if let ModelSource::File(path) = source {
+        return Ok((model_vae.clone(), single_file::open_vae(path, model_vae)?));
+    }
+    let r = Resolver::new(source.clone())?;
+    let sub = if r.exists("config.json") { "" } else { "vae" };
+    let config = r.config(if sub.is_empty() {
+        "config.json"
+    } else {
+        "vae/config.json"
+    })?;
+    Ok((config, r.weights(sub, variant)?.into()))
 }
 
 /// Builds the tiny VAE and checks that it decodes the model's latents: same latent channels, same scale factor

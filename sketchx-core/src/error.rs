@@ -151,6 +151,18 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A textual inversion embedding cannot be used: a file layout that holds no embedding (or several), a width
+    /// that differs from the text encoder's, a token that is already in the tokenizer's vocabulary, a file without
+    /// a token of its own and none given. Nothing is loaded.
+    #[error("cannot load embedding {path}: {key}: {message}")]
+    Embedding {
+        /// The embedding file (a path, or `repo_id/file` for the Hub).
+        path: String,
+        /// The key of the file at fault (`emb_params`, `string_to_param`, ...) or the token.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A weights file whose content sketchx will not use as it stands, named down to the key at fault: a
     /// checkpoint of another model family (SD2, SDXL, a LoRA or a ControlNet given as a model), a key that maps to
     /// no layer of the network being built, a tensor whose shape does not fit it, a missing tensor, or a pickle

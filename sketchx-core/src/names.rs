@@ -225,7 +225,10 @@ mod tests {
             SchedulerKind::names(),
             ["euler_a", "euler", "ddim", "lcm", "tcd"]
         );
-        assert_eq!(Preprocess::names(), ["scribble", "none"]);
+        assert_eq!(
+            Preprocess::names(),
+            ["scribble", "lineart", "canny", "none"]
+        );
         // The default comes first in each list.
         assert_eq!(SchedulerKind::ALL[0], SchedulerKind::default());
         assert_eq!(Preprocess::ALL[0], Preprocess::default());
@@ -237,9 +240,9 @@ mod tests {
             );
         }
         assert_invalid(
-            "canny".parse::<Preprocess>(),
+            "hed".parse::<Preprocess>(),
             "preprocess",
-            "\"scribble\" or \"none\"",
+            "\"scribble\", \"lineart\", \"canny\" or \"none\"",
         );
     }
 

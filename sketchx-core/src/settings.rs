@@ -30,9 +30,14 @@ use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::models::loader::ModelSource;
 use crate::models::lora::LoraSpec;
+use crate::models::single_file::SingleFileOptions;
+use crate::models::textual_inversion::EmbeddingSpec;
 use crate::names::{device_from_name, dtype_from_name, DEFAULT_CONTROLNET, DEFAULT_MODEL};
 use crate::pipeline::{PipelineConfig, ShutdownPolicy};
-use crate::request::{out_of_range, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE};
+use crate::request::{
+    out_of_range, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE,
+    STEPS_RANGE,
+};
 
 pub use crate::pipeline::{
     DEFAULT_CLEANUP_INTERVAL_SECS, DEFAULT_OUTPUT_DIR, DEFAULT_PREVIEW_EVERY,
@@ -45,10 +50,11 @@ pub use crate::store::DEFAULT_RETENTION_SECS;
 /// settings) is set on the [`PipelineConfig`] afterwards.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineSettings {
-    /// Stable Diffusion 1.5: a Hub id (`owner/name[@revision]`) or a local diffusers directory; `None`:
-    /// [`DEFAULT_MODEL`].
+    /// Stable Diffusion 1.5: a Hub id (`owner/name[@revision]`), a local diffusers directory or a single
+    /// checkpoint file (`.safetensors`, `.ckpt`, `.pt` in the original layout); `None`: [`DEFAULT_MODEL`].
     pub model: Option<String>,
-    /// The ControlNet: a Hub id or a local directory; `None`: [`DEFAULT_CONTROLNET`].
+    /// The ControlNet: a Hub id, a local directory or a single file in the original layout (`.safetensors`,
+    /// `.pth`); `None`: [`DEFAULT_CONTROLNET`].
     pub controlnet: Option<String>,
     /// A device name ([`crate::names::DEVICE_NAMES`]); `None`: [`crate::names::DEFAULT_DEVICE`].
     pub device: Option<String>,
@@ -85,6 +91,24 @@ pub struct PipelineSettings {
     /// A tiny VAE (TAESD: a local directory or a Hub id) for `vae: tiny` requests and live previews
     /// ([`EngineConfig::tiny_vae`]); `None`: none.
     pub tiny_vae: Option<String>,
+    /// Textual inversion embeddings loaded in this order ([`EngineConfig::embeddings`]): each a location
+    /// ([`EmbeddingSource::parse`](crate::models::textual_inversion::EmbeddingSource::parse): a local file or
+    /// directory, a Hub file or repository) and the token it binds (`None`: the file's own). A `PATH[:TOKEN]`
+    /// argument splits with [`EmbeddingSpec::split_arg`]. Default: none.
+    pub embeddings: Vec<(String, Option<String>)>,
+    /// For a single-file `model`: a diffusers folder or Hub id whose configs (and tokenizer) describe it
+    /// ([`SingleFileOptions::config`]); `None`: `original_config`, else SD1.5's built-in configs.
+    pub model_config: Option<String>,
+    /// For a single-file `model`: an original LDM `.yaml` ([`SingleFileOptions::original_config`]).
+    pub original_config: Option<String>,
+    /// For a single-file `model`: take the UNet's EMA weights ([`SingleFileOptions::extract_ema`]).
+    pub extract_ema: bool,
+    /// For a single-file `controlnet`: a ControlNet folder or Hub id whose `config.json` describes it
+    /// ([`EngineConfig::controlnet_config`]); `None`: derived from the UNet's config.
+    pub controlnet_config: Option<String>,
+    /// A VAE replacing the model's ([`EngineConfig::vae`]): a single file, a folder or a Hub id; `None`: the
+    /// model's.
+    pub vae: Option<String>,
 }
 
 impl PipelineSettings {
@@ -110,6 +134,12 @@ impl PipelineSettings {
         redis_url: None,
         loras: Vec::new(),
         tiny_vae: None,
+        embeddings: Vec::new(),
+        model_config: None,
+        original_config: None,
+        extract_ema: false,
+        controlnet_config: None,
+        vae: None,
     };
 
     /// Parses and checks every field and builds the [`PipelineConfig`] (no model is loaded yet). Errors:
@@ -140,6 +170,39 @@ impl PipelineSettings {
             .as_deref()
             .map(ModelSource::parse)
             .transpose()?;
+        engine.embeddings = self
+            .embeddings
+            .iter()
+            .map(|(location, token)| EmbeddingSpec::from_location(location, token.as_deref()))
+            .collect::<Result<_>>()?;
+        engine.single_file = SingleFileOptions {
+            config: self
+                .model_config
+                .as_deref()
+                .map(ModelSource::parse)
+                .transpose()?,
+            original_config: self
+                .original_config
+                .as_deref()
+                .map(|p| {
+                    let p = PathBuf::from(p);
+                    if p.is_file() {
+                        Ok(p)
+                    } else {
+                        Err(Error::MissingFile {
+                            path: format!("{} (original_config)", p.display()),
+                        })
+                    }
+                })
+                .transpose()?,
+            extract_ema: self.extract_ema,
+        };
+        engine.controlnet_config = self
+            .controlnet_config
+            .as_deref()
+            .map(ModelSource::parse)
+            .transpose()?;
+        engine.vae = self.vae.as_deref().map(ModelSource::parse).transpose()?;
         let mut config = PipelineConfig::with_engine(engine);
         if let Some(dir) = &self.output_dir {
             config.output_dir = dir.clone();
@@ -196,6 +259,37 @@ fn settings_field_names(e: Error) -> Error {
     }
 }
 
+/// A `--vae` argument as the CLI takes it: a decoder name ([`VaeKind`]: `full` or `tiny`, any case) or else a VAE
+/// to load in place of the model's ([`PipelineSettings::vae`]: a single file, a folder or a Hub id; `./tiny` for
+/// a folder of that name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaeArg {
+    /// Which of the loaded VAEs decodes ([`crate::request::GenerationRequest::vae`]).
+    Decoder(VaeKind),
+    /// The VAE to load instead of the model's.
+    Override(String),
+}
+
+impl std::str::FromStr for VaeArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(match s.parse::<VaeKind>() {
+            Ok(kind) => VaeArg::Decoder(kind),
+            Err(_) => VaeArg::Override(s.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for VaeArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VaeArg::Decoder(kind) => kind.fmt(f),
+            VaeArg::Override(s) => f.write_str(s),
+        }
+    }
+}
+
 /// `PATH[:SCALE]` arguments (the CLI's repeated `--lora`, the C options' strings) as [`PipelineSettings::loras`],
 /// each split by [`LoraSpec::split_arg`] (scale 1 when absent); checked by [`PipelineSettings::to_config`].
 pub fn lora_args<S: AsRef<str>>(args: &[S]) -> Vec<(String, f64)> {
@@ -203,6 +297,18 @@ pub fn lora_args<S: AsRef<str>>(args: &[S]) -> Vec<(String, f64)> {
         .map(|a| {
             let (location, scale) = LoraSpec::split_arg(a.as_ref());
             (location.to_string(), scale)
+        })
+        .collect()
+}
+
+/// `PATH[:TOKEN]` arguments (the CLI's repeated `--embedding`, the C options' strings) as
+/// [`PipelineSettings::embeddings`], each split by [`EmbeddingSpec::split_arg`]; checked by
+/// [`PipelineSettings::to_config`].
+pub fn embedding_args<S: AsRef<str>>(args: &[S]) -> Vec<(String, Option<String>)> {
+    args.iter()
+        .map(|a| {
+            let (location, token) = EmbeddingSpec::split_arg(a.as_ref());
+            (location.to_string(), token.map(str::to_string))
         })
         .collect()
 }
@@ -221,7 +327,8 @@ pub fn duration_from_secs(field: &'static str, secs: f64) -> Result<Duration> {
 }
 
 /// The allowed range of an integer field, by the name the bindings use: the request's `num_images`, `steps`,
-/// `width`, `height`, `seed`, and the settings' `queue_capacity` and `preview_every`. `None` for other names.
+/// `width`, `height`, `seed`, `canny_low_threshold`, `canny_high_threshold`, `clip_skip`, and the settings'
+/// `queue_capacity` and `preview_every`. `None` for other names.
 pub fn int_range(field: &str) -> Option<(u64, u64)> {
     let range =
         |r: &std::ops::RangeInclusive<u32>| Some((u64::from(*r.start()), u64::from(*r.end())));
@@ -229,7 +336,9 @@ pub fn int_range(field: &str) -> Option<(u64, u64)> {
         "num_images" => range(&NUM_IMAGES_RANGE),
         "steps" => range(&STEPS_RANGE),
         "width" | "height" => range(&SIZE_RANGE),
+        "clip_skip" => range(&CLIP_SKIP_RANGE),
         "seed" => Some((0, u64::MAX)),
+        "canny_low_threshold" | "canny_high_threshold" => range(&CANNY_THRESHOLD_RANGE),
         "queue_capacity" => Some((1, usize::MAX as u64)),
         "preview_every" => Some((0, usize::MAX as u64)),
         _ => None,
@@ -466,6 +575,9 @@ mod tests {
             .to_string()
             .contains("1..="));
         assert_eq!(field_of(int_out_of_range("width", -8)), "width");
+        assert!(int_out_of_range("canny_low_threshold", -1)
+            .to_string()
+            .contains("0..=2040"));
         assert_eq!(int_range("num_images"), Some((1, 8)));
         assert_eq!(int_range("temperature"), None);
     }

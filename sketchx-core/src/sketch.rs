@@ -11,7 +11,9 @@
 //! images and then applies the [`Preprocess`] mode. The default, [`Preprocess::Scribble`], is the rule of the
 //! ControlNet scribble demo: strokes become white (255) on black (0). The demo assumes dark strokes on a light
 //! background (`detected_map[np.min(img, axis=2) < 127] = 255`); sketchx also accepts light strokes on a dark
-//! background by checking the mean brightness first. The Python twin of this module, used to build reference
+//! background by checking the mean brightness first. [`Preprocess::Lineart`] keeps the strokes' grey levels
+//! (white on black, no threshold) for lineart ControlNets, and [`Preprocess::Canny`] is OpenCV's Canny edge
+//! detector ([`canny_rgb8`]) for canny ControlNets. The Python twin of this module, used to build reference
 //! fixtures, is `tools/fixturegen/sketch.py::reference_preprocess`.
 
 use std::io::Cursor;
@@ -21,31 +23,71 @@ use image::{DynamicImage, ImageError, ImageFormat, ImageReader};
 
 use crate::error::{Result, SketchError};
 
+mod canny;
+pub use canny::canny_rgb8;
+
 /// How the resized sketch is turned into the control image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preprocess {
     /// Binarise into white strokes on black, detecting the sketch's polarity (the default).
     #[default]
     Scribble,
+    /// White lines on black without a threshold: a dark-on-light sketch (mean brightness at least half) is
+    /// inverted (`255 - v` per channel), a light-on-dark one kept (for lineart ControlNets).
+    Lineart,
+    /// OpenCV's Canny edges of the resized sketch (`cv2.Canny(rgb, low, high)`, see [`canny_rgb8`]) with the
+    /// request's thresholds, white on black (for canny ControlNets).
+    Canny,
     /// Use the resized sketch as it is (for sketches that are already white-on-black scribble maps).
     None,
 }
 
 impl Preprocess {
     /// Every mode, in the order of help texts and API descriptions (the default first).
-    pub const ALL: [Preprocess; 2] = [Preprocess::Scribble, Preprocess::None];
+    pub const ALL: [Preprocess; 4] = [
+        Preprocess::Scribble,
+        Preprocess::Lineart,
+        Preprocess::Canny,
+        Preprocess::None,
+    ];
 
     /// The names of [`Preprocess::ALL`], in that order.
-    pub fn names() -> [&'static str; 2] {
+    pub fn names() -> [&'static str; 4] {
         Self::ALL.map(Preprocess::as_str)
     }
 
-    /// The name accepted by [`FromStr`](std::str::FromStr): `"scribble"` or `"none"`.
+    /// The name accepted by [`FromStr`](std::str::FromStr): `"scribble"`, `"lineart"`, `"canny"` or `"none"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Preprocess::Scribble => "scribble",
+            Preprocess::Lineart => "lineart",
+            Preprocess::Canny => "canny",
             Preprocess::None => "none",
         }
+    }
+}
+
+/// The thresholds of [`Preprocess::Canny`] (OpenCV's `threshold1` and `threshold2`), compared with the L1 magnitude
+/// `|dx| + |dy|` of 3x3 Sobel derivatives (at most 2040 for 8-bit images).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CannyThresholds {
+    /// Gradients above this continue an edge (hysteresis).
+    pub low: u32,
+    /// Gradients above this start an edge.
+    pub high: u32,
+}
+
+impl CannyThresholds {
+    /// ControlNet's canny annotator defaults: 100 and 200.
+    pub const DEFAULT: CannyThresholds = CannyThresholds {
+        low: 100,
+        high: 200,
+    };
+}
+
+impl Default for CannyThresholds {
+    fn default() -> Self {
+        Self::DEFAULT
     }
 }
 
@@ -72,8 +114,9 @@ impl Default for SketchLimits {
     }
 }
 
-/// A decoded sketch: RGB8, alpha already composited over white.
-#[derive(Debug, Clone)]
+/// A decoded sketch (or any decoded image, such as an img2img start image): RGB8, alpha already composited over
+/// white.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sketch {
     width: u32,
     height: u32,
@@ -292,20 +335,48 @@ impl Sketch {
     }
 
     /// Resize to (width, height) with PIL's LANCZOS (bit-exact with `PIL.Image.resize(..., Image.LANCZOS)` on
-    /// RGB8), then apply `mode`.
+    /// RGB8), then apply `mode` ([`Preprocess::Canny`] with [`CannyThresholds::DEFAULT`]).
     ///
     /// # Panics
     /// If `width` or `height` is 0.
     pub fn to_control(&self, width: u32, height: u32, mode: Preprocess) -> ControlImage {
-        assert!(
-            width > 0 && height > 0,
-            "control image size must be non-zero"
-        );
-        let mut rgb = resize_lanczos_rgb8(&self.rgb, self.width, self.height, width, height);
-        if mode == Preprocess::Scribble {
-            scribble_threshold(&mut rgb);
+        self.to_control_with(width, height, mode, CannyThresholds::DEFAULT)
+    }
+
+    /// [`Sketch::to_control`] with the thresholds [`Preprocess::Canny`] uses.
+    ///
+    /// # Panics
+    /// If `width` or `height` is 0.
+    pub fn to_control_with(
+        &self,
+        width: u32,
+        height: u32,
+        mode: Preprocess,
+        canny: CannyThresholds,
+    ) -> ControlImage {
+        let mut rgb = self.resized(width, height);
+        match mode {
+            Preprocess::Scribble => scribble_threshold(&mut rgb),
+            Preprocess::Lineart => lineart_invert(&mut rgb),
+            Preprocess::Canny => {
+                let edges = canny_rgb8(&rgb, width, height, canny.low, canny.high);
+                for (px, e) in rgb.chunks_exact_mut(3).zip(edges) {
+                    px.fill(e);
+                }
+            }
+            Preprocess::None => {}
         }
         ControlImage { width, height, rgb }
+    }
+
+    /// The image resized to (width, height) with PIL's LANCZOS, as RGB8 (what diffusers' image processor does to
+    /// an img2img start image, `resample="lanczos"`).
+    ///
+    /// # Panics
+    /// If `width` or `height` is 0.
+    pub fn resized(&self, width: u32, height: u32) -> Vec<u8> {
+        assert!(width > 0 && height > 0, "image size must be non-zero");
+        resize_lanczos_rgb8(&self.rgb, self.width, self.height, width, height)
     }
 }
 
@@ -352,6 +423,19 @@ pub fn scribble_threshold(rgb: &mut [u8]) {
             px[0].max(px[1]).max(px[2]) > 128
         };
         px.fill(if stroke { 255 } else { 0 });
+    }
+}
+
+/// Turns RGB8 in place into white lines on black without a threshold: when the mean of `(R + G + B) / 3` is at
+/// least 127.5 (the sketch is dark on light; exactly `2 * sum >= 765 * pixels`, the rule of
+/// [`scribble_threshold`]) every sample becomes `255 - v`; a light-on-dark sketch stays as it is.
+pub fn lineart_invert(rgb: &mut [u8]) {
+    let pixels = (rgb.len() / 3) as u128;
+    let sum: u128 = rgb.iter().map(|&v| u128::from(v)).sum();
+    if 2 * sum >= 765 * pixels {
+        for v in rgb.iter_mut() {
+            *v = 255 - *v;
+        }
     }
 }
 

@@ -25,7 +25,8 @@ pub enum sketchx_result {
     /// A model file is missing (locally or on the Hub).
     SKETCHX_MODEL_NOT_FOUND = 5,
     /// A model file exists but cannot be parsed, or a LoRA file cannot be applied to the model (a key that
-    /// matches no layer, a shape that does not fit); the message names the file and the key.
+    /// matches no layer, a shape that does not fit), or a textual inversion embedding cannot be used (its width,
+    /// its token, its layout); the message names the file and the key.
     SKETCHX_MODEL_MALFORMED = 6,
     /// A model configuration uses a feature sketchx does not implement.
     SKETCHX_MODEL_UNSUPPORTED = 7,
@@ -151,7 +152,9 @@ impl From<Error> for Failure {
             Error::InvalidRequest { field, .. } => (SKETCHX_INVALID_REQUEST, Some(field)),
             Error::InvalidSketch(_) => (SKETCHX_INVALID_SKETCH, None),
             Error::MissingFile { .. } => (SKETCHX_MODEL_NOT_FOUND, None),
-            Error::MalformedFile { .. } | Error::Lora { .. } => (SKETCHX_MODEL_MALFORMED, None),
+            Error::MalformedFile { .. } | Error::Lora { .. } | Error::Embedding { .. } => {
+                (SKETCHX_MODEL_MALFORMED, None)
+            }
             Error::UnsupportedModel { .. } | Error::Checkpoint { .. } => {
                 (SKETCHX_MODEL_UNSUPPORTED, None)
             }

@@ -7,12 +7,12 @@ use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sketchx_core::request::GenerationRequest;
+use sketchx_core::request::{GenerationRequest, StartImage};
 use sketchx_core::settings::{self, PipelineSettings};
 use sketchx_core::{Error, JobState, JobStatus, PipelineConfig};
 
 use crate::error::{guard, sketchx_result, Failure};
-use crate::ptr::{arg_out, arg_str, opt_str};
+use crate::ptr::{arg_bytes, arg_out, arg_str, opt_str};
 
 /// Length of a job id in characters (32 lowercase hex digits), without the terminating NUL.
 pub const SKETCHX_JOB_ID_LEN: usize = 32;
@@ -139,10 +139,12 @@ pub type sketchx_progress_fn =
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct sketchx_pipeline_options {
-    /// Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`) or local diffusers directory.
-    /// NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+    /// Stable Diffusion 1.5 model: Hugging Face repo id (`owner/name[@revision]`), local diffusers directory or
+    /// single checkpoint file (`.safetensors`, `.ckpt`, `.pt` in the original layout; see `model_config`,
+    /// `original_config`, `extract_ema`). NULL: `stable-diffusion-v1-5/stable-diffusion-v1-5`.
     pub model: *const c_char,
-    /// ControlNet: repo id or local directory. NULL: `lllyasviel/sd-controlnet-scribble`.
+    /// ControlNet: repo id, local directory or single file in the original layout (`.safetensors`, `.pth`; see
+    /// `controlnet_config`). NULL: `lllyasviel/sd-controlnet-scribble`.
     pub controlnet: *const c_char,
     /// `cpu`, `cuda`, `cuda:N` or `metal` (GPUs need a build with the matching feature). NULL: `cpu`.
     pub device: *const c_char,
@@ -191,6 +193,33 @@ pub struct sketchx_pipeline_options {
     pub loras: *const *const c_char,
     /// The number of strings in `loras`.
     pub lora_count: usize,
+    /// `embedding_count` textual inversion embeddings loaded in this order, each a UTF-8 string `PATH[:TOKEN]`:
+    /// an A1111 `.pt` / `.safetensors` or a diffusers `learned_embeds` file (or a directory or Hub repository
+    /// holding one, or a Hub file `owner/name[@revision]/file`), and the token written in prompts after the last
+    /// `:` (default: the file's own; A1111 `.safetensors` files have none). An embedding of n vectors is
+    /// used through its token as diffusers' `load_textual_inversion` does (`T` becomes `T T_1 ... T_{n-1}`, in
+    /// the prompt and the negative prompt). Borrowed, only read during `sketchx_pipeline_new`. NULL with
+    /// `embedding_count` 0: none (the default). A missing file is `SKETCHX_MODEL_NOT_FOUND`; a width other than
+    /// the text encoder's, a token already in the vocabulary or an unknown layout `SKETCHX_MODEL_MALFORMED`.
+    pub embeddings: *const *const c_char,
+    /// The number of strings in `embeddings`.
+    pub embedding_count: usize,
+    /// For a single-file `model` (a `.safetensors` / `.ckpt` checkpoint in the original layout): a diffusers
+    /// folder or Hub id whose configs (and tokenizer) describe it, as diffusers' `from_single_file(config=...)`.
+    /// NULL: `original_config`, else SD1.5's configs built into the library (the default).
+    pub model_config: *const c_char,
+    /// For a single-file `model`: an original LDM `.yaml` (`v1-inference.yaml` or a variant with
+    /// `parameterization: v`, ...). NULL: none (the default).
+    pub original_config: *const c_char,
+    /// Non-zero: take a single-file `model`'s UNet from its EMA weights (`model_ema.*`; a file without them is
+    /// `SKETCHX_MODEL_UNSUPPORTED`). 0: its non-EMA weights (the default, as diffusers).
+    pub extract_ema: c_int,
+    /// For a single-file `controlnet` (`.safetensors` / `.pth` in the original layout): a ControlNet folder or
+    /// Hub id whose `config.json` describes it. NULL: derived from the UNet's config (the default).
+    pub controlnet_config: *const c_char,
+    /// A VAE replacing the model's: a single file (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`), a folder or
+    /// a Hub id. NULL: the model's own VAE (the default).
+    pub vae: *const c_char,
 }
 
 /// One generation request. Fill it with `sketchx_request_init` (the Rust API's defaults), then set fields;
@@ -227,7 +256,7 @@ pub struct sketchx_request {
     pub height: u32,
     /// `euler_a`, `euler`, `ddim`, `lcm` or `tcd`. NULL: `euler_a`.
     pub scheduler: *const c_char,
-    /// `scribble` or `none`. NULL: `scribble`.
+    /// `scribble`, `lineart`, `canny` or `none`. NULL: `scribble`.
     pub preprocess: *const c_char,
     /// -1: guess mode exactly when the prompt is empty (the default); 0: off; 1: on.
     pub guess_mode: c_int,
@@ -242,6 +271,25 @@ pub struct sketchx_request {
     pub eta: f64,
     /// Which VAE decodes the images: `full` or `tiny` (needs the options' `tiny_vae`). NULL: `full`.
     pub vae: *const c_char,
+    /// img2img: an encoded start image (PNG, JPEG, WebP, BMP or GIF) of `start_image_len` bytes, copied during the
+    /// submit call; NULL: none. An image that cannot be decoded is `SKETCHX_INVALID_REQUEST` naming
+    /// `start_image`.
+    pub start_image: *const u8,
+    /// The number of bytes at `start_image`.
+    pub start_image_len: usize,
+    /// img2img: non-zero: the sketch itself (its colours) is the start image; `start_image` must then be NULL.
+    pub start_image_from_sketch: c_int,
+    /// img2img: how far the start image is noised, 0..=1 (the last `int(steps * strength)` steps run; at least
+    /// one must). Read only with a start image.
+    pub strength: f64,
+    /// `canny` preprocessing: the lower hysteresis threshold, 0..=2040, at most `canny_high_threshold`.
+    pub canny_low_threshold: u32,
+    /// `canny` preprocessing: the upper threshold, 0..=2040.
+    pub canny_high_threshold: u32,
+    /// diffusers' `clip_skip`, 0..=12 and at most the text encoder's layers: the prompt is encoded by the hidden
+    /// state this many layers before the last (A1111's "clip skip N" is N - 1); 0 (the default): the last
+    /// layer. As in diffusers, the negative prompt always uses the last layer.
+    pub clip_skip: u32,
 }
 
 /// What a cleanup removed.
@@ -311,6 +359,13 @@ impl sketchx_pipeline_options {
             tiny_vae: std::ptr::null(),
             loras: std::ptr::null(),
             lora_count: d.loras.len(),
+            embeddings: std::ptr::null(),
+            embedding_count: d.embeddings.len(),
+            model_config: std::ptr::null(),
+            original_config: std::ptr::null(),
+            extract_ema: c_int::from(d.extract_ema),
+            controlnet_config: std::ptr::null(),
+            vae: std::ptr::null(),
         }
     }
 
@@ -318,7 +373,8 @@ impl sketchx_pipeline_options {
     /// non-zero to true); nothing is checked here.
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them.
+    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them, `embeddings`
+    /// to `embedding_count`.
     unsafe fn settings(&self) -> Result<PipelineSettings, Failure> {
         let text = |p: *const c_char, name: &'static str| -> Result<Option<String>, Failure> {
             // SAFETY: only called with this struct's string fields, which the caller guarantees.
@@ -341,7 +397,18 @@ impl sketchx_pipeline_options {
             redis_url: text(self.redis_url, "options.redis_url")?,
             tiny_vae: text(self.tiny_vae, "options.tiny_vae")?,
             // SAFETY: the caller guarantees `loras` points to `lora_count` NULL or NUL-terminated strings.
-            loras: settings::lora_args(&unsafe { lora_strings(self.loras, self.lora_count) }?),
+            loras: settings::lora_args(&unsafe {
+                c_strings(self.loras, self.lora_count, "options.loras")
+            }?),
+            // SAFETY: as for `loras`, with `embeddings` and `embedding_count`.
+            embeddings: settings::embedding_args(&unsafe {
+                c_strings(self.embeddings, self.embedding_count, "options.embeddings")
+            }?),
+            model_config: text(self.model_config, "options.model_config")?,
+            original_config: text(self.original_config, "options.original_config")?,
+            extract_ema: self.extract_ema != 0,
+            controlnet_config: text(self.controlnet_config, "options.controlnet_config")?,
+            vae: text(self.vae, "options.vae")?,
         })
     }
 
@@ -349,7 +416,8 @@ impl sketchx_pipeline_options {
     /// the progress callback.
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them.
+    /// The string fields are NULL or NUL-terminated strings; `loras` points to `lora_count` of them, `embeddings`
+    /// to `embedding_count`.
     pub(crate) unsafe fn core_config(&self) -> Result<PipelineConfig, Failure> {
         // SAFETY: the caller guarantees the string fields.
         let mut c = unsafe { self.settings() }?.to_config()?;
@@ -365,27 +433,30 @@ impl sketchx_pipeline_options {
     }
 }
 
-/// The `count` strings of a C array (`loras`); NULL with a count of 0 is empty.
+/// The `count` strings of a C array (`loras`, `embeddings`, named `name` in errors); NULL with a count of 0 is
+/// empty.
 ///
 /// # Safety
 /// `items` is NULL or points to `count` pointers, each NULL or a NUL-terminated string.
-unsafe fn lora_strings<'a>(
+unsafe fn c_strings<'a>(
     items: *const *const c_char,
     count: usize,
+    name: &'static str,
 ) -> Result<Vec<&'a str>, Failure> {
     if count == 0 {
         return Ok(Vec::new());
     }
     if items.is_null() {
-        return Err(Failure::null("options.loras"));
+        return Err(Failure::null(name));
     }
     // SAFETY: non-NULL, and the caller guarantees `count` pointers.
     let items = unsafe { std::slice::from_raw_parts(items, count) };
     items
         .iter()
+        .enumerate()
         // SAFETY: each is NULL or a NUL-terminated string (caller's guarantee); the strings are only used
         // while the options are being read.
-        .map(|&p| unsafe { arg_str(p, "options.loras[i]") })
+        .map(|(i, &p)| unsafe { arg_str(p, &format!("{name}[{i}]")) })
         .collect()
 }
 
@@ -423,13 +494,21 @@ impl sketchx_request {
             timestep_spacing: std::ptr::null(),
             eta: r.eta,
             vae: std::ptr::null(),
+            start_image: std::ptr::null(),
+            start_image_len: 0,
+            start_image_from_sketch: c_int::from(r.start_image.is_some()),
+            strength: r.strength,
+            canny_low_threshold: r.canny_low_threshold,
+            canny_high_threshold: r.canny_high_threshold,
+            clip_skip: r.clip_skip,
         }
     }
 
-    /// Translates to the core's request (validated later, by the core).
+    /// Translates to the core's request (validated later, by the core; a start image is decoded here, by the
+    /// core's [`StartImage::decode`]).
     ///
     /// # Safety
-    /// The string fields are NULL or NUL-terminated strings.
+    /// The string fields are NULL or NUL-terminated strings; `start_image` is NULL or `start_image_len` bytes.
     pub(crate) unsafe fn core_request(&self) -> Result<GenerationRequest, Failure> {
         let d = GenerationRequest::DEFAULT;
         // SAFETY (all `opt_str` calls): the caller guarantees the string fields.
@@ -440,6 +519,31 @@ impl sketchx_request {
         let timestep_spacing =
             unsafe { opt_str(self.timestep_spacing, "request.timestep_spacing") }?;
         let vae = unsafe { opt_str(self.vae, "request.vae") }?;
+        let start_image = match (
+            self.start_image.is_null(),
+            self.start_image_from_sketch != 0,
+        ) {
+            (true, false) => None,
+            (true, true) => Some(StartImage::Sketch),
+            (false, false) => {
+                // SAFETY: non-NULL, and the caller guarantees `start_image_len` readable bytes.
+                let bytes = unsafe {
+                    arg_bytes(
+                        self.start_image,
+                        self.start_image_len,
+                        "request.start_image",
+                    )
+                }?;
+                Some(StartImage::decode(bytes)?)
+            }
+            (false, true) => {
+                return Err(Error::invalid(
+                    "start_image",
+                    "both start_image and start_image_from_sketch are set",
+                )
+                .into())
+            }
+        };
         Ok(GenerationRequest {
             prompt: prompt.map(String::from),
             negative_prompt: negative_prompt.map(String::from),
@@ -459,6 +563,11 @@ impl sketchx_request {
             timestep_spacing: timestep_spacing.map(str::parse).transpose()?,
             eta: self.eta,
             vae: vae.map_or(Ok(d.vae), str::parse)?,
+            start_image,
+            strength: self.strength,
+            canny_low_threshold: self.canny_low_threshold,
+            canny_high_threshold: self.canny_high_threshold,
+            clip_skip: self.clip_skip,
         })
     }
 }
@@ -486,7 +595,8 @@ pub unsafe extern "C" fn sketchx_pipeline_options_init(
 
 /// Fills `request` with the defaults (the core's `GenerationRequest::DEFAULT`: no prompt, default
 /// negative prompt, temperature 0.65, guidance 7.5, 1 image, 30 steps, random seed, size from the sketch,
-/// `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps).
+/// `euler_a`, `scribble`, automatic guess mode, ControlNet over all steps, no start image (strength 0.8 when
+/// one is set), canny thresholds 100 and 200).
 ///
 /// Returns `SKETCHX_NULL_ARGUMENT` if `request` is NULL. Ownership: `request` is the caller's.
 ///
@@ -658,6 +768,94 @@ mod tests {
         // SAFETY: live strings.
         let e = unsafe { o.core_config() }.unwrap_err();
         assert_eq!(e.field, Some("loras.scale"));
+
+        // Single files: the model, its config folder or yaml, EMA, the ControlNet's config, a VAE override.
+        let model = std::ffi::CString::new(format!(
+            "{fixtures}/formats/single_file/tiny-sd.safetensors"
+        ))
+        .unwrap();
+        let config = std::ffi::CString::new(format!("{fixtures}/tiny-sd")).unwrap();
+        let yaml =
+            std::ffi::CString::new(format!("{fixtures}/formats/single_file/tiny-sd.yaml")).unwrap();
+        let cn = std::ffi::CString::new(format!(
+            "{fixtures}/formats/single_file/tiny-controlnet.pth"
+        ))
+        .unwrap();
+        let cn_config = std::ffi::CString::new(format!("{fixtures}/tiny-controlnet")).unwrap();
+        let vae = std::ffi::CString::new(format!(
+            "{fixtures}/formats/single_file/tiny-vae-alt.safetensors"
+        ))
+        .unwrap();
+        let mut o = sketchx_pipeline_options::defaults();
+        assert!(o.model_config.is_null() && o.original_config.is_null() && o.vae.is_null());
+        assert_eq!(o.extract_ema, 0);
+        o.model = model.as_ptr();
+        o.model_config = config.as_ptr();
+        o.extract_ema = 1;
+        o.controlnet = cn.as_ptr();
+        o.controlnet_config = cn_config.as_ptr();
+        o.vae = vae.as_ptr();
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        assert!(matches!(
+            c.engine.model,
+            sketchx_core::models::loader::ModelSource::File(_)
+        ));
+        assert!(c.engine.single_file.config.is_some() && c.engine.single_file.extract_ema);
+        assert!(c.engine.controlnet_config.is_some() && c.engine.vae.is_some());
+        o.model_config = std::ptr::null();
+        o.original_config = yaml.as_ptr();
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        assert!(c.engine.single_file.original_config.is_some());
+        o.original_config = c"/no/such.yaml".as_ptr();
+        // SAFETY: static and live strings.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_MODEL_NOT_FOUND);
+    }
+
+    #[test]
+    fn embeddings_and_clip_skip_translate() {
+        let mut r = sketchx_request::defaults();
+        assert_eq!(r.clip_skip, 0);
+        r.clip_skip = 2;
+        // SAFETY: NULL strings.
+        assert_eq!(unsafe { r.core_request() }.unwrap().clip_skip, 2);
+
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/formats");
+        let neg = std::ffi::CString::new(format!(
+            "{fixtures}/textual_inversion/tiny-neg.safetensors:tinyneg"
+        ))
+        .unwrap();
+        let cat = std::ffi::CString::new(format!(
+            "{fixtures}/textual_inversion/learned_embeds.safetensors"
+        ))
+        .unwrap();
+        let embeddings = [neg.as_ptr(), cat.as_ptr()];
+        let mut o = sketchx_pipeline_options::defaults();
+        assert_eq!(o.embedding_count, 0);
+        o.embeddings = embeddings.as_ptr();
+        o.embedding_count = 2;
+        // SAFETY: live strings.
+        let c = unsafe { o.core_config() }.unwrap();
+        let tokens: Vec<Option<&str>> = c
+            .engine
+            .embeddings
+            .iter()
+            .map(|e| e.token.as_deref())
+            .collect();
+        assert_eq!(tokens, [Some("tinyneg"), None]);
+        let missing = c"/nonexistent/embedding.pt:tok";
+        let embeddings = [missing.as_ptr()];
+        o.embeddings = embeddings.as_ptr();
+        o.embedding_count = 1;
+        // SAFETY: live strings.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_MODEL_NOT_FOUND);
+        o.embeddings = std::ptr::null();
+        // SAFETY: NULL with a count is refused before any read.
+        let e = unsafe { o.core_config() }.unwrap_err();
+        assert_eq!(e.code, sketchx_result::SKETCHX_NULL_ARGUMENT);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt, PyString, PyTuple};
 use sketchx_core::models::lora::LoraSpec;
+use sketchx_core::models::textual_inversion::EmbeddingSpec;
 use sketchx_core::settings::{duration_from_secs, int_out_of_range};
 
 use crate::errors::{invalid, to_py};
@@ -124,24 +125,69 @@ pub fn seconds(py: Python<'_>, field: &'static str, secs: f64) -> PyResult<Durat
 /// or of bare locations (scale [`LoraSpec::DEFAULT_SCALE`]); `None` is none. Locations and scales are checked by
 /// the core ([`sketchx_core::settings::PipelineSettings::to_config`]); a malformed item is an invalid `loras`.
 pub fn lora_list(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, f64)>> {
+    pair_list(py, "loras", "(path, scale)", value, |second| match second {
+        Some(scale) => float_field(py, "loras.scale", scale),
+        None => Ok(LoraSpec::DEFAULT_SCALE),
+    })
+}
+
+/// The `embeddings` argument: an iterable of `(path, token)` pairs (a `str` or `os.PathLike` location and a
+/// `str` token, or `None` for the file's own), or of bare `PATH[:TOKEN]` locations as the CLI takes them (split
+/// by [`EmbeddingSpec::split_arg`]: no token, the file's own, unless one follows the last `:`); `None` is none.
+/// Locations and tokens are checked by the core; a malformed item is an invalid `embeddings`.
+pub fn embedding_list(
+    py: Python<'_>,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<(String, Option<String>)>> {
+    let mut out = pair_list(py, "embeddings", "(path, token)", value, |second| {
+        Ok(match second {
+            Some(token) => Tagged::Given(text_field(py, "embeddings.token", Some(token))?),
+            None => Tagged::Bare,
+        })
+    })?;
+    // Bare locations may end in `:TOKEN`: split by the core's rule.
+    Ok(out
+        .drain(..)
+        .map(|(location, token)| match token {
+            Tagged::Given(token) => (location, token),
+            Tagged::Bare => {
+                let (location, token) = EmbeddingSpec::split_arg(&location);
+                (location.to_string(), token.map(str::to_string))
+            }
+        })
+        .collect())
+}
+
+/// An `embeddings` item's token: given in a pair (maybe `None`), or absent (a bare location).
+enum Tagged {
+    Given(Option<String>),
+    Bare,
+}
+
+/// An iterable argument `field` of `pair` tuples (a location and a second value) or bare locations, each
+/// location a `str` or `os.PathLike`; `second` converts the tuple's second item (`None` for a bare location).
+fn pair_list<T>(
+    py: Python<'_>,
+    field: &'static str,
+    pair: &str,
+    value: Option<&Bound<'_, PyAny>>,
+    second: impl Fn(Option<&Bound<'_, PyAny>>) -> PyResult<T>,
+) -> PyResult<Vec<(String, T)>> {
     let Some(value) = value.filter(|v| !v.is_none()) else {
         return Ok(Vec::new());
     };
     if value.is_instance_of::<PyString>() {
         return Err(invalid(
             py,
-            "loras",
-            "expected a list of (path, scale) pairs, got a str",
+            field,
+            format!("expected a list of {pair} pairs, got a str"),
         ));
     }
     let items = value.try_iter().map_err(|_| {
         invalid(
             py,
-            "loras",
-            format!(
-                "expected a list of (path, scale) pairs, got {}",
-                type_name(value)
-            ),
+            field,
+            format!("expected a list of {pair} pairs, got {}", type_name(value)),
         )
     })?;
     let location = |item: &Bound<'_, PyAny>| -> PyResult<String> {
@@ -151,7 +197,7 @@ pub fn lora_list(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<V
             .map_err(|_| {
                 invalid(
                     py,
-                    "loras",
+                    field,
                     format!(
                         "expected a path (str or os.PathLike), got {}",
                         type_name(item)
@@ -166,17 +212,14 @@ pub fn lora_list(py: Python<'_>, value: Option<&Bound<'_, PyAny>>) -> PyResult<V
             if tuple.len() != 2 {
                 return Err(invalid(
                     py,
-                    "loras",
-                    format!(
-                        "expected a (path, scale) pair, got a tuple of {}",
-                        tuple.len()
-                    ),
+                    field,
+                    format!("expected a {pair} pair, got a tuple of {}", tuple.len()),
                 ));
             }
-            let scale = float_field(py, "loras.scale", &tuple.get_item(1)?)?;
-            out.push((location(&tuple.get_item(0)?)?, scale));
+            let value = second(Some(&tuple.get_item(1)?))?;
+            out.push((location(&tuple.get_item(0)?)?, value));
         } else {
-            out.push((location(&item)?, LoraSpec::DEFAULT_SCALE));
+            out.push((location(&item)?, second(None)?));
         }
     }
     Ok(out)

@@ -10,8 +10,9 @@ use sketchx_core::names::{
     DEFAULT_CONTROLNET, DEFAULT_DEVICE, DEFAULT_MODEL, DEVICE_NAMES, DTYPE_NAMES,
 };
 use sketchx_core::request::{
-    GenerationRequest, VaeKind, CONTROLNET_SCALE_RANGE, CONTROL_GUIDANCE_RANGE, ETA_RANGE,
-    GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE, TEMPERATURE_RANGE,
+    GenerationRequest, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, CONTROLNET_SCALE_RANGE,
+    CONTROL_GUIDANCE_RANGE, ETA_RANGE, GUIDANCE_RANGE, NUM_IMAGES_RANGE, SIZE_RANGE, STEPS_RANGE,
+    STRENGTH_RANGE, TEMPERATURE_RANGE,
 };
 use sketchx_core::sampling::schedulers::{SchedulerKind, TimestepSpacing};
 use sketchx_core::settings::{PipelineSettings, DEFAULT_OUTPUT_DIR};
@@ -42,6 +43,13 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("timestep_spacing", r.timestep_spacing.map(|s| s.as_str()))?;
     d.set_item("eta", r.eta)?;
     d.set_item("vae", r.vae.as_str())?;
+    // No start image: text-to-image (its Python values are a sketch-like image or "sketch").
+    debug_assert!(r.start_image.is_none());
+    d.set_item("start_image", py.None())?;
+    d.set_item("strength", r.strength)?;
+    d.set_item("canny_low_threshold", r.canny_low_threshold)?;
+    d.set_item("canny_high_threshold", r.canny_high_threshold)?;
+    d.set_item("clip_skip", r.clip_skip)?;
     d.set_item("model", DEFAULT_MODEL)?;
     d.set_item("controlnet", DEFAULT_CONTROLNET)?;
     d.set_item("device", DEFAULT_DEVICE)?;
@@ -57,6 +65,16 @@ pub fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     debug_assert!(s.loras.is_empty());
     d.set_item("loras", PyTuple::empty(py))?;
     d.set_item("preview_vae", s.tiny_vae)?;
+    // No textual inversion embedding (an empty tuple, as for `loras`).
+    debug_assert!(s.embeddings.is_empty());
+    d.set_item("embeddings", PyTuple::empty(py))?;
+    // Single-file models: SD1.5's built-in configs, non-EMA weights; the ControlNet's config from the UNet's;
+    // the model's own VAE.
+    d.set_item("model_config", s.model_config)?;
+    d.set_item("original_config", s.original_config)?;
+    d.set_item("extract_ema", s.extract_ema)?;
+    d.set_item("controlnet_config", s.controlnet_config)?;
+    d.set_item("vae_model", s.vae)?;
     Ok(d)
 }
 
@@ -78,6 +96,10 @@ pub fn ranges(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("control_guidance_start", pair(&CONTROL_GUIDANCE_RANGE))?;
     d.set_item("control_guidance_end", pair(&CONTROL_GUIDANCE_RANGE))?;
     d.set_item("eta", pair(&ETA_RANGE))?;
+    d.set_item("strength", pair(&STRENGTH_RANGE))?;
+    d.set_item("canny_low_threshold", pair(&CANNY_THRESHOLD_RANGE))?;
+    d.set_item("canny_high_threshold", pair(&CANNY_THRESHOLD_RANGE))?;
+    d.set_item("clip_skip", pair(&CLIP_SKIP_RANGE))?;
     Ok(d)
 }
 

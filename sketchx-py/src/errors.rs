@@ -25,6 +25,7 @@ fn class_of(err: &Error) -> (&'static PyOnceLock<Py<PyType>>, &'static str) {
         Error::MissingFile { .. }
         | Error::MalformedFile { .. }
         | Error::Lora { .. }
+        | Error::Embedding { .. }
         | Error::UnsupportedModel { .. }
         | Error::Checkpoint { .. }
         | Error::Download { .. }

@@ -9,11 +9,11 @@ use sketchx_core::settings::PipelineSettings;
 use sketchx_core::{Error, JobId, Pipeline};
 
 use crate::convert::{
-    bool_field, float_field, int_field, lora_list, opt_float_field, opt_int_field, seconds,
-    text_field,
+    bool_field, embedding_list, float_field, int_field, lora_list, opt_float_field, opt_int_field,
+    seconds, text_field,
 };
 use crate::errors::{to_py, OrRaise};
-use crate::sketch::SketchArg;
+use crate::sketch::{SketchArg, StartImageArg};
 use crate::status::PyJobStatus;
 
 /// How long `wait` blocks without the GIL before it checks for signals (Ctrl-C).
@@ -35,7 +35,8 @@ impl NativePipeline {
     #[new]
     #[pyo3(signature = (model, controlnet, device, dtype, output_dir, queue_capacity, retention_secs,
                         cleanup_interval_secs, vae_tiling, redis_url=None, drain_on_shutdown=None,
-                        loras=None, preview_vae=None))]
+                        loras=None, preview_vae=None, embeddings=None, model_config=None,
+                        original_config=None, extract_ema=None, controlnet_config=None, vae_model=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -52,6 +53,12 @@ impl NativePipeline {
         drain_on_shutdown: Option<&Bound<'_, PyAny>>,
         loras: Option<&Bound<'_, PyAny>>,
         preview_vae: Option<&Bound<'_, PyAny>>,
+        embeddings: Option<&Bound<'_, PyAny>>,
+        model_config: Option<&Bound<'_, PyAny>>,
+        original_config: Option<&Bound<'_, PyAny>>,
+        extract_ema: Option<&Bound<'_, PyAny>>,
+        controlnet_config: Option<&Bound<'_, PyAny>>,
+        vae_model: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let drain_on_shutdown = match drain_on_shutdown {
             Some(v) => bool_field(py, "drain_on_shutdown", v)?,
@@ -75,6 +82,15 @@ impl NativePipeline {
             drain_on_shutdown,
             loras: lora_list(py, loras)?,
             tiny_vae: text_field(py, "preview_vae", preview_vae)?,
+            embeddings: embedding_list(py, embeddings)?,
+            model_config: text_field(py, "model_config", model_config)?,
+            original_config: text_field(py, "original_config", original_config)?,
+            extract_ema: match extract_ema {
+                Some(v) => bool_field(py, "extract_ema", v)?,
+                None => PipelineSettings::DEFAULT.extract_ema,
+            },
+            controlnet_config: text_field(py, "controlnet_config", controlnet_config)?,
+            vae: text_field(py, "vae_model", vae_model)?,
             ..PipelineSettings::DEFAULT
         };
         let pipe = py
@@ -122,7 +138,8 @@ impl NativePipeline {
     #[pyo3(signature = (sketch, raw, prompt, negative_prompt, temperature, guidance_scale, num_images, steps,
                         seed, width, height, scheduler, preprocess, controlnet_scale, guess_mode,
                         control_guidance_start, control_guidance_end, timestep_spacing=None, eta=None,
-                        vae=None))]
+                        vae=None, start_image=None, start_raw=None, strength=None,
+                        canny_low_threshold=None, canny_high_threshold=None, clip_skip=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -147,6 +164,12 @@ impl NativePipeline {
         timestep_spacing: Option<&Bound<'_, PyAny>>,
         eta: Option<&Bound<'_, PyAny>>,
         vae: Option<&Bound<'_, PyAny>>,
+        start_image: Option<&Bound<'_, PyAny>>,
+        start_raw: Option<(u32, u32, u32)>,
+        strength: Option<&Bound<'_, PyAny>>,
+        canny_low_threshold: Option<&Bound<'_, PyAny>>,
+        canny_high_threshold: Option<&Bound<'_, PyAny>>,
+        clip_skip: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
         let d = GenerationRequest::DEFAULT;
         let request = GenerationRequest {
@@ -178,11 +201,25 @@ impl NativePipeline {
                 Some(s) => s.parse().or_raise(py)?,
                 None => d.vae,
             },
+            start_image: None,
+            strength: opt_float_field(py, "strength", strength)?.unwrap_or(d.strength),
+            canny_low_threshold: opt_int_field(py, "canny_low_threshold", canny_low_threshold)?
+                .unwrap_or(d.canny_low_threshold),
+            canny_high_threshold: opt_int_field(py, "canny_high_threshold", canny_high_threshold)?
+                .unwrap_or(d.canny_high_threshold),
+            clip_skip: opt_int_field(py, "clip_skip", clip_skip)?.unwrap_or(d.clip_skip),
         };
         let sketch = SketchArg::extract(sketch, raw).or_raise(py)?;
+        let start = start_image
+            .filter(|s| !s.is_none())
+            .map(|s| StartImageArg::extract(s, start_raw))
+            .transpose()
+            .or_raise(py)?;
         let pipe = &self.pipe;
         py.detach(move || {
-            // Validate the request before decoding anything, as the core does.
+            let mut request = request;
+            // Decode the start image, then validate the request before decoding the sketch, as the core does.
+            request.start_image = start.map(StartImageArg::into_start_image).transpose()?;
             request.validate()?;
             pipe.submit(request, sketch.into_input()?)
         })

@@ -54,3 +54,23 @@ def test_generate_vae_tiling_flag_matches_the_tiled_reference(tmp_path: Path) ->
                      dtype=np.float64)
     diff = np.abs(got - ref)
     assert diff.mean() <= 0.25 and np.percentile(diff, 99.9) <= 4, (diff.mean(), np.percentile(diff, 99.9))
+
+
+def test_generate_embedding_and_clip_skip_flags_match_diffusers(tmp_path: Path) -> None:
+    """--embedding PATH:TOKEN and --clip-skip reach the text encoder: diffusers' image with load_textual_inversion and
+    clip_skip=1 (an A1111 .pt, Euler)."""
+    formats = FIXTURES / "formats"
+    c = next(c for c in json.loads((formats / "reference/cases.json").read_text())
+             if c["name"] == "clip_skip_1_ti_euler")
+    ti = c["textual_inversion"][0]
+    r = run("--sketch", str(SKETCHES / c["sketch"]), "--prompt", c["prompt"], "--negative-prompt",
+            c["negative_prompt"], "--steps", str(c["steps"]), "--seed", str(c["seed"]), "--width", str(c["width"]),
+            "--height", str(c["height"]), "--guidance-scale", str(c["guidance_scale"]), "--temperature",
+            str(c["temperature"]), "--scheduler", c["scheduler"], "--clip-skip", str(c["clip_skip"]),
+            "--embedding", f"{FIXTURES / ti['file']}:{ti['token']}", "--model", str(TINY_SD), "--controlnet",
+            str(TINY_CONTROLNET), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    got = np.asarray(Image.open(r.stdout.split()[0]).convert("RGB"), dtype=np.float64)
+    ref = np.asarray(Image.open(formats / "reference" / c["images"][0]).convert("RGB"), dtype=np.float64)
+    diff = np.abs(got - ref)
+    assert diff.mean() <= 0.25 and np.percentile(diff, 99.9) <= 4, (diff.mean(), np.percentile(diff, 99.9))

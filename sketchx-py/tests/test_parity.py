@@ -16,6 +16,8 @@ from conftest import FIXTURES, SKETCHES, make_pipeline
 
 CASES = {c["name"]: c for c in json.loads((FIXTURES / "reference/e2e/cases.json").read_text())}
 TILED = {c["name"]: c for c in json.loads((FIXTURES / "reference/e2e_vae_tiling/cases.json").read_text())}
+IMG2IMG = {c["name"]: c for c in json.loads((FIXTURES / "formats/reference/cases.json").read_text())
+           if c["start_image"]}
 
 
 def _generate(pipe: sketchx.Pipeline, c: dict) -> list:
@@ -92,3 +94,35 @@ def test_cpu_bf16_stays_within_diffusers_own_bf16_deviation(pipe: sketchx.Pipeli
     diff = np.abs(got - ref)
     assert diff.mean() <= theirs["mean"], (diff.mean(), theirs)
     assert np.abs(got - f32).max() > 0
+
+
+@pytest.mark.parametrize("name, as_pil", [("img2img_strength_0.5", False), ("img2img_other_start", True)])
+def test_img2img_matches_diffusers(pipe: sketchx.Pipeline, name: str, as_pil: bool) -> None:
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline references: the start image as "sketch" (the sketch's
+    own colours) or as a PIL image."""
+    c = IMG2IMG[name]
+    start: object = "sketch" if c["start_image"] == c["sketch"] and not as_pil else Image.open(
+        SKETCHES / c["start_image"])
+    st = pipe.wait(
+        pipe.submit(
+            str(SKETCHES / c["sketch"]),
+            c["prompt"],
+            negative_prompt=c["negative_prompt"],
+            temperature=c["temperature"],
+            guidance_scale=c["guidance_scale"],
+            num_images=c["num_images"],
+            steps=c["steps"],
+            seed=c["seed"],
+            width=c["width"],
+            height=c["height"],
+            scheduler=c["scheduler"],
+            start_image=start,
+            strength=c["strength"],
+        ),
+        timeout=120,
+    )
+    assert st.status == "completed", st.message
+    got = np.asarray(Image.open(st.images[0]).convert("RGB"), dtype=np.float64)
+    ref = np.asarray(Image.open(FIXTURES / "formats/reference" / c["images"][0]).convert("RGB"), dtype=np.float64)
+    diff = np.abs(got - ref)
+    assert diff.mean() <= 0.25 and np.percentile(diff, 99.9) <= 4, (diff.mean(), np.percentile(diff, 99.9))

@@ -83,12 +83,40 @@ def test_generate_poll_and_download(client: TestClient) -> None:
 
 
 def test_the_few_step_form_fields(client: TestClient) -> None:
-    r = post(client, scheduler="lcm", timestep_spacing="trailing", eta=0.5, vae="full")
+    r = post(client, scheduler="lcm", timestep_spacing="trailing", eta=0.5, vae="full", clip_skip=1)
     assert r.status_code == 200, r.text
     assert poll_until_final(client, r.json()["job_id"])["status"] == "completed"
     r = post(client, scheduler="TCD", timestep_spacing="")
     assert r.status_code == 200, r.text
     assert poll_until_final(client, r.json()["job_id"])["status"] == "completed"
+
+
+def test_img2img_and_the_preprocessor_form_fields(client: TestClient) -> None:
+    colour = (HOUSE.parent / "house_colour.png").read_bytes()
+    other = (HOUSE.parent / "house_colour_alt.png").read_bytes()
+    sketch = {"sketch": ("house.png", colour, "image/png")}
+    # The sketch's own colours (a text part), lineart: int(4 * 0.5) = 2 steps run.
+    r = client.post("/api/generate", data=form(steps=4, start_image="sketch", strength=0.5, preprocess="lineart"),
+                    files=sketch)
+    assert r.status_code == 200, r.text
+    st = poll_until_final(client, r.json()["job_id"])
+    assert st["status"] == "completed" and st["total_steps"] == 2, st
+    # Another image (a file part), canny with thresholds.
+    files = dict(sketch, start_image=("alt.png", other, "image/png"))
+    r = client.post("/api/generate", data=form(steps=4, strength=0.75, preprocess="canny", canny_low_threshold=50,
+                                               canny_high_threshold=120), files=files)
+    assert r.status_code == 200, r.text
+    st = poll_until_final(client, r.json()["job_id"])
+    assert st["status"] == "completed" and st["total_steps"] == 3, st
+    # A text start image other than "sketch" is refused: clients never name files on the server.
+    r = client.post("/api/generate", data=form(start_image=str(HOUSE)), files=sketch)
+    assert r.status_code == 422 and "start_image" in r.text, r.text
+    files = dict(sketch, start_image=("bad.png", b"not an image", "image/png"))
+    r = client.post("/api/generate", data=form(), files=files)
+    assert r.status_code == 422 and "start_image" in r.text, r.text
+    for field, value in [("strength", 1.5), ("canny_low_threshold", 300), ("preprocess", "hed")]:
+        r = post(client, **{field: value})
+        assert r.status_code == 422 and field in r.text, r.text
 
 
 def test_the_default_form_values(client: TestClient) -> None:
@@ -131,6 +159,8 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
         (dict(timestep_spacing="sideways"), "timestep_spacing"),
         (dict(vae="medium"), "vae"),
         (dict(scheduler="lcm2"), "scheduler"),
+        (dict(clip_skip=13), "clip_skip"),
+        (dict(clip_skip=3), "clip_skip"),
     ],
 )
 def test_bad_parameters_are_422(client: TestClient, overrides: dict, needle: str) -> None:

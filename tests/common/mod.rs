@@ -39,3 +39,36 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// (mean |diff|, 99.9th percentile |diff|) between two RGB8 images, in 0..255 units (the end-to-end bounds:
+/// mean <= 0.25, p99.9 <= 4).
+pub fn diff_stats(a: &[u8], b: &[u8]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let mut d: Vec<u8> = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let mean = d.iter().map(|&x| x as f64).sum::<f64>() / d.len() as f64;
+    d.sort_unstable();
+    let idx = ((d.len() as f64) * 0.999).ceil() as usize - 1;
+    (mean, d[idx.min(d.len() - 1)] as f64)
+}
+
+/// The request of a reference case (`cases.json` of diffusers' references): prompt, negative prompt, temperature,
+/// guidance, image count, steps, seed, size, scheduler and control window; the rest at the defaults, for each test
+/// to add its own fields.
+pub fn case_request(case: &serde_json::Value) -> sketchx::request::GenerationRequest {
+    let s = |k: &str| case[k].as_str().map(str::to_string);
+    sketchx::request::GenerationRequest {
+        prompt: s("prompt"),
+        negative_prompt: s("negative_prompt"),
+        temperature: case["temperature"].as_f64().unwrap(),
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        num_images: case["num_images"].as_u64().unwrap() as u32,
+        steps: case["steps"].as_u64().unwrap() as u32,
+        seed: Some(case["seed"].as_u64().unwrap()),
+        width: Some(case["width"].as_u64().unwrap() as u32),
+        height: Some(case["height"].as_u64().unwrap() as u32),
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        control_guidance_start: case["control_guidance_start"].as_f64().unwrap(),
+        control_guidance_end: case["control_guidance_end"].as_f64().unwrap(),
+        ..Default::default()
+    }
+}

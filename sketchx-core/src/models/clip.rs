@@ -1,7 +1,9 @@
 //! The CLIP text encoder (transformers' `CLIPTextModel`), built from `text_encoder/config.json`.
 //!
-//! Stable Diffusion conditions on the encoder's last hidden state (after the final layer norm). Weight names are
-//! the checkpoint keys (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...).
+//! Stable Diffusion conditions on the encoder's last hidden state (after the final layer norm), or with "clip skip"
+//! on an earlier layer's (diffusers' `clip_skip`: [`ClipTextModel::forward_clip_skip`]). Textual inversion adds rows
+//! to the token embedding table ([`ClipTextModel::append_token_embeddings`]). Weight names are the checkpoint keys
+//! (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...).
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, Embedding, LayerNorm};
@@ -168,8 +170,63 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Number of rows of the token embedding table (the config's `vocab_size`, plus appended embeddings).
+    pub fn token_embedding_rows(&self) -> usize {
+        self.token_embedding.embeddings().dim(0).unwrap_or(0)
+    }
+
+    /// Replaces the token embedding rows from `first_id` on by `vectors` `(n, hidden)` (converted to the table's
+    /// dtype and device), as transformers' `resize_token_embeddings(first_id + n)` followed by diffusers' writing
+    /// of each textual inversion vector at its token's id: tokens `first_id..first_id + n` then look up these
+    /// vectors. The table must have at least `first_id` rows and `vectors` the model's width
+    /// ([`Error::UnsupportedModel`] naming `origin`, the text encoder's config, otherwise).
+    pub fn append_token_embeddings(
+        &mut self,
+        first_id: usize,
+        vectors: &Tensor,
+        origin: &str,
+    ) -> Result<()> {
+        let h = self.config.hidden_size;
+        let (_, width) = vectors.dims2()?;
+        let rows = self.token_embedding_rows();
+        if width != h {
+            return Err(Error::unsupported(
+                origin,
+                format!("embeddings of width {width} do not fit the hidden size {h}"),
+            ));
+        }
+        if rows < first_id {
+            return Err(Error::unsupported(
+                origin,
+                format!(
+                    "the token embedding table has {rows} rows, fewer than the tokenizer's {first_id} tokens"
+                ),
+            ));
+        }
+        let table = self.token_embedding.embeddings();
+        let added = vectors.to_dtype(table.dtype())?.to_device(table.device())?;
+        let table = Tensor::cat(&[&table.narrow(0, 0, first_id)?, &added], 0)?;
+        self.token_embedding = Embedding::new(table, h);
+        Ok(())
+    }
+
     /// Encodes token ids of shape `(batch, seq)` into the last hidden state `(batch, seq, hidden)`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_clip_skip(input_ids, 0)
+    }
+
+    /// As [`ClipTextModel::forward`] with diffusers' `clip_skip`: the hidden state `clip_skip + 1` layers from the
+    /// end (`hidden_states[-(clip_skip + 1)]`, the output of layer `num_hidden_layers - clip_skip`, 0 being the
+    /// embeddings) through the final layer norm; the last `clip_skip` layers are not run. 0 is the last hidden
+    /// state. More than `num_hidden_layers` is [`Error::InvalidRequest`] for `clip_skip`.
+    pub fn forward_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let layers = self.layers.len();
+        if clip_skip > layers {
+            return Err(Error::invalid(
+                "clip_skip",
+                format!("{clip_skip} exceeds the text encoder's {layers} layers"),
+            ));
+        }
         let (b, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             return Err(Error::invalid(
@@ -190,7 +247,7 @@ impl ClipTextModel {
         let h = self.config.hidden_size;
         let hd = h / self.heads;
         let scale = (hd as f64).powf(-0.5);
-        for l in &self.layers {
+        for l in &self.layers[..layers - clip_skip] {
             let residual = &xs;
             let x = l.ln1.forward(&xs)?;
             let split = |t: Tensor| -> candle_core::Result<Tensor> {

@@ -155,6 +155,12 @@ impl ControlNet {
         })
     }
 
+    /// The channels of the residuals it returns (down residuals in order, then the mid block's): a UNet takes
+    /// them when its [`UNet::residual_channels`](super::unet::UNet::residual_channels) are the same.
+    pub fn residual_channels(&self) -> &[usize] {
+        &self.encoder.residual_channels
+    }
+
     /// How many times smaller than the control image the latents are (2^(stride-2 convolutions)).
     pub fn downscale_factor(&self) -> usize {
         self.downscale

@@ -1,10 +1,13 @@
 //! Finding and opening model files: a Hugging Face Hub repository (downloaded once into the standard HF cache,
-//! reused offline) or a local directory in diffusers layout; [`Resolver::config`] reads a component's config through
-//! [`super::config`]. [`var_builder`] and [`weights`] open a weights file for a network's constructor: safetensors through sketchx's own reader
-//! ([`crate::models::weights`]), pickled `.bin` files through candle.
+//! reused offline), a local directory in diffusers layout, or a single checkpoint file ([`ModelSource::File`], read
+//! by [`super::single_file`]); [`Resolver::config`] reads a component's config through [`super::config`].
+//! [`var_builder`], [`weights`] and [`weights_from`] open a network's weights for its constructor: safetensors
+//! through sketchx's own reader ([`crate::models::weights`]), pickled `.bin` files through the safe pickle reader
+//! ([`crate::models::pickle`]), a part of a single file through its key map ([`WeightsSource::Mapped`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -12,6 +15,8 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 use super::config::ConfigFile;
+use super::mapped::MappedWeights;
+use super::pickle::TorchFile;
 use crate::error::{Error, Result};
 use crate::models::weights::SafetensorsFile;
 use crate::precision::{Precision, Weights};
@@ -29,15 +34,22 @@ pub enum ModelSource {
     },
     /// A local directory in diffusers layout.
     Local(PathBuf),
+    /// A single local file: a whole checkpoint in the original (LDM) layout, an original-format ControlNet or a
+    /// VAE (see [`super::single_file`]).
+    File(PathBuf),
 }
 
 impl ModelSource {
-    /// Interprets a user-supplied string: an existing directory is local; otherwise a Hub id, optionally
-    /// `owner/name@revision`. Anything else (an absolute or relative path that does not exist) is an error naming it.
+    /// Interprets a user-supplied string: an existing directory is local, an existing file a
+    /// [`ModelSource::File`]; otherwise a Hub id, optionally `owner/name@revision`. Anything else (an absolute or
+    /// relative path that does not exist) is an error naming it.
     pub fn parse(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
             return Ok(ModelSource::Local(path.to_path_buf()));
+        }
+        if path.is_file() {
+            return Ok(ModelSource::File(path.to_path_buf()));
         }
         let (repo, revision) = match spec.split_once('@') {
             Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
@@ -59,7 +71,7 @@ impl ModelSource {
         } else {
             Err(Error::MissingFile {
                 path: format!(
-                    "{spec} (neither an existing directory nor a Hub repo id like owner/name)"
+                    "{spec} (neither an existing file or directory nor a Hub repo id like owner/name)"
                 ),
             })
         }
@@ -72,7 +84,7 @@ impl ModelSource {
                 Some(r) => format!("{repo}@{r}"),
                 None => repo.clone(),
             },
-            ModelSource::Local(p) => p.display().to_string(),
+            ModelSource::Local(p) | ModelSource::File(p) => p.display().to_string(),
         }
     }
 }
@@ -107,9 +119,19 @@ pub fn hf_cache() -> hf_hub::Cache {
 
 impl Resolver {
     /// Prepares a resolver; for the Hub this sets up the cache (honouring `HF_HOME` / `HF_HUB_CACHE`) and, unless
-    /// `HF_HUB_OFFLINE` is set, an API client with progress bars.
+    /// `HF_HUB_OFFLINE` is set, an API client with progress bars. A [`ModelSource::File`] has no files to resolve:
+    /// [`Error::InvalidRequest`] (a single file is opened by [`super::single_file`]).
     pub fn new(source: ModelSource) -> Result<Self> {
         let hub = match &source {
+            ModelSource::File(p) => {
+                return Err(Error::invalid(
+                    "model",
+                    format!(
+                        "{} is a single file where a folder or Hub repository is needed",
+                        p.display()
+                    ),
+                ))
+            }
             ModelSource::Local(dir) => {
                 if !dir.is_dir() {
                     return Err(Error::MissingFile {
@@ -157,7 +179,7 @@ impl Resolver {
     /// Name of `rel` for error messages.
     pub fn describe(&self, rel: &str) -> String {
         match &self.source {
-            ModelSource::Local(dir) => dir.join(rel).display().to_string(),
+            ModelSource::Local(dir) | ModelSource::File(dir) => dir.join(rel).display().to_string(),
             ModelSource::Hub { repo, .. } => format!("{repo}/{rel}"),
         }
     }
@@ -280,11 +302,73 @@ impl Resolver {
 
 pub use super::config::read_json;
 
+/// Where a network's weights are: a weights file of its own, or its part of a single checkpoint file.
+#[derive(Debug, Clone)]
+pub enum WeightsSource {
+    /// A file holding this network's tensors under their diffusers names (`.safetensors`, or a pickled `.bin`).
+    File(PathBuf),
+    /// The network's tensors inside a single file, under the file's own names ([`MappedWeights`]).
+    Mapped(Arc<MappedWeights>),
+}
+
+impl WeightsSource {
+    /// The file, for messages.
+    pub fn path(&self) -> &Path {
+        match self {
+            WeightsSource::File(p) => p,
+            WeightsSource::Mapped(m) => m.path(),
+        }
+    }
+
+    /// The tensors as a backend for a `VarBuilder`.
+    fn backend(&self) -> Result<Box<dyn SimpleBackend>> {
+        match self {
+            WeightsSource::File(p) => open_backend(p),
+            WeightsSource::Mapped(m) => Ok(m.backend()),
+        }
+    }
+
+    /// Wraps the result of building a network from these weights: for a mapped source, the typed error naming the
+    /// file's key that the build recorded (a shape that does not fit, a missing tensor), or one for a tensor no
+    /// layer read ([`MappedWeights::finish`]); for a file, a candle error as [`build_error`] words it.
+    pub fn finish<T>(&self, built: Result<T>) -> Result<T> {
+        match self {
+            WeightsSource::Mapped(m) => {
+                let t = match built {
+                    Ok(t) => t,
+                    Err(e) => {
+                        m.finish()?;
+                        return Err(candle_error_to_file(e, m.path()));
+                    }
+                };
+                m.finish()?;
+                Ok(t)
+            }
+            WeightsSource::File(p) => built.map_err(|e| candle_error_to_file(e, p)),
+        }
+    }
+}
+
+impl From<PathBuf> for WeightsSource {
+    fn from(p: PathBuf) -> Self {
+        WeightsSource::File(p)
+    }
+}
+
+/// A candle error raised while building a network from `path`, as an error naming the file (other errors as they
+/// are).
+fn candle_error_to_file(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Candle(c) => build_error(path, c),
+        other => other,
+    }
+}
+
 /// Opens a weights file as a [`VarBuilder`] for a network in `dtype` on `device`: its tensors are converted to that
 /// precision's [weights dtype](Precision::weights_dtype) as they are read (`dtype` itself, except in the CPU bf16
 /// mode, whose weights are read as f32), and the builder says so. Safetensors are read through [`SafetensorsFile`]
 /// (on demand, straight into each tensor's buffer, in parallel; nothing stays mapped), a pickled PyTorch `.bin`
-/// through candle. Only the tensors a network asks for are read.
+/// through [`crate::models::pickle`]. Only the tensors a network asks for are read.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let dtype = Precision::new(device, dtype).weights_dtype();
     Ok(VarBuilder::from_backend(
@@ -296,8 +380,16 @@ pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuil
 
 /// Opens a weights file for a network built in `precision` (tensors read in [`Precision::weights_dtype`]).
 pub fn weights(path: &Path, precision: Precision, device: &Device) -> Result<Weights<'static>> {
-    let backend = open_backend(path)?;
-    let vb = VarBuilder::from_backend(backend, precision.weights_dtype(), device.clone());
+    weights_from(&WeightsSource::File(path.to_path_buf()), precision, device)
+}
+
+/// Opens a network's weights, wherever they are, for a network built in `precision`.
+pub fn weights_from(
+    source: &WeightsSource,
+    precision: Precision,
+    device: &Device,
+) -> Result<Weights<'static>> {
+    let vb = VarBuilder::from_backend(source.backend()?, precision.weights_dtype(), device.clone());
     Ok(Weights::new(vb, precision))
 }
 
@@ -310,7 +402,26 @@ pub fn weights_fused(
     device: &Device,
     fused: HashMap<String, Tensor>,
 ) -> Result<Weights<'static>> {
-    let base = open_backend(path)?;
+    weights_fused_from(
+        &WeightsSource::File(path.to_path_buf()),
+        precision,
+        device,
+        fused,
+    )
+}
+
+/// As [`weights_fused`], for weights wherever they are.
+pub fn weights_fused_from(
+    source: &WeightsSource,
+    precision: Precision,
+    device: &Device,
+    fused: HashMap<String, Tensor>,
+) -> Result<Weights<'static>> {
+    let base = source.backend()?;
+    if let WeightsSource::Mapped(m) = source {
+        // The fused tensors replace the file's, which are read (for the fusion) but not through this builder.
+        m.mark_used(fused.keys());
+    }
     let backend: Box<dyn SimpleBackend> = if fused.is_empty() {
         base
     } else {
@@ -363,13 +474,11 @@ impl SimpleBackend for FusedBackend {
     }
 }
 
-/// The tensors of a weights file, by its extension.
+/// The tensors of a weights file, by its extension: a pickled PyTorch `.bin` through the safe pickle reader (its
+/// state dict, unwrapped as diffusers does), anything else as safetensors.
 fn open_backend(path: &Path) -> Result<Box<dyn SimpleBackend>> {
     if path.extension().is_some_and(|e| e == "bin") {
-        Ok(Box::new(
-            candle_core::pickle::PthTensors::new(path, None)
-                .map_err(|e| Error::malformed(path.display(), e))?,
-        ))
+        Ok(Box::new(TorchFile::open(path)?.state_dict()?))
     } else {
         Ok(Box::new(SafetensorsFile::open(path)?))
     }

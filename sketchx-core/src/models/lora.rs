@@ -24,12 +24,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use regex::Regex;
 use serde_json::Value;
 
-use super::loader::{ModelSource, Resolver};
+use super::loader::{ModelSource, Resolver, WeightsSource};
+use super::mapped::MappedWeights;
+use super::pickle::{StateDict, TorchFile};
 use super::weights::SafetensorsFile;
 use crate::error::{Error, Result};
 use crate::precision::Precision;
@@ -285,13 +288,18 @@ impl FusedWeights {
 }
 
 /// Fuses `loras` into the weights of the model `model` (its `unet/` and `text_encoder/` weights, `variant`
-/// preferred as [`Resolver::weights`] picks them), for networks built in `precision`. See [`fuse`].
+/// preferred as [`Resolver::weights`] picks them; for a single checkpoint file, its UNet and text encoder with
+/// SD1.5's built-in configs). See [`fuse`].
 pub fn fuse_for_model(
     model: &ModelSource,
     variant: Option<&str>,
     loras: &[LoraSpec],
     precision: Precision,
 ) -> Result<FusedWeights> {
+    if let ModelSource::File(path) = model {
+        let c = super::single_file::open_checkpoint(path, &Default::default(), false)?;
+        return fuse_sources(loras, &c.unet.1, &c.text_encoder.2, precision);
+    }
     let base = Resolver::new(model.clone())?;
     let unet = base.weights("unet", variant)?;
     let text_encoder = base.weights("text_encoder", variant)?;
@@ -305,6 +313,21 @@ pub fn fuse(
     loras: &[LoraSpec],
     unet: &Path,
     text_encoder: &Path,
+    precision: Precision,
+) -> Result<FusedWeights> {
+    fuse_sources(
+        loras,
+        &WeightsSource::File(unet.to_path_buf()),
+        &WeightsSource::File(text_encoder.to_path_buf()),
+        precision,
+    )
+}
+
+/// As [`fuse`], for weights wherever they are (their own files, or parts of a single checkpoint file).
+pub fn fuse_sources(
+    loras: &[LoraSpec],
+    unet: &WeightsSource,
+    text_encoder: &WeightsSource,
     precision: Precision,
 ) -> Result<FusedWeights> {
     if loras.is_empty() {
@@ -326,6 +349,7 @@ pub fn fuse(
         (Component::TextEncoder, text_encoder),
     ] {
         let base = BaseFile::open(path)?;
+        let path = path.path();
         let index = ModuleIndex::new(component, &base.names());
         let mut by_param: BTreeMap<String, Vec<Delta>> = BTreeMap::new();
         for adapter in &adapters {
@@ -859,43 +883,45 @@ impl PeftConfigs {
     }
 }
 
-/// A network's weights file, for its parameter names and the base weights of adapted layers.
+/// A network's weights, for its parameter names and the base weights of adapted layers.
 enum BaseFile {
     Safetensors(SafetensorsFile),
-    Pickle(candle_core::pickle::PthTensors, PathBuf),
+    Pickle(StateDict),
+    Mapped(Arc<MappedWeights>),
 }
 
 impl BaseFile {
-    fn open(path: &Path) -> Result<Self> {
-        if path.extension().is_some_and(|e| e == "bin") {
-            Ok(BaseFile::Pickle(
-                candle_core::pickle::PthTensors::new(path, None)
-                    .map_err(|e| Error::malformed(path.display(), e))?,
-                path.to_path_buf(),
-            ))
-        } else {
-            Ok(BaseFile::Safetensors(SafetensorsFile::open(path)?))
+    fn open(source: &WeightsSource) -> Result<Self> {
+        match source {
+            WeightsSource::Mapped(m) => Ok(BaseFile::Mapped(m.clone())),
+            WeightsSource::File(path) if path.extension().is_some_and(|e| e == "bin") => {
+                Ok(BaseFile::Pickle(TorchFile::open(path)?.state_dict()?))
+            }
+            WeightsSource::File(path) => Ok(BaseFile::Safetensors(SafetensorsFile::open(path)?)),
         }
     }
 
     fn path(&self) -> &Path {
         match self {
             BaseFile::Safetensors(f) => f.path(),
-            BaseFile::Pickle(_, p) => p,
+            BaseFile::Pickle(f) => f.path(),
+            BaseFile::Mapped(m) => m.path(),
         }
     }
 
     fn names(&self) -> Vec<String> {
         match self {
             BaseFile::Safetensors(f) => f.names(),
-            BaseFile::Pickle(f, _) => f.tensor_infos().keys().cloned().collect(),
+            BaseFile::Pickle(f) => f.names().to_vec(),
+            BaseFile::Mapped(m) => m.names(),
         }
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             BaseFile::Safetensors(f) => f.shape(name).map(<[usize]>::to_vec),
-            BaseFile::Pickle(f, _) => f.tensor_infos().get(name).map(|i| i.layout.dims().to_vec()),
+            BaseFile::Pickle(f) => f.shape(name).map(<[usize]>::to_vec),
+            BaseFile::Mapped(m) => m.shape(name),
         }
     }
 
@@ -905,15 +931,13 @@ impl BaseFile {
             candle_core::Error::Io(source) => Error::io(path, source),
             e => Error::malformed(path.display(), format!("reading {name}: {e}")),
         };
-        let t = match self {
-            BaseFile::Safetensors(f) => f.load(name, DType::F64, &Device::Cpu).map_err(wrap)?,
-            BaseFile::Pickle(f, _) => f
-                .get(name)
-                .map_err(wrap)?
-                .ok_or_else(|| Error::malformed(path.display(), format!("no tensor {name}")))?
-                .to_dtype(DType::F64)?,
-        };
-        Ok(t)
+        let cpu = &Device::Cpu;
+        match self {
+            BaseFile::Safetensors(f) => f.load(name, DType::F64, cpu),
+            BaseFile::Pickle(f) => f.load(name, DType::F64, cpu),
+            BaseFile::Mapped(m) => m.load(name, DType::F64, cpu),
+        }
+        .map_err(wrap)
     }
 }
 

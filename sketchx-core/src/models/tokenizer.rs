@@ -15,6 +15,7 @@
 //! [`ClipTokenizer::encode_padded`] then adds the start/end tokens, truncates and pads to `model_max_length`
 //! exactly as `tokenizer(text, padding="max_length", max_length=model_max_length, truncation=True)` does.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
@@ -25,6 +26,7 @@ use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
 use super::config::{read_json, read_text, ConfigFile};
+use super::loader::Resolver;
 use crate::error::{Error, Result};
 
 /// Suffix BPE appends to the last symbol of every word.
@@ -44,13 +46,38 @@ const CLIP_PATTERN: &str =
 /// leading spaces never match there, so no look-ahead is needed).
 const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
 
-/// A special token matched in the text before BPE.
+/// A special or added token matched in the text before BPE.
 #[derive(Debug, Clone)]
 struct AddedToken {
+    /// The token as given (a key of transformers' `added_tokens_encoder`).
     content: String,
+    /// What is matched: `content`, normalized when `normalized` (set by [`AddedToken::set_pattern`]).
+    pattern: String,
     id: u32,
     /// Matched in the normalized text (`true`) or in the raw text (`false`).
     normalized: bool,
+}
+
+impl AddedToken {
+    fn new(content: String, id: u32, normalized: bool) -> Self {
+        let mut t = Self {
+            pattern: String::new(),
+            content,
+            id,
+            normalized,
+        };
+        t.set_pattern();
+        t
+    }
+
+    /// Normalized tokens are matched in normalized text, so their normalized form is what is matched.
+    fn set_pattern(&mut self) {
+        self.pattern = if self.normalized {
+            normalize(&self.content)
+        } else {
+            self.content.clone()
+        };
+    }
 }
 
 /// A merge rule: its priority and the id of the merged symbol.
@@ -110,6 +137,41 @@ fn bytes_to_unicode() -> [char; 256] {
         };
     }
     table
+}
+
+/// SD1.5's `tokenizer/merges.txt` (OpenAI CLIP ViT-L/14), zlib-compressed; see [`ClipTokenizer::sd15`].
+const SD15_MERGES_ZLIB: &[u8] = include_bytes!("clip_tokenizer/merges.txt.zlib");
+/// SD1.5's `tokenizer/tokenizer_config.json`.
+const SD15_TOKENIZER_CONFIG: &str = include_str!("clip_tokenizer/tokenizer_config.json");
+/// SD1.5's `tokenizer/special_tokens_map.json`.
+const SD15_SPECIAL_TOKENS: &str = include_str!("clip_tokenizer/special_tokens_map.json");
+
+/// CLIP's vocabulary from its merges, as `CLIPTokenizer` / OpenAI's `SimpleTokenizer` build it: the byte symbols in
+/// the byte table's order, the same with `</w>`, each merge's result, then the start and end tokens.
+fn clip_vocab(merges: &str) -> std::result::Result<HashMap<String, u32>, String> {
+    let table = bytes_to_unicode();
+    // The table's order: the printable bytes first (as bytes_to_unicode lists them), then the rest.
+    let mut order: Vec<(u8, char)> = (0..=255u8).map(|b| (b, table[b as usize])).collect();
+    order.sort_by_key(|&(_, c)| c as u32);
+    let mut tokens: Vec<String> = order.iter().map(|&(_, c)| c.to_string()).collect();
+    tokens.extend(order.iter().map(|&(_, c)| format!("{c}{END_OF_WORD}")));
+    for (n, line) in merges.lines().enumerate() {
+        if (n == 0 && line.starts_with("#version")) || line.trim().is_empty() {
+            continue;
+        }
+        let (a, b) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("merges line {}: {line:?} is not a pair", n + 1))?;
+        tokens.push(format!("{a}{b}"));
+    }
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    let mut vocab = HashMap::with_capacity(tokens.len());
+    for (id, t) in tokens.into_iter().enumerate() {
+        // As `dict(zip(vocab, range(len(vocab))))`: a repeated token keeps its last id.
+        vocab.insert(t, id as u32);
+    }
+    Ok(vocab)
 }
 
 /// Whitespace as the normalizer's `\s+` sees it (Unicode `White_Space`).
@@ -272,11 +334,7 @@ fn decoder_tokens(
             .get("normalized")
             .and_then(Value::as_bool)
             .unwrap_or(!special);
-        added.push(AddedToken {
-            content: content.to_string(),
-            id,
-            normalized,
-        });
+        added.push(AddedToken::new(content.to_string(), id, normalized));
     }
     Ok(added)
 }
@@ -328,12 +386,11 @@ fn special_tokens(
             .iter_mut()
             .find(|t| t.content == content)
         {
-            Some(t) => t.normalized = normalized,
-            None => added.push(AddedToken {
-                content,
-                id,
-                normalized,
-            }),
+            Some(t) => {
+                t.normalized = normalized;
+                t.set_pattern();
+            }
+            None => added.push(AddedToken::new(content, id, normalized)),
         }
     }
     Ok(ids)
@@ -373,22 +430,70 @@ impl ClipTokenizer {
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
         let vocab = read_vocab(&vocab_path)?;
-        let merges = Self::parse_merges(&read_text(&merges_path)?, &vocab, &merges_path)?;
-        let (byte_chars, byte_ids) = byte_symbols(&vocab);
+        let merges = read_text(&merges_path)?;
         let config = optional_config(&dir.join("tokenizer_config.json"))?;
         let map = optional_config(&dir.join("special_tokens_map.json"))?;
+        Self::from_parts(vocab, &vocab_path, &merges, &merges_path, config, map)
+    }
+
+    /// The `tokenizer/` folder of a model folder or Hub repository (`vocab.json` and `merges.txt`, with the optional
+    /// config files beside them fetched too, so that a Hub download has everything [`ClipTokenizer::from_dir`]
+    /// reads).
+    pub fn from_resolver(base: &Resolver) -> Result<Self> {
+        let vocab = base.get("tokenizer/vocab.json")?;
+        base.get("tokenizer/merges.txt")?;
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let rel = format!("tokenizer/{f}");
+            if base.exists(&rel) {
+                base.get(&rel)?;
+            }
+        }
+        let dir = vocab.parent().ok_or_else(|| Error::MissingFile {
+            path: base.describe("tokenizer"),
+        })?;
+        Self::from_dir(dir)
+    }
+
+    /// The tokenizer of Stable Diffusion 1.x (OpenAI CLIP ViT-L/14's, as in `stable-diffusion-v1-5/tokenizer`),
+    /// built from data compiled into sketchx: for a single-file checkpoint, which holds no tokenizer, with no Hub
+    /// access at all. Only the merge rules are stored (compressed, about 200 KB); the vocabulary is derived from
+    /// them as CLIP builds it: the 256 byte symbols, the same with `</w>`, every merge's result in rank order, then
+    /// `<|startoftext|>` and `<|endoftext|>` (49408 tokens). The tokenizer and special-token configs are SD1.5's.
+    pub fn sd15() -> Result<Self> {
+        let origin = Path::new("<sketchx's built-in SD1.5 tokenizer>");
+        let bad = |m: String| Error::malformed(origin.display(), m);
+        let mut merges = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::ZlibDecoder::new(SD15_MERGES_ZLIB),
+            &mut merges,
+        )
+        .map_err(|e| bad(format!("cannot inflate the merges: {e}")))?;
+        let vocab = clip_vocab(&merges).map_err(bad)?;
+        let config = ConfigFile::parse(SD15_TOKENIZER_CONFIG, "<built-in tokenizer_config.json>")?;
+        let map = ConfigFile::parse(SD15_SPECIAL_TOKENS, "<built-in special_tokens_map.json>")?;
+        Self::from_parts(vocab, origin, &merges, origin, Some(config), Some(map))
+    }
+
+    /// Builds the tokenizer from a vocabulary, the merges text and the optional configs (`vocab_path` and
+    /// `merges_path` name them in errors).
+    fn from_parts(
+        vocab: HashMap<String, u32>,
+        vocab_path: &Path,
+        merges: &str,
+        merges_path: &Path,
+        config: Option<ConfigFile>,
+        map: Option<ConfigFile>,
+    ) -> Result<Self> {
+        let merges = Self::parse_merges(merges, &vocab, merges_path)?;
+        let (byte_chars, byte_ids) = byte_symbols(&vocab);
         let max_length = max_length(config.as_ref())?;
         let mut added = decoder_tokens(config.as_ref(), &vocab)?;
         let [bos_id, eos_id, unk_id, pad_id] = special_tokens(
             [config.as_ref(), map.as_ref()],
             &vocab,
-            &vocab_path,
+            vocab_path,
             &mut added,
         )?;
-        // Normalized tokens are matched in normalized text, so match their normalized form.
-        for t in added.iter_mut().filter(|t| t.normalized) {
-            t.content = normalize(&t.content);
-        }
         Ok(Self {
             vocab,
             merges,
@@ -404,6 +509,11 @@ impl ClipTokenizer {
             unk_id,
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The vocabulary (token -> id).
+    pub fn vocab(&self) -> &HashMap<String, u32> {
+        &self.vocab
     }
 
     fn parse_merges(
@@ -450,13 +560,13 @@ impl ClipTokenizer {
             .added
             .iter()
             .filter(|t| !t.normalized)
-            .map(|t| (t.content.as_str(), t.id))
+            .map(|t| (t.pattern.as_str(), t.id))
             .collect();
         let norm_tokens: Vec<(&str, u32)> = self
             .added
             .iter()
             .filter(|t| t.normalized)
-            .map(|t| (t.content.as_str(), t.id))
+            .map(|t| (t.pattern.as_str(), t.id))
             .collect();
 
         let mut raw_segments = Vec::new();
@@ -597,6 +707,85 @@ impl ClipTokenizer {
         self.vocab.len()
     }
 
+    /// Whether `token` is a token of the vocabulary or an added token, as given (transformers' `token in
+    /// tokenizer.get_vocab()`): BPE entries such as `cat</w>` as well as special and added tokens.
+    pub fn contains_token(&self, token: &str) -> bool {
+        self.vocab.contains_key(token) || self.added.iter().any(|t| t.content == token)
+    }
+
+    /// The id [`ClipTokenizer::add_token`] gives the next new token, as the tokenizers library numbers added
+    /// tokens: the vocabulary's size, or one past the largest added id when that is not below it (49408 for CLIP).
+    pub fn next_added_id(&self) -> u32 {
+        let size = u32::try_from(self.vocab.len()).unwrap_or(u32::MAX);
+        match self.added.iter().map(|t| t.id).max() {
+            Some(max) if max >= size => max.saturating_add(1),
+            _ => size,
+        }
+    }
+
+    /// Adds `token` as transformers' `tokenizer.add_tokens(token)` does (a plain, non-special token: matched
+    /// in the normalized text, so in any letter case, before BPE) and returns its id: its existing id when it
+    /// is already a vocabulary or added token, else [`ClipTokenizer::next_added_id`].
+    pub fn add_token(&mut self, token: &str) -> u32 {
+        if let Some(&id) = self.vocab.get(token) {
+            return id;
+        }
+        if let Some(t) = self.added.iter().find(|t| t.content == token) {
+            return t.id;
+        }
+        let id = self.next_added_id();
+        self.added
+            .push(AddedToken::new(token.to_string(), id, true));
+        id
+    }
+
+    /// diffusers' `maybe_convert_prompt` for multi-vector textual inversion tokens: every added token `T` found
+    /// in the tokenized `prompt` that has siblings `T_1`, `T_2`, ... among the added tokens is replaced in the
+    /// prompt's text by `T T_1 T_2 ...` (every occurrence, as Python's `str.replace`, also inside longer words).
+    ///
+    /// As in diffusers, the lookup uses the text the tokenizer matched, which is the normalized (lowercased)
+    /// form of a token matched in normalized text, and the replacement is case-sensitive: a token with
+    /// upper-case letters, or written in the prompt in another case, is not expanded and gets its first vector
+    /// only. The prompt comes back unchanged (borrowed) when no token expands.
+    pub fn expand_multi_vector_tokens<'a>(&self, prompt: &'a str) -> Cow<'a, str> {
+        let has_siblings = |t: &str| {
+            let first = format!("{t}_1");
+            self.added.iter().any(|a| a.content == first)
+        };
+        if !self.added.iter().any(|t| has_siblings(&t.content)) {
+            return Cow::Borrowed(prompt);
+        }
+        let ids = self.encode(prompt);
+        // The text each added token found in the prompt was matched as, once each, in the added tokens' order.
+        let mut matched: Vec<&str> = Vec::new();
+        for t in &self.added {
+            if ids.contains(&t.id) && !matched.contains(&t.pattern.as_str()) {
+                matched.push(&t.pattern);
+            }
+        }
+        let mut out = Cow::Borrowed(prompt);
+        for text in matched {
+            if !self.added.iter().any(|a| a.content == text) {
+                continue;
+            }
+            let mut replacement = text.to_string();
+            let mut i = 1;
+            loop {
+                let sibling = format!("{text}_{i}");
+                if !self.added.iter().any(|a| a.content == sibling) {
+                    break;
+                }
+                replacement.push(' ');
+                replacement.push_str(&sibling);
+                i += 1;
+            }
+            if i > 1 && out.contains(text) {
+                out = Cow::Owned(out.replace(text, &replacement));
+            }
+        }
+        out
+    }
+
     /// Maps token ids back to text (special tokens dropped, `</w>` as word breaks); for diagnostics.
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut by_id: HashMap<u32, &str> = HashMap::with_capacity(self.vocab.len());
@@ -623,5 +812,27 @@ impl ClipTokenizer {
             }
         }
         String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compressed merges are SD1.5's `merges.txt` byte for byte (the fixture folder is the real tokenizer).
+    #[test]
+    fn embedded_merges_are_sd15s() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/tiny-sd/tokenizer/merges.txt"
+        );
+        let expected = std::fs::read_to_string(fixture).unwrap();
+        let mut merges = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::ZlibDecoder::new(SD15_MERGES_ZLIB),
+            &mut merges,
+        )
+        .unwrap();
+        assert!(merges == expected);
     }
 }

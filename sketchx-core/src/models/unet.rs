@@ -216,7 +216,22 @@ impl UNetShape {
             down,
             mid,
             center_input_sample: self.center_input_sample,
+            residual_channels: self.residual_channels(),
         })
+    }
+
+    /// The channels of the encoder's skip connections, in order: conv_in's output, then each down block's resnets
+    /// and down-sampler (the last block has none), and last the mid block's output. A ControlNet's residuals must
+    /// have exactly these to be added to a UNet's.
+    pub fn residual_channels(&self) -> Vec<usize> {
+        let n = self.blocks.len();
+        let mut v = vec![self.blocks[0].channels];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let count = self.layers_per_block + usize::from(i + 1 < n);
+            v.extend(std::iter::repeat_n(b.channels, count));
+        }
+        v.push(self.blocks[n - 1].channels);
+        v
     }
 }
 
@@ -228,6 +243,8 @@ pub(crate) struct Encoder {
     down: Vec<DownBlock>,
     mid: MidBlock,
     center_input_sample: bool,
+    /// [`UNetShape::residual_channels`].
+    pub(crate) residual_channels: Vec<usize>,
 }
 
 impl Encoder {
@@ -353,6 +370,11 @@ impl UNet {
             cross_attention_dim: shape.params.cross_dim,
             time_cond_proj_dim: shape.time_cond_proj_dim,
         })
+    }
+
+    /// The channels of the skip connections a ControlNet adds residuals to, then the mid block's.
+    pub fn residual_channels(&self) -> &[usize] {
+        &self.encoder.residual_channels
     }
 
     /// Predicts the noise in `xs` at `timestep` given text embeddings `ctx`, optionally adding ControlNet

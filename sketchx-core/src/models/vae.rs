@@ -2,7 +2,8 @@
 //!
 //! Assembled from the shared `blocks` module's resnets and the crate's CPU kernels (`ops`) rather than
 //! candle-transformers' `AutoEncoderKL`, whose candle convolutions made decoding the slowest part of a job; only
-//! the decoder's weights are loaded (the encoder is never used).
+//! the decoder's weights are loaded here (the encoder, which only img2img needs, is
+//! [`VaeEncoder`](super::vae_encoder::VaeEncoder)).
 //!
 //! [`Vae::decode_tiled`] is diffusers' tiled decode (`AutoencoderKL.enable_tiling()`): latents larger than one
 //! tile are decoded in overlapping tiles whose seams are blended linearly, so that the decoder's activations
@@ -23,7 +24,7 @@ use crate::precision::Weights;
 type CResult<T> = candle_core::Result<T>;
 
 /// The mid block's single-head self-attention (`Attention` with a group norm and a residual).
-struct VaeAttention {
+pub(super) struct VaeAttention {
     norm: FastGroupNorm,
     q: Linear,
     k: Linear,
@@ -33,7 +34,7 @@ struct VaeAttention {
 }
 
 impl VaeAttention {
-    fn new(vb: Weights, channels: usize, groups: usize) -> CResult<Self> {
+    pub(super) fn new(vb: Weights, channels: usize, groups: usize) -> CResult<Self> {
         // diffusers' current names, or the legacy ones it still converts on load.
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
         let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
@@ -47,7 +48,7 @@ impl VaeAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> CResult<Tensor> {
+    pub(super) fn forward(&self, xs: &Tensor) -> CResult<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let seq = self
             .norm
@@ -84,7 +85,7 @@ struct Decoder {
     conv_out: FastConv2d,
 }
 
-fn pad1() -> Conv2dConfig {
+pub(super) fn pad1() -> Conv2dConfig {
     Conv2dConfig {
         padding: 1,
         ..Default::default()
@@ -239,28 +240,12 @@ impl VaeTiling {
         })
     }
 
-    /// The geometry from a VAE's parsed config: `sample_size` (diffusers' default 32 when absent; a list must
-    /// hold one size, as diffusers' square tiles use a single one), and `scale_factor` = 2^(blocks - 1).
+    /// The geometry from a VAE's parsed config ([`tile_sample_size`]), and `scale_factor` = 2^(blocks - 1).
     fn from_config(
         c: &ConfigFile,
         scale_factor: usize,
     ) -> Result<std::result::Result<Self, String>> {
-        let sample_size = match c.present("sample_size") {
-            Some(Value::Array(_)) => {
-                let sizes = c.usize_list("sample_size")?;
-                match sizes.split_first() {
-                    Some((&first, rest)) if rest.iter().all(|&s| s == first) => first,
-                    _ => {
-                        return Ok(Err(format!(
-                            "tiled VAE decode: sample_size {sizes:?} is not one size (diffusers' tiles are \
-                             square; diffusers 0.42 raises a TypeError on any list here)"
-                        )))
-                    }
-                }
-            }
-            _ => c.usize_or("sample_size", 32)?,
-        };
-        Ok(Self::new(sample_size, scale_factor))
+        Ok(tile_sample_size(c, "decode")?.and_then(|s| Self::new(s, scale_factor)))
     }
 
     /// Whether diffusers tiles latents of `height` x `width` (strictly larger than one tile along a side).
@@ -269,10 +254,74 @@ impl VaeTiling {
     }
 }
 
+/// The image size of one tile of diffusers' tiled VAE decode or encode (`tile_sample_min_size`): the config's
+/// `sample_size` (diffusers' default 32 when absent; a list must hold one size, as diffusers' square tiles use a
+/// single one). The inner error is the message for [`Error::UnsupportedModel`] (`what`: "decode" or "encode").
+pub(super) fn tile_sample_size(
+    c: &ConfigFile,
+    what: &str,
+) -> Result<std::result::Result<usize, String>> {
+    Ok(Ok(match c.present("sample_size") {
+        Some(Value::Array(_)) => {
+            let sizes = c.usize_list("sample_size")?;
+            match sizes.split_first() {
+                Some((&first, rest)) if rest.iter().all(|&s| s == first) => first,
+                _ => {
+                    return Ok(Err(format!(
+                        "tiled VAE {what}: sample_size {sizes:?} is not one size (diffusers' tiles are \
+                         square; diffusers 0.42 raises a TypeError on any list here)"
+                    )))
+                }
+            }
+        }
+        _ => c.usize_or("sample_size", 32)?,
+    }))
+}
+
+/// diffusers' tiled VAE pass (`tiled_decode` / `_tiled_encode`): `input` `(b, c, h, w)` is cut into tiles of `size`
+/// every `stride` along both sides, `f` maps each tile, each result is blended with its already blended upper and
+/// left neighbours over `blend_extent`, cropped to `row_limit`, and the crops are joined.
+pub(crate) fn tiled(
+    input: &Tensor,
+    (size, stride): (usize, usize),
+    (blend_extent, row_limit): (usize, usize),
+    f: impl Fn(&Tensor) -> CResult<Tensor>,
+) -> CResult<Tensor> {
+    let (_, _, h, w) = input.dims4()?;
+    let mut rows = Vec::with_capacity(h.div_ceil(stride));
+    let mut above: Vec<Tensor> = Vec::new();
+    for i in (0..h).step_by(stride) {
+        let mut row: Vec<Tensor> = Vec::with_capacity(w.div_ceil(stride));
+        let mut kept = Vec::with_capacity(w.div_ceil(stride));
+        for (k, j) in (0..w).step_by(stride).enumerate() {
+            let tile = input
+                .narrow(2, i, size.min(h - i))?
+                .narrow(3, j, size.min(w - j))?
+                .contiguous()?;
+            let mut tile = f(&tile)?;
+            if let Some(up) = above.get(k) {
+                tile = blend(up, &tile, blend_extent, 2)?;
+            }
+            if let Some(left) = row.last() {
+                tile = blend(left, &tile, blend_extent, 3)?;
+            }
+            let (_, _, th, tw) = tile.dims4()?;
+            kept.push(
+                tile.narrow(2, 0, row_limit.min(th))?
+                    .narrow(3, 0, row_limit.min(tw))?,
+            );
+            row.push(tile);
+        }
+        rows.push(Tensor::cat(&kept, 3)?);
+        above = row;
+    }
+    Tensor::cat(&rows, 2)
+}
+
 /// diffusers' `blend_v` (`dim` 2) / `blend_h` (`dim` 3): the first `extent` rows (columns) of `b` become
 /// `a`'s last ones x (1 - y / extent) + `b`'s x (y / extent), each weight rounded to the tensor's type once and
 /// each product rounded before the sum, as torch computes `tensor * python_float`. Returns the blended `b`.
-fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> CResult<Tensor> {
+pub(super) fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> CResult<Tensor> {
     let (na, nb) = (a.dim(dim)?, b.dim(dim)?);
     let extent = extent.min(na).min(nb);
     if extent == 0 {
@@ -297,6 +346,63 @@ fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> CResult<Tensor> {
     Tensor::cat(&[&mixed, &b.narrow(dim, extent, nb - extent)?], dim)
 }
 
+/// The sizes both halves of an `AutoencoderKL` are built with, read and checked once from its `config.json`.
+#[derive(Debug, Clone)]
+pub(super) struct VaeShape {
+    pub(super) block_out_channels: Vec<usize>,
+    pub(super) layers_per_block: usize,
+    pub(super) groups: usize,
+    pub(super) latent_channels: usize,
+    pub(super) scale_factor: usize,
+    pub(super) scaling_factor: f64,
+}
+
+impl VaeShape {
+    pub(super) fn from_config(c: &ConfigFile) -> Result<Self> {
+        let origin = c.origin();
+        let block_out_channels = c.usize_list("block_out_channels")?;
+        if block_out_channels.is_empty() {
+            return Err(Error::malformed(origin, "`block_out_channels` is empty"));
+        }
+        for (key, want) in [
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ] {
+            if c.present(key).is_some() {
+                let types = c.str_list(key)?;
+                if types.len() != block_out_channels.len() || types.iter().any(|t| t != want) {
+                    return Err(Error::unsupported(
+                        origin,
+                        format!("{key} {types:?} (sketchx builds {want} x block_out_channels)"),
+                    ));
+                }
+            }
+        }
+        c.require("act_fn", &["silu".into()])?;
+        c.require("mid_block_add_attention", &[true.into()])?;
+        let groups = c.usize_or("norm_num_groups", 32)?;
+        if let Some(bad) = block_out_channels
+            .iter()
+            .find(|&&ch| groups == 0 || ch % groups != 0)
+        {
+            return Err(Error::malformed(
+                origin,
+                format!(
+                    "block_out_channels entry {bad} is not divisible by norm_num_groups {groups}"
+                ),
+            ));
+        }
+        Ok(Self {
+            scale_factor: 1 << (block_out_channels.len() - 1),
+            block_out_channels,
+            layers_per_block: c.usize_or("layers_per_block", 1)?,
+            groups,
+            latent_channels: c.usize_or("latent_channels", 4)?,
+            scaling_factor: c.f64_or("scaling_factor", 0.18215)?,
+        })
+    }
+}
+
 /// A loaded VAE with its latent scaling.
 pub struct Vae {
     decoder: Decoder,
@@ -313,57 +419,26 @@ pub struct Vae {
 super::config::var_builder_constructor!(Vae, "the VAE");
 
 impl Vae {
-    /// Builds the VAE from its `config.json` and weights.
+    /// Builds the VAE's decoder from its `config.json` and weights (the encoder's weights are not read: see
+    /// [`VaeEncoder`](super::vae_encoder::VaeEncoder)).
     pub fn load(vb: Weights, c: &ConfigFile) -> Result<Self> {
-        let origin = c.origin();
-        let block_out_channels = c.usize_list("block_out_channels")?;
-        if block_out_channels.is_empty() {
-            return Err(Error::malformed(origin, "`block_out_channels` is empty"));
-        }
-        for (key, want) in [
-            ("down_block_types", "DownEncoderBlock2D"),
-            ("up_block_types", "UpDecoderBlock2D"),
-        ] {
-            if c.present(key).is_some() {
-                let types = c.str_list(key)?;
-                if types.len() != block_out_channels.len() || types.iter().any(|t| t != want) {
-                    return Err(Error::unsupported(
-                        origin,
-                        format!("{key} {types:?} (sketchx decodes {want} x block_out_channels)"),
-                    ));
-                }
-            }
-        }
-        c.require("act_fn", &["silu".into()])?;
-        c.require("mid_block_add_attention", &[true.into()])?;
-        let norm_num_groups = c.usize_or("norm_num_groups", 32)?;
-        if let Some(bad) = block_out_channels
-            .iter()
-            .find(|&&ch| norm_num_groups == 0 || ch % norm_num_groups != 0)
-        {
-            return Err(Error::malformed(
-                origin,
-                format!("block_out_channels entry {bad} is not divisible by norm_num_groups {norm_num_groups}"),
-            ));
-        }
-        let latent_channels = c.usize_or("latent_channels", 4)?;
+        let shape = VaeShape::from_config(c)?;
         let decoder = Decoder::new(
             vb,
-            &block_out_channels,
-            c.usize_or("layers_per_block", 1)?,
-            latent_channels,
+            &shape.block_out_channels,
+            shape.layers_per_block,
+            shape.latent_channels,
             c.usize_or("out_channels", 3)?,
-            norm_num_groups,
+            shape.groups,
             c.bool_or("use_post_quant_conv", true)?,
         )?;
-        let scale_factor = 1 << (block_out_channels.len() - 1);
         Ok(Self {
             decoder,
-            tiling: VaeTiling::from_config(c, scale_factor)?,
-            origin: origin.to_string(),
-            scaling_factor: c.f64_or("scaling_factor", 0.18215)?,
-            scale_factor,
-            latent_channels,
+            tiling: VaeTiling::from_config(c, shape.scale_factor)?,
+            origin: c.origin().to_string(),
+            scaling_factor: shape.scaling_factor,
+            scale_factor: shape.scale_factor,
+            latent_channels: shape.latent_channels,
         })
     }
 
@@ -395,36 +470,12 @@ impl Vae {
         if !t.applies_to(h, w) {
             return Ok(self.decoder.forward(&scaled)?);
         }
-        let stride = t.latent_stride;
-        let mut rows = Vec::with_capacity(h.div_ceil(stride));
-        let mut above: Vec<Tensor> = Vec::new();
-        for i in (0..h).step_by(stride) {
-            let mut row: Vec<Tensor> = Vec::with_capacity(w.div_ceil(stride));
-            let mut kept = Vec::with_capacity(w.div_ceil(stride));
-            for (k, j) in (0..w).step_by(stride).enumerate() {
-                let tile = scaled
-                    .narrow(2, i, t.latent_size.min(h - i))?
-                    .narrow(3, j, t.latent_size.min(w - j))?
-                    .contiguous()?;
-                let mut tile = self.decoder.forward(&tile)?;
-                if let Some(up) = above.get(k) {
-                    tile = blend(up, &tile, t.blend_extent, 2)?;
-                }
-                if let Some(left) = row.last() {
-                    tile = blend(left, &tile, t.blend_extent, 3)?;
-                }
-                let (_, _, th, tw) = tile.dims4()?;
-                kept.push(tile.narrow(2, 0, t.row_limit.min(th))?.narrow(
-                    3,
-                    0,
-                    t.row_limit.min(tw),
-                )?);
-                row.push(tile);
-            }
-            rows.push(Tensor::cat(&kept, 3)?);
-            above = row;
-        }
-        Ok(Tensor::cat(&rows, 2)?)
+        Ok(tiled(
+            &scaled,
+            (t.latent_size, t.latent_stride),
+            (t.blend_extent, t.row_limit),
+            |tile| self.decoder.forward(tile),
+        )?)
     }
 }
 

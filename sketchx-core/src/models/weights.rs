@@ -71,14 +71,31 @@ impl SafetensorsFile {
         }
         let mut header = vec![0u8; n as usize];
         read_exact_into(&file, &mut header, 8).map_err(|e| Error::io(path, e))?;
-        let metadata = parse_header(&header)
-            .map_err(|e| malformed(format!("invalid safetensors header: {e}")))?;
+        let metadata = parse_header(&header).map_err(|e| {
+            malformed(format!(
+                "invalid safetensors header: {e}{}",
+                diagnose_header(&header)
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            ))
+        })?;
         drop(header);
         let data_start = 8 + n;
         let expected = data_start + metadata.data_len() as u64;
         if expected > len {
+            // Name the first tensor whose bytes are not all in the file.
+            let past = metadata
+                .offset_keys()
+                .into_iter()
+                .find(|k| {
+                    metadata
+                        .info(k)
+                        .is_some_and(|i| data_start + i.data_offsets.1 as u64 > len)
+                })
+                .map(|k| format!(" (tensor {k} ends past it)"))
+                .unwrap_or_default();
             return Err(malformed(format!(
-                "truncated: the header describes {expected} bytes but the file has {len}"
+                "truncated or a lying header: the header describes {expected} bytes but the file has {len}{past}"
             )));
         }
         if expected < len {
@@ -302,6 +319,54 @@ impl SimpleBackend for SafetensorsFile {
     fn contains_tensor(&self, name: &str) -> bool {
         self.metadata.info(name).is_some()
     }
+}
+
+/// The first tensor of a header the `safetensors` crate refused whose entry is wrong in itself: an unknown dtype,
+/// data offsets that do not hold its shape, or offsets that do not follow the previous tensor's (the crate's own
+/// messages do not name the tensor).
+fn diagnose_header(header: &[u8]) -> Option<String> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let mut entries: Vec<(&String, u64, u64, &serde_json::Value)> = Vec::new();
+    for (name, v) in map.iter().filter(|(k, _)| *k != "__metadata__") {
+        let offsets = v.get("data_offsets")?.as_array()?;
+        let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        entries.push((name, start, end, v));
+    }
+    entries.sort_by_key(|e| (e.1, e.2));
+    let mut next = 0u64;
+    for (name, start, end, v) in entries {
+        let dtype = v.get("dtype")?.as_str()?;
+        let shape: Option<Vec<u64>> = v
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_u64)
+            .collect();
+        let Some(shape) = shape else {
+            return Some(format!("tensor {name}: its shape is not a list of sizes"));
+        };
+        let Ok(dt) = serde_json::from_value::<Dtype>(dtype.into()) else {
+            return Some(format!("tensor {name}: unknown dtype {dtype}"));
+        };
+        let bits = shape
+            .iter()
+            .try_fold(dt.bitsize() as u64, |a, &d| a.checked_mul(d));
+        let needed = bits.map(|b| b.div_ceil(8));
+        if needed != end.checked_sub(start) {
+            return Some(format!(
+                "tensor {name}: {dtype} {shape:?} needs {} bytes, its data_offsets [{start}, {end}] give {}",
+                needed.map_or("too many".into(), |n| n.to_string()),
+                end as i128 - start as i128
+            ));
+        }
+        if start != next {
+            return Some(format!(
+                "tensor {name}: its data_offsets [{start}, {end}] do not follow the previous tensor's end {next}"
+            ));
+        }
+        next = end;
+    }
+    None
 }
 
 /// A type for which every bit pattern of its size is a value (the integers and floats tensors hold), so that its

@@ -368,6 +368,39 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     }
 }
 
+/// `C += A B` in f32 on the calling thread only, through raw pointers: for callers that already split their work
+/// across threads and write interleaved parts of one buffer (attention's heads and query tiles). `b` must be
+/// packed in f32.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW (callers check [`Format::has_fast_kernel`] and keep a portable path). `a`
+/// must point to `m` rows of `b.k()` readable f32 values `lda` apart, and `c` to `m` rows of `b.n()` f32
+/// values `ldc` apart that no one else reads or writes meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_f32_serial(
+    m: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+) {
+    assert_eq!(b.format, Format::F32, "B is packed in bf16");
+    assert!(
+        lda >= b.k && ldc >= b.n,
+        "row strides shorter than the rows"
+    );
+    if m == 0 || b.n == 0 || b.k == 0 {
+        return;
+    }
+    let view = AView::Rows {
+        ptr: a.cast(),
+        elem: 4,
+        lda,
+    };
+    tiles(m, view, b, c, ldc, false);
+}
+
 /// Checks that `C` (`m x b.n()`, row stride `ldc`) fits in `c_len`; `false` when there is nothing to compute.
 fn check(m: usize, b: &PackedB, c_len: usize, ldc: usize) -> bool {
     if m == 0 || b.n == 0 || b.k == 0 {
@@ -409,7 +442,7 @@ fn run(
 ) {
     #[cfg(target_arch = "x86_64")]
     if b.format.has_fast_kernel() {
-        tiles(m, a, b, c, ldc);
+        tiles(m, a, b, c.as_mut_ptr(), ldc, true);
         return;
     }
     let _ = a;
@@ -455,24 +488,29 @@ pub(crate) fn plain_gemm_f32(
     }
 }
 
-/// Splits `C` into tiles of up to [`MB_MAX`] rows x `NP * NR` columns, run in parallel, each walking `k` in
-/// blocks of [`KC`] words and its rows in groups of [`MR`].
+/// Splits `C` (`m x b.n()` from `c`, row stride `ldc`, which the caller has checked) into tiles of up to
+/// [`MB_MAX`] rows x `NP * NR` columns, run in parallel (or one after the other), each walking `k` in blocks of
+/// [`KC`] words and its rows in groups of [`MR`].
 #[cfg(target_arch = "x86_64")]
-fn tiles(m: usize, a: AView, b: &PackedB, c: &mut [f32], ldc: usize) {
+fn tiles(m: usize, a: AView, b: &PackedB, c: *mut f32, ldc: usize, parallel: bool) {
     let (k, n) = (b.k, b.n);
     let panels = n.div_ceil(NR);
     let col_blocks = panels.div_ceil(NP);
     // Rows per task: as many as fit the L2 budget, fewer when that leaves threads idle.
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        0
+    };
     let mut mb = MB_MAX.min(m.div_ceil(MR) * MR);
     while mb > MR && m.div_ceil(mb) * col_blocks < 4 * threads {
         mb = (mb / 2).div_ceil(MR) * MR;
     }
     let row_blocks = m.div_ceil(mb);
-    let cptr = SendPtr(c.as_mut_ptr());
+    let cptr = SendPtr(c);
     let (words, panel_len, per) = (b.words(), b.panel_len(), b.format.per_word());
     let bf16 = b.format == Format::Bf16;
-    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+    let task = |t: usize| {
         let cptr = &cptr;
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
@@ -515,12 +553,17 @@ fn tiles(m: usize, a: AView, b: &PackedB, c: &mut [f32], ldc: usize) {
                     ldc,
                     last_cols,
                 };
-                // SAFETY: the CPU has the kernel's features (checked by `run`); tiles of C are disjoint.
+                // SAFETY: the CPU has the kernel's features (checked by `run` / `gemm_f32_serial`); tiles of C are disjoint.
                 unsafe { x86::dispatch(bf16, mr, np, &call) };
                 r += mr;
             }
         }
-    });
+    };
+    if parallel {
+        (0..row_blocks * col_blocks).into_par_iter().for_each(task);
+    } else {
+        (0..row_blocks * col_blocks).for_each(task);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -158,7 +158,7 @@ impl JobStore for MemoryStore {
             if t.queue.len() >= capacity {
                 return Err(Error::QueueFull { capacity });
             }
-            let total_steps = job.request.steps as usize;
+            let total_steps = job.request.denoising_steps();
             t.jobs.insert(
                 id.clone(),
                 Record {

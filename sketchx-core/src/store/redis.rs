@@ -35,7 +35,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::jobs::{messages, JobId, JobState, JobStatus};
 use crate::jobs::{EventCallback, Preview};
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, StartImage};
 use crate::sketch::Sketch;
 
 /// The key prefix unless told otherwise.
@@ -226,20 +226,35 @@ fn array(v: Value) -> Vec<Value> {
     }
 }
 
-/// The request as it travels through the store: JSON with the scheduler and preprocessing by name.
+/// How a request's start image is named in the stored JSON; an `"image"`'s pixels follow the sketch's in the
+/// job's sketch key.
+fn start_image_name(s: Option<&StartImage>) -> Option<&'static str> {
+    s.map(|s| match s {
+        StartImage::Sketch => StartImage::SKETCH_NAME,
+        StartImage::Image(_) => "image",
+    })
+}
+
+/// The request as it travels through the store: JSON with the scheduler and preprocessing by name, the start
+/// image by [`start_image_name`] (its pixels travel with the sketch's: [`images_to_bytes`]).
 fn request_to_json(r: &GenerationRequest) -> String {
     serde_json::json!({
+        "start_image": start_image_name(r.start_image.as_ref()), "strength": r.strength,
+        "canny_low_threshold": r.canny_low_threshold, "canny_high_threshold": r.canny_high_threshold,
         "prompt": r.prompt, "negative_prompt": r.negative_prompt, "temperature": r.temperature,
         "controlnet_scale": r.controlnet_scale, "guidance_scale": r.guidance_scale,
         "num_images": r.num_images, "steps": r.steps, "seed": r.seed, "width": r.width, "height": r.height,
         "scheduler": r.scheduler.as_str(), "preprocess": r.preprocess.as_str(), "guess_mode": r.guess_mode,
         "control_guidance_start": r.control_guidance_start, "control_guidance_end": r.control_guidance_end,
         "timestep_spacing": r.timestep_spacing.map(|s| s.as_str()), "eta": r.eta, "vae": r.vae.as_str(),
+        "clip_skip": r.clip_skip,
     })
     .to_string()
 }
 
-fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> {
+/// The request stored by [`request_to_json`], and whether a start image's pixels follow the sketch's (the request's
+/// `start_image` is then set by [`images_from_bytes`]).
+fn request_from_json(s: &str) -> std::result::Result<(GenerationRequest, bool), String> {
     let v: serde_json::Value = serde_json::from_str(s).map_err(|e| e.to_string())?;
     let field = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
     fn typed<T: serde::de::DeserializeOwned>(
@@ -250,7 +265,28 @@ fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> 
     }
     let get = |k: &str| typed(field(k), k);
     let named = |k: &str| -> std::result::Result<String, String> { typed(field(k), k) };
-    Ok(GenerationRequest {
+    let d = GenerationRequest::DEFAULT;
+    // Absent in jobs queued before img2img and canny existed: no start image, the defaults.
+    let start = typed::<Option<String>>(field("start_image"), "start_image")?;
+    let (start_image, image_follows) = match start.as_deref() {
+        None => (None, false),
+        Some(StartImage::SKETCH_NAME) => (Some(StartImage::Sketch), false),
+        Some("image") => (None, true),
+        Some(other) => return Err(format!("start_image: unknown kind {other:?}")),
+    };
+    let request = GenerationRequest {
+        start_image,
+        strength: typed::<Option<f64>>(field("strength"), "strength")?.unwrap_or(d.strength),
+        canny_low_threshold: typed::<Option<u32>>(
+            field("canny_low_threshold"),
+            "canny_low_threshold",
+        )?
+        .unwrap_or(d.canny_low_threshold),
+        canny_high_threshold: typed::<Option<u32>>(
+            field("canny_high_threshold"),
+            "canny_high_threshold",
+        )?
+        .unwrap_or(d.canny_high_threshold),
         prompt: typed(field("prompt"), "prompt")?,
         negative_prompt: typed(field("negative_prompt"), "negative_prompt")?,
         temperature: get("temperature")?,
@@ -278,9 +314,12 @@ fn request_from_json(s: &str) -> std::result::Result<GenerationRequest, String> 
         // Absent in jobs queued before the field existed: the default.
         vae: match typed::<Option<String>>(field("vae"), "vae")? {
             Some(name) => name.parse().map_err(|e: Error| e.to_string())?,
-            None => GenerationRequest::DEFAULT.vae,
+            None => d.vae,
         },
-    })
+        clip_skip: typed::<Option<u32>>(field("clip_skip"), "clip_skip")?
+            .unwrap_or(GenerationRequest::DEFAULT.clip_skip),
+    };
+    Ok((request, image_follows))
 }
 
 /// A sketch as stored: width and height (u32 little-endian), then RGB8 pixels.
@@ -292,15 +331,64 @@ fn sketch_to_bytes(s: &Sketch) -> Vec<u8> {
     b
 }
 
+/// A job's images as stored under its sketch key: the sketch ([`sketch_to_bytes`]), then the start image's
+/// the same way when the request has one of its own.
+fn images_to_bytes(sketch: &Sketch, request: &GenerationRequest) -> Vec<u8> {
+    let mut b = sketch_to_bytes(sketch);
+    if let Some(StartImage::Image(image)) = &request.start_image {
+        b.extend_from_slice(&sketch_to_bytes(image));
+    }
+    b
+}
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn sketch_from_bytes(b: &[u8]) -> Result<Sketch> {
+/// One image stored by [`sketch_to_bytes`] at the start of `b`, and the bytes after it.
+fn image_from_bytes<'a>(b: &'a [u8], field: &'static str) -> Result<(Sketch, &'a [u8])> {
+    let truncated = || Error::invalid(field, "stored image is truncated");
     let (Some(w), Some(h)) = (u32_at(b, 0), u32_at(b, 4)) else {
-        return Err(Error::invalid("sketch", "stored sketch is truncated"));
+        return Err(truncated());
     };
-    Sketch::from_rgb8(w, h, b[8..].to_vec())
+    let len = (w as usize)
+        .checked_mul(h as usize)
+        .and_then(|n| n.checked_mul(3))
+        .ok_or_else(truncated)?;
+    let pixels = b
+        .get(8..)
+        .and_then(|p| p.get(..len))
+        .ok_or_else(truncated)?;
+    Ok((Sketch::from_rgb8(w, h, pixels.to_vec())?, &b[8 + len..]))
+}
+
+fn sketch_from_bytes(b: &[u8]) -> Result<Sketch> {
+    let (sketch, rest) = image_from_bytes(b, "sketch")?;
+    if !rest.is_empty() {
+        return Err(Error::invalid("sketch", "stored sketch has trailing bytes"));
+    }
+    Ok(sketch)
+}
+
+/// The sketch, and the start image when `image_follows` (set into `request`), as [`images_to_bytes`] stored them.
+fn images_from_bytes(
+    b: &[u8],
+    request: &mut GenerationRequest,
+    image_follows: bool,
+) -> Result<Sketch> {
+    if !image_follows {
+        return sketch_from_bytes(b);
+    }
+    let (sketch, rest) = image_from_bytes(b, "sketch")?;
+    let (image, rest) = image_from_bytes(rest, "start_image")?;
+    if !rest.is_empty() {
+        return Err(Error::invalid(
+            "start_image",
+            "stored start image has trailing bytes",
+        ));
+    }
+    request.start_image = Some(StartImage::Image(std::sync::Arc::new(image)));
+    Ok(sketch)
 }
 
 /// A preview as stored: step, width, height (u32 little-endian), then RGB8 pixels.
@@ -647,7 +735,10 @@ impl RedisStore {
         let sketch = parts.next().and_then(bytes).unwrap_or_default();
         let decoded = request_from_json(&request)
             .map_err(|m| Error::invalid("request", format!("stored request of job {id}: {m}")))
-            .and_then(|r| Ok((r, sketch_from_bytes(&sketch)?)));
+            .and_then(|(mut r, image_follows)| {
+                let sketch = images_from_bytes(&sketch, &mut r, image_follows)?;
+                Ok((r, sketch))
+            });
         let claim = |request, sketch| Claim {
             id: job_id.clone(),
             request,
@@ -807,7 +898,7 @@ impl JobStore for RedisStore {
             ("state", "queued".into()),
             ("message", messages::QUEUED.into()),
             ("step", "0".into()),
-            ("total_steps", job.request.steps.to_string()),
+            ("total_steps", job.request.denoising_steps().to_string()),
             ("decoded", "0".into()),
             ("seed", job.request.seed.unwrap_or_default().to_string()),
             ("num_images", job.request.num_images.to_string()),
@@ -817,7 +908,7 @@ impl JobStore for RedisStore {
             ("request", request_to_json(&job.request)),
             ("attempts", "0".into()),
         ];
-        let sketch = sketch_to_bytes(&job.sketch);
+        let sketch = images_to_bytes(&job.sketch, &job.request);
         let r: i64 = self.pool.run(|c| {
             let mut inv = self.scripts.enqueue.prepare_invoke();
             inv.key(self.key("queued"))
@@ -1139,17 +1230,77 @@ mod tests {
             scheduler: "ddim".parse().unwrap(),
             preprocess: "none".parse().unwrap(),
             vae: "tiny".parse().unwrap(),
+            clip_skip: 2,
             ..Default::default()
         };
-        assert_eq!(request_from_json(&request_to_json(&r)).unwrap(), r);
-        // A job stored without the field decodes with the default VAE.
-        let mut v: serde_json::Value = serde_json::from_str(&request_to_json(&r)).unwrap();
-        v.as_object_mut().unwrap().remove("vae");
         assert_eq!(
-            request_from_json(&v.to_string()).unwrap().vae,
-            GenerationRequest::DEFAULT.vae
+            request_from_json(&request_to_json(&r)).unwrap(),
+            (r.clone(), false)
+        );
+        // Jobs stored without the newer fields decode with their defaults.
+        let mut v: serde_json::Value = serde_json::from_str(&request_to_json(&r)).unwrap();
+        for k in [
+            "vae",
+            "start_image",
+            "strength",
+            "canny_low_threshold",
+            "canny_high_threshold",
+            "clip_skip",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let defaults = GenerationRequest {
+            vae: GenerationRequest::DEFAULT.vae,
+            clip_skip: GenerationRequest::DEFAULT.clip_skip,
+            ..r
+        };
+        assert_eq!(
+            request_from_json(&v.to_string()).unwrap(),
+            (defaults, false)
         );
         assert!(request_from_json("{}").is_err());
+    }
+
+    #[test]
+    fn start_images_and_canny_thresholds_round_trip_with_the_sketch() {
+        let sketch = Sketch::from_rgb8(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
+        let image = Sketch::from_rgb8(1, 2, vec![9, 8, 7, 6, 5, 4]).unwrap();
+        for start in [
+            None,
+            Some(StartImage::Sketch),
+            Some(StartImage::Image(std::sync::Arc::new(image))),
+        ] {
+            let r = GenerationRequest {
+                start_image: start,
+                strength: 0.35,
+                canny_low_threshold: 7,
+                canny_high_threshold: 900,
+                ..Default::default()
+            };
+            let (mut back, follows) = request_from_json(&request_to_json(&r)).unwrap();
+            let blob = images_to_bytes(&sketch, &r);
+            assert_eq!(
+                images_from_bytes(&blob, &mut back, follows).unwrap(),
+                sketch
+            );
+            assert_eq!(back, r);
+            if follows {
+                // A blob cut inside the start image is an error naming it, never a panic.
+                let cut = &blob[..blob.len() - 1];
+                let err = images_from_bytes(cut, &mut back, follows).unwrap_err();
+                assert!(matches!(
+                    err,
+                    Error::InvalidRequest {
+                        field: "start_image",
+                        ..
+                    }
+                ));
+            }
+        }
+        let mut v: serde_json::Value =
+            serde_json::from_str(&request_to_json(&GenerationRequest::default())).unwrap();
+        v["start_image"] = "elsewhere".into();
+        assert!(request_from_json(&v.to_string()).is_err());
     }
 
     #[test]

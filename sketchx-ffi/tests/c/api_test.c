@@ -3,7 +3,8 @@
  * job ids, invalid parameters, bad sketches and models, buffers too small, calls after shutdown, and the frees
  * documented as safe (NULL, shutdown twice). Then a full job lifecycle: submit, progress callback, poll, wait,
  * the PNG bytes of a finished job, timeout, cancel, queue full, preview, cleanup, shutdown. Then the
- * `vae_tiling` option. Last, the Redis client (and, with SKETCHX_TEST_REDIS_URL, a worker serving it).
+ * `vae_tiling` option, textual inversion embeddings and clip skip. Last, the Redis client (and, with
+ * SKETCHX_TEST_REDIS_URL, a worker serving it).
  *
  *   api_test FIXTURES_DIR WORK_DIR      (WORK_DIR: an empty, writable directory)
  *
@@ -338,7 +339,7 @@ static void test_pipeline(const char *fixtures, const char *work) {
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "height");
     bad = req; bad.scheduler = "plms";
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "scheduler");
-    bad = req; bad.preprocess = "canny";
+    bad = req; bad.preprocess = "hed";
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "preprocess");
     bad = req; bad.guess_mode = 7;
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "guess_mode");
@@ -668,6 +669,144 @@ static void test_few_step(const char *fixtures, const char *work) {
     sketchx_pipeline_free(p);
 }
 
+/* One 2-step job with `prompt` / `negative_prompt` and `clip_skip` on a pipeline with `embedding_count`
+ * embeddings. Returns the PNG's bytes (malloc'd), NULL on failure. */
+static char *embedding_png(const char *fixtures, const char *out_dir, const char *const *embeddings,
+                           size_t embedding_count, const char *prompt, const char *negative_prompt,
+                           uint32_t clip_skip, size_t *len) {
+    char sd[1024], cn[1024], sketch_path[1024];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    opt.embeddings = embeddings;
+    opt.embedding_count = embedding_count;
+    sketchx_pipeline *p = NULL;
+    char *png = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return NULL;
+    sketchx_request req;
+    request_for_tests(&req, 2);
+    req.prompt = prompt;
+    req.negative_prompt = negative_prompt;
+    req.clip_skip = clip_skip;
+    sketchx_job_id id;
+    sketchx_status *st = NULL;
+    CHECK_OK(sketchx_pipeline_submit_file(p, &req, sketch_path, &id));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
+    if (st != NULL && sketchx_status_image_count(st) == 1) png = read_file(sketchx_status_image_path(st, 0), len);
+    CHECK(png != NULL);
+    sketchx_status_free(st);
+    sketchx_pipeline_free(p);
+    return png;
+}
+
+/* Textual inversion embeddings (options) and clip skip (request): each changes the image; a token already in the
+ * vocabulary, a missing file and out-of-range clip skips are refused by name. */
+static void test_textual_inversion(const char *fixtures, const char *work) {
+    sketchx_request req;
+    sketchx_pipeline_options opt;
+    sketchx_request_init(&req);
+    sketchx_pipeline_options_init(&opt);
+    CHECK(req.clip_skip == 0 && opt.embeddings == NULL && opt.embedding_count == 0);
+
+    char out_dir[1100], neg[1100], cat[1100], taken[1100], missing[1100];
+    snprintf(out_dir, sizeof out_dir, "%s/out-ti", work);
+    snprintf(neg, sizeof neg, "%s/formats/textual_inversion/tiny-neg.safetensors:tinyneg", fixtures);
+    snprintf(cat, sizeof cat, "%s/formats/textual_inversion/learned_embeds.safetensors", fixtures);
+    snprintf(taken, sizeof taken, "%s/formats/textual_inversion/learned_embeds.safetensors:cat", fixtures);
+    snprintf(missing, sizeof missing, "%s/formats/textual_inversion/missing.pt:tok", fixtures);
+    const char *both[2] = {neg, cat};
+    size_t n_plain = 0, n_ti = 0, n_skip = 0;
+    char *plain = embedding_png(fixtures, out_dir, NULL, 0, "a <tiny-cat> house", "tinyneg, lowres", 0, &n_plain);
+    char *ti = embedding_png(fixtures, out_dir, both, 2, "a <tiny-cat> house", "tinyneg, lowres", 0, &n_ti);
+    char *skip = embedding_png(fixtures, out_dir, both, 2, "a <tiny-cat> house", "tinyneg, lowres", 1, &n_skip);
+    if (plain != NULL && ti != NULL) CHECK(n_plain != n_ti || memcmp(plain, ti, n_plain) != 0);
+    if (ti != NULL && skip != NULL) CHECK(n_ti != n_skip || memcmp(ti, skip, n_ti) != 0);
+    free(plain);
+    free(ti);
+    free(skip);
+
+    char sd[1024], cn[1024], sketch_path[1024];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_black_on_white.png", fixtures);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = (sketchx_pipeline *)0x1;
+    const char *bad[1] = {taken};
+    opt.embeddings = bad;
+    opt.embedding_count = 1;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_MALFORMED, "");
+    CHECK(strstr(sketchx_last_error_message(), "learned_embeds.safetensors") != NULL);
+    CHECK(strstr(sketchx_last_error_message(), "cat") != NULL);
+    bad[0] = missing;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_NOT_FOUND, "");
+    CHECK(strstr(sketchx_last_error_message(), "missing.pt") != NULL);
+    bad[0] = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_INVALID_UTF8, "");
+    opt.embeddings = NULL;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_NULL_ARGUMENT, "");
+    CHECK(p == (sketchx_pipeline *)0x1);
+
+    opt.embedding_count = 0;
+    p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return;
+    sketchx_job_id id;
+    request_for_tests(&req, 2);
+    req.clip_skip = 13; /* beyond the request's range */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, &id), SKETCHX_INVALID_REQUEST, "clip_skip");
+    req.clip_skip = 3; /* beyond the tiny text encoder's 2 layers */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &req, sketch_path, &id), SKETCHX_INVALID_REQUEST, "clip_skip");
+    sketchx_pipeline_free(p);
+}
+
+/* Single files: a checkpoint with its config folder, an original-format ControlNet and a VAE file load; a file of
+ * another family is refused with SKETCHX_MODEL_UNSUPPORTED naming it; a missing yaml is SKETCHX_MODEL_NOT_FOUND. */
+static void test_single_file(const char *fixtures, const char *work) {
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    CHECK(opt.model_config == NULL && opt.original_config == NULL && opt.extract_ema == 0);
+    CHECK(opt.controlnet_config == NULL && opt.vae == NULL);
+    char model[1100], config[1100], cn[1100], vae[1100], sd2[1100], out_dir[1100];
+    snprintf(model, sizeof model, "%s/formats/single_file/tiny-sd-ema.ckpt", fixtures);
+    snprintf(config, sizeof config, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/formats/single_file/tiny-controlnet.pth", fixtures);
+    snprintf(vae, sizeof vae, "%s/formats/single_file/tiny-vae-alt.safetensors", fixtures);
+    snprintf(sd2, sizeof sd2, "%s/formats/bad/sd2.safetensors", fixtures);
+    snprintf(out_dir, sizeof out_dir, "%s/out-single-file", work);
+    opt.model = model;
+    opt.model_config = config;
+    opt.extract_ema = 1;
+    opt.controlnet = cn;
+    opt.vae = vae;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    sketchx_pipeline_free(p);
+    opt.model = sd2;
+    p = (sketchx_pipeline *)0x1;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_UNSUPPORTED, "");
+    CHECK(strstr(sketchx_last_error_message(), "sd2.safetensors") != NULL);
+    CHECK(strstr(sketchx_last_error_message(), "cond_stage_model.model.") != NULL);
+    CHECK(p == (sketchx_pipeline *)0x1);
+    opt.model = model;
+    opt.model_config = NULL;
+    opt.original_config = "/no/such/v1-inference.yaml";
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_MODEL_NOT_FOUND, "");
+    opt.original_config = BAD_UTF8;
+    CHECK_ERR(sketchx_pipeline_new(&opt, &p), SKETCHX_INVALID_UTF8, "");
+}
+
 /* The Redis client: argument errors and an unreachable server without one; with SKETCHX_TEST_REDIS_URL set (as
  * scripts/test does), a client that refuses bad input and unknown ids and queues a job. */
 static void test_redis_client(const char *fixtures, const char *work) {
@@ -738,6 +877,112 @@ static void test_redis_client(const char *fixtures, const char *work) {
     sketchx_pipeline_free(p);
 }
 
+/* One 4-step job on tiny-sd with `req` (its size, seed and steps set here); returns the PNG's bytes (malloc'd). */
+static char *img2img_png(sketchx_pipeline *p, sketchx_request *req, const char *sketch_path, size_t *len) {
+    sketchx_job_id id;
+    sketchx_status *st = NULL;
+    char *png = NULL;
+    req->prompt = "a house";
+    req->steps = 4;
+    req->width = 64;
+    req->height = 64;
+    req->has_seed = 1;
+    req->seed = 3;
+    CHECK_OK(sketchx_pipeline_submit_file(p, req, sketch_path, &id));
+    CHECK_OK(sketchx_pipeline_wait(p, id.id, JOB_WAIT_MS, &st));
+    if (st != NULL && sketchx_status_image_count(st) == 1) png = read_file(sketchx_status_image_path(st, 0), len);
+    CHECK(png != NULL);
+    sketchx_status_free(st);
+    return png;
+}
+
+/* img2img (the sketch's colours, another image's bytes) and the lineart / canny preprocessors: defaults, each
+ * changes the image, bad values are named. */
+static void test_img2img_and_preprocess(const char *fixtures, const char *work) {
+    char sd[1024], cn[1024], sketch_path[1024], other_path[1024], out_dir[1100];
+    snprintf(sd, sizeof sd, "%s/tiny-sd", fixtures);
+    snprintf(cn, sizeof cn, "%s/tiny-controlnet", fixtures);
+    snprintf(sketch_path, sizeof sketch_path, "%s/sketches/house_colour.png", fixtures);
+    snprintf(other_path, sizeof other_path, "%s/sketches/house_colour_alt.png", fixtures);
+    snprintf(out_dir, sizeof out_dir, "%s/out-img2img", work);
+    sketchx_request req;
+    sketchx_request_init(&req);
+    CHECK(req.start_image == NULL && req.start_image_len == 0 && req.start_image_from_sketch == 0);
+    CHECK(req.strength == 0.8 && req.canny_low_threshold == 100 && req.canny_high_threshold == 200);
+
+    sketchx_pipeline_options opt;
+    sketchx_pipeline_options_init(&opt);
+    opt.model = sd;
+    opt.controlnet = cn;
+    opt.output_dir = out_dir;
+    opt.cleanup_interval_secs = 0;
+    sketchx_pipeline *p = NULL;
+    CHECK_OK(sketchx_pipeline_new(&opt, &p));
+    if (p == NULL) return;
+    size_t other_len = 0;
+    char *other = read_file(other_path, &other_len);
+    CHECK(other != NULL);
+
+    sketchx_job_id id;
+    sketchx_request bad;
+    sketchx_request_init(&bad);
+    bad.start_image_from_sketch = 1;
+    bad.strength = 1.5;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "strength");
+    bad.strength = NAN;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "strength");
+    bad.strength = 0.01; /* int(30 * 0.01) = 0 steps */
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "strength");
+    sketchx_request_init(&bad);
+    bad.start_image = (const uint8_t *)"not an image";
+    bad.start_image_len = 12;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "start_image");
+    bad.start_image_from_sketch = 1;
+    bad.start_image = (const uint8_t *)other;
+    bad.start_image_len = other_len;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "start_image");
+    sketchx_request_init(&bad);
+    bad.preprocess = "canny";
+    bad.canny_low_threshold = 300;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "canny_low_threshold");
+    bad.canny_low_threshold = 10;
+    bad.canny_high_threshold = 3000;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "canny_high_threshold");
+
+    /* Five images: text-to-image, img2img from the sketch, from the other image, lineart, canny: all differ. */
+    char *png[5] = {NULL, NULL, NULL, NULL, NULL};
+    size_t len[5] = {0, 0, 0, 0, 0};
+    sketchx_request_init(&req);
+    png[0] = img2img_png(p, &req, sketch_path, &len[0]);
+    sketchx_request_init(&req);
+    req.start_image_from_sketch = 1;
+    req.strength = 0.5;
+    png[1] = img2img_png(p, &req, sketch_path, &len[1]);
+    sketchx_request_init(&req);
+    req.start_image = (const uint8_t *)other;
+    req.start_image_len = other_len;
+    req.strength = 0.5;
+    png[2] = img2img_png(p, &req, sketch_path, &len[2]);
+    sketchx_request_init(&req);
+    req.preprocess = "lineart";
+    png[3] = img2img_png(p, &req, sketch_path, &len[3]);
+    sketchx_request_init(&req);
+    req.preprocess = "Canny";
+    req.canny_low_threshold = 50;
+    req.canny_high_threshold = 100;
+    png[4] = img2img_png(p, &req, sketch_path, &len[4]);
+    for (int i = 0; i < 5; i++) {
+        for (int j = i + 1; j < 5; j++) {
+            if (png[i] != NULL && png[j] != NULL) CHECK(len[i] != len[j] || memcmp(png[i], png[j], len[i]) != 0);
+        }
+    }
+    for (int i = 0; i < 5; i++) free(png[i]);
+    free(other);
+    sketchx_pipeline_free(p);
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: %s FIXTURES_DIR WORK_DIR\n", argv[0]);
@@ -746,7 +991,10 @@ int main(int argc, char **argv) {
     test_static_functions();
     test_pipeline(argv[1], argv[2]);
     test_vae_tiling(argv[1], argv[2]);
+    test_textual_inversion(argv[1], argv[2]);
     test_few_step(argv[1], argv[2]);
+    test_img2img_and_preprocess(argv[1], argv[2]);
+    test_single_file(argv[1], argv[2]);
     test_redis_client(argv[1], argv[2]);
     printf("api_test: %d checks, %d passed, %d failed\n", checks, checks - failures, failures);
     return failures == 0 ? 0 : 1;

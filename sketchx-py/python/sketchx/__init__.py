@@ -120,6 +120,20 @@ class Pipeline:
     ±10 (``InvalidRequestError`` naming ``loras.scale`` otherwise; a bare path means scale 1). ``preview_vae``: a
     tiny VAE (TAESD: local directory or Hub id such as ``madebyollin/taesd``) for live previews and for
     ``submit(..., vae="tiny")``.
+    ``embeddings``: textual inversion embeddings loaded in this order, as ``(path, token)`` pairs (a ``None``
+    token binds the file's own) or ``"PATH[:TOKEN]"`` strings as the CLI's ``--embedding``: A1111 ``.pt`` / ``.safetensors`` and diffusers
+    ``learned_embeds`` files (or a directory or Hub repo holding one, or a Hub file ``owner/name/file``), used
+    through their token in the prompt and the negative prompt as diffusers' ``load_textual_inversion`` does
+    (``ModelLoadError`` for a width other than the text encoder's, a token already in the vocabulary, an unknown
+    layout).
+    Single files: ``model`` may be a ``.safetensors`` / ``.ckpt`` / ``.pt`` checkpoint in the original (A1111)
+    layout and ``controlnet`` a ``.safetensors`` / ``.pth`` in the original layout. ``model_config``: a diffusers
+    folder or Hub id whose configs describe the single-file model (diffusers' ``config=``); ``original_config``: an
+    original LDM ``.yaml`` instead; neither: SD1.5's configs and tokenizer built into sketchx (no Hub access
+    needed). ``extract_ema=True``: the UNet's EMA weights (``model_ema.*``). ``controlnet_config``: a ControlNet
+    folder or Hub id for a single-file ControlNet (default: derived from the UNet's config). ``vae_model``: a VAE
+    replacing the model's (a single file such as ``vae-ft-mse-840000-ema-pruned.safetensors``, a folder or a Hub
+    id).
     ``redis_url``: keep the jobs in that Redis (``redis://host:port``) instead of this process; the pipeline is
     then a worker of the shared queue (and a client of it), see ``connect`` and ``python -m sketchx.worker``.
     ``drain_on_shutdown=True``: ``close`` finishes the pending jobs instead of cancelling them (with Redis: the
@@ -145,6 +159,14 @@ class Pipeline:
             "loras"
         ],
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["preview_vae"],
+        embeddings: Iterable[
+            Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
+        ] = _DEFAULTS["embeddings"],
+        model_config: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["model_config"],
+        original_config: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["original_config"],
+        extract_ema: bool = _DEFAULTS["extract_ema"],
+        controlnet_config: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["controlnet_config"],
+        vae_model: Optional[Union[str, "os.PathLike[str]"]] = _DEFAULTS["vae_model"],
     ) -> None:
         self._native = _sketchx.Pipeline(
             os.fspath(model),
@@ -160,6 +182,12 @@ class Pipeline:
             drain_on_shutdown,
             loras,
             None if preview_vae is None else os.fspath(preview_vae),
+            embeddings,
+            None if model_config is None else os.fspath(model_config),
+            None if original_config is None else os.fspath(original_config),
+            extract_ema,
+            None if controlnet_config is None else os.fspath(controlnet_config),
+            None if vae_model is None else os.fspath(vae_model),
         )
 
     def submit(
@@ -184,6 +212,11 @@ class Pipeline:
         timestep_spacing: Optional[str] = _DEFAULTS["timestep_spacing"],
         eta: float = _DEFAULTS["eta"],
         vae: str = _DEFAULTS["vae"],
+        start_image: Any = _DEFAULTS["start_image"],
+        strength: float = _DEFAULTS["strength"],
+        canny_low_threshold: int = _DEFAULTS["canny_low_threshold"],
+        canny_high_threshold: int = _DEFAULTS["canny_high_threshold"],
+        clip_skip: int = _DEFAULTS["clip_skip"],
     ) -> str:
         """Validates the request, decodes the sketch and queues the job; returns its id at once.
 
@@ -191,11 +224,18 @@ class Pipeline:
         ``PIL.Image.Image`` or a ``numpy.ndarray`` of shape (H, W, 3) or (H, W, 4) and dtype uint8.
         ``scheduler``, ``preprocess``, ``timestep_spacing`` (``None``: the model's) and ``vae`` (``"tiny"`` needs
         the pipeline's ``preview_vae``) take the names in ``sketchx.NAMES`` (any ASCII case); ``eta`` is the
-        stochasticity of the ``ddim`` and ``tcd`` steps; the ranges are in
-        ``sketchx.RANGES``. Raises ``InvalidRequestError`` (naming the field and the allowed range) for bad
+        stochasticity of the ``ddim`` and ``tcd`` steps. ``start_image`` turns on img2img (diffusers'
+        ``StableDiffusionControlNetImg2ImgPipeline``): ``"sketch"`` starts from the sketch's own colours, any other
+        image (given as a sketch is) from that image; ``strength`` says how far it is noised (the last
+        ``int(steps * strength)`` steps run). ``canny_low_threshold`` / ``canny_high_threshold`` are the
+        thresholds of ``preprocess="canny"`` (OpenCV's Canny). ``clip_skip`` is diffusers' (the prompt is encoded
+        by the hidden state that many layers before the last; A1111's "clip skip N" is N - 1; the negative prompt
+        always uses the last layer, as in diffusers). The ranges are in ``sketchx.RANGES``. Raises
+        ``InvalidRequestError`` (naming the field and the allowed range) for bad
         parameters or an undecodable sketch, ``QueueFullError`` when the queue is full.
         """
         data, raw = _sketch_args(sketch)
+        start, start_raw = (None, None) if start_image is None else _sketch_args(start_image)
         return self._native.submit(
             data,
             raw,
@@ -217,6 +257,12 @@ class Pipeline:
             timestep_spacing,
             eta,
             vae,
+            start,
+            start_raw,
+            strength,
+            canny_low_threshold,
+            canny_high_threshold,
+            clip_skip,
         )
 
     def poll(self, job_id: str) -> JobStatus:

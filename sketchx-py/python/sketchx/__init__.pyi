@@ -60,6 +60,14 @@ class Pipeline:
         drain_on_shutdown: bool = False,
         loras: Iterable[Union[Tuple[Union[str, "os.PathLike[str]"], float], str, "os.PathLike[str]"]] = (),
         preview_vae: Optional[Union[str, "os.PathLike[str]"]] = None,
+        embeddings: Iterable[
+            Union[Tuple[Union[str, "os.PathLike[str]"], Optional[str]], str, "os.PathLike[str]"]
+        ] = (),
+        model_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        original_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        extract_ema: bool = False,
+        controlnet_config: Optional[Union[str, "os.PathLike[str]"]] = None,
+        vae_model: Optional[Union[str, "os.PathLike[str]"]] = None,
     ) -> None: ...
     def submit(
         self,
@@ -83,6 +91,11 @@ class Pipeline:
         timestep_spacing: Optional[str] = None,
         eta: float = 0.0,
         vae: str = "full",
+        start_image: Optional[_SketchLike] = None,
+        strength: float = 0.8,
+        canny_low_threshold: int = 100,
+        canny_high_threshold: int = 200,
+        clip_skip: int = 0,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...

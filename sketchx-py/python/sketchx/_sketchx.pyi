@@ -66,6 +66,12 @@ class Pipeline:
         drain_on_shutdown: Optional[bool] = None,
         loras: Optional[Any] = None,
         preview_vae: Optional[str] = None,
+        embeddings: Optional[Any] = None,
+        model_config: Optional[str] = None,
+        original_config: Optional[str] = None,
+        extract_ema: Optional[bool] = None,
+        controlnet_config: Optional[str] = None,
+        vae_model: Optional[str] = None,
     ) -> "Pipeline": ...
     @staticmethod
     def connect(url: str, prefix: Optional[str], queue_capacity: int) -> "Pipeline": ...
@@ -92,6 +98,12 @@ class Pipeline:
         timestep_spacing: Optional[str] = None,
         eta: Optional[float] = None,
         vae: Optional[str] = None,
+        start_image: "str | os.PathLike[str] | bytes | bytearray | None" = None,
+        start_raw: Optional[Tuple[int, int, int]] = None,
+        strength: Optional[float] = None,
+        canny_low_threshold: Optional[int] = None,
+        canny_high_threshold: Optional[int] = None,
+        clip_skip: Optional[int] = None,
     ) -> str: ...
     def poll(self, job_id: str) -> JobStatus: ...
     def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus: ...

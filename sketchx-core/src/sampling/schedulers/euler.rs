@@ -138,6 +138,14 @@ impl DiffusionScheduler for Euler {
         self.schedule.scale_model_input(sample, step_index)
     }
 
+    /// `original + noise * sigmas[step_index]` in float32 (the sigma of the begin index, as diffusers' Euler
+    /// schedulers pick it after `set_begin_index`).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let sigma = self.schedule.sigmas[step_index];
+        let noise = mul_scalar(&noise.to_dtype(DType::F32)?, sigma, DType::F32)?;
+        Ok((original.to_dtype(DType::F32)? + noise)?)
+    }
+
     /// Returns the next sample in `model_output`'s dtype and `pred_original_sample` in f32 (as diffusers). The
     /// ancestral scheduler draws noise of `model_output`'s shape and dtype from `rng` every step (also the last),
     /// as diffusers does; the discrete one draws nothing.

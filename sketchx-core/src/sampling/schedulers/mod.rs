@@ -142,6 +142,37 @@ pub trait DiffusionScheduler: std::fmt::Debug + Send + Sync {
 
     /// One denoising step from `input`.
     fn step(&mut self, input: StepInput<'_>, rng: &mut TorchRng) -> Result<StepOutput>;
+
+    /// Noises clean f32 latents `original` with f32 `noise` to the level of step `step_index`, as diffusers'
+    /// `add_noise(original, noise, timesteps[step_index:step_index + 1])` does for img2img. This default is
+    /// DDPM's `sqrt(a) * original + sqrt(1 - a) * noise` with `a = alphas_cumprod[timesteps[step_index]]`
+    /// (DDIM, LCM, TCD), each factor and product rounded to float32 as torch does.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let t = self.timesteps()[step_index];
+        let ac = self.alphas_cumprod();
+        if t < 0.0 || t.fract() != 0.0 || t as usize >= ac.len() {
+            return Err(Error::invalid(
+                "strength",
+                format!("the first step it keeps has timestep {t}, which has no noise level"),
+            ));
+        }
+        let a = ac[t as usize];
+        let (keep, add) = (a.sqrt(), (1.0 - a).sqrt());
+        let original = original.to_dtype(candle_core::DType::F32)?;
+        let noise = noise.to_dtype(candle_core::DType::F32)?;
+        Ok((original.affine(f64::from(keep), 0.0)? + noise.affine(f64::from(add), 0.0)?)?)
+    }
+}
+
+/// Where img2img starts in a schedule of `num_inference_steps` steps for `strength`: diffusers' `get_timesteps`
+/// keeps `min(int(num_inference_steps * strength), num_inference_steps)` steps, so the loop begins at step index
+/// `num_inference_steps` minus that (`set_begin_index`; every scheduler here has `order` 1). A strength of 1
+/// begins at 0 (the whole schedule); a strength too small to keep a step gives `num_inference_steps`, where
+/// nothing would run (the request's validation refuses it).
+pub fn strength_begin_index(num_inference_steps: usize, strength: f64) -> usize {
+    // Python's int() of a non-negative float: truncation (`as` saturates, and NaN gives 0).
+    let kept = ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
+    num_inference_steps - kept
 }
 
 /// What one denoising step is given: the (guided) model prediction for `sample` at `step_index`.
@@ -282,6 +313,20 @@ impl Scheduler {
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         self.check_index(step_index)?;
         self.sampler().scale_model_input(sample, step_index)
+    }
+
+    /// Noises clean latents to the level of step `step_index` (img2img's first step): diffusers'
+    /// `scheduler.add_noise(original, noise, timesteps[step_index])` after `set_begin_index(step_index)`. For
+    /// the Euler schedulers `original + noise * sigmas[step_index]`, for DDIM, LCM and TCD
+    /// `sqrt(a) * original + sqrt(1 - a) * noise` with `a` the timestep's cumulative alpha product; float32.
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
+        self.check_index(step_index)?;
+        self.sampler().add_noise(original, noise, step_index)
     }
 
     /// One denoising step: `model_output` is the (guided) noise prediction for `sample` at `step_index`; returns
