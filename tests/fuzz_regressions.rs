@@ -7,7 +7,7 @@
 #[allow(dead_code)] // the counting allocator is not installed here (tests run in parallel)
 mod alloc;
 #[path = "../fuzz/src/checks.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::type_complexity)] // the fuzz crate's tables of checks, as they are there
 mod checks;
 
 use std::path::PathBuf;
