@@ -9,14 +9,16 @@
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
 //!
 //! Bad input is 422 naming the field, an unknown job 404, a full queue 429 with `Retry-After`, an upload over
-//! the size limit 413; nothing a client sends produces a 500.
+//! the size limit 413, a body not sent within [`BODY_READ_TIMEOUT`] 408; nothing a client sends produces a 500.
 
 use axum::extract::multipart::MultipartError;
+use std::time::Duration;
+
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
     GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, ETA_RANGE,
@@ -30,6 +32,15 @@ use tower_http::services::ServeDir;
 
 /// Largest accepted upload (the whole multipart body).
 pub const MAX_UPLOAD_BYTES: usize = 10 * 1024 * 1024;
+
+/// How long a client may take to send a `POST /api/generate` body once its headers are in: a client that sends
+/// slowly (or stops) gets 408 then instead of holding its connection and buffers forever. Other clients are
+/// never waiting on it (every connection is its own task).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The body read deadline a router applies (see [`BODY_READ_TIMEOUT`]).
+#[derive(Clone, Copy)]
+struct BodyTimeout(Duration);
 
 /// An HTTP error response: a status code and a JSON body `{"detail": ..., "field": ...}`.
 pub struct ApiError {
@@ -103,7 +114,11 @@ fn body_error(e: MultipartError, field: Option<&str>) -> ApiError {
     }
 }
 
-async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<Response, ApiError> {
+/// The form's fields: the request, the sketch (if sent) and the `start_image` part (whether a file, its bytes).
+type Form = (GenerationRequest, Option<Vec<u8>>, Option<(bool, Vec<u8>)>);
+
+/// Reads every part of the multipart form.
+async fn read_form(mut form: Multipart) -> Result<Form, ApiError> {
     let mut req = GenerationRequest::DEFAULT;
     let mut sketch: Option<Vec<u8>> = None;
     // A file part is an image to decode; a text part `sketch` asks for the sketch itself.
@@ -141,6 +156,25 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
             ));
         }
     }
+    Ok((req, sketch, start))
+}
+
+async fn generate(
+    State(pipe): State<Pipeline>,
+    Extension(BodyTimeout(limit)): Extension<BodyTimeout>,
+    form: Multipart,
+) -> Result<Response, ApiError> {
+    let (mut req, sketch, start) = tokio::time::timeout(limit, read_form(form))
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            detail: format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+            field: None,
+            retry_after: None,
+        })??;
     let sketch =
         sketch.ok_or_else(|| ApiError::unprocessable("sketch", "sketch: a file is required"))?;
     // Decoding the images takes milliseconds: keep it off the async executor.
@@ -315,6 +349,11 @@ async fn docs() -> Html<String> {
 /// The router serving the API on `pipe`: images from its output directory, or, for a client of a Redis queue
 /// (`--redis`, no model here), from the store.
 pub fn router(pipe: Pipeline) -> Router {
+    router_with(pipe, BODY_READ_TIMEOUT)
+}
+
+/// [`router`] with another body read deadline (tests use a short one).
+pub fn router_with(pipe: Pipeline, body_timeout: Duration) -> Router {
     let api = Router::new()
         .route("/api/generate", post(generate))
         .route("/api/status/{job_id}", get(status))
@@ -327,6 +366,7 @@ pub fn router(pipe: Pipeline) -> Router {
         api.route("/generated/{file}", get(stored_image))
     };
     api.layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
+        .layer(Extension(BodyTimeout(body_timeout)))
         .with_state(pipe)
 }
 
