@@ -365,8 +365,9 @@ pub fn on_fixtures(jobs: usize, threads: usize, output_dir: PathBuf) -> Soak {
         jobs,
         threads,
         queue_capacity: 4,
-        cancel_queued_every: 10,
-        cancel_running_every: 10,
+        // One job in 20 cancelled while queued, one in 20 once running (19/20 of the rest 1 in 19).
+        cancel_queued_every: 20,
+        cancel_running_every: 19,
         model: fixtures.join("tiny-sd").to_string_lossy().into_owned(),
         controlnet: fixtures
             .join("tiny-controlnet")
