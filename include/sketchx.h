@@ -274,9 +274,10 @@ typedef struct sketchx_job_info {
  * The progress callback: called with a snapshot after every change of a job (queued, started, each denoising
  * step, each decoded image, final state) and `user_data` as given in the options.
  *
- * Threads: called on the pipeline's worker thread for progress and completion, and on the calling thread
- * inside `sketchx_pipeline_submit_*`, `sketchx_pipeline_cancel` and `sketchx_pipeline_shutdown`/`_free` for
- * the changes they make. It must be thread-safe, return quickly, and not throw (C++); it may call
+ * Threads: one call at a time, in the order of the changes, on the thread that made the change (the pipeline's
+ * worker thread for progress and completion; the calling thread inside `sketchx_pipeline_submit_*`,
+ * `sketchx_pipeline_cancel` and `sketchx_pipeline_shutdown`/`_free`) or on a thread still delivering earlier
+ * changes, which that call then waits for. It must be thread-safe, return quickly, and not throw (C++); it may call
  * `sketchx_pipeline_poll`/`_status`/`_cancel`/`_submit_*` but never `sketchx_pipeline_shutdown` or
  * `sketchx_pipeline_free` (which wait for the worker thread and would deadlock). `info` is valid only during
  * the call.

@@ -87,6 +87,16 @@ fn bad_flags_fail_with_a_message_naming_the_field() {
     let o = run(&["--sketch", "/no/such/sketch.png"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/sketch.png"));
+
+    // The prompt limit (16 KiB) holds here too.
+    let long = "x".repeat(sketchx::request::MAX_PROMPT_BYTES + 1);
+    let o = run(&["--sketch", sketch.to_str().unwrap(), "--prompt", &long]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("prompt") && stderr.contains("16384"),
+        "{stderr}"
+    );
 }
 
 #[test]

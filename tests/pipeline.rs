@@ -759,3 +759,77 @@ fn cancel_racing_the_worker_picking_the_job_up_never_leaves_a_cancelled_job_with
     drop(pipe);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Regression: events came on the thread of each change, so a callback slow on the submitting thread delivered a
+/// job's `queued` after the worker's `running` (and calls overlapped). They now come one at a time, in order.
+#[test]
+fn events_arrive_in_order_one_at_a_time_even_from_a_slow_callback() {
+    let mut cfg = config("event-order");
+    let dir = cfg.output_dir.clone();
+    cfg.preview_every = 0;
+    let seen: Arc<Mutex<Vec<(JobId, JobState)>>> = Arc::default();
+    let inside = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    {
+        let (seen, inside, overlaps) = (seen.clone(), inside.clone(), overlaps.clone());
+        cfg.on_event = Some(Arc::new(move |s: &JobStatus| {
+            if inside.fetch_add(1, Ordering::SeqCst) > 0 {
+                overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+            if s.state == JobState::Queued {
+                // A slow consumer (a network hop, a UI) while the worker takes the job up.
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            seen.lock().unwrap().push((s.job_id.clone(), s.state));
+            inside.fetch_sub(1, Ordering::SeqCst);
+        }));
+    }
+    let pipe = Pipeline::new(cfg).unwrap();
+    let ids: Vec<JobId> = (0..3)
+        .map(|i| {
+            let r = GenerationRequest {
+                seed: Some(i),
+                ..req(2)
+            };
+            pipe.submit(r, sketch_bytes()).unwrap()
+        })
+        .collect();
+    for id in &ids {
+        let st = pipe.wait(id, Some(Duration::from_secs(120))).unwrap();
+        assert_eq!(st.state, JobState::Completed, "{}", st.message);
+    }
+    // The final events may still be on their way.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s.is_terminal())
+        .count()
+        < ids.len()
+    {
+        assert!(Instant::now() < deadline, "final events missing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let seen = seen.lock().unwrap();
+    for id in &ids {
+        let states: Vec<JobState> = seen
+            .iter()
+            .filter(|(j, _)| j == id)
+            .map(|(_, s)| *s)
+            .collect();
+        // (A snapshot is the state when it is taken: a job the worker took up at once may show no `queued`.)
+        assert_eq!(states.last(), Some(&JobState::Completed), "{states:?}");
+        assert!(
+            states.windows(2).all(|w| w[0].rank() <= w[1].rank()),
+            "{id}: events out of order: {states:?}"
+        );
+    }
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "callback calls overlapped"
+    );
+    drop(pipe);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -23,6 +23,11 @@ struct Server {
 
 /// Serves the REST API on `pipe` over loopback.
 fn serve(pipe: Pipeline, dir: PathBuf) -> Server {
+    serve_router(app::router(pipe), dir)
+}
+
+/// Serves `router` over loopback.
+fn serve_router(router: axum::Router, dir: PathBuf) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -32,11 +37,15 @@ fn serve(pipe: Pipeline, dir: PathBuf) -> Server {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(async move { axum::serve(listener, app::router(pipe)).await.unwrap() });
+    rt.spawn(async move { axum::serve(listener, router).await.unwrap() });
     Server { base, _rt: rt, dir }
 }
 
 fn start(queue_capacity: usize) -> Server {
+    start_with(queue_capacity, app::BODY_READ_TIMEOUT)
+}
+
+fn start_with(queue_capacity: usize, body_timeout: Duration) -> Server {
     let f = fixtures();
     let mut cfg = PipelineConfig::new(
         f.join("tiny-sd").to_str().unwrap(),
@@ -55,7 +64,7 @@ fn start(queue_capacity: usize) -> Server {
     cfg.queue_capacity = queue_capacity;
     cfg.cleanup_interval = None;
     let pipe = Pipeline::new(cfg).unwrap();
-    serve(pipe, dir)
+    serve_router(app::router_with(pipe, body_timeout), dir)
 }
 
 /// A multipart/form-data body with text fields and an optional `sketch` file.
@@ -237,6 +246,11 @@ fn bad_input_is_422_naming_the_field_never_500() {
         (small("2"), Some(b"not an image"), "sketch"),
         (small("2"), Some(b""), "sketch"),
         (vec![("bogus", "1".into())], Some(&sk), "bogus"),
+        (
+            vec![("prompt", "x".repeat(sketchx::request::MAX_PROMPT_BYTES + 1))],
+            Some(&sk),
+            "prompt",
+        ),
     ];
     for (fields, sketch, field) in cases {
         let (code, body, _) = post(&s, &fields, sketch);
@@ -247,6 +261,10 @@ fn bad_input_is_422_naming_the_field_never_500() {
     let big = vec![0u8; app::MAX_UPLOAD_BYTES + 1024];
     let (code, _, _) = post(&s, &small("2"), Some(&big));
     assert_eq!(code, 413);
+    // So is a text field over it.
+    let huge_prompt = vec![("prompt", "x".repeat(app::MAX_UPLOAD_BYTES + 1024))];
+    let (code, body, _) = post(&s, &huge_prompt, Some(&sk));
+    assert_eq!(code, 413, "{body}");
     // Not multipart at all: a client error, not a 500.
     let (code, _, _) = call(
         ureq::post(&format!("{}/api/generate", s.base)),
@@ -594,4 +612,223 @@ fn img2img_and_the_preprocessors_over_http() {
     );
     assert!(p.get("start_image").is_some());
     std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+/// One raw HTTP exchange on loopback: writes `request`, reads until the server closes or a whole response with a
+/// Content-Length is in; returns the status code (0 when none came within 30 s).
+fn raw_exchange(base: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// A POST of `body` as multipart/form-data with `content_type`, raw (any bytes, any header).
+fn raw_post(base: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut req = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw_exchange(base, &req)
+}
+
+#[test]
+fn concurrent_clients_on_loopback_all_get_their_images() {
+    let s = start(64);
+    let sk = sketch();
+    let started = Instant::now();
+    let finals: Vec<Value> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..32)
+            .map(|i| {
+                let (s, sk) = (&s, &sk);
+                scope.spawn(move || {
+                    let mut form = small("1");
+                    form.push(("seed", i.to_string()));
+                    let (code, body, _) = post(s, &form, Some(sk));
+                    assert_eq!(code, 200, "client {i}: {body}");
+                    let id = body["job_id"].as_str().unwrap().to_string();
+                    let st = wait_final(s, &id);
+                    let url = st["images"][0].as_str().unwrap_or_default().to_string();
+                    let (code, png) = get_bytes(&format!("{}{url}", s.base));
+                    assert_eq!(code, 200, "client {i}: {url}");
+                    assert_eq!(image::load_from_memory(&png).unwrap().width(), 64);
+                    st
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed();
+    assert!(finals.iter().all(|st| st["status"] == "completed"));
+    let mut ids: Vec<&str> = finals
+        .iter()
+        .map(|st| st["job_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 32, "every client got its own job");
+    println!("32 concurrent clients: {:.1} s", elapsed.as_secs_f64());
+    assert!(elapsed < Duration::from_secs(300), "{elapsed:?}");
+}
+
+#[test]
+fn malformed_multipart_bodies_are_client_errors_and_the_server_goes_on() {
+    let s = start(64);
+    let b = "sketchxBoundary7MA4YWxkTrZu0gW";
+    let ct = format!("multipart/form-data; boundary={b}");
+    let png = sketch();
+    let mut truncated_file = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"sketch\"; filename=\"s.png\"\r\n\r\n"
+    )
+    .into_bytes();
+    truncated_file.extend_from_slice(&png[..png.len() / 2]);
+    let cases: Vec<(&str, String, Vec<u8>)> = vec![
+        ("no boundary", "multipart/form-data".into(), b"--x\r\n\r\n".to_vec()),
+        ("not multipart", "application/json".into(), b"{\"prompt\": \"a\"}".to_vec()),
+        ("empty body", ct.clone(), Vec::new()),
+        ("garbage", ct.clone(), (0..=255u8).cycle().take(5000).collect()),
+        ("other boundary", ct.clone(), b"--other\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na\r\n--other--\r\n".to_vec()),
+        ("no closing boundary", ct.clone(), format!("--{b}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na house").into_bytes()),
+        ("truncated file", ct.clone(), truncated_file),
+        ("no Content-Disposition", ct.clone(), format!("--{b}\r\nContent-Type: text/plain\r\n\r\na\r\n--{b}--\r\n").into_bytes()),
+        ("unterminated part headers", ct.clone(), format!("--{b}\r\nContent-Disposition: form-data; name=\"prompt\"").into_bytes()),
+        ("invalid UTF-8 text", ct.clone(), [format!("--{b}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n").as_bytes(), &[0xff, 0xfe, 0xc0], format!("\r\n--{b}--\r\n").as_bytes()].concat()),
+        ("a sketch that is not an image", ct.clone(), format!("--{b}\r\nContent-Disposition: form-data; name=\"sketch\"; filename=\"s.png\"\r\n\r\nnot a png\r\n--{b}--\r\n").into_bytes()),
+        ("no sketch", ct.clone(), format!("--{b}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na\r\n--{b}--\r\n").into_bytes()),
+    ];
+    for (what, content_type, body) in &cases {
+        let (code, text) = raw_post(&s.base, content_type, body);
+        assert!(
+            (400..500).contains(&code),
+            "{what}: expected a 4xx, got {code}: {text}"
+        );
+        assert!(text.contains("detail") || code != 422, "{what}: {text}");
+    }
+    // Still serving.
+    let (code, body, _) = post(&s, &small("1"), Some(&png));
+    assert_eq!(code, 200, "{body}");
+    let st = wait_final(&s, body["job_id"].as_str().unwrap());
+    assert_eq!(st["status"], "completed", "{st}");
+}
+
+#[test]
+fn huge_fields_are_refused_naming_the_field() {
+    let s = start(64);
+    let png = sketch();
+    let huge = "7".repeat(3 << 20);
+    for field in ["prompt", "negative_prompt", "steps", "seed", "scheduler"] {
+        let mut form = small("1");
+        form.retain(|(k, _)| *k != field);
+        form.push((field, huge.clone()));
+        let (code, body, _) = post(&s, &form, Some(&png));
+        assert_eq!(code, 422, "{field}: {body}");
+        assert_eq!(body["field"], field, "{body}");
+    }
+    // A part over the upload limit, text or file: 413 without reading the rest.
+    let over = "a".repeat(app::MAX_UPLOAD_BYTES + 1);
+    let mut form = small("1");
+    form.push(("prompt", over));
+    let (code, body, _) = post(&s, &form, Some(&png));
+    assert_eq!(code, 413, "{body}");
+    let big_file = vec![0u8; app::MAX_UPLOAD_BYTES + 1];
+    let (code, body, _) = post(&s, &small("1"), Some(&big_file));
+    assert_eq!(code, 413, "{body}");
+    // A part name of a megabyte is an unknown field.
+    let name: &'static str = Box::leak("n".repeat(1 << 20).into_boxed_str());
+    let mut form = small("1");
+    form.push((name, "1".into()));
+    let (code, _, _) = post(&s, &form, Some(&png));
+    assert!((400..500).contains(&code), "{code}");
+}
+
+#[test]
+fn a_slow_client_blocks_no_one_and_times_out() {
+    use std::io::Write;
+    let timeout = Duration::from_secs(3);
+    let s = start_with(64, timeout);
+    let (ct, body) = multipart(&[("prompt", "a house"), ("steps", "1")], Some(&sketch()));
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // The slow client: its headers at once, then one byte of its body every 100 ms.
+    let slow = {
+        let (addr, ct, body) = (addr.clone(), ct.clone(), body.clone());
+        std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            let head = format!(
+                "POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            let started = Instant::now();
+            for byte in &body {
+                if stream.write_all(&[*byte]).is_err() {
+                    break; // the server answered and closed
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                if started.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+            }
+            let mut rest = String::new();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut rest);
+            (started.elapsed(), rest)
+        })
+    };
+    // Meanwhile, other clients are served at once.
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..8 {
+        let t = Instant::now();
+        let mut form = small("1");
+        form.push(("seed", i.to_string()));
+        let (code, body, _) = post(&s, &form, Some(&sketch()));
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a request waited {:?}",
+            t.elapsed()
+        );
+    }
+    let (elapsed, answer) = slow.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within"), "{answer}");
+    assert!(
+        elapsed >= timeout && elapsed < timeout + Duration::from_secs(5),
+        "the slow client was cut after {elapsed:?}"
+    );
 }

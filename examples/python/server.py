@@ -14,7 +14,9 @@ pipeline runs jobs in-process.
     GET  /api/status/{job_id}   {"job_id", "status", "progress", "images", "message", ...}; 404 for unknown ids
     GET  /generated/<file>      the images
 
-Bad parameters or sketches answer 422 with the message naming the field; a full queue 503. Every default, range
+Bad parameters or sketches answer 422 with the message naming the field; a full queue 503; a request body over
+MAX_UPLOAD_BYTES 413, before the form parser stores it (at once when its Content-Length says so, else as soon as
+the streamed body passes the limit); a body not received within BODY_READ_TIMEOUT_SECS 408. Every default, range
 and name (in the form and its OpenAPI description at /openapi.json) is the Rust core's, from `sketchx.DEFAULTS`,
 `sketchx.RANGES` and `sketchx.NAMES`; the checks are the core's. Environment: SKETCHX_MODEL, SKETCHX_CONTROLNET,
 SKETCHX_DEVICE, SKETCHX_OUTPUT_DIR, SKETCHX_RETENTION_SECS (defaults: the module's), and SKETCHX_REDIS_URL: when
@@ -24,6 +26,8 @@ the jobs) and serves the images from Redis.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Dict, Optional, Union
@@ -31,11 +35,92 @@ from typing import Any, AsyncIterator, Dict, Optional, Union
 from fastapi import FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sketchx
 
-# A sketch upload larger than this is refused before decoding (the decoder has its own pixel limits too).
-MAX_SKETCH_BYTES = 32 * 1024 * 1024
+# A request body (the whole multipart form, sketch included) larger than this is refused with 413 before it is
+# read whole (the decoder has its own pixel limits too).
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+
+
+# How long a client may take to send its request body: one that sends slowly (or stops) gets 408 then, instead of
+# holding its connection and buffers forever. Other clients never wait on it (each request is its own task).
+BODY_READ_TIMEOUT_SECS = 30.0
+
+
+class UploadLimit:
+    """ASGI middleware refusing a request body over ``limit`` bytes with 413, or one not received within
+    ``timeout`` seconds with 408. Starlette's form parser would otherwise spool a file field of any size to disk
+    before the endpoint runs, and wait for a stalled client forever. The size refusal comes at once when the
+    Content-Length header is over the limit; a body streamed without one is counted as it arrives, and once past
+    the limit (or the deadline) the refusal is sent and the app sees the client disconnect (whatever it answers
+    then is dropped)."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = BODY_READ_TIMEOUT_SECS) -> None:
+        self.app = app
+        self.limit = limit
+        self.timeout = timeout
+
+    async def refuse(self, send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"the request body exceeds {self.limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self.refuse(send, 413, too_large)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        received = 0
+        refused = False
+        started = False
+        body_done = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused, body_done
+            if refused:
+                return {"type": "http.disconnect"}
+            if body_done:  # only the disconnect is left to come: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                refused = True
+                if not started:
+                    await self.refuse(send, 408, f"the request body did not arrive within {self.timeout:g} s")
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
+                if received > self.limit:
+                    refused = True
+                    if not started:
+                        await self.refuse(send, 413, too_large)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+
 
 _DEFAULTS = sketchx.DEFAULTS
 
@@ -62,10 +147,7 @@ async def _start_image(request: Request) -> Optional[Union[bytes, str]]:
         if value.strip().lower() != "sketch":
             raise HTTPException(422, "invalid start_image: expected an image file or the text \"sketch\"")
         return value
-    data = await value.read(MAX_SKETCH_BYTES + 1)
-    if len(data) > MAX_SKETCH_BYTES:
-        raise HTTPException(413, f"the start image exceeds {MAX_SKETCH_BYTES} bytes")
-    return data
+    return await value.read()  # at most max_upload_bytes (UploadLimit)
 
 
 def create_app(
@@ -76,9 +158,12 @@ def create_app(
     output_dir: Optional[str] = None,
     retention_secs: Optional[float] = None,
     redis_url: Optional[str] = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    body_timeout_secs: float = BODY_READ_TIMEOUT_SECS,
 ) -> FastAPI:
     """The app; the pipeline (models) loads at startup and shuts down with the app. With ``redis_url`` it
-    connects to that job queue instead and loads no model."""
+    connects to that job queue instead and loads no model. Request bodies over ``max_upload_bytes`` get 413,
+    bodies not received within ``body_timeout_secs`` 408."""
     redis_url = redis_url or os.environ.get("SKETCHX_REDIS_URL") or None
     model = model or os.environ.get("SKETCHX_MODEL", _DEFAULTS["model"])
     controlnet = controlnet or os.environ.get("SKETCHX_CONTROLNET", _DEFAULTS["controlnet"])
@@ -104,6 +189,7 @@ def create_app(
             await run_in_threadpool(pipe.close)
 
     app = FastAPI(title="sketchx", lifespan=lifespan)
+    app.add_middleware(UploadLimit, limit=max_upload_bytes, timeout=body_timeout_secs)
 
     def pipeline(request: Request) -> sketchx.Pipeline:
         pipe: sketchx.Pipeline = request.app.state.pipe
@@ -132,9 +218,7 @@ def create_app(
         strength: float = _form("strength"),
         clip_skip: int = _form("clip_skip"),
     ) -> Dict[str, Any]:
-        data = await sketch.read(MAX_SKETCH_BYTES + 1)
-        if len(data) > MAX_SKETCH_BYTES:
-            raise HTTPException(413, f"the sketch exceeds {MAX_SKETCH_BYTES} bytes")
+        data = await sketch.read()  # at most max_upload_bytes (UploadLimit)
         start_image = await _start_image(request)
         try:
             job_id = await run_in_threadpool(

@@ -9,13 +9,16 @@
 //! - `GET /generated/...` -> the images; `GET /docs` and `GET /openapi.json` -> the API description
 //!
 //! Bad input is 422 naming the field, an unknown job 404, a full queue 429 with `Retry-After`, an upload over
-//! the size limit 413; nothing a client sends produces a 500.
+//! the size limit 413, a body not sent within [`BODY_READ_TIMEOUT`] 408; nothing a client sends produces a 500.
+
+use axum::extract::multipart::MultipartError;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 use sketchx::request::{
     GenerationRequest, StartImage, VaeKind, CANNY_THRESHOLD_RANGE, CLIP_SKIP_RANGE, ETA_RANGE,
@@ -29,6 +32,15 @@ use tower_http::services::ServeDir;
 
 /// Largest accepted upload (the whole multipart body).
 pub const MAX_UPLOAD_BYTES: usize = 10 * 1024 * 1024;
+
+/// How long a client may take to send a `POST /api/generate` body once its headers are in: a client that sends
+/// slowly (or stops) gets 408 then instead of holding its connection and buffers forever. Other clients are
+/// never waiting on it (every connection is its own task).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The body read deadline a router applies (see [`BODY_READ_TIMEOUT`]).
+#[derive(Clone, Copy)]
+struct BodyTimeout(Duration);
 
 /// An HTTP error response: a status code and a JSON body `{"detail": ..., "field": ...}`.
 pub struct ApiError {
@@ -92,13 +104,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn parse<T: std::str::FromStr>(field: &str, text: &str) -> Result<T, ApiError> {
-    text.trim().parse().map_err(|_| {
-        ApiError::unprocessable(field, format!("{field}: {text:?} is not a valid number"))
-    })
+/// A multipart body that cannot be read: 413 past [`MAX_UPLOAD_BYTES`] (read no further), 400 when malformed.
+fn body_error(e: MultipartError, field: Option<&str>) -> ApiError {
+    ApiError {
+        status: e.status(),
+        detail: e.body_text(),
+        field: field.map(str::to_string),
+        retry_after: None,
+    }
 }
 
-async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<Response, ApiError> {
+/// The form's fields: the request, the sketch (if sent) and the `start_image` part (whether a file, its bytes).
+type Form = (GenerationRequest, Option<Vec<u8>>, Option<(bool, Vec<u8>)>);
+
+/// Reads every part of the multipart form.
+async fn read_form(mut form: Multipart) -> Result<Form, ApiError> {
     let mut req = GenerationRequest::DEFAULT;
     let mut sketch: Option<Vec<u8>> = None;
     // A file part is an image to decode; a text part `sketch` asks for the sketch itself.
@@ -107,73 +127,54 @@ async fn generate(State(pipe): State<Pipeline>, mut form: Multipart) -> Result<R
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => {
-                let status = e.status();
-                return Err(ApiError {
-                    status,
-                    detail: e.body_text(),
-                    field: None,
-                    retry_after: None,
-                });
-            }
+            Err(e) => return Err(body_error(e, None)),
         };
         let name = field.name().unwrap_or_default().to_string();
         if name == "sketch" {
-            let data = field.bytes().await.map_err(|e| ApiError {
-                status: e.status(),
-                detail: e.body_text(),
-                field: Some("sketch".into()),
-                retry_after: None,
-            })?;
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| body_error(e, Some("sketch")))?;
             sketch = Some(data.to_vec());
             continue;
         }
         if name == "start_image" {
             let is_file = field.file_name().is_some();
-            let data = field.bytes().await.map_err(|e| ApiError {
-                status: e.status(),
-                detail: e.body_text(),
-                field: Some("start_image".into()),
-                retry_after: None,
-            })?;
+            let data = field
+                .bytes()
+                .await
+                .map_err(|e| body_error(e, Some("start_image")))?;
             start = Some((is_file, data.to_vec()));
             continue;
         }
-        let text = field
-            .text()
-            .await
-            .map_err(|_| ApiError::unprocessable(&name, format!("{name}: not valid UTF-8 text")))?;
-        match name.as_str() {
-            "prompt" => req.prompt = Some(text),
-            "negative_prompt" => req.negative_prompt = Some(text),
-            "temperature" => req.temperature = parse("temperature", &text)?,
-            "guidance_scale" => req.guidance_scale = parse("guidance_scale", &text)?,
-            "num_images" => req.num_images = parse("num_images", &text)?,
-            "steps" => req.steps = parse("steps", &text)?,
-            "seed" if text.trim().is_empty() => req.seed = None,
-            "seed" => req.seed = Some(parse("seed", &text)?),
-            "width" => req.width = Some(parse("width", &text)?),
-            "height" => req.height = Some(parse("height", &text)?),
-            "scheduler" => req.scheduler = text.parse()?,
-            "timestep_spacing" if text.trim().is_empty() => req.timestep_spacing = None,
-            "timestep_spacing" => req.timestep_spacing = Some(text.parse()?),
-            "eta" => req.eta = parse("eta", &text)?,
-            "vae" => req.vae = text.parse()?,
-            "preprocess" => req.preprocess = text.parse()?,
-            "canny_low_threshold" => req.canny_low_threshold = parse("canny_low_threshold", &text)?,
-            "canny_high_threshold" => {
-                req.canny_high_threshold = parse("canny_high_threshold", &text)?
-            }
-            "strength" => req.strength = parse("strength", &text)?,
-            "clip_skip" => req.clip_skip = parse("clip_skip", &text)?,
-            other => {
-                return Err(ApiError::unprocessable(
-                    other,
-                    format!("unknown field {other:?}"),
-                ))
-            }
+        let text = field.text().await.map_err(|e| body_error(e, Some(&name)))?;
+        // The core parses every field (`set_form_field`, also what the fuzzer drives); unknown names stop here.
+        if !req.set_form_field(&name, &text)? {
+            return Err(ApiError::unprocessable(
+                &name,
+                format!("unknown field {name:?}"),
+            ));
         }
     }
+    Ok((req, sketch, start))
+}
+
+async fn generate(
+    State(pipe): State<Pipeline>,
+    Extension(BodyTimeout(limit)): Extension<BodyTimeout>,
+    form: Multipart,
+) -> Result<Response, ApiError> {
+    let (mut req, sketch, start) = tokio::time::timeout(limit, read_form(form))
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            detail: format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+            field: None,
+            retry_after: None,
+        })??;
     let sketch =
         sketch.ok_or_else(|| ApiError::unprocessable("sketch", "sketch: a file is required"))?;
     // Decoding the images takes milliseconds: keep it off the async executor.
@@ -348,6 +349,11 @@ async fn docs() -> Html<String> {
 /// The router serving the API on `pipe`: images from its output directory, or, for a client of a Redis queue
 /// (`--redis`, no model here), from the store.
 pub fn router(pipe: Pipeline) -> Router {
+    router_with(pipe, BODY_READ_TIMEOUT)
+}
+
+/// [`router`] with another body read deadline (tests use a short one).
+pub fn router_with(pipe: Pipeline, body_timeout: Duration) -> Router {
     let api = Router::new()
         .route("/api/generate", post(generate))
         .route("/api/status/{job_id}", get(status))
@@ -360,6 +366,7 @@ pub fn router(pipe: Pipeline) -> Router {
         api.route("/generated/{file}", get(stored_image))
     };
     api.layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
+        .layer(Extension(BodyTimeout(body_timeout)))
         .with_state(pipe)
 }
 

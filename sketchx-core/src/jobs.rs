@@ -204,5 +204,8 @@ pub struct Preview {
     pub rgb: Vec<u8>,
 }
 
-/// Callback receiving a snapshot after every change of a job (called on the thread that made the change).
+/// Callback receiving a snapshot after every change of a job: one call at a time, in the order of the changes, on
+/// the thread that made the change or on one delivering earlier changes (whose call then also waits for it). It
+/// may submit, poll and cancel, but must not wait for a job ([`Pipeline::wait`](crate::Pipeline::wait)): the job's
+/// own next change would wait for the callback.
 pub type EventCallback = Arc<dyn Fn(&JobStatus) + Send + Sync>;

@@ -68,7 +68,8 @@ pub struct PipelineConfig {
     pub retention: Duration,
     /// How often the background sweeper runs [`Pipeline::cleanup`]; `None`: never. Default hourly.
     pub cleanup_interval: Option<Duration>,
-    /// Called on the worker thread with a snapshot after every change of a job (state, step, decode).
+    /// Called with a snapshot after every change of a job (state, step, decode), one call at a time and in the
+    /// order of the changes (see [`EventCallback`]); a panic in it is caught.
     pub on_event: Option<EventCallback>,
     /// A live preview is computed every this many steps (0: never). Default 5.
     pub preview_every: usize,

@@ -464,6 +464,48 @@ impl GenerationRequest {
     }
 }
 
+impl GenerationRequest {
+    /// Sets the field `name` from its text, as the REST examples receive the fields of their multipart form:
+    /// numbers are parsed after trimming whitespace, names as their [`FromStr`](std::str::FromStr) does, and an
+    /// empty `seed` or `timestep_spacing` means absent. Errors are [`Error::InvalidRequest`] naming the field;
+    /// `Ok(false)` when `name` is not a field of that form. Ranges are [`GenerationRequest::validate`]'s.
+    pub fn set_form_field(&mut self, name: &str, text: &str) -> Result<bool> {
+        fn number<T: std::str::FromStr>(field: &'static str, text: &str) -> Result<T> {
+            text.trim()
+                .parse()
+                .map_err(|_| Error::invalid(field, format!("{text:?} is not a valid number")))
+        }
+        match name {
+            "prompt" => self.prompt = Some(text.to_string()),
+            "negative_prompt" => self.negative_prompt = Some(text.to_string()),
+            "temperature" => self.temperature = number("temperature", text)?,
+            "guidance_scale" => self.guidance_scale = number("guidance_scale", text)?,
+            "num_images" => self.num_images = number("num_images", text)?,
+            "steps" => self.steps = number("steps", text)?,
+            "seed" if text.trim().is_empty() => self.seed = None,
+            "seed" => self.seed = Some(number("seed", text)?),
+            "width" => self.width = Some(number("width", text)?),
+            "height" => self.height = Some(number("height", text)?),
+            "scheduler" => self.scheduler = text.parse()?,
+            "timestep_spacing" if text.trim().is_empty() => self.timestep_spacing = None,
+            "timestep_spacing" => self.timestep_spacing = Some(text.parse()?),
+            "eta" => self.eta = number("eta", text)?,
+            "vae" => self.vae = text.parse()?,
+            "preprocess" => self.preprocess = text.parse()?,
+            "canny_low_threshold" => {
+                self.canny_low_threshold = number("canny_low_threshold", text)?
+            }
+            "canny_high_threshold" => {
+                self.canny_high_threshold = number("canny_high_threshold", text)?
+            }
+            "strength" => self.strength = number("strength", text)?,
+            "clip_skip" => self.clip_skip = number("clip_skip", text)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,6 +183,61 @@ def test_missing_or_empty_sketch_is_422(client: TestClient) -> None:
     assert r.status_code == 422 and "sketch" in r.text
 
 
+def test_a_prompt_over_the_limit_is_422(client: TestClient) -> None:
+    limit = 16 * 1024  # the core's MAX_PROMPT_BYTES
+    assert post(client, prompt="x" * limit, steps=1).status_code == 200
+    for field in ["prompt", "negative_prompt"]:
+        r = post(client, **{field: "x" * (limit + 1)})
+        assert r.status_code == 422, (r.status_code, r.text)
+        assert field in r.text and str(limit) in r.text
+
+
+@pytest.fixture(scope="module")
+def small_upload_client(server) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    module, out = server
+    app = module.create_app(str(TINY_SD), str(TINY_CONTROLNET), output_dir=str(out), max_upload_bytes=64 << 10)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_an_upload_over_the_limit_is_413_before_it_is_read(small_upload_client: TestClient) -> None:
+    c = small_upload_client
+    assert post(c, steps=1).status_code == 200  # the house sketch is far below 64 KiB
+    big = HOUSE.read_bytes() + bytes(64 << 10)
+    # Content-Length over the limit: refused at once.
+    r = post(c, sketch=big)
+    assert r.status_code == 413, (r.status_code, r.text)
+    assert "65536" in r.json()["detail"]
+    # A text field over the limit too.
+    r = c.post("/api/generate", data=form(prompt="x" * (80 << 10)),
+               files={"sketch": ("house.png", HOUSE.read_bytes(), "image/png")})
+    assert r.status_code == 413, (r.status_code, r.text)
+
+    # Streamed without a Content-Length: refused once the body passes the limit, the rest never read. Through
+    # httpx's ASGI transport, which hands the body over as it is produced (Starlette's TestClient reads it whole
+    # before calling the app, so it cannot show this).
+    import asyncio
+
+    sent = []
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        boundary = b"--sketchxBoundary"
+        yield boundary + b'\r\nContent-Disposition: form-data; name="sketch"; filename="s.png"\r\n\r\n'
+        for _ in range(64):
+            sent.append(1)
+            yield bytes(16 << 10)
+        yield b"\r\n" + boundary + b"--\r\n"
+
+    async def streamed():  # type: ignore[no-untyped-def]
+        async with _async_client(c.app) as ac:
+            return await ac.post("/api/generate", content=chunks(),
+                                 headers={"content-type": "multipart/form-data; boundary=sketchxBoundary"})
+
+    r = asyncio.run(streamed())
+    assert r.status_code == 413, (r.status_code, r.text)
+    assert len(sent) < 64, "the whole body was read"
+
+
 def test_the_openapi_form_takes_its_defaults_ranges_and_names_from_the_core(client: TestClient) -> None:
     import sketchx
 
@@ -238,3 +293,122 @@ def test_redis_client_app_serves_a_worker_job(server, tmp_path: Path) -> None:  
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def _async_client(app):  # type: ignore[no-untyped-def]
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sketchx")
+
+
+def test_concurrent_clients_all_get_their_images(client: TestClient) -> None:
+    import asyncio
+
+    sketch = HOUSE.read_bytes()
+
+    async def one(ac, i: int) -> dict:  # type: ignore[no-untyped-def]
+        r = await ac.post("/api/generate", data=form(seed=i, steps=1),
+                          files={"sketch": ("house.png", sketch, "image/png")})
+        assert r.status_code == 200, r.text
+        job = r.json()["job_id"]
+        deadline = time.monotonic() + 300
+        while True:
+            st = (await ac.get(f"/api/status/{job}")).json()
+            if st["status"] in ("completed", "failed", "cancelled"):
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        png = await ac.get(st["images"][0])
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+        return st
+
+    async def main() -> list:
+        async with _async_client(client.app) as ac:
+            return await asyncio.gather(*(one(ac, i) for i in range(32)))
+
+    started = time.monotonic()
+    finals = asyncio.run(main())
+    assert [st["status"] for st in finals] == ["completed"] * 32
+    assert len({st["job_id"] for st in finals}) == 32
+    assert time.monotonic() - started < 300
+
+
+def test_malformed_multipart_bodies_are_client_errors(client: TestClient) -> None:
+    b = "sketchxBoundary"
+    ct = f"multipart/form-data; boundary={b}"
+    png = HOUSE.read_bytes()
+    part = f'--{b}\r\nContent-Disposition: form-data; name="sketch"; filename="s.png"\r\n\r\n'.encode()
+    cases = [
+        ("no boundary", "multipart/form-data", b"--x\r\n\r\n"),
+        ("not multipart", "application/json", b'{"prompt": "a"}'),
+        ("empty body", ct, b""),
+        ("garbage", ct, bytes(range(256)) * 20),
+        ("other boundary", ct, b'--other\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na\r\n--other--\r\n'),
+        ("no closing boundary", ct, f'--{b}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na'.encode()),
+        ("truncated file", ct, part + png[: len(png) // 2]),
+        ("no Content-Disposition", ct, f"--{b}\r\nContent-Type: text/plain\r\n\r\na\r\n--{b}--\r\n".encode()),
+        ("unterminated part headers", ct, f'--{b}\r\nContent-Disposition: form-data; name="prompt"'.encode()),
+        ("invalid UTF-8 text", ct, f'--{b}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'.encode()
+         + b"\xff\xfe\xc0" + f"\r\n--{b}--\r\n".encode()),
+        ("a sketch that is not an image", ct, part + b"not a png\r\n" + f"--{b}--\r\n".encode()),
+    ]
+    for what, content_type, body in cases:
+        r = client.post("/api/generate", content=body, headers={"content-type": content_type})
+        assert 400 <= r.status_code < 500, (what, r.status_code, r.text)
+    assert post(client, steps=1).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "steps", "seed", "scheduler"])
+def test_huge_fields_are_refused(client: TestClient, field: str) -> None:
+    # Under Starlette's 1 MiB limit for a text part: the core's checks, 422 naming the field.
+    r = post(client, **{field: "7" * (512 << 10)})
+    assert r.status_code == 422, (r.status_code, r.text[:300])
+    assert field in r.text
+    # Over it: Starlette's form parser refuses the part (400) before the endpoint runs.
+    r = post(client, **{field: "7" * (3 << 20)})
+    assert r.status_code == 400 and "exceeded maximum size" in r.text, (r.status_code, r.text[:300])
+
+
+def test_a_slow_client_blocks_no_one_and_gets_408(server) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    module, out = server
+    timeout = 2.0
+    app = module.create_app(str(TINY_SD), str(TINY_CONTROLNET), output_dir=str(out), body_timeout_secs=timeout)
+    body = (b'--sketchxBoundary\r\nContent-Disposition: form-data; name="sketch"; filename="s.png"\r\n\r\n'
+            + HOUSE.read_bytes() + b"\r\n--sketchxBoundary--\r\n")
+
+    async def slow_body():  # type: ignore[no-untyped-def]
+        for i in range(len(body)):  # a byte every 100 ms
+            yield body[i:i + 1]
+            await asyncio.sleep(0.1)
+
+    async def main() -> tuple:
+        import sketchx
+
+        pipe = sketchx.Pipeline(TINY_SD, TINY_CONTROLNET, output_dir=out, cleanup_interval_secs=None)
+        app.state.pipe = pipe  # the lifespan does not run under ASGITransport
+        try:
+            async with _async_client(app) as ac:
+                started = time.monotonic()
+                slow = asyncio.ensure_future(ac.post(
+                    "/api/generate", content=slow_body(),
+                    headers={"content-type": "multipart/form-data; boundary=sketchxBoundary"}))
+                await asyncio.sleep(0.3)
+                waits = []
+                for i in range(8):
+                    t = time.monotonic()
+                    r = await ac.post("/api/generate", data=form(seed=i, steps=1),
+                                      files={"sketch": ("house.png", HOUSE.read_bytes(), "image/png")})
+                    assert r.status_code == 200, r.text
+                    waits.append(time.monotonic() - t)
+                answer = await slow
+                return answer, time.monotonic() - started, waits
+        finally:
+            pipe.close()
+
+    answer, elapsed, waits = asyncio.run(main())
+    assert max(waits) < 1.5, waits
+    assert answer.status_code == 408, (answer.status_code, answer.text)
+    assert "did not arrive within 2 s" in answer.json()["detail"]
+    assert timeout <= elapsed < timeout + 3, elapsed

@@ -30,10 +30,11 @@ use safetensors::Dtype;
 
 use crate::error::{Error, Result};
 
-/// Bytes read by one parallel task when a tensor is read as stored.
-const READ_CHUNK_BYTES: usize = 8 << 20;
+/// Bytes read by one parallel task when a tensor is read as stored (tiny under Miri, so that its tests reach the
+/// parallel pieces).
+const READ_CHUNK_BYTES: usize = if cfg!(miri) { 24 } else { 8 << 20 };
 /// Elements converted by one parallel task when a tensor changes dtype (scratch: 256 KiB of f32 per thread).
-const CONVERT_CHUNK_ELEMS: usize = 64 << 10;
+const CONVERT_CHUNK_ELEMS: usize = if cfg!(miri) { 5 } else { 64 << 10 };
 /// The largest header the `safetensors` crate accepts.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
@@ -70,7 +71,7 @@ impl SafetensorsFile {
         }
         let mut header = vec![0u8; n as usize];
         read_exact_into(&file, &mut header, 8).map_err(|e| Error::io(path, e))?;
-        let metadata: Metadata = serde_json::from_slice(&header).map_err(|e| {
+        let metadata = parse_header(&header).map_err(|e| {
             malformed(format!(
                 "invalid safetensors header: {e}{}",
                 diagnose_header(&header)
@@ -78,6 +79,7 @@ impl SafetensorsFile {
                     .unwrap_or_default()
             ))
         })?;
+        drop(header);
         let data_start = 8 + n;
         let expected = data_start + metadata.data_len() as u64;
         if expected > len {
@@ -222,6 +224,71 @@ pub(crate) fn read_tensor(
             t.to_dtype(dtype)
         }
     }
+}
+
+/// Parses a safetensors header into the `safetensors` crate's [`Metadata`], which validates it (offsets contiguous
+/// from 0, each tensor's byte size its shape's, no overflow), refusing also a tensor listed twice and a shape whose
+/// element count overflows even with a 0 among its dimensions (no data, so the crate accepts it; candle, which
+/// multiplies the dimensions one by one, would overflow counting it).
+///
+/// Not the crate's own deserializer: it reads the tensors as a flattened map, which buffers every value as generic
+/// content first (some 40 bytes per shape element: 20 times the length of a dense header, 2 GB for a 100 MB one).
+/// This reads each entry straight into its [`TensorInfo`]; memory stays within a few times the header's length.
+fn parse_header(header: &[u8]) -> std::result::Result<Metadata, String> {
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+
+    type Tensors = Vec<(String, TensorInfo)>;
+    struct Header(Option<std::collections::HashMap<String, String>>, Tensors);
+    impl<'de> Deserialize<'de> for Header {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct Entries;
+            impl<'de> Visitor<'de> for Entries {
+                type Value = Header;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object of tensors")
+                }
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Header, A::Error> {
+                    let (mut metadata, mut tensors) = (None, Vec::new());
+                    while let Some(key) = map.next_key::<String>()? {
+                        if key == "__metadata__" {
+                            metadata = map.next_value()?;
+                        } else {
+                            tensors.push((key, map.next_value()?));
+                        }
+                    }
+                    Ok(Header(metadata, tensors))
+                }
+            }
+            d.deserialize_map(Entries)
+        }
+    }
+
+    let Header(metadata, mut tensors) =
+        serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let mut names = std::collections::HashSet::with_capacity(tensors.len());
+    for (name, info) in &tensors {
+        if !names.insert(name.as_str()) {
+            return Err(format!("the tensor {name} is listed twice"));
+        }
+        let countable = info
+            .shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        if countable.is_none() {
+            return Err(format!(
+                "tensor {name}: the shape {:?} has more elements than this machine can count",
+                info.shape
+            ));
+        }
+    }
+    drop(names);
+    // The crate's validation walks the tensors in offset order.
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    Metadata::new(metadata, tensors).map_err(|e| e.to_string())
 }
 
 impl SimpleBackend for SafetensorsFile {
@@ -571,7 +638,7 @@ fn read_into(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
 
 /// Asks the kernel to fault in the whole pages of `ptr..ptr + len` at once (writable), instead of one page fault
 /// per page during the read. Only a hint: the memory's contents do not change, and failures are ignored.
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(miri)))]
 fn populate(ptr: *mut u8, len: usize) {
     const MIN_BYTES: usize = 64 << 10;
     const PAGE: usize = 4096;
@@ -594,11 +661,12 @@ fn populate(ptr: *mut u8, len: usize) {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+/// Miri has no `madvise`; elsewhere there is no `MADV_POPULATE_WRITE`.
+#[cfg(any(not(target_os = "linux"), miri))]
 fn populate(_ptr: *mut u8, _len: usize) {}
 
 /// Tells the kernel the file is read front to back (a larger readahead window when it is not cached).
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(miri)))]
 fn advise_sequential(file: &File) {
     use std::os::unix::io::AsRawFd;
     // SAFETY: a hint on a valid open descriptor; no memory is involved. Failure only loses the hint.
@@ -607,7 +675,7 @@ fn advise_sequential(file: &File) {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(any(not(target_os = "linux"), miri))]
 fn advise_sequential(_file: &File) {}
 
 #[cfg(test)]
@@ -616,6 +684,7 @@ mod tests {
 
     /// The branch-free bf16 conversions equal half's (which candle's `to_dtype` uses) bit for bit.
     #[test]
+    #[cfg_attr(miri, ignore = "millions of conversions; no unsafe code")]
     fn bf16_conversions_match_half() {
         for b in 0..=u16::MAX {
             assert_eq!(
@@ -655,6 +724,139 @@ mod tests {
                 bf16::from_f32(f32::from_bits(x)).to_bits(),
                 "{x:#010x}"
             );
+        }
+    }
+
+    /// A file in a fresh temporary directory, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("sketchx-weights-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("w.safetensors");
+            std::fs::write(&path, bytes).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+
+    /// A safetensors file of `(name, dtype, shape, data)` in that order, without alignment padding.
+    fn safetensors_bytes(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        let mut offset = 0;
+        for (name, dtype, shape, data) in tensors {
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()]}),
+            );
+            offset += data.len();
+        }
+        let header = serde_json::Value::Object(header).to_string();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        for (_, _, _, data) in tensors {
+            bytes.extend_from_slice(data);
+        }
+        bytes
+    }
+
+    fn le<T: Copy, const N: usize>(values: &[T], to_bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        values.iter().flat_map(|&v| to_bytes(v)).collect()
+    }
+
+    /// The unsafe paths of the reader: positional reads into uninitialised vectors (one piece, and several
+    /// parallel pieces: the pieces are tiny under Miri), scratch space viewed as f16 and bf16, tensors at odd
+    /// offsets. Every tensor read into every float dtype equals half's conversion of the stored values.
+    #[test]
+    fn reads_every_float_dtype_into_every_other_in_pieces() {
+        let values: Vec<f32> = (0..37)
+            .map(|i| (i as f32 - 18.0) * 0.37)
+            .chain([f32::NAN, f32::INFINITY, -0.0, 1e-40])
+            .collect();
+        let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+        let brains: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
+        let n = values.len();
+        let file = TempFile::new(
+            "dtypes",
+            &safetensors_bytes(&[
+                ("odd", "U8", vec![3], vec![1, 2, 3]),
+                ("f32", "F32", vec![n], le(&values, f32::to_le_bytes)),
+                ("f16", "F16", vec![n, 1], le(&halves, f16::to_le_bytes)),
+                ("bf16", "BF16", vec![1, n], le(&brains, bf16::to_le_bytes)),
+            ]),
+        );
+        let st = SafetensorsFile::open(&file.0).unwrap();
+        let cpu = &Device::Cpu;
+        let as_f32 = |t: Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+        for name in ["f32", "f16", "bf16"] {
+            // The stored values, widened exactly to f32.
+            let stored: Vec<f32> = match name {
+                "f32" => values.clone(),
+                "f16" => halves.iter().map(|v| v.to_f32()).collect(),
+                _ => brains.iter().map(|v| v.to_f32()).collect(),
+            };
+            for (dtype, round) in [
+                (DType::F32, (|v| v) as fn(f32) -> f32),
+                (DType::F16, |v| f16::from_f32(v).to_f32()),
+                (DType::BF16, |v| bf16::from_f32(v).to_f32()),
+            ] {
+                let t = st.load(name, dtype, cpu).unwrap();
+                assert_eq!(t.dtype(), dtype);
+                assert_eq!(t.dims(), st.shape(name).unwrap());
+                let got = as_f32(t).to_vec1::<f32>().unwrap();
+                for (i, (g, s)) in got.iter().zip(&stored).enumerate() {
+                    let want = round(*s);
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "{name} as {dtype:?}[{i}]: {g} != {want}"
+                    );
+                }
+            }
+        }
+        let odd = st.load("odd", DType::U8, cpu).unwrap();
+        assert_eq!(odd.to_vec1::<u8>().unwrap(), [1, 2, 3]);
+    }
+
+    /// A read that runs past the end of the file fails (the uninitialised buffer is never handed out), in one
+    /// piece, in parallel pieces and while converting.
+    #[test]
+    fn reads_past_the_end_fail() {
+        let file = TempFile::new("eof", &[7u8; 40]);
+        let f = File::open(&file.0).unwrap();
+        for n in [1, 10, 11, 100] {
+            assert_eq!(read_vec::<f32>(&f, 0, n).is_ok(), n * 4 <= 40, "{n}");
+            assert_eq!(
+                read_converted::<f16, f32>(&f, 2, n).is_ok(),
+                2 + n * 2 <= 40,
+                "{n}"
+            );
+        }
+        let e = read_vec::<u8>(&f, 41, 1).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A shape whose element count overflows, with a 0 among its dimensions (so no data, and the header's own
+    /// checks pass), is refused naming the tensor: candle would overflow counting it.
+    #[test]
+    fn uncountable_shapes_are_refused() {
+        let big = 1usize << (usize::BITS / 2 + 1);
+        let file = TempFile::new(
+            "shape",
+            &safetensors_bytes(&[("t", "F32", vec![0, big, big], vec![])]),
+        );
+        match SafetensorsFile::open(&file.0) {
+            Err(Error::MalformedFile { path, message }) => {
+                assert_eq!(path, file.0.display().to_string());
+                assert!(message.contains("tensor t"), "{message}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

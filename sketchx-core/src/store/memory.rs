@@ -9,7 +9,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{
-    emit, eta_secs, progress_percent, Claim, JobStore, NewJob, Outcome, Progress, StopFlag,
+    eta_secs, progress_percent, Claim, Events, JobStore, NewJob, Outcome, Progress, StopFlag,
     StopReason,
 };
 use crate::error::{Error, Result};
@@ -121,7 +121,7 @@ impl Table {
 pub(crate) struct MemoryStore {
     table: Mutex<Table>,
     changed: Condvar,
-    on_event: Option<EventCallback>,
+    events: Events,
 }
 
 impl MemoryStore {
@@ -129,7 +129,7 @@ impl MemoryStore {
         Self {
             table: Mutex::new(Table::default()),
             changed: Condvar::new(),
-            on_event,
+            events: Events::new(on_event),
         }
     }
 
@@ -140,7 +140,7 @@ impl MemoryStore {
     /// Wakes waiters and sends the event; called after the lock is released.
     fn changed(&self, id: &JobId) {
         self.changed.notify_all();
-        emit(&self.on_event, || {
+        self.events.emit(|| {
             let t = self.lock();
             t.jobs.get(id).map(|r| t.status_of(r))
         });

@@ -167,12 +167,81 @@ pub(crate) trait JobStore: Send + Sync {
     fn forget_old(&self, max_age: Duration) -> usize;
 }
 
-/// Sends a snapshot to the pipeline's event callback, if any; a panicking callback must not take a worker down.
-pub(crate) fn emit(on_event: &Option<EventCallback>, status: impl FnOnce() -> Option<JobStatus>) {
-    if let Some(cb) = on_event {
-        if let Some(s) = status() {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&s)));
+/// The pipeline's event callback, fed one call at a time in the order the snapshots were taken.
+///
+/// Changes happen on several threads (a submit or cancel on the caller's, the run on the worker's). Calling the
+/// callback on each of them after its snapshot let a slow call deliver an older snapshot after a newer one (a
+/// job's `queued` after its `running`), and let calls overlap. Here a snapshot is taken and queued under one
+/// lock, and one thread at a time delivers the queue in order: whoever finds nobody delivering, until the queue
+/// is empty; the others wait until their own snapshot is delivered (so a slow callback still slows the thread
+/// whose change it reports, as before, and the queue stays short). A callback that submits or cancels (which
+/// emit too) only queues its event, delivered when it returns, so it never waits on itself.
+pub(crate) struct Events {
+    callback: Option<EventCallback>,
+    queue: std::sync::Mutex<EventQueue>,
+    delivered: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct EventQueue {
+    snapshots: std::collections::VecDeque<JobStatus>,
+    /// Snapshots queued and delivered so far.
+    queued: u64,
+    delivered: u64,
+    /// The thread delivering, if any.
+    deliverer: Option<std::thread::ThreadId>,
+}
+
+impl Events {
+    pub(crate) fn new(callback: Option<EventCallback>) -> Self {
+        Self {
+            callback,
+            queue: Default::default(),
+            delivered: Default::default(),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EventQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a snapshot (`status`, called only when there is a callback) and delivers it after every earlier one;
+    /// returns once it is delivered (at once when called from the callback). A panicking callback must not take a
+    /// worker down.
+    pub(crate) fn emit(&self, status: impl FnOnce() -> Option<JobStatus>) {
+        let Some(cb) = &self.callback else {
+            return;
+        };
+        let me = std::thread::current().id();
+        let mut q = self.lock();
+        let Some(snapshot) = status() else {
+            return;
+        };
+        q.snapshots.push_back(snapshot);
+        q.queued += 1;
+        let mine = q.queued;
+        match q.deliverer {
+            Some(t) if t == me => return, // from inside the callback: delivered when it returns
+            Some(_) => {
+                while q.delivered < mine && q.deliverer.is_some() {
+                    q = self.delivered.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.delivered >= mine {
+                    return;
+                }
+            }
+            None => {}
+        }
+        q.deliverer = Some(me);
+        while let Some(s) = q.snapshots.pop_front() {
+            drop(q);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&s)));
+            q = self.lock();
+            q.delivered += 1;
+            self.delivered.notify_all();
+        }
+        q.deliverer = None;
+        self.delivered.notify_all();
     }
 }
 

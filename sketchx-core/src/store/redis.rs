@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use redis::{Script, Value};
 
 use super::{
-    emit, eta_secs, progress_percent, Claim, JobStore, NewJob, Outcome, Progress, StopFlag,
+    eta_secs, progress_percent, Claim, Events, JobStore, NewJob, Outcome, Progress, StopFlag,
     StopReason,
 };
 use crate::error::{Error, Result};
@@ -599,7 +599,7 @@ pub(crate) struct RedisStore {
     consumer: String,
     group: &'static str,
     scripts: Scripts,
-    on_event: Option<EventCallback>,
+    events: Events,
     closed: std::sync::atomic::AtomicBool,
 }
 
@@ -646,7 +646,7 @@ impl RedisStore {
                 heartbeat: Script::new(HEARTBEAT),
                 status: Script::new(STATUS),
             },
-            on_event,
+            events: Events::new(on_event),
             closed: std::sync::atomic::AtomicBool::new(false),
         };
         store.ensure_group()?;
@@ -684,7 +684,7 @@ impl RedisStore {
     }
 
     fn notify(&self, id: &JobId) {
-        emit(&self.on_event, || self.status(id).ok());
+        self.events.emit(|| self.status(id).ok());
     }
 
     /// Starts a delivered entry: the job to run, or `None` if it was cancelled, stale, expired or poisoned.

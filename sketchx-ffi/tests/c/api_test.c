@@ -346,6 +346,14 @@ static void test_pipeline(const char *fixtures, const char *work) {
     bad = req; bad.control_guidance_start = 0.9; bad.control_guidance_end = 0.5;
     CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
               "control_guidance_start");
+    /* prompts are limited to 16 KiB (the core's MAX_PROMPT_BYTES) */
+    static char long_prompt[16 * 1024 + 2];
+    memset(long_prompt, 'x', 16 * 1024 + 1);
+    bad = req; bad.prompt = long_prompt;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST, "prompt");
+    bad = req; bad.negative_prompt = long_prompt;
+    CHECK_ERR(sketchx_pipeline_submit_file(p, &bad, sketch_path, &id), SKETCHX_INVALID_REQUEST,
+              "negative_prompt");
 
     CHECK_ERR(sketchx_pipeline_submit_file(p, &req, "/nonexistent/sketch.png", &id), SKETCHX_INVALID_SKETCH, "");
     CHECK_ERR(sketchx_pipeline_submit_buffer(p, &req, (const uint8_t *)"not an image", 12, &id),
