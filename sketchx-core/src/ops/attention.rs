@@ -202,6 +202,40 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+/// Every head's keys as `K^T` (`dk >= d` rows, zero past `d`) and values as `V`, packed in `format` for the
+/// crate's GEMM, in parallel: packed first, so that one parallel loop then covers all (image, head, tile) tasks;
+/// short key sequences (cross-attention) would otherwise pay a parallel region per head for little work.
+#[cfg(target_arch = "x86_64")]
+fn pack_heads(
+    k: &[f32],
+    v: &[f32],
+    (b, m, inner): (usize, usize, usize),
+    heads: usize,
+    dk: usize,
+    format: super::gemm::Format,
+) -> Vec<(super::gemm::PackedB, super::gemm::PackedB)> {
+    use super::gemm::PackedB;
+
+    let d = inner / heads;
+    (0..b * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, hi) = (bh / heads, bh % heads);
+            let col = |r: usize| (bi * m + r) * inner + hi * d;
+            let mut kh = vec![0f32; m * dk];
+            for (r, row) in kh.chunks_exact_mut(dk).enumerate() {
+                row[..d].copy_from_slice(&k[col(r)..][..d]);
+            }
+            (
+                PackedB::from_transposed(&kh, m, dk, format),
+                PackedB::from_rows(m, d, format, |r, row| {
+                    row.copy_from_slice(&v[col(r)..][..d])
+                }),
+            )
+        })
+        .collect()
+}
+
 /// The AVX-512 path: per image and head, the keys are packed once as `K^T` and the values as `V` (the crate's
 /// GEMM panels), then each block of [`QUERY_TILE`] queries runs on one thread: `scores = Q_tile K^T`, scaled,
 /// the row softmax, `O_tile += P V` straight into the output columns of the head. Packing once per head instead of
@@ -219,30 +253,11 @@ unsafe fn packed(
     heads: usize,
     scale: f32,
 ) -> Vec<f32> {
-    use super::gemm::{gemm_f32_serial, Format, PackedB};
+    use super::gemm::{gemm_f32_serial, Format};
 
     let d = inner / heads;
     let tiles = n.div_ceil(QUERY_TILE);
-    // Every head's keys and values packed first (in parallel), so that one parallel loop then covers all
-    // (image, head, tile) tasks: short key sequences (cross-attention) would otherwise pay a parallel region
-    // per head for little work.
-    let packed: Vec<(PackedB, PackedB)> = (0..b * heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (bi, hi) = (bh / heads, bh % heads);
-            let col = |r: usize| (bi * m + r) * inner + hi * d;
-            let mut kh = vec![0f32; m * d];
-            for (r, row) in kh.chunks_exact_mut(d).enumerate() {
-                row.copy_from_slice(&k[col(r)..][..d]);
-            }
-            (
-                PackedB::from_transposed(&kh, m, d, Format::F32),
-                PackedB::from_rows(m, d, Format::F32, |r, row| {
-                    row.copy_from_slice(&v[col(r)..][..d])
-                }),
-            )
-        })
-        .collect();
+    let packed = pack_heads(k, v, (b, m, inner), heads, d, Format::F32);
     let mut out = vec![0f32; b * n * inner];
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
@@ -292,28 +307,12 @@ unsafe fn on_tiles(
     heads: usize,
     scale: f32,
 ) -> Vec<f32> {
-    use super::gemm::{convert_bf16, Format, PackedB};
+    use super::gemm::{convert_bf16, Format};
 
     let d = inner / heads;
     let dp = d.next_multiple_of(32);
     let tiles = n.div_ceil(QUERY_TILE);
-    let packed: Vec<(PackedB, PackedB)> = (0..b * heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (bi, hi) = (bh / heads, bh % heads);
-            let col = |r: usize| (bi * m + r) * inner + hi * d;
-            let mut kh = vec![0f32; m * dp];
-            for (r, row) in kh.chunks_exact_mut(dp).enumerate() {
-                row[..d].copy_from_slice(&k[col(r)..][..d]);
-            }
-            (
-                PackedB::from_transposed(&kh, m, dp, Format::Bf16),
-                PackedB::from_rows(m, d, Format::Bf16, |r, row| {
-                    row.copy_from_slice(&v[col(r)..][..d])
-                }),
-            )
-        })
-        .collect();
+    let packed = pack_heads(k, v, (b, m, inner), heads, dp, Format::Bf16);
     let mut out = vec![0f32; b * n * inner];
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
