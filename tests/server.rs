@@ -23,11 +23,11 @@ struct Server {
 
 /// Serves the REST API on `pipe` over loopback.
 fn serve(pipe: Pipeline, dir: PathBuf) -> Server {
-    serve_router(app::router(pipe), dir)
+    serve_router(app::router(pipe), dir, app::HEADER_READ_TIMEOUT)
 }
 
-/// Serves `router` over loopback.
-fn serve_router(router: axum::Router, dir: PathBuf) -> Server {
+/// Serves `router` over loopback with the example's own accept loop.
+fn serve_router(router: axum::Router, dir: PathBuf, header_timeout: Duration) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -37,15 +37,25 @@ fn serve_router(router: axum::Router, dir: PathBuf) -> Server {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(async move { axum::serve(listener, router).await.unwrap() });
+    rt.spawn(app::serve(
+        listener,
+        router,
+        header_timeout,
+        std::future::pending(),
+        Duration::ZERO,
+    ));
     Server { base, _rt: rt, dir }
 }
 
 fn start(queue_capacity: usize) -> Server {
-    start_with(queue_capacity, app::BODY_READ_TIMEOUT)
+    start_with(
+        queue_capacity,
+        app::BODY_READ_TIMEOUT,
+        app::HEADER_READ_TIMEOUT,
+    )
 }
 
-fn start_with(queue_capacity: usize, body_timeout: Duration) -> Server {
+fn start_with(queue_capacity: usize, body_timeout: Duration, header_timeout: Duration) -> Server {
     let f = fixtures();
     let mut cfg = PipelineConfig::new(
         f.join("tiny-sd").to_str().unwrap(),
@@ -64,7 +74,7 @@ fn start_with(queue_capacity: usize, body_timeout: Duration) -> Server {
     cfg.queue_capacity = queue_capacity;
     cfg.cleanup_interval = None;
     let pipe = Pipeline::new(cfg).unwrap();
-    serve_router(app::router_with(pipe, body_timeout), dir)
+    serve_router(app::router_with(pipe, body_timeout), dir, header_timeout)
 }
 
 /// A multipart/form-data body with text fields and an optional `sketch` file.
@@ -779,7 +789,7 @@ fn huge_fields_are_refused_naming_the_field() {
 fn a_slow_client_blocks_no_one_and_times_out() {
     use std::io::Write;
     let timeout = Duration::from_secs(3);
-    let s = start_with(64, timeout);
+    let s = start_with(64, timeout, app::HEADER_READ_TIMEOUT);
     let (ct, body) = multipart(&[("prompt", "a house"), ("steps", "1")], Some(&sketch()));
     let addr = s.base.trim_start_matches("http://").to_string();
     // The slow client: its headers at once, then one byte of its body every 100 ms.
@@ -830,5 +840,72 @@ fn a_slow_client_blocks_no_one_and_times_out() {
     assert!(
         elapsed >= timeout && elapsed < timeout + Duration::from_secs(5),
         "the slow client was cut after {elapsed:?}"
+    );
+}
+
+#[test]
+fn clients_trickling_or_withholding_headers_are_cut_at_the_header_deadline() {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(2);
+    let s = start_with(64, app::BODY_READ_TIMEOUT, timeout);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // One client sends a header byte every 100 ms and never finishes; another connects and sends nothing.
+    let trickling = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            let head =
+                "GET /openapi.json HTTP/1.1\r\nHost: x\r\nX-Slow: ".to_string() + &"a".repeat(400);
+            let started = Instant::now();
+            let mut cut = None;
+            for byte in head.as_bytes() {
+                if stream.write_all(&[*byte]).is_err() {
+                    cut = Some(started.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // A closed connection reads as end of file (or a reset) once the server dropped it.
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut rest = Vec::new();
+            let read = stream.read_to_end(&mut rest);
+            let closed = matches!(read, Ok(_))
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+            (cut.unwrap_or_else(|| started.elapsed()), closed, rest)
+        })
+    };
+    let silent = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            let started = Instant::now();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut rest = Vec::new();
+            let read = stream.read_to_end(&mut rest);
+            (started.elapsed(), read.is_ok(), rest)
+        })
+    };
+    // Meanwhile other clients are served.
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _) = get_bytes(&format!("{}/openapi.json", s.base));
+    assert_eq!(code, 200);
+    let (elapsed, closed, rest) = silent.join().unwrap();
+    assert!(closed && rest.is_empty(), "{rest:?}");
+    assert!(
+        elapsed >= timeout - Duration::from_millis(100)
+            && elapsed < timeout + Duration::from_secs(3),
+        "the silent client was cut after {elapsed:?}"
+    );
+    let (elapsed, closed, rest) = trickling.join().unwrap();
+    assert!(closed && rest.is_empty(), "{rest:?}");
+    assert!(
+        elapsed < timeout + Duration::from_secs(3),
+        "the trickling client was cut after {elapsed:?}"
     );
 }

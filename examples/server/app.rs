@@ -38,6 +38,11 @@ pub const MAX_UPLOAD_BYTES: usize = 10 * 1024 * 1024;
 /// never waiting on it (every connection is its own task).
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a client may take to send a request's headers (from its first byte, or from the end of the previous
+/// request on a kept-alive connection). A client trickling header bytes is cut then; without it such a client
+/// holds its connection for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The body read deadline a router applies (see [`BODY_READ_TIMEOUT`]).
 #[derive(Clone, Copy)]
 struct BodyTimeout(Duration);
@@ -368,6 +373,46 @@ pub fn router_with(pipe: Pipeline, body_timeout: Duration) -> Router {
     api.layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(Extension(BodyTimeout(body_timeout)))
         .with_state(pipe)
+}
+
+/// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes, then lets open connections finish
+/// their requests (at most `grace`). Each connection is its own task, with `header_timeout` as hyper's header read
+/// deadline (axum::serve sets no timer, so hyper would wait for headers for ever).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors, or a connection reset before accept: go on after a pause, not in a spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // A client's broken connection or timeout ends only its own task.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
 }
 
 /// `GET /generated/<job_id>_<i>.png` on a Redis client: the PNG bytes the worker stored.

@@ -10,6 +10,7 @@ mod app;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use sketchx::names::{
@@ -101,11 +102,17 @@ async fn serve(addr: SocketAddr, pipe: Pipeline) -> Result<(), Box<dyn std::erro
         "listening on http://{} (API description at /docs)",
         listener.local_addr()?
     );
-    axum::serve(listener, app::router(pipe.clone()))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    app::serve(
+        listener,
+        app::router(pipe.clone()),
+        app::HEADER_READ_TIMEOUT,
+        ctrl_c,
+        Duration::from_secs(30),
+    )
+    .await;
     pipe.shutdown();
     Ok(())
 }
