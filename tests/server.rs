@@ -871,7 +871,7 @@ fn clients_trickling_or_withholding_headers_are_cut_at_the_header_deadline() {
                 .unwrap();
             let mut rest = Vec::new();
             let read = stream.read_to_end(&mut rest);
-            let closed = matches!(read, Ok(_))
+            let closed = read.is_ok()
                 || read
                     .as_ref()
                     .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);

@@ -5,7 +5,8 @@
 //! matrix), im2col writes whole shifted rows in parallel (`[c_in * kh * kw, h_out * w_out]`, output lands in NCHW
 //! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
 //! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_packed`] (the f32 im2col matrix is never
-//! built). Other dtypes and devices use candle's conv2d.
+//! built). Large f32 3x3 convolutions of stride 1 go to [`super::winograd`] instead. Other dtypes and devices use
+//! candle's conv2d.
 
 use std::sync::Arc;
 
@@ -246,6 +247,14 @@ impl Conv2dOp {
             oh,
             ow,
         };
+        #[cfg(target_arch = "x86_64")]
+        if let Weight::F32(w) = weight {
+            if super::winograd::applies(b, cin, cout, kh, kw, s, p, oh, ow) {
+                let mut out = vec![0f32; b * cout * oh * ow];
+                super::winograd::conv3x3(x, w, bias, &mut out, b, cin, cout, h, wd);
+                return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
+            }
+        }
         let n = oh * ow;
         let k = cin * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;

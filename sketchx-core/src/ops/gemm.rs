@@ -103,6 +103,26 @@ impl PackedB {
         self.words() * NR
     }
 
+    /// Turns this matrix into an f32 `k x n` one whose panels the caller writes through the returned words
+    /// (`f32` bits at `(panel * k + p) * NR + j` for `b[p][panel * NR + j]`; zeros past `n` are the caller's
+    /// too), keeping the buffer: a matrix rebuilt at every call allocates (and faults in) its memory once.
+    pub(crate) fn reuse_for_f32_panels(&mut self, k: usize, n: usize) -> &mut [u32] {
+        let len = n.div_ceil(NR) * k * NR;
+        self.data.resize(len, 0);
+        (self.k, self.n, self.format) = (k, n, Format::F32);
+        &mut self.data[..len]
+    }
+
+    /// An empty f32 matrix, to be filled through [`PackedB::reuse_for_f32_panels`].
+    pub(crate) fn empty() -> Self {
+        Self {
+            k: 0,
+            n: 0,
+            format: Format::F32,
+            data: Vec::new(),
+        }
+    }
+
     /// Packs the transpose of a row-major `n x k` f32 matrix, i.e. `B = W^T` for a linear layer's weight `W`
     /// (`[out, in]`): `k = in`, `n = out`.
     pub fn from_transposed(w: &[f32], n: usize, k: usize, format: Format) -> Self {

@@ -1,7 +1,8 @@
 //! The CPU kernels behind the networks' layers, as candle custom ops, and their instrumentation.
 //!
 //! [`gemm`] is the matrix product they share (AVX-512 micro-kernels in f32 and bf16 over packed operands, AMX
-//! tiles for bf16 where the CPU has them (`amx`), the `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col + GEMM, bf16 kernels packed once at load) hold their
+//! tiles for bf16 where the CPU has them (`amx`), the `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col + GEMM, bf16 kernels packed once at load; large f32 3x3 convolutions by Winograd's
+//! F(4x4, 3x3) in `winograd`) hold their
 //! weights as the network's [`Precision`](crate::precision::Precision) says; [`attention`] (tiled, without the full
 //! score matrix) and [`norm`] (group norm fused with SiLU) run on f32. Each falls back to candle for other
 //! dtypes and devices. `simd` has the vectorised element-wise helpers, `cpu` the plumbing they all share, and
@@ -33,6 +34,8 @@ pub mod linear;
 pub mod norm;
 pub mod profile;
 pub(crate) mod simd;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod winograd;
 
 /// Largest absolute element-wise difference of two tensors (the kernels' unit tests compare against candle).
 #[cfg(test)]
