@@ -30,8 +30,13 @@ pub struct FastConv2d {
 enum ConvImpl {
     /// candle's convolution, and the op that replaces it for f32 CPU inputs when it can.
     Candle { inner: Conv2d, op: Option<Conv2dOp> },
-    /// The CPU bf16 mode: the kernel packed in bf16 inside the op, the bias in f32.
-    Packed { op: Conv2dOp, bias: Tensor },
+    /// The CPU bf16 mode: the kernel packed in bf16 inside the op, the bias in f32; and for a convolution that
+    /// Winograd's f32 path may run (faster than the bf16 product there, and closer to f32), its f32 kernel.
+    Packed {
+        op: Conv2dOp,
+        bias: Tensor,
+        winograd: Option<Tensor>,
+    },
 }
 
 impl FastConv2d {
@@ -108,6 +113,9 @@ impl FastConv2d {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let packed = PackedA::new(&w, cout, cin * kh * kw, format);
+        let winograd = (format == Format::Bf16 && may_run_winograd(self.kernel, op))
+            .then(|| inner.weight().to_dtype(DType::F32))
+            .transpose()?;
         Ok(Self {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
@@ -116,6 +124,7 @@ impl FastConv2d {
                     ..op.clone()
                 },
                 bias: bias.to_dtype(DType::F32)?,
+                winograd,
             },
         })
     }
@@ -151,12 +160,51 @@ impl FastConv2d {
                 xs.contiguous()?.apply_op3_no_bwd(inner.weight(), bias, op)
             }
             ConvImpl::Candle { inner, .. } => inner.forward(xs),
-            ConvImpl::Packed { op, bias } => xs
+            ConvImpl::Packed {
+                op,
+                bias,
+                winograd: Some(w),
+            } if fast && winograd_applies(self.kernel, op, xs.dims()) => {
+                xs.contiguous()?.apply_op3_no_bwd(w, bias, op)
+            }
+            ConvImpl::Packed { op, bias, .. } => xs
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .apply_op2_no_bwd(bias, op),
         }
     }
+}
+
+/// The largest channel count for which the CPU bf16 mode also keeps a convolution's f32 kernel for the Winograd
+/// path (the wide, deep layers run on small images, where it does not apply).
+const WINOGRAD_KEEP_MAX_CHANNELS: usize = 512;
+
+/// Whether a convolution of this kernel `[c_out, c_in, kh, kw]` may run Winograd's path on some input.
+fn may_run_winograd(kernel: [usize; 4], op: &Conv2dOp) -> bool {
+    let [cout, cin, ..] = kernel;
+    // Any input large enough: a 4096 x 4096 image.
+    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS
+        && winograd_applies(kernel, op, &[1, cin, 4096, 4096])
+}
+
+/// Whether Winograd's path runs this convolution on an input of shape `dims` (`(b, c_in, h, w)`).
+#[allow(unused_variables)]
+fn winograd_applies(kernel: [usize; 4], op: &Conv2dOp, dims: &[usize]) -> bool {
+    let [cout, cin, kh, kw] = kernel;
+    let &[b, _, h, w] = dims else {
+        return false;
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (s, p) = (op.stride, op.padding);
+        if h + 2 * p < kh || w + 2 * p < kw || s == 0 {
+            return false;
+        }
+        let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        super::winograd::applies(b, cin, cout, kh, kw, s, p, oh, ow)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The im2col + GEMM convolution of an f32 input `(b, c_in, h, w)` with a kernel and a bias: a custom op on
