@@ -177,7 +177,7 @@ impl FastConv2d {
 
 /// The largest channel count for which the CPU bf16 mode also keeps a convolution's f32 kernel for the Winograd
 /// path (the wide, deep layers run on small images, where it does not apply).
-const WINOGRAD_KEEP_MAX_CHANNELS: usize = 512;
+const WINOGRAD_KEEP_MAX_CHANNELS: usize = 256;
 
 /// Whether a convolution of this kernel `[c_out, c_in, kh, kw]` may run Winograd's path on some input.
 fn may_run_winograd(kernel: [usize; 4], op: &Conv2dOp) -> bool {

@@ -34,7 +34,7 @@ const LANES: usize = 16;
 const MIN_CHANNELS: usize = 16;
 /// Fewest output pixels (all images together): below, the filter transform (per call) and the re-reading of the
 /// transformed filters (4x the weights) cost more than the multiplications saved.
-const MIN_PIXELS: usize = 48 * 48;
+const MIN_PIXELS: usize = 32 * 32;
 /// Scratch values per band (transformed input and products), which sets the tiles per band.
 const BAND_VALUES: usize = 1 << 21;
 
@@ -738,6 +738,7 @@ mod tests {
             !applies(1, 128, 120, 3, 3, 1, 1, 64, 64),
             "not a multiple of 16"
         );
-        assert!(!applies(2, 640, 640, 3, 3, 1, 1, 32, 32), "2 x 32x32");
+        assert_eq!(applies(2, 640, 640, 3, 3, 1, 1, 32, 32), on);
+        assert!(!applies(2, 1280, 1280, 3, 3, 1, 1, 16, 16), "2 x 16x16");
     }
 }
