@@ -61,8 +61,13 @@ def test_wait_is_interruptible_by_ctrl_c(tmp_path: Path) -> None:
         timer = threading.Timer(0.3, _thread.interrupt_main)
         t0 = time.monotonic()
         timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            p.wait(job)
+        try:
+            st = p.wait(job)
+        except KeyboardInterrupt:
+            pass
+        else:
+            # Once seen (1 run in about 200) under a loaded suite; this says how the job had ended.
+            pytest.fail(f"wait returned instead of raising: {st.status} after {time.monotonic() - t0:.2f}s: {st.message}")
         elapsed = time.monotonic() - t0
         timer.join()
         assert elapsed < 1.5, f"KeyboardInterrupt took {elapsed:.2f}s"
