@@ -195,15 +195,9 @@ fn winograd_applies(kernel: [usize; 4], op: &Conv2dOp, dims: &[usize]) -> bool {
         return false;
     };
     #[cfg(target_arch = "x86_64")]
-    {
-        let (s, p) = (op.stride, op.padding);
-        if h + 2 * p < kh || w + 2 * p < kw || s == 0 {
-            return false;
-        }
-        let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
-        super::winograd::applies(b, cin, cout, kh, kw, s, p, oh, ow)
+    if let Some(g) = Geometry::new(h, w, kh, kw, op.stride, op.padding) {
+        return super::winograd::applies(b, cin, cout, &g);
     }
-    #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
@@ -279,25 +273,13 @@ impl Conv2dOp {
                 bias.len()
             );
         }
-        let (s, p) = (self.stride, self.padding);
-        if h + 2 * p < kh || wd + 2 * p < kw {
-            candle_core::bail!("conv: kernel larger than the padded input");
-        }
-        let oh = (h + 2 * p - kh) / s + 1;
-        let ow = (wd + 2 * p - kw) / s + 1;
-        let g = Geometry {
-            h,
-            w: wd,
-            kh,
-            kw,
-            s,
-            p,
-            oh,
-            ow,
+        let Some(g) = Geometry::new(h, wd, kh, kw, self.stride, self.padding) else {
+            candle_core::bail!("conv: kernel larger than the padded input, or stride 0");
         };
+        let Geometry { s, p, oh, ow, .. } = g;
         #[cfg(target_arch = "x86_64")]
         if let Weight::F32(w) = weight {
-            if super::winograd::applies(b, cin, cout, kh, kw, s, p, oh, ow) {
+            if super::winograd::applies(b, cin, cout, &g) {
                 let mut out = vec![0f32; b * cout * oh * ow];
                 super::winograd::conv3x3(x, w, bias, &mut out, b, cin, cout, h, wd);
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
@@ -395,15 +377,43 @@ fn im2col(x: &[f32], col: &mut [f32], g: &Geometry, rows: std::ops::Range<usize>
 
 /// The shape of one convolution: input planes, kernel, stride, padding and output size.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    s: usize,
-    p: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Geometry {
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) s: usize,
+    pub(super) p: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+}
+
+impl Geometry {
+    /// The geometry of an `h x w` input under a `kh x kw` kernel with stride `s` and padding `p`; `None` when the
+    /// kernel is larger than the padded input or the stride is 0.
+    pub(super) fn new(
+        h: usize,
+        w: usize,
+        kh: usize,
+        kw: usize,
+        s: usize,
+        p: usize,
+    ) -> Option<Self> {
+        if h + 2 * p < kh || w + 2 * p < kw || s == 0 {
+            return None;
+        }
+        let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        Some(Self {
+            h,
+            w,
+            kh,
+            kw,
+            s,
+            p,
+            oh,
+            ow,
+        })
+    }
 }
 
 /// Row `r` of the im2col matrix of `x` (channel `r / (kh kw)`, kernel offset `r % (kh kw)`) for output rows `rows`:

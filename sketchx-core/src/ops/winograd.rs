@@ -19,6 +19,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::conv::Geometry;
 use super::cpu::SendPtr;
 use super::gemm::{Format, PackedB};
 
@@ -39,7 +40,7 @@ const MIN_PIXELS: usize = 32 * 32;
 const BAND_VALUES: usize = 1 << 21;
 
 /// G, the filter transform (6 x 3).
-const G: [[f64; 3]; TILE] = [
+const G: [[f32; 3]; TILE] = [
     [0.25, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -48,29 +49,18 @@ const G: [[f64; 3]; TILE] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Whether a convolution (kernel `kh x kw`, stride `s`, padding `p`, `cin` -> `cout` channels, `b` outputs of
-/// `oh x ow`) runs here: 3x3, stride 1, padding 1, channels multiples of 16, enough pixels, AVX-512, and not
-/// switched off by `SKETCHX_NO_WINOGRAD=1`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn applies(
-    b: usize,
-    cin: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    s: usize,
-    p: usize,
-    oh: usize,
-    ow: usize,
-) -> bool {
-    kh == 3
-        && kw == 3
-        && s == 1
-        && p == 1
+/// Whether a convolution of `cin` -> `cout` channels over `b` images of geometry `g` runs here: 3x3, stride 1,
+/// padding 1, channels multiples of 16, enough output pixels, AVX-512, and not switched off by
+/// `SKETCHX_NO_WINOGRAD=1`.
+pub(super) fn applies(b: usize, cin: usize, cout: usize, g: &Geometry) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.s == 1
+        && g.p == 1
         && cin.is_multiple_of(LANES)
         && cout.is_multiple_of(LANES)
         && cin.min(cout) >= MIN_CHANNELS
-        && b * oh * ow >= MIN_PIXELS
+        && b * g.oh * g.ow >= MIN_PIXELS
         && enabled()
         && Format::F32.has_fast_kernel()
 }
@@ -83,32 +73,28 @@ fn enabled() -> bool {
     })
 }
 
-/// The filter transform's result, kept between calls (allocating and faulting in tens of MB per call cost as much
-/// as the transform): the 36 matrices `U[ξ]`.
-struct Filters {
-    u: Vec<PackedB>,
-}
+/// The transformed filters of the last call (the 36 matrices `U[ξ]`), whose buffers the next call reuses:
+/// allocating and faulting in tens of MB per call cost as much as the transform. A call running meanwhile
+/// allocates its own.
+static FILTERS: std::sync::Mutex<Option<Vec<PackedB>>> = std::sync::Mutex::new(None);
 
-/// The buffers of the last call, for the next (a call running meanwhile allocates its own).
-static FILTERS: std::sync::Mutex<Option<Filters>> = std::sync::Mutex::new(None);
-
-/// Fills `f.u` with the transformed filters `U[ξ]` (`cin x cout` each, packed for the GEMM) of a kernel `w`
+/// Fills `u` with the transformed filters `U[ξ]` (`cin x cout` each, packed for the GEMM) of a kernel `w`
 /// `[cout, cin, 3, 3]`.
-fn transform_filters(w: &[f32], cout: usize, cin: usize, f: &mut Filters) {
+fn transform_filters(w: &[f32], cout: usize, cin: usize, u: &mut Vec<PackedB>) {
     let panels = cout / LANES;
     // U[ξ] straight in the GEMM's panel layout: panel q holds columns 16q.., row ci at (q * cin + ci) * 16.
-    f.u.resize_with(XI, PackedB::empty);
-    let ptrs: Vec<SendPtr<u32>> =
-        f.u.iter_mut()
-            .map(|m| SendPtr(m.reuse_for_f32_panels(cin, cout).as_mut_ptr()))
-            .collect();
+    u.resize_with(XI, PackedB::empty);
+    let ptrs: Vec<SendPtr<u32>> = u
+        .iter_mut()
+        .map(|m| SendPtr(m.reuse_for_f32_panels(cin, cout).as_mut_ptr()))
+        .collect();
     assert!(w.len() == cout * cin * 9 && cin * 9 * LANES < i32::MAX as usize);
     (0..panels).into_par_iter().for_each(|q| {
         let ptrs = &ptrs;
         for ci in 0..cin {
             // SAFETY: AVX-512 is present (`applies`); the gathered values are w[co][ci][..9] for the 16 output
             // channels co of panel q, inside `w` (checked above); each write (q * cin + ci) * 16 + 16 <=
-            // panels * cin * 16 words, inside U[ξ], in panel q, this task's own; `f.u` outlives the loop.
+            // panels * cin * 16 words, inside U[ξ], in panel q, this task's own; `u` outlives the loop.
             unsafe {
                 filter_tile(
                     w.as_ptr().add((q * LANES * cin + ci) * 9),
@@ -121,11 +107,6 @@ fn transform_filters(w: &[f32], cout: usize, cin: usize, f: &mut Filters) {
     });
 }
 
-/// The 6 x 3 matrix G as f32.
-fn g_f32() -> [[f32; 3]; TILE] {
-    std::array::from_fn(|i| std::array::from_fn(|a| G[i][a] as f32))
-}
-
 /// `U = G g Gᵀ` for 16 filters at once: lane `l` of `g[a][b]` is `src[l * stride + a * 3 + b]`; position ξ of the
 /// result goes to `u[ξ] + at` (as f32).
 ///
@@ -133,7 +114,7 @@ fn g_f32() -> [[f32; 3]; TILE] {
 /// AVX-512 F; those 16 x 9 values readable, 16 writable at each destination.
 #[target_feature(enable = "avx512f")]
 unsafe fn filter_tile(src: *const f32, stride: usize, u: &[SendPtr<u32>], at: usize) {
-    let gm = g_f32();
+    let gm = G;
     // SAFETY: the caller's contract.
     unsafe {
         let idx = _mm512_mullo_epi32(
@@ -193,9 +174,9 @@ pub(super) fn conv3x3(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
-        .unwrap_or(Filters { u: Vec::new() });
+        .unwrap_or_default();
     transform_filters(w, cout, cin, &mut filters);
-    let u = &filters.u;
+    let u = &filters;
     let (th, tw) = (h.div_ceil(OUT), wd.div_ceil(OUT));
     // Tiles per band within the scratch budget; bands of whole tile rows when a row fits.
     let per_band = (BAND_VALUES / (XI * (cin + cout))).clamp(8, 512);
@@ -729,16 +710,22 @@ mod tests {
     #[test]
     fn applies_only_where_it_gains() {
         let on = Format::F32.has_fast_kernel();
-        assert_eq!(applies(1, 128, 128, 3, 3, 1, 1, 64, 64), on);
-        assert_eq!(applies(2, 16, 16, 3, 3, 1, 1, 48, 24), on);
-        assert!(!applies(1, 128, 128, 3, 3, 2, 1, 64, 64), "stride 2");
-        assert!(!applies(1, 128, 128, 1, 1, 1, 0, 64, 64), "1x1");
-        assert!(!applies(1, 4, 128, 3, 3, 1, 1, 64, 64), "4 input channels");
+        let geo = |k: usize, s: usize, p: usize, h: usize, w: usize| {
+            Geometry::new(h, w, k, k, s, p).unwrap()
+        };
+        assert_eq!(applies(1, 128, 128, &geo(3, 1, 1, 64, 64)), on);
+        assert_eq!(applies(2, 16, 16, &geo(3, 1, 1, 48, 24)), on);
+        assert!(!applies(1, 128, 128, &geo(3, 2, 1, 128, 128)), "stride 2");
+        assert!(!applies(1, 128, 128, &geo(1, 1, 0, 64, 64)), "1x1");
         assert!(
-            !applies(1, 128, 120, 3, 3, 1, 1, 64, 64),
+            !applies(1, 4, 128, &geo(3, 1, 1, 64, 64)),
+            "4 input channels"
+        );
+        assert!(
+            !applies(1, 128, 120, &geo(3, 1, 1, 64, 64)),
             "not a multiple of 16"
         );
-        assert_eq!(applies(2, 640, 640, 3, 3, 1, 1, 32, 32), on);
-        assert!(!applies(2, 1280, 1280, 3, 3, 1, 1, 16, 16), "2 x 16x16");
+        assert_eq!(applies(2, 640, 640, &geo(3, 1, 1, 32, 32)), on);
+        assert!(!applies(2, 1280, 1280, &geo(3, 1, 1, 16, 16)), "2 x 16x16");
     }
 }
