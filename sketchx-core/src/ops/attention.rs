@@ -236,6 +236,22 @@ fn pack_heads(
         .collect()
 }
 
+/// Divides output row `r` (`d` values at `out + r * stride`) by `sums[r]`: the softmax's normalisation, applied
+/// after the product with the unnormalised probabilities.
+///
+/// # Safety
+/// `out` must point to `sums.len()` rows of `d` values `stride` apart that no one else accesses meanwhile.
+#[cfg(target_arch = "x86_64")]
+unsafe fn divide_rows(out: *mut f32, stride: usize, d: usize, sums: &[f32]) {
+    for (r, sum) in sums.iter().enumerate() {
+        let inv = 1.0 / sum;
+        // SAFETY: row r < sums.len() of the caller's block.
+        unsafe { std::slice::from_raw_parts_mut(out.add(r * stride), d) }
+            .iter_mut()
+            .for_each(|x| *x *= inv);
+    }
+}
+
 /// The AVX-512 path: per image and head, the keys are packed once as `K^T` and the values as `V` (the crate's
 /// GEMM panels), then each block of [`QUERY_TILE`] queries runs on one thread: `scores = Q_tile K^T`, the
 /// unnormalised probabilities `exp(scale (s - max))`, `O_tile += P V` straight into the output columns of the head,
@@ -287,12 +303,7 @@ unsafe fn packed(
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
                 gemm_f32_serial(rows, sc.as_ptr(), m, values, op, inner);
-                for (r, sum) in sums.iter().enumerate().take(rows) {
-                    let inv = 1.0 / sum;
-                    std::slice::from_raw_parts_mut(op.add(r * inner), d)
-                        .iter_mut()
-                        .for_each(|x| *x *= inv);
-                }
+                divide_rows(op, inner, d, &sums[..rows]);
             }
         },
     );
@@ -361,12 +372,7 @@ unsafe fn on_tiles(
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
                 super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false);
-                for (r, sum) in sums.iter().enumerate().take(rows) {
-                    let inv = 1.0 / sum;
-                    std::slice::from_raw_parts_mut(op.add(r * inner), d)
-                        .iter_mut()
-                        .for_each(|x| *x *= inv);
-                }
+                divide_rows(op, inner, d, &sums[..rows]);
             }
         },
     );
