@@ -13,7 +13,9 @@ use std::str::FromStr;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use sketchx::sampling::rng::TorchRng;
-use sketchx::sampling::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
+use sketchx::sampling::schedulers::{
+    Scheduler, SchedulerConfig, SchedulerKind, MAX_TRAIN_TIMESTEPS,
+};
 use sketchx::Error;
 
 fn load() -> Value {
@@ -287,6 +289,36 @@ fn invalid_options_are_errors() {
     malformed(r#"{"beta_start":"small"}"#);
     malformed(r#"{"num_train_timesteps":0}"#);
     malformed(r#"{"trained_betas":[0.1,"x"]}"#);
+    // Sizes past the bound, and floats past i64 (which `as` would have saturated to i64::MAX), name their key.
+    let names_key = |json: &str, key: &str| match SchedulerConfig::from_json_str(json, "cfg.json") {
+        Err(e @ Error::MalformedFile { .. }) => assert!(e.to_string().contains(key), "{json}: {e}"),
+        other => panic!("{json}: expected MalformedFile, got {other:?}"),
+    };
+    names_key(
+        r#"{"num_train_timesteps":92233720368547758071000}"#,
+        "num_train_timesteps",
+    );
+    names_key(
+        r#"{"num_train_timesteps":9223372036854775807}"#,
+        "num_train_timesteps",
+    );
+    names_key(r#"{"num_train_timesteps":100001}"#, "num_train_timesteps");
+    names_key(r#"{"num_train_timesteps":1e300}"#, "num_train_timesteps");
+    names_key(r#"{"steps_offset":9223372036854775807}"#, "steps_offset");
+    names_key(r#"{"steps_offset":-1e30}"#, "steps_offset");
+    names_key(
+        r#"{"original_inference_steps":1e30}"#,
+        "original_inference_steps",
+    );
+    let offset = format!(r#"{{"steps_offset":-{MAX_TRAIN_TIMESTEPS}}}"#);
+    let cfg = SchedulerConfig::from_json_str(&offset, "cfg.json").unwrap();
+    assert_eq!(cfg.steps_offset, -(MAX_TRAIN_TIMESTEPS as i64));
+    let longest = format!(r#"{{"num_train_timesteps":{MAX_TRAIN_TIMESTEPS}.0}}"#);
+    let cfg = SchedulerConfig::from_json_str(&longest, "cfg.json").unwrap();
+    assert_eq!(cfg.num_train_timesteps, MAX_TRAIN_TIMESTEPS);
+    for kind in SchedulerKind::ALL {
+        assert!(Scheduler::new(kind, &cfg, 4).is_ok(), "{kind:?}");
+    }
 
     let cfg = SchedulerConfig::default();
     for steps in [0, 1001] {

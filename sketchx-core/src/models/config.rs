@@ -121,8 +121,13 @@ impl ConfigFile {
     /// An integer (a number with no fractional part, as Python writes `3.0`), if present.
     pub fn i64_opt(&self, key: &str) -> Result<Option<i64>> {
         self.get(key, "an integer", |v| {
-            v.as_i64()
-                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+            // `as` would saturate a float past the i64 range into a plausible-looking integer.
+            const BOUND: f64 = 9_223_372_036_854_775_808.0; // 2^63
+            v.as_i64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (-BOUND..BOUND).contains(f))
+                    .map(|f| f as i64)
+            })
         })
     }
 

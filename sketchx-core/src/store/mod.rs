@@ -105,6 +105,8 @@ pub(crate) enum Outcome {
     /// Every image was written: their paths, and their PNG bytes for stores that serve them.
     Completed {
         images: Vec<PathBuf>,
+        // Only the Redis store serves PNG bytes.
+        #[cfg_attr(not(feature = "redis"), allow(dead_code))]
         pngs: Vec<Vec<u8>>,
         /// Seconds per denoising step and per decoded image, for other jobs' ETAs.
         pace: (Option<f64>, Option<f64>),

@@ -6,6 +6,10 @@ use super::Spacing;
 use crate::error::Result;
 use crate::models::config::ConfigFile;
 
+/// The longest training schedule a config may declare: real models train on 1000 (a few on 4000); the bound keeps
+/// a hostile config from sizing the schedule's buffers.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// A `scheduler_config.json`, holding every key the three schedulers read.
 ///
 /// A key absent from the file is `None` (or the default shared by all three classes); [`Scheduler::new`](super::Scheduler::new) then uses
@@ -15,7 +19,8 @@ use crate::models::config::ConfigFile;
 pub struct SchedulerConfig {
     /// Where the configuration came from (a file path), named in errors.
     pub origin: String,
-    /// `num_train_timesteps` (default 1000): length of the training noise schedule.
+    /// `num_train_timesteps` (default 1000): length of the training noise schedule, at most
+    /// [`MAX_TRAIN_TIMESTEPS`].
     pub num_train_timesteps: usize,
     /// `beta_start` (default 0.0001).
     pub beta_start: f64,
@@ -30,7 +35,7 @@ pub struct SchedulerConfig {
     /// `timestep_spacing`: `"linspace"`, `"leading"` or `"trailing"`; default `"linspace"` for the Euler
     /// schedulers and `"leading"` for DDIM.
     pub timestep_spacing: Option<String>,
-    /// `steps_offset` (default 0): added to `leading` timesteps.
+    /// `steps_offset` (default 0): added to `leading` timesteps; at most [`MAX_TRAIN_TIMESTEPS`] either way.
     pub steps_offset: i64,
     /// `rescale_betas_zero_snr` (default false): rescale betas to zero terminal SNR.
     pub rescale_betas_zero_snr: bool,
@@ -117,10 +122,26 @@ impl SchedulerConfig {
     /// The keys of a parsed scheduler config.
     pub fn from_config(c: &ConfigFile) -> Result<Self> {
         let d = SchedulerConfig::default();
+        let max = MAX_TRAIN_TIMESTEPS as i64;
         let num_train_timesteps = match c.i64_opt("num_train_timesteps")? {
             None => d.num_train_timesteps,
-            Some(n) if n >= 1 => n as usize,
-            Some(_) => return Err(c.bad("num_train_timesteps", "a positive integer")),
+            Some(n) if (1..=max).contains(&n) => n as usize,
+            Some(_) => {
+                return Err(c.bad(
+                    "num_train_timesteps",
+                    &format!("an integer from 1 to {MAX_TRAIN_TIMESTEPS}"),
+                ))
+            }
+        };
+        let steps_offset = match c.i64_opt("steps_offset")? {
+            None => d.steps_offset,
+            Some(n) if (-max..=max).contains(&n) => n,
+            Some(_) => {
+                return Err(c.bad(
+                    "steps_offset",
+                    &format!("an integer from -{MAX_TRAIN_TIMESTEPS} to {MAX_TRAIN_TIMESTEPS}"),
+                ))
+            }
         };
         Ok(SchedulerConfig {
             origin: c.origin().to_string(),
@@ -131,7 +152,7 @@ impl SchedulerConfig {
             trained_betas: c.f64_list_opt("trained_betas")?,
             prediction_type: c.string_or("prediction_type", &d.prediction_type)?,
             timestep_spacing: c.str_opt("timestep_spacing")?.map(str::to_string),
-            steps_offset: c.i64_opt("steps_offset")?.unwrap_or(d.steps_offset),
+            steps_offset,
             rescale_betas_zero_snr: c.bool_or("rescale_betas_zero_snr", false)?,
             set_alpha_to_one: c.bool_opt("set_alpha_to_one")?,
             clip_sample: c.bool_opt("clip_sample")?,
@@ -147,8 +168,13 @@ impl SchedulerConfig {
             final_sigmas_type: c.string_or("final_sigmas_type", &d.final_sigmas_type)?,
             original_inference_steps: match c.i64_opt("original_inference_steps")? {
                 None => None,
-                Some(n) if n >= 1 => Some(n as usize),
-                Some(_) => return Err(c.bad("original_inference_steps", "a positive integer")),
+                Some(n) if (1..=max).contains(&n) => Some(n as usize),
+                Some(_) => {
+                    return Err(c.bad(
+                        "original_inference_steps",
+                        &format!("an integer from 1 to {MAX_TRAIN_TIMESTEPS}"),
+                    ))
+                }
             },
             timestep_scaling: c.f64_or("timestep_scaling", d.timestep_scaling)?,
             keys: c.keys().map(str::to_string).collect(),

@@ -35,7 +35,7 @@ mod lcm;
 mod schedule;
 mod tcd;
 
-pub use config::SchedulerConfig;
+pub use config::{SchedulerConfig, MAX_TRAIN_TIMESTEPS};
 pub use ddim::Ddim;
 pub use euler::Euler;
 pub use lcm::{boundary_scalings as lcm_boundary_scalings, Lcm};
