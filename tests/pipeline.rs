@@ -776,8 +776,8 @@ fn events_arrive_in_order_one_at_a_time_even_from_a_slow_callback() {
             if inside.fetch_add(1, Ordering::SeqCst) > 0 {
                 overlaps.fetch_add(1, Ordering::SeqCst);
             }
-            if s.state == JobState::Queued {
-                // A slow consumer (a network hop, a UI) while the worker takes the job up.
+            if s.state == JobState::Queued || s.state.is_terminal() {
+                // A slow consumer (a network hop, a UI) while the worker takes the job up, and when it ends.
                 std::thread::sleep(Duration::from_millis(150));
             }
             seen.lock().unwrap().push((s.job_id.clone(), s.state));
@@ -798,20 +798,13 @@ fn events_arrive_in_order_one_at_a_time_even_from_a_slow_callback() {
         let st = pipe.wait(id, Some(Duration::from_secs(120))).unwrap();
         assert_eq!(st.state, JobState::Completed, "{}", st.message);
     }
-    // The final events may still be on their way.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, s)| s.is_terminal())
-        .count()
-        < ids.len()
-    {
-        assert!(Instant::now() < deadline, "final events missing");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // `wait` returns only once the callback has seen the final state, however slow it is.
     let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.iter().filter(|(_, s)| s.is_terminal()).count(),
+        ids.len(),
+        "wait returned before the final events: {seen:?}"
+    );
     for id in &ids {
         let states: Vec<JobState> = seen
             .iter()

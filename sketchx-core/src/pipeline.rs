@@ -373,7 +373,9 @@ impl Pipeline {
         self.inner.store.status(id)
     }
 
-    /// Blocks until the job reaches a final state (or `timeout` passes: [`Error::Timeout`]).
+    /// Blocks until the job reaches a final state (or `timeout` passes: [`Error::Timeout`]). With the in-process
+    /// store and an [`PipelineConfig::on_event`] callback it returns only after the callback has been called with
+    /// that final state, so what the callback recorded is complete when `wait` returns.
     pub fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
         self.inner.store.wait(id, timeout)
     }

@@ -38,6 +38,9 @@ struct Record {
     run_started: Option<Instant>,
     stop: StopFlag,
     preview: Option<Preview>,
+    /// The sequence number of the event carrying the final state, once it is queued: `wait` returns only after
+    /// the callback has seen it.
+    final_event: Option<u64>,
 }
 
 /// Every known job, and the queued ones in order.
@@ -137,13 +140,18 @@ impl MemoryStore {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes waiters and sends the event; called after the lock is released.
+    /// Sends the event, then wakes waiters; called after the lock is released.
     fn changed(&self, id: &JobId) {
-        self.changed.notify_all();
-        self.events.emit(|| {
-            let t = self.lock();
-            t.jobs.get(id).map(|r| t.status_of(r))
+        self.events.emit(|seq| {
+            let mut t = self.lock();
+            let r = t.jobs.get_mut(id)?;
+            if r.state.is_terminal() && r.final_event.is_none() {
+                r.final_event = Some(seq);
+            }
+            let r = t.jobs.get(id)?;
+            Some(t.status_of(r))
         });
+        self.changed.notify_all();
     }
 }
 
@@ -179,6 +187,7 @@ impl JobStore for MemoryStore {
                     run_started: None,
                     stop: StopFlag::default(),
                     preview: None,
+                    final_event: None,
                 },
             );
             t.queue.push_back(id.clone());
@@ -202,8 +211,19 @@ impl JobStore for MemoryStore {
             let Some(r) = t.jobs.get(id) else {
                 return Err(Error::UnknownJob(id.to_string()));
             };
-            if r.state.is_terminal() {
-                return Ok(t.status_of(r));
+            // With a callback, the final state is reported once the callback has it (its event is queued when
+            // `final_event` is set, and delivered right after unless the change came from inside the callback).
+            match (r.state.is_terminal(), r.final_event) {
+                (true, _) if !self.events.has_callback() => return Ok(t.status_of(r)),
+                (true, Some(seq)) => {
+                    let status = t.status_of(r);
+                    drop(t);
+                    if !self.events.wait_delivered(seq, deadline) {
+                        return Err(Error::Timeout(id.to_string()));
+                    }
+                    return Ok(status);
+                }
+                _ => {}
             }
             t = match deadline {
                 None => self.changed.wait(t).unwrap_or_else(|e| e.into_inner()),

@@ -207,16 +207,21 @@ impl Events {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a snapshot (`status`, called only when there is a callback) and delivers it after every earlier one;
-    /// returns once it is delivered (at once when called from the callback). A panicking callback must not take a
-    /// worker down.
-    pub(crate) fn emit(&self, status: impl FnOnce() -> Option<JobStatus>) {
+    /// Whether there is a callback to deliver to.
+    pub(crate) fn has_callback(&self) -> bool {
+        self.callback.is_some()
+    }
+
+    /// Takes a snapshot (`status`, called only when there is a callback, with the snapshot's sequence number for
+    /// [`Events::wait_delivered`]) and delivers it after every earlier one; returns once it is delivered (at once
+    /// when called from the callback). A panicking callback must not take a worker down.
+    pub(crate) fn emit(&self, status: impl FnOnce(u64) -> Option<JobStatus>) {
         let Some(cb) = &self.callback else {
             return;
         };
         let me = std::thread::current().id();
         let mut q = self.lock();
-        let Some(snapshot) = status() else {
+        let Some(snapshot) = status(q.queued + 1) else {
             return;
         };
         q.snapshots.push_back(snapshot);
@@ -244,6 +249,27 @@ impl Events {
         }
         q.deliverer = None;
         self.delivered.notify_all();
+    }
+
+    /// Blocks until snapshot `seq` has been delivered (its callback returned); false if `deadline` came first.
+    pub(crate) fn wait_delivered(&self, seq: u64, deadline: Option<std::time::Instant>) -> bool {
+        let mut q = self.lock();
+        while q.delivered < seq {
+            q = match deadline {
+                None => self.delivered.wait(q).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return false;
+                    }
+                    self.delivered
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+        true
     }
 }
 

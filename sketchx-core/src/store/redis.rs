@@ -684,7 +684,7 @@ impl RedisStore {
     }
 
     fn notify(&self, id: &JobId) {
-        self.events.emit(|| self.status(id).ok());
+        self.events.emit(|_| self.status(id).ok());
     }
 
     /// Starts a delivered entry: the job to run, or `None` if it was cancelled, stale, expired or poisoned.
