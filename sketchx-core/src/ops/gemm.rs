@@ -4,7 +4,8 @@
 //! once into [`PackedB`]: column panels of [`NR`] columns, each 32-bit word holding one `k` entry (f32) or two
 //! consecutive ones (bf16: the operand layout of AVX-512 BF16's `vdpbf16ps`, 16 lanes each adding a two-term dot
 //! product to an f32 accumulator). The AVX-512 micro-kernel keeps an 8-row x 48-column block of `C` in 24
-//! registers, broadcasts one word of `A` per row and loads three words of `B` per step; tiles of `C` run in
+//! registers, broadcasts one word of `A` per row and loads three words of `B` per step, and prefetches the next
+//! call's block of `A` into L1 as it goes (the rows of a row-major `A` are far apart); tiles of `C` run in
 //! parallel on rayon's threads. Products of bf16 numbers are exact in f32, so the bf16 result differs from an f32
 //! product of the bf16-rounded inputs only by the order of the additions.
 //!
@@ -635,9 +636,26 @@ fn tiles(m: usize, a: AView, b: &PackedB, c: *mut f32, ldc: usize, parallel: boo
                         4 * MR,
                     ),
                 };
+                // The A block of the next call (the next rows, else the first rows of the next k block):
+                // prefetched during this one, as eight rows or one contiguous packed run.
+                let (next_r, next_w) = if r + mr < r1 { (r + mr, w0) } else { (r0, w1) };
+                let prefetch = if next_w >= words {
+                    x86::Prefetch::None
+                } else {
+                    match a {
+                        AView::Rows { ptr, elem, lda } => x86::Prefetch::Rows(
+                            ptr.wrapping_add((next_r * lda + per * next_w) * elem),
+                        ),
+                        AView::Packed { ptr, words } => x86::Prefetch::Run(
+                            ptr.wrapping_add(((next_r / MR) * words + next_w) * MR)
+                                .cast(),
+                        ),
+                    }
+                };
                 let call = x86::Call {
                     full,
                     tail,
+                    prefetch,
                     a: a_ptr,
                     lda,
                     a_step,
@@ -722,10 +740,22 @@ mod x86 {
         }
     }
 
+    /// What a micro-kernel call prefetches of the next call's `A` block: one cache line every other step.
+    #[derive(Clone, Copy)]
+    pub(super) enum Prefetch {
+        None,
+        /// Row-major: eight rows `lda` bytes apart from this address, line after line.
+        Rows(*const u8),
+        /// Packed: consecutive lines from this address.
+        Run(*const u8),
+    }
+
     /// One micro-kernel call: `C[rows x np*16] += A B` over `full` words (+ a lone bf16 entry when `tail`).
     pub(super) struct Call {
         pub full: usize,
         pub tail: bool,
+        /// Only hints: the addresses may lie past `A` (prefetches never fault).
+        pub prefetch: Prefetch,
         /// Row 0 of `A` at the block's first entry; `lda` (next row) and `a_step` (next word) in bytes.
         pub a: *const u8,
         pub lda: usize,
@@ -809,8 +839,31 @@ mod x86 {
                             }
                         }
                     };
-                    for p in 0..k.full {
-                        step(&mut acc, p, false);
+                    // Otherwise each call's first steps wait for its rows of A to come from L2.
+                    match k.prefetch {
+                        Prefetch::None => {
+                            for p in 0..k.full {
+                                step(&mut acc, p, false);
+                            }
+                        }
+                        Prefetch::Rows(next) => {
+                            for p in 0..k.full {
+                                if p % 2 == 0 {
+                                    let j = p / 2;
+                                    let line = next.wrapping_add((j % 8) * k.lda + (j / 8) * 64);
+                                    _mm_prefetch::<_MM_HINT_T0>(line.cast());
+                                }
+                                step(&mut acc, p, false);
+                            }
+                        }
+                        Prefetch::Run(next) => {
+                            for p in 0..k.full {
+                                if p % 2 == 0 {
+                                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * 32).cast());
+                                }
+                                step(&mut acc, p, false);
+                            }
+                        }
                     }
                     if k.tail {
                         step(&mut acc, k.full, true);
