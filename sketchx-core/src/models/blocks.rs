@@ -12,6 +12,7 @@ use candle_nn::{Conv2dConfig, LayerNorm};
 use crate::ops::conv::FastConv2d as Conv2d;
 use crate::ops::linear::FastLinear as Linear;
 use crate::ops::norm::FastGroupNorm as GroupNorm;
+use crate::ops::profile::scope;
 use crate::precision::Weights;
 
 type CResult<T> = candle_core::Result<T>;
@@ -228,7 +229,9 @@ impl ResnetBlock {
         let h = match &self.time_emb_proj {
             Some(p) => {
                 let t = p.forward(&candle_nn::ops::silu(temb)?)?;
-                (h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?))?
+                scope("elementwise", || {
+                    h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)
+                })?
             }
             None => h,
         };
@@ -237,12 +240,14 @@ impl ResnetBlock {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (skip + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
+        scope("elementwise", || {
+            let out = (skip + h)?;
+            if self.output_scale_factor == 1.0 {
+                Ok(out)
+            } else {
+                out / self.output_scale_factor
+            }
+        })
     }
 }
 
@@ -322,16 +327,18 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let a = self.attn1.forward(&self.norm1.forward(xs)?, None)?;
-        let xs = (a + xs)?;
-        let a = self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))?;
-        let xs = (a + xs)?;
-        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let ln = |n: &LayerNorm, x: &Tensor| scope("layer_norm", || n.forward(x));
+        let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
+        let xs = scope("elementwise", || a + xs)?;
+        let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
+        let xs = scope("elementwise", || a + &xs)?;
+        let h = self.ff_in.forward(&ln(&self.norm3, &xs)?)?;
         let half = h.dim(D::Minus1)? / 2;
-        let geglu =
-            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let geglu = scope("geglu", || {
+            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
+        })?;
         let o = self.ff_out.forward(&geglu)?;
-        o + xs
+        scope("elementwise", || o + xs)
     }
 }
 
@@ -397,7 +404,8 @@ impl SpatialTransformer {
         let (b, _, h, w) = xs.dims4()?;
         let to_seq = |t: Tensor| -> CResult<Tensor> {
             let c = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+            // (The reshape of the permuted view copies it into a contiguous tensor.)
+            scope("layout", || t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)))
         };
         let normed = self.norm.forward(xs)?;
         let mut hs = match &self.proj_in {
@@ -409,7 +417,9 @@ impl SpatialTransformer {
         }
         let inner = hs.dim(D::Minus1)?;
         let to_img = |t: Tensor, c: usize| -> CResult<Tensor> {
-            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            scope("layout", || {
+                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+            })
         };
         let out = match &self.proj_out {
             Proj::Conv(c) => c.forward(&to_img(hs, inner)?)?,
@@ -419,7 +429,7 @@ impl SpatialTransformer {
                 to_img(o, c)?
             }
         };
-        out + xs
+        scope("elementwise", || out + xs)
     }
 }
 
@@ -604,7 +614,7 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .expect("the UNet supplies one skip connection per resnet");
-            let cat = (Tensor::cat(&[&xs, &skip], 1))?;
+            let cat = scope("layout", || Tensor::cat(&[&xs, &skip], 1))?;
             xs = r.forward(&cat, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 xs = a.forward(&xs, ctx)?;
