@@ -333,11 +333,7 @@ impl TransformerBlock {
         let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
         let xs = scope("elementwise", || a + &xs)?;
         let h = self.ff_in.forward(&ln(&self.norm3, &xs)?)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let geglu = scope("geglu", || {
-            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
-        })?;
-        let o = self.ff_out.forward(&geglu)?;
+        let o = self.ff_out.forward(&crate::ops::geglu::geglu(&h)?)?;
         scope("elementwise", || o + xs)
     }
 }
