@@ -296,9 +296,17 @@ impl Conv2dOp {
         } else {
             (self.band / (k * ow).max(1)).clamp(1, oh)
         };
-        let mut col = match weight {
-            Weight::F32(_) if !direct => vec![0f32; k * band_rows * ow],
-            _ => Vec::new(),
+        // The unrolled input's memory is kept between calls (each call overwrites what it uses): fresh buffers
+        // of this size come straight from the OS and fault in page by page every time.
+        let mut kept = SCRATCH.try_lock().ok();
+        let scratch = kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
+        let (mut col, mut packed) = match weight {
+            Weight::F32(_) if !direct => {
+                let mut col = scratch.0;
+                col.resize(col.len().max(k * band_rows * ow), 0.0);
+                (col, scratch.1)
+            }
+            _ => scratch,
         };
         for bi in 0..b {
             let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
@@ -322,11 +330,23 @@ impl Conv2dOp {
                         plain_gemm_f32(cout, nb, k, w, rhs, dst, n);
                     }
                     Weight::Packed(w) => {
-                        let rhs = pack(xb, direct, k, &g, rows, w.format());
+                        let rhs = pack(
+                            std::mem::take(&mut packed),
+                            xb,
+                            direct,
+                            k,
+                            &g,
+                            rows,
+                            w.format(),
+                        );
                         gemm_packed(w, &rhs, dst, n);
+                        packed = rhs.into_buffer();
                     }
                 }
             }
+        }
+        if let Some(kept) = kept.as_deref_mut() {
+            *kept = (col, packed);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
@@ -337,6 +357,7 @@ impl Conv2dOp {
 /// plain im2col matrix measured about 13% faster than this packing with [`super::gemm::gemm_f32`], so f32
 /// convolutions keep it; linear layers, where the packing happens once at load, measured 1.45x faster with ours.)
 fn pack(
+    buffer: Vec<u32>,
     x: &[f32],
     direct: bool,
     k: usize,
@@ -346,16 +367,21 @@ fn pack(
 ) -> PackedB {
     let n = g.oh * g.ow;
     if direct {
-        PackedB::from_rows(k, n, format, |r, row| {
+        PackedB::from_rows_in(buffer, k, n, format, |r, row| {
             row.copy_from_slice(&x[r * n..(r + 1) * n])
         })
     } else {
         let nb = rows.len() * g.ow;
-        PackedB::from_rows(k, nb, format, |r, row| {
+        PackedB::from_rows_in(buffer, k, nb, format, |r, row| {
             im2col_row(x, r, row, g, rows.clone())
         })
     }
 }
+
+/// The unrolled input's buffers (f32 im2col, packed), kept for the next convolution; one caller at a time takes
+/// them (others allocate their own).
+static SCRATCH: std::sync::Mutex<(Vec<f32>, Vec<u32>)> =
+    std::sync::Mutex::new((Vec::new(), Vec::new()));
 
 /// Most values of the unrolled input built at once (see [`Conv2dOp`]).
 const BAND_ELEMS: usize = 1 << 24;

@@ -141,10 +141,29 @@ impl PackedB {
         format: Format,
         fill: impl Fn(usize, &mut [f32]) + Sync,
     ) -> Self {
+        Self::from_rows_in(Vec::new(), k, n, format, fill)
+    }
+
+    /// [`PackedB::from_rows`] into `buffer`'s memory (see [`PackedB::into_buffer`]): a buffer large enough is
+    /// reused without being cleared or faulted in again, since every word is written.
+    pub fn from_rows_in(
+        buffer: Vec<u32>,
+        k: usize,
+        n: usize,
+        format: Format,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
         let per = format.per_word();
         let words = k.div_ceil(per);
         let panels = n.div_ceil(NR);
-        let mut data = vec![0u32; panels * words * NR];
+        let mut data = buffer;
+        let len = panels * words * NR;
+        if data.len() >= len {
+            data.truncate(len);
+        } else {
+            data.clear();
+            data.resize(len, 0);
+        }
         let out = SendPtr(data.as_mut_ptr());
         // Enough words per task to amortise the scratch rows, enough tasks to balance the threads.
         let chunk = (words / (8 * rayon::current_num_threads().max(1))).clamp(1, 64);
@@ -167,6 +186,11 @@ impl PackedB {
             }
         });
         Self { k, n, format, data }
+    }
+
+    /// The packed words' memory, for [`PackedB::from_rows_in`].
+    pub fn into_buffer(self) -> Vec<u32> {
+        self.data
     }
 
     /// The matrix back in f32, row-major `k x n` (the portable path, and tests).
