@@ -240,14 +240,7 @@ impl ResnetBlock {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        scope("elementwise", || {
-            let out = (skip + h)?;
-            if self.output_scale_factor == 1.0 {
-                Ok(out)
-            } else {
-                out / self.output_scale_factor
-            }
-        })
+        crate::ops::add::add(&skip, &h, self.output_scale_factor)
     }
 }
 
@@ -329,12 +322,12 @@ impl TransformerBlock {
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
         let ln = |n: &LayerNorm, x: &Tensor| scope("layer_norm", || n.forward(x));
         let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
-        let xs = scope("elementwise", || a + xs)?;
+        let xs = crate::ops::add::add(&a, xs, 1.0)?;
         let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
-        let xs = scope("elementwise", || a + &xs)?;
+        let xs = crate::ops::add::add(&a, &xs, 1.0)?;
         let h = self.ff_in.forward(&ln(&self.norm3, &xs)?)?;
         let o = self.ff_out.forward(&crate::ops::geglu::geglu(&h)?)?;
-        scope("elementwise", || o + xs)
+        crate::ops::add::add(&o, &xs, 1.0)
     }
 }
 
@@ -425,7 +418,7 @@ impl SpatialTransformer {
                 to_img(o, c)?
             }
         };
-        scope("elementwise", || out + xs)
+        crate::ops::add::add(&out, xs, 1.0)
     }
 }
 

@@ -424,12 +424,12 @@ impl UNet {
                 )));
             }
             for (s, e) in skips.iter_mut().zip(extra) {
-                *s = (&*s + e)?;
+                *s = crate::ops::add::add(s, e, 1.0)?;
             }
         }
         let mut x = self.encoder.mid(&x, &temb, ctx)?;
         if let Some(m) = mid {
-            x = (x + m)?;
+            x = crate::ops::add::add(&x, m, 1.0)?;
         }
         let factor = 1usize << (self.up.len() - 1);
         let force_size = h % factor != 0 || w % factor != 0;

@@ -1,0 +1,113 @@
+//! Residual additions (`a + b`, optionally divided by a scale) on rayon's threads.
+//!
+//! candle runs its element-wise CPU operations on a pool of its own whose workers spin for a while after every
+//! operation; beside the kernels' rayon threads on a few cores, that spinning takes time from the next product.
+//! The networks' residual additions (two same-shaped tensors) run here instead; other shapes, dtypes and devices
+//! use candle.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `(a + b) / divisor` for same-shaped tensors (`divisor` 1: a plain sum). Timed as `elementwise`.
+pub fn add(a: &Tensor, b: &Tensor, divisor: f64) -> Result<Tensor> {
+    super::profile::scope("elementwise", || {
+        if super::kernels_enabled()
+            && a.device().is_cpu()
+            && b.device().is_cpu()
+            && a.dtype() == DType::F32
+            && b.dtype() == DType::F32
+            && a.dims() == b.dims()
+        {
+            let op = AddOp {
+                scale: (1.0 / divisor) as f32,
+                divide: divisor != 1.0,
+            };
+            return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op);
+        }
+        reference(a, b, divisor)
+    })
+}
+
+/// candle's `(a + b) / divisor`: what [`add`] computes.
+pub fn reference(a: &Tensor, b: &Tensor, divisor: f64) -> Result<Tensor> {
+    let sum = (a + b)?;
+    if divisor == 1.0 {
+        Ok(sum)
+    } else {
+        sum / divisor
+    }
+}
+
+/// The kernel: one pass, in parallel chunks.
+#[derive(Debug, Clone, Copy)]
+struct AddOp {
+    scale: f32,
+    divide: bool,
+}
+
+impl CustomOp2 for AddOp {
+    fn name(&self) -> &'static str {
+        "sketchx-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = super::cpu::contiguous_f32(s1, l1, "addition's left operand")?;
+        let b = super::cpu::contiguous_f32(s2, l2, "addition's right operand")?;
+        if a.len() != b.len() {
+            candle_core::bail!("addition: {} and {} elements", a.len(), b.len());
+        }
+        let mut out = vec![0f32; a.len()];
+        const CHUNK: usize = 1 << 15;
+        let (scale, divide) = (self.scale, self.divide);
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    // candle divides by the scalar as a multiplication by its inverse (affine), as here.
+                    *o = if divide { (a + b) * scale } else { a + b };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle() {
+        let dev = Device::Cpu;
+        for (shape, divisor) in [
+            ((2, 3, 5, 7), 1.0),
+            ((1, 320, 33, 17), 2.0),
+            ((2, 1, 1, 1), 1.0 / 3.0),
+        ] {
+            let a = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let want = reference(&a, &b, divisor).unwrap();
+            let got = add(&a, &b, divisor).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(
+                crate::ops::max_abs_diff(&want, &got),
+                0.0,
+                "{shape:?} / {divisor}"
+            );
+        }
+        // A strided operand is made contiguous first.
+        let a = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap().t().unwrap();
+        let want = reference(&a, &b, 1.0).unwrap();
+        assert_eq!(
+            crate::ops::max_abs_diff(&want, &add(&a, &b, 1.0).unwrap()),
+            0.0
+        );
+    }
+}
