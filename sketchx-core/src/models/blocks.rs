@@ -229,9 +229,7 @@ impl ResnetBlock {
         let h = match &self.time_emb_proj {
             Some(p) => {
                 let t = p.forward(&candle_nn::ops::silu(temb)?)?;
-                scope("elementwise", || {
-                    h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)
-                })?
+                crate::ops::add::add_channels(&h, &t)?
             }
             None => h,
         };

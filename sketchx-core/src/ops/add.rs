@@ -2,8 +2,8 @@
 //!
 //! candle runs its element-wise CPU operations on a pool of its own whose workers spin for a while after every
 //! operation; beside the kernels' rayon threads on a few cores, that spinning takes time from the next product.
-//! The networks' residual additions (two same-shaped tensors) run here instead; other shapes, dtypes and devices
-//! use candle.
+//! The networks' residual additions (two same-shaped tensors) and the resnets' per-channel time-embedding shift
+//! run here instead; other shapes, dtypes and devices use candle.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,6 +26,70 @@ pub fn add(a: &Tensor, b: &Tensor, divisor: f64) -> Result<Tensor> {
         }
         reference(a, b, divisor)
     })
+}
+
+/// `h + t[:, :, None, None]`: a per-image, per-channel shift of `h` `(b, c, ...)` by `t` `(b, c)` (the time
+/// embedding's projection in every resnet). Timed as `elementwise`.
+pub fn add_channels(h: &Tensor, t: &Tensor) -> Result<Tensor> {
+    super::profile::scope("elementwise", || {
+        let dims = h.dims();
+        if super::kernels_enabled()
+            && h.device().is_cpu()
+            && t.device().is_cpu()
+            && h.dtype() == DType::F32
+            && t.dtype() == DType::F32
+            && dims.len() >= 2
+            && t.dims() == &dims[..2]
+        {
+            return h
+                .contiguous()?
+                .apply_op2_no_bwd(&t.contiguous()?, &ChannelAddOp);
+        }
+        let mut shape = t.dims().to_vec();
+        shape.resize(dims.len(), 1);
+        h.broadcast_add(&t.reshape(shape)?)
+    })
+}
+
+/// The per-channel shift: one parallel task per (image, channel) plane.
+#[derive(Debug, Clone, Copy)]
+struct ChannelAddOp;
+
+impl CustomOp2 for ChannelAddOp {
+    fn name(&self) -> &'static str {
+        "sketchx-add-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = super::cpu::contiguous_f32(s1, l1, "shifted tensor")?;
+        let t = super::cpu::contiguous_f32(s2, l2, "per-channel shift")?;
+        if t.is_empty() || h.len() % t.len() != 0 {
+            candle_core::bail!(
+                "per-channel shift: {} values for {} elements",
+                t.len(),
+                h.len()
+            );
+        }
+        let plane = h.len() / t.len();
+        let mut out = vec![0f32; h.len()];
+        if plane > 0 {
+            out.par_chunks_mut(plane)
+                .zip(h.par_chunks(plane))
+                .zip(t.par_iter())
+                .for_each(|((o, h), &t)| {
+                    for (o, &h) in o.iter_mut().zip(h) {
+                        *o = h + t;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// candle's `(a + b) / divisor`: what [`add`] computes.
@@ -101,6 +165,15 @@ mod tests {
                 "{shape:?} / {divisor}"
             );
         }
+        let h = Tensor::randn(0f32, 1.0, (2, 5, 3, 7), &dev).unwrap();
+        let t = Tensor::randn(0f32, 1.0, (2, 5), &dev).unwrap();
+        let want = h
+            .broadcast_add(&t.unsqueeze(2).unwrap().unsqueeze(3).unwrap())
+            .unwrap();
+        assert_eq!(
+            crate::ops::max_abs_diff(&want, &add_channels(&h, &t).unwrap()),
+            0.0
+        );
         // A strided operand is made contiguous first.
         let a = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap().t().unwrap();
