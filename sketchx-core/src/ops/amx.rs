@@ -63,8 +63,9 @@ fn request_permission() -> bool {
     false
 }
 
-/// `C += A B`: `A` row-major bf16 bit patterns (`m` rows of `b.k()` entries, `lda` apart), `B` packed in bf16,
-/// `C` row-major f32 (`m` rows of `b.n()`, `ldc` apart); tasks in parallel when `parallel`.
+/// `C += A B`, or `C = A B` when `overwrite` (`C`'s old values are then never read): `A` row-major bf16 bit
+/// patterns (`m` rows of `b.k()` entries, `lda` apart), `B` packed in bf16, `C` row-major f32 (`m` rows of
+/// `b.n()`, `ldc` apart); tasks in parallel when `parallel`.
 ///
 /// # Safety
 /// [`available`] must have returned `true`. `a` must point to `m` rows of `b.k()` readable entries `lda` apart
@@ -78,8 +79,15 @@ pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     parallel: bool,
+    overwrite: bool,
 ) {
     let (k, n) = (b.k(), b.n());
+    if k == 0 && overwrite {
+        for i in 0..m {
+            // SAFETY: row i of C holds n values (the contract).
+            unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
+        }
+    }
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -104,6 +112,7 @@ pub(crate) unsafe fn gemm(
         b,
         c: SendPtr(c),
         ldc,
+        overwrite,
     };
     let block = |t: usize, scratch: &mut Scratches| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
@@ -154,6 +163,8 @@ struct Job<'a> {
     b: &'a PackedB,
     c: SendPtr<f32>,
     ldc: usize,
+    /// Start from zero instead of `C`'s values.
+    overwrite: bool,
 }
 
 /// The tile configuration `ldtilecfg` reads: palette 1, every tile 16 rows of 64 bytes.
@@ -309,7 +320,7 @@ impl Job<'_> {
                     let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
                     // SAFETY: the scratch holds 16 x 16 values.
                     unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
-                    for y in 0..rows[i] {
+                    for y in 0..if self.overwrite { 0 } else { rows[i] } {
                         // SAFETY: rows[i] x cols[j] values of C from `origin` are the task's; the scratch holds 16 x 16.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
@@ -326,17 +337,28 @@ impl Job<'_> {
         // SAFETY (every tile instruction below): each load reads 16 rows of 64 bytes from `ptr` with `stride`,
         // which lie inside an operand (full tiles) or a scratch tile (edges); stores write C's own tile or scratch.
         unsafe {
-            if has(0, 0) {
-                tile_load!("tmm0", c_at[0][0].0, c_at[0][0].1);
-            }
-            if has(0, 1) {
-                tile_load!("tmm1", c_at[0][1].0, c_at[0][1].1);
-            }
-            if has(1, 0) {
-                tile_load!("tmm2", c_at[1][0].0, c_at[1][0].1);
-            }
-            if has(1, 1) {
-                tile_load!("tmm3", c_at[1][1].0, c_at[1][1].1);
+            if self.overwrite {
+                // (A tile past the edge is zeroed too: it is neither multiplied nor stored.)
+                std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem, preserves_flags)
+                );
+            } else {
+                if has(0, 0) {
+                    tile_load!("tmm0", c_at[0][0].0, c_at[0][0].1);
+                }
+                if has(0, 1) {
+                    tile_load!("tmm1", c_at[0][1].0, c_at[0][1].1);
+                }
+                if has(1, 0) {
+                    tile_load!("tmm2", c_at[1][0].0, c_at[1][0].1);
+                }
+                if has(1, 1) {
+                    tile_load!("tmm3", c_at[1][1].0, c_at[1][1].1);
+                }
             }
             for w0 in (0..words).step_by(TW) {
                 let kw = (words - w0).min(TW);
@@ -453,7 +475,8 @@ mod tests {
     }
 
     /// The AMX product equals the f64 product of the bf16-rounded operands (up to f32 summation error) on shapes
-    /// with every kind of edge: rows, columns and `k` that fill no tile, odd `k`, a row stride past the row.
+    /// with every kind of edge: rows, columns and `k` that fill no tile, odd `k`, a row stride past the row; added
+    /// to `C` or overwriting it (and never past its `n` columns).
     #[test]
     fn matches_the_rounded_product() {
         if !available() {
@@ -487,10 +510,23 @@ mod tests {
             });
             let ldc = n + 2;
             let c0 = values(m * ldc, idx as u64 + 200);
-            for parallel in [false, true] {
+            for (parallel, overwrite) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
                 let mut c = c0.clone();
                 // SAFETY: AMX is available (checked); the buffers have the sizes the strides describe.
-                unsafe { gemm(m, a.as_ptr(), lda, &b, c.as_mut_ptr(), ldc, parallel) };
+                unsafe {
+                    gemm(
+                        m,
+                        a.as_ptr(),
+                        lda,
+                        &b,
+                        c.as_mut_ptr(),
+                        ldc,
+                        parallel,
+                        overwrite,
+                    )
+                };
                 for i in 0..m {
                     for j in 0..ldc {
                         let got = c[i * ldc + j] as f64;
@@ -502,7 +538,11 @@ mod tests {
                             );
                             continue;
                         }
-                        let mut want = c0[i * ldc + j] as f64;
+                        let mut want = if overwrite {
+                            0.0
+                        } else {
+                            c0[i * ldc + j] as f64
+                        };
                         for p in 0..k {
                             let bv = half::bf16::from_f32(bm[p * n + j]).to_f32() as f64;
                             want += to_f(a[i * lda + p]) * bv;

@@ -287,11 +287,10 @@ unsafe fn packed(
             let r0 = t * QUERY_TILE;
             let rows = QUERY_TILE.min(n - r0);
             let sc = &mut scores[..rows * m];
-            sc.fill(0.0);
             let qp = q[(bi * n + r0) * inner + hi * d..].as_ptr();
             // SAFETY: the CPU has AVX-512 (this function's contract); `qp` starts `rows` query rows of `d`
-            // values, `inner` apart, inside `q`; `sc` is this task's own `rows x m` block.
-            unsafe { gemm_f32_serial(rows, qp, inner, keys, sc.as_mut_ptr(), m) };
+            // values, `inner` apart, inside `q`; `sc` is this task's own `rows x m` block (overwritten).
+            unsafe { gemm_f32_serial(rows, qp, inner, keys, sc.as_mut_ptr(), m, true) };
             // Unnormalised probabilities, scaled inside the exponential; each output row is divided by its sum
             // after the product (two passes over the scores instead of five).
             let mut sums = [0f32; QUERY_TILE];
@@ -302,7 +301,7 @@ unsafe fn packed(
             // inside `out` and is written by this task only; `sc` holds `rows x m` probabilities.
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
-                gemm_f32_serial(rows, sc.as_ptr(), m, values, op, inner);
+                gemm_f32_serial(rows, sc.as_ptr(), m, values, op, inner, true);
                 divide_rows(op, inner, d, &sums[..rows]);
             }
         },
@@ -356,10 +355,11 @@ unsafe fn on_tiles(
                 convert_bf16(src, &mut qb[r * dp..r * dp + d]);
             }
             let sc = &mut scores[..rows * m];
-            sc.fill(0.0);
             // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
-            // is this task's own `rows x m` block.
-            unsafe { super::amx::gemm(rows, qb.as_ptr(), dp, keys, sc.as_mut_ptr(), m, false) };
+            // is this task's own `rows x m` block (overwritten).
+            unsafe {
+                super::amx::gemm(rows, qb.as_ptr(), dp, keys, sc.as_mut_ptr(), m, false, true)
+            };
             // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones); each output row
             // is divided by its sum after the product.
             let mut sums = [0f32; QUERY_TILE];
@@ -371,7 +371,7 @@ unsafe fn on_tiles(
             // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities.
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
-                super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false);
+                super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false, true);
                 divide_rows(op, inner, d, &sums[..rows]);
             }
         },

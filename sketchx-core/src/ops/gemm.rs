@@ -478,9 +478,9 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     }
 }
 
-/// `C += A B` in f32 on the calling thread only, through raw pointers: for callers that already split their work
-/// across threads and write interleaved parts of one buffer (attention's heads and query tiles). `b` must be
-/// packed in f32.
+/// `C += A B` (or `C = A B` when `overwrite`: `C`'s old values are then never read) in f32 on the calling thread
+/// only, through raw pointers: for callers that already split their work across threads and write interleaved
+/// parts of one buffer (attention's heads and query tiles, Winograd's bands). `b` must be packed in f32.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BW (callers check [`Format::has_fast_kernel`] and keep a portable path). `a`
@@ -494,12 +494,19 @@ pub unsafe fn gemm_f32_serial(
     b: &PackedB,
     c: *mut f32,
     ldc: usize,
+    overwrite: bool,
 ) {
     assert_eq!(b.format, Format::F32, "B is packed in bf16");
     assert!(
         lda >= b.k && ldc >= b.n,
         "row strides shorter than the rows"
     );
+    if b.k == 0 && overwrite {
+        for i in 0..m {
+            // SAFETY: row i of C holds b.n() values (the contract).
+            unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, b.n) };
+        }
+    }
     if m == 0 || b.n == 0 || b.k == 0 {
         return;
     }
@@ -508,7 +515,7 @@ pub unsafe fn gemm_f32_serial(
         elem: 4,
         lda,
     };
-    tiles(m, view, b, c, ldc, false);
+    tiles(m, view, b, c, ldc, false, overwrite);
 }
 
 /// Checks that `C` (`m x b.n()`, row stride `ldc`) fits in `c_len`; `false` when there is nothing to compute.
@@ -556,12 +563,12 @@ fn run(
     {
         // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart and `c` the m x n
         // block (checked by the callers).
-        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, true) };
+        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, true, false) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if b.format.has_fast_kernel() {
-        tiles(m, a, b, c.as_mut_ptr(), ldc, true);
+        tiles(m, a, b, c.as_mut_ptr(), ldc, true, false);
         return;
     }
     let _ = a;
@@ -611,7 +618,15 @@ pub(crate) fn plain_gemm_f32(
 /// [`MB_MAX`] rows x `NP * NR` columns, run in parallel (or one after the other), each walking `k` in blocks of
 /// [`KC`] words and its rows in groups of [`MR`].
 #[cfg(target_arch = "x86_64")]
-fn tiles(m: usize, a: AView, b: &PackedB, c: *mut f32, ldc: usize, parallel: bool) {
+fn tiles(
+    m: usize,
+    a: AView,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+    overwrite: bool,
+) {
     let (k, n) = (b.k, b.n);
     let panels = n.div_ceil(NR);
     let col_blocks = panels.div_ceil(NP);
@@ -679,6 +694,7 @@ fn tiles(m: usize, a: AView, b: &PackedB, c: *mut f32, ldc: usize, parallel: boo
                 let call = x86::Call {
                     full,
                     tail,
+                    zero: overwrite && w0 == 0,
                     prefetch,
                     a: a_ptr,
                     lda,
@@ -778,6 +794,8 @@ mod x86 {
     pub(super) struct Call {
         pub full: usize,
         pub tail: bool,
+        /// Start from zero instead of loading the block of `C`.
+        pub zero: bool,
         /// Only hints: the addresses may lie past `A` (prefetches never fault).
         pub prefetch: Prefetch,
         /// Row 0 of `A` at the block's first entry; `lda` (next row) and `a_step` (next word) in bytes.
@@ -840,9 +858,11 @@ mod x86 {
                     };
                     let mask = |q: usize| if q + 1 == P { last_mask } else { 0xffff };
                     let mut acc = [[_mm512_setzero_ps(); P]; R];
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        for (q, v) in row.iter_mut().enumerate() {
-                            *v = _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
+                    if !k.zero {
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            for (q, v) in row.iter_mut().enumerate() {
+                                *v = _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
+                            }
                         }
                     }
                     let step = |acc: &mut [[__m512; P]; R], p: usize, tail: bool| {
@@ -1032,6 +1052,57 @@ mod tests {
             &MIRI_SHAPES
         } else {
             &SHAPES
+        }
+    }
+
+    /// The serial entry point adds to `C`, or overwrites it without reading it (`C` full of NaN), on every edge
+    /// shape and with `k = 0`.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(miri, ignore = "no SIMD under Miri")]
+    fn serial_product_adds_or_overwrites() {
+        if !Format::F32.has_fast_kernel() {
+            return;
+        }
+        for &(m, n, k) in shapes().iter().chain(&[(5, 20, 0)]) {
+            let mut seed = (m * 31 + n * 7 + k) as u64;
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            let bt: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+            let packed = PackedB::from_transposed(&bt, n, k, Format::F32);
+            let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
+            for overwrite in [false, true] {
+                let (start, mut c) = if overwrite {
+                    (vec![0f32; m * n], vec![f32::NAN; m * n])
+                } else {
+                    (c0.clone(), c0.clone())
+                };
+                let want = reference(Format::F32, (m, n, k), &a, &bt, &start);
+                // SAFETY: AVX-512 is present (checked); the buffers have the sizes the strides describe.
+                unsafe {
+                    gemm_f32_serial(
+                        m,
+                        a.as_ptr(),
+                        k.max(1),
+                        &packed,
+                        c.as_mut_ptr(),
+                        n,
+                        overwrite,
+                    )
+                };
+                let worst = want
+                    .iter()
+                    .zip(&c)
+                    .map(|(w, g)| (w - g).abs())
+                    .fold(
+                        0f32,
+                        |x, y| if y.is_nan() { f32::INFINITY } else { x.max(y) },
+                    );
+                assert!(
+                    worst <= bound,
+                    "{m}x{n}x{k} overwrite {overwrite}: max diff {worst}"
+                );
+            }
         }
     }
 

@@ -287,7 +287,6 @@ unsafe fn run_band(
     // SAFETY: AVX-512 is present (the caller's contract); the sizes are the ones just made.
     unsafe { input_transform(input, sw, cin, band, v) };
     let m = sized(&mut s.m, XI * tiles * cout);
-    m.fill(0.0);
     for (xi, uxi) in u.iter().enumerate() {
         // SAFETY: AVX-512 is present (the caller's contract); V[ξ] holds `tiles` rows of `cin` values and M[ξ]
         // `tiles` rows of `cout`, both this thread's own scratch.
@@ -299,6 +298,7 @@ unsafe fn run_band(
                 uxi,
                 m[xi * tiles * cout..].as_mut_ptr(),
                 cout,
+                true,
             )
         };
     }
