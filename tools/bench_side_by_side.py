@@ -49,7 +49,6 @@ SCHEDULERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscr
 
 
 def diffusers_worker(a):
-    import numpy as np
     import torch
     from diffusers import (ControlNetModel, EulerAncestralDiscreteScheduler,
                            StableDiffusionControlNetPipeline)
