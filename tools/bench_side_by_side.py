@@ -21,6 +21,18 @@ The sketchx worker is `cargo bench --bench speed` (built in release first). The 
 --python, else $PYTHON, else the interpreter running this script; it needs the pinned torch / diffusers /
 transformers of tools/requirements-fixtures.txt (this script itself needs only the standard library). Random
 full-size weights come from tools/make_full_size.py.
+
+The peers (issue 17): --peers openvino,sdcpp adds OpenVINO and stable-diffusion.cpp, each in its own process under
+its own venv (--openvino-python, --sdcpp-python; by default the venvs of tools/peers_setup.py under --peers-dir,
+which also converts the weights), timed on the same pieces and shown in one more table with every side and the
+ratio sketchx/side. How each peer's figures are taken (sd.cpp's API only runs whole generations: its step is
+derived from two generations, its text and VAE figures are its own timers) is in tools/bench_peers.py. The few-step
+recipe, f32 and bf16 (sd.cpp: its weight types, --sdcpp-wtype f32,f16,bf16,q8_0; default the --dtype):
+
+  python3 tools/peers_setup.py --lora target/full-size/lcm-lora.safetensors
+  python3 tools/bench_side_by_side.py --model target/full-size/sd15 --controlnet target/full-size/controlnet \
+      --python PATH --peers openvino,sdcpp --runs 2 --scheduler lcm --guidance 1.0 --job-steps 4 \
+      --lora target/full-size/lcm-lora.safetensors --dtype f32 --json f32.json
 """
 import argparse
 import json
@@ -37,7 +49,6 @@ SCHEDULERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscr
 
 
 def diffusers_worker(a):
-    import numpy as np
     import torch
     from diffusers import (ControlNetModel, EulerAncestralDiscreteScheduler,
                            StableDiffusionControlNetPipeline)
@@ -146,6 +157,12 @@ def diffusers_worker(a):
     print(json.dumps(out))
 
 
+def peer_worker(a):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_peers
+    return {"openvino": bench_peers.openvino_worker, "sdcpp": bench_peers.sdcpp_worker}[a.worker](a)
+
+
 def run_worker(cmd, env=None):
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if p.returncode != 0:
@@ -179,12 +196,30 @@ def main():
     ap.add_argument("--sketchx-bin", help="run this already built speed bench binary instead of `cargo bench`")
     ap.add_argument("--python", help="the Python that runs the diffusers worker (default: $PYTHON, else the "
                     "interpreter running this script)")
-    ap.add_argument("--worker", choices=["diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--peers", default="", help="comma-separated peers to time too: openvino, sdcpp")
+    ap.add_argument("--peers-dir", help="tools/peers_setup.py's --dir (default: target/peers)")
+    ap.add_argument("--openvino-python", help="the Python of the OpenVINO venv (default: PEERS_DIR/ov-venv)")
+    ap.add_argument("--sdcpp-python", help="the Python of the sd.cpp venv (default: PEERS_DIR/sdcpp-venv)")
+    ap.add_argument("--sdcpp-wtype", help="sd.cpp weight types, comma-separated, one worker each (f32, f16, bf16: "
+                    "the files of peers_setup.py; other ggml types, e.g. q8_0, converted by sd.cpp at load); "
+                    "default: --dtype")
+    ap.add_argument("--sdcpp-step-n", type=int, default=3,
+                    help="sd.cpp's step: (t(N) - t(1)) / (N - 1) of generations at --step-size")
+    ap.add_argument("--save-images", help="the peers save their last job's image in this directory")
+    ap.add_argument("--verbose", action="store_true", help="print sd.cpp's log")
+    ap.add_argument("--worker", choices=["diffusers", "openvino", "sdcpp"], help=argparse.SUPPRESS)
     ap.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker:
+    a.peers_dir = os.path.abspath(a.peers_dir or os.path.join(a.repo, "target", "peers"))
+    if a.worker == "diffusers":
         return diffusers_worker(a)
+    if a.worker:
+        return peer_worker(a)
+    peers = [p for p in a.peers.split(",") if p]
+    for p in peers:
+        if p not in ("openvino", "sdcpp"):
+            raise SystemExit(f"unknown peer {p} (openvino, sdcpp)")
 
     common = ["--model", a.model, "--controlnet", a.controlnet, "--runs", str(a.runs), "--step-size",
               str(a.step_size), "--vae-size", str(a.vae_size), "--job-size", str(a.job_size), "--job-steps",
@@ -199,7 +234,20 @@ def main():
     sx_cmd += common + (["--profile"] if a.profile else [])
     python = a.python or os.environ.get("PYTHON") or sys.executable
     df_cmd = [python, os.path.abspath(__file__), "--worker", "diffusers"] + common
+    peer_cmds = {}
+    worker = [os.path.abspath(__file__), "--worker"]
+    pcommon = common + ["--peers-dir", a.peers_dir, "--sdcpp-step-n", str(a.sdcpp_step_n)]
+    pcommon += (["--save-images", os.path.abspath(a.save_images)] if a.save_images else [])
+    pcommon += ["--verbose"] if a.verbose else []
+    if "openvino" in peers:
+        py = a.openvino_python or os.path.join(a.peers_dir, "ov-venv", "bin", "python")
+        peer_cmds["openvino"] = [py] + worker + ["openvino"] + pcommon
+    if "sdcpp" in peers:
+        py = a.sdcpp_python or os.path.join(a.peers_dir, "sdcpp-venv", "bin", "python")
+        for wt in (a.sdcpp_wtype or a.dtype).split(","):
+            peer_cmds["sd.cpp " + wt] = [py] + worker + ["sdcpp", "--sdcpp-wtype", wt] + pcommon
     res = {"sketchx": [], "diffusers": [], "plain": []}
+    res.update({k: [] for k in peer_cmds})
     for r in range(a.rounds):
         if a.baseline:
             print(f"round {r + 1}/{a.rounds}: sketchx on plain candle", file=sys.stderr)
@@ -209,6 +257,9 @@ def main():
         if not a.diffusers_json:
             print(f"round {r + 1}/{a.rounds}: diffusers", file=sys.stderr)
             res["diffusers"].append(run_worker(df_cmd))
+        for k, cmd in peer_cmds.items():
+            print(f"round {r + 1}/{a.rounds}: {k}", file=sys.stderr)
+            res[k].append(run_worker(cmd))
     if a.diffusers_json:
         with open(a.diffusers_json) as f:
             earlier = json.load(f)
@@ -248,6 +299,8 @@ def main():
             s = max(r[key] for r in res[side])
             d = max(r[key] for r in res["diffusers"])
             print(f"| {key} | {s:.0f} MiB | {d:.0f} MiB | {s / d:.2f}x |")
+    if peer_cmds:
+        print_all_sides(a, res, ["sketchx", "diffusers"] + list(peer_cmds))
     if a.profile:
         for side, label in sides:
             prof = res[side][-1].get("profile") or {}
@@ -256,6 +309,39 @@ def main():
             for k, v in sorted(prof.items(), key=lambda kv: -kv[1]["seconds_per_step"]):
                 print(f"  {k:12s} {v['seconds_per_step']:8.3f} s  {100 * v['seconds_per_step'] / total:5.1f}%  "
                       f"({v['calls_per_step']} calls)")
+
+
+def print_all_sides(a, res, sides):
+    """One table with every side: seconds min / median / max, and sketchx's median over that side's."""
+    def stats(side, piece):
+        v = [x for r in res[side] for x in r.get(piece, [])]
+        return (min(v), statistics.median(v), max(v)) if v else None
+
+    extra = ["load_job", "job_minus_lora", "step_sampling"]  # the peers' own extra figures (tools/bench_peers.py)
+    rows = a.pieces.split(",") + [p for p in extra if any(stats(s, p) for s in sides)]
+    head = ["piece"] + [s + (" s" if s == "sketchx" else " s | sketchx/" + s.split()[0]) for s in sides]
+    print(f"\nAll sides ({a.dtype}; sd.cpp: its weight type); seconds min / median / max | "
+          "sketchx median / that side's median (< 1: sketchx faster):\n")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * (1 + 2 * len(sides) - 1))
+    for p in rows:
+        s = stats("sketchx", {"job_minus_lora": "job", "step_sampling": "step"}.get(p, p))  # the ratio's sketchx
+        cells = []
+        for side in sides:
+            v = stats(side, p)
+            cells.append(" / ".join(f"{x:.3f}" for x in v) if v else "-")
+            if side != "sketchx":
+                cells.append(f"{s[1] / v[1]:.2f}x" if v and s else "-")
+        print(f"| {p} | " + " | ".join(cells) + " |")
+    for key in ["rss_after_load_mib", "peak_rss_mib"]:
+        s = max(r[key] for r in res["sketchx"])
+        cells = []
+        for side in sides:
+            v = max(r[key] for r in res[side])
+            cells.append(f"{v:.0f} MiB")
+            if side != "sketchx":
+                cells.append(f"{s / v:.2f}x")
+        print(f"| {key} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
