@@ -71,6 +71,7 @@ fn request_permission() -> bool {
 /// [`available`] must have returned `true`. `a` must point to `m` rows of `b.k()` readable entries `lda` apart
 /// and `c` to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes meanwhile.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)] // a BLAS-style raw-pointer product: each argument is one of its operands' facts
 pub(crate) unsafe fn gemm(
     m: usize,
     a: *const u16,

@@ -48,9 +48,9 @@ impl CustomOp1 for GegluOp {
             *last = half;
         }
         let mut out = vec![0f32; h.len() / 2];
-        if half > 0 {
-            // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
-            let rows = (16_384 / half).max(1);
+        // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
+        if let Some(rows) = 16_384usize.checked_div(half) {
+            let rows = rows.max(1);
             out.par_chunks_mut(rows * half)
                 .zip(h.par_chunks(rows * width))
                 .for_each(|(o, h)| {
