@@ -251,7 +251,7 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
-    /// The CPU bf16 mode: the products in bf16 where the CPU has AMX.
+    /// The CPU bf16 mode: the products in bf16 where the CPU has AMX or AVX-512 BF16.
     bf16: bool,
 }
 

@@ -31,7 +31,7 @@ pub(super) struct VaeAttention {
     v: Linear,
     out: Linear,
     scale: f64,
-    /// The CPU bf16 mode: the products in bf16 where the CPU has AMX.
+    /// The CPU bf16 mode: the products in bf16 where the CPU has AMX or AVX-512 BF16.
     bf16: bool,
 }
 

@@ -16,7 +16,8 @@ pub const QUERY_TILE: usize = 64;
 
 /// `softmax(q k^T * scale) v` per head for `q` `(b, n, heads * d)`, `k` and `v` `(b, m, heads * d)`.
 /// f32 CPU tensors use [`AttentionOp`]; anything else the plain candle formulation. `bf16` (the CPU bf16 mode)
-/// lets the two products round their operands to bf16 where the CPU has AMX tiles. Timed as `attention`.
+/// lets the two products round their operands to bf16 where the CPU has AMX tiles or AVX-512 BF16. Timed as
+/// `attention`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -78,7 +79,7 @@ pub struct AttentionOp {
     pub heads: usize,
     /// Factor applied to the scores before the softmax.
     pub scale: f32,
-    /// Products in bf16 (f32 accumulation) on AMX tiles, when the CPU has them; f32 otherwise.
+    /// Products in bf16 (f32 accumulation) on AMX tiles or AVX-512 BF16, when the CPU has either; f32 otherwise.
     pub bf16: bool,
 }
 
@@ -121,8 +122,14 @@ impl CustomOp3 for AttentionOp {
         }
         #[cfg(target_arch = "x86_64")]
         if super::gemm::Format::F32.has_fast_kernel() {
-            // SAFETY: the CPU has AVX-512 (checked just above).
-            let out = unsafe { packed(q, k, v, (b, n, m, inner), self.heads, self.scale) };
+            use super::gemm::Format;
+            let format = if self.bf16 && Format::Bf16.has_fast_kernel() {
+                Format::Bf16
+            } else {
+                Format::F32
+            };
+            // SAFETY: the CPU has AVX-512, and AVX-512 BF16 for bf16 (checked just above).
+            let out = unsafe { packed(q, k, v, (b, n, m, inner), self.heads, self.scale, format) };
             return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
         }
         let heads = self.heads;
@@ -254,13 +261,17 @@ unsafe fn divide_rows(out: *mut f32, stride: usize, d: usize, sums: &[f32]) {
 
 /// The AVX-512 path: per image and head, the keys are packed once as `K^T` and the values as `V` (the crate's
 /// GEMM panels), then each block of [`QUERY_TILE`] queries runs on one thread: `scores = Q_tile K^T`, the
-/// unnormalised probabilities `exp(scale (s - max))`, `O_tile += P V` straight into the output columns of the head,
-/// each row divided by its sum. Packing once per head instead of
-/// once per tile, and the 8 x 48 micro-kernel on the short head dimension (40 to 160 in SD1.5), is what makes it
-/// faster than handing each tile to the `gemm` crate.
+/// unnormalised probabilities `exp(scale (s - max))`, `O_tile = P V` straight into the output columns of the head,
+/// each row divided by its sum. Packing once per head instead of once per tile, and the 8 x 48 micro-kernel on
+/// the short head dimension (40 to 160 in SD1.5), is what makes it faster than handing each tile to the `gemm`
+/// crate.
+///
+/// In [`Format::Bf16`](super::gemm::Format) (the CPU bf16 mode on AVX-512 BF16 without AMX) `Q`, `K`, the
+/// probabilities and `V` are rounded to bf16 for the products, as on [`on_tiles`]; scores, exponentials and sums
+/// stay f32.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW.
+/// The CPU must have AVX-512 F and BW, and AVX-512 BF16 for [`Format::Bf16`](super::gemm::Format).
 #[cfg(target_arch = "x86_64")]
 unsafe fn packed(
     q: &[f32],
@@ -269,51 +280,82 @@ unsafe fn packed(
     (b, n, m, inner): (usize, usize, usize, usize),
     heads: usize,
     scale: f32,
+    format: super::gemm::Format,
 ) -> Vec<f32> {
-    use super::gemm::{gemm_f32_serial, Format};
+    use super::gemm::{convert_bf16, gemm_bf16_serial, gemm_f32_serial, Format};
+    use super::simd::exp_sum_row_bf16;
 
     let d = inner / heads;
+    let bf16 = format == Format::Bf16;
     let tiles = n.div_ceil(QUERY_TILE);
-    let packed = pack_heads(k, v, (b, m, inner), heads, d, Format::F32);
+    let packed = pack_heads(k, v, (b, m, inner), heads, d, format);
     let mut out = vec![0f32; b * n * inner];
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
     (0..b * heads * tiles).into_par_iter().for_each_init(
-        || vec![0f32; QUERY_TILE * m],
-        |scores, task| {
+        || {
+            let words = |len: usize| vec![0u16; if bf16 { len } else { 0 }];
+            (
+                vec![0f32; QUERY_TILE * m],
+                words(QUERY_TILE * d),
+                words(QUERY_TILE * m),
+            )
+        },
+        |(scores, qb, pb), task| {
             let (bh, t) = (task / tiles, task % tiles);
             let (bi, hi) = (bh / heads, bh % heads);
             let (keys, values) = &packed[bh];
             let r0 = t * QUERY_TILE;
             let rows = QUERY_TILE.min(n - r0);
             let sc = &mut scores[..rows * m];
-            let qp = q[(bi * n + r0) * inner + hi * d..].as_ptr();
-            // SAFETY: the CPU has AVX-512 (this function's contract); `qp` starts `rows` query rows of `d`
-            // values, `inner` apart, inside `q`; `sc` is this task's own `rows x m` block (overwritten).
-            unsafe { gemm_f32_serial(rows, qp, inner, keys, sc.as_mut_ptr(), m, true) };
-            // Unnormalised probabilities, scaled inside the exponential; each output row is divided by its sum
-            // after the product (two passes over the scores instead of five).
+            let q0 = (bi * n + r0) * inner + hi * d;
             let mut sums = [0f32; QUERY_TILE];
-            for (row, sum) in sc.chunks_exact_mut(m).zip(sums.iter_mut()) {
-                *sum = exp_sum_row(row, scale);
+            // SAFETY (both products): the CPU has the format's kernel (this function's contract); the query rows
+            // start `rows` rows of `d` values, `inner` apart, inside `q` (or `qb` holds them, `d` apart); `sc` is
+            // this task's own `rows x m` block (overwritten); the output block (rows r0..r0 + rows of image bi,
+            // columns of head hi) lies inside `out` and is written by this task only.
+            let op = unsafe { dst.0.add(q0) };
+            if bf16 {
+                for r in 0..rows {
+                    convert_bf16(&q[q0 + r * inner..][..d], &mut qb[r * d..][..d]);
+                }
+                unsafe { gemm_bf16_serial(rows, qb.as_ptr(), d, keys, sc.as_mut_ptr(), m, true) };
+                // Unnormalised probabilities, scaled inside the exponential and rounded to bf16 in the same pass;
+                // each output row is divided by its sum after the product.
+                for ((row, p), sum) in sc
+                    .chunks_exact(m)
+                    .zip(pb.chunks_exact_mut(m))
+                    .zip(sums.iter_mut())
+                {
+                    *sum = exp_sum_row_bf16(row, p, scale);
+                }
+                unsafe { gemm_bf16_serial(rows, pb.as_ptr(), m, values, op, inner, true) };
+            } else {
+                unsafe {
+                    gemm_f32_serial(
+                        rows,
+                        q[q0..].as_ptr(),
+                        inner,
+                        keys,
+                        sc.as_mut_ptr(),
+                        m,
+                        true,
+                    )
+                };
+                for (row, sum) in sc.chunks_exact_mut(m).zip(sums.iter_mut()) {
+                    *sum = exp_sum_row(row, scale);
+                }
+                unsafe { gemm_f32_serial(rows, sc.as_ptr(), m, values, op, inner, true) };
             }
-            // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
-            // inside `out` and is written by this task only; `sc` holds `rows x m` probabilities.
-            unsafe {
-                let op = dst.0.add((bi * n + r0) * inner + hi * d);
-                gemm_f32_serial(rows, sc.as_ptr(), m, values, op, inner, true);
-                divide_rows(op, inner, d, &sums[..rows]);
-            }
+            // SAFETY: as above.
+            unsafe { divide_rows(op, inner, d, &sums[..rows]) };
         },
     );
     out
 }
 
-/// The CPU bf16 mode on AMX tiles: as [`packed`], with `Q`, `K`, the probabilities and `V` rounded to bf16
-/// (as torch's bf16 attention does) and both products on [`super::amx`]; scores, softmax and sums stay f32. The
-/// probabilities go into the product unnormalised (`exp(scale (s - max))`) and each output row is divided by
-/// its sum afterwards, flash-attention style: three passes over the scores instead of six. The
-/// head dimension is zero-padded to whole tile steps (32) in `Q` and `K`, so that `Q K^T` reads whole tiles.
+/// The CPU bf16 mode on AMX tiles: as [`packed`] in bf16, with both products on [`super::amx`]. The head
+/// dimension is zero-padded to whole tile steps (32) in `Q` and `K`, so that `Q K^T` reads whole tiles.
 ///
 /// # Safety
 /// [`super::amx::available`] must have returned `true`.
@@ -327,6 +369,7 @@ unsafe fn on_tiles(
     scale: f32,
 ) -> Vec<f32> {
     use super::gemm::{convert_bf16, Format};
+    use super::simd::exp_sum_row_bf16;
 
     let d = inner / heads;
     let dp = d.next_multiple_of(32);
@@ -360,13 +403,16 @@ unsafe fn on_tiles(
             unsafe {
                 super::amx::gemm(rows, qb.as_ptr(), dp, keys, sc.as_mut_ptr(), m, false, true)
             };
-            // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones); each output row
-            // is divided by its sum after the product.
+            // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones), rounded in the
+            // same pass; each output row is divided by its sum after the product.
             let mut sums = [0f32; QUERY_TILE];
-            for (row, sum) in sc.chunks_exact_mut(m).zip(sums.iter_mut()) {
-                *sum = exp_sum_row(row, scale);
+            for ((row, p), sum) in sc
+                .chunks_exact(m)
+                .zip(pb.chunks_exact_mut(m))
+                .zip(sums.iter_mut())
+            {
+                *sum = exp_sum_row_bf16(row, p, scale);
             }
-            convert_bf16(sc, &mut pb[..rows * m]);
             // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
             // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities.
             unsafe {
@@ -394,7 +440,7 @@ mod tests {
         crate::ops::cpu::force_portable(matches_reference_on_this_path);
     }
 
-    /// The attention with every product operand rounded to bf16 as the AMX path computes it: the unnormalised
+    /// The attention with every product operand rounded to bf16 as the bf16 paths compute it: the unnormalised
     /// probabilities rounded, each output row divided by the sum afterwards.
     fn rounded_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
         let round = |t: &Tensor| {
@@ -453,10 +499,10 @@ mod tests {
                 diff < 1e-5,
                 "n {n} m {m} heads {heads} d {d}: max diff {diff}"
             );
-            // The bf16 products on AMX: the reference with Q, K, the probabilities and V rounded to bf16 (left:
-            // the order of the f32 sums); without AMX, the f32 path.
+            // The bf16 products (AMX or AVX-512 BF16): the reference with Q, K, the probabilities and V rounded to
+            // bf16 (left: the order of the f32 sums); without either, the f32 path.
             let got = attention(&q, &k, &v, heads, scale, true).unwrap();
-            if crate::ops::amx::available() {
+            if crate::ops::amx::available() || crate::ops::gemm::Format::Bf16.has_fast_kernel() {
                 let want = rounded_reference(&q, &k, &v, heads, scale);
                 let diff = crate::ops::max_abs_diff(&want, &got);
                 assert!(

@@ -497,6 +497,47 @@ pub unsafe fn gemm_f32_serial(
     overwrite: bool,
 ) {
     assert_eq!(b.format, Format::F32, "B is packed in bf16");
+    // SAFETY: the caller's contract.
+    unsafe { serial(m, a.cast(), 4, lda, b, c, ldc, overwrite) };
+}
+
+/// [`gemm_f32_serial`] with bf16 inputs (f32 accumulation): `a` points to `m` rows of `b.k()` bf16 bit patterns
+/// `lda` apart; `b` must be packed in bf16.
+///
+/// # Safety
+/// The CPU must have AVX-512 BF16 ([`Format::has_fast_kernel`] for [`Format::Bf16`]); `a` and `c` as in
+/// [`gemm_f32_serial`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_bf16_serial(
+    m: usize,
+    a: *const u16,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    assert_eq!(b.format, Format::Bf16, "B is packed in f32");
+    // SAFETY: the caller's contract.
+    unsafe { serial(m, a.cast(), 2, lda, b, c, ldc, overwrite) };
+}
+
+/// The serial products' common part: `elem` bytes per entry of `A`.
+///
+/// # Safety
+/// As [`gemm_f32_serial`], with `a` holding entries of `elem` bytes in `b`'s format.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn serial(
+    m: usize,
+    a: *const u8,
+    elem: usize,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
     assert!(
         lda >= b.k && ldc >= b.n,
         "row strides shorter than the rows"
@@ -510,11 +551,7 @@ pub unsafe fn gemm_f32_serial(
     if m == 0 || b.n == 0 || b.k == 0 {
         return;
     }
-    let view = AView::Rows {
-        ptr: a.cast(),
-        elem: 4,
-        lda,
-    };
+    let view = AView::Rows { ptr: a, elem, lda };
     tiles(m, view, b, c, ldc, false, overwrite);
 }
 
@@ -1055,53 +1092,70 @@ mod tests {
         }
     }
 
-    /// The serial entry point adds to `C`, or overwrites it without reading it (`C` full of NaN), on every edge
-    /// shape and with `k = 0`.
+    /// The serial entry points (f32 and bf16) add to `C`, or overwrite it without reading it (`C` full of NaN), on
+    /// every edge shape and with `k = 0`, reading `A` with a row stride wider than its rows.
     #[test]
     #[cfg(target_arch = "x86_64")]
     #[cfg_attr(miri, ignore = "no SIMD under Miri")]
     fn serial_product_adds_or_overwrites() {
-        if !Format::F32.has_fast_kernel() {
-            return;
-        }
-        for &(m, n, k) in shapes().iter().chain(&[(5, 20, 0)]) {
-            let mut seed = (m * 31 + n * 7 + k) as u64;
-            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
-            let bt: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-            let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
-            let packed = PackedB::from_transposed(&bt, n, k, Format::F32);
-            let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
-            for overwrite in [false, true] {
-                let (start, mut c) = if overwrite {
-                    (vec![0f32; m * n], vec![f32::NAN; m * n])
-                } else {
-                    (c0.clone(), c0.clone())
-                };
-                let want = reference(Format::F32, (m, n, k), &a, &bt, &start);
-                // SAFETY: AVX-512 is present (checked); the buffers have the sizes the strides describe.
-                unsafe {
-                    gemm_f32_serial(
-                        m,
-                        a.as_ptr(),
-                        k.max(1),
-                        &packed,
-                        c.as_mut_ptr(),
-                        n,
-                        overwrite,
-                    )
-                };
-                let worst = want
-                    .iter()
-                    .zip(&c)
-                    .map(|(w, g)| (w - g).abs())
-                    .fold(
-                        0f32,
-                        |x, y| if y.is_nan() { f32::INFINITY } else { x.max(y) },
+        for format in [Format::F32, Format::Bf16] {
+            if !format.has_fast_kernel() {
+                continue;
+            }
+            for &(m, n, k) in shapes().iter().chain(&[(5, 20, 0)]) {
+                let mut seed = (m * 31 + n * 7 + k) as u64;
+                let lda = k + 3;
+                let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut seed)).collect();
+                let a_tight: Vec<f32> = a.chunks(lda).flat_map(|r| &r[..k]).copied().collect();
+                let bt: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                let c0: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+                let packed = PackedB::from_transposed(&bt, n, k, format);
+                let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
+                let a_bf16 = to_bf16(&a);
+                for overwrite in [false, true] {
+                    let (start, mut c) = if overwrite {
+                        (vec![0f32; m * n], vec![f32::NAN; m * n])
+                    } else {
+                        (c0.clone(), c0.clone())
+                    };
+                    let want = reference(format, (m, n, k), &a_tight, &bt, &start);
+                    // SAFETY: the CPU has the format's kernel (checked); the buffers have the sizes the strides
+                    // describe.
+                    unsafe {
+                        match format {
+                            Format::F32 => gemm_f32_serial(
+                                m,
+                                a.as_ptr(),
+                                lda,
+                                &packed,
+                                c.as_mut_ptr(),
+                                n,
+                                overwrite,
+                            ),
+                            Format::Bf16 => gemm_bf16_serial(
+                                m,
+                                a_bf16.as_ptr(),
+                                lda,
+                                &packed,
+                                c.as_mut_ptr(),
+                                n,
+                                overwrite,
+                            ),
+                        }
+                    };
+                    let worst =
+                        want.iter()
+                            .zip(&c)
+                            .map(|(w, g)| (w - g).abs())
+                            .fold(
+                                0f32,
+                                |x, y| if y.is_nan() { f32::INFINITY } else { x.max(y) },
+                            );
+                    assert!(
+                        worst <= bound,
+                        "{format:?} {m}x{n}x{k} overwrite {overwrite}: max diff {worst}"
                     );
-                assert!(
-                    worst <= bound,
-                    "{m}x{n}x{k} overwrite {overwrite}: max diff {worst}"
-                );
+                }
             }
         }
     }

@@ -134,6 +134,55 @@ dispatch! {
 }
 
 dispatch! {
+    /// [`exp_sum_row`] that leaves `row` as it is and writes the values rounded to bf16 (nearest, ties to even, as
+    /// `vcvtneps2bf16`) into `out` (at least `row.len()` entries) in the same pass, for a product that reads them
+    /// in bf16; returns the sum of the unrounded values.
+    pub fn exp_sum_row_bf16(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
+        const L: usize = 16;
+        let mut lanes = [f32::NEG_INFINITY; L];
+        let chunks = row.chunks_exact(L);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..L {
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &m in lanes.iter().chain(rest) {
+            if m > max {
+                max = m;
+            }
+        }
+        let out = &mut out[..row.len()];
+        let mut acc = [0f32; L];
+        let mut outs = out.chunks_exact_mut(L);
+        let rows = row.chunks_exact(L);
+        let rest = rows.remainder();
+        for (c, o) in rows.zip(&mut outs) {
+            for i in 0..L {
+                let e = exp_f32((c[i] - max) * scale);
+                acc[i] += e;
+                o[i] = bf16_bits(e);
+            }
+        }
+        let mut sum = acc.iter().sum::<f32>();
+        for (&x, o) in rest.iter().zip(outs.into_remainder()) {
+            let e = exp_f32((x - max) * scale);
+            sum += e;
+            *o = bf16_bits(e);
+        }
+        sum
+    }
+}
+
+/// `x` rounded to the nearest bf16, ties to even, as bit patterns; a quiet NaN (as arithmetic makes them) stays NaN.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+dispatch! {
     /// `y = x * a + b` over a slice, then SiLU (`y / (1 + exp(-y))`) when `silu`.
     pub fn affine_silu(src: &[f32], dst: &mut [f32], a: f32, b: f32, silu: bool) {
         if silu {
@@ -229,5 +278,30 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert!(exp_f32(f32::NAN).is_nan());
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37 && exp_f32(f32::INFINITY) > 1e38);
+    }
+
+    /// The fused bf16 variant gives the same sum as [`exp_sum_row`] and its values rounded as `vcvtneps2bf16`
+    /// rounds them, on lengths around the vector width, and leaves the row alone.
+    #[test]
+    fn exp_sum_row_bf16_matches_rounding_afterwards() {
+        let mut seed = 7u32;
+        for len in [1, 15, 16, 17, 77, 1024, 4099] {
+            let row: Vec<f32> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1 << 24) as f32 * 40.0 - 20.0
+                })
+                .collect();
+            let mut want = row.clone();
+            let want_sum = exp_sum_row(&mut want, 0.3);
+            let mut out = vec![0u16; len + 2];
+            let sum = exp_sum_row_bf16(&row, &mut out, 0.3);
+            assert_eq!(sum.to_bits(), want_sum.to_bits(), "len {len}");
+            for (i, (&w, &o)) in want.iter().zip(&out).enumerate() {
+                assert_eq!(o, half::bf16::from_f32(w).to_bits(), "len {len} entry {i}");
+            }
+            assert_eq!(&out[len..], &[0, 0]);
+        }
+        assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
     }
 }
