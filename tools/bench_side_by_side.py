@@ -307,8 +307,8 @@ def main():
             total = sum(v["seconds_per_step"] for v in prof.values())
             print(f"\n{label} step profile (seconds per step, share; total {total:.2f} s):")
             for k, v in sorted(prof.items(), key=lambda kv: -kv[1]["seconds_per_step"]):
-                print(f"  {k:12s} {v['seconds_per_step']:8.3f} s  {100 * v['seconds_per_step'] / total:5.1f}%  "
-                      f"({v['calls_per_step']} calls)")
+                calls = f"({v['calls_per_step']} calls)" if "calls_per_step" in v else ""
+                print(f"  {k:12s} {v['seconds_per_step']:8.3f} s  {100 * v['seconds_per_step'] / total:5.1f}%  {calls}")
 
 
 def print_all_sides(a, res, sides):

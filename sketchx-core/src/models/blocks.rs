@@ -323,8 +323,8 @@ impl TransformerBlock {
         let xs = crate::ops::add::add(&a, xs, 1.0)?;
         let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
         let xs = crate::ops::add::add(&a, &xs, 1.0)?;
-        let h = self.ff_in.forward(&ln(&self.norm3, &xs)?)?;
-        let o = self.ff_out.forward(&crate::ops::geglu::geglu(&h)?)?;
+        let h = self.ff_in.forward_geglu(&ln(&self.norm3, &xs)?)?;
+        let o = self.ff_out.forward(&h)?;
         crate::ops::add::add(&o, &xs, 1.0)
     }
 }

@@ -48,19 +48,25 @@ impl CustomOp1 for GegluOp {
             *last = half;
         }
         let mut out = vec![0f32; h.len() / 2];
-        // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
-        if let Some(rows) = 16_384usize.checked_div(half) {
-            let rows = rows.max(1);
-            out.par_chunks_mut(rows * half)
-                .zip(h.par_chunks(rows * width))
-                .for_each(|(o, h)| {
-                    for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
-                        let (a, g) = h.split_at(half);
-                        geglu_row(a, g, o);
-                    }
-                });
-        }
+        geglu_rows(h, &mut out, half);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// The kernel on rows of `2 * half` values in `h`, into rows of `half` in `out`, in parallel.
+pub(crate) fn geglu_rows(h: &[f32], out: &mut [f32], half: usize) {
+    let width = 2 * half;
+    // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
+    if let Some(rows) = 16_384usize.checked_div(half) {
+        let rows = rows.max(1);
+        out.par_chunks_mut(rows * half)
+            .zip(h.par_chunks(rows * width))
+            .for_each(|(o, h)| {
+                for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
+                    let (a, g) = h.split_at(half);
+                    geglu_row(a, g, o);
+                }
+            });
     }
 }
 
