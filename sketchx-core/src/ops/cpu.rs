@@ -84,12 +84,23 @@ fn detect() -> Features {
 #[cfg(test)]
 static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Held while a test forces the portable paths, or needs the detected ones throughout ([`detected_only`]).
+#[cfg(test)]
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` while no test forces the portable paths: for tests whose expectations depend on the path that runs
+/// (bit-exact comparisons of two kernels, or a bound chosen from the CPU's features).
+#[cfg(test)]
+pub(crate) fn detected_only<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    f()
+}
+
 /// Runs `f` with every kernel on its portable path, as on a CPU without AVX2 or AVX-512, so that one machine tests
 /// both paths. Tests that use it run one at a time; any other test running meanwhile only gets slower.
 #[cfg(test)]
 pub(crate) fn force_portable<T>(f: impl FnOnce() -> T) -> T {
     use std::sync::atomic::Ordering;
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     struct Reset;
     impl Drop for Reset {

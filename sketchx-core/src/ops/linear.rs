@@ -257,6 +257,10 @@ mod tests {
     /// bias, on one block, on blocks that split the rows unevenly, and on inputs of one row and of none.
     #[test]
     fn geglu_forward_is_the_two_steps_in_one() {
+        crate::ops::cpu::detected_only(geglu_forward_on_this_path);
+    }
+
+    fn geglu_forward_on_this_path() {
         let dev = Device::Cpu;
         let (i, o) = (24, 40);
         let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
@@ -278,6 +282,10 @@ mod tests {
                 let weights = Weights::new(vb.clone(), precision);
                 let layer = FastLinear::load(i, o, bias, &weights.pp("l")).unwrap();
                 for rows in [0, 1, 5, 300] {
+                    if rows == 0 && !matches!(layer, FastLinear::Packed(_)) {
+                        // candle's own layer cannot reshape an empty input.
+                        continue;
+                    }
                     let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
                     let want = crate::ops::geglu::geglu(&layer.forward(&x).unwrap()).unwrap();
                     let FastLinear::Packed(op) = &layer else {
