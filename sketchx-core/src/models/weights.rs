@@ -29,6 +29,7 @@ use safetensors::tensor::{Metadata, TensorInfo, TensorView};
 use safetensors::Dtype;
 
 use crate::error::{Error, Result};
+use crate::ops::simd::f32_bits_to_bf16_bits;
 
 /// Bytes read by one parallel task when a tensor is read as stored (tiny under Miri, so that its tests reach the
 /// parallel pieces).
@@ -459,19 +460,6 @@ impl Float for bf16 {
 fn bf16_bits_to_f32_bits(b: u16) -> u32 {
     let nan = (b & 0x7FFF) > 0x7F80;
     (u32::from(b) | if nan { 0x0040 } else { 0 }) << 16
-}
-
-/// `half::bf16::from_f32` (round to nearest, ties to even; NaNs quieted) without branches, so that the loop over a
-/// slice vectorises. Bit-identical to half's (tested over edge cases and random bit patterns).
-#[inline]
-fn f32_bits_to_bf16_bits(x: u32) -> u16 {
-    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
-    // Round up when the first dropped bit is set and either another dropped bit or the kept lowest bit is set.
-    // No overflow: the only inputs with x >> 16 == 0xFFFF are NaNs, which take the other branch.
-    let round_up = (x & 0x8000) != 0 && (x & 0x1_7FFF) != 0;
-    let rounded = (x >> 16) + u32::from(round_up);
-    let quiet_nan = (x >> 16) | 0x0040;
-    (if nan { quiet_nan } else { rounded }) as u16
 }
 
 thread_local! {

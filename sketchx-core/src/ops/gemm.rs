@@ -390,12 +390,18 @@ unsafe fn write_word_row(
 }
 
 /// Converts f32 to bf16 bit patterns (round to nearest, ties to even), in parallel.
+#[cfg(any(test, feature = "bench-internals"))]
 pub fn to_bf16(src: &[f32]) -> Vec<u16> {
     let mut out = vec![0u16; src.len()];
-    out.par_chunks_mut(1 << 14)
+    convert_bf16_parallel(src, &mut out);
+    out
+}
+
+/// [`convert_bf16`] in parallel (as many as the shorter slice holds).
+pub(crate) fn convert_bf16_parallel(src: &[f32], dst: &mut [u16]) {
+    dst.par_chunks_mut(1 << 14)
         .zip(src.par_chunks(1 << 14))
         .for_each(|(d, s)| convert_bf16(s, d));
-    out
 }
 
 /// Converts `src` to bf16 bit patterns into `dst` (as many as the shorter holds), on the calling thread.

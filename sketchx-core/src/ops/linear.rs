@@ -12,7 +12,7 @@ use candle_nn::Linear;
 
 use crate::precision::Weights;
 
-use super::gemm::{gemm_bf16, gemm_f32, to_bf16, Format, PackedB};
+use super::gemm::{convert_bf16_parallel, gemm_bf16, gemm_f32, Format, PackedB};
 
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
@@ -81,9 +81,7 @@ impl FastLinear {
             Self::Packed(op) => Ok(op.weight.k()),
         }
     }
-}
 
-impl FastLinear {
     /// `geglu(x W^T + b)` ([`super::geglu::geglu`] over this layer's output). A packed layer runs the product in
     /// blocks of rows, each block through GEGLU straight away, so that the projection at full width (42 MB per
     /// image on 64 x 64 latents, fresh pages at every call at that size) is never allocated; the values are the
@@ -123,43 +121,25 @@ impl CustomOp1 for GegluLinearOp<'_> {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::cpu::contiguous_f32(s, l, "linear input")?;
-        let w = &self.linear.weight;
-        let (k, n) = (w.k(), w.n());
-        let dims = l.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear: input {:?}, weight has {k} input features", dims);
-        }
+        let n = self.linear.weight.n();
         let half = n / 2;
-        let m = x.len() / k;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("at least one dimension") = half;
+        let (m, shape) = self.linear.rows_and_shape(l, half)?;
         if m == 0 {
-            return Ok((CpuStorage::F32(Vec::new()), Shape::from(shape)));
+            return Ok((CpuStorage::F32(Vec::new()), shape));
         }
+        let k = self.linear.weight.k();
         let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m);
         let mut out = vec![0f32; m * half];
         let mut block = vec![0f32; rows * n];
         let mut block_bf16 = Vec::new();
         for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
-            let r = xb.len() / k;
-            let h = &mut block[..r * n];
+            let h = &mut block[..xb.len() / k * n];
             super::profile::scope("linear", || {
-                match &self.linear.bias {
-                    Some(b) => h.chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
-                    None => h.fill(0.0),
-                }
-                match w.format() {
-                    Format::F32 => gemm_f32(r, xb, k, w, h, n),
-                    Format::Bf16 => {
-                        block_bf16.resize(xb.len(), 0);
-                        super::gemm::convert_bf16(xb, &mut block_bf16);
-                        gemm_bf16(r, &block_bf16, k, w, h, n)
-                    }
-                }
+                self.linear.product(xb, h, false, &mut block_bf16)
             });
             super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
         }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -180,25 +160,50 @@ impl CustomOp1 for PackedLinearOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::cpu::contiguous_f32(s, l, "linear input")?;
-        let (k, n) = (self.weight.k(), self.weight.n());
-        let dims = l.shape().dims();
-        if dims.last() != Some(&k) {
-            candle_core::bail!("linear: input {:?}, weight has {k} input features", dims);
-        }
-        let m = x.len() / k;
+        let n = self.weight.n();
+        let (m, shape) = self.rows_and_shape(l, n)?;
         let mut out = vec![0f32; m * n];
-        if let Some(b) = &self.bias {
-            for row in out.chunks_mut(n) {
-                row.copy_from_slice(b);
-            }
+        self.product(x, &mut out, true, &mut Vec::new());
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+impl PackedLinearOp {
+    /// The rows of an input of layout `l` (all dimensions but the last, which must be the weight's input
+    /// features), and the shape of an output with `width` values per row.
+    fn rows_and_shape(&self, l: &Layout, width: usize) -> Result<(usize, Shape)> {
+        let k = self.weight.k();
+        let dims = l.shape().dims();
+        let Some((_, lead)) = dims.split_last().filter(|(&last, _)| last == k) else {
+            candle_core::bail!("linear: input {:?}, weight has {k} input features", dims);
+        };
+        let mut shape = lead.to_vec();
+        shape.push(width);
+        Ok((lead.iter().product(), Shape::from(shape)))
+    }
+
+    /// `out = x W^T + b` for the rows of `x` (contiguous, `k` values each) into `out` (`n` values each; `zeroed`:
+    /// it holds zeros already, so a layer without bias need not clear it); in bf16 the input is rounded in
+    /// parallel into `scratch`, which the caller may reuse across calls.
+    fn product(&self, x: &[f32], out: &mut [f32], zeroed: bool, scratch: &mut Vec<u16>) {
+        if out.is_empty() {
+            return;
+        }
+        let (k, n) = (self.weight.k(), self.weight.n());
+        let m = out.len() / n;
+        match &self.bias {
+            Some(b) => out.chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
+            None if !zeroed => out.fill(0.0),
+            None => {}
         }
         match self.weight.format() {
-            Format::F32 => gemm_f32(m, x, k, &self.weight, &mut out, n),
-            Format::Bf16 => gemm_bf16(m, &to_bf16(x), k, &self.weight, &mut out, n),
+            Format::F32 => gemm_f32(m, x, k, &self.weight, out, n),
+            Format::Bf16 => {
+                scratch.resize(x.len(), 0);
+                convert_bf16_parallel(x, scratch);
+                gemm_bf16(m, scratch, k, &self.weight, out, n)
+            }
         }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("at least one dimension") = n;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 }
 

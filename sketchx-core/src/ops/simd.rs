@@ -57,25 +57,34 @@ macro_rules! dispatch {
     };
 }
 
+/// The largest value of `row` (negative infinity when empty), kept in 16 lanes so that the loop vectorises (a
+/// float reduction in one accumulator cannot); inlined into the dispatched callers, it takes their features.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = row.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &m in lanes.iter().chain(rest) {
+        if m > max {
+            max = m;
+        }
+    }
+    max
+}
+
 dispatch! {
     /// Softmax of one row in place, like torch: subtract the max, exponentiate, divide by the sum. The max and
     /// the sum are kept in 16 lanes so that the loops vectorise (a float reduction in one accumulator cannot).
     pub fn softmax_row(row: &mut [f32]) {
         const L: usize = 16;
-        let mut lanes = [f32::NEG_INFINITY; L];
-        let chunks = row.chunks_exact(L);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..L {
-                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &m in lanes.iter().chain(rest) {
-            if m > max {
-                max = m;
-            }
-        }
+        let max = row_max(row);
         for x in row.iter_mut() {
             *x = exp_f32(*x - max);
         }
@@ -101,20 +110,7 @@ dispatch! {
     /// score).
     pub fn exp_sum_row(row: &mut [f32], scale: f32) -> f32 {
         const L: usize = 16;
-        let mut lanes = [f32::NEG_INFINITY; L];
-        let chunks = row.chunks_exact(L);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..L {
-                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &m in lanes.iter().chain(rest) {
-            if m > max {
-                max = m;
-            }
-        }
+        let max = row_max(row);
         let mut acc = [0f32; L];
         let mut chunks = row.chunks_exact_mut(L);
         for c in &mut chunks {
@@ -139,20 +135,7 @@ dispatch! {
     /// in bf16; returns the sum of the unrounded values.
     pub fn exp_sum_row_bf16(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
         const L: usize = 16;
-        let mut lanes = [f32::NEG_INFINITY; L];
-        let chunks = row.chunks_exact(L);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..L {
-                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &m in lanes.iter().chain(rest) {
-            if m > max {
-                max = m;
-            }
-        }
+        let max = row_max(row);
         let out = &mut out[..row.len()];
         let mut acc = [0f32; L];
         let mut outs = out.chunks_exact_mut(L);
@@ -162,24 +145,31 @@ dispatch! {
             for i in 0..L {
                 let e = exp_f32((c[i] - max) * scale);
                 acc[i] += e;
-                o[i] = bf16_bits(e);
+                o[i] = f32_bits_to_bf16_bits(e.to_bits());
             }
         }
         let mut sum = acc.iter().sum::<f32>();
         for (&x, o) in rest.iter().zip(outs.into_remainder()) {
             let e = exp_f32((x - max) * scale);
             sum += e;
-            *o = bf16_bits(e);
+            *o = f32_bits_to_bf16_bits(e.to_bits());
         }
         sum
     }
 }
 
-/// `x` rounded to the nearest bf16, ties to even, as bit patterns; a quiet NaN (as arithmetic makes them) stays NaN.
-#[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+/// `half::bf16::from_f32` (round to nearest, ties to even; NaNs quieted) on bit patterns, without branches, so
+/// that loops over slices vectorise. Bit-identical to half's (tested in `models::weights` over edge cases and
+/// random bit patterns).
+#[inline]
+pub(crate) fn f32_bits_to_bf16_bits(x: u32) -> u16 {
+    let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+    // Round up when the first dropped bit is set and either another dropped bit or the kept lowest bit is set.
+    // No overflow: the only inputs with x >> 16 == 0xFFFF are NaNs, which take the other branch.
+    let round_up = (x & 0x8000) != 0 && (x & 0x1_7FFF) != 0;
+    let rounded = (x >> 16) + u32::from(round_up);
+    let quiet_nan = (x >> 16) | 0x0040;
+    (if nan { quiet_nan } else { rounded }) as u16
 }
 
 dispatch! {
@@ -306,6 +296,5 @@ mod tests {
             }
             assert_eq!(&out[len..], &[0, 0]);
         }
-        assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
     }
 }
