@@ -5,8 +5,8 @@
 //! `step` (ControlNet + UNet at batch `--step-batch`, default 2: classifier-free guidance; 1 is a few-step recipe
 //! without it, on `--step-size` pixels), `vae` (decode
 //! of one `--vae-size` image) and `job` (a whole `Engine::generate` at `--job-size` with `--job-steps` steps).
-//! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's time goes per operation
-//! kind; `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
+//! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's (and a VAE decode's) time
+//! goes per operation kind, with the GFLOP/s of the products (convolutions, linear layers, attention); `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
 //! process). The few-step recipe of the `job` piece: `--scheduler NAME` (default `euler_a`), `--guidance G`
 //! (default the request's), `--lora PATH[:SCALE]`, `--tiny-vae DIR` with `--vae tiny` (decode the job's image with
 //! it), `--job-warmup 0` (no untimed job first); the piece `tinyvae` times the tiny VAE's decode of one `--vae-size` image. The last stdout line is a JSON
@@ -31,6 +31,22 @@ fn vm_kib(key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A profiled kind per `unit` (step, decode): seconds and calls, and for kinds that count their floating-point
+/// operations the GFLOP and the rate (GFLOP/s), to set against the machine's peak.
+fn kind_json(t: &profile::KindTotals, runs: usize, unit: &str) -> Value {
+    let secs = t.seconds / runs as f64;
+    let mut v = json!({
+        format!("seconds_per_{unit}"): secs,
+        format!("calls_per_{unit}"): t.calls / runs as u64,
+    });
+    if t.flops > 0 {
+        let gflop = t.flops as f64 / runs as f64 / 1e9;
+        v[format!("gflop_per_{unit}")] = json!(gflop);
+        v["gflop_per_s"] = json!(gflop / secs.max(f64::MIN_POSITIVE));
+    }
+    v
 }
 
 fn time<T>(f: impl FnOnce() -> T) -> (f64, T) {
@@ -115,6 +131,7 @@ fn main() {
     }
 
     let mut prof = Value::Null;
+    let mut vae_prof = Value::Null;
     if pieces.contains(&"step") {
         let l = step_size / 8;
         let hidden = engine.unet().cross_attention_dim;
@@ -153,9 +170,9 @@ fn main() {
             // activations, copies) is the rest of the step.
             let mut m = serde_json::Map::new();
             let mut covered = 0.0;
-            for (k, secs, calls) in profile::take() {
-                covered += secs / runs as f64;
-                m.insert(k.into(), json!({"seconds_per_step": secs / runs as f64, "calls_per_step": calls / runs as u64}));
+            for t in profile::take() {
+                covered += t.seconds / runs as f64;
+                m.insert(t.kind.into(), kind_json(&t, runs, "step"));
             }
             m.insert(
                 "other".into(),
@@ -173,7 +190,16 @@ fn main() {
             .unwrap();
         let run = || engine.vae().decode(&lat).unwrap();
         run();
+        profile::enable(want_profile);
         record("vae", (0..runs).map(|_| time(run).0).collect());
+        profile::enable(false);
+        if want_profile {
+            let m: serde_json::Map<String, Value> = profile::take()
+                .iter()
+                .map(|t| (t.kind.to_string(), kind_json(t, runs, "decode")))
+                .collect();
+            vae_prof = Value::Object(m);
+        }
     }
 
     if pieces.contains(&"tinyvae") {
@@ -189,11 +215,12 @@ fn main() {
         record("tinyvae", (0..runs).map(|_| time(run).0).collect());
         profile::enable(false);
         if want_profile {
-            for (k, secs, calls) in profile::take() {
+            for t in profile::take() {
                 eprintln!(
-                    "tinyvae profile: {k} {:.3} s per decode ({} calls)",
-                    secs / runs as f64,
-                    calls / runs as u64
+                    "tinyvae profile: {} {:.3} s per decode ({} calls)",
+                    t.kind,
+                    t.seconds / runs as f64,
+                    t.calls / runs as u64
                 );
             }
         }
@@ -225,6 +252,9 @@ fn main() {
     }
 
     out.insert("profile".into(), prof);
+    if !vae_prof.is_null() {
+        out.insert("vae_profile".into(), vae_prof);
+    }
     out.insert(
         "rss_after_load_mib".into(),
         json!(rss_loaded as f64 / 1024.0),

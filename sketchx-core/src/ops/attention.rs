@@ -26,7 +26,12 @@ pub fn attention(
     scale: f64,
     bf16: bool,
 ) -> Result<Tensor> {
-    super::profile::scope("attention", || {
+    // Two products per head: q k^T and p v, each n x m x d multiply-adds.
+    let flops = || match (q.dims3(), k.dim(1)) {
+        (Ok((b, n, inner)), Ok(m)) => (4 * b * n * m * inner) as u64,
+        _ => 0,
+    };
+    super::profile::scope_flops("attention", flops, || {
         attention_untimed(q, k, v, heads, scale, bf16)
     })
 }

@@ -144,11 +144,25 @@ impl Module for FastConv2d {
         } else {
             "conv3x3"
         };
-        super::profile::scope(kind, || self.forward_untimed(xs))
+        super::profile::scope_flops(kind, || self.flops(xs.dims()), || self.forward_untimed(xs))
     }
 }
 
 impl FastConv2d {
+    /// Multiply-adds x 2 of the convolution on an input of shape `dims` `(b, c_in, h, w)` (0 when unknown).
+    fn flops(&self, dims: &[usize]) -> u64 {
+        let [cout, cin, kh, kw] = self.kernel;
+        let (stride, padding) = match &self.imp {
+            ConvImpl::Candle { inner, .. } => (inner.config().stride, inner.config().padding),
+            ConvImpl::Packed { op, .. } => (op.stride, op.padding),
+        };
+        match dims {
+            &[b, _, h, w] => Geometry::new(h, w, kh, kw, stride, padding)
+                .map_or(0, |g| (2 * b * cout * cin * kh * kw * g.oh * g.ow) as u64),
+            _ => 0,
+        }
+    }
+
     fn forward_untimed(&self, xs: &Tensor) -> Result<Tensor> {
         let fast = super::kernels_enabled() && xs.device().is_cpu() && xs.dtype() == DType::F32;
         match &self.imp {

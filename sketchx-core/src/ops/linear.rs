@@ -66,7 +66,6 @@ impl FastLinear {
     }
 
     /// Output features.
-    #[cfg(any(test, feature = "bench-internals"))]
     pub fn out_dim(&self) -> Result<usize> {
         match self {
             Self::Candle(l) => l.weight().dim(0),
@@ -134,9 +133,12 @@ impl CustomOp1 for GegluLinearOp<'_> {
         let mut block_bf16 = Vec::new();
         for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
             let h = &mut block[..xb.len() / k * n];
-            super::profile::scope("linear", || {
-                self.linear.product(xb, h, false, &mut block_bf16)
-            });
+            let flops = (2 * h.len() * k) as u64;
+            super::profile::scope_flops(
+                "linear",
+                || flops,
+                || self.linear.product(xb, h, false, &mut block_bf16),
+            );
             super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
         }
         Ok((CpuStorage::F32(out), shape))
@@ -146,7 +148,11 @@ impl CustomOp1 for GegluLinearOp<'_> {
 impl Module for FastLinear {
     /// `x W^T + b`, timed as `linear`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        super::profile::scope("linear", || match self {
+        let flops = || {
+            let (k, n) = (self.in_dim().unwrap_or(0), self.out_dim().unwrap_or(0));
+            (2 * (xs.elem_count() / k.max(1)) * k * n) as u64
+        };
+        super::profile::scope_flops("linear", flops, || match self {
             Self::Candle(l) => l.forward(xs),
             Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
         })
