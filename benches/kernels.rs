@@ -25,6 +25,21 @@ fn conv(c: &mut Criterion) {
     g.bench_function("sketchx", |b| b.iter(|| fast.forward(&xs).unwrap()));
     g.bench_function("candle", |b| b.iter(|| inner.forward(&xs).unwrap()));
     g.finish();
+    // The CPU bf16 mode at the UNet's four resolutions (throughput in FLOP/s).
+    for (ch, hw) in [(320, 32), (640, 16), (1280, 8), (1280, 4)] {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let inner = candle_nn::conv2d(ch, ch, 3, cfg, vb).unwrap();
+        let fast = FastConv2d::new(inner).into_cpu_bf16().unwrap();
+        let xs = Tensor::randn(0f32, 1., (2, ch, hw, hw), &dev).unwrap();
+        let mut g = c.benchmark_group(format!("conv3x3_bf16_{ch}x{hw}x{hw}_b2"));
+        g.sample_size(10);
+        g.throughput(criterion::Throughput::Elements(
+            (2 * 2 * ch * ch * 9 * hw * hw) as u64,
+        ));
+        g.bench_function("sketchx", |b| b.iter(|| fast.forward(&xs).unwrap()));
+        g.finish();
+    }
 }
 
 fn attn(c: &mut Criterion) {

@@ -16,7 +16,10 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::precision::Weights;
 use rayon::prelude::*;
 
-use super::gemm::{gemm_packed, plain_gemm_f32, Format, PackedA, PackedB};
+use super::cpu::SendPtr;
+use super::gemm::{
+    gemm_packed, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted, NR,
+};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
@@ -112,7 +115,17 @@ impl FastConv2d {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let packed = PackedA::new(&w, cout, cin * kh * kw, format);
+        let taps = direct_applies(self.kernel, op);
+        let packed = if taps {
+            PackedA::new(
+                &tap_major(&w, self.kernel),
+                cout,
+                kh * kw * cin.next_multiple_of(2),
+                format,
+            )
+        } else {
+            PackedA::new(&w, cout, cin * kh * kw, format)
+        };
         let winograd = (format == Format::Bf16 && may_run_winograd(self.kernel, op))
             .then(|| inner.weight().to_dtype(DType::F32))
             .transpose()?;
@@ -120,7 +133,11 @@ impl FastConv2d {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
                 op: Conv2dOp {
-                    packed: Some(Arc::new((packed, self.kernel))),
+                    packed: Some(Arc::new(PackedKernel {
+                        a: packed,
+                        shape: self.kernel,
+                        taps,
+                    })),
                     ..op.clone()
                 },
                 bias: bias.to_dtype(DType::F32)?,
@@ -223,8 +240,8 @@ pub struct Conv2dOp {
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
-    /// The kernel packed for the GEMM (CPU bf16 mode), with its shape `[c_out, c_in, kh, kw]`.
-    packed: Option<Arc<(PackedA, [usize; 4])>>,
+    /// The kernel packed for the GEMM (CPU bf16 mode).
+    packed: Option<Arc<PackedKernel>>,
     /// Most values of the unrolled input built at once ([`BAND_ELEMS`]; smaller in tests).
     band: usize,
 }
@@ -264,7 +281,12 @@ impl CustomOp2 for Conv2dOp {
         let Some(packed) = &self.packed else {
             candle_core::bail!("conv: no packed kernel");
         };
-        self.run(s1, l1, Weight::Packed(&packed.0), packed.1, s2, l2)
+        let weight = if packed.taps {
+            Weight::Taps(&packed.a)
+        } else {
+            Weight::Packed(&packed.a)
+        };
+        self.run(s1, l1, weight, packed.shape, s2, l2)
     }
 }
 
@@ -299,8 +321,21 @@ impl Conv2dOp {
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
             }
         }
+        let taps_wide = wd >= TAPS_MIN_WIDTH;
+        if let (Weight::Taps(a), true) = (weight, taps_wide) {
+            let mut kept = SCRATCH.try_lock().ok();
+            let (mut out_band, mut words) =
+                kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
+            let out = self.taps_3x3(x, a, bias, (b, cin, h, wd), cout, &mut words, &mut out_band);
+            if let Some(kept) = kept.as_deref_mut() {
+                *kept = (out_band, words);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
+        }
         let n = oh * ow;
-        let k = cin * kh * kw;
+        // A tap-major kernel on a narrow input: im2col rows in its order, channels rounded up to even.
+        let tap_rows = matches!(weight, Weight::Taps(_)).then_some(cin.next_multiple_of(2));
+        let k = tap_rows.map_or(cin, |c| c) * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
         let mut out = vec![0f32; b * cout * n];
         // The unrolled input is built for a band of output rows at a time: at most BAND_ELEMS values (64 MiB in
@@ -343,11 +378,11 @@ impl Conv2dOp {
                         };
                         plain_gemm_f32(cout, nb, k, w, rhs, dst, n);
                     }
-                    Weight::Packed(w) => {
+                    Weight::Packed(w) | Weight::Taps(w) => {
                         let rhs = pack(
                             std::mem::take(&mut packed),
                             xb,
-                            direct,
+                            (direct, tap_rows),
                             k,
                             &g,
                             rows,
@@ -373,7 +408,7 @@ impl Conv2dOp {
 fn pack(
     buffer: Vec<u32>,
     x: &[f32],
-    direct: bool,
+    (direct, tap_rows): (bool, Option<usize>),
     k: usize,
     g: &Geometry,
     rows: std::ops::Range<usize>,
@@ -386,8 +421,12 @@ fn pack(
         })
     } else {
         let nb = rows.len() * g.ow;
-        PackedB::from_rows_in(buffer, k, nb, format, |r, row| {
-            im2col_row(x, r, row, g, rows.clone())
+        let (taps, cin) = (g.kh * g.kw, x.len() / (g.h * g.w));
+        PackedB::from_rows_in(buffer, k, nb, format, |r, row| match tap_rows {
+            // Row r of a tap-major kernel's order: tap r / cin2, channel r % cin2 (zero past the input's).
+            Some(cin2) if r % cin2 >= cin => row.fill(0.0),
+            Some(cin2) => im2col_row(x, (r % cin2) * taps + r / cin2, row, g, rows.clone()),
+            None => im2col_row(x, r, row, g, rows.clone()),
         })
     }
 }
@@ -400,11 +439,172 @@ static SCRATCH: std::sync::Mutex<(Vec<f32>, Vec<u32>)> =
 /// Most values of the unrolled input built at once (see [`Conv2dOp`]).
 const BAND_ELEMS: usize = 1 << 24;
 
-/// A kernel `[c_out, c_in * kh * kw]`: f32 as stored, or packed for the GEMM (CPU bf16 mode).
+/// A kernel `[c_out, c_in * kh * kw]`: f32 as stored, or packed for the GEMM (CPU bf16 mode); or packed tap by
+/// tap for [`Conv2dOp::taps_3x3`].
 #[derive(Clone, Copy)]
 enum Weight<'a> {
     F32(&'a [f32]),
     Packed(&'a PackedA),
+    Taps(&'a PackedA),
+}
+
+/// A convolution's kernel packed for the GEMM.
+#[derive(Debug)]
+struct PackedKernel {
+    a: PackedA,
+    /// `[c_out, c_in, kh, kw]`.
+    shape: [usize; 4],
+    /// Packed tap-major for [`Conv2dOp::taps_3x3`] (`[c_out, 9, c_in]`, `c_in` rounded up to even) rather than
+    /// as the im2col product's `[c_out, c_in * kh * kw]`.
+    taps: bool,
+}
+
+/// The narrowest input [`Conv2dOp::taps_3x3`] runs (its discarded columns are `1 / (w + 1)` of the work, plus
+/// the padding rows between images); narrower ones take the im2col product on the same tap-major kernel.
+const TAPS_MIN_WIDTH: usize = 32;
+
+/// Whether a convolution of this kernel is packed tap-major for [`Conv2dOp::taps_3x3`]: 3x3, stride 1,
+/// padding 1, in bf16 on the AVX-512 BF16 micro-kernel (AMX tiles keep the im2col product).
+fn direct_applies(kernel: [usize; 4], op: &Conv2dOp) -> bool {
+    let amx = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::amx::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    };
+    kernel[2] == 3
+        && kernel[3] == 3
+        && op.stride == 1
+        && op.padding == 1
+        && Format::Bf16.has_fast_kernel()
+        && !amx
+}
+
+/// A kernel `[c_out, c_in, kh, kw]` reordered to `[c_out, kh * kw, c_in']`, `c_in'` = `c_in` rounded up to even
+/// (the extra channel zero), so that each tap's channels are whole words of bf16 pairs.
+fn tap_major(w: &[f32], [cout, cin, kh, kw]: [usize; 4]) -> Vec<f32> {
+    let (taps, cin2) = (kh * kw, cin.next_multiple_of(2));
+    let mut out = vec![0f32; cout * taps * cin2];
+    out.par_chunks_mut(taps * cin2)
+        .enumerate()
+        .for_each(|(co, dst)| {
+            for ci in 0..cin {
+                for t in 0..taps {
+                    dst[t * cin2 + ci] = w[(co * cin + ci) * taps + t];
+                }
+            }
+        });
+    out
+}
+
+impl Conv2dOp {
+    /// A 3x3 convolution (stride 1, padding 1) of `b` images `(cin, h, w)` without im2col: the input is written
+    /// once as bf16 channel pairs, each image zero-padded in rows of `w + 1` words (the zero column is the right
+    /// edge of one row and the left edge of the next) and all images one after the other in each pair's row; a
+    /// tap `(dy, dx)` of the kernel then reads that row shifted by `(dy - 1) (w + 1) + dx - 1`, which the GEMM
+    /// does in place ([`gemm_shifted`]). The product's columns run over the padded positions (the zero columns
+    /// and the rows between images give discarded columns, `1 / (w + 1)` of the work), at most `band` values of
+    /// output at a time into `out_band`; each band is then copied into the output with the bias.
+    #[allow(clippy::too_many_arguments)]
+    fn taps_3x3(
+        &self,
+        x: &[f32],
+        a: &PackedA,
+        bias: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        cout: usize,
+        words: &mut Vec<u32>,
+        out_band: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; b * cout * h * w];
+        if out.is_empty() {
+            return out;
+        }
+        let pairs = cin.div_ceil(2);
+        let l = w + 1;
+        let plane = (h + 2) * l + 1;
+        // Leading zeros, so that the most negative shift (-(l + 1)) stays inside the row.
+        let guard = l + 1;
+        // Columns from the first output position (image 0, (0, 0) at guard + l + 1) to the last.
+        let ncols = (b - 1) * plane + (h - 1) * l + w;
+        // Tap (dy, dx) of column j reads guard + l + 1 + j + (dy - 1) l + dx - 1.
+        let shifts: Vec<usize> = (0..9).map(|t| (t / 3 + 1) * l + t % 3 + 1).collect();
+        let mut stride = (3 * l + 3 + ncols.next_multiple_of(NR) + NR).max(guard + b * plane);
+        stride = stride.next_multiple_of(NR);
+        // Rows a multiple of 1 KiB apart would share the L1 cache's sets.
+        if stride % 256 == 0 {
+            stride += NR;
+        }
+        words.clear();
+        words.resize(pairs * stride, 0);
+        let img = h * w;
+        words
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(cp, row)| {
+                row[..guard].fill(0);
+                for bi in 0..b {
+                    let base = guard + bi * plane;
+                    row[base..base + l].fill(0);
+                    for y in 0..h {
+                        let at = base + (y + 1) * l;
+                        row[at] = 0;
+                        let lo = &x[(bi * cin + 2 * cp) * img + y * w..][..w];
+                        let hi = (2 * cp + 1 < cin)
+                            .then(|| &x[(bi * cin + 2 * cp + 1) * img + y * w..][..w]);
+                        pair_words(lo, hi, &mut row[at + 1..at + 1 + w]);
+                    }
+                    row[base + (h + 1) * l..base + plane].fill(0);
+                }
+                row[guard + b * plane..].fill(0);
+            });
+        let band = (self.band / cout).clamp(1, ncols);
+        out_band.resize(cout * band, 0.0);
+        let optr = SendPtr(out.as_mut_ptr());
+        for j0 in (0..ncols).step_by(band) {
+            let nb = band.min(ncols - j0);
+            let band_shifts: Vec<usize> = shifts.iter().map(|&s| s + j0).collect();
+            let view = Shifted {
+                words,
+                stride,
+                seg_words: pairs,
+                shifts: &band_shifts,
+                n: nb,
+            };
+            let c = &mut out_band[..cout * nb];
+            gemm_shifted(a, &view, c, nb);
+            // Column j is image j / plane, position (j % plane) / l, (j % plane) % l (x < w: an output).
+            let c = &*c;
+            (0..b * cout).into_par_iter().for_each(|t| {
+                let optr = &optr;
+                let (bi, co) = (t / cout, t % cout);
+                let src = &c[co * nb..][..nb];
+                for y in 0..h {
+                    let j = bi * plane + y * l;
+                    let (lo, hi) = (j.max(j0), (j + w).min(j0 + nb));
+                    if lo >= hi {
+                        continue;
+                    }
+                    // SAFETY: output plane t (image bi, channel co) row y columns lo - j..hi - j (< w): written
+                    // by this task only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            optr.0.add(t * img + y * w + lo - j),
+                            hi - lo,
+                        )
+                    };
+                    for (d, &v) in dst.iter_mut().zip(&src[lo - j0..hi - j0]) {
+                        *d = v + bias[co];
+                    }
+                }
+            });
+        }
+        out
+    }
 }
 
 /// Writes the patches of one image `x` `(cin, h, w)` for output rows `rows` into `col`
@@ -559,7 +759,15 @@ mod tests {
         let rounded = Conv2d::new(round(conv.weight()), conv.bias().cloned(), cfg);
         let want = rounded.forward(&round(&xs)).unwrap();
         let fast = FastConv2d::new(conv).into_cpu_bf16().unwrap();
-        assert!(matches!(fast.imp, ConvImpl::Packed { .. }));
+        let ConvImpl::Packed { op, .. } = &fast.imp else {
+            panic!("not packed")
+        };
+        #[cfg(target_arch = "x86_64")]
+        let amx = crate::ops::amx::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let amx = false;
+        let taps = k == 3 && stride == 1 && padding == 1 && Format::Bf16.has_fast_kernel() && !amx;
+        assert_eq!(op.packed.as_ref().unwrap().taps, taps, "tap-major kernel");
         for banded in [fast.clone(), with_band(fast, cin * k * k * w)] {
             let diff = crate::ops::max_abs_diff(&want, &banded.forward(&xs).unwrap());
             assert!(
@@ -577,5 +785,35 @@ mod tests {
         check(4, 6, 1, 1, 0, 7, 5);
         check(3, 8, 3, 1, 1, 1, 1);
         check(16, 32, 3, 2, 1, 16, 16);
+        // Wide enough for the tap-by-tap product (TAPS_MIN_WIDTH): odd channels, one row, several k blocks per
+        // tap (260 channel pairs), several images.
+        check(5, 7, 3, 1, 1, 3, 33);
+        check(3, 8, 3, 1, 1, 1, 40);
+        check(520, 20, 3, 1, 1, 2, 32);
+    }
+
+    /// The tap-by-tap product on the portable path (the f32 GEMM on the shifted rows written out) gives the
+    /// same numbers.
+    #[test]
+    fn taps_portable_path_matches() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = candle_nn::conv2d(6, 9, 3, cfg, vb).unwrap();
+        let conv = Conv2d::new(
+            conv.weight().clone(),
+            Some(Tensor::randn(0f32, 1., 9, &dev).unwrap()),
+            cfg,
+        );
+        let fast = FastConv2d::new(conv).into_cpu_bf16().unwrap();
+        let xs = Tensor::randn(0f32, 1., (2, 6, 5, 34), &dev).unwrap();
+        let want = fast.forward(&xs).unwrap();
+        let got = crate::ops::cpu::force_portable(|| fast.forward(&xs).unwrap());
+        let diff = crate::ops::max_abs_diff(&want, &got);
+        assert!(diff < 1e-4, "max diff {diff}");
     }
 }

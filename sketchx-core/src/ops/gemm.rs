@@ -484,6 +484,112 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
     }
 }
 
+/// The right operand of an implicit convolution for [`gemm_shifted`]: rows of `stride` words (two bf16 entries
+/// each, as [`pair_words`] writes them), read by `k` segments (one per kernel tap) from their own offsets: word
+/// `w` of column `j` is `words[shifts[w / seg_words] + (w % seg_words) * stride + j]`.
+pub(crate) struct Shifted<'a> {
+    pub words: &'a [u32],
+    pub stride: usize,
+    pub seg_words: usize,
+    pub shifts: &'a [usize],
+    /// Columns.
+    pub n: usize,
+}
+
+/// `C = A B` with `A` packed in bf16 (`m x k`, `k = 2 * seg_words * shifts.len()`) and `B` a [`Shifted`] view;
+/// `C` row-major `a.m() x b.n` with row stride `ldc`. The micro-kernel reads `B` in place, so a convolution
+/// never builds its im2col matrix. Columns past `n` up to the next multiple of [`NR`] are read (and discarded):
+/// `b.words` must hold them.
+pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize) {
+    assert_eq!(a.format, Format::Bf16, "A is packed in f32");
+    let words = b.seg_words * b.shifts.len();
+    assert_eq!(
+        a.k.div_ceil(2),
+        words,
+        "A has {} columns, B {words} words",
+        a.k
+    );
+    let (m, n) = (a.m, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too small");
+    if words == 0 {
+        c.chunks_mut(ldc).for_each(|r| r[..n].fill(0.0));
+        return;
+    }
+    let reach = n.div_ceil(NR) * NR + (b.seg_words - 1) * b.stride;
+    assert!(
+        b.stride >= n && b.shifts.iter().all(|&s| s + reach <= b.words.len()),
+        "B's rows do not hold what the shifts read"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Format::Bf16.has_fast_kernel() {
+        let view = if a.row_major {
+            AView::Rows {
+                ptr: a.data.as_ptr().cast(),
+                elem: 2,
+                lda: a.k,
+            }
+        } else {
+            AView::Packed {
+                ptr: a.data.as_ptr(),
+                words,
+            }
+        };
+        let bv = BView::Shifted {
+            ptr: b.words.as_ptr(),
+            stride: b.stride,
+            seg_words: b.seg_words,
+            shifts: b.shifts.as_ptr(),
+        };
+        tiles(
+            m,
+            view,
+            bv,
+            (a.k, n, Format::Bf16),
+            c.as_mut_ptr(),
+            ldc,
+            true,
+            true,
+        );
+        return;
+    }
+    // The portable path: B written out in f32.
+    let k = a.k;
+    let mut dense = vec![0f32; k * n];
+    dense.par_chunks_mut(n).enumerate().for_each(|(e, row)| {
+        let w = e / 2;
+        let src = &b.words[b.shifts[w / b.seg_words] + (w % b.seg_words) * b.stride..][..n];
+        for (d, &v) in row.iter_mut().zip(src) {
+            let bits = if e % 2 == 0 { v & 0xffff } else { v >> 16 };
+            *d = bf16::from_bits(bits as u16).to_f32();
+        }
+    });
+    c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+    plain_gemm_f32(m, n, k, &a.to_f32(), &dense, c, ldc);
+}
+
+/// Words of two rows rounded to bf16: `bf16(lo[j]) | bf16(hi[j]) << 16` (`hi` zero when `None`), as many as
+/// `out` holds (`lo` and `hi` at least as long).
+pub(crate) fn pair_words(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    let n = out.len();
+    assert!(
+        lo.len() >= n && hi.is_none_or(|h| h.len() >= n),
+        "rows shorter than the output"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Format::Bf16.has_fast_kernel() {
+        // SAFETY: the CPU has the features (checked); the rows hold `n` values (checked).
+        unsafe { x86::pair_words(lo.as_ptr(), hi.map(|h| h.as_ptr()), out.as_mut_ptr(), n) };
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        let h = hi.map_or(0, |h| round_bf16(h[j]));
+        *o = round_bf16(lo[j]) as u32 | ((h as u32) << 16);
+    }
+}
+
 /// `C += A B` (or `C = A B` when `overwrite`: `C`'s old values are then never read) in f32 on the calling thread
 /// only, through raw pointers: for callers that already split their work across threads and write interleaved
 /// parts of one buffer (attention's heads and query tiles, Winograd's bands). `b` must be packed in f32.
@@ -558,7 +664,16 @@ unsafe fn serial(
         return;
     }
     let view = AView::Rows { ptr: a, elem, lda };
-    tiles(m, view, b, c, ldc, false, overwrite);
+    tiles(
+        m,
+        view,
+        BView::packed(b),
+        (b.k, b.n, b.format),
+        c,
+        ldc,
+        false,
+        overwrite,
+    );
 }
 
 /// Checks that `C` (`m x b.n()`, row stride `ldc`) fits in `c_len`; `false` when there is nothing to compute.
@@ -611,7 +726,16 @@ fn run(
     }
     #[cfg(target_arch = "x86_64")]
     if b.format.has_fast_kernel() {
-        tiles(m, a, b, c.as_mut_ptr(), ldc, true, false);
+        tiles(
+            m,
+            a,
+            BView::packed(b),
+            (b.k, b.n, b.format),
+            c.as_mut_ptr(),
+            ldc,
+            true,
+            false,
+        );
         return;
     }
     let _ = a;
@@ -657,20 +781,90 @@ pub(crate) fn plain_gemm_f32(
     }
 }
 
-/// Splits `C` (`m x b.n()` from `c`, row stride `ldc`, which the caller has checked) into tiles of up to
-/// [`MB_MAX`] rows x `NP * NR` columns, run in parallel (or one after the other), each walking `k` in blocks of
-/// [`KC`] words and its rows in groups of [`MR`].
+/// Where the micro-kernel finds `B`: a [`PackedB`], or the shifted rows of an implicit convolution
+/// ([`Shifted`]).
+#[derive(Clone, Copy)]
+enum BView {
+    /// Panel `q`'s word `w` at `ptr + q * panel_len + w * NR`.
+    Packed { ptr: *const u32, panel_len: usize },
+    /// Word `w` of column `j` at `ptr + shifts[w / seg_words] + (w % seg_words) * stride + j`: `k` in segments
+    /// of `seg_words` words (one per kernel tap), each reading the same rows from its own offset.
+    Shifted {
+        ptr: *const u32,
+        stride: usize,
+        seg_words: usize,
+        shifts: *const usize,
+    },
+}
+// SAFETY: a view only reads, and the matrix outlives the product.
+unsafe impl Send for BView {}
+unsafe impl Sync for BView {}
+
+impl BView {
+    fn packed(b: &PackedB) -> Self {
+        Self::Packed {
+            ptr: b.data.as_ptr(),
+            panel_len: b.panel_len(),
+        }
+    }
+
+    /// The end of the `k` block that starts at word `w0` (of `words`): at most [`KC`] words, not crossing a
+    /// segment, and the segment's blocks of equal size (a short last block would reload `C` for a few steps).
+    fn block_end(&self, w0: usize, words: usize) -> usize {
+        match *self {
+            Self::Packed { .. } => (w0 + KC).min(words),
+            Self::Shifted { seg_words, .. } => {
+                let blocks = seg_words.div_ceil(KC);
+                let len = seg_words.div_ceil(blocks);
+                let start = w0 % seg_words;
+                w0 + len.min(seg_words - start)
+            }
+        }
+    }
+
+    /// `(address of panel p0's word w0, words between panels, words between consecutive words of a column)`.
+    ///
+    /// # Safety
+    /// `p0` and `w0` must lie inside the matrix.
+    unsafe fn at(&self, p0: usize, w0: usize) -> (*const u32, usize, usize) {
+        // SAFETY: inside the matrix (the contract).
+        unsafe {
+            match *self {
+                Self::Packed { ptr, panel_len } => {
+                    (ptr.add(p0 * panel_len + w0 * NR), panel_len, NR)
+                }
+                Self::Shifted {
+                    ptr,
+                    stride,
+                    seg_words,
+                    shifts,
+                } => (
+                    ptr.add(*shifts.add(w0 / seg_words) + (w0 % seg_words) * stride + p0 * NR),
+                    NR,
+                    stride,
+                ),
+            }
+        }
+    }
+}
+
+/// Splits `C` (`m x n` from `c`, row stride `ldc`, which the caller has checked) into tiles of up to [`MB_MAX`]
+/// rows x `NP * NR` columns, run in parallel (or one after the other), each walking `k` (`words` words of
+/// `format`) in blocks of up to [`KC`] words and its rows in groups of [`MR`].
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn tiles(
     m: usize,
     a: AView,
-    b: &PackedB,
+    b: BView,
+    (k, n, format): (usize, usize, Format),
     c: *mut f32,
     ldc: usize,
     parallel: bool,
     overwrite: bool,
 ) {
-    let (k, n) = (b.k, b.n);
+    let per = format.per_word();
+    let words = k.div_ceil(per);
     let panels = n.div_ceil(NR);
     let col_blocks = panels.div_ceil(NP);
     // Rows per task: as many as fit the L2 budget, fewer when that leaves threads idle.
@@ -685,8 +879,7 @@ fn tiles(
     }
     let row_blocks = m.div_ceil(mb);
     let cptr = SendPtr(c);
-    let (words, panel_len, per) = (b.words(), b.panel_len(), b.format.per_word());
-    let bf16 = b.format == Format::Bf16;
+    let bf16 = format == Format::Bf16;
     let task = |t: usize| {
         let cptr = &cptr;
         let (rb, cb) = (t / col_blocks, t % col_blocks);
@@ -694,18 +887,20 @@ fn tiles(
         let p0 = cb * NP;
         let np = (panels - p0).min(NP);
         let last_cols = n - (p0 + np - 1) * NR;
-        for w0 in (0..words).step_by(KC) {
-            let w1 = (w0 + KC).min(words);
+        let mut w0 = 0;
+        while w0 < words {
+            let w1 = b.block_end(w0, words);
             // Whole words in this block, and whether it ends with a lone bf16 entry (odd k) of a row-major A
             // (a packed A pairs it with zero).
             let tail = bf16 && w1 == words && k % 2 == 1 && matches!(a, AView::Rows { .. });
             let full = w1 - w0 - tail as usize;
+            // SAFETY: panels p0..p0 + np and words w0..w1 exist.
+            let (b_ptr, panel_len, b_step) = unsafe { b.at(p0, w0) };
             let mut r = r0;
             while r < r1 {
                 let mr = (r1 - r).min(MR);
                 // SAFETY (for the pointer offsets): row r < m of A from entry per * w0 < k (r is a multiple of MR
-                // for a packed A); panels p0..p0 + np exist; rows r..r + mr and columns from p0 * NR are the
-                // task's own tile of C.
+                // for a packed A); rows r..r + mr and columns from p0 * NR are the task's own tile of C.
                 let (a_ptr, lda, a_step) = match a {
                     AView::Rows { ptr, elem, lda } => (
                         unsafe { ptr.add((r * lda + per * w0) * elem) },
@@ -742,16 +937,18 @@ fn tiles(
                     a: a_ptr,
                     lda,
                     a_step,
-                    b: unsafe { b.data.as_ptr().add(p0 * panel_len + w0 * NR) },
+                    b: b_ptr,
                     panel_len,
+                    b_step,
                     c: unsafe { cptr.0.add(r * ldc + p0 * NR) },
                     ldc,
                     last_cols,
                 };
-                // SAFETY: the CPU has the kernel's features (checked by `run` / `gemm_f32_serial`); tiles of C are disjoint.
+                // SAFETY: the CPU has the kernel's features (checked by the callers); tiles of C are disjoint.
                 unsafe { x86::dispatch(bf16, mr, np, &call) };
                 r += mr;
             }
+            w0 = w1;
         }
     };
     if parallel {
@@ -796,6 +993,45 @@ mod x86 {
                     _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
                 );
             }
+        }
+    }
+
+    /// [`super::pair_words`]: 16 words at a time, the last ones masked.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16; `lo` (and `hi`) must hold `n` readable values and `out` `n`
+    /// writable words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pair_words(
+        lo: *const f32,
+        hi: Option<*const f32>,
+        out: *mut u32,
+        n: usize,
+    ) {
+        let half = |p: *const f32, mask: __mmask16| {
+            // SAFETY: the masked lanes lie inside the row (the caller's `mask`).
+            _mm512_cvtepu16_epi32(unsafe {
+                std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(
+                    mask, p,
+                )))
+            })
+        };
+        let mut j = 0;
+        while j < n {
+            let mask: __mmask16 = if n - j >= 16 {
+                0xffff
+            } else {
+                (1u16 << (n - j)) - 1
+            };
+            // SAFETY: lanes j.. j + 16 under `mask` are inside the rows and `out` (the contract).
+            unsafe {
+                let mut v = half(lo.add(j), mask);
+                if let Some(h) = hi {
+                    v = _mm512_or_si512(v, _mm512_slli_epi32::<16>(half(h.add(j), mask)));
+                }
+                _mm512_mask_storeu_epi32(out.add(j).cast(), mask, v);
+            }
+            j += 16;
         }
     }
 
@@ -845,9 +1081,11 @@ mod x86 {
         pub a: *const u8,
         pub lda: usize,
         pub a_step: usize,
-        /// Panel 0 of `B` at the block's first word; panels are `panel_len` words apart.
+        /// Panel 0 of `B` at the block's first word; panels are `panel_len` words apart, a column's consecutive
+        /// words `b_step`.
         pub b: *const u32,
         pub panel_len: usize,
+        pub b_step: usize,
         pub c: *mut f32,
         pub ldc: usize,
         /// Columns stored of the last panel (1..=16).
@@ -911,7 +1149,8 @@ mod x86 {
                     let step = |acc: &mut [[__m512; P]; R], p: usize, tail: bool| {
                         let mut bv = [_mm512_setzero_si512(); P];
                         for q in 0..P {
-                            bv[q] = _mm512_loadu_si512(k.b.add(q * k.panel_len + p * NR).cast());
+                            bv[q] =
+                                _mm512_loadu_si512(k.b.add(q * k.panel_len + p * k.b_step).cast());
                         }
                         for r in 0..R {
                             let row = k.a.add(r * k.lda);
@@ -997,6 +1236,29 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vector pairing (masked tail, with and without a high row) gives the scalar rounding's bits.
+    #[test]
+    fn pair_words_round_like_round_bf16() {
+        let mut seed = 7u64;
+        let lo: Vec<f32> = (0..37).map(|_| lcg(&mut seed) * 3.0).collect();
+        let hi: Vec<f32> = (0..37).map(|_| lcg(&mut seed) * 1e-3).collect();
+        for n in [0, 1, 15, 16, 17, 37] {
+            for with_hi in [false, true] {
+                let h = with_hi.then_some(&hi[..]);
+                let mut out = vec![u32::MAX; n];
+                crate::ops::cpu::detected_only(|| pair_words(&lo, h, &mut out));
+                for j in 0..n {
+                    let want_hi = if with_hi { round_bf16(hi[j]) as u32 } else { 0 };
+                    assert_eq!(
+                        out[j],
+                        round_bf16(lo[j]) as u32 | (want_hi << 16),
+                        "n {n} j {j}"
+                    );
+                }
+            }
+        }
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed

@@ -94,7 +94,11 @@ mod tests {
         scope("test-plain", || ());
         enable(false);
         // Disabled: neither counted nor its flops computed.
-        scope_flops("test-flops", || panic!("flops computed while disabled"), || ());
+        scope_flops(
+            "test-flops",
+            || panic!("flops computed while disabled"),
+            || (),
+        );
         assert_eq!(x, 7);
         let totals = take();
         let get = |k: &str| totals.iter().find(|t| t.kind == k).cloned();
