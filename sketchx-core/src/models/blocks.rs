@@ -388,12 +388,8 @@ impl SpatialTransformer {
 
     /// Applies the transformer to `xs` `(b, c, h, w)` attending to `ctx` `(b, tokens, cross_dim)`.
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let (b, _, h, w) = xs.dims4()?;
-        let to_seq = |t: Tensor| -> CResult<Tensor> {
-            let c = t.dim(1)?;
-            // (The reshape of the permuted view copies it into a contiguous tensor.)
-            scope("layout", || t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)))
-        };
+        let (_, _, h, w) = xs.dims4()?;
+        let to_seq = |t: Tensor| crate::ops::layout::to_tokens(&t);
         let normed = self.norm.forward(xs)?;
         let mut hs = match &self.proj_in {
             Proj::Conv(c) => to_seq(c.forward(&normed)?)?,
@@ -402,19 +398,10 @@ impl SpatialTransformer {
         for blk in &self.blocks {
             hs = blk.forward(&hs, ctx)?;
         }
-        let inner = hs.dim(D::Minus1)?;
-        let to_img = |t: Tensor, c: usize| -> CResult<Tensor> {
-            scope("layout", || {
-                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
-            })
-        };
+        let to_img = |t: Tensor| crate::ops::layout::to_image(&t, h, w);
         let out = match &self.proj_out {
-            Proj::Conv(c) => c.forward(&to_img(hs, inner)?)?,
-            Proj::Linear(l) => {
-                let o = l.forward(&hs)?;
-                let c = o.dim(D::Minus1)?;
-                to_img(o, c)?
-            }
+            Proj::Conv(c) => c.forward(&to_img(hs)?)?,
+            Proj::Linear(l) => to_img(l.forward(&hs)?)?,
         };
         crate::ops::add::add(&out, xs, 1.0)
     }

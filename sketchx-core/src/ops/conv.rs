@@ -18,7 +18,8 @@ use rayon::prelude::*;
 
 use super::cpu::SendPtr;
 use super::gemm::{
-    gemm_packed, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted, NR,
+    gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted,
+    Start, NR,
 };
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
@@ -357,12 +358,45 @@ impl Conv2dOp {
             }
             _ => scratch,
         };
-        for bi in 0..b {
+        // Small images in the packed formats: one product over all of them, so that the kernel is read once, not
+        // once per image (and the product has enough columns for whole micro-kernel blocks); its columns are
+        // then spread over the images.
+        let batch = match weight {
+            Weight::Packed(w) | Weight::Taps(w) if b > 1 && n < BATCH_BELOW && band_rows == oh => {
+                Some(w)
+            }
+            _ => None,
+        };
+        if let Some(w) = batch {
+            let cols = b * n;
+            let rhs = pack(
+                std::mem::take(&mut packed),
+                x,
+                b,
+                (direct, tap_rows),
+                k,
+                &g,
+                0..oh,
+                w.format(),
+            );
+            col.resize(col.len().max(cout * cols), 0.0);
+            let all = &mut col[..cout * cols];
+            gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias));
+            let all = &*all;
+            out.par_chunks_mut(n).enumerate().for_each(|(t, o)| {
+                let (bi, co) = (t / cout, t % cout);
+                o.copy_from_slice(&all[co * cols + bi * n..][..n]);
+            });
+            packed = rhs.into_buffer();
+        }
+        for bi in (0..b).filter(|_| batch.is_none()) {
             let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
             let ob = &mut out[bi * cout * n..(bi + 1) * cout * n];
-            ob.par_chunks_mut(n)
-                .zip(bias.par_iter())
-                .for_each(|(row, &bv)| row.fill(bv));
+            if let Weight::F32(_) = weight {
+                ob.par_chunks_mut(n)
+                    .zip(bias.par_iter())
+                    .for_each(|(row, &bv)| row.fill(bv));
+            }
             for oy0 in (0..oh).step_by(band_rows) {
                 let rows = oy0..(oy0 + band_rows).min(oh);
                 let nb = rows.len() * ow;
@@ -382,13 +416,14 @@ impl Conv2dOp {
                         let rhs = pack(
                             std::mem::take(&mut packed),
                             xb,
+                            1,
                             (direct, tap_rows),
                             k,
                             &g,
                             rows,
                             w.format(),
                         );
-                        gemm_packed(w, &rhs, dst, n);
+                        gemm_packed_from(w, &rhs, dst, n, Start::Rows(bias));
                         packed = rhs.into_buffer();
                     }
                 }
@@ -401,35 +436,42 @@ impl Conv2dOp {
     }
 }
 
-/// The GEMM's right operand for one image `x`: `x` itself (`[c_in, n]`) for a plain 1x1 convolution, its im2col
-/// matrix otherwise, packed row by row (the im2col matrix never exists in full). (In f32 the `gemm` crate on a
-/// plain im2col matrix measured about 13% faster than this packing with [`super::gemm::gemm_f32`], so f32
-/// convolutions keep it; linear layers, where the packing happens once at load, measured 1.45x faster with ours.)
+/// The GEMM's right operand for `images` images `x` (one after the other), their columns side by side: each
+/// image's own `x` (`[c_in, n]`) for a plain 1x1 convolution, its im2col matrix otherwise (output rows `rows`),
+/// packed row by row (the im2col matrix never exists in full); `tap_rows`: the rows in a tap-major kernel's order
+/// (channels rounded up to that even count). (In f32 the `gemm` crate on a plain im2col matrix measured about 13%
+/// faster than this packing with [`super::gemm::gemm_f32`], so f32 convolutions keep it; linear layers, where the
+/// packing happens once at load, measured 1.45x faster with ours.)
+#[allow(clippy::too_many_arguments)]
 fn pack(
     buffer: Vec<u32>,
     x: &[f32],
+    images: usize,
     (direct, tap_rows): (bool, Option<usize>),
     k: usize,
     g: &Geometry,
     rows: std::ops::Range<usize>,
     format: Format,
 ) -> PackedB {
-    let n = g.oh * g.ow;
-    if direct {
-        PackedB::from_rows_in(buffer, k, n, format, |r, row| {
-            row.copy_from_slice(&x[r * n..(r + 1) * n])
-        })
-    } else {
-        let nb = rows.len() * g.ow;
-        let (taps, cin) = (g.kh * g.kw, x.len() / (g.h * g.w));
-        PackedB::from_rows_in(buffer, k, nb, format, |r, row| match tap_rows {
-            // Row r of a tap-major kernel's order: tap r / cin2, channel r % cin2 (zero past the input's).
-            Some(cin2) if r % cin2 >= cin => row.fill(0.0),
-            Some(cin2) => im2col_row(x, (r % cin2) * taps + r / cin2, row, g, rows.clone()),
-            None => im2col_row(x, r, row, g, rows.clone()),
-        })
-    }
+    let (n, nb) = (g.oh * g.ow, rows.len() * g.ow);
+    let per_image = x.len() / images.max(1);
+    let (taps, cin) = (g.kh * g.kw, per_image / (g.h * g.w));
+    PackedB::from_rows_in(buffer, k, images * nb, format, |r, row| {
+        for (i, dst) in row.chunks_exact_mut(nb).enumerate() {
+            let xi = &x[i * per_image..][..per_image];
+            match tap_rows {
+                _ if direct => dst.copy_from_slice(&xi[r * n + rows.start * g.ow..][..nb]),
+                // Row r of a tap-major kernel's order: tap r / cin2, channel r % cin2 (zero past the input's).
+                Some(cin2) if r % cin2 >= cin => dst.fill(0.0),
+                Some(cin2) => im2col_row(xi, (r % cin2) * taps + r / cin2, dst, g, rows.clone()),
+                None => im2col_row(xi, r, dst, g, rows.clone()),
+            }
+        }
+    })
 }
+
+/// Below this many output positions per image, the packed formats run one product over all images.
+const BATCH_BELOW: usize = 512;
 
 /// The unrolled input's buffers (f32 im2col, packed), kept for the next convolution; one caller at a time takes
 /// them (others allocate their own).
@@ -576,7 +618,7 @@ impl Conv2dOp {
                 n: nb,
             };
             let c = &mut out_band[..cout * nb];
-            gemm_shifted(a, &view, c, nb);
+            gemm_shifted(a, &view, c, nb, Start::Rows(bias));
             // Column j is image j / plane, position (j % plane) / l, (j % plane) % l (x < w: an output).
             let c = &*c;
             (0..b * cout).into_par_iter().for_each(|t| {
@@ -597,9 +639,7 @@ impl Conv2dOp {
                             hi - lo,
                         )
                     };
-                    for (d, &v) in dst.iter_mut().zip(&src[lo - j0..hi - j0]) {
-                        *d = v + bias[co];
-                    }
+                    dst.copy_from_slice(&src[lo - j0..hi - j0]);
                 }
             });
         }
@@ -779,6 +819,12 @@ mod tests {
 
     #[test]
     fn matches_candle_conv2d() {
+        // (With the CPU's own features throughout: a kernel packed while another test forces the portable paths
+        // would not be tap-major.)
+        crate::ops::cpu::detected_only(matches_candle_conv2d_on_this_cpu);
+    }
+
+    fn matches_candle_conv2d_on_this_cpu() {
         check(5, 7, 3, 1, 1, 9, 11);
         check(5, 7, 3, 2, 1, 9, 11);
         check(5, 7, 3, 2, 0, 10, 10);

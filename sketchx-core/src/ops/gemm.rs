@@ -299,6 +299,9 @@ fn pack_row_blocks(src: &[f32], rows: usize, k: usize, width: usize, format: For
     assert_eq!(src.len(), rows * k, "matrix size");
     let words = k.div_ceil(format.per_word());
     let mut data = vec![0u32; rows.div_ceil(width) * words * width];
+    if data.is_empty() {
+        return data;
+    }
     data.par_chunks_mut(words * width)
         .enumerate()
         .for_each(|(blk, out)| {
@@ -419,16 +422,30 @@ pub(crate) fn convert_bf16(src: &[f32], dst: &mut [u16]) {
 
 /// `C += A B` in f32: `A` row-major `m x b.k()` with row stride `lda`, `C` row-major `m x b.n()` with row stride
 /// `ldc`; `b` must be packed in f32.
+#[cfg(any(test, feature = "bench-internals"))]
 pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    gemm_f32_from(m, a, lda, b, c, ldc, Start::Accumulate);
+}
+
+/// [`gemm_f32`] from `start` instead of `C`'s values.
+pub(crate) fn gemm_f32_from(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    start: Start,
+) {
     assert_eq!(b.format, Format::F32, "B is packed in bf16");
-    if check(m, b, c.len(), ldc) {
+    if check(m, b, c, ldc, start) {
         check_a(m, a.len(), lda, b.k);
         let view = AView::Rows {
             ptr: a.as_ptr().cast(),
             elem: 4,
             lda,
         };
-        run(m, view, b, c, ldc, || {
+        run(m, view, b, c, ldc, start, || {
             a.chunks(lda)
                 .take(m)
                 .flat_map(|r| &r[..b.k])
@@ -440,16 +457,30 @@ pub fn gemm_f32(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc
 
 /// `C += A B` with bf16 inputs and f32 accumulation: `A` row-major bf16 bit patterns `m x b.k()` with row stride
 /// `lda`, `C` as in [`gemm_f32`]; `b` must be packed in bf16.
+#[cfg(any(test, feature = "bench-internals"))]
 pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    gemm_bf16_from(m, a, lda, b, c, ldc, Start::Accumulate);
+}
+
+/// [`gemm_bf16`] from `start` instead of `C`'s values.
+pub(crate) fn gemm_bf16_from(
+    m: usize,
+    a: &[u16],
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    start: Start,
+) {
     assert_eq!(b.format, Format::Bf16, "B is packed in f32");
-    if check(m, b, c.len(), ldc) {
+    if check(m, b, c, ldc, start) {
         check_a(m, a.len(), lda, b.k);
         let view = AView::Rows {
             ptr: a.as_ptr().cast(),
             elem: 2,
             lda,
         };
-        run(m, view, b, c, ldc, || {
+        run(m, view, b, c, ldc, start, || {
             a.chunks(lda)
                 .take(m)
                 .flat_map(|r| &r[..b.k])
@@ -461,13 +492,19 @@ pub fn gemm_bf16(m: usize, a: &[u16], lda: usize, b: &PackedB, c: &mut [f32], ld
 
 /// `C += A B` with both operands packed in the same format; `C` row-major `a.m() x b.n()` with row stride
 /// `ldc`.
+#[cfg(any(test, feature = "bench-internals"))]
 pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
+    gemm_packed_from(a, b, c, ldc, Start::Accumulate);
+}
+
+/// [`gemm_packed`] from `start` instead of `C`'s values.
+pub(crate) fn gemm_packed_from(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, start: Start) {
     assert_eq!(
         a.format, b.format,
         "A and B are packed in different formats"
     );
     assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
-    if check(a.m, b, c.len(), ldc) {
+    if check(a.m, b, c, ldc, start) {
         let view = if a.row_major {
             AView::Rows {
                 ptr: a.data.as_ptr().cast(),
@@ -480,7 +517,7 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
                 words: b.words(),
             }
         };
-        run(a.m, view, b, c, ldc, || a.to_f32());
+        run(a.m, view, b, c, ldc, start, || a.to_f32());
     }
 }
 
@@ -500,7 +537,7 @@ pub(crate) struct Shifted<'a> {
 /// `C` row-major `a.m() x b.n` with row stride `ldc`. The micro-kernel reads `B` in place, so a convolution
 /// never builds its im2col matrix. Columns past `n` up to the next multiple of [`NR`] are read (and discarded):
 /// `b.words` must hold them.
-pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize) {
+pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize, start: Start) {
     assert_eq!(a.format, Format::Bf16, "A is packed in f32");
     let words = b.seg_words * b.shifts.len();
     assert_eq!(
@@ -514,8 +551,9 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize) 
         return;
     }
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too small");
+    start.check(m, n);
     if words == 0 {
-        c.chunks_mut(ldc).for_each(|r| r[..n].fill(0.0));
+        start.fill(m, n, c, ldc);
         return;
     }
     let reach = n.div_ceil(NR) * NR + (b.seg_words - 1) * b.stride;
@@ -551,7 +589,7 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize) 
             c.as_mut_ptr(),
             ldc,
             true,
-            true,
+            start,
         );
         return;
     }
@@ -566,7 +604,7 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize) 
             *d = bf16::from_bits(bits as u16).to_f32();
         }
     });
-    c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+    start.fill(m, n, c, ldc);
     plain_gemm_f32(m, n, k, &a.to_f32(), &dense, c, ldc);
 }
 
@@ -664,6 +702,11 @@ unsafe fn serial(
         return;
     }
     let view = AView::Rows { ptr: a, elem, lda };
+    let start = if overwrite {
+        Start::Zero
+    } else {
+        Start::Accumulate
+    };
     tiles(
         m,
         view,
@@ -672,16 +715,60 @@ unsafe fn serial(
         c,
         ldc,
         false,
-        overwrite,
+        start,
     );
 }
 
-/// Checks that `C` (`m x b.n()`, row stride `ldc`) fits in `c_len`; `false` when there is nothing to compute.
-fn check(m: usize, b: &PackedB, c_len: usize, ldc: usize) -> bool {
-    if m == 0 || b.n == 0 || b.k == 0 {
+/// What a product's result starts from, before `A B` is added.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Start<'a> {
+    /// `C`'s values: `C += A B`.
+    Accumulate,
+    /// Zero: `C = A B` (`C`'s old values are never read).
+    Zero,
+    /// `bias[j]` in column `j` (a linear layer's bias; at least `n` values).
+    Cols(&'a [f32]),
+    /// `bias[i]` in row `i` (a convolution's bias; at least `m` values).
+    Rows(&'a [f32]),
+}
+
+impl Start<'_> {
+    /// Writes the start into `C` (`m x n`, row stride `ldc`), for the paths that only accumulate.
+    fn fill(self, m: usize, n: usize, c: &mut [f32], ldc: usize) {
+        let rows = c.par_chunks_mut(ldc).take(m).enumerate();
+        match self {
+            Self::Accumulate => {}
+            Self::Zero => rows.for_each(|(_, r)| r[..n].fill(0.0)),
+            Self::Cols(b) => rows.for_each(|(_, r)| r[..n].copy_from_slice(&b[..n])),
+            Self::Rows(b) => rows.for_each(|(i, r)| r[..n].fill(b[i])),
+        }
+    }
+
+    /// Checks that a bias holds what the product reads.
+    fn check(self, m: usize, n: usize) {
+        match self {
+            Self::Cols(b) => assert!(b.len() >= n, "bias shorter than the columns"),
+            Self::Rows(b) => assert!(b.len() >= m, "bias shorter than the rows"),
+            Self::Accumulate | Self::Zero => {}
+        }
+    }
+}
+
+/// Checks that `C` (`m x b.n()`, row stride `ldc`) and `start` fit the product; `false` when there is no product
+/// to compute (with `k = 0`, `C` is then set to the start).
+fn check(m: usize, b: &PackedB, c: &mut [f32], ldc: usize, start: Start) -> bool {
+    if m == 0 || b.n == 0 {
         return false;
     }
-    assert!(ldc >= b.n && c_len >= (m - 1) * ldc + b.n, "C is too small");
+    assert!(
+        ldc >= b.n && c.len() >= (m - 1) * ldc + b.n,
+        "C is too small"
+    );
+    start.check(m, b.n);
+    if b.k == 0 {
+        start.fill(m, b.n, c, ldc);
+        return false;
+    }
     true
 }
 
@@ -713,12 +800,14 @@ fn run(
     b: &PackedB,
     c: &mut [f32],
     ldc: usize,
+    start: Start,
     widen: impl FnOnce() -> Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if let (Format::Bf16, true, AView::Rows { ptr, elem: 2, lda }) =
         (b.format, super::amx::available(), a)
     {
+        start.fill(m, b.n, c, ldc);
         // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart and `c` the m x n
         // block (checked by the callers).
         unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, true, false) };
@@ -734,12 +823,13 @@ fn run(
             c.as_mut_ptr(),
             ldc,
             true,
-            false,
+            start,
         );
         return;
     }
     let _ = a;
     let (k, n) = (b.k, b.n);
+    start.fill(m, n, c, ldc);
     plain_gemm_f32(m, n, k, &widen(), &b.to_f32(), c, ldc);
 }
 
@@ -809,17 +899,16 @@ impl BView {
     }
 
     /// The end of the `k` block that starts at word `w0` (of `words`): at most [`KC`] words, not crossing a
-    /// segment, and the segment's blocks of equal size (a short last block would reload `C` for a few steps).
+    /// segment, the blocks of a segment (or of the whole `k`) of equal size (a short last block would load and
+    /// store `C` for a few steps).
     fn block_end(&self, w0: usize, words: usize) -> usize {
-        match *self {
-            Self::Packed { .. } => (w0 + KC).min(words),
-            Self::Shifted { seg_words, .. } => {
-                let blocks = seg_words.div_ceil(KC);
-                let len = seg_words.div_ceil(blocks);
-                let start = w0 % seg_words;
-                w0 + len.min(seg_words - start)
-            }
-        }
+        let seg = match *self {
+            Self::Packed { .. } => words,
+            Self::Shifted { seg_words, .. } => seg_words,
+        };
+        let len = seg.div_ceil(seg.div_ceil(KC));
+        let start = w0 % seg;
+        w0 + len.min(seg - start)
     }
 
     /// `(address of panel p0's word w0, words between panels, words between consecutive words of a column)`.
@@ -861,8 +950,9 @@ fn tiles(
     c: *mut f32,
     ldc: usize,
     parallel: bool,
-    overwrite: bool,
+    start: Start,
 ) {
+    start.check(m, n);
     let per = format.per_word();
     let words = k.div_ceil(per);
     let panels = n.div_ceil(NR);
@@ -932,7 +1022,12 @@ fn tiles(
                 let call = x86::Call {
                     full,
                     tail,
-                    zero: overwrite && w0 == 0,
+                    init: match (w0, start) {
+                        (0, Start::Zero) => x86::Init::Zero,
+                        (0, Start::Cols(bias)) => x86::Init::Cols(bias[p0 * NR..].as_ptr()),
+                        (0, Start::Rows(bias)) => x86::Init::Rows(bias[r..].as_ptr()),
+                        _ => x86::Init::Load,
+                    },
                     prefetch,
                     a: a_ptr,
                     lda,
@@ -1069,12 +1164,24 @@ mod x86 {
         Run(*const u8),
     }
 
+    /// What a micro-kernel call's accumulators start from.
+    #[derive(Clone, Copy)]
+    pub(super) enum Init {
+        /// The block of `C`.
+        Load,
+        Zero,
+        /// The call's columns of a bias (`np * 16` values, the last panel masked).
+        Cols(*const f32),
+        /// The call's rows of a bias (`rows` values).
+        Rows(*const f32),
+    }
+
     /// One micro-kernel call: `C[rows x np*16] += A B` over `full` words (+ a lone bf16 entry when `tail`).
     pub(super) struct Call {
         pub full: usize,
         pub tail: bool,
-        /// Start from zero instead of loading the block of `C`.
-        pub zero: bool,
+        /// What the accumulators start from.
+        pub init: Init,
         /// Only hints: the addresses may lie past `A` (prefetches never fault).
         pub prefetch: Prefetch,
         /// Row 0 of `A` at the block's first entry; `lda` (next row) and `a_step` (next word) in bytes.
@@ -1139,10 +1246,27 @@ mod x86 {
                     };
                     let mask = |q: usize| if q + 1 == P { last_mask } else { 0xffff };
                     let mut acc = [[_mm512_setzero_ps(); P]; R];
-                    if !k.zero {
-                        for (r, row) in acc.iter_mut().enumerate() {
-                            for (q, v) in row.iter_mut().enumerate() {
-                                *v = _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
+                    match k.init {
+                        Init::Load => {
+                            for (r, row) in acc.iter_mut().enumerate() {
+                                for (q, v) in row.iter_mut().enumerate() {
+                                    *v =
+                                        _mm512_maskz_loadu_ps(mask(q), k.c.add(r * k.ldc + q * NR));
+                                }
+                            }
+                        }
+                        Init::Zero => {}
+                        Init::Cols(bias) => {
+                            for q in 0..P {
+                                let v = _mm512_maskz_loadu_ps(mask(q), bias.add(q * NR));
+                                for row in acc.iter_mut() {
+                                    row[q] = v;
+                                }
+                            }
+                        }
+                        Init::Rows(bias) => {
+                            for (r, row) in acc.iter_mut().enumerate() {
+                                *row = [_mm512_set1_ps(*bias.add(r)); P];
                             }
                         }
                     }
@@ -1311,20 +1435,63 @@ mod tests {
             Format::Bf16 => gemm_bf16(m, &to_bf16(&a), k, &packed, &mut rows, n),
         }
         let mut packed_a = c0.clone();
-        gemm_packed(&PackedA::new(&a, m, k, p), &packed, &mut packed_a, n);
-        for (what, c) in [("row-major A", rows), ("packed A", packed_a)] {
+        let pa = PackedA::new(&a, m, k, p);
+        gemm_packed(&pa, &packed, &mut packed_a, n);
+        // Summation-order differences of k products of size <= 1.
+        let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
+        let compare = |what: &str, want: &[f32], c: &[f32]| {
             let worst = want
                 .iter()
-                .zip(&c)
+                .zip(c)
                 .map(|(w, g)| (w - g).abs())
                 .fold(0f32, f32::max);
-            // Summation-order differences of k products of size <= 1.
-            let bound = 8e-6 * (k as f32).sqrt() + 1e-6;
             assert!(
                 worst <= bound,
                 "{p:?} {what} {m}x{n}x{k}: max diff {worst} > {bound}"
             );
+        };
+        compare("row-major A", &want, &rows);
+        compare("packed A", &want, &packed_a);
+        // The other starts: C's old values (NaN) are never read.
+        let (col_bias, row_bias) = (&c0[..n], &c0[c0.len() - m..]);
+        for (what, start) in [
+            ("zero", Start::Zero),
+            ("column bias", Start::Cols(col_bias)),
+            ("row bias", Start::Rows(row_bias)),
+        ] {
+            let mut init = vec![0f32; m * n];
+            start.fill(m, n, &mut init, n);
+            let want = reference(p, (m, n, k), &a, &bt, &init);
+            let mut rows = vec![f32::NAN; m * n];
+            match p {
+                Format::F32 => gemm_f32_from(m, &a, k, &packed, &mut rows, n, start),
+                Format::Bf16 => gemm_bf16_from(m, &to_bf16(&a), k, &packed, &mut rows, n, start),
+            }
+            compare(&format!("{what}, row-major A"), &want, &rows);
+            let mut packed_a = vec![f32::NAN; m * n];
+            gemm_packed_from(&pa, &packed, &mut packed_a, n, start);
+            compare(&format!("{what}, packed A"), &want, &packed_a);
         }
+    }
+
+    /// With nothing to multiply (`k = 0`) the result is the start.
+    #[test]
+    fn empty_product_is_its_start() {
+        let (m, n) = (3, 5);
+        let b = PackedB::from_rows(0, n, Format::Bf16, |_, _| {});
+        let a = PackedA::new(&[], m, 0, Format::Bf16);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32).collect();
+        let mut c = vec![f32::NAN; m * n];
+        gemm_packed_from(&a, &b, &mut c, n, Start::Cols(&bias));
+        assert_eq!(c, bias.repeat(m));
+        gemm_packed_from(&a, &b, &mut c, n, Start::Rows(&bias));
+        assert_eq!(
+            c,
+            [0f32, 0., 0., 0., 0., 1., 1., 1., 1., 1., 2., 2., 2., 2., 2.]
+        );
+        let before = c.clone();
+        gemm_packed(&a, &b, &mut c, n);
+        assert_eq!(c, before, "C += nothing");
     }
 
     const SHAPES: [(usize, usize, usize); 11] = [

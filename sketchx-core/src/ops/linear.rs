@@ -12,7 +12,7 @@ use candle_nn::Linear;
 
 use crate::precision::Weights;
 
-use super::gemm::{convert_bf16_parallel, gemm_bf16, gemm_f32, Format, PackedB};
+use super::gemm::{convert_bf16_parallel, gemm_bf16_from, gemm_f32_from, Format, PackedB, Start};
 
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
@@ -137,7 +137,7 @@ impl CustomOp1 for GegluLinearOp<'_> {
             super::profile::scope_flops(
                 "linear",
                 || flops,
-                || self.linear.product(xb, h, false, &mut block_bf16),
+                || self.linear.product(xb, h, &mut block_bf16),
             );
             super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
         }
@@ -169,7 +169,7 @@ impl CustomOp1 for PackedLinearOp {
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
         let mut out = vec![0f32; m * n];
-        self.product(x, &mut out, true, &mut Vec::new());
+        self.product(x, &mut out, &mut Vec::new());
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -188,26 +188,22 @@ impl PackedLinearOp {
         Ok((lead.iter().product(), Shape::from(shape)))
     }
 
-    /// `out = x W^T + b` for the rows of `x` (contiguous, `k` values each) into `out` (`n` values each; `zeroed`:
-    /// it holds zeros already, so a layer without bias need not clear it); in bf16 the input is rounded in
-    /// parallel into `scratch`, which the caller may reuse across calls.
-    fn product(&self, x: &[f32], out: &mut [f32], zeroed: bool, scratch: &mut Vec<u16>) {
+    /// `out = x W^T + b` for the rows of `x` (contiguous, `k` values each) into `out` (`n` values each, its old
+    /// values never read: the product starts from the bias); in bf16 the input is rounded in parallel into
+    /// `scratch`, which the caller may reuse across calls.
+    fn product(&self, x: &[f32], out: &mut [f32], scratch: &mut Vec<u16>) {
         if out.is_empty() {
             return;
         }
         let (k, n) = (self.weight.k(), self.weight.n());
         let m = out.len() / n;
-        match &self.bias {
-            Some(b) => out.chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
-            None if !zeroed => out.fill(0.0),
-            None => {}
-        }
+        let start = self.bias.as_deref().map_or(Start::Zero, |b| Start::Cols(b));
         match self.weight.format() {
-            Format::F32 => gemm_f32(m, x, k, &self.weight, out, n),
+            Format::F32 => gemm_f32_from(m, x, k, &self.weight, out, n, start),
             Format::Bf16 => {
                 scratch.resize(x.len(), 0);
                 convert_bf16_parallel(x, scratch);
-                gemm_bf16(m, scratch, k, &self.weight, out, n)
+                gemm_bf16_from(m, scratch, k, &self.weight, out, n, start)
             }
         }
     }

@@ -4,7 +4,7 @@
 //! tiles for bf16 where the CPU has them (`amx`), the `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col + GEMM, bf16 kernels packed once at load; large f32 3x3 convolutions by Winograd's
 //! F(4x4, 3x3) in `winograd`) hold their
 //! weights as the network's [`Precision`](crate::precision::Precision) says; [`attention`] (tiled, without the full
-//! score matrix), [`norm`] (group norm fused with SiLU), [`geglu`] and [`add`] (residual additions) run on f32. Each falls back to candle for other
+//! score matrix), [`norm`] (group norm fused with SiLU), [`geglu`], [`add`] (residual additions) and [`layout`] (image <-> token layout) run on f32. Each falls back to candle for other
 //! dtypes and devices. `simd` has the vectorised element-wise helpers, `cpu` the plumbing they all share, and
 //! [`profile`] times each kind of operation, inside the op types, to show where a denoising step's time goes.
 
@@ -32,6 +32,7 @@ pub mod conv;
 pub(crate) mod cpu;
 pub mod geglu;
 pub mod gemm;
+pub mod layout;
 pub mod linear;
 pub mod norm;
 pub mod profile;

@@ -129,11 +129,84 @@ dispatch! {
     }
 }
 
+/// [`exp_sum_row`] that leaves `row` as it is and writes the values rounded to bf16 (nearest, ties to even, as
+/// `vcvtneps2bf16`) into `out` (at least `row.len()` entries) in the same pass, for a product that reads them in
+/// bf16; returns the sum of the unrounded values. With AVX-512 BF16 the rounding is that instruction (the values,
+/// in `[1.2e-38, 1]`, are never denormal or NaN, where it would differ).
+pub fn exp_sum_row_bf16(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::features().avx512_bf16 {
+        assert!(out.len() >= row.len(), "output shorter than the row");
+        // SAFETY: the CPU has AVX-512 F and BF16 (checked); `out` holds the row's length (checked).
+        return unsafe { exp_sum_row_bf16_avx512(row, out, scale) };
+    }
+    exp_sum_row_bf16_rounded(row, out, scale)
+}
+
+/// [`exp_sum_row_bf16`] with explicit vectors: the same operations as [`exp_f32`] in the same order (no fused
+/// multiply-adds, which would change the bits), then `vcvtneps2bf16`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16; `out` must hold at least `row.len()` entries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let max = row_max(row);
+    let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
+    let c = |v: f32| _mm512_set1_ps(v);
+    let mut acc = _mm512_setzero_ps();
+    let full = row.len() / L * L;
+    for i in (0..full).step_by(L) {
+        // SAFETY: i + 16 <= row.len() <= out.len().
+        unsafe {
+            let x = _mm512_mul_ps(
+                _mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vmax),
+                vscale,
+            );
+            let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.3)), c(88.3));
+            let t = _mm512_add_ps(
+                _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
+                c(12_582_912.0),
+            );
+            let n = _mm512_sub_ps(t, c(12_582_912.0));
+            let r = _mm512_sub_ps(
+                _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_145_75))),
+                _mm512_mul_ps(n, c(1.428_606_8e-6)),
+            );
+            let mut p = c(1.0 / 720.0);
+            for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
+            }
+            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_sub_epi32(
+                    _mm512_castps_si512(t),
+                    _mm512_set1_epi32(12_582_912f32.to_bits() as i32),
+                ),
+                _mm512_set1_epi32(127),
+            ));
+            let e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+            acc = _mm512_add_ps(acc, e);
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), h);
+        }
+    }
+    let mut lanes = [0f32; L];
+    // SAFETY: `lanes` holds 16 values.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let mut sum = lanes.iter().sum::<f32>();
+    for (&x, o) in row[full..].iter().zip(&mut out[full..]) {
+        let e = exp_f32((x - max) * scale);
+        sum += e;
+        *o = f32_bits_to_bf16_bits(e.to_bits());
+    }
+    sum
+}
+
 dispatch! {
-    /// [`exp_sum_row`] that leaves `row` as it is and writes the values rounded to bf16 (nearest, ties to even, as
-    /// `vcvtneps2bf16`) into `out` (at least `row.len()` entries) in the same pass, for a product that reads them
-    /// in bf16; returns the sum of the unrounded values.
-    pub fn exp_sum_row_bf16(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
+    /// [`exp_sum_row_bf16`] without AVX-512 BF16: the rounding in integer arithmetic.
+    fn exp_sum_row_bf16_rounded(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
         const L: usize = 16;
         let max = row_max(row);
         let out = &mut out[..row.len()];
@@ -275,6 +348,11 @@ mod tests {
     #[test]
     fn exp_sum_row_bf16_matches_rounding_afterwards() {
         crate::ops::cpu::detected_only(exp_sum_row_bf16_on_this_path);
+    }
+
+    #[test]
+    fn exp_sum_row_bf16_portable_matches_rounding_afterwards() {
+        crate::ops::cpu::force_portable(exp_sum_row_bf16_on_this_path);
     }
 
     fn exp_sum_row_bf16_on_this_path() {
