@@ -285,6 +285,22 @@ impl PackedA {
         unpack_row_blocks(&self.data, self.m, self.k, MR, self.format)
     }
 
+    /// Where the micro-kernel finds this matrix.
+    fn view(&self) -> AView {
+        if self.row_major {
+            AView::Rows {
+                ptr: self.data.as_ptr().cast(),
+                elem: 2,
+                lda: self.k,
+            }
+        } else {
+            AView::Packed {
+                ptr: self.data.as_ptr(),
+                words: self.k.div_ceil(self.format.per_word()),
+            }
+        }
+    }
+
     /// The row-major bf16 entries (when `row_major`).
     fn halves(&self) -> &[u16] {
         // SAFETY: a row-major `data` holds at least m * k u16 values (see `new`).
@@ -505,19 +521,7 @@ pub(crate) fn gemm_packed_from(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usi
     );
     assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
     if check(a.m, b, c, ldc, start) {
-        let view = if a.row_major {
-            AView::Rows {
-                ptr: a.data.as_ptr().cast(),
-                elem: 2,
-                lda: a.k,
-            }
-        } else {
-            AView::Packed {
-                ptr: a.data.as_ptr(),
-                words: b.words(),
-            }
-        };
-        run(a.m, view, b, c, ldc, start, || a.to_f32());
+        run(a.m, a.view(), b, c, ldc, start, || a.to_f32());
     }
 }
 
@@ -563,18 +567,7 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize, 
     );
     #[cfg(target_arch = "x86_64")]
     if Format::Bf16.has_fast_kernel() {
-        let view = if a.row_major {
-            AView::Rows {
-                ptr: a.data.as_ptr().cast(),
-                elem: 2,
-                lda: a.k,
-            }
-        } else {
-            AView::Packed {
-                ptr: a.data.as_ptr(),
-                words,
-            }
-        };
+        let view = a.view();
         let bv = BView::Shifted {
             ptr: b.words.as_ptr(),
             stride: b.stride,
