@@ -52,6 +52,8 @@ impl Precision {
 pub struct Weights<'a> {
     vb: VarBuilder<'a>,
     precision: Precision,
+    /// See [`Weights::winograd_in_f32`].
+    winograd_f32: bool,
 }
 
 impl<'a> Weights<'a> {
@@ -60,6 +62,7 @@ impl<'a> Weights<'a> {
         Self {
             vb: vb.set_dtype(precision.weights_dtype()),
             precision,
+            winograd_f32: false,
         }
     }
 
@@ -74,7 +77,21 @@ impl<'a> Weights<'a> {
         Self {
             vb: self.vb.pp(prefix),
             precision: self.precision,
+            winograd_f32: self.winograd_f32,
         }
+    }
+
+    /// These weights with every convolution that Winograd's f32 path can run kept in f32 in the CPU bf16 mode
+    /// (instead of packed in bf16): for a network whose wide 3x3 convolutions run on large images (the VAE
+    /// decoder), where that path's quarter of the multiplications beats the bf16 product.
+    pub fn winograd_in_f32(mut self) -> Self {
+        self.winograd_f32 = true;
+        self
+    }
+
+    /// Whether [`Weights::winograd_in_f32`] applies.
+    pub fn keeps_winograd_f32(&self) -> bool {
+        self.winograd_f32
     }
 
     /// The underlying builder, for candle's own layers (norms, embeddings).

@@ -124,7 +124,8 @@ impl Decoder {
         } else {
             None
         };
-        let vb = vb.pp("decoder");
+        // The decoder's 3x3 convolutions run on large images: f32 Winograd beats the bf16 product there.
+        let vb = vb.pp("decoder").winograd_in_f32();
         let last = *c.last().expect("block_out_channels is not empty");
         let conv_in = fast_conv2d(latent, last, 3, pad1(), vb.pp("conv_in"))?;
         let vm = vb.pp("mid_block");

@@ -62,13 +62,25 @@ impl FastConv2d {
         }
     }
 
-    /// Loads a convolution's `weight` and `bias` from `w`, kept in bf16 when its precision packs bf16.
+    /// Loads a convolution's `weight` and `bias` from `w`, kept in bf16 when its precision packs bf16 (unless
+    /// `w` keeps the convolutions Winograd can run in f32: [`Weights::winograd_in_f32`]).
     pub fn load(cin: usize, cout: usize, k: usize, cfg: Conv2dConfig, w: &Weights) -> Result<Self> {
-        let conv = Self::new(candle_nn::conv2d(cin, cout, k, cfg, w.vb())?);
-        if super::packs_bf16(w.precision()) {
-            conv.into_cpu_bf16()
+        Self::new(candle_nn::conv2d(cin, cout, k, cfg, w.vb())?).held_as(w)
+    }
+
+    /// This convolution as `w`'s precision holds it.
+    fn held_as(self, w: &Weights) -> Result<Self> {
+        let winograd_f32 = w.keeps_winograd_f32()
+            && match &self.imp {
+                ConvImpl::Candle { op: Some(op), .. } => {
+                    winograd_applies(self.kernel, op, &[1, self.kernel[1], 4096, 4096])
+                }
+                _ => false,
+            };
+        if super::packs_bf16(w.precision()) && !winograd_f32 {
+            self.into_cpu_bf16()
         } else {
-            Ok(conv)
+            Ok(self)
         }
     }
 
@@ -83,12 +95,7 @@ impl FastConv2d {
     ) -> Result<Self> {
         let weight = w.vb().get((cout, cin / cfg.groups, k, k), "weight")?;
         let bias = Tensor::zeros(cout, weight.dtype(), weight.device())?;
-        let conv = Self::new(Conv2d::new(weight, Some(bias), cfg));
-        if super::packs_bf16(w.precision()) {
-            conv.into_cpu_bf16()
-        } else {
-            Ok(conv)
-        }
+        Self::new(Conv2d::new(weight, Some(bias), cfg)).held_as(w)
     }
 
     /// For the CPU bf16 mode: the kernel rounded to bf16 and packed for the bf16 GEMM (the f32 copy is dropped;
@@ -836,6 +843,45 @@ mod tests {
         check(5, 7, 3, 1, 1, 3, 33);
         check(3, 8, 3, 1, 1, 1, 40);
         check(520, 20, 3, 1, 1, 2, 32);
+    }
+
+    /// A network that keeps Winograd's convolutions in f32 (the VAE decoder) holds the 3x3 ones Winograd can run
+    /// in f32 in the CPU bf16 mode, and packs the others (1x1, too few channels) as usual.
+    #[test]
+    fn winograd_in_f32_keeps_those_convolutions_in_f32() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let w = Weights::new(vb, crate::precision::Precision::CpuBf16);
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let packed = |c: &FastConv2d| matches!(c.imp, ConvImpl::Packed { .. });
+            let winograd = Format::F32.has_fast_kernel() && super::super::kernels_enabled();
+            let wide = FastConv2d::load(32, 32, 3, cfg, &w.pp("a")).unwrap();
+            assert!(packed(&wide), "without the flag: packed in bf16");
+            let f = w.clone().winograd_in_f32();
+            let wide = FastConv2d::load(32, 32, 3, cfg, &f.pp("b")).unwrap();
+            assert_eq!(
+                packed(&wide),
+                !winograd,
+                "with the flag: f32 where Winograd runs"
+            );
+            let pointwise = FastConv2d::load(32, 32, 1, Default::default(), &f.pp("c")).unwrap();
+            assert!(packed(&pointwise), "1x1: packed");
+            let narrow = FastConv2d::load(4, 32, 3, cfg, &f.pp("d")).unwrap();
+            assert!(packed(&narrow), "4 input channels: packed");
+            // And it computes the same convolution as candle's on the f32 weights.
+            let xs = Tensor::randn(0f32, 1., (1, 32, 40, 40), &dev).unwrap();
+            let ConvImpl::Candle { inner, .. } = &wide.imp else {
+                return;
+            };
+            let diff =
+                crate::ops::max_abs_diff(&inner.forward(&xs).unwrap(), &wide.forward(&xs).unwrap());
+            assert!(diff < 1e-3, "max diff {diff}");
+        });
     }
 
     /// The tap-by-tap product on the portable path (the f32 GEMM on the shifted rows written out) gives the
