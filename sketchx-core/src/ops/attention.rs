@@ -510,9 +510,29 @@ mod tests {
             if crate::ops::amx::available() || crate::ops::gemm::Format::Bf16.has_fast_kernel() {
                 let want = rounded_reference(&q, &k, &v, heads, scale);
                 let diff = crate::ops::max_abs_diff(&want, &got);
+                // The scores' f32 sums run in another order, so a probability next to a rounding boundary may
+                // round to the neighbouring bf16 value: each output may move by up to one bf16 step (2^-8
+                // relative) of its probabilities, i.e. by 2^-8 max |v|; such flips are rare, so the mean stays
+                // at the f32 order's level.
+                let vmax = v
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let bound = 1e-3 + vmax / 256.0;
+                let mean = (&want - &got)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(
-                    diff < 1e-3,
-                    "bf16: n {n} m {m} heads {heads} d {d}: max diff {diff}"
+                    diff < bound && mean < 1e-4,
+                    "bf16: n {n} m {m} heads {heads} d {d}: max diff {diff} (bound {bound}), mean {mean}"
                 );
             } else {
                 let diff = crate::ops::max_abs_diff(&want, &got);
