@@ -72,9 +72,7 @@ impl FastConv2d {
     fn held_as(self, w: &Weights) -> Result<Self> {
         let winograd_f32 = w.keeps_winograd_f32()
             && match &self.imp {
-                ConvImpl::Candle { op: Some(op), .. } => {
-                    winograd_applies(self.kernel, op, &[1, self.kernel[1], 4096, 4096])
-                }
+                ConvImpl::Candle { op: Some(op), .. } => winograd_on_some_input(self.kernel, op),
                 _ => false,
             };
         if super::packs_bf16(w.precision()) && !winograd_f32 {
@@ -218,12 +216,17 @@ impl FastConv2d {
 /// path (the wide, deep layers run on small images, where it does not apply).
 const WINOGRAD_KEEP_MAX_CHANNELS: usize = 256;
 
-/// Whether a convolution of this kernel `[c_out, c_in, kh, kw]` may run Winograd's path on some input.
+/// Whether the CPU bf16 mode keeps the f32 kernel of a convolution of this kernel `[c_out, c_in, kh, kw]`
+/// besides its bf16 one: narrow enough, and Winograd's path may run it.
 fn may_run_winograd(kernel: [usize; 4], op: &Conv2dOp) -> bool {
     let [cout, cin, ..] = kernel;
-    // Any input large enough: a 4096 x 4096 image.
-    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS
-        && winograd_applies(kernel, op, &[1, cin, 4096, 4096])
+    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS && winograd_on_some_input(kernel, op)
+}
+
+/// Whether Winograd's path runs a convolution of this kernel on some input (one large enough: a 4096 x 4096
+/// image).
+fn winograd_on_some_input(kernel: [usize; 4], op: &Conv2dOp) -> bool {
+    winograd_applies(kernel, op, &[1, kernel[1], 4096, 4096])
 }
 
 /// Whether Winograd's path runs this convolution on an input of shape `dims` (`(b, c_in, h, w)`).
@@ -515,22 +518,12 @@ const TAPS_MIN_WIDTH: usize = 32;
 /// Whether a convolution of this kernel is packed tap-major for [`Conv2dOp::taps_3x3`]: 3x3, stride 1,
 /// padding 1, in bf16 on the AVX-512 BF16 micro-kernel (AMX tiles keep the im2col product).
 fn direct_applies(kernel: [usize; 4], op: &Conv2dOp) -> bool {
-    let amx = {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::amx::available()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    };
     kernel[2] == 3
         && kernel[3] == 3
         && op.stride == 1
         && op.padding == 1
         && Format::Bf16.has_fast_kernel()
-        && !amx
+        && !super::amx::available()
 }
 
 /// A kernel `[c_out, c_in, kh, kw]` reordered to `[c_out, kh * kw, c_in']`, `c_in'` = `c_in` rounded up to even
@@ -555,9 +548,10 @@ impl Conv2dOp {
     /// once as bf16 channel pairs, each image zero-padded in rows of `w + 1` words (the zero column is the right
     /// edge of one row and the left edge of the next) and all images one after the other in each pair's row; a
     /// tap `(dy, dx)` of the kernel then reads that row shifted by `(dy - 1) (w + 1) + dx - 1`, which the GEMM
-    /// does in place ([`gemm_shifted`]). The product's columns run over the padded positions (the zero columns
-    /// and the rows between images give discarded columns, `1 / (w + 1)` of the work), at most `band` values of
-    /// output at a time into `out_band`; each band is then copied into the output with the bias.
+    /// does in place ([`gemm_shifted`], starting from the bias). The product's columns run over the padded
+    /// positions (the zero columns and the rows between images give discarded columns, `1 / (w + 1)` of the
+    /// work), at most `band` values of output at a time into `out_band`; each band's output positions are then
+    /// copied into the output.
     #[allow(clippy::too_many_arguments)]
     fn taps_3x3(
         &self,
@@ -809,11 +803,11 @@ mod tests {
         let ConvImpl::Packed { op, .. } = &fast.imp else {
             panic!("not packed")
         };
-        #[cfg(target_arch = "x86_64")]
-        let amx = crate::ops::amx::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let amx = false;
-        let taps = k == 3 && stride == 1 && padding == 1 && Format::Bf16.has_fast_kernel() && !amx;
+        let taps = k == 3
+            && stride == 1
+            && padding == 1
+            && Format::Bf16.has_fast_kernel()
+            && !crate::ops::amx::available();
         assert_eq!(op.packed.as_ref().unwrap().taps, taps, "tap-major kernel");
         for banded in [fast.clone(), with_band(fast, cin * k * k * w)] {
             let diff = crate::ops::max_abs_diff(&want, &banded.forward(&xs).unwrap());

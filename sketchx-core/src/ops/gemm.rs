@@ -454,7 +454,7 @@ pub(crate) fn gemm_f32_from(
     start: Start,
 ) {
     assert_eq!(b.format, Format::F32, "B is packed in bf16");
-    if check(m, b, c, ldc, start) {
+    if check(m, b.n, b.k, c, ldc, start) {
         check_a(m, a.len(), lda, b.k);
         let view = AView::Rows {
             ptr: a.as_ptr().cast(),
@@ -489,7 +489,7 @@ pub(crate) fn gemm_bf16_from(
     start: Start,
 ) {
     assert_eq!(b.format, Format::Bf16, "B is packed in f32");
-    if check(m, b, c, ldc, start) {
+    if check(m, b.n, b.k, c, ldc, start) {
         check_a(m, a.len(), lda, b.k);
         let view = AView::Rows {
             ptr: a.as_ptr().cast(),
@@ -520,7 +520,7 @@ pub(crate) fn gemm_packed_from(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usi
         "A and B are packed in different formats"
     );
     assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
-    if check(a.m, b, c, ldc, start) {
+    if check(a.m, b.n, b.k, c, ldc, start) {
         run(a.m, a.view(), b, c, ldc, start, || a.to_f32());
     }
 }
@@ -551,13 +551,7 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize, 
         a.k
     );
     let (m, n) = (a.m, b.n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too small");
-    start.check(m, n);
-    if words == 0 {
-        start.fill(m, n, c, ldc);
+    if !check(m, n, words, c, ldc, start) {
         return;
     }
     let reach = n.div_ceil(NR) * NR + (b.seg_words - 1) * b.stride;
@@ -747,19 +741,16 @@ impl Start<'_> {
     }
 }
 
-/// Checks that `C` (`m x b.n()`, row stride `ldc`) and `start` fit the product; `false` when there is no product
-/// to compute (with `k = 0`, `C` is then set to the start).
-fn check(m: usize, b: &PackedB, c: &mut [f32], ldc: usize, start: Start) -> bool {
-    if m == 0 || b.n == 0 {
+/// Checks that `C` (`m x n`, row stride `ldc`) and `start` fit a product over `k`; `false` when there is no
+/// product to compute (with `k = 0`, `C` is then set to the start).
+fn check(m: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, start: Start) -> bool {
+    if m == 0 || n == 0 {
         return false;
     }
-    assert!(
-        ldc >= b.n && c.len() >= (m - 1) * ldc + b.n,
-        "C is too small"
-    );
-    start.check(m, b.n);
-    if b.k == 0 {
-        start.fill(m, b.n, c, ldc);
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too small");
+    start.check(m, n);
+    if k == 0 {
+        start.fill(m, n, c, ldc);
         return false;
     }
     true
@@ -1066,21 +1057,17 @@ mod x86 {
         words: usize,
         panels: usize,
     ) {
-        // SAFETY: the loads read `a`/`b` panel `panel` (inside their `panels * NR` values) and the store writes
-        // word row `p` of that panel (inside `out`), as the contract provides.
-        unsafe {
-            for panel in 0..panels {
-                let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-                    _mm512_cvtneps_pbh(_mm512_loadu_ps(a.add(panel * NR))),
-                ));
-                let hi = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-                    _mm512_cvtneps_pbh(_mm512_loadu_ps(b.add(panel * NR))),
-                ));
-                _mm512_storeu_si512(
-                    out.add((panel * words + p) * NR).cast(),
-                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
-                );
-            }
+        for panel in 0..panels {
+            // SAFETY: the loads read `a`/`b` panel `panel` (inside their `panels * NR` values) and the store
+            // writes word row `p` of that panel (inside `out`), as the contract provides.
+            unsafe {
+                pair_words(
+                    a.add(panel * NR),
+                    Some(b.add(panel * NR)),
+                    out.add((panel * words + p) * NR),
+                    NR,
+                )
+            };
         }
     }
 

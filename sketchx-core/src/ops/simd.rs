@@ -6,25 +6,41 @@
 /// so that loops over it vectorise.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // 1.5 * 2^23: adding it rounds to an integer (ties to even) held in the low mantissa bits, which gives both
-    // n as a float and 2^n's exponent without a float-to-int conversion (Rust's saturating `as` does not vectorise).
-    const SHIFT: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.3);
-    let t = x * std::f32::consts::LOG2_E + SHIFT;
-    let n = t - SHIFT;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
-    let bits = t.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127) << 23;
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let t = x * std::f32::consts::LOG2_E + EXP_SHIFT;
+    let n = t - EXP_SHIFT;
+    let r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
+    let bits = t
+        .to_bits()
+        .wrapping_sub(EXP_SHIFT.to_bits())
+        .wrapping_add(127)
+        << 23;
     p * f32::from_bits(bits)
 }
+
+/// [`exp_f32`]'s input range.
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.3;
+/// ln 2 split in two (Cody-Waite): `n * EXP_LN2_HI` is exact for the `n` that occur.
+const EXP_LN2_HI: f32 = 0.693_145_75;
+const EXP_LN2_LO: f32 = 1.428_606_8e-6;
+/// 1.5 * 2^23: adding it rounds to an integer (ties to even) held in the low mantissa bits, which gives both n as
+/// a float and 2^n's exponent without a float-to-int conversion (Rust's saturating `as` does not vectorise).
+const EXP_SHIFT: f32 = 12_582_912.0;
+/// `exp(r)`'s Taylor coefficients, highest degree first (Horner's order).
+const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
@@ -165,24 +181,21 @@ unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f
                 _mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vmax),
                 vscale,
             );
-            let x = _mm512_min_ps(_mm512_max_ps(x, c(-87.3)), c(88.3));
-            let t = _mm512_add_ps(
-                _mm512_mul_ps(x, c(std::f32::consts::LOG2_E)),
-                c(12_582_912.0),
-            );
-            let n = _mm512_sub_ps(t, c(12_582_912.0));
+            let x = _mm512_min_ps(_mm512_max_ps(x, c(EXP_MIN)), c(EXP_MAX));
+            let t = _mm512_add_ps(_mm512_mul_ps(x, c(std::f32::consts::LOG2_E)), c(EXP_SHIFT));
+            let n = _mm512_sub_ps(t, c(EXP_SHIFT));
             let r = _mm512_sub_ps(
-                _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693_145_75))),
-                _mm512_mul_ps(n, c(1.428_606_8e-6)),
+                _mm512_sub_ps(x, _mm512_mul_ps(n, c(EXP_LN2_HI))),
+                _mm512_mul_ps(n, c(EXP_LN2_LO)),
             );
-            let mut p = c(1.0 / 720.0);
-            for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            let mut p = c(EXP_POLY[0]);
+            for &k in &EXP_POLY[1..] {
                 p = _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
             }
             let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
                 _mm512_sub_epi32(
                     _mm512_castps_si512(t),
-                    _mm512_set1_epi32(12_582_912f32.to_bits() as i32),
+                    _mm512_set1_epi32(EXP_SHIFT.to_bits() as i32),
                 ),
                 _mm512_set1_epi32(127),
             ));
