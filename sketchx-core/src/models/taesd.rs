@@ -123,25 +123,12 @@ impl DecoderTiny {
                 Layer::Conv(c) => c.forward(&xs)?,
                 Layer::Relu => xs.relu()?,
                 Layer::Block(b) => b.forward(&xs)?,
-                Layer::Upsample(s) => upsample_nearest(&xs, *s)?,
+                Layer::Upsample(s) => crate::ops::layout::upsample_nearest(&xs, *s)?,
             };
         }
         // x * 2 is exact, so one affine op rounds as torch's mul(2).sub(1) does.
         xs.affine(2.0, -1.0)
     }
-}
-
-/// Nearest-neighbour upsampling by an integer factor (`nn.Upsample(scale_factor=s, mode="nearest")`): every pixel
-/// repeated `s` x `s` times. Done by broadcasting rather than by index arithmetic, so it is exact for any factor.
-fn upsample_nearest(xs: &Tensor, s: usize) -> CResult<Tensor> {
-    if s == 1 {
-        return Ok(xs.clone());
-    }
-    let (b, c, h, w) = xs.dims4()?;
-    xs.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, s, w, s))?
-        .contiguous()?
-        .reshape((b, c, h * s, w * s))
 }
 
 /// A loaded TAESD decoder (diffusers' `AutoencoderTiny`, decoder half) with its latent scaling.
@@ -276,29 +263,6 @@ impl TinyVae {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-
-    #[test]
-    fn nearest_upsampling_repeats_each_pixel() {
-        let x = Tensor::arange(0f32, 6.0, &Device::Cpu)
-            .unwrap()
-            .reshape((1, 1, 2, 3))
-            .unwrap();
-        let up = upsample_nearest(&x, 3).unwrap();
-        assert_eq!(up.dims4().unwrap(), (1, 1, 6, 9));
-        let v = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for y in 0..6 {
-            for xx in 0..9 {
-                assert_eq!(v[y * 9 + xx], ((y / 3) * 3 + xx / 3) as f32);
-            }
-        }
-        // Agrees with candle's index-based upsampling where that is exact (factor 2).
-        let c = x.upsample_nearest2d(4, 6).unwrap();
-        let u = upsample_nearest(&x, 2).unwrap();
-        assert_eq!(
-            c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            u.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-    }
 
     fn load(json: serde_json::Value) -> Result<TinyVae> {
         let c = ConfigFile::from_value(json, "taesd/config.json").unwrap();

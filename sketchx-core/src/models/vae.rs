@@ -184,8 +184,7 @@ impl Decoder {
                 xs = r.forward(&xs, &none)?;
             }
             if let Some(c) = &blk.upsample {
-                let (_, _, h, w) = xs.dims4()?;
-                xs = c.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
+                xs = c.forward(&crate::ops::layout::upsample_nearest(&xs, 2)?)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)

@@ -77,7 +77,7 @@ impl CustomOp2 for ChannelAddOp {
             );
         }
         let plane = h.len() / t.len();
-        let mut out = vec![0f32; h.len()];
+        let mut out = super::cpu::output_f32(h.len());
         if plane > 0 {
             out.par_chunks_mut(plane)
                 .zip(h.par_chunks(plane))
@@ -126,7 +126,7 @@ impl CustomOp2 for AddOp {
         if a.len() != b.len() {
             candle_core::bail!("addition: {} and {} elements", a.len(), b.len());
         }
-        let mut out = vec![0f32; a.len()];
+        let mut out = super::cpu::output_f32(a.len());
         const CHUNK: usize = 1 << 15;
         let (scale, divide) = (self.scale, self.divide);
         out.par_chunks_mut(CHUNK)

@@ -140,7 +140,7 @@ impl CustomOp3 for AttentionOp {
         let heads = self.heads;
         let d = inner / heads;
         let tiles = n.div_ceil(QUERY_TILE);
-        let mut out = vec![0f32; b * n * inner];
+        let mut out = super::cpu::output_f32(b * n * inner);
         let dst = SendPtr(out.as_mut_ptr());
         let dst = &dst;
         (0..b * heads * tiles).into_par_iter().for_each_init(
@@ -294,7 +294,7 @@ unsafe fn packed(
     let bf16 = format == Format::Bf16;
     let tiles = n.div_ceil(QUERY_TILE);
     let packed = pack_heads(k, v, (b, m, inner), heads, d, format);
-    let mut out = vec![0f32; b * n * inner];
+    let mut out = super::cpu::output_f32(b * n * inner);
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
     (0..b * heads * tiles).into_par_iter().for_each_init(
@@ -380,7 +380,7 @@ unsafe fn on_tiles(
     let dp = d.next_multiple_of(32);
     let tiles = n.div_ceil(QUERY_TILE);
     let packed = pack_heads(k, v, (b, m, inner), heads, dp, Format::Bf16);
-    let mut out = vec![0f32; b * n * inner];
+    let mut out = super::cpu::output_f32(b * n * inner);
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
     (0..b * heads * tiles).into_par_iter().for_each_init(

@@ -327,7 +327,7 @@ impl Conv2dOp {
         #[cfg(target_arch = "x86_64")]
         if let Weight::F32(w) = weight {
             if super::winograd::applies(b, cin, cout, &g) {
-                let mut out = vec![0f32; b * cout * oh * ow];
+                let mut out = super::cpu::output_f32(b * cout * oh * ow);
                 super::winograd::conv3x3(x, w, bias, &mut out, b, cin, cout, h, wd);
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
             }
@@ -348,7 +348,7 @@ impl Conv2dOp {
         let tap_rows = matches!(weight, Weight::Taps(_)).then_some(cin.next_multiple_of(2));
         let k = tap_rows.map_or(cin, |c| c) * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
-        let mut out = vec![0f32; b * cout * n];
+        let mut out = super::cpu::output_f32(b * cout * n);
         // The unrolled input is built for a band of output rows at a time: at most BAND_ELEMS values (64 MiB in
         // f32), instead of k x n (9 GiB for a 256-channel 3x3 convolution at 1024x1024).
         let band_rows = if direct {
@@ -563,7 +563,7 @@ impl Conv2dOp {
         words: &mut Vec<u32>,
         out_band: &mut Vec<f32>,
     ) -> Vec<f32> {
-        let mut out = vec![0f32; b * cout * h * w];
+        let mut out = super::cpu::output_f32(b * cout * h * w);
         if out.is_empty() {
             return out;
         }

@@ -47,7 +47,7 @@ impl CustomOp1 for GegluOp {
         if let Some(last) = dims.last_mut() {
             *last = half;
         }
-        let mut out = vec![0f32; h.len() / 2];
+        let mut out = super::cpu::output_f32(h.len() / 2);
         geglu_rows(h, &mut out, half);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }

@@ -128,7 +128,7 @@ impl CustomOp1 for GegluLinearOp<'_> {
         }
         let k = self.linear.weight.k();
         let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m);
-        let mut out = vec![0f32; m * half];
+        let mut out = super::cpu::output_f32(m * half);
         let mut block = vec![0f32; rows * n];
         let mut block_bf16 = Vec::new();
         for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
@@ -168,7 +168,7 @@ impl CustomOp1 for PackedLinearOp {
         let x = super::cpu::contiguous_f32(s, l, "linear input")?;
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
-        let mut out = vec![0f32; m * n];
+        let mut out = super::cpu::output_f32(m * n);
         self.product(x, &mut out, &mut Vec::new());
         Ok((CpuStorage::F32(out), shape))
     }
