@@ -57,6 +57,14 @@ fn attn(c: &mut Criterion) {
         b.iter(|| reference(&q, &k, &v, 8, scale).unwrap())
     });
     g.finish();
+    // The CPU bf16 mode (throughput in FLOP/s: two products of 1024 x 1024 x 40 per head).
+    let mut g = c.benchmark_group("self_attention_bf16_1024x320_8heads_b2");
+    g.sample_size(10);
+    g.throughput(criterion::Throughput::Elements(4 * 2 * 1024 * 1024 * 320));
+    g.bench_function("sketchx", |b| {
+        b.iter(|| attention(&q, &k, &v, 8, scale, true).unwrap())
+    });
+    g.finish();
 }
 
 fn group_norm(c: &mut Criterion) {

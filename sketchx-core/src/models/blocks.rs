@@ -9,6 +9,7 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm};
 
+use super::memo::PerTensor;
 use crate::ops::conv::FastConv2d as Conv2d;
 use crate::ops::linear::FastLinear as Linear;
 use crate::ops::norm::FastGroupNorm as GroupNorm;
@@ -253,6 +254,8 @@ pub struct Attention {
     scale: f64,
     /// The CPU bf16 mode: the products in bf16 where the CPU has AMX or AVX-512 BF16.
     bf16: bool,
+    /// Cross-attention's keys and values of the last context (the same text at every step of a job).
+    context_kv: PerTensor<(Tensor, Tensor)>,
 }
 
 impl Attention {
@@ -273,14 +276,19 @@ impl Attention {
             heads,
             scale: (head_dim as f64).powf(-0.5),
             bf16,
+            context_kv: PerTensor::default(),
         })
     }
 
     fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> CResult<Tensor> {
-        let ctx = ctx.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
+        let kv = |c: &Tensor| -> CResult<(Tensor, Tensor)> {
+            Ok((self.to_k.forward(c)?, self.to_v.forward(c)?))
+        };
+        let (k, v) = match ctx {
+            Some(c) => self.context_kv.get(c, kv)?,
+            None => kv(xs)?,
+        };
         let o = (crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale, self.bf16))?;
         self.to_out.forward(&o)
     }

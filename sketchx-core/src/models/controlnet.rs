@@ -9,6 +9,7 @@ use candle_nn::Conv2dConfig;
 
 use super::blocks::conv2d;
 use super::config::ConfigFile;
+use super::memo::PerTensor;
 use super::unet::{parse_unet_shape, Encoder};
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d as Conv2d;
@@ -80,6 +81,8 @@ pub struct ControlNet {
     bgr: bool,
     global_pool_conditions: bool,
     downscale: usize,
+    /// The embedding of the last control image (the same at every step of a job).
+    cond_embedded: PerTensor<Tensor>,
 }
 
 super::config::var_builder_constructor!(ControlNet, "the ControlNet");
@@ -152,6 +155,7 @@ impl ControlNet {
             bgr,
             global_pool_conditions,
             downscale: 1 << (cond_channels.len() - 1),
+            cond_embedded: PerTensor::default(),
         })
     }
 
@@ -172,7 +176,8 @@ impl ControlNet {
     }
 
     /// Runs the ControlNet: `sample` (latents, already scaled for the timestep), `timestep`, the text embeddings
-    /// and the control image `cond` in `[0, 1]` with the same batch size. `scale` multiplies every residual; with
+    /// and the control image `cond` in `[0, 1]` with the same batch size. The embeddings of the control image and
+    /// the keys and values of the text are kept for the next call on the same tensors (a job's next step). `scale` multiplies every residual; with
     /// `guess_mode` the residuals are additionally scaled from 0.1 (first) to 1.0 (mid) on a log scale, as in
     /// diffusers.
     pub fn forward(
@@ -184,16 +189,17 @@ impl ControlNet {
         scale: f64,
         guess_mode: bool,
     ) -> Result<ControlResiduals> {
-        let cond = if self.bgr {
-            cond.flip(&[1])?
-        } else {
-            cond.clone()
-        };
+        let c = self.cond_embedded.get(cond, |cond| {
+            if self.bgr {
+                self.cond_embedding.forward(&cond.flip(&[1])?)
+            } else {
+                self.cond_embedding.forward(cond)
+            }
+        })?;
         // diffusers' pipeline gives the ControlNet no `timestep_cond`, even for an LCM UNet.
         let temb = self.encoder.time_embedding(timestep, sample, None)?;
         let a = self.encoder.conv_in(sample)?;
-        let c = self.cond_embedding.forward(&cond)?;
-        let xs = (a + c)?;
+        let xs = crate::ops::add::add(&a, &c, 1.0)?;
         let (xs, res) = self.encoder.down(xs, &temb, encoder_hidden_states)?;
         let xs = self.encoder.mid(&xs, &temb, encoder_hidden_states)?;
         let n = res.len();
@@ -210,11 +216,9 @@ impl ControlNet {
         };
         let mut down = Vec::with_capacity(n);
         for (i, (r, conv)) in res.iter().zip(&self.zero_convs).enumerate() {
-            let o = conv.forward(r)?;
-            down.push((o * scales[i])?);
+            down.push(scaled(conv.forward(r)?, scales[i])?);
         }
-        let o = self.mid_zero_conv.forward(&xs)?;
-        let mut mid = (o * scales[n])?;
+        let mut mid = scaled(self.mid_zero_conv.forward(&xs)?, scales[n])?;
         if self.global_pool_conditions {
             for d in down.iter_mut() {
                 *d = d.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
@@ -222,5 +226,14 @@ impl ControlNet {
             mid = mid.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
         }
         Ok(ControlResiduals { down, mid })
+    }
+}
+
+/// `t * s`; `t` itself for the usual scale 1 (the same values, without a pass over the residual).
+fn scaled(t: Tensor, s: f64) -> candle_core::Result<Tensor> {
+    if s == 1.0 {
+        Ok(t)
+    } else {
+        t * s
     }
 }

@@ -9,6 +9,7 @@ pub mod ldm_yaml;
 pub mod loader;
 pub mod lora;
 pub mod mapped;
+pub(crate) mod memo;
 pub mod pickle;
 pub mod sd15;
 pub mod single_file;

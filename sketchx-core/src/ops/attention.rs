@@ -234,12 +234,8 @@ fn pack_heads(
         .map(|bh| {
             let (bi, hi) = (bh / heads, bh % heads);
             let col = |r: usize| (bi * m + r) * inner + hi * d;
-            let mut kh = vec![0f32; m * dk];
-            for (r, row) in kh.chunks_exact_mut(dk).enumerate() {
-                row[..d].copy_from_slice(&k[col(r)..][..d]);
-            }
             (
-                PackedB::from_transposed(&kh, m, dk, format),
+                PackedB::from_columns(m, dk, format, |r| &k[col(r)..][..d]),
                 PackedB::from_rows(m, d, format, |r, row| {
                     row.copy_from_slice(&v[col(r)..][..d])
                 }),

@@ -132,6 +132,47 @@ impl PackedB {
         Self { k, n, format, data }
     }
 
+    /// Packs a `k x n` matrix given column by column (`B^T` row by row): `column(j)` holds column `j`'s first
+    /// entries (at most `k`; zeros after them), e.g. a head's keys for `K^T`, read in place. On the calling thread,
+    /// for callers that run in parallel already: each column is rounded with the vector conversion and its words
+    /// written into its panel's lane.
+    pub(crate) fn from_columns<'a>(
+        n: usize,
+        k: usize,
+        format: Format,
+        column: impl Fn(usize) -> &'a [f32],
+    ) -> Self {
+        let words = k.div_ceil(format.per_word());
+        let mut data = vec![0u32; n.div_ceil(NR) * words * NR];
+        let mut row = vec![0u32; words];
+        let mut halves = vec![0u16; 2 * words];
+        for j in 0..n {
+            let src = column(j);
+            let src = &src[..src.len().min(k)];
+            match format {
+                Format::F32 => {
+                    row.fill(0);
+                    for (w, &v) in row.iter_mut().zip(src) {
+                        *w = v.to_bits();
+                    }
+                }
+                Format::Bf16 => {
+                    halves.fill(0);
+                    convert_bf16(src, &mut halves);
+                    for (w, h) in row.iter_mut().zip(halves.chunks_exact(2)) {
+                        *w = u32::from(h[0]) | (u32::from(h[1]) << 16);
+                    }
+                }
+            }
+            let (panel, lane) = (j / NR, j % NR);
+            let block = &mut data[panel * words * NR..][..words * NR];
+            for (p, &w) in row.iter().enumerate() {
+                block[p * NR + lane] = w;
+            }
+        }
+        Self { k, n, format, data }
+    }
+
     /// Packs a `k x n` f32 matrix given row by row: `fill(r, row)` writes row `r` (`n` values) into `row`.
     /// Rows are produced in parallel (a word's worth at a time) and copied or rounded straight into the panels, so
     /// a matrix that is generated (im2col) never exists in full.
@@ -1613,6 +1654,29 @@ mod tests {
             // All of these values are exact in bf16.
             assert_eq!(packed.to_f32(), b, "{p:?}");
             assert_eq!(PackedA::new(&b, k, n, p).to_f32(), b, "{p:?}");
+        }
+    }
+
+    /// Columns given one by one (shorter than `k`: zeros after) pack as the transpose of the zero-padded matrix.
+    #[test]
+    fn columns_pack_like_the_transpose() {
+        let mut seed = 3u64;
+        for (n, k, given) in [(19, 7, 7), (16, 40, 40), (33, 64, 40), (1, 1, 1), (5, 3, 0)] {
+            let cols: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..given).map(|_| lcg(&mut seed)).collect())
+                .collect();
+            let mut padded = vec![0f32; n * k];
+            for (j, c) in cols.iter().enumerate() {
+                padded[j * k..j * k + given].copy_from_slice(c);
+            }
+            for p in [Format::F32, Format::Bf16] {
+                crate::ops::cpu::detected_only(|| {
+                    let got = PackedB::from_columns(n, k, p, |j| &cols[j]);
+                    let want = PackedB::from_transposed(&padded, n, k, p);
+                    assert_eq!((got.n(), got.k()), (n, k));
+                    assert_eq!(got.data, want.data, "{n}x{k} ({given} given), {p:?}");
+                });
+            }
         }
     }
 
