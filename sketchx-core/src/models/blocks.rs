@@ -12,7 +12,7 @@ use candle_nn::{Conv2dConfig, LayerNorm};
 use super::memo::PerTensor;
 use crate::ops::conv::FastConv2d as Conv2d;
 use crate::ops::linear::FastLinear as Linear;
-use crate::ops::norm::FastGroupNorm as GroupNorm;
+use crate::ops::norm::{FastGroupNorm as GroupNorm, FastLayerNorm};
 use crate::ops::profile::scope;
 use crate::precision::Weights;
 
@@ -31,6 +31,11 @@ pub(crate) fn group_norm(
 /// A layer norm loaded from `vb`.
 pub(crate) fn layer_norm(dim: usize, eps: f64, vb: Weights) -> CResult<LayerNorm> {
     candle_nn::layer_norm(dim, eps, vb.vb())
+}
+
+/// A transformer block's layer norm loaded from `vb` (the text encoder keeps candle's [`layer_norm`]).
+fn fast_layer_norm(dim: usize, eps: f64, vb: Weights) -> CResult<FastLayerNorm> {
+    FastLayerNorm::new(dim, eps, vb.vb())
 }
 
 /// A convolution loaded from `vb`, held as `vb`'s precision says.
@@ -296,11 +301,11 @@ impl Attention {
 
 #[derive(Debug)]
 struct TransformerBlock {
-    norm1: LayerNorm,
+    norm1: FastLayerNorm,
     attn1: Attention,
-    norm2: LayerNorm,
+    norm2: FastLayerNorm,
     attn2: Attention,
-    norm3: LayerNorm,
+    norm3: FastLayerNorm,
     ff_in: Linear,
     ff_out: Linear,
 }
@@ -315,18 +320,18 @@ impl TransformerBlock {
     ) -> CResult<Self> {
         let ff_inner = dim * 4;
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: fast_layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: fast_layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, head_dim)?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: fast_layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff_in: linear(dim, ff_inner * 2, vb.pp("ff.net.0.proj"))?,
             ff_out: linear(ff_inner, dim, vb.pp("ff.net.2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let ln = |n: &LayerNorm, x: &Tensor| scope("layer_norm", || n.forward(x));
+        let ln = |n: &FastLayerNorm, x: &Tensor| n.forward(x);
         let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
         let xs = crate::ops::add::add(&a, xs, 1.0)?;
         let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;

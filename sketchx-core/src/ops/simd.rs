@@ -328,6 +328,34 @@ dispatch! {
 }
 
 dispatch! {
+    /// Layer norm of one row: `(x - mean) / sqrt(var + eps) * w + b`, the mean and the variance (of the deviations,
+    /// a second pass over the row, which sits in L1) summed in 16 f32 lanes.
+    pub fn layer_norm_row(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        // Inlined into the caller, so compiled with its target features.
+        #[inline(always)]
+        fn lanes(src: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+            const L: usize = 16;
+            let mut acc = [0f32; L];
+            let chunks = src.chunks_exact(L);
+            let rest = chunks.remainder();
+            for c in chunks {
+                for i in 0..L {
+                    acc[i] += f(c[i]);
+                }
+            }
+            acc.iter().sum::<f32>() + rest.iter().map(|&x| f(x)).sum::<f32>()
+        }
+        let n = src.len();
+        let mean = lanes(src, |x| x) / n as f32;
+        let var = lanes(src, |x| (x - mean) * (x - mean)) / n as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((d, &x), &w), &b) in dst.iter_mut().zip(src).zip(w).zip(b) {
+            *d = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
+dispatch! {
     /// Sum and sum of squares of a slice in one pass, accumulated in f64 lanes (a group norm's statistics: in f64
     /// the variance `E[x^2] - E[x]^2` keeps about 16 - 2 log10(|mean| / std) digits, ample for f32 inputs).
     pub fn sum_sq_f64(xs: &[f32]) -> (f64, f64) {
