@@ -50,6 +50,32 @@ pub(crate) fn output_f32(len: usize) -> Vec<f32> {
     v
 }
 
+/// A scratch buffer kept between an operation's calls, each of which overwrites what it uses: a fresh buffer of
+/// megabytes is zeroed (or faulted in) at every call. A call that finds it taken (another thread's operation
+/// meanwhile) uses a fresh one.
+pub(crate) struct Kept<T>(std::sync::Mutex<Vec<T>>);
+
+impl<T: Copy + Default> Kept<T> {
+    /// An empty buffer.
+    pub(crate) const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+
+    /// `f` on `len` values of the buffer (grown as needed; what a previous call left in it is not cleared).
+    pub(crate) fn with<R>(&self, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+        let mut kept = self.0.try_lock().ok();
+        let mut buf = kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, T::default());
+        }
+        let r = f(&mut buf[..len]);
+        if let Some(kept) = kept.as_deref_mut() {
+            *kept = buf;
+        }
+        r
+    }
+}
+
 /// Asks the kernel to back the whole 2 MiB pages inside `ptr..ptr + len` with huge pages when they are first
 /// touched (one fault and one TLB entry per 2 MiB instead of 512). Only a hint on regions of at least 4 MiB: the
 /// memory's contents do not change, and failures (or a kernel without transparent huge pages) are ignored.

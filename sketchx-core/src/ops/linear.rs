@@ -12,6 +12,7 @@ use candle_nn::Linear;
 
 use crate::precision::Weights;
 
+use super::cpu::Kept;
 use super::gemm::{convert_bf16_parallel, gemm_bf16_from, gemm_f32_from, Format, PackedB, Start};
 
 /// A linear layer `y = x W^T + b`.
@@ -129,18 +130,15 @@ impl CustomOp1 for GegluLinearOp<'_> {
         let k = self.linear.weight.k();
         let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m);
         let mut out = super::cpu::output_f32(m * half);
-        let mut block = vec![0f32; rows * n];
-        let mut block_bf16 = Vec::new();
-        for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
-            let h = &mut block[..xb.len() / k * n];
-            let flops = (2 * h.len() * k) as u64;
-            super::profile::scope_flops(
-                "linear",
-                || flops,
-                || self.linear.product(xb, h, &mut block_bf16),
-            );
-            super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
-        }
+        static BLOCK: Kept<f32> = Kept::new();
+        BLOCK.with(rows * n, |block| {
+            for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
+                let h = &mut block[..xb.len() / k * n];
+                let flops = (2 * h.len() * k) as u64;
+                super::profile::scope_flops("linear", || flops, || self.linear.product(xb, h));
+                super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
+            }
+        });
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -169,7 +167,7 @@ impl CustomOp1 for PackedLinearOp {
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
         let mut out = super::cpu::output_f32(m * n);
-        self.product(x, &mut out, &mut Vec::new());
+        self.product(x, &mut out);
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -189,9 +187,8 @@ impl PackedLinearOp {
     }
 
     /// `out = x W^T + b` for the rows of `x` (contiguous, `k` values each) into `out` (`n` values each, its old
-    /// values never read: the product starts from the bias); in bf16 the input is rounded in parallel into
-    /// `scratch`, which the caller may reuse across calls.
-    fn product(&self, x: &[f32], out: &mut [f32], scratch: &mut Vec<u16>) {
+    /// values never read: the product starts from the bias); in bf16 the input is rounded in parallel first.
+    fn product(&self, x: &[f32], out: &mut [f32]) {
         if out.is_empty() {
             return;
         }
@@ -201,9 +198,12 @@ impl PackedLinearOp {
         match self.weight.format() {
             Format::F32 => gemm_f32_from(m, x, k, &self.weight, out, n, start),
             Format::Bf16 => {
-                scratch.resize(x.len(), 0);
-                convert_bf16_parallel(x, scratch);
-                gemm_bf16_from(m, scratch, k, &self.weight, out, n, start)
+                // The input in bf16, in memory kept between calls.
+                static ROUNDED: Kept<u16> = Kept::new();
+                ROUNDED.with(x.len(), |rounded| {
+                    convert_bf16_parallel(x, rounded);
+                    gemm_bf16_from(m, rounded, k, &self.weight, out, n, start)
+                })
             }
         }
     }
