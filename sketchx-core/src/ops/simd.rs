@@ -208,12 +208,17 @@ unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f
     let (vmax, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
     let c = |v: f32| _mm512_set1_ps(v);
     let mut acc = _mm512_setzero_ps();
-    let full = row.len() / L * L;
-    for i in (0..full).step_by(L) {
-        // SAFETY: i + 16 <= row.len() <= out.len().
+    for i in (0..row.len()).step_by(L) {
+        // The last vector partly: its lanes past the row are neither read, added nor stored.
+        let mask: __mmask16 = if row.len() - i >= L {
+            0xffff
+        } else {
+            (1u16 << (row.len() - i)) - 1
+        };
+        // SAFETY: the lanes under `mask` lie inside `row` and `out` (at least `row.len()` entries).
         unsafe {
             let x = _mm512_mul_ps(
-                _mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vmax),
+                _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row.as_ptr().add(i)), vmax),
                 vscale,
             );
             let t = _mm512_max_ps(x, c(EXP2_MIN));
@@ -228,21 +233,21 @@ unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f
                 _mm512_set1_epi32(EXP2_BIAS as i32),
             ));
             let e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-            acc = _mm512_add_ps(acc, e);
+            acc = _mm512_mask_add_ps(acc, mask, acc, e);
             let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), h);
+            let dst = out.as_mut_ptr().add(i);
+            if mask == 0xffff {
+                _mm256_storeu_si256(dst.cast(), h);
+            } else {
+                // (A masked 16-bit store of 256 bits would need AVX-512 VL.)
+                _mm512_mask_cvtepi32_storeu_epi16(dst.cast(), mask, _mm512_cvtepu16_epi32(h));
+            }
         }
     }
     let mut lanes = [0f32; L];
     // SAFETY: `lanes` holds 16 values.
     unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-    let mut sum = lanes.iter().sum::<f32>();
-    for (&x, o) in row[full..].iter().zip(&mut out[full..]) {
-        let e = exp2_nonpositive((x - max) * scale);
-        sum += e;
-        *o = f32_bits_to_bf16_bits(e.to_bits());
-    }
-    sum
+    lanes.iter().sum::<f32>()
 }
 
 dispatch! {
@@ -263,13 +268,13 @@ dispatch! {
                 o[i] = f32_bits_to_bf16_bits(e.to_bits());
             }
         }
-        let mut sum = acc.iter().sum::<f32>();
-        for (&x, o) in rest.iter().zip(outs.into_remainder()) {
+        // The rest in the first lanes, as the vector path's last, partial vector adds them.
+        for ((&x, o), a) in rest.iter().zip(outs.into_remainder()).zip(&mut acc) {
             let e = exp2_nonpositive((x - max) * scale);
-            sum += e;
+            *a += e;
             *o = f32_bits_to_bf16_bits(e.to_bits());
         }
-        sum
+        acc.iter().sum::<f32>()
     }
 }
 
@@ -431,9 +436,9 @@ mod tests {
             assert_eq!(row, before);
             let max = row.iter().fold(f32::MIN, |m, &x| m.max(x));
             let c = scale * std::f32::consts::LOG2_E;
-            // The implementation's order: 16 lanes over whole vectors, then the rest one by one.
+            // The implementation's order: 16 lanes, the last vector's rest in the first ones.
             let (mut lanes, mut exact) = ([0f32; 16], 0f64);
-            let full = len / 16 * 16;
+
             for (i, &x) in row.iter().enumerate() {
                 let e = exp2_nonpositive((x - max) * c);
                 let want = ((x - max) as f64 * scale as f64).exp();
@@ -452,14 +457,9 @@ mod tests {
                     half::bf16::from_f32(e).to_bits(),
                     "len {len} entry {i}"
                 );
-                if i < full {
-                    lanes[i % 16] += e;
-                }
+                lanes[i % 16] += e;
             }
-            let mut want_sum = lanes.iter().sum::<f32>();
-            for &x in &row[full..] {
-                want_sum += exp2_nonpositive((x - max) * c);
-            }
+            let want_sum = lanes.iter().sum::<f32>();
             assert_eq!(sum.to_bits(), want_sum.to_bits(), "len {len}");
             assert!(
                 (sum as f64 / exact - 1.0).abs() < 1e-6,
