@@ -77,12 +77,15 @@ impl<T: Copy + Default> Kept<T> {
 }
 
 /// Asks the kernel to back the whole 2 MiB pages inside `ptr..ptr + len` with huge pages when they are first
-/// touched (one fault and one TLB entry per 2 MiB instead of 512). Only a hint on regions of at least 4 MiB: the
+/// touched (one fault and one TLB entry per 2 MiB instead of 512). Only a hint, on regions of at least 32 MiB: the
 /// memory's contents do not change, and failures (or a kernel without transparent huge pages) are ignored.
 #[cfg(all(target_os = "linux", not(miri)))]
 pub(crate) fn advise_huge_pages(ptr: *mut u8, len: usize) {
     const HUGE: usize = 2 << 20;
-    if len < 2 * HUGE {
+    // glibc serves requests above 32 MiB (its largest mmap threshold) from fresh maps; smaller ones may reuse
+    // heap memory that is faulted in already, where the hint would only split the heap's mapping.
+    const MIN_LEN: usize = 32 << 20;
+    if len < MIN_LEN {
         return;
     }
     let start = (ptr as usize).next_multiple_of(HUGE);
