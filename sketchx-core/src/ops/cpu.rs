@@ -50,6 +50,14 @@ pub(crate) fn output_f32(len: usize) -> Vec<f32> {
     v
 }
 
+/// An empty buffer with room for `len` f32 values, for an operation that writes all of them through its pointer
+/// before `set_len` (no zeroing pass); hinted like [`output_f32`].
+pub(crate) fn output_uninit_f32(len: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    advise_huge_pages(v.as_mut_ptr().cast(), len * std::mem::size_of::<f32>());
+    v
+}
+
 /// A scratch buffer kept between an operation's calls, each of which overwrites what it uses: a fresh buffer of
 /// megabytes is zeroed (or faulted in) at every call. A call that finds it taken (another thread's operation
 /// meanwhile) uses a fresh one.

@@ -512,6 +512,72 @@ pub(crate) fn gemm_f32_from(
     }
 }
 
+/// Whether [`gemm_rows_uninit`] can run a product with `b`: on the AVX-512 micro-kernel (bf16 on AMX takes another
+/// path, which writes the start into `C` first), over a non-empty `k`.
+pub(crate) fn fills_uninit(b: &PackedB) -> bool {
+    cfg!(target_arch = "x86_64")
+        && b.k > 0
+        && b.format.has_fast_kernel()
+        && !(b.format == Format::Bf16 && super::amx::available())
+}
+
+/// `C = start + A B` with `A` row-major (`m x b.k()`, row stride `lda`: f32 for a B packed in f32, bf16 bit
+/// patterns for bf16) into `C` memory that may be uninitialised: the micro-kernel writes every entry of `C` in
+/// its first block of `k`, before it reads any. For outputs that would otherwise be zeroed first, only to be
+/// overwritten.
+///
+/// # Safety
+/// [`fills_uninit`] must hold for `b`; `start` must not be [`Start::Accumulate`]; `c` must be valid for writes of
+/// `m` rows of `b.n()` values `ldc >= b.n()` apart, accessed by nothing else during the call.
+pub(crate) unsafe fn gemm_rows_uninit<T: Copy>(
+    m: usize,
+    a: &[T],
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+) {
+    let elem = std::mem::size_of::<T>();
+    assert!(
+        fills_uninit(b),
+        "no kernel writes this product into uninitialised memory"
+    );
+    assert!(
+        !matches!(start, Start::Accumulate),
+        "an accumulating product reads C"
+    );
+    assert_eq!(
+        elem,
+        4 / b.format.per_word(),
+        "A's entries do not match B's format"
+    );
+    assert!(ldc >= b.n, "C's rows overlap");
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    check_a(m, a.len(), lda, b.k);
+    start.check(m, b.n);
+    let view = AView::Rows {
+        ptr: a.as_ptr().cast(),
+        elem,
+        lda,
+    };
+    #[cfg(target_arch = "x86_64")]
+    tiles(
+        m,
+        view,
+        BView::packed(b),
+        (b.k, b.n, b.format),
+        c,
+        ldc,
+        true,
+        start,
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (view, c);
+}
+
 /// `C += A B` with bf16 inputs and f32 accumulation: `A` row-major bf16 bit patterns `m x b.k()` with row stride
 /// `lda`, `C` as in [`gemm_f32`]; `b` must be packed in bf16.
 #[cfg(any(test, feature = "bench-internals"))]
@@ -1546,6 +1612,53 @@ mod tests {
         } else {
             &SHAPES
         }
+    }
+
+    /// Products into uninitialised memory (here: C full of NaN, which any read would spread) match the products
+    /// from the same start into a zeroed C, bit for bit, on every edge shape, for each start.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(miri, ignore = "no SIMD under Miri")]
+    fn uninit_products_write_every_entry() {
+        crate::ops::cpu::detected_only(|| {
+            let mut seed = 11u64;
+            for &(m, n, k) in shapes() {
+                for p in [Format::F32, Format::Bf16] {
+                    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+                    let bt: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                    let bias: Vec<f32> = (0..m.max(n)).map(|_| lcg(&mut seed)).collect();
+                    let b = PackedB::from_transposed(&bt, n, k, p);
+                    if !fills_uninit(&b) {
+                        continue;
+                    }
+                    let a16: Vec<u16> = a.iter().map(|&v| round_bf16(v)).collect();
+                    for start in [Start::Zero, Start::Cols(&bias), Start::Rows(&bias)] {
+                        let mut want = vec![0f32; m * n];
+                        let mut got = vec![f32::NAN; m * n];
+                        // SAFETY: the kernel exists (checked), the start does not accumulate, `got` holds m x n.
+                        match p {
+                            Format::F32 => {
+                                gemm_f32_from(m, &a, k, &b, &mut want, n, start);
+                                unsafe {
+                                    gemm_rows_uninit(m, &a, k, &b, got.as_mut_ptr(), n, start)
+                                };
+                            }
+                            Format::Bf16 => {
+                                gemm_bf16_from(m, &a16, k, &b, &mut want, n, start);
+                                unsafe {
+                                    gemm_rows_uninit(m, &a16, k, &b, got.as_mut_ptr(), n, start)
+                                };
+                            }
+                        }
+                        let same = want
+                            .iter()
+                            .zip(&got)
+                            .all(|(w, g)| w.to_bits() == g.to_bits());
+                        assert!(same, "{m}x{n}x{k} {p:?} {start:?}");
+                    }
+                }
+            }
+        });
     }
 
     /// The serial entry points (f32 and bf16) add to `C`, or overwrite it without reading it (`C` full of NaN), on

@@ -13,7 +13,13 @@ use candle_nn::Linear;
 use crate::precision::Weights;
 
 use super::cpu::Kept;
-use super::gemm::{convert_bf16_parallel, gemm_bf16_from, gemm_f32_from, Format, PackedB, Start};
+use super::gemm::{
+    convert_bf16_parallel, fills_uninit, gemm_bf16_from, gemm_f32_from, gemm_rows_uninit, Format,
+    PackedB, Start,
+};
+
+/// A linear layer's input in bf16, in memory kept between calls.
+static ROUNDED: Kept<u16> = Kept::new();
 
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
@@ -166,7 +172,27 @@ impl CustomOp1 for PackedLinearOp {
         let x = super::cpu::contiguous_f32(s, l, "linear input")?;
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
-        let mut out = super::cpu::output_f32(m * n);
+        let len = m * n;
+        if len > 0 && fills_uninit(&self.weight) {
+            // The product writes every value: no zeroing pass first.
+            let mut out = super::cpu::output_uninit_f32(len);
+            let (k, c) = (self.weight.k(), out.as_mut_ptr());
+            let start = self.start();
+            // SAFETY: `fills_uninit` holds, the start is not `Accumulate`, and `c` has capacity for the `m` rows of
+            // `n` values, all of which the product writes before `set_len`.
+            unsafe {
+                match self.weight.format() {
+                    Format::F32 => gemm_rows_uninit(m, x, k, &self.weight, c, n, start),
+                    Format::Bf16 => ROUNDED.with(x.len(), |rounded| {
+                        convert_bf16_parallel(x, rounded);
+                        gemm_rows_uninit(m, rounded, k, &self.weight, c, n, start)
+                    }),
+                }
+                out.set_len(len);
+            }
+            return Ok((CpuStorage::F32(out), shape));
+        }
+        let mut out = super::cpu::output_f32(len);
         self.product(x, &mut out);
         Ok((CpuStorage::F32(out), shape))
     }
@@ -175,6 +201,11 @@ impl CustomOp1 for PackedLinearOp {
 impl PackedLinearOp {
     /// The rows of an input of layout `l` (all dimensions but the last, which must be the weight's input
     /// features), and the shape of an output with `width` values per row.
+    /// What the product starts from: the bias, or zero.
+    fn start(&self) -> Start<'_> {
+        self.bias.as_deref().map_or(Start::Zero, |b| Start::Cols(b))
+    }
+
     fn rows_and_shape(&self, l: &Layout, width: usize) -> Result<(usize, Shape)> {
         let k = self.weight.k();
         let dims = l.shape().dims();
@@ -194,17 +225,13 @@ impl PackedLinearOp {
         }
         let (k, n) = (self.weight.k(), self.weight.n());
         let m = out.len() / n;
-        let start = self.bias.as_deref().map_or(Start::Zero, |b| Start::Cols(b));
+        let start = self.start();
         match self.weight.format() {
             Format::F32 => gemm_f32_from(m, x, k, &self.weight, out, n, start),
-            Format::Bf16 => {
-                // The input in bf16, in memory kept between calls.
-                static ROUNDED: Kept<u16> = Kept::new();
-                ROUNDED.with(x.len(), |rounded| {
-                    convert_bf16_parallel(x, rounded);
-                    gemm_bf16_from(m, rounded, k, &self.weight, out, n, start)
-                })
-            }
+            Format::Bf16 => ROUNDED.with(x.len(), |rounded| {
+                convert_bf16_parallel(x, rounded);
+                gemm_bf16_from(m, rounded, k, &self.weight, out, n, start)
+            }),
         }
     }
 }

@@ -322,7 +322,13 @@ mod tests {
                 .unwrap();
             let got = ln.forward(&xs).unwrap();
             let diff = crate::ops::max_abs_diff(&want, &got);
-            assert!(diff < 2e-5, "{rows}x{dim} offset {offset}: max diff {diff}");
+            // The f32 mean of values near `offset` is off by a few of their ulps (E[x^2] - E[x]^2 in f32, as candle
+            // computes it, would be off by ~1e-3 at offset 100).
+            let bound = 2e-5 + 1e-6 * offset as f32;
+            assert!(
+                diff < bound,
+                "{rows}x{dim} offset {offset}: max diff {diff}"
+            );
         }
     }
 }
