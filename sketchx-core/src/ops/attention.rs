@@ -290,7 +290,10 @@ unsafe fn packed(
     let bf16 = format == Format::Bf16;
     let tiles = n.div_ceil(QUERY_TILE);
     let packed = pack_heads(k, v, (b, m, inner), heads, d, format);
-    let mut out = super::cpu::output_f32(b * n * inner);
+    // Never zeroed: the tasks' `P V` products overwrite every value (each (image, head, tile) block once) before
+    // anything reads it.
+    let len = b * n * inner;
+    let mut out = super::cpu::output_uninit_f32(len);
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
     (0..b * heads * tiles).into_par_iter().for_each_init(
@@ -314,7 +317,7 @@ unsafe fn packed(
             // SAFETY (both products): the CPU has the format's kernel (this function's contract); the query rows
             // start `rows` rows of `d` values, `inner` apart, inside `q` (or `qb` holds them, `d` apart); `sc` is
             // this task's own `rows x m` block (overwritten); the output block (rows r0..r0 + rows of image bi,
-            // columns of head hi) lies inside `out` and is written by this task only.
+            // columns of head hi) lies inside `out`'s buffer and is written by this task only, by `P V` first.
             let op = unsafe { dst.0.add(q0) };
             if bf16 {
                 for r in 0..rows {
@@ -352,6 +355,8 @@ unsafe fn packed(
             unsafe { divide_rows(op, inner, d, &sums[..rows]) };
         },
     );
+    // SAFETY: the tasks covered every (image, head, tile) block, and each wrote its whole block (see above).
+    unsafe { out.set_len(len) };
     out
 }
 

@@ -348,7 +348,6 @@ impl Conv2dOp {
         let tap_rows = matches!(weight, Weight::Taps(_)).then_some(cin.next_multiple_of(2));
         let k = tap_rows.map_or(cin, |c| c) * kh * kw;
         let direct = kh == 1 && kw == 1 && s == 1 && p == 0;
-        let mut out = super::cpu::output_f32(b * cout * n);
         // The unrolled input is built for a band of output rows at a time: at most BAND_ELEMS values (64 MiB in
         // f32), instead of k x n (9 GiB for a 256-channel 3x3 convolution at 1024x1024).
         let band_rows = if direct {
@@ -377,6 +376,13 @@ impl Conv2dOp {
             }
             _ => None,
         };
+        let len = b * cout * n;
+        // The batched product's output is copied into every position of `out`, so that one is never zeroed.
+        let mut out = if batch.is_some() {
+            super::cpu::output_uninit_f32(len)
+        } else {
+            super::cpu::output_f32(len)
+        };
         if let Some(w) = batch {
             let cols = b * n;
             let rhs = pack(
@@ -393,10 +399,22 @@ impl Conv2dOp {
             let all = &mut col[..cout * cols];
             gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias));
             let all = &*all;
-            out.par_chunks_mut(n).enumerate().for_each(|(t, o)| {
+            let optr = SendPtr(out.as_mut_ptr());
+            (0..b * cout).into_par_iter().for_each(|t| {
+                let optr = &optr;
                 let (bi, co) = (t / cout, t % cout);
-                o.copy_from_slice(&all[co * cols + bi * n..][..n]);
+                // SAFETY: plane t (image bi, channel co) of `out`'s buffer, `n` values, is written by this task
+                // only; `all` is another buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        all[co * cols + bi * n..][..n].as_ptr(),
+                        optr.0.add(t * n),
+                        n,
+                    )
+                };
             });
+            // SAFETY: the b * cout planes of n values, all of `out`, were written just above.
+            unsafe { out.set_len(len) };
             packed = rhs.into_buffer();
         }
         for bi in (0..b).filter(|_| batch.is_none()) {
@@ -563,10 +581,12 @@ impl Conv2dOp {
         words: &mut Vec<u32>,
         out_band: &mut Vec<f32>,
     ) -> Vec<f32> {
-        let mut out = super::cpu::output_f32(b * cout * h * w);
-        if out.is_empty() {
-            return out;
+        let len = b * cout * h * w;
+        if len == 0 {
+            return Vec::new();
         }
+        // Never zeroed: the bands' copies below write every output position before anything reads it.
+        let mut out = super::cpu::output_uninit_f32(len);
         let pairs = cin.div_ceil(2);
         let l = w + 1;
         let plane = (h + 2) * l + 1;
@@ -582,8 +602,11 @@ impl Conv2dOp {
         if stride % 256 == 0 {
             stride += NR;
         }
-        words.clear();
-        words.resize(pairs * stride, 0);
+        // Every word is written below (zeros and pairs), so the kept buffer is not cleared first.
+        if words.len() < pairs * stride {
+            words.resize(pairs * stride, 0);
+        }
+        words.truncate(pairs * stride);
         let img = h * w;
         words
             .par_chunks_mut(stride)
@@ -632,18 +655,21 @@ impl Conv2dOp {
                     if lo >= hi {
                         continue;
                     }
-                    // SAFETY: output plane t (image bi, channel co) row y columns lo - j..hi - j (< w): written
-                    // by this task only.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
+                    // SAFETY: output plane t (image bi, channel co) row y columns lo - j..hi - j (< w), inside
+                    // `out`'s buffer: written by this task only; `src` is another buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src[lo - j0..hi - j0].as_ptr(),
                             optr.0.add(t * img + y * w + lo - j),
                             hi - lo,
                         )
                     };
-                    dst.copy_from_slice(&src[lo - j0..hi - j0]);
                 }
             });
         }
+        // SAFETY: the bands cover columns 0..ncols, which hold every output position (image bi, row y < h,
+        // column x < w at bi * plane + y * l + x), each copied above.
+        unsafe { out.set_len(len) };
         out
     }
 }

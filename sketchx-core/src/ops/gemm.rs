@@ -729,7 +729,8 @@ pub(crate) fn pair_words(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 /// # Safety
 /// The CPU must have AVX-512 F and BW (callers check [`Format::has_fast_kernel`] and keep a portable path). `a`
 /// must point to `m` rows of `b.k()` readable f32 values `lda` apart, and `c` to `m` rows of `b.n()` f32
-/// values `ldc` apart that no one else reads or writes meanwhile.
+/// values `ldc` apart that no one else reads or writes meanwhile (with `overwrite`, they may be uninitialised:
+/// they are written before they are read).
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn gemm_f32_serial(
     m: usize,
