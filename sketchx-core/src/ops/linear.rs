@@ -199,13 +199,13 @@ impl CustomOp1 for PackedLinearOp {
 }
 
 impl PackedLinearOp {
-    /// The rows of an input of layout `l` (all dimensions but the last, which must be the weight's input
-    /// features), and the shape of an output with `width` values per row.
     /// What the product starts from: the bias, or zero.
     fn start(&self) -> Start<'_> {
         self.bias.as_deref().map_or(Start::Zero, |b| Start::Cols(b))
     }
 
+    /// The rows of an input of layout `l` (all dimensions but the last, which must be the weight's input
+    /// features), and the shape of an output with `width` values per row.
     fn rows_and_shape(&self, l: &Layout, width: usize) -> Result<(usize, Shape)> {
         let k = self.weight.k();
         let dims = l.shape().dims();
