@@ -16,7 +16,7 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::precision::Weights;
 use rayon::prelude::*;
 
-use super::cpu::SendPtr;
+use super::cpu::{Kept, SendPtr};
 use super::gemm::{
     gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted,
     Start, NR,
@@ -334,13 +334,9 @@ impl Conv2dOp {
         }
         let taps_wide = wd >= TAPS_MIN_WIDTH;
         if let (Weight::Taps(a), true) = (weight, taps_wide) {
-            let mut kept = SCRATCH.try_lock().ok();
-            let (mut out_band, mut words) =
-                kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
-            let out = self.taps_3x3(x, a, bias, (b, cin, h, wd), cout, &mut words, &mut out_band);
-            if let Some(kept) = kept.as_deref_mut() {
-                *kept = (out_band, words);
-            }
+            let out = SCRATCH.take_with(|(out_band, words)| {
+                self.taps_3x3(x, a, bias, (b, cin, h, wd), cout, words, out_band)
+            });
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
         }
         let n = oh * ow;
@@ -357,109 +353,104 @@ impl Conv2dOp {
         };
         // The unrolled input's memory is kept between calls (each call overwrites what it uses): fresh buffers
         // of this size come straight from the OS and fault in page by page every time.
-        let mut kept = SCRATCH.try_lock().ok();
-        let scratch = kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
-        let (mut col, mut packed) = match weight {
-            Weight::F32(_) if !direct => {
-                let mut col = scratch.0;
+        let out = SCRATCH.take_with(|(col, packed)| {
+            if let (Weight::F32(_), false) = (weight, direct) {
                 col.resize(col.len().max(k * band_rows * ow), 0.0);
-                (col, scratch.1)
             }
-            _ => scratch,
-        };
-        // Small images in the packed formats: one product over all of them, so that the kernel is read once, not
-        // once per image (and the product has enough columns for whole micro-kernel blocks); its columns are
-        // then spread over the images.
-        let batch = match weight {
-            Weight::Packed(w) | Weight::Taps(w) if b > 1 && n < BATCH_BELOW && band_rows == oh => {
-                Some(w)
+            // Small images in the packed formats: one product over all of them, so that the kernel is read once, not
+            // once per image (and the product has enough columns for whole micro-kernel blocks); its columns are
+            // then spread over the images.
+            let batch = match weight {
+                Weight::Packed(w) | Weight::Taps(w)
+                    if b > 1 && n < BATCH_BELOW && band_rows == oh =>
+                {
+                    Some(w)
+                }
+                _ => None,
+            };
+            let len = b * cout * n;
+            // The batched product's output is copied into every position of `out`, so that one is never zeroed.
+            let mut out = if batch.is_some() {
+                super::cpu::output_uninit_f32(len)
+            } else {
+                super::cpu::output_f32(len)
+            };
+            if let Some(w) = batch {
+                let cols = b * n;
+                let rhs = pack(
+                    std::mem::take(packed),
+                    x,
+                    b,
+                    (direct, tap_rows),
+                    k,
+                    &g,
+                    0..oh,
+                    w.format(),
+                );
+                col.resize(col.len().max(cout * cols), 0.0);
+                let all = &mut col[..cout * cols];
+                gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias));
+                let all = &*all;
+                let optr = SendPtr(out.as_mut_ptr());
+                (0..b * cout).into_par_iter().for_each(|t| {
+                    let optr = &optr;
+                    let (bi, co) = (t / cout, t % cout);
+                    // SAFETY: plane t (image bi, channel co) of `out`'s buffer, `n` values, is written by this task
+                    // only; `all` is another buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            all[co * cols + bi * n..][..n].as_ptr(),
+                            optr.0.add(t * n),
+                            n,
+                        )
+                    };
+                });
+                // SAFETY: the b * cout planes of n values, all of `out`, were written just above.
+                unsafe { out.set_len(len) };
+                *packed = rhs.into_buffer();
             }
-            _ => None,
-        };
-        let len = b * cout * n;
-        // The batched product's output is copied into every position of `out`, so that one is never zeroed.
-        let mut out = if batch.is_some() {
-            super::cpu::output_uninit_f32(len)
-        } else {
-            super::cpu::output_f32(len)
-        };
-        if let Some(w) = batch {
-            let cols = b * n;
-            let rhs = pack(
-                std::mem::take(&mut packed),
-                x,
-                b,
-                (direct, tap_rows),
-                k,
-                &g,
-                0..oh,
-                w.format(),
-            );
-            col.resize(col.len().max(cout * cols), 0.0);
-            let all = &mut col[..cout * cols];
-            gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias));
-            let all = &*all;
-            let optr = SendPtr(out.as_mut_ptr());
-            (0..b * cout).into_par_iter().for_each(|t| {
-                let optr = &optr;
-                let (bi, co) = (t / cout, t % cout);
-                // SAFETY: plane t (image bi, channel co) of `out`'s buffer, `n` values, is written by this task
-                // only; `all` is another buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        all[co * cols + bi * n..][..n].as_ptr(),
-                        optr.0.add(t * n),
-                        n,
-                    )
-                };
-            });
-            // SAFETY: the b * cout planes of n values, all of `out`, were written just above.
-            unsafe { out.set_len(len) };
-            packed = rhs.into_buffer();
-        }
-        for bi in (0..b).filter(|_| batch.is_none()) {
-            let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
-            let ob = &mut out[bi * cout * n..(bi + 1) * cout * n];
-            if let Weight::F32(_) = weight {
-                ob.par_chunks_mut(n)
-                    .zip(bias.par_iter())
-                    .for_each(|(row, &bv)| row.fill(bv));
-            }
-            for oy0 in (0..oh).step_by(band_rows) {
-                let rows = oy0..(oy0 + band_rows).min(oh);
-                let nb = rows.len() * ow;
-                // Columns oy0 * ow.. of every output channel (row stride n).
-                let dst = &mut ob[oy0 * ow..];
-                match weight {
-                    Weight::F32(w) => {
-                        let rhs: &[f32] = if direct {
-                            xb
-                        } else {
-                            im2col(xb, &mut col[..k * nb], &g, rows);
-                            &col[..k * nb]
-                        };
-                        plain_gemm_f32(cout, nb, k, w, rhs, dst, n);
-                    }
-                    Weight::Packed(w) | Weight::Taps(w) => {
-                        let rhs = pack(
-                            std::mem::take(&mut packed),
-                            xb,
-                            1,
-                            (direct, tap_rows),
-                            k,
-                            &g,
-                            rows,
-                            w.format(),
-                        );
-                        gemm_packed_from(w, &rhs, dst, n, Start::Rows(bias));
-                        packed = rhs.into_buffer();
+            for bi in (0..b).filter(|_| batch.is_none()) {
+                let xb = &x[bi * cin * h * wd..(bi + 1) * cin * h * wd];
+                let ob = &mut out[bi * cout * n..(bi + 1) * cout * n];
+                if let Weight::F32(_) = weight {
+                    ob.par_chunks_mut(n)
+                        .zip(bias.par_iter())
+                        .for_each(|(row, &bv)| row.fill(bv));
+                }
+                for oy0 in (0..oh).step_by(band_rows) {
+                    let rows = oy0..(oy0 + band_rows).min(oh);
+                    let nb = rows.len() * ow;
+                    // Columns oy0 * ow.. of every output channel (row stride n).
+                    let dst = &mut ob[oy0 * ow..];
+                    match weight {
+                        Weight::F32(w) => {
+                            let rhs: &[f32] = if direct {
+                                xb
+                            } else {
+                                im2col(xb, &mut col[..k * nb], &g, rows);
+                                &col[..k * nb]
+                            };
+                            plain_gemm_f32(cout, nb, k, w, rhs, dst, n);
+                        }
+                        Weight::Packed(w) | Weight::Taps(w) => {
+                            let rhs = pack(
+                                std::mem::take(packed),
+                                xb,
+                                1,
+                                (direct, tap_rows),
+                                k,
+                                &g,
+                                rows,
+                                w.format(),
+                            );
+                            gemm_packed_from(w, &rhs, dst, n, Start::Rows(bias));
+                            *packed = rhs.into_buffer();
+                        }
                     }
                 }
             }
-        }
-        if let Some(kept) = kept.as_deref_mut() {
-            *kept = (col, packed);
-        }
+            out
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
 }
@@ -503,8 +494,7 @@ const BATCH_BELOW: usize = 512;
 
 /// The unrolled input's buffers (f32 im2col, packed), kept for the next convolution; one caller at a time takes
 /// them (others allocate their own).
-static SCRATCH: std::sync::Mutex<(Vec<f32>, Vec<u32>)> =
-    std::sync::Mutex::new((Vec::new(), Vec::new()));
+static SCRATCH: Kept<(Vec<f32>, Vec<u32>)> = Kept::new((Vec::new(), Vec::new()));
 
 /// Most values of the unrolled input built at once (see [`Conv2dOp`]).
 const BAND_ELEMS: usize = 1 << 24;

@@ -58,29 +58,39 @@ pub(crate) fn output_uninit_f32(len: usize) -> Vec<f32> {
     v
 }
 
-/// A scratch buffer kept between an operation's calls, each of which overwrites what it uses: a fresh buffer of
+/// Scratch memory kept between an operation's calls, each of which overwrites what it uses: a fresh buffer of
 /// megabytes is zeroed (or faulted in) at every call. A call that finds it taken (another thread's operation
 /// meanwhile) uses a fresh one.
-pub(crate) struct Kept<T>(std::sync::Mutex<Vec<T>>);
+pub(crate) struct Kept<T>(std::sync::Mutex<T>);
 
-impl<T: Copy + Default> Kept<T> {
-    /// An empty buffer.
-    pub(crate) const fn new() -> Self {
-        Self(std::sync::Mutex::new(Vec::new()))
+impl<T: Default> Kept<T> {
+    /// Kept memory starting as `value` (e.g. empty vectors).
+    pub(crate) const fn new(value: T) -> Self {
+        Self(std::sync::Mutex::new(value))
     }
 
-    /// `f` on `len` values of the buffer (grown as needed; what a previous call left in it is not cleared).
-    pub(crate) fn with<R>(&self, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    /// `f` on the kept value (taken out meanwhile, and put back afterwards), or on a fresh default one when it is
+    /// taken.
+    pub(crate) fn take_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut kept = self.0.try_lock().ok();
-        let mut buf = kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
-        if buf.len() < len {
-            buf.resize(len, T::default());
-        }
-        let r = f(&mut buf[..len]);
+        let mut value = kept.as_deref_mut().map(std::mem::take).unwrap_or_default();
+        let r = f(&mut value);
         if let Some(kept) = kept.as_deref_mut() {
-            *kept = buf;
+            *kept = value;
         }
         r
+    }
+}
+
+impl<E: Copy + Default> Kept<Vec<E>> {
+    /// `f` on `len` values of the kept buffer (grown as needed; what a previous call left in it is not cleared).
+    pub(crate) fn with<R>(&self, len: usize, f: impl FnOnce(&mut [E]) -> R) -> R {
+        self.take_with(|buf| {
+            if buf.len() < len {
+                buf.resize(len, E::default());
+            }
+            f(&mut buf[..len])
+        })
     }
 }
 

@@ -19,7 +19,7 @@ use super::gemm::{
 };
 
 /// A linear layer's input in bf16, in memory kept between calls.
-static ROUNDED: Kept<u16> = Kept::new();
+static ROUNDED: Kept<Vec<u16>> = Kept::new(Vec::new());
 
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
@@ -136,7 +136,7 @@ impl CustomOp1 for GegluLinearOp<'_> {
         let k = self.linear.weight.k();
         let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m);
         let mut out = super::cpu::output_f32(m * half);
-        static BLOCK: Kept<f32> = Kept::new();
+        static BLOCK: Kept<Vec<f32>> = Kept::new(Vec::new());
         BLOCK.with(rows * n, |block| {
             for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
                 let h = &mut block[..xb.len() / k * n];
