@@ -331,12 +331,11 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let ln = |n: &FastLayerNorm, x: &Tensor| n.forward(x);
-        let a = self.attn1.forward(&ln(&self.norm1, xs)?, None)?;
+        let a = self.attn1.forward(&self.norm1.forward(xs)?, None)?;
         let xs = crate::ops::add::add(&a, xs, 1.0)?;
-        let a = self.attn2.forward(&ln(&self.norm2, &xs)?, Some(ctx))?;
+        let a = self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))?;
         let xs = crate::ops::add::add(&a, &xs, 1.0)?;
-        let h = self.ff_in.forward_geglu(&ln(&self.norm3, &xs)?)?;
+        let h = self.ff_in.forward_geglu(&self.norm3.forward(&xs)?)?;
         let o = self.ff_out.forward(&h)?;
         crate::ops::add::add(&o, &xs, 1.0)
     }

@@ -176,10 +176,10 @@ impl ControlNet {
     }
 
     /// Runs the ControlNet: `sample` (latents, already scaled for the timestep), `timestep`, the text embeddings
-    /// and the control image `cond` in `[0, 1]` with the same batch size. The embeddings of the control image and
-    /// the keys and values of the text are kept for the next call on the same tensors (a job's next step). `scale` multiplies every residual; with
-    /// `guess_mode` the residuals are additionally scaled from 0.1 (first) to 1.0 (mid) on a log scale, as in
-    /// diffusers.
+    /// and the control image `cond` in `[0, 1]` with the same batch size. The embedding of the control image and
+    /// the keys and values of the text are kept for the next call on the same tensors (a job's next step).
+    /// `scale` multiplies every residual; with `guess_mode` the residuals are additionally scaled from 0.1
+    /// (first) to 1.0 (mid) on a log scale, as in diffusers.
     pub fn forward(
         &self,
         sample: &Tensor,

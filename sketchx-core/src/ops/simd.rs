@@ -403,9 +403,9 @@ mod tests {
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37 && exp_f32(f32::INFINITY) > 1e38);
     }
 
-    /// The fused bf16 variant: values within 3e-7 + 1e-7 |x| of exp(x) (relative), rounded as `vcvtneps2bf16` rounds them, their
-    /// sum within 1e-6; the same bits on both paths (each compared with the scalar [`exp2_nonpositive`]), on
-    /// lengths around the vector width; the row is left alone.
+    /// The fused bf16 variant: values within 3e-7 + 1e-7 |x| of exp(x) (relative), rounded as `vcvtneps2bf16`
+    /// rounds them, their sum within 1e-6; the same bits on both paths (each compared with the scalar
+    /// [`exp2_nonpositive`]), on lengths around the vector width; the row is left alone.
     #[test]
     fn exp_sum_row_bf16_matches_rounding_afterwards() {
         crate::ops::cpu::detected_only(exp_sum_row_bf16_on_this_path);
