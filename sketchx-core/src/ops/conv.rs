@@ -5,8 +5,8 @@
 //! matrix), im2col writes whole shifted rows in parallel (`[c_in * kh * kw, h_out * w_out]`, output lands in NCHW
 //! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
 //! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_packed`] (the f32 im2col matrix is never
-//! built). Large f32 3x3 convolutions of stride 1 go to [`super::winograd`] instead. Other dtypes and devices use
-//! candle's conv2d.
+//! built). Large f32 3x3 convolutions of stride 1 go to [`super::winograd`] instead, and in the bf16 mode without
+//! AMX those of up to 640 channels to [`super::winograd_bf16`]. Other dtypes and devices use candle's conv2d.
 
 use std::sync::Arc;
 
@@ -21,6 +21,7 @@ use super::gemm::{
     gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted,
     Start, NR,
 };
+use super::winograd_bf16::{self, Filters};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
@@ -132,9 +133,12 @@ impl FastConv2d {
         } else {
             PackedA::new(&w, cout, cin * kh * kw, format)
         };
-        let winograd = (format == Format::Bf16 && may_run_winograd(self.kernel, op))
+        let winograd_f32 = (format == Format::Bf16 && may_run_winograd(self.kernel, op))
             .then(|| inner.weight().to_dtype(DType::F32))
             .transpose()?;
+        let winograd =
+            (taps && format == Format::Bf16 && winograd_bf16::keeps_filters(self.kernel))
+                .then(|| Filters::new(&w, cout, cin));
         Ok(Self {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
@@ -143,11 +147,12 @@ impl FastConv2d {
                         a: packed,
                         shape: self.kernel,
                         taps,
+                        winograd,
                     })),
                     ..op.clone()
                 },
                 bias: bias.to_dtype(DType::F32)?,
-                winograd,
+                winograd: winograd_f32,
             },
         })
     }
@@ -273,7 +278,7 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (cout, cin, kh, kw) = l2.shape().dims4()?;
         let w = super::cpu::contiguous_f32(s2, l2, "conv kernel")?;
-        self.run(s1, l1, Weight::F32(w), [cout, cin, kh, kw], s3, l3)
+        self.run(s1, l1, Weight::F32(w), None, [cout, cin, kh, kw], s3, l3)
     }
 }
 
@@ -297,16 +302,19 @@ impl CustomOp2 for Conv2dOp {
         } else {
             Weight::Packed(&packed.a)
         };
-        self.run(s1, l1, weight, packed.shape, s2, l2)
+        let winograd = packed.winograd.as_ref();
+        self.run(s1, l1, weight, winograd, packed.shape, s2, l2)
     }
 }
 
 impl Conv2dOp {
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         weight: Weight,
+        winograd: Option<&Filters>,
         [cout, wcin, kh, kw]: [usize; 4],
         s3: &CpuStorage,
         l3: &Layout,
@@ -329,6 +337,12 @@ impl Conv2dOp {
             if super::winograd::applies(b, cin, cout, &g) {
                 let mut out = super::cpu::output_f32(b * cout * oh * ow);
                 super::winograd::conv3x3(x, w, bias, &mut out, b, cin, cout, h, wd);
+                return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
+            }
+        }
+        if let Some(f) = winograd {
+            if winograd_bf16::applies(b, h, wd) {
+                let out = winograd_bf16::conv3x3(x, f, bias, (b, cin, h, wd));
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
             }
         }
@@ -517,6 +531,9 @@ struct PackedKernel {
     /// Packed tap-major for [`Conv2dOp::taps_3x3`] (`[c_out, 9, c_in]`, `c_in` rounded up to even) rather than
     /// as the im2col product's `[c_out, c_in * kh * kw]`.
     taps: bool,
+    /// The transformed filters for bf16 Winograd ([`super::winograd_bf16`]), for a tap-major kernel of channel
+    /// counts that keep them (AMX's direct product is faster than Winograd's transforms and smaller products).
+    winograd: Option<Filters>,
 }
 
 /// The narrowest input [`Conv2dOp::taps_3x3`] runs (its discarded columns are `1 / (w + 1)` of the work, plus
@@ -793,6 +810,7 @@ mod tests {
         );
         let xs = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
         let want = conv.forward(&xs).unwrap();
+        let exact = want.clone();
         let got = FastConv2d::new(conv.clone()).forward(&xs).unwrap();
         assert_eq!(want.dims(), got.dims());
         let diff = crate::ops::max_abs_diff(&want, &got);
@@ -824,7 +842,33 @@ mod tests {
             && padding == 1
             && Format::Bf16.has_fast_kernel()
             && !crate::ops::amx::available();
-        assert_eq!(op.packed.as_ref().unwrap().taps, taps, "tap-major kernel");
+        let kept = op.packed.as_ref().unwrap();
+        assert_eq!(kept.taps, taps, "tap-major kernel");
+        let keeps_winograd = taps && winograd_bf16::keeps_filters([cout, cin, k, k]);
+        assert_eq!(kept.winograd.is_some(), keeps_winograd, "Winograd filters");
+        // Winograd's path where it runs: its error against the f32 convolution within 2.5x the direct bf16
+        // product's (root mean square; see `winograd_bf16`'s tests).
+        if keeps_winograd && winograd_bf16::applies(2, h, w) {
+            let exact = &exact;
+            let rms = |t: &Tensor| {
+                (t - exact)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt()
+            };
+            let (ours, direct) = (rms(&fast.forward(&xs).unwrap()), rms(&want));
+            assert!(
+                ours <= 2.5 * direct && direct > 0.0,
+                "bf16 Winograd: cin {cin} cout {cout} {h}x{w}: rms error {ours}, direct bf16 {direct}"
+            );
+        }
+        // The direct product: the f32 convolution of the rounded values up to summation order.
+        let fast = without_winograd(fast);
         for banded in [fast.clone(), with_band(fast, cin * k * k * w)] {
             let diff = crate::ops::max_abs_diff(&want, &banded.forward(&xs).unwrap());
             assert!(
@@ -832,6 +876,20 @@ mod tests {
                 "bf16: cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
             );
         }
+    }
+
+    /// The convolution without its Winograd filters (the direct bf16 product at every size).
+    fn without_winograd(mut c: FastConv2d) -> FastConv2d {
+        if let ConvImpl::Packed { op, .. } = &mut c.imp {
+            let kept = op.packed.as_ref().unwrap();
+            op.packed = Some(Arc::new(PackedKernel {
+                a: kept.a.clone(),
+                shape: kept.shape,
+                taps: kept.taps,
+                winograd: None,
+            }));
+        }
+        c
     }
 
     #[test]
@@ -853,6 +911,9 @@ mod tests {
         check(5, 7, 3, 1, 1, 3, 33);
         check(3, 8, 3, 1, 1, 1, 40);
         check(520, 20, 3, 1, 1, 2, 32);
+        // Channel counts that keep Winograd filters (odd, odd sizes; enough tiles for that path to run).
+        check(17, 16, 3, 1, 1, 8, 8);
+        check(32, 48, 3, 1, 1, 9, 13);
     }
 
     /// A network that keeps Winograd's convolutions in f32 (the VAE decoder) holds the 3x3 ones Winograd can run

@@ -104,17 +104,18 @@ impl PackedB {
         self.words() * NR
     }
 
-    /// Turns this matrix into an f32 `k x n` one whose panels the caller writes through the returned words
-    /// (`f32` bits at `(panel * k + p) * NR + j` for `b[p][panel * NR + j]`; zeros past `n` are the caller's
+    /// Turns this matrix into a `k x n` one in `format` whose panels the caller writes through the returned words
+    /// (word `(panel * words + p) * NR + j` for column `panel * NR + j`, `words = ceil(k / per_word)`: f32 bits of
+    /// `b[p][..]`, or the bf16 pair `b[2p][..]` low, `b[2p + 1][..]` high; zeros past `k` and `n` are the caller's
     /// too), keeping the buffer: a matrix rebuilt at every call allocates (and faults in) its memory once.
-    pub(crate) fn reuse_for_f32_panels(&mut self, k: usize, n: usize) -> &mut [u32] {
-        let len = n.div_ceil(NR) * k * NR;
+    pub(crate) fn reuse_for_panels(&mut self, k: usize, n: usize, format: Format) -> &mut [u32] {
+        let len = n.div_ceil(NR) * k.div_ceil(format.per_word()) * NR;
         self.data.resize(len, 0);
-        (self.k, self.n, self.format) = (k, n, Format::F32);
+        (self.k, self.n, self.format) = (k, n, format);
         &mut self.data[..len]
     }
 
-    /// An empty f32 matrix, to be filled through [`PackedB::reuse_for_f32_panels`].
+    /// An empty f32 matrix, to be filled through [`PackedB::reuse_for_panels`].
     pub(crate) fn empty() -> Self {
         Self {
             k: 0,

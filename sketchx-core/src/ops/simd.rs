@@ -104,6 +104,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// The largest value of `row` (negative infinity when empty), kept in 16 lanes so that the loop vectorises (a
 /// float reduction in one accumulator cannot); inlined into the dispatched callers, it takes their features.

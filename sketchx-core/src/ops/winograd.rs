@@ -61,16 +61,8 @@ pub(super) fn applies(b: usize, cin: usize, cout: usize, g: &Geometry) -> bool {
         && cout.is_multiple_of(LANES)
         && cin.min(cout) >= MIN_CHANNELS
         && b * g.oh * g.ow >= MIN_PIXELS
-        && enabled()
+        && super::winograd_enabled()
         && Format::F32.has_fast_kernel()
-}
-
-/// Whether `SKETCHX_NO_WINOGRAD` leaves this path on (to measure what it gains).
-fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var_os("SKETCHX_NO_WINOGRAD").is_none_or(|v| v.is_empty() || v == "0")
-    })
 }
 
 /// The transformed filters of the last call (the 36 matrices `U[ξ]`), whose buffers the next call reuses:
@@ -86,7 +78,7 @@ fn transform_filters(w: &[f32], cout: usize, cin: usize, u: &mut Vec<PackedB>) {
     u.resize_with(XI, PackedB::empty);
     let ptrs: Vec<SendPtr<u32>> = u
         .iter_mut()
-        .map(|m| SendPtr(m.reuse_for_f32_panels(cin, cout).as_mut_ptr()))
+        .map(|m| SendPtr(m.reuse_for_panels(cin, cout, Format::F32).as_mut_ptr()))
         .collect();
     assert!(w.len() == cout * cin * 9 && cin * 9 * LANES < i32::MAX as usize);
     (0..panels).into_par_iter().for_each(|q| {
