@@ -82,7 +82,67 @@ pub(crate) unsafe fn gemm(
     parallel: bool,
     overwrite: bool,
 ) {
-    let (k, n) = (b.k(), b.n());
+    let source = Source::Packed(b);
+    // SAFETY: the caller's contract.
+    unsafe {
+        run(
+            m,
+            a,
+            lda,
+            (b.k(), b.n(), source),
+            c,
+            ldc,
+            parallel,
+            overwrite,
+        )
+    }
+}
+
+/// [`gemm`] with `B` an implicit convolution's rows (see [`super::gemm::Shifted`]): `k = 2 * seg_words *
+/// shifts.len()` entries, `n` columns; tasks in parallel.
+///
+/// # Safety
+/// As [`gemm`]; besides, every word a tile reads, `ptr[shifts[s] + w * stride + j]` for `w < seg_words` and `j`
+/// below `n` rounded up to 16, must be readable.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_shifted(
+    m: usize,
+    a: *const u16,
+    lda: usize,
+    (ptr, stride, seg_words, shifts): (*const u32, usize, usize, &[usize]),
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+) {
+    let source = Source::Shifted {
+        ptr: SendPtr(ptr.cast_mut()),
+        stride,
+        seg_words,
+        shifts,
+    };
+    let k = 2 * seg_words * shifts.len();
+    // SAFETY: the caller's contract.
+    unsafe { run(m, a, lda, (k, n, source), c, ldc, true, overwrite) }
+}
+
+/// The product of [`gemm`] and [`gemm_shifted`].
+///
+/// # Safety
+/// As theirs.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run(
+    m: usize,
+    a: *const u16,
+    lda: usize,
+    (k, n, b): (usize, usize, Source),
+    c: *mut f32,
+    ldc: usize,
+    parallel: bool,
+    overwrite: bool,
+) {
     if k == 0 && overwrite {
         for i in 0..m {
             // SAFETY: row i of C holds n values (the contract).
@@ -154,6 +214,21 @@ unsafe fn release() {
     unsafe { std::arch::asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
 }
 
+/// Where the tiles of `B` come from.
+#[cfg(target_arch = "x86_64")]
+enum Source<'a> {
+    /// A packed matrix: each tile is 16 consecutive words of a panel.
+    Packed(&'a PackedB),
+    /// An implicit convolution's rows ([`super::gemm::Shifted`]): word `w` of column `j` is `ptr[shifts[w /
+    /// seg_words] + (w % seg_words) * stride + j]`, so a tile is 16 rows `stride` words apart.
+    Shifted {
+        ptr: SendPtr<u32>,
+        stride: usize,
+        seg_words: usize,
+        shifts: &'a [usize],
+    },
+}
+
 /// The operands of one product, shared by its tasks.
 #[cfg(target_arch = "x86_64")]
 struct Job<'a> {
@@ -161,7 +236,7 @@ struct Job<'a> {
     n: usize,
     a: SendPtr<u16>,
     lda: usize,
-    b: &'a PackedB,
+    b: Source<'a>,
     c: SendPtr<f32>,
     ldc: usize,
     /// Start from zero instead of `C`'s values.
@@ -297,9 +372,14 @@ impl Job<'_> {
         cols: [usize; 2],
         scratch: &mut Scratches,
     ) {
-        let b = self.b;
         let words = self.k.div_ceil(2);
-        let panel_len = words * NR;
+        // The steps of k: whole segments (a convolution tap's words) in steps of 16 words.
+        let (segments, seg_words) = match &self.b {
+            Source::Packed(_) => (1, words),
+            Source::Shifted {
+                seg_words, shifts, ..
+            } => (shifts.len(), *seg_words),
+        };
         let Scratches {
             c: c_scratch,
             a: a_scratch,
@@ -361,10 +441,13 @@ impl Job<'_> {
                     tile_load!("tmm3", c_at[1][1].0, c_at[1][1].1);
                 }
             }
-            for w0 in (0..words).step_by(TW) {
-                let kw = (words - w0).min(TW);
+            for (seg, w) in
+                (0..segments).flat_map(|seg| (0..seg_words).step_by(TW).map(move |w| (seg, w)))
+            {
+                let kw = (seg_words - w).min(TW);
+                let w0 = seg * seg_words + w;
                 // Entries of k in this step (the last word of an odd k holds one).
-                let ke = (self.k - 2 * w0).min(2 * TW);
+                let ke = (self.k - 2 * w0).min(2 * kw);
                 for i in 0..2 {
                     if rows[i] == 0 {
                         continue;
@@ -394,19 +477,41 @@ impl Job<'_> {
                     if cols[j] == 0 {
                         continue;
                     }
-                    let origin = b.data_ptr().add((p0 + j) * panel_len + w0 * NR);
-                    let ptr = if kw == TW {
-                        origin
+                    // The tile's first word and the words between its rows.
+                    let (origin, row_words) = match &self.b {
+                        Source::Packed(b) => {
+                            (b.data_ptr().add((p0 + j) * words * NR + w0 * NR), NR)
+                        }
+                        Source::Shifted {
+                            ptr,
+                            stride,
+                            shifts,
+                            ..
+                        } => (
+                            ptr.0
+                                .cast_const()
+                                .add(shifts[seg] + w * stride + (p0 + j) * NR),
+                            *stride,
+                        ),
+                    };
+                    let (ptr, stride) = if kw == TW {
+                        (origin, row_words * 4)
                     } else {
                         let s = b_scratch[j].0.as_mut_ptr();
                         std::ptr::write_bytes(s, 0, TILE * TW);
-                        std::ptr::copy_nonoverlapping(origin, s, kw * NR);
-                        s.cast_const()
+                        for y in 0..kw {
+                            std::ptr::copy_nonoverlapping(
+                                origin.add(y * row_words),
+                                s.add(y * NR),
+                                NR,
+                            );
+                        }
+                        (s.cast_const(), 64)
                     };
                     if j == 0 {
-                        tile_load!("tmm6", ptr, 64usize);
+                        tile_load!("tmm6", ptr, stride);
                     } else {
-                        tile_load!("tmm7", ptr, 64usize);
+                        tile_load!("tmm7", ptr, stride);
                     }
                 }
                 if has(0, 0) {

@@ -72,6 +72,7 @@ impl FastConv2d {
     /// This convolution as `w`'s precision holds it.
     fn held_as(self, w: &Weights) -> Result<Self> {
         let winograd_f32 = w.keeps_winograd_f32()
+            && !super::amx::available()
             && match &self.imp {
                 ConvImpl::Candle { op: Some(op), .. } => winograd_on_some_input(self.kernel, op),
                 _ => false,
@@ -136,9 +137,11 @@ impl FastConv2d {
         let winograd_f32 = (format == Format::Bf16 && may_run_winograd(self.kernel, op))
             .then(|| inner.weight().to_dtype(DType::F32))
             .transpose()?;
-        let winograd =
-            (taps && format == Format::Bf16 && winograd_bf16::keeps_filters(self.kernel))
-                .then(|| Filters::new(&w, cout, cin));
+        let winograd = (taps
+            && format == Format::Bf16
+            && !super::amx::available()
+            && winograd_bf16::keeps_filters(self.kernel))
+        .then(|| Filters::new(&w, cout, cin));
         Ok(Self {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
@@ -222,10 +225,12 @@ impl FastConv2d {
 const WINOGRAD_KEEP_MAX_CHANNELS: usize = 256;
 
 /// Whether the CPU bf16 mode keeps the f32 kernel of a convolution of this kernel `[c_out, c_in, kh, kw]`
-/// besides its bf16 one: narrow enough, and Winograd's path may run it.
+/// besides its bf16 one: narrow enough, Winograd's path may run it, and no AMX (whose bf16 product is faster).
 fn may_run_winograd(kernel: [usize; 4], op: &Conv2dOp) -> bool {
     let [cout, cin, ..] = kernel;
-    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS && winograd_on_some_input(kernel, op)
+    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS
+        && winograd_on_some_input(kernel, op)
+        && !super::amx::available()
 }
 
 /// Whether Winograd's path runs a convolution of this kernel on some input (one large enough: a 4096 x 4096
@@ -541,14 +546,13 @@ struct PackedKernel {
 const TAPS_MIN_WIDTH: usize = 32;
 
 /// Whether a convolution of this kernel is packed tap-major for [`Conv2dOp::taps_3x3`]: 3x3, stride 1,
-/// padding 1, in bf16 on the AVX-512 BF16 micro-kernel (AMX tiles keep the im2col product).
+/// padding 1, in bf16 on the AVX-512 BF16 micro-kernel or AMX tiles.
 fn direct_applies(kernel: [usize; 4], op: &Conv2dOp) -> bool {
     kernel[2] == 3
         && kernel[3] == 3
         && op.stride == 1
         && op.padding == 1
         && Format::Bf16.has_fast_kernel()
-        && !super::amx::available()
 }
 
 /// A kernel `[c_out, c_in, kh, kw]` reordered to `[c_out, kh * kw, c_in']`, `c_in'` = `c_in` rounded up to even
@@ -837,14 +841,12 @@ mod tests {
         let ConvImpl::Packed { op, .. } = &fast.imp else {
             panic!("not packed")
         };
-        let taps = k == 3
-            && stride == 1
-            && padding == 1
-            && Format::Bf16.has_fast_kernel()
-            && !crate::ops::amx::available();
+        let taps = k == 3 && stride == 1 && padding == 1 && Format::Bf16.has_fast_kernel();
         let kept = op.packed.as_ref().unwrap();
         assert_eq!(kept.taps, taps, "tap-major kernel");
-        let keeps_winograd = taps && winograd_bf16::keeps_filters([cout, cin, k, k]);
+        let keeps_winograd = taps
+            && !crate::ops::amx::available()
+            && winograd_bf16::keeps_filters([cout, cin, k, k]);
         assert_eq!(kept.winograd.is_some(), keeps_winograd, "Winograd filters");
         // Winograd's path where it runs: its error against the f32 convolution within 2.5x the direct bf16
         // product's (root mean square; see `winograd_bf16`'s tests).
@@ -930,7 +932,10 @@ mod tests {
                 ..Default::default()
             };
             let packed = |c: &FastConv2d| matches!(c.imp, ConvImpl::Packed { .. });
-            let winograd = Format::F32.has_fast_kernel() && super::super::kernels_enabled();
+            // (On AMX the bf16 product is faster than f32 Winograd: packed either way.)
+            let winograd = Format::F32.has_fast_kernel()
+                && super::super::kernels_enabled()
+                && !crate::ops::amx::available();
             let wide = FastConv2d::load(32, 32, 3, cfg, &w.pp("a")).unwrap();
             assert!(packed(&wide), "without the flag: packed in bf16");
             let f = w.clone().winograd_in_f32();

@@ -668,6 +668,17 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize, 
         "B's rows do not hold what the shifts read"
     );
     #[cfg(target_arch = "x86_64")]
+    if let (true, AView::Rows { ptr, elem: 2, lda }) = (super::amx::available(), a.view()) {
+        start.fill(m, n, c, ldc);
+        let source = (b.words.as_ptr(), b.stride, b.seg_words, b.shifts);
+        // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart, `c` the m x n block
+        // (checked above), and every word the tiles read lies inside `b.words` (`reach`, checked above).
+        unsafe {
+            super::amx::gemm_shifted(m, ptr.cast(), lda, source, n, c.as_mut_ptr(), ldc, false)
+        };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if Format::Bf16.has_fast_kernel() {
         let view = a.view();
         let bv = BView::Shifted {

@@ -365,12 +365,15 @@ dispatch! {
     /// Sum and sum of squares of a slice in one pass, accumulated in f64 lanes (a group norm's statistics: in f64
     /// the variance `E[x^2] - E[x]^2` keeps about 16 - 2 log10(|mean| / std) digits, ample for f32 inputs).
     pub fn sum_sq_f64(xs: &[f32]) -> (f64, f64) {
-        let mut acc = [0f64; 8];
-        let mut acc2 = [0f64; 8];
-        let chunks = xs.chunks_exact(8);
+        // Four vectors of lanes per sum: independent chains of additions, so the loop runs at the adds'
+        // throughput rather than their latency.
+        const L: usize = 32;
+        let mut acc = [0f64; L];
+        let mut acc2 = [0f64; L];
+        let chunks = xs.chunks_exact(L);
         let rest = chunks.remainder();
         for c in chunks {
-            for i in 0..8 {
+            for i in 0..L {
                 let x = c[i] as f64;
                 acc[i] += x;
                 acc2[i] += x * x;
