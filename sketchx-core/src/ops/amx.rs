@@ -601,6 +601,8 @@ mod tests {
             (64, 320, 320, 5),
             (5, 7, 1000, 0),
             (129, 16, 2, 1),
+            // Several tasks each way, k in many tile steps, edges everywhere.
+            (300, 290, 1100, 1),
         ]
         .iter()
         .enumerate()
