@@ -72,9 +72,8 @@ impl FastConv2d {
     /// This convolution as `w`'s precision holds it.
     fn held_as(self, w: &Weights) -> Result<Self> {
         let winograd_f32 = w.keeps_winograd_f32()
-            && !super::amx::available()
             && match &self.imp {
-                ConvImpl::Candle { op: Some(op), .. } => winograd_on_some_input(self.kernel, op),
+                ConvImpl::Candle { op: Some(op), .. } => f32_winograd_pays_in_bf16(self.kernel, op),
                 _ => false,
             };
         if super::packs_bf16(w.precision()) && !winograd_f32 {
@@ -225,12 +224,16 @@ impl FastConv2d {
 const WINOGRAD_KEEP_MAX_CHANNELS: usize = 256;
 
 /// Whether the CPU bf16 mode keeps the f32 kernel of a convolution of this kernel `[c_out, c_in, kh, kw]`
-/// besides its bf16 one: narrow enough, Winograd's path may run it, and no AMX (whose bf16 product is faster).
+/// besides its bf16 one: narrow enough, and f32 Winograd pays for it.
 fn may_run_winograd(kernel: [usize; 4], op: &Conv2dOp) -> bool {
     let [cout, cin, ..] = kernel;
-    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS
-        && winograd_on_some_input(kernel, op)
-        && !super::amx::available()
+    cin.max(cout) <= WINOGRAD_KEEP_MAX_CHANNELS && f32_winograd_pays_in_bf16(kernel, op)
+}
+
+/// Whether the CPU bf16 mode may hold a convolution of this kernel in f32 for Winograd's f32 path: that path
+/// runs it on some input, and the CPU has no AMX (whose bf16 product is faster than f32 Winograd).
+fn f32_winograd_pays_in_bf16(kernel: [usize; 4], op: &Conv2dOp) -> bool {
+    !super::amx::available() && winograd_on_some_input(kernel, op)
 }
 
 /// Whether Winograd's path runs a convolution of this kernel on some input (one large enough: a 4096 x 4096
