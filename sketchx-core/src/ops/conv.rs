@@ -6,7 +6,8 @@
 //! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
 //! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_packed`] (the f32 im2col matrix is never
 //! built). Large f32 3x3 convolutions of stride 1 go to [`super::winograd`] instead, and in the bf16 mode without
-//! AMX those of up to 640 channels to [`super::winograd_bf16`]. Other dtypes and devices use candle's conv2d.
+//! AMX those of 16 channels or more hold only Winograd's transformed filters and run [`super::winograd_bf16`].
+//! Other dtypes and devices use candle's conv2d.
 
 use std::sync::Arc;
 
@@ -106,6 +107,12 @@ impl FastConv2d {
     /// The kernel packed for the crate's GEMM in `format` (the f32 copy is dropped; the bias stays f32). A
     /// convolution the op cannot run stays as it is.
     pub fn into_packed(self, format: Format) -> Result<Self> {
+        self.packed_with(format, true)
+    }
+
+    /// [`Self::into_packed`]; with `winograd` false, never as Winograd's filters (the direct product's kernel
+    /// wherever it would be).
+    fn packed_with(self, format: Format, winograd: bool) -> Result<Self> {
         let ConvImpl::Candle {
             inner,
             op: Some(op),
@@ -123,33 +130,33 @@ impl FastConv2d {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let taps = direct_applies(self.kernel, op);
-        let packed = if taps {
-            PackedA::new(
+        let packed = if taps
+            && winograd
+            && format == Format::Bf16
+            && !super::amx::available()
+            && winograd_bf16::keeps_filters(self.kernel)
+        {
+            Packed::Winograd(Filters::new(&w, cout, cin))
+        } else if taps {
+            Packed::Taps(PackedA::new(
                 &tap_major(&w, self.kernel),
                 cout,
                 kh * kw * cin.next_multiple_of(2),
                 format,
-            )
+            ))
         } else {
-            PackedA::new(&w, cout, cin * kh * kw, format)
+            Packed::Rows(PackedA::new(&w, cout, cin * kh * kw, format))
         };
         let winograd_f32 = (format == Format::Bf16 && may_run_winograd(self.kernel, op))
             .then(|| inner.weight().to_dtype(DType::F32))
             .transpose()?;
-        let winograd = (taps
-            && format == Format::Bf16
-            && !super::amx::available()
-            && winograd_bf16::keeps_filters(self.kernel))
-        .then(|| Filters::new(&w, cout, cin));
         Ok(Self {
             kernel: self.kernel,
             imp: ConvImpl::Packed {
                 op: Conv2dOp {
                     packed: Some(Arc::new(PackedKernel {
-                        a: packed,
+                        kernel: packed,
                         shape: self.kernel,
-                        taps,
-                        winograd,
                     })),
                     ..op.clone()
                 },
@@ -286,7 +293,7 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (cout, cin, kh, kw) = l2.shape().dims4()?;
         let w = super::cpu::contiguous_f32(s2, l2, "conv kernel")?;
-        self.run(s1, l1, Weight::F32(w), None, [cout, cin, kh, kw], s3, l3)
+        self.run(s1, l1, Weight::F32(w), [cout, cin, kh, kw], s3, l3)
     }
 }
 
@@ -305,28 +312,32 @@ impl CustomOp2 for Conv2dOp {
         let Some(packed) = &self.packed else {
             candle_core::bail!("conv: no packed kernel");
         };
-        let weight = if packed.taps {
-            Weight::Taps(&packed.a)
-        } else {
-            Weight::Packed(&packed.a)
+        let weight = match &packed.kernel {
+            Packed::Rows(a) => Weight::Packed(a),
+            Packed::Taps(a) => Weight::Taps(a),
+            Packed::Winograd(f) => {
+                let (x, bias, (b, cin, h, wd), g) = self.operands(s1, l1, packed.shape, s2, l2)?;
+                let out = winograd_bf16::conv3x3(x, f, bias, (b, cin, h, wd));
+                return Ok((CpuStorage::F32(out), Shape::from((b, f.cout(), g.oh, g.ow))));
+            }
         };
-        let winograd = packed.winograd.as_ref();
-        self.run(s1, l1, weight, winograd, packed.shape, s2, l2)
+        self.run(s1, l1, weight, packed.shape, s2, l2)
     }
 }
 
+/// A convolution's input and bias as f32 slices, the input's dimensions `(b, c_in, h, w)` and the geometry.
+type Operands<'a> = (&'a [f32], &'a [f32], (usize, usize, usize, usize), Geometry);
+
 impl Conv2dOp {
-    #[allow(clippy::too_many_arguments)]
-    fn run(
+    /// The input `s1` and bias `s3` of a convolution with a kernel `[c_out, c_in, kh, kw]`, checked against it.
+    fn operands<'a>(
         &self,
-        s1: &CpuStorage,
+        s1: &'a CpuStorage,
         l1: &Layout,
-        weight: Weight,
-        winograd: Option<&Filters>,
         [cout, wcin, kh, kw]: [usize; 4],
-        s3: &CpuStorage,
+        s3: &'a CpuStorage,
         l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> Result<Operands<'a>> {
         let x = super::cpu::contiguous_f32(s1, l1, "conv input")?;
         let bias = super::cpu::contiguous_f32(s3, l3, "conv bias")?;
         let (b, cin, h, wd) = l1.shape().dims4()?;
@@ -339,18 +350,34 @@ impl Conv2dOp {
         let Some(g) = Geometry::new(h, wd, kh, kw, self.stride, self.padding) else {
             candle_core::bail!("conv: kernel larger than the padded input, or stride 0");
         };
-        let Geometry { s, p, oh, ow, .. } = g;
+        Ok((x, bias, (b, cin, h, wd), g))
+    }
+
+    fn run(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        weight: Weight,
+        kernel: [usize; 4],
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, bias, (b, cin, h, wd), g) = self.operands(s1, l1, kernel, s3, l3)?;
+        let cout = kernel[0];
+        let Geometry {
+            s,
+            p,
+            oh,
+            ow,
+            kh,
+            kw,
+            ..
+        } = g;
         #[cfg(target_arch = "x86_64")]
         if let Weight::F32(w) = weight {
             if super::winograd::applies(b, cin, cout, &g) {
                 let mut out = super::cpu::output_f32(b * cout * oh * ow);
                 super::winograd::conv3x3(x, w, bias, &mut out, b, cin, cout, h, wd);
-                return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
-            }
-        }
-        if let Some(f) = winograd {
-            if winograd_bf16::applies(b, h, wd) {
-                let out = winograd_bf16::conv3x3(x, f, bias, (b, cin, h, wd));
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
             }
         }
@@ -533,15 +560,23 @@ enum Weight<'a> {
 /// A convolution's kernel packed for the GEMM.
 #[derive(Debug)]
 struct PackedKernel {
-    a: PackedA,
+    kernel: Packed,
     /// `[c_out, c_in, kh, kw]`.
     shape: [usize; 4],
-    /// Packed tap-major for [`Conv2dOp::taps_3x3`] (`[c_out, 9, c_in]`, `c_in` rounded up to even) rather than
-    /// as the im2col product's `[c_out, c_in * kh * kw]`.
-    taps: bool,
-    /// The transformed filters for bf16 Winograd ([`super::winograd_bf16`]), for a tap-major kernel of channel
-    /// counts that keep them (AMX's direct product is faster than Winograd's transforms and smaller products).
-    winograd: Option<Filters>,
+}
+
+/// The form in which a packed convolution holds its kernel.
+#[derive(Debug)]
+enum Packed {
+    /// The im2col product's `[c_out, c_in * kh * kw]`.
+    Rows(PackedA),
+    /// Tap-major for [`Conv2dOp::taps_3x3`] (`[c_out, 9, c_in]`, `c_in` rounded up to even).
+    Taps(PackedA),
+    /// Only the transformed filters of bf16 Winograd ([`super::winograd_bf16`]), which then runs the convolution
+    /// at every size: 3x3 stride-1 convolutions of enough channels in the bf16 mode without AMX (AMX's direct
+    /// product is faster than Winograd's transforms and smaller products). Keeping the direct kernel too, for the
+    /// few inputs too small for Winograd to gain, would hold nearly three times the bf16 kernel.
+    Winograd(Filters),
 }
 
 /// The narrowest input [`Conv2dOp::taps_3x3`] runs (its discarded columns are `1 / (w + 1)` of the work, plus
@@ -840,20 +875,30 @@ mod tests {
         };
         let rounded = Conv2d::new(round(conv.weight()), conv.bias().cloned(), cfg);
         let want = rounded.forward(&round(&xs)).unwrap();
-        let fast = FastConv2d::new(conv).into_cpu_bf16().unwrap();
-        let ConvImpl::Packed { op, .. } = &fast.imp else {
-            panic!("not packed")
-        };
+        let fast = FastConv2d::new(conv.clone()).into_cpu_bf16().unwrap();
         let taps = k == 3 && stride == 1 && padding == 1 && Format::Bf16.has_fast_kernel();
-        let kept = op.packed.as_ref().unwrap();
-        assert_eq!(kept.taps, taps, "tap-major kernel");
         let keeps_winograd = taps
             && !crate::ops::amx::available()
             && winograd_bf16::keeps_filters([cout, cin, k, k]);
-        assert_eq!(kept.winograd.is_some(), keeps_winograd, "Winograd filters");
-        // Winograd's path where it runs: its error against the f32 convolution within 2.5x the direct bf16
-        // product's (root mean square; see `winograd_bf16`'s tests).
-        if keeps_winograd && winograd_bf16::applies(2, h, w) {
+        let held = |c: &FastConv2d| {
+            let ConvImpl::Packed { op, .. } = &c.imp else {
+                panic!("not packed")
+            };
+            match op.packed.as_ref().unwrap().kernel {
+                Packed::Rows(_) => "rows",
+                Packed::Taps(_) => "taps",
+                Packed::Winograd(_) => "winograd",
+            }
+        };
+        let expected = match (keeps_winograd, taps) {
+            (true, _) => "winograd",
+            (false, true) => "taps",
+            (false, false) => "rows",
+        };
+        assert_eq!(held(&fast), expected, "the kernel's form");
+        // Winograd's path: its error against the f32 convolution within 2.5x the direct bf16 product's (root mean
+        // square; see `winograd_bf16`'s tests).
+        if keeps_winograd {
             let exact = &exact;
             let rms = |t: &Tensor| {
                 (t - exact)
@@ -873,7 +918,10 @@ mod tests {
             );
         }
         // The direct product: the f32 convolution of the rounded values up to summation order.
-        let fast = without_winograd(fast);
+        let fast = FastConv2d::new(conv)
+            .packed_with(Format::Bf16, false)
+            .unwrap();
+        assert_eq!(held(&fast), if taps { "taps" } else { "rows" });
         for banded in [fast.clone(), with_band(fast, cin * k * k * w)] {
             let diff = crate::ops::max_abs_diff(&want, &banded.forward(&xs).unwrap());
             assert!(
@@ -881,20 +929,6 @@ mod tests {
                 "bf16: cin {cin} cout {cout} k {k} s {stride} p {padding} {h}x{w}: max diff {diff}"
             );
         }
-    }
-
-    /// The convolution without its Winograd filters (the direct bf16 product at every size).
-    fn without_winograd(mut c: FastConv2d) -> FastConv2d {
-        if let ConvImpl::Packed { op, .. } = &mut c.imp {
-            let kept = op.packed.as_ref().unwrap();
-            op.packed = Some(Arc::new(PackedKernel {
-                a: kept.a.clone(),
-                shape: kept.shape,
-                taps: kept.taps,
-                winograd: None,
-            }));
-        }
-        c
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! 2x2 output tile and channel pair instead of 36, on the bf16 GEMM.
 //!
 //! Each 4x4 input tile `d` (tiles overlap by 2; zeros outside the image) becomes `V = Bᵀ d B`, each 3x3 filter `g`
-//! becomes `U = G g Gᵀ` (once, at load: [`Filters`], 16/9 of the bf16 kernel's memory), and for every one of the
+//! becomes `U = G g Gᵀ` (once, at load: [`Filters`], held instead of the bf16 kernel, 16/9 of its memory), and for
+//! every one of the
 //! 16 positions ξ the sum over input channels is one product `M[ξ] (c_out x tiles) = U[ξ] (c_out x c_in) · V[ξ]
 //! (c_in x tiles)`; each output tile is `Aᵀ M A` plus the bias. Work runs in bands of tile rows (all images one
 //! after the other), so that the transformed input and the products stay a few MiB at any image size.
@@ -24,13 +25,6 @@ const XI: usize = 16;
 /// Fewest channels (in and out) of a convolution that keeps transformed filters: below, the transforms cost as
 /// much as the products they save.
 const MIN_CHANNELS: usize = 16;
-/// Most channels (in or out) of a convolution that keeps transformed filters. The wider layers of SD1.5's UNet run
-/// at 1/4 and 1/8 of the latent's size, where the tiles are too few to pay for the 16/9 larger kernel they would
-/// keep (hundreds of MB for the 1280-channel ones).
-const MAX_CHANNELS: usize = 640;
-/// Fewest tiles (2x2 output blocks, all images together) for which this path runs: the product's columns, too few
-/// below for the micro-kernel's 48-column blocks.
-const MIN_TILES: usize = 32;
 /// Most values in a band's transformed input or products (16 MiB of f32).
 const BAND_VALUES: usize = 1 << 22;
 
@@ -42,16 +36,13 @@ const G: [[f32; 3]; 4] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Whether a 3x3 convolution (stride 1, padding 1) of this kernel `[c_out, c_in, 3, 3]` keeps transformed filters
-/// ([`Filters`]): channel counts in range.
+/// Whether a 3x3 convolution (stride 1, padding 1) of this kernel `[c_out, c_in, 3, 3]` is held as transformed
+/// filters ([`Filters`]) and runs here: enough channels, and not switched off by `SKETCHX_NO_WINOGRAD=1` when it
+/// was loaded. It then runs here at every input size: on all but the smallest (a few 2x2 tiles of the deepest
+/// layers, where reading the larger filters costs more than the products saved) this is faster than the direct
+/// product.
 pub(super) fn keeps_filters([cout, cin, ..]: [usize; 4]) -> bool {
-    cin.min(cout) >= MIN_CHANNELS && cin.max(cout) <= MAX_CHANNELS
-}
-
-/// Whether this path runs a convolution with kept filters on `b` images of `h x w`: enough tiles, and not
-/// switched off by `SKETCHX_NO_WINOGRAD=1`.
-pub(super) fn applies(b: usize, h: usize, w: usize) -> bool {
-    b * h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES && super::winograd_enabled()
+    cin.min(cout) >= MIN_CHANNELS && super::winograd_enabled()
 }
 
 /// A convolution's transformed filters: the 16 matrices `U[ξ]` (`c_out x c_in`), packed for the bf16 GEMM.
@@ -93,6 +84,11 @@ impl Filters {
             })
             .collect();
         Self { u, cin, cout }
+    }
+
+    /// Output channels.
+    pub(super) fn cout(&self) -> usize {
+        self.cout
     }
 }
 
