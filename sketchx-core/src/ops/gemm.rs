@@ -298,6 +298,49 @@ impl PackedA {
         }
     }
 
+    /// `count` matrices `m x k` packed in bf16 by blocks of rows, as [`PackedA::new`] packs one without AMX:
+    /// `fill(rows, out)` writes rows `rows` of every matrix into `out` (matrix `i`'s rows at `i * rows.len() *
+    /// k`), block by block in parallel, so that no matrix is ever whole in f32.
+    pub(crate) fn many_bf16(
+        count: usize,
+        m: usize,
+        k: usize,
+        fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+    ) -> Vec<Self> {
+        let words = k.div_ceil(2);
+        let mut data: Vec<Vec<u32>> = (0..count)
+            .map(|_| vec![0u32; m.div_ceil(MR) * words * MR])
+            .collect();
+        let blocks = m.div_ceil(MR);
+        let mut per_block: Vec<Vec<&mut [u32]>> = (0..blocks).map(|_| Vec::new()).collect();
+        for d in &mut data {
+            for (blk, chunk) in d.chunks_mut((words * MR).max(1)).enumerate() {
+                per_block[blk].push(chunk);
+            }
+        }
+        per_block.into_par_iter().enumerate().for_each_init(
+            || vec![0f32; count * MR * k],
+            |buf, (blk, outs)| {
+                let rows = blk * MR..((blk + 1) * MR).min(m);
+                let n = rows.len();
+                fill(rows, &mut buf[..count * n * k]);
+                for (i, out) in outs.into_iter().enumerate() {
+                    let src = &buf[i * n * k..][..n * k];
+                    pack_block_bf16(src, n, k, MR, out);
+                }
+            },
+        );
+        data.into_iter()
+            .map(|data| Self {
+                m,
+                k,
+                format: Format::Bf16,
+                row_major: false,
+                data,
+            })
+            .collect()
+    }
+
     /// Rows (`m`).
     #[cfg(any(test, feature = "bench-internals"))]
     pub fn m(&self) -> usize {
@@ -363,20 +406,31 @@ fn pack_row_blocks(src: &[f32], rows: usize, k: usize, width: usize, format: For
     data.par_chunks_mut(words * width)
         .enumerate()
         .for_each(|(blk, out)| {
-            for i in 0..(rows - blk * width).min(width) {
-                let row = &src[(blk * width + i) * k..][..k];
-                for p in 0..words {
-                    out[p * width + i] = match format {
-                        Format::F32 => row[p].to_bits(),
-                        Format::Bf16 => {
-                            let hi = row.get(2 * p + 1).map_or(0, |&v| round_bf16(v));
-                            round_bf16(row[2 * p]) as u32 | ((hi as u32) << 16)
+            let n = (rows - blk * width).min(width);
+            let src = &src[blk * width * k..][..n * k];
+            match format {
+                Format::F32 => {
+                    for (i, row) in src.chunks_exact(k).enumerate() {
+                        for (p, &v) in row.iter().enumerate() {
+                            out[p * width + i] = v.to_bits();
                         }
-                    };
+                    }
                 }
+                Format::Bf16 => pack_block_bf16(src, n, k, width, out),
             }
         });
     data
+}
+
+/// Packs `n <= width` rows of `k` values (`src`, row-major) as one block of bf16 pairs: word `p` of row `i` at
+/// `out[p * width + i]`.
+fn pack_block_bf16(src: &[f32], n: usize, k: usize, width: usize, out: &mut [u32]) {
+    for (i, row) in src[..n * k].chunks_exact(k.max(1)).enumerate() {
+        for (p, pair) in row.chunks(2).enumerate() {
+            let hi = pair.get(1).map_or(0, |&v| round_bf16(v));
+            out[p * width + i] = round_bf16(pair[0]) as u32 | ((hi as u32) << 16);
+        }
+    }
 }
 
 /// The inverse of [`pack_row_blocks`]: the `rows x k` matrix in f32.
@@ -1780,6 +1834,37 @@ mod tests {
             // All of these values are exact in bf16.
             assert_eq!(packed.to_f32(), b, "{p:?}");
             assert_eq!(PackedA::new(&b, k, n, p).to_f32(), b, "{p:?}");
+        }
+    }
+
+    /// Several matrices filled block by block pack as each would alone (odd sizes, a partial last block), and
+    /// multiply like them.
+    #[test]
+    fn many_pack_like_each_alone() {
+        let mut seed = 11u64;
+        for (m, k) in [(13, 7), (8, 32), (1, 1), (17, 40)] {
+            let mats: Vec<Vec<f32>> = (0..3)
+                .map(|_| (0..m * k).map(|_| lcg(&mut seed)).collect())
+                .collect();
+            let many = PackedA::many_bf16(3, m, k, |rows, out| {
+                let n = rows.len();
+                for (i, a) in mats.iter().enumerate() {
+                    out[i * n * k..][..n * k].copy_from_slice(&a[rows.start * k..rows.end * k]);
+                }
+            });
+            let b = PackedB::from_rows(k, 5, Format::Bf16, |r, row| {
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, v)| *v = (r * 5 + j) as f32 * 0.125 - 1.0)
+            });
+            for (a, p) in mats.iter().zip(&many) {
+                let alone = PackedA::new(a, m, k, Format::Bf16);
+                assert_eq!(p.to_f32(), alone.to_f32(), "{m} x {k}");
+                let (mut c1, mut c2) = (vec![0f32; m * 5], vec![0f32; m * 5]);
+                gemm_packed(p, &b, &mut c1, 5);
+                gemm_packed(&alone, &b, &mut c2, 5);
+                assert_eq!(c1, c2, "{m} x {k}");
+            }
         }
     }
 

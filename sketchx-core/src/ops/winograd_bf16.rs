@@ -28,14 +28,6 @@ const MIN_CHANNELS: usize = 16;
 /// Most values in a band's transformed input or products (16 MiB of f32).
 const BAND_VALUES: usize = 1 << 22;
 
-/// The filter transform G (4 x 3).
-const G: [[f32; 3]; 4] = [
-    [1.0, 0.0, 0.0],
-    [0.5, 0.5, 0.5],
-    [0.5, -0.5, 0.5],
-    [0.0, 0.0, 1.0],
-];
-
 /// Whether a 3x3 convolution (stride 1, padding 1) of this kernel `[c_out, c_in, 3, 3]` is held as transformed
 /// filters ([`Filters`]) and runs here: enough channels, and not switched off by `SKETCHX_NO_WINOGRAD=1` when it
 /// was loaded. It then runs here at every input size: on all but the smallest (a few 2x2 tiles of the deepest
@@ -57,32 +49,20 @@ impl Filters {
     /// The transformed filters of a kernel `w` `[c_out, c_in, 3, 3]` (f32, rounded to bf16 after the transform).
     pub(super) fn new(w: &[f32], cout: usize, cin: usize) -> Self {
         assert_eq!(w.len(), cout * cin * 9, "kernel size");
-        // [c_out][ξ][c_in], then one matrix per ξ.
-        let mut all = vec![0f32; cout * XI * cin];
-        all.par_chunks_mut(XI * cin)
-            .enumerate()
-            .for_each(|(co, dst)| {
+        let u = PackedA::many_bf16(XI, cout, cin, |rows, out| {
+            let n = rows.len();
+            for (r, co) in rows.enumerate() {
                 for ci in 0..cin {
                     let g = &w[(co * cin + ci) * 9..][..9];
-                    // t = G g (4 x 3), then u = t Gᵀ (4 x 4).
-                    let t: [[f32; 3]; 4] = std::array::from_fn(|i| {
-                        std::array::from_fn(|b| (0..3).map(|a| G[i][a] * g[a * 3 + b]).sum())
-                    });
-                    for (xi, row) in dst.chunks_exact_mut(cin).enumerate() {
-                        let (i, j) = (xi / 4, xi % 4);
-                        row[ci] = (0..3).map(|b| t[i][b] * G[j][b]).sum();
+                    for (xi, v) in transform_filter(g.try_into().expect("9 taps"))
+                        .into_iter()
+                        .enumerate()
+                    {
+                        out[(xi * n + r) * cin + ci] = v;
                     }
                 }
-            });
-        let mut m = vec![0f32; cout * cin];
-        let u = (0..XI)
-            .map(|xi| {
-                for (co, row) in m.chunks_exact_mut(cin.max(1)).enumerate() {
-                    row.copy_from_slice(&all[(co * XI + xi) * cin..][..cin]);
-                }
-                PackedA::new(&m, cout, cin, Format::Bf16)
-            })
-            .collect();
+            }
+        });
         Self { u, cin, cout }
     }
 
@@ -90,6 +70,28 @@ impl Filters {
     pub(super) fn cout(&self) -> usize {
         self.cout
     }
+}
+
+/// `U = G g Gᵀ` of one 3x3 filter `g` (row-major), position ξ = 4i + j at `[ξ]`.
+#[inline]
+fn transform_filter(g: &[f32; 9]) -> [f32; XI] {
+    // t = G g (4 x 3): G's rows are (1, 0, 0), (½, ½, ½), (½, -½, ½), (0, 0, 1).
+    let mut t = [[0f32; 3]; 4];
+    for b in 0..3 {
+        let (g0, g1, g2) = (g[b], g[3 + b], g[6 + b]);
+        let (s, d) = (0.5 * (g0 + g2), 0.5 * g1);
+        t[0][b] = g0;
+        t[1][b] = s + d;
+        t[2][b] = s - d;
+        t[3][b] = g2;
+    }
+    // u = t Gᵀ (4 x 4), the same combination along each row.
+    let mut u = [0f32; XI];
+    for (i, t) in t.iter().enumerate() {
+        let (s, d) = (0.5 * (t[0] + t[2]), 0.5 * t[1]);
+        u[4 * i..4 * i + 4].copy_from_slice(&[t[0], s + d, s - d, t[2]]);
+    }
+    u
 }
 
 /// The transformed input's matrices and the products' buffer, kept for the next call (see [`Kept`]).
