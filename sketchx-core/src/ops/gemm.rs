@@ -687,6 +687,39 @@ pub(crate) fn gemm_packed_from(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usi
     }
 }
 
+/// [`gemm_packed_from`] on the calling thread only: for callers that run several products in parallel.
+pub(crate) fn gemm_packed_serial(
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    start: Start,
+) {
+    assert_eq!(
+        a.format, b.format,
+        "A and B are packed in different formats"
+    );
+    assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
+    if !check(a.m, b.n, b.k, c, ldc, start) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if b.format.has_fast_kernel() {
+        tiles(
+            a.m,
+            a.view(),
+            BView::packed(b),
+            (b.k, b.n, b.format),
+            c.as_mut_ptr(),
+            ldc,
+            false,
+            start,
+        );
+        return;
+    }
+    run(a.m, a.view(), b, c, ldc, start, || a.to_f32());
+}
+
 /// The right operand of an implicit convolution for [`gemm_shifted`]: rows of `stride` words (two bf16 entries
 /// each, as [`pair_words`] writes them), read by `k` segments (one per kernel tap) from their own offsets: word
 /// `w` of column `j` is `words[shifts[w / seg_words] + (w % seg_words) * stride + j]`.

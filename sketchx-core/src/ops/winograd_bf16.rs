@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::cpu::{Kept, SendPtr};
-use super::gemm::{gemm_packed_from, pair_words, Format, PackedA, PackedB, Start, NR};
+use super::gemm::{gemm_packed_serial, pair_words, Format, PackedA, PackedB, Start, NR};
 use super::simd::dispatch;
 
 /// Positions of a transformed 4x4 tile.
@@ -163,12 +163,14 @@ fn conv3x3_in_bands(
                                 continue;
                             }
                             let plane = &x[(bi * cin + c) * h * w..][..h * w];
-                            let src: [Option<&[f32]>; 4] = std::array::from_fn(|i| {
+                            // (Built without `array::from_fn`, whose closure is not inlined here.)
+                            let row = |i: usize| {
                                 (2 * yy + i)
                                     .checked_sub(1)
                                     .filter(|&y| y < h)
                                     .map(|y| &plane[y * w..][..w])
-                            });
+                            };
+                            let src = [row(0), row(1), row(2), row(3)];
                             input_row(src, w, eo, dst);
                         }
                         pair_words(lo, (2 * cp + 1 < cin).then_some(&*hi), wbuf);
@@ -179,15 +181,20 @@ fn conv3x3_in_bands(
                             while k < tx {
                                 let (panel, lane) = ((t0 + k) / NR, (t0 + k) % NR);
                                 let run = (NR - lane).min(tx - k);
-                                // SAFETY: word (panel, cp, lane..lane + run) of V[ξ] (panels x words x NR words,
-                                // panel < panels, cp < words, lane + run <= NR): row cp belongs to this task only.
-                                unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        src[k..].as_ptr(),
-                                        p.0.add((panel * words + cp) * NR + lane),
-                                        run,
-                                    )
-                                };
+                                let dst = p.0.wrapping_add((panel * words + cp) * NR + lane);
+                                if run == NR {
+                                    // A whole panel row: one vector store rather than a call to memmove.
+                                    let v: [u32; NR] = src[k..k + NR].try_into().expect("NR words");
+                                    // SAFETY: as below, with lane 0 and run NR.
+                                    unsafe { dst.cast::<[u32; NR]>().write_unaligned(v) };
+                                } else {
+                                    // SAFETY: word (panel, cp, lane..lane + run) of V[ξ] (panels x words x NR
+                                    // words, panel < panels, cp < words, lane + run <= NR): row cp belongs to
+                                    // this task only.
+                                    unsafe {
+                                        std::ptr::copy_nonoverlapping(src[k..].as_ptr(), dst, run)
+                                    };
+                                }
                                 k += run;
                             }
                         }
@@ -209,9 +216,12 @@ fn conv3x3_in_bands(
             if m.len() < XI * cout * nt {
                 m.resize(XI * cout * nt, 0.0);
             }
-            for (xi, (u, v)) in f.u.iter().zip(vs.iter()).enumerate() {
-                gemm_packed_from(u, v, &mut m[xi * cout * nt..][..cout * nt], nt, Start::Zero);
-            }
+            // The 16 products side by side, each on one thread: no fork and join per product, and the small
+            // products of the deep layers keep every thread busy.
+            f.u.par_iter()
+                .zip(vs.par_iter())
+                .zip(m[..XI * cout * nt].par_chunks_mut(cout * nt))
+                .for_each(|((u, v), mx)| gemm_packed_serial(u, v, mx, nt, Start::Zero));
             // The output transform, one output channel per task.
             let m = &*m;
             (0..cout).into_par_iter().for_each_init(
@@ -222,8 +232,10 @@ fn conv3x3_in_bands(
                     for r in rows.clone() {
                         let (bi, yy) = (r / ty, r % ty);
                         let at = co * nt + (r - r0) * tx;
-                        let mrow: [&[f32]; XI] =
-                            std::array::from_fn(|xi| &m[xi * cout * nt + at..][..tx]);
+                        let mut mrow: [&[f32]; XI] = [&[]; XI];
+                        for (xi, r) in mrow.iter_mut().enumerate() {
+                            *r = &m[xi * cout * nt + at..][..tx];
+                        }
                         output_row(mrow, bias[co], y0, y1);
                         let plane = (bi * cout + co) * h * w;
                         for (dy, src) in [(0, &*y0), (1, &*y1)] {
