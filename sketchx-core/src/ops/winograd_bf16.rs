@@ -362,7 +362,8 @@ dispatch! {
             // Aᵀ along each row: m0 + m1 + m2, m1 - m2 - m3.
             let mut s = [[[0f32; LANES]; 2]; 4];
             for (i, s) in s.iter_mut().enumerate() {
-                let [a, b, c, d] = [0, 1, 2, 3].map(|j| lanes(m[4 * i + j], k));
+                let (a, b) = (lanes(m[4 * i], k), lanes(m[4 * i + 1], k));
+                let (c, d) = (lanes(m[4 * i + 2], k), lanes(m[4 * i + 3], k));
                 *s = [add(add(a, b), c), sub(sub(b, c), d)];
             }
             // ... and down the columns, the two columns of each tile side by side.
