@@ -3,7 +3,7 @@
 //! [`gemm`] is the matrix product they share (AVX-512 micro-kernels in f32 and bf16 over packed operands, AMX
 //! tiles for bf16 where the CPU has them (`amx`), the `gemm` crate elsewhere). [`linear`] and [`conv`] (im2col +
 //! GEMM, bf16 kernels packed once at load; large f32 3x3 convolutions by Winograd's F(4x4, 3x3) in `winograd`; in
-//! the bf16 mode without AMX, 3x3 convolutions of up to 640 channels by F(2x2, 3x3) in `winograd_bf16`) hold their
+//! the bf16 mode without AMX, 3x3 convolutions of 16 channels or more by F(2x2, 3x3) in `winograd_bf16`) hold their
 //! weights as the network's [`Precision`](crate::precision::Precision) says; [`attention`] (tiled, without the full
 //! score matrix), [`norm`] (group norm fused with SiLU), [`geglu`], [`add`] (residual additions) and [`layout`]
 //! (image <-> token layout) run on f32. Each falls back to candle for other dtypes and devices. `simd` has the

@@ -467,6 +467,9 @@ mod tests {
             (3, 16, 40, 12, 33),
             (1, 20, 18, 1, 6),
             (2, 64, 32, 16, 16),
+            // The smallest inputs, which this path now runs too (one partial tile).
+            (1, 16, 16, 1, 1),
+            (2, 24, 16, 2, 3),
         ]
         // Under Miri (which checks the raw copies into the panels and the output), the smallest.
         .iter()
