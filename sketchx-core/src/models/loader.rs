@@ -5,9 +5,9 @@
 //! through sketchx's own reader ([`crate::models::weights`]), pickled `.bin` files through the safe pickle reader
 //! ([`crate::models::pickle`]), a part of a single file through its key map ([`WeightsSource::Mapped`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -395,7 +395,9 @@ pub fn weights_from(
 
 /// As [`weights`], with the tensors of `fused` (parameter name -> tensor, e.g. LoRA-fused weights from
 /// [`crate::models::lora::fuse`]) handed out instead of the file's: converted to the builder's dtype and moved to
-/// its device when a network asks for them, so that in the CPU bf16 mode layers round the fused f32 values.
+/// its device when a network asks for them, so that in the CPU bf16 mode layers round the fused f32 values. Each
+/// is handed out once and then let go (the layer that asked holds it as it needs), so that a network's fused
+/// weights are never all in memory beside the layers built from them; asking for one again is an error.
 pub fn weights_fused(
     path: &Path,
     precision: Precision,
@@ -425,16 +427,40 @@ pub fn weights_fused_from(
     let backend: Box<dyn SimpleBackend> = if fused.is_empty() {
         base
     } else {
-        Box::new(FusedBackend { base, fused })
+        Box::new(FusedBackend {
+            base,
+            fused: Mutex::new((fused, HashSet::new())),
+        })
     };
     let vb = VarBuilder::from_backend(backend, precision.weights_dtype(), device.clone());
     Ok(Weights::new(vb, precision))
 }
 
-/// A weights file with some of its tensors replaced.
+/// A weights file with some of its tensors replaced: the replacements not handed out yet, and the names of
+/// those that were.
 struct FusedBackend {
     base: Box<dyn SimpleBackend>,
-    fused: HashMap<String, Tensor>,
+    fused: Mutex<(HashMap<String, Tensor>, HashSet<String>)>,
+}
+
+impl FusedBackend {
+    /// The replacement of `name`, taken out (`None` when the file's own tensor is the one); an error when it was
+    /// handed out before (it is gone, and the file's unfused tensor must not stand in for it).
+    fn take(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        let mut guard = self.fused.lock().unwrap_or_else(|e| e.into_inner());
+        let (fused, taken) = &mut *guard;
+        match fused.remove(name) {
+            Some(t) => {
+                taken.insert(name.to_string());
+                Ok(Some(t))
+            }
+            None if taken.contains(name) => Err(candle_core::Error::Msg(format!(
+                "fused weight {name} requested a second time"
+            ))
+            .bt()),
+            None => Ok(None),
+        }
+    }
 }
 
 impl SimpleBackend for FusedBackend {
@@ -446,7 +472,7 @@ impl SimpleBackend for FusedBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        match self.fused.get(name) {
+        match self.take(name)? {
             Some(t) => {
                 if t.dims() != s.dims() {
                     return Err(candle_core::Error::UnexpectedShape {
@@ -463,14 +489,15 @@ impl SimpleBackend for FusedBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        match self.fused.get(name) {
+        match self.take(name)? {
             Some(t) => t.to_dtype(dtype)?.to_device(dev),
             None => self.base.get_unchecked(name, dtype, dev),
         }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.fused.contains_key(name) || self.base.contains_tensor(name)
+        let guard = self.fused.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.contains_key(name) || guard.1.contains(name) || self.base.contains_tensor(name)
     }
 }
 
@@ -494,5 +521,47 @@ pub fn build_error(path: &Path, e: candle_core::Error) -> Error {
             path.display(),
             format!("weights do not match the configuration: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fused tensor replaces the file's, is handed out once (then let go), and asking for it again fails
+    /// instead of handing out the file's unfused tensor; other tensors come from the file as often as asked.
+    #[test]
+    fn fused_tensors_are_handed_out_once() {
+        let dev = Device::Cpu;
+        let t = |v: f32| Tensor::full(v, 2, &dev).unwrap();
+        let base: HashMap<String, Tensor> =
+            [("a".to_string(), t(0.0)), ("b".to_string(), t(2.0))].into();
+        let fused = [("a".to_string(), t(1.0))].into();
+        let backend = FusedBackend {
+            base: Box::new(base),
+            fused: Mutex::new((fused, HashSet::new())),
+        };
+        let read = |name: &str| {
+            backend
+                .get(
+                    (2,).into(),
+                    name,
+                    candle_nn::Init::Const(9.0),
+                    DType::F32,
+                    &dev,
+                )
+                .and_then(|t| t.to_vec1::<f32>())
+        };
+        assert!(backend.contains_tensor("a"));
+        assert_eq!(read("a").unwrap(), [1.0, 1.0]);
+        assert!(backend.contains_tensor("a"));
+        let err = read("a").unwrap_err().to_string();
+        assert!(
+            err.contains("fused weight a requested a second time"),
+            "{err}"
+        );
+        assert_eq!(read("b").unwrap(), [2.0, 2.0]);
+        assert_eq!(read("b").unwrap(), [2.0, 2.0]);
+        assert!(backend.fused.lock().unwrap().0.is_empty());
     }
 }
