@@ -318,7 +318,8 @@ impl CustomOp2 for Conv2dOp {
             Packed::Winograd(f) => {
                 let (x, bias, (b, cin, h, wd), g) = self.operands(s1, l1, packed.shape, s2, l2)?;
                 let out = winograd_bf16::conv3x3(x, f, bias, (b, cin, h, wd));
-                return Ok((CpuStorage::F32(out), Shape::from((b, f.cout(), g.oh, g.ow))));
+                let cout = packed.shape[0];
+                return Ok((CpuStorage::F32(out), Shape::from((b, cout, g.oh, g.ow))));
             }
         };
         self.run(s1, l1, weight, packed.shape, s2, l2)

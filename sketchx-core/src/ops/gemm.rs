@@ -557,7 +557,7 @@ pub(crate) fn gemm_f32_from(
             elem: 4,
             lda,
         };
-        run(m, view, b, c, ldc, start, || {
+        run(m, view, b, c, ldc, start, true, || {
             a.chunks(lda)
                 .take(m)
                 .flat_map(|r| &r[..b.k])
@@ -658,7 +658,7 @@ pub(crate) fn gemm_bf16_from(
             elem: 2,
             lda,
         };
-        run(m, view, b, c, ldc, start, || {
+        run(m, view, b, c, ldc, start, true, || {
             a.chunks(lda)
                 .take(m)
                 .flat_map(|r| &r[..b.k])
@@ -677,14 +677,7 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
 
 /// [`gemm_packed`] from `start` instead of `C`'s values.
 pub(crate) fn gemm_packed_from(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize, start: Start) {
-    assert_eq!(
-        a.format, b.format,
-        "A and B are packed in different formats"
-    );
-    assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
-    if check(a.m, b.n, b.k, c, ldc, start) {
-        run(a.m, a.view(), b, c, ldc, start, || a.to_f32());
-    }
+    packed_product(a, b, c, ldc, start, true);
 }
 
 /// [`gemm_packed_from`] on the calling thread only: for callers that run several products in parallel.
@@ -695,29 +688,26 @@ pub(crate) fn gemm_packed_serial(
     ldc: usize,
     start: Start,
 ) {
+    packed_product(a, b, c, ldc, start, false);
+}
+
+/// The product of two packed operands, its tiles in parallel when `parallel`.
+fn packed_product(
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    start: Start,
+    parallel: bool,
+) {
     assert_eq!(
         a.format, b.format,
         "A and B are packed in different formats"
     );
     assert_eq!(a.k, b.k, "A has {} columns, B {} rows", a.k, b.k);
-    if !check(a.m, b.n, b.k, c, ldc, start) {
-        return;
+    if check(a.m, b.n, b.k, c, ldc, start) {
+        run(a.m, a.view(), b, c, ldc, start, parallel, || a.to_f32());
     }
-    #[cfg(target_arch = "x86_64")]
-    if b.format.has_fast_kernel() {
-        tiles(
-            a.m,
-            a.view(),
-            BView::packed(b),
-            (b.k, b.n, b.format),
-            c.as_mut_ptr(),
-            ldc,
-            false,
-            start,
-        );
-        return;
-    }
-    run(a.m, a.view(), b, c, ldc, start, || a.to_f32());
 }
 
 /// The right operand of an implicit convolution for [`gemm_shifted`]: rows of `stride` words (two bf16 entries
@@ -984,7 +974,9 @@ enum AView {
 unsafe impl Send for AView {}
 unsafe impl Sync for AView {}
 
-/// Runs the AVX-512 kernels, or the `gemm` crate on `A` widened by `widen` (contiguous `m x k` f32).
+/// Runs AMX's or the AVX-512 kernels (their tasks in parallel when `parallel`), or the `gemm` crate on `A`
+/// widened by `widen` (contiguous `m x k` f32).
+#[allow(clippy::too_many_arguments)]
 fn run(
     m: usize,
     a: AView,
@@ -992,6 +984,7 @@ fn run(
     c: &mut [f32],
     ldc: usize,
     start: Start,
+    parallel: bool,
     widen: impl FnOnce() -> Vec<f32>,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -1001,7 +994,7 @@ fn run(
         start.fill(m, b.n, c, ldc);
         // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart and `c` the m x n
         // block (checked by the callers).
-        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, true, false) };
+        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, parallel, false) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1013,7 +1006,7 @@ fn run(
             (b.k, b.n, b.format),
             c.as_mut_ptr(),
             ldc,
-            true,
+            parallel,
             start,
         );
         return;

@@ -3,10 +3,10 @@
 //!
 //! Each 4x4 input tile `d` (tiles overlap by 2; zeros outside the image) becomes `V = Bᵀ d B`, each 3x3 filter `g`
 //! becomes `U = G g Gᵀ` (once, at load: [`Filters`], held instead of the bf16 kernel, 16/9 of its memory), and for
-//! every one of the
-//! 16 positions ξ the sum over input channels is one product `M[ξ] (c_out x tiles) = U[ξ] (c_out x c_in) · V[ξ]
-//! (c_in x tiles)`; each output tile is `Aᵀ M A` plus the bias. Work runs in bands of tile rows (all images one
-//! after the other), so that the transformed input and the products stay a few MiB at any image size.
+//! every one of the 16 positions ξ the sum over input channels is one product `M[ξ] (c_out x tiles) = U[ξ] (c_out
+//! x c_in) · V[ξ] (c_in x tiles)`; each output tile is `Aᵀ M A` plus the bias. Work runs in bands of tile rows
+//! (all images one after the other), so that the transformed input and the products stay a few MiB at any image
+//! size.
 //!
 //! The transforms' matrices hold only 0, ±1 and ±1/2: `V` is a signed sum of four inputs and `U` of nine weights
 //! (halved), each computed in f32 and rounded to bf16 once, as the direct product rounds the inputs and weights
@@ -64,11 +64,6 @@ impl Filters {
             }
         });
         Self { u, cin, cout }
-    }
-
-    /// Output channels.
-    pub(super) fn cout(&self) -> usize {
-        self.cout
     }
 }
 
