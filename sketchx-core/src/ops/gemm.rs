@@ -63,6 +63,70 @@ pub fn round_bf16(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
 
+/// The words of a packed matrix, starting on a 64-byte boundary (a cache line, and one tile row): aligned panels
+/// and rows are read as whole lines by vector and tile loads instead of straddling two (the allocator only promises
+/// 16 bytes).
+#[derive(Clone, Default)]
+pub(crate) struct Words {
+    buf: Vec<u32>,
+    off: usize,
+    len: usize,
+}
+
+/// Words in a cache line.
+const LINE_WORDS: usize = 16;
+
+impl Words {
+    /// `len` zero words.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        Self::reuse(Vec::new(), len)
+    }
+
+    /// `len` words in `buf`'s memory when it holds enough (their values are then whatever it held: for callers that
+    /// write every word), else in new zeroed memory.
+    pub(crate) fn reuse(mut buf: Vec<u32>, len: usize) -> Self {
+        if buf.len() < len + LINE_WORDS - 1 {
+            buf.clear();
+            buf.resize(len + LINE_WORDS - 1, 0);
+        }
+        let off = buf
+            .as_ptr()
+            .align_offset(4 * LINE_WORDS)
+            .min(LINE_WORDS - 1);
+        Self { buf, off, len }
+    }
+
+    /// The memory, for [`Words::reuse`].
+    pub(crate) fn into_vec(self) -> Vec<u32> {
+        self.buf
+    }
+}
+
+impl std::ops::Deref for Words {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Words {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::fmt::Debug for Words {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Words({} words)", self.len)
+    }
+}
+
+impl PartialEq for Words {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
 /// The right-hand operand of [`gemm_f32`] / [`gemm_bf16`]: a `k x n` matrix packed in column panels of [`NR`]
 /// (zeros past `k` and `n`).
 #[derive(Debug, Clone)]
@@ -72,7 +136,7 @@ pub struct PackedB {
     format: Format,
     /// `panels x words x NR`, `words = ceil(k / per_word)`: word `(panel, p, j)` holds `b[p][panel * NR + j]`
     /// (f32 bits), or `b[2p][..]` in the low half and `b[2p + 1][..]` in the high half (bf16).
-    data: Vec<u32>,
+    data: Words,
 }
 
 impl PackedB {
@@ -110,7 +174,7 @@ impl PackedB {
     /// too), keeping the buffer: a matrix rebuilt at every call allocates (and faults in) its memory once.
     pub(crate) fn reuse_for_panels(&mut self, k: usize, n: usize, format: Format) -> &mut [u32] {
         let len = n.div_ceil(NR) * k.div_ceil(format.per_word()) * NR;
-        self.data.resize(len, 0);
+        self.data = Words::reuse(std::mem::take(&mut self.data).into_vec(), len);
         (self.k, self.n, self.format) = (k, n, format);
         &mut self.data[..len]
     }
@@ -121,7 +185,7 @@ impl PackedB {
             k: 0,
             n: 0,
             format: Format::F32,
-            data: Vec::new(),
+            data: Words::default(),
         }
     }
 
@@ -144,7 +208,7 @@ impl PackedB {
         column: impl Fn(usize) -> &'a [f32],
     ) -> Self {
         let words = k.div_ceil(format.per_word());
-        let mut data = vec![0u32; n.div_ceil(NR) * words * NR];
+        let mut data = Words::zeroed(n.div_ceil(NR) * words * NR);
         let mut row = vec![0u32; words];
         let mut halves = vec![0u16; 2 * words];
         for j in 0..n {
@@ -198,14 +262,7 @@ impl PackedB {
         let per = format.per_word();
         let words = k.div_ceil(per);
         let panels = n.div_ceil(NR);
-        let mut data = buffer;
-        let len = panels * words * NR;
-        if data.len() >= len {
-            data.truncate(len);
-        } else {
-            data.clear();
-            data.resize(len, 0);
-        }
+        let mut data = Words::reuse(buffer, panels * words * NR);
         let out = SendPtr(data.as_mut_ptr());
         // Enough words per task to amortise the scratch rows, enough tasks to balance the threads.
         let chunk = (words / (8 * rayon::current_num_threads().max(1))).clamp(1, 64);
@@ -232,7 +289,7 @@ impl PackedB {
 
     /// The packed words' memory, for [`PackedB::from_rows_in`].
     pub fn into_buffer(self) -> Vec<u32> {
-        self.data
+        self.data.into_vec()
     }
 
     /// The matrix back in f32, row-major `k x n` (the portable path, and tests).
@@ -259,7 +316,7 @@ pub struct PackedA {
     /// Row-major bf16 (`m x k` entries, two per word) rather than blocks of 8 rows.
     row_major: bool,
     /// `ceil(m / MR) x words x MR` words; rows past `m` and entries past `k` are zero.
-    data: Vec<u32>,
+    data: Words,
 }
 
 impl PackedA {
@@ -268,7 +325,7 @@ impl PackedA {
         assert_eq!(a.len(), m * k, "matrix size");
         #[cfg(target_arch = "x86_64")]
         if format == Format::Bf16 && super::amx::available() {
-            let mut data = vec![0u32; (m * k).div_ceil(2)];
+            let mut data = Words::zeroed((m * k).div_ceil(2));
             // SAFETY: `data` holds at least m * k u16 values, and u16 has a smaller alignment than u32.
             let halves =
                 unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<u16>(), m * k) };
@@ -308,8 +365,8 @@ impl PackedA {
         fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
     ) -> Vec<Self> {
         let words = k.div_ceil(2);
-        let mut data: Vec<Vec<u32>> = (0..count)
-            .map(|_| vec![0u32; m.div_ceil(MR) * words * MR])
+        let mut data: Vec<Words> = (0..count)
+            .map(|_| Words::zeroed(m.div_ceil(MR) * words * MR))
             .collect();
         let blocks = m.div_ceil(MR);
         let mut per_block: Vec<Vec<&mut [u32]>> = (0..blocks).map(|_| Vec::new()).collect();
@@ -396,10 +453,10 @@ impl PackedA {
 /// Packs a row-major `rows x k` f32 matrix in blocks of `width` rows, word-interleaved: word `(block, p, i)` holds
 /// entry `p` (f32) or entries `2p`, `2p + 1` (bf16) of row `block * width + i`; zeros past `rows` and `k`. This is
 /// [`PackedA`]'s layout, and [`PackedB`]'s for `B^T` (its panels are blocks of `NR` columns of `B`).
-fn pack_row_blocks(src: &[f32], rows: usize, k: usize, width: usize, format: Format) -> Vec<u32> {
+fn pack_row_blocks(src: &[f32], rows: usize, k: usize, width: usize, format: Format) -> Words {
     assert_eq!(src.len(), rows * k, "matrix size");
     let words = k.div_ceil(format.per_word());
-    let mut data = vec![0u32; rows.div_ceil(width) * words * width];
+    let mut data = Words::zeroed(rows.div_ceil(width) * words * width);
     if data.is_empty() {
         return data;
     }
