@@ -389,6 +389,20 @@ impl Conv2dOp {
             });
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
         }
+        if let Weight::Packed(a) = weight {
+            if kh == 1
+                && kw == 1
+                && s == 1
+                && p == 0
+                && a.format() == Format::Bf16
+                && oh * ow >= POINTWISE_MIN
+            {
+                let out = SCRATCH.take_with(|(_, words)| {
+                    pointwise_bf16(x, a, bias, (b, cin, h * wd), cout, words)
+                });
+                return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
+            }
+        }
         let n = oh * ow;
         // A tap-major kernel on a narrow input: im2col rows in its order, channels rounded up to even.
         let tap_rows = matches!(weight, Weight::Taps(_)).then_some(cin.next_multiple_of(2));
@@ -503,6 +517,67 @@ impl Conv2dOp {
         });
         Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))))
     }
+}
+
+/// Output positions per image from which a bf16 1x1 convolution runs on channel-pair rows ([`pointwise_bf16`]):
+/// 1.4x faster on the VAE decoder's (65,536 positions and more), 15% slower on the UNet's at 256x256 (at most 1,024,
+/// where the packed product takes both images at once).
+const POINTWISE_MIN: usize = 1 << 14;
+
+/// A 1x1 convolution (stride 1, no padding) with a bf16 kernel `a` (`c_out x c_in`): the input's channel pairs
+/// interleaved once into rows of words (all images side by side), read in place by [`gemm_shifted`] with one
+/// segment per image, each image's product written straight into its output planes (from the bias). Packing the
+/// input into column panels instead scatters every word row over the panels, which for a 512x512 image cost more
+/// than the product.
+fn pointwise_bf16(
+    x: &[f32],
+    a: &PackedA,
+    bias: &[f32],
+    (b, cin, n): (usize, usize, usize),
+    cout: usize,
+    words: &mut Vec<u32>,
+) -> Vec<f32> {
+    let len = b * cout * n;
+    if len == 0 {
+        return Vec::new();
+    }
+    let pairs = cin.div_ceil(2);
+    let cols = b * n;
+    // The product reads each image's columns up to the next multiple of NR: zeros after the last image.
+    let mut stride = cols.next_multiple_of(NR) + NR;
+    // Rows a multiple of 1 KiB apart would share the L1 cache's sets.
+    if stride.is_multiple_of(256) {
+        stride += NR;
+    }
+    // Every word is written below, so the kept buffer is not cleared first.
+    if words.len() < pairs * stride {
+        words.resize(pairs * stride, 0);
+    }
+    words.truncate(pairs * stride);
+    words
+        .par_chunks_mut(stride)
+        .enumerate()
+        .for_each(|(cp, row)| {
+            for bi in 0..b {
+                let lo = &x[(bi * cin + 2 * cp) * n..][..n];
+                let hi = (2 * cp + 1 < cin).then(|| &x[(bi * cin + 2 * cp + 1) * n..][..n]);
+                pair_words(lo, hi, &mut row[bi * n..(bi + 1) * n]);
+            }
+            row[cols..].fill(0);
+        });
+    let mut out = super::cpu::output_f32(len);
+    for (bi, c) in out.chunks_exact_mut(cout * n).enumerate() {
+        let shifts = [bi * n];
+        let view = Shifted {
+            words,
+            stride,
+            seg_words: pairs,
+            shifts: &shifts,
+            n,
+        };
+        gemm_shifted(a, &view, c, n, Start::Rows(bias));
+    }
+    out
 }
 
 /// The GEMM's right operand for `images` images `x` (one after the other), their columns side by side: each
@@ -944,6 +1019,10 @@ mod tests {
         check(5, 7, 3, 2, 1, 9, 11);
         check(5, 7, 3, 2, 0, 10, 10);
         check(4, 6, 1, 1, 0, 7, 5);
+        // Large enough for 1x1 in bf16 on channel-pair rows (POINTWISE_MIN): odd channels, columns that fill no
+        // block, k steps with a partial last one.
+        check(7, 9, 1, 1, 0, 128, 130);
+        check(66, 20, 1, 1, 0, 129, 128);
         check(3, 8, 3, 1, 1, 1, 1);
         check(16, 32, 3, 2, 1, 16, 16);
         // Wide enough for the tap-by-tap product (TAPS_MIN_WIDTH): odd channels, one row, several k blocks per
