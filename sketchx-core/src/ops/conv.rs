@@ -519,6 +519,21 @@ impl Conv2dOp {
     }
 }
 
+/// Sizes `words` for `rows` rows of channel-pair words at least `min_stride` words long and returns their stride:
+/// a multiple of [`NR`], but not of 256 (rows 1 KiB apart would share the L1 cache's sets). The kept buffer is not
+/// cleared: the callers write every word.
+fn word_rows(words: &mut Vec<u32>, rows: usize, min_stride: usize) -> usize {
+    let mut stride = min_stride.next_multiple_of(NR);
+    if stride.is_multiple_of(256) {
+        stride += NR;
+    }
+    if words.len() < rows * stride {
+        words.resize(rows * stride, 0);
+    }
+    words.truncate(rows * stride);
+    stride
+}
+
 /// Output positions per image from which a bf16 1x1 convolution runs on channel-pair rows ([`pointwise_bf16`]):
 /// 1.4x faster on the VAE decoder's (65,536 positions and more), 15% slower on the UNet's at 256x256 (at most 1,024,
 /// where the packed product takes both images at once).
@@ -543,17 +558,9 @@ fn pointwise_bf16(
     }
     let pairs = cin.div_ceil(2);
     let cols = b * n;
-    // The product reads each image's columns up to the next multiple of NR: zeros after the last image.
-    let mut stride = cols.next_multiple_of(NR) + NR;
-    // Rows a multiple of 1 KiB apart would share the L1 cache's sets.
-    if stride.is_multiple_of(256) {
-        stride += NR;
-    }
-    // Every word is written below, so the kept buffer is not cleared first.
-    if words.len() < pairs * stride {
-        words.resize(pairs * stride, 0);
-    }
-    words.truncate(pairs * stride);
+    // The product reads each image's columns up to the next multiple of NR: zeros after the last image. Every word
+    // is written below.
+    let stride = word_rows(words, pairs, cols.next_multiple_of(NR) + NR);
     words
         .par_chunks_mut(stride)
         .enumerate()
@@ -721,17 +728,12 @@ impl Conv2dOp {
         let ncols = (b - 1) * plane + (h - 1) * l + w;
         // Tap (dy, dx) of column j reads guard + l + 1 + j + (dy - 1) l + dx - 1.
         let shifts: Vec<usize> = (0..9).map(|t| (t / 3 + 1) * l + t % 3 + 1).collect();
-        let mut stride = (3 * l + 3 + ncols.next_multiple_of(NR) + NR).max(guard + b * plane);
-        stride = stride.next_multiple_of(NR);
-        // Rows a multiple of 1 KiB apart would share the L1 cache's sets.
-        if stride % 256 == 0 {
-            stride += NR;
-        }
-        // Every word is written below (zeros and pairs), so the kept buffer is not cleared first.
-        if words.len() < pairs * stride {
-            words.resize(pairs * stride, 0);
-        }
-        words.truncate(pairs * stride);
+        // Every word is written below (zeros and pairs).
+        let stride = word_rows(
+            words,
+            pairs,
+            (3 * l + 3 + ncols.next_multiple_of(NR) + NR).max(guard + b * plane),
+        );
         let img = h * w;
         words
             .par_chunks_mut(stride)

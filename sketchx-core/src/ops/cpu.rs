@@ -83,23 +83,30 @@ impl<T: Default> Kept<T> {
 }
 
 impl<E: Copy + Default> Kept<Vec<E>> {
-    /// `f` on `len` values of the kept buffer (grown as needed; what a previous call left in it is not cleared),
-    /// starting on a 64-byte boundary, so that the rows of a product's operand load as whole cache lines.
+    /// `f` on `len` values of the kept buffer (what a previous call left in it, or default values where it had to
+    /// grow), starting on a 64-byte boundary, so that the rows of a product's operand load as whole cache lines.
     pub(crate) fn with<R>(&self, len: usize, f: impl FnOnce(&mut [E]) -> R) -> R {
         self.take_with(|buf| f(line_aligned(buf, len)))
     }
 }
 
-/// `len` values of `buf` (grown with default values as needed) that start on a 64-byte boundary: a tile or vector
+/// `len` values of `buf` (grown as [`line_offset`] grows it) that start on a 64-byte boundary: a tile or vector
 /// load of an aligned row then reads whole cache lines instead of straddling two. The same values come back while
 /// `buf` does not grow.
 pub(crate) fn line_aligned<E: Copy + Default>(buf: &mut Vec<E>, len: usize) -> &mut [E] {
+    let off = line_offset(buf, len);
+    &mut buf[off..off + len]
+}
+
+/// Makes `len` values fit in `buf` from its first 64-byte boundary, and returns that boundary's index. A `buf` too
+/// short is emptied and grown with default values (what it held is not copied: the callers write what they use).
+pub(crate) fn line_offset<E: Copy + Default>(buf: &mut Vec<E>, len: usize) -> usize {
     let pad = 64 / std::mem::size_of::<E>().max(1);
     if buf.len() < len + pad {
+        buf.clear();
         buf.resize(len + pad, E::default());
     }
-    let off = buf.as_ptr().align_offset(64).min(pad);
-    &mut buf[off..off + len]
+    buf.as_ptr().align_offset(64).min(pad)
 }
 
 /// Asks the kernel to back the whole 2 MiB pages inside `ptr..ptr + len` with huge pages when they are first

@@ -73,9 +73,6 @@ pub(crate) struct Words {
     len: usize,
 }
 
-/// Words in a cache line.
-const LINE_WORDS: usize = 16;
-
 impl Words {
     /// `len` zero words.
     pub(crate) fn zeroed(len: usize) -> Self {
@@ -83,16 +80,9 @@ impl Words {
     }
 
     /// `len` words in `buf`'s memory when it holds enough (their values are then whatever it held: for callers that
-    /// write every word), else in new zeroed memory.
+    /// write every word), else in new zeroed memory ([`super::cpu::line_offset`]).
     pub(crate) fn reuse(mut buf: Vec<u32>, len: usize) -> Self {
-        if buf.len() < len + LINE_WORDS - 1 {
-            buf.clear();
-            buf.resize(len + LINE_WORDS - 1, 0);
-        }
-        let off = buf
-            .as_ptr()
-            .align_offset(4 * LINE_WORDS)
-            .min(LINE_WORDS - 1);
+        let off = super::cpu::line_offset(&mut buf, len);
         Self { buf, off, len }
     }
 
