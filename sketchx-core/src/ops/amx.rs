@@ -7,7 +7,9 @@
 //! as row-major bf16. Each task keeps a 32 x 32 block of `C` in four tiles (two tiles of `A`, two of `B` per step
 //! of 32 `k` entries) and walks a column block's rows, so that the column block of `B` stays in the L2 cache.
 //! Edges (rows, columns or `k` entries that do not fill a tile) go through zero-filled scratch tiles, so that no
-//! tile load reads past an operand.
+//! tile load reads past an operand. A 3x3 convolution runs channels last ([`gemm_rows_shifted`]): `A`'s rows are
+//! the image's positions and each tap reads them shifted by whole rows, so that every tile row is one cache line.
+//! Its `C` starts from the bias, one 64-byte row loaded into all 16 rows of a tile (stride 0).
 //!
 //! Linux hands out AMX state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once by [`available`];
 //! without it, or with `SKETCHX_NO_AMX=1`, the AVX-512 kernels run. The instructions are written as inline
@@ -83,17 +85,58 @@ pub(crate) unsafe fn gemm(
     overwrite: bool,
 ) {
     let source = Source::Packed(b);
+    let init = if overwrite {
+        Init::Zero
+    } else {
+        Init::Accumulate
+    };
     // SAFETY: the caller's contract.
     unsafe {
         run(
             m,
-            a,
-            lda,
+            (a, lda, None),
             (b.k(), b.n(), source),
             c,
             ldc,
             parallel,
-            overwrite,
+            init,
+        )
+    }
+}
+
+/// `C = A B + bias` for a channels-last convolution: `A`'s rows are positions (row-major bf16, `lda` apart), `B`
+/// a kernel packed tap-major (`b.k() = 2 * seg_words * shifts.len()` entries, one segment of `seg_words` words
+/// per tap), and segment `s` reads `A`'s rows shifted by `shifts[s]`: entry `e` of row `i` is `a[(i +
+/// shifts[e / (2 * seg_words)]) * lda + e % (2 * seg_words)]`. `C` (`m` rows of `b.n()`, `ldc` apart) starts from
+/// `bias[j]` in column `j`; tasks in parallel.
+///
+/// # Safety
+/// [`available`] must have returned `true`; `b.k()` must be even and a multiple of `2 * shifts.len()`. For every
+/// shift `s`, rows `s..s + m` of `A` (each `b.k() / shifts.len()` entries) must be readable, `bias` must hold
+/// `b.n()` values, and `c` must point to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes
+/// meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows_shifted(
+    m: usize,
+    (a, lda, shifts): (*const u16, usize, &[usize]),
+    b: &PackedB,
+    bias: &[f32],
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert!(bias.len() >= b.n());
+    let source = Source::Packed(b);
+    // SAFETY: the caller's contract.
+    unsafe {
+        run(
+            m,
+            (a, lda, Some(shifts)),
+            (b.k(), b.n(), source),
+            c,
+            ldc,
+            true,
+            Init::Cols(bias.as_ptr()),
         )
     }
 }
@@ -123,8 +166,13 @@ pub(crate) unsafe fn gemm_shifted(
         shifts,
     };
     let k = 2 * seg_words * shifts.len();
+    let init = if overwrite {
+        Init::Zero
+    } else {
+        Init::Accumulate
+    };
     // SAFETY: the caller's contract.
-    unsafe { run(m, a, lda, (k, n, source), c, ldc, true, overwrite) }
+    unsafe { run(m, (a, lda, None), (k, n, source), c, ldc, true, init) }
 }
 
 /// The product of [`gemm`] and [`gemm_shifted`].
@@ -135,15 +183,14 @@ pub(crate) unsafe fn gemm_shifted(
 #[allow(clippy::too_many_arguments)]
 unsafe fn run(
     m: usize,
-    a: *const u16,
-    lda: usize,
+    (a, lda, a_shifts): (*const u16, usize, Option<&[usize]>),
     (k, n, b): (usize, usize, Source),
     c: *mut f32,
     ldc: usize,
     parallel: bool,
-    overwrite: bool,
+    init: Init,
 ) {
-    if k == 0 && overwrite {
+    if k == 0 && matches!(init, Init::Zero) {
         for i in 0..m {
             // SAFETY: row i of C holds n values (the contract).
             unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
@@ -170,10 +217,11 @@ unsafe fn run(
         n,
         a: SendPtr(a.cast_mut()),
         lda,
+        a_shifts,
         b,
         c: SendPtr(c),
         ldc,
-        overwrite,
+        init,
     };
     let block = |t: usize, scratch: &mut Scratches| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
@@ -229,6 +277,18 @@ enum Source<'a> {
     },
 }
 
+/// What `C`'s tiles start from.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Init {
+    /// `C`'s values.
+    Accumulate,
+    /// Zero (`C`'s values are never read).
+    Zero,
+    /// `bias[j]` in column `j` (`C`'s values are never read).
+    Cols(*const f32),
+}
+
 /// The operands of one product, shared by its tasks.
 #[cfg(target_arch = "x86_64")]
 struct Job<'a> {
@@ -236,12 +296,21 @@ struct Job<'a> {
     n: usize,
     a: SendPtr<u16>,
     lda: usize,
+    /// `B`'s segments read `A`'s rows shifted by these (a channels-last convolution's taps); `None`: `A`'s
+    /// entries follow `k`.
+    a_shifts: Option<&'a [usize]>,
     b: Source<'a>,
     c: SendPtr<f32>,
     ldc: usize,
-    /// Start from zero instead of `C`'s values.
-    overwrite: bool,
+    init: Init,
 }
+
+// SAFETY: the bias pointer of `Init::Cols` is only read, by tasks of the product whose caller guarantees it stays
+// valid while the product runs.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Init {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Init {}
 
 /// The tile configuration `ldtilecfg` reads: palette 1, every tile 16 rows of 64 bytes.
 #[cfg(target_arch = "x86_64")]
@@ -374,11 +443,15 @@ impl Job<'_> {
     ) {
         let words = self.k.div_ceil(2);
         // The steps of k: whole segments (a convolution tap's words) in steps of 16 words.
-        let (segments, seg_words) = match &self.b {
-            Source::Packed(_) => (1, words),
-            Source::Shifted {
-                seg_words, shifts, ..
-            } => (shifts.len(), *seg_words),
+        let (segments, seg_words) = match (&self.b, self.a_shifts) {
+            (Source::Packed(_), None) => (1, words),
+            (Source::Packed(_), Some(shifts)) => (shifts.len(), words / shifts.len()),
+            (
+                Source::Shifted {
+                    seg_words, shifts, ..
+                },
+                _,
+            ) => (shifts.len(), *seg_words),
         };
         let Scratches {
             c: c_scratch,
@@ -386,6 +459,7 @@ impl Job<'_> {
             b: b_scratch,
         } = scratch;
         let has = |i: usize, j: usize| rows[i] > 0 && cols[j] > 0;
+        let full = rows == [TILE; 2] && cols == [NR; 2];
         // Where each C tile lives while it is computed: C itself, or a scratch copy at an edge.
         let mut c_at = [[(std::ptr::null_mut::<f32>(), 0usize); 2]; 2];
         for i in 0..2 {
@@ -401,11 +475,19 @@ impl Job<'_> {
                     let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
                     // SAFETY: the scratch holds 16 x 16 values.
                     unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
-                    for y in 0..if self.overwrite { 0 } else { rows[i] } {
-                        // SAFETY: rows[i] x cols[j] values of C from `origin` are the task's; the scratch holds 16 x 16.
+                    // The start's rows: C's own (rows[i] x cols[j] values from `origin`, the task's) or the bias
+                    // (cols[j] values from column (p0 + j) * 16, inside it); the scratch holds 16 x 16.
+                    let (from, step) = match self.init {
+                        Init::Zero => (std::ptr::null(), 0),
+                        Init::Accumulate => (origin.cast_const(), self.ldc),
+                        // SAFETY: see above.
+                        Init::Cols(bias) => (unsafe { bias.add((p0 + j) * NR) }, 0),
+                    };
+                    for y in 0..if from.is_null() { 0 } else { rows[i] } {
+                        // SAFETY: see above.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
-                                origin.add(y * self.ldc),
+                                from.add(y * step),
                                 s.add(y * TILE),
                                 cols[j],
                             )
@@ -418,7 +500,7 @@ impl Job<'_> {
         // SAFETY (every tile instruction below): each load reads 16 rows of 64 bytes from `ptr` with `stride`,
         // which lie inside an operand (full tiles) or a scratch tile (edges); stores write C's own tile or scratch.
         unsafe {
-            if self.overwrite {
+            if let Init::Zero = self.init {
                 // (A tile past the edge is zeroed too: it is neither multiplied nor stored.)
                 std::arch::asm!(
                     "tilezero tmm0",
@@ -428,17 +510,29 @@ impl Job<'_> {
                     options(nostack, nomem, preserves_flags)
                 );
             } else {
+                // A whole tile starting from the bias loads its 16 values into every row (stride 0); edges start
+                // from their scratch copies.
+                let from = |i: usize, j: usize| match self.init {
+                    Init::Cols(bias) if rows[i] == TILE && cols[j] == NR => {
+                        (bias.add((p0 + j) * NR).cast_mut(), 0)
+                    }
+                    _ => c_at[i][j],
+                };
                 if has(0, 0) {
-                    tile_load!("tmm0", c_at[0][0].0, c_at[0][0].1);
+                    let (p, s) = from(0, 0);
+                    tile_load!("tmm0", p, s);
                 }
                 if has(0, 1) {
-                    tile_load!("tmm1", c_at[0][1].0, c_at[0][1].1);
+                    let (p, s) = from(0, 1);
+                    tile_load!("tmm1", p, s);
                 }
                 if has(1, 0) {
-                    tile_load!("tmm2", c_at[1][0].0, c_at[1][0].1);
+                    let (p, s) = from(1, 0);
+                    tile_load!("tmm2", p, s);
                 }
                 if has(1, 1) {
-                    tile_load!("tmm3", c_at[1][1].0, c_at[1][1].1);
+                    let (p, s) = from(1, 1);
+                    tile_load!("tmm3", p, s);
                 }
             }
             for (seg, w) in
@@ -448,11 +542,59 @@ impl Job<'_> {
                 let w0 = seg * seg_words + w;
                 // Entries of k in this step (the last word of an odd k holds one).
                 let ke = (self.k - 2 * w0).min(2 * kw);
+                if full && ke == 2 * TW {
+                    // The common step, all four tiles whole, in one block: each load as close as possible before
+                    // its first product, so that the next step's loads overlap this step's last products.
+                    let a0 = match self.a_shifts {
+                        None => self.a.0.add(r * self.lda + 2 * w0),
+                        Some(shifts) => self.a.0.add((r + shifts[seg]) * self.lda + 2 * w),
+                    };
+                    // The first column tile's first word, the words between its rows, the second's first word.
+                    let (b0, b_row, b1) = match &self.b {
+                        Source::Packed(b) => {
+                            let b0 = b.data_ptr().add((p0 * words + w0) * NR);
+                            (b0, NR, b0.add(words * NR))
+                        }
+                        Source::Shifted {
+                            ptr,
+                            stride,
+                            shifts,
+                            ..
+                        } => {
+                            let b0 = ptr.0.cast_const().add(shifts[seg] + w * stride + p0 * NR);
+                            (b0, *stride, b0.add(NR))
+                        }
+                    };
+                    std::arch::asm!(
+                        "tileloadd tmm4, [{a0} + {sa} * 1]",
+                        "tileloadd tmm6, [{b0} + {sb} * 1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {sb} * 1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tileloadd tmm5, [{a1} + {sa} * 1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a0.add(TILE * self.lda),
+                        sa = in(reg) self.lda * 2,
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b1,
+                        sb = in(reg) b_row * 4,
+                        options(nostack, readonly, preserves_flags)
+                    );
+                    continue;
+                }
                 for i in 0..2 {
                     if rows[i] == 0 {
                         continue;
                     }
-                    let origin = self.a.0.add((r + i * TILE) * self.lda + 2 * w0);
+                    let origin = match self.a_shifts {
+                        None => self.a.0.add((r + i * TILE) * self.lda + 2 * w0),
+                        Some(shifts) => self
+                            .a
+                            .0
+                            .add((r + i * TILE + shifts[seg]) * self.lda + 2 * w),
+                    };
                     let (ptr, stride) = if rows[i] == TILE && ke == 2 * TW {
                         (origin.cast_const().cast::<u8>(), self.lda * 2)
                     } else {

@@ -5,7 +5,8 @@
 //! matrix), im2col writes whole shifted rows in parallel (`[c_in * kh * kw, h_out * w_out]`, output lands in NCHW
 //! directly), and the bias is the GEMM's initial destination. In the CPU bf16 mode the kernel is stored in bf16 and
 //! im2col rows are rounded and packed two at a time for [`super::gemm::gemm_packed`] (the f32 im2col matrix is never
-//! built). Large f32 3x3 convolutions of stride 1 go to [`super::winograd`] instead, and in the bf16 mode without
+//! built); 3x3 convolutions of stride 1 read the input in place instead, tap by tap (channels first, or on AMX
+//! channels last). Large f32 3x3 convolutions of stride 1 go to [`super::winograd`] instead, and in the bf16 mode without
 //! AMX those of 16 channels or more hold only Winograd's transformed filters and run [`super::winograd_bf16`].
 //! Other dtypes and devices use candle's conv2d.
 
@@ -22,6 +23,7 @@ use super::gemm::{
     gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted,
     Start, NR,
 };
+use super::layout::transpose_32;
 use super::winograd_bf16::{self, Filters};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
@@ -137,6 +139,13 @@ impl FastConv2d {
             && winograd_bf16::keeps_filters(self.kernel)
         {
             Packed::Winograd(Filters::new(&w, cout, cin))
+        } else if taps && format == Format::Bf16 && super::amx::available() {
+            Packed::Channels(PackedB::from_transposed(
+                &tap_major(&w, self.kernel),
+                cout,
+                kh * kw * cin.next_multiple_of(2),
+                format,
+            ))
         } else if taps {
             Packed::Taps(PackedA::new(
                 &tap_major(&w, self.kernel),
@@ -315,6 +324,7 @@ impl CustomOp2 for Conv2dOp {
         let weight = match &packed.kernel {
             Packed::Rows(a) => Weight::Packed(a),
             Packed::Taps(a) => Weight::Taps(a),
+            Packed::Channels(b) => Weight::Channels(b),
             Packed::Winograd(f) => {
                 let (x, bias, (b, cin, h, wd), g) = self.operands(s1, l1, packed.shape, s2, l2)?;
                 let out = winograd_bf16::conv3x3(x, f, bias, (b, cin, h, wd));
@@ -381,6 +391,13 @@ impl Conv2dOp {
                 super::winograd::conv3x3(x, w, bias, &mut out, b, cin, cout, h, wd);
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Weight::Channels(bm) = weight {
+            let out = SCRATCH.take_with(|(out_band, words)| {
+                self.taps_channels_last(x, bm, bias, (b, cin, h, wd), words, out_band)
+            });
+            return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
         }
         let taps_wide = wd >= TAPS_MIN_WIDTH;
         if let (Weight::Taps(a), true) = (weight, taps_wide) {
@@ -510,6 +527,9 @@ impl Conv2dOp {
                             gemm_packed_from(w, &rhs, dst, n, Start::Rows(bias));
                             *packed = rhs.into_buffer();
                         }
+                        Weight::Channels(_) => {
+                            unreachable!("channels-last kernels run taps_channels_last")
+                        }
                     }
                 }
             }
@@ -638,6 +658,7 @@ enum Weight<'a> {
     F32(&'a [f32]),
     Packed(&'a PackedA),
     Taps(&'a PackedA),
+    Channels(&'a PackedB),
 }
 
 /// A convolution's kernel packed for the GEMM.
@@ -655,6 +676,9 @@ enum Packed {
     Rows(PackedA),
     /// Tap-major for [`Conv2dOp::taps_3x3`] (`[c_out, 9, c_in]`, `c_in` rounded up to even).
     Taps(PackedA),
+    /// Tap-major as the right operand of a channels-last product on AMX tiles ([`Conv2dOp::taps_channels_last`]):
+    /// `B = [9 c_in', c_out]`.
+    Channels(PackedB),
     /// Only the transformed filters of bf16 Winograd ([`super::winograd_bf16`]), which then runs the convolution
     /// at every size: 3x3 stride-1 convolutions of enough channels in the bf16 mode without AMX (AMX's direct
     /// product is faster than Winograd's transforms and smaller products). Keeping the direct kernel too, for the
@@ -694,6 +718,122 @@ fn tap_major(w: &[f32], [cout, cin, kh, kw]: [usize; 4]) -> Vec<f32> {
 }
 
 impl Conv2dOp {
+    /// A 3x3 convolution (stride 1, padding 1) of `b` images `(cin, h, w)` on AMX tiles, channels last: the
+    /// input is written once as rows of bf16 channel pairs, one row per position, in the padded geometry of
+    /// [`Conv2dOp::taps_3x3`] (rows of `w + 1` positions, the zero one shared by neighbouring rows, images one
+    /// after the other); a tap then reads the rows shifted by whole rows, so that every tile row is one cache line
+    /// of one position (the kernel `b` packed as the right operand). Reading the channels-first rows instead puts
+    /// each of a tile's 16 rows in another page, which the tile loads pay for (twice the time on the UNet's
+    /// 320-channel convolutions). The product (positions x channels, starting from the bias) is made a band of
+    /// positions at a time and transposed into the output's planes.
+    #[cfg(target_arch = "x86_64")]
+    fn taps_channels_last(
+        &self,
+        x: &[f32],
+        bm: &PackedB,
+        bias: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        words: &mut Vec<u32>,
+        out_band: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        let cout = bm.n();
+        let len = b * cout * h * w;
+        if len == 0 {
+            return Vec::new();
+        }
+        let pairs = cin.div_ceil(2);
+        assert_eq!(bm.k(), 18 * pairs, "kernel and input channels");
+        // Rows start on cache lines.
+        let lda = pairs.next_multiple_of(NR);
+        let l = w + 1;
+        let plane = (h + 2) * l + 1;
+        let guard = l + 1;
+        let ncols = (b - 1) * plane + (h - 1) * l + w;
+        let shifts: Vec<usize> = (0..9).map(|t| (t / 3 + 1) * l + t % 3 + 1).collect();
+        let rows = (ncols + 3 * l + 3).max(guard + b * plane);
+        let off = super::cpu::line_offset(words, rows * lda);
+        let a = &mut words[off..off + rows * lda];
+        // Padding rows (guard, top and bottom rows, the zero column, the tail) hold zero pairs.
+        a.par_chunks_mut(lda).enumerate().for_each(|(q, row)| {
+            let data = q >= guard && q < guard + b * plane && {
+                let r = (q - guard) % plane;
+                (1..=h).contains(&(r / l)) && r % l != 0
+            };
+            if !data {
+                row[..pairs].fill(0);
+            }
+        });
+        let img = h * w;
+        let aptr = SendPtr(a.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each_init(
+            || vec![0u32; pairs * w],
+            |tmp, t| {
+                let aptr = &aptr;
+                let (bi, y) = (t / h, t % h);
+                for cp in 0..pairs {
+                    let lo = &x[(bi * cin + 2 * cp) * img + y * w..][..w];
+                    let hi = (2 * cp + 1 < cin)
+                        .then(|| &x[(bi * cin + 2 * cp + 1) * img + y * w..][..w]);
+                    pair_words(lo, hi, &mut tmp[cp * w..(cp + 1) * w]);
+                }
+                let q0 = guard + bi * plane + (y + 1) * l + 1;
+                // SAFETY: rows q0..q0 + w (image bi, row y) lie inside `a` and are written by this task only (words
+                // 0..pairs of each); `tmp` holds pairs x w words.
+                unsafe { transpose_32(tmp.as_ptr(), w, aptr.0.add(q0 * lda), lda, pairs, w) };
+            },
+        );
+        let a = &*a;
+        let mut out = super::cpu::output_uninit_f32(len);
+        let band = (self.band / cout).clamp(1, ncols);
+        out_band.resize(cout * band, 0.0);
+        let optr = SendPtr(out.as_mut_ptr());
+        for j0 in (0..ncols).step_by(band) {
+            let nb = band.min(ncols - j0);
+            let c = &mut out_band[..cout * nb];
+            // SAFETY: AMX is available (the kernel is packed this way only then); k = 18 pairs = 2 x pairs words
+            // per tap; for every shift s, rows j0 + s..j0 + s + nb of `a` exist (the largest shift is 3l + 3 and
+            // `a` holds ncols + 3l + 3 rows), each `pairs` words (2 lda entries apart); `bias` holds c_out values
+            // (checked by `operands`); `c` holds nb x c_out values.
+            unsafe {
+                super::amx::gemm_rows_shifted(
+                    nb,
+                    (a.as_ptr().add(j0 * lda).cast(), 2 * lda, &shifts),
+                    bm,
+                    bias,
+                    c.as_mut_ptr(),
+                    cout,
+                )
+            };
+            // Column j is image j / plane, position (j % plane) / l, (j % plane) % l (x < w: an output).
+            let c = &*c;
+            (0..b * h).into_par_iter().for_each(|t| {
+                let optr = &optr;
+                let (bi, y) = (t / h, t % h);
+                let j = bi * plane + y * l;
+                let (lo, hi) = (j.max(j0), (j + w).min(j0 + nb));
+                if lo >= hi {
+                    return;
+                }
+                // SAFETY: rows lo - j0..hi - j0 of the band (c_out values each) lie inside `c`; output row y,
+                // columns lo - j..hi - j (< w) of every plane (bi, co) lie inside `out`'s buffer, another one, and
+                // are written by this task only.
+                unsafe {
+                    transpose_32(
+                        c.as_ptr().add((lo - j0) * cout),
+                        cout,
+                        optr.0.add(bi * cout * img + y * w + lo - j),
+                        img,
+                        hi - lo,
+                        cout,
+                    )
+                };
+            });
+        }
+        // SAFETY: the bands cover columns 0..ncols, which hold every output position, each written above.
+        unsafe { out.set_len(len) };
+        out
+    }
+
     /// A 3x3 convolution (stride 1, padding 1) of `b` images `(cin, h, w)` without im2col: the input is written
     /// once as bf16 channel pairs, each image zero-padded in rows of `w + 1` words (the zero column is the right
     /// edge of one row and the left edge of the next) and all images one after the other in each pair's row; a
@@ -964,7 +1104,7 @@ mod tests {
             };
             match op.packed.as_ref().unwrap().kernel {
                 Packed::Rows(_) => "rows",
-                Packed::Taps(_) => "taps",
+                Packed::Taps(_) | Packed::Channels(_) => "taps",
                 Packed::Winograd(_) => "winograd",
             }
         };

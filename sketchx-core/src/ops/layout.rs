@@ -2,7 +2,7 @@
 //! `(b, h * w, c)`: a blocked transpose of each image's matrix on rayon's threads (candle's strided copy of a
 //! permuted view walks the source with a large stride on one thread); and nearest-neighbour upsampling by an
 //! integer factor, one parallel task per plane (candle's computes a source index per pixel on one thread).
-//! Other dtypes and devices use candle.
+//! Other dtypes and devices use candle. [`transpose_32`] is the blocked transpose the CPU ops share.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -100,19 +100,120 @@ impl CustomOp1 for Transpose {
             let src = &x[bi * per..][..per];
             for r0 in (0..rows).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(rows);
-                for c in c0..c1 {
-                    // SAFETY: destination row c of image bi (columns r0..r1 < rows) belongs to this task's
-                    // stripe only, and lies inside `out` (b * cols * rows values).
-                    let d = unsafe {
-                        std::slice::from_raw_parts_mut(dst.0.add(bi * per + c * rows + r0), r1 - r0)
-                    };
-                    for (v, r) in d.iter_mut().zip(r0..r1) {
-                        *v = src[r * cols + c];
-                    }
-                }
+                // SAFETY: source rows r0..r1, columns c0..c1 lie inside image bi's matrix; destination rows c0..c1
+                // of image bi (columns r0..r1 < rows) belong to this task's stripe only, inside `out` (b * cols *
+                // rows values), another buffer.
+                unsafe {
+                    transpose_32(
+                        src.as_ptr().add(r0 * cols + c0),
+                        cols,
+                        dst.0.add(bi * per + c0 * rows + r0),
+                        rows,
+                        r1 - r0,
+                        c1 - c0,
+                    )
+                };
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, cols, rows))))
+    }
+}
+
+/// Transposes a `rows x cols` block of 32-bit values: `dst[c * ldd + r] = src[r * lds + c]`. Whole 16 x 16 blocks
+/// go through AVX-512 registers where the CPU has them (16 loads, 64 shuffles, 16 stores), the rest one value at
+/// a time.
+///
+/// # Safety
+/// `src` must be readable at every `r * lds + c` and `dst` writable at every `c * ldd + r` (`r < rows`, `c <
+/// cols`), and the two must not overlap.
+pub(crate) unsafe fn transpose_32<T: Copy>(
+    src: *const T,
+    lds: usize,
+    dst: *mut T,
+    ldd: usize,
+    rows: usize,
+    cols: usize,
+) {
+    const { assert!(std::mem::size_of::<T>() == 4) };
+    let one_by_one = |rs: std::ops::Range<usize>, cs: std::ops::Range<usize>| {
+        for r in rs {
+            for c in cs.clone() {
+                // SAFETY: the caller's contract (r < rows, c < cols).
+                unsafe { *dst.add(c * ldd + r) = *src.add(r * lds + c) };
+            }
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::features().avx512 {
+        let (fr, fc) = (rows / 16 * 16, cols / 16 * 16);
+        for r0 in (0..fr).step_by(16) {
+            for c0 in (0..fc).step_by(16) {
+                // SAFETY: a whole block inside the caller's rows and columns; AVX-512 is available.
+                unsafe {
+                    x86::transpose_16(
+                        src.add(r0 * lds + c0).cast(),
+                        lds,
+                        dst.add(c0 * ldd + r0).cast(),
+                        ldd,
+                    )
+                };
+            }
+        }
+        one_by_one(fr..rows, 0..cols);
+        one_by_one(0..fr, fc..cols);
+        return;
+    }
+    one_by_one(0..rows, 0..cols);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// One 16 x 16 block of [`super::transpose_32`]: 32-bit pairs, then 64-bit pairs, then 128-bit lanes twice.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `src` readable at 16 rows of 16 values `lds` apart, `dst` writable at 16 rows
+    /// `ldd` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_16(src: *const i32, lds: usize, dst: *mut i32, ldd: usize) {
+        // SAFETY (loads and stores): the contract.
+        let r: [__m512i; 16] =
+            std::array::from_fn(|i| unsafe { _mm512_loadu_si512(src.add(i * lds).cast()) });
+        // t[2g], t[2g + 1]: rows 2g, 2g + 1 interleaved, entries 0-1 and 2-3 of each 128-bit lane.
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4g + c], lane l: column 4l + c, rows 4g..4g + 4.
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+            if c % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        for c in 0..4 {
+            let even = |a, b| _mm512_shuffle_i32x4::<0x88>(a, b);
+            let odd = |a, b| _mm512_shuffle_i32x4::<0xdd>(a, b);
+            let (v, v2) = (even(u[c], u[4 + c]), even(u[8 + c], u[12 + c]));
+            let (w, w2) = (odd(u[c], u[4 + c]), odd(u[8 + c], u[12 + c]));
+            // Destination row 4l + c gathers lane l of u[c], u[4 + c], u[8 + c], u[12 + c].
+            for (l, out) in [
+                (0, even(v, v2)),
+                (2, odd(v, v2)),
+                (1, even(w, w2)),
+                (3, odd(w, w2)),
+            ] {
+                unsafe { _mm512_storeu_si512(dst.add((4 * l + c) * ldd).cast(), out) };
+            }
+        }
     }
 }
 
@@ -179,6 +280,27 @@ mod tests {
         }
         let t = Tensor::zeros((1, 6, 2), DType::F32, &dev).unwrap();
         assert!(to_image(&t, 2, 2).is_err(), "6 tokens are not a 2x2 image");
+    }
+
+    #[test]
+    fn transposes_blocks_of_any_size() {
+        for (rows, cols, lds, ldd) in [
+            (16, 16, 16, 16),
+            (35, 50, 53, 40),
+            (3, 17, 17, 5),
+            (48, 32, 40, 50),
+        ] {
+            let src: Vec<u32> = (0..rows * lds).map(|i| i as u32 * 7 + 1).collect();
+            let mut dst = vec![0u32; cols * ldd];
+            // SAFETY: the buffers hold rows x lds and cols x ldd values.
+            unsafe { transpose_32(src.as_ptr(), lds, dst.as_mut_ptr(), ldd, rows, cols) };
+            for c in 0..cols {
+                for r in 0..ldd {
+                    let want = if r < rows { src[r * lds + c] } else { 0 };
+                    assert_eq!(dst[c * ldd + r], want, "{rows}x{cols}: ({r}, {c})");
+                }
+            }
+        }
     }
 
     #[test]
