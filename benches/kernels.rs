@@ -40,6 +40,21 @@ fn conv(c: &mut Criterion) {
         g.bench_function("sketchx", |b| b.iter(|| fast.forward(&xs).unwrap()));
         g.finish();
     }
+    // The VAE decoder's at 512x512 (one image).
+    for (ch, hw) in [(512, 64), (512, 128), (256, 256), (128, 512)] {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let inner = candle_nn::conv2d(ch, ch, 3, cfg, vb).unwrap();
+        let fast = FastConv2d::new(inner).into_cpu_bf16().unwrap();
+        let xs = Tensor::randn(0f32, 1., (1, ch, hw, hw), &dev).unwrap();
+        let mut g = c.benchmark_group(format!("conv3x3_bf16_vae_{ch}x{hw}x{hw}"));
+        g.sample_size(10);
+        g.throughput(criterion::Throughput::Elements(
+            (2 * ch * ch * 9 * hw * hw) as u64,
+        ));
+        g.bench_function("sketchx", |b| b.iter(|| fast.forward(&xs).unwrap()));
+        g.finish();
+    }
 }
 
 fn attn(c: &mut Criterion) {

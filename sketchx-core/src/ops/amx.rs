@@ -96,8 +96,7 @@ pub(crate) unsafe fn gemm(
             m,
             (a, lda, None),
             (b.k(), b.n(), source),
-            c,
-            ldc,
+            Dest::Rows { c: SendPtr(c), ldc },
             parallel,
             init,
         )
@@ -107,25 +106,22 @@ pub(crate) unsafe fn gemm(
 /// `C = A B + bias` for a channels-last convolution: `A`'s rows are positions (row-major bf16, `lda` apart), `B`
 /// a kernel packed tap-major (`b.k() = 2 * seg_words * shifts.len()` entries, one segment of `seg_words` words
 /// per tap), and segment `s` reads `A`'s rows shifted by `shifts[s]`: entry `e` of row `i` is `a[(i +
-/// shifts[e / (2 * seg_words)]) * lda + e % (2 * seg_words)]`. `C` (`m` rows of `b.n()`, `ldc` apart) starts from
-/// `bias[j]` in column `j`; tasks in parallel.
+/// shifts[e / (2 * seg_words)]) * lda + e % (2 * seg_words)]`. `C` (`m x b.n()`) starts from `bias[j]` in column
+/// `j` and is handed to `epilogue` tile by tile, never stored; tasks in parallel.
 ///
 /// # Safety
 /// [`available`] must have returned `true`; `b.k()` must be even and a multiple of `2 * shifts.len()`. For every
-/// shift `s`, rows `s..s + m` of `A` (each `b.k() / shifts.len()` entries) must be readable, `bias` must hold
-/// `b.n()` values, and `c` must point to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes
-/// meanwhile.
+/// shift `s`, rows `s..s + m` of `A` (each `b.k() / shifts.len()` entries) must be readable, and `bias` must hold
+/// `b.n()` values.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_rows_shifted(
     m: usize,
     (a, lda, shifts): (*const u16, usize, &[usize]),
     b: &PackedB,
     bias: &[f32],
-    c: *mut f32,
-    ldc: usize,
+    epilogue: Epilogue,
 ) {
-    debug_assert!(bias.len() >= b.n());
+    assert!(bias.len() >= b.n(), "bias shorter than the columns");
     let source = Source::Packed(b);
     // SAFETY: the caller's contract.
     unsafe {
@@ -133,8 +129,7 @@ pub(crate) unsafe fn gemm_rows_shifted(
             m,
             (a, lda, Some(shifts)),
             (b.k(), b.n(), source),
-            c,
-            ldc,
+            Dest::Tiles(epilogue),
             true,
             Init::Cols(bias.as_ptr()),
         )
@@ -171,8 +166,9 @@ pub(crate) unsafe fn gemm_shifted(
     } else {
         Init::Accumulate
     };
+    let dest = Dest::Rows { c: SendPtr(c), ldc };
     // SAFETY: the caller's contract.
-    unsafe { run(m, (a, lda, None), (k, n, source), c, ldc, true, init) }
+    unsafe { run(m, (a, lda, None), (k, n, source), dest, true, init) }
 }
 
 /// The product of [`gemm`] and [`gemm_shifted`].
@@ -185,15 +181,14 @@ unsafe fn run(
     m: usize,
     (a, lda, a_shifts): (*const u16, usize, Option<&[usize]>),
     (k, n, b): (usize, usize, Source),
-    c: *mut f32,
-    ldc: usize,
+    dest: Dest,
     parallel: bool,
     init: Init,
 ) {
-    if k == 0 && matches!(init, Init::Zero) {
+    if let (0, Init::Zero, Dest::Rows { c, ldc }) = (k, init, &dest) {
         for i in 0..m {
             // SAFETY: row i of C holds n values (the contract).
-            unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
+            unsafe { std::ptr::write_bytes(c.0.add(i * ldc), 0, n) };
         }
     }
     if m == 0 || n == 0 || k == 0 {
@@ -219,8 +214,7 @@ unsafe fn run(
         lda,
         a_shifts,
         b,
-        c: SendPtr(c),
-        ldc,
+        dest,
         init,
     };
     let block = |t: usize, scratch: &mut Scratches| {
@@ -300,9 +294,22 @@ struct Job<'a> {
     /// entries follow `k`.
     a_shifts: Option<&'a [usize]>,
     b: Source<'a>,
-    c: SendPtr<f32>,
-    ldc: usize,
+    dest: Dest<'a>,
     init: Init,
+}
+
+/// Takes each finished 16 x 16 tile of a product instead of `C`: `(row, column, tile, rows, columns)`, the tile's
+/// first row and column in `C`, its values (row-major, 16 apart) and how many of its rows and columns are inside
+/// `C`. Called from the product's tasks, each tile once.
+pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, usize, &[f32; TILE * TILE], usize, usize) + Sync);
+
+/// Where a product's `C` goes.
+#[cfg(target_arch = "x86_64")]
+enum Dest<'a> {
+    /// Row-major `C`, rows `ldc` apart.
+    Rows { c: SendPtr<f32>, ldc: usize },
+    /// Each tile to the epilogue.
+    Tiles(Epilogue<'a>),
 }
 
 // SAFETY: the bias pointer of `Init::Cols` is only read, by tasks of the product whose caller guarantees it stays
@@ -467,19 +474,26 @@ impl Job<'_> {
                 if !has(i, j) {
                     continue;
                 }
-                // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C (rows/cols > 0).
-                let origin = unsafe { self.c.0.add((r + i * TILE) * self.ldc + (p0 + j) * NR) };
+                let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
+                let (origin, ldc) = match &self.dest {
+                    // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C (rows/cols > 0).
+                    &Dest::Rows { ref c, ldc } => (
+                        unsafe { c.0.add((r + i * TILE) * ldc + (p0 + j) * NR) },
+                        ldc,
+                    ),
+                    // Tiles for the epilogue live in the scratch (C's start: zero or the bias).
+                    Dest::Tiles(_) => (s, TILE),
+                };
                 c_at[i][j] = if rows[i] == TILE && cols[j] == NR {
-                    (origin, self.ldc * 4)
+                    (origin, ldc * 4)
                 } else {
-                    let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
                     // SAFETY: the scratch holds 16 x 16 values.
                     unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
                     // The start's rows: C's own (rows[i] x cols[j] values from `origin`, the task's) or the bias
                     // (cols[j] values from column (p0 + j) * 16, inside it); the scratch holds 16 x 16.
                     let (from, step) = match self.init {
                         Init::Zero => (std::ptr::null(), 0),
-                        Init::Accumulate => (origin.cast_const(), self.ldc),
+                        Init::Accumulate => (origin.cast_const(), ldc),
                         // SAFETY: see above.
                         Init::Cols(bias) => (unsafe { bias.add((p0 + j) * NR) }, 0),
                     };
@@ -682,10 +696,23 @@ impl Job<'_> {
                 tile_store!("tmm3", c_at[1][1].0, c_at[1][1].1);
             }
         }
-        // Edge tiles back into C.
+        // Edge tiles back into C, or every tile to the epilogue.
         for i in 0..2 {
             for j in 0..2 {
-                if !has(i, j) || (rows[i] == TILE && cols[j] == NR) {
+                if !has(i, j) {
+                    continue;
+                }
+                let (c, ldc) = match &self.dest {
+                    &Dest::Rows { ref c, ldc } => (c, ldc),
+                    Dest::Tiles(epilogue) => {
+                        // SAFETY: the scratch holds the tile's 256 f32 values (stored above).
+                        let tile =
+                            unsafe { &*c_scratch[i][j].0.as_ptr().cast::<[f32; TILE * TILE]>() };
+                        epilogue(r + i * TILE, (p0 + j) * NR, tile, rows[i], cols[j]);
+                        continue;
+                    }
+                };
+                if rows[i] == TILE && cols[j] == NR {
                     continue;
                 }
                 let s = c_scratch[i][j].0.as_ptr().cast::<f32>();
@@ -694,7 +721,7 @@ impl Job<'_> {
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             s.add(y * TILE),
-                            self.c.0.add((r + i * TILE + y) * self.ldc + (p0 + j) * NR),
+                            c.0.add((r + i * TILE + y) * ldc + (p0 + j) * NR),
                             cols[j],
                         )
                     };

@@ -394,8 +394,8 @@ impl Conv2dOp {
         }
         #[cfg(target_arch = "x86_64")]
         if let Weight::Channels(bm) = weight {
-            let out = SCRATCH.take_with(|(out_band, words)| {
-                self.taps_channels_last(x, bm, bias, (b, cin, h, wd), words, out_band)
+            let out = SCRATCH.take_with(|(_, words)| {
+                self.taps_channels_last(x, bm, bias, (b, cin, h, wd), words)
             });
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
         }
@@ -724,8 +724,8 @@ impl Conv2dOp {
     /// after the other); a tap then reads the rows shifted by whole rows, so that every tile row is one cache line
     /// of one position (the kernel `b` packed as the right operand). Reading the channels-first rows instead puts
     /// each of a tile's 16 rows in another page, which the tile loads pay for (twice the time on the UNet's
-    /// 320-channel convolutions). The product (positions x channels, starting from the bias) is made a band of
-    /// positions at a time and transposed into the output's planes.
+    /// 320-channel convolutions). The product (positions x channels, starting from the bias) is never stored: each
+    /// finished tile is transposed into the output's planes.
     #[cfg(target_arch = "x86_64")]
     fn taps_channels_last(
         &self,
@@ -734,7 +734,6 @@ impl Conv2dOp {
         bias: &[f32],
         (b, cin, h, w): (usize, usize, usize, usize),
         words: &mut Vec<u32>,
-        out_band: &mut Vec<f32>,
     ) -> Vec<f32> {
         let cout = bm.n();
         let len = b * cout * h * w;
@@ -784,52 +783,53 @@ impl Conv2dOp {
         );
         let a = &*a;
         let mut out = super::cpu::output_uninit_f32(len);
-        let band = (self.band / cout).clamp(1, ncols);
-        out_band.resize(cout * band, 0.0);
         let optr = SendPtr(out.as_mut_ptr());
-        for j0 in (0..ncols).step_by(band) {
-            let nb = band.min(ncols - j0);
-            let c = &mut out_band[..cout * nb];
-            // SAFETY: AMX is available (the kernel is packed this way only then); k = 18 pairs = 2 x pairs words
-            // per tap; for every shift s, rows j0 + s..j0 + s + nb of `a` exist (the largest shift is 3l + 3 and
-            // `a` holds ncols + 3l + 3 rows), each `pairs` words (2 lda entries apart); `bias` holds c_out values
-            // (checked by `operands`); `c` holds nb x c_out values.
-            unsafe {
-                super::amx::gemm_rows_shifted(
-                    nb,
-                    (a.as_ptr().add(j0 * lda).cast(), 2 * lda, &shifts),
-                    bm,
-                    bias,
-                    c.as_mut_ptr(),
-                    cout,
-                )
-            };
-            // Column j is image j / plane, position (j % plane) / l, (j % plane) % l (x < w: an output).
-            let c = &*c;
-            (0..b * h).into_par_iter().for_each(|t| {
-                let optr = &optr;
-                let (bi, y) = (t / h, t % h);
-                let j = bi * plane + y * l;
-                let (lo, hi) = (j.max(j0), (j + w).min(j0 + nb));
-                if lo >= hi {
-                    return;
+        // Each tile of the product (16 positions x 16 channels) is transposed and its positions that are outputs
+        // written into their planes: runs along an image row (product row j is image j / plane, position
+        // (j % plane) / l, (j % plane) % l; x < w and y < h are outputs).
+        let epilogue = |row: usize, col: usize, tile: &[f32; 256], rows: usize, cols: usize| {
+            let optr = &optr;
+            let mut t = [0f32; 256];
+            // SAFETY: both hold 16 x 16 values.
+            unsafe { transpose_32(tile.as_ptr(), 16, t.as_mut_ptr(), 16, 16, 16) };
+            let mut i = 0;
+            while i < rows {
+                let (bi, r) = ((row + i) / plane, (row + i) % plane);
+                let (y, xx) = (r / l, r % l);
+                if y >= h || xx >= w {
+                    i += 1;
+                    continue;
                 }
-                // SAFETY: rows lo - j0..hi - j0 of the band (c_out values each) lie inside `c`; output row y,
-                // columns lo - j..hi - j (< w) of every plane (bi, co) lie inside `out`'s buffer, another one, and
-                // are written by this task only.
-                unsafe {
-                    transpose_32(
-                        c.as_ptr().add((lo - j0) * cout),
-                        cout,
-                        optr.0.add(bi * cout * img + y * w + lo - j),
-                        img,
-                        hi - lo,
-                        cout,
-                    )
-                };
-            });
-        }
-        // SAFETY: the bands cover columns 0..ncols, which hold every output position, each written above.
+                let run = (w - xx).min(rows - i);
+                for c in 0..cols {
+                    // SAFETY: output row y, columns xx..xx + run (<= w) of plane (bi, col + c) (col + c < c_out)
+                    // lie inside `out`'s buffer; each output position is one product row, so no other tile writes
+                    // them.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            t.as_ptr().add(c * 16 + i),
+                            optr.0.add((bi * cout + col + c) * img + y * w + xx),
+                            run,
+                        )
+                    };
+                }
+                i += run;
+            }
+        };
+        // SAFETY: AMX is available (the kernel is packed this way only then); k = 18 pairs = 2 x pairs words per
+        // tap; for every shift s, rows s..s + ncols of `a` exist (the largest shift is 3l + 3 and `a` holds ncols +
+        // 3l + 3 rows), each `pairs` words (2 lda entries apart); `bias` holds c_out values (checked by `operands`).
+        unsafe {
+            super::amx::gemm_rows_shifted(
+                ncols,
+                (a.as_ptr().cast(), 2 * lda, &shifts),
+                bm,
+                bias,
+                &epilogue,
+            )
+        };
+        // SAFETY: the product's rows 0..ncols hold every output position (image bi, row y < h, column x < w at
+        // bi * plane + y * l + x), each written by the epilogue.
         unsafe { out.set_len(len) };
         out
     }
