@@ -231,7 +231,7 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let h = self.conv1.forward_norm_silu(&self.norm1, xs)?;
         let h = match &self.time_emb_proj {
             Some(p) => {
                 let t = p.forward(&candle_nn::ops::silu(temb)?)?;
@@ -239,7 +239,7 @@ impl ResnetBlock {
             }
             None => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let h = self.conv2.forward_norm_silu(&self.norm2, &h)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),

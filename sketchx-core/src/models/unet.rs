@@ -444,8 +444,7 @@ impl UNet {
             };
             x = blk.forward(&x, &mut skips, &temb, ctx, size)?;
         }
-        let x = self.conv_norm_out.forward_silu(&x)?;
-        Ok(self.conv_out.forward(&x)?)
+        Ok(self.conv_out.forward_norm_silu(&self.conv_norm_out, &x)?)
     }
 }
 

@@ -187,7 +187,7 @@ impl Decoder {
                 xs = c.forward(&crate::ops::layout::upsample_nearest(&xs, 2)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
+        self.conv_out.forward_norm_silu(&self.norm_out, &xs)
     }
 }
 

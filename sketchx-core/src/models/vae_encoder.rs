@@ -125,7 +125,7 @@ impl Encoder {
         xs = self.mid.0.forward(&xs, &none)?;
         xs = self.mid.1.forward(&xs)?;
         xs = self.mid.2.forward(&xs, &none)?;
-        let moments = self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)?;
+        let moments = self.conv_out.forward_norm_silu(&self.norm_out, &xs)?;
         match &self.quant_conv {
             Some(q) => q.forward(&moments),
             None => Ok(moments),

@@ -66,6 +66,25 @@ impl FastGroupNorm {
         self.reference(xs, silu)
     }
 
+    /// This norm with the SiLU after it, as the per-channel parameters a consumer applies on the fly
+    /// ([`super::conv::FastConv2d::forward_norm_silu`]); `None` where [`Self::forward_silu`] would not run the CPU
+    /// kernel.
+    pub(crate) fn norm_silu(&self) -> Result<Option<NormSilu>> {
+        if !super::kernels_enabled()
+            || self.weight.dtype() != DType::F32
+            || self.bias.dtype() != DType::F32
+            || !self.weight.device().is_cpu()
+        {
+            return Ok(None);
+        }
+        Ok(Some(NormSilu {
+            weight: self.weight.flatten_all()?.to_vec1()?,
+            bias: self.bias.flatten_all()?.to_vec1()?,
+            groups: self.groups,
+            eps: self.eps,
+        }))
+    }
+
     /// candle's group norm (and SiLU): what [`Self::run`] computes, the slow way.
     pub fn reference(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         let y = self.inner.forward(xs)?;
@@ -81,6 +100,78 @@ impl Module for FastGroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.run(xs, false)
     }
+}
+
+/// A group norm (affine) followed by SiLU, for a consumer that applies it while it reads its input, so that the
+/// normalised tensor is never stored.
+#[derive(Debug, Clone)]
+pub(crate) struct NormSilu {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    groups: usize,
+    eps: f64,
+}
+
+impl NormSilu {
+    /// `(a, b)` for every (image, channel) of `x` (`b` images of `c` channels of `spatial` values), so that the
+    /// normalised value is `x * a + b` (then SiLU, [`affine_silu`]): the statistics pass of [`GroupNormOp`], one
+    /// parallel task per (image, group), with the same arithmetic.
+    pub(crate) fn channel_affine(
+        &self,
+        x: &[f32],
+        b: usize,
+        c: usize,
+        spatial: usize,
+    ) -> Result<Vec<(f32, f32)>> {
+        if c != self.weight.len()
+            || c != self.bias.len()
+            || !c.is_multiple_of(self.groups)
+            || x.len() != b * c * spatial
+        {
+            candle_core::bail!(
+                "group norm: {} values for {b}x{c}x{spatial}, {} weights, {} groups",
+                x.len(),
+                self.weight.len(),
+                self.groups
+            );
+        }
+        let cpg = c / self.groups;
+        let glen = cpg * spatial;
+        let mut out = vec![(0f32, 0f32); b * c];
+        if glen == 0 {
+            return Ok(out);
+        }
+        out.par_chunks_mut(cpg)
+            .zip(x.par_chunks(glen))
+            .enumerate()
+            .for_each(|(gi, (ab, src))| {
+                let g = gi % self.groups;
+                let (mean, rstd) = group_stats(src, self.eps);
+                for (ci, ab) in ab.iter_mut().enumerate() {
+                    *ab = channel_ab(
+                        mean,
+                        rstd,
+                        self.weight[g * cpg + ci],
+                        self.bias[g * cpg + ci],
+                    );
+                }
+            });
+        Ok(out)
+    }
+}
+
+/// The mean and `1 / sqrt(var + eps)` of a group's values (sums in f64, one pass).
+fn group_stats(src: &[f32], eps: f64) -> (f64, f64) {
+    let (sum, sum_sq) = sum_sq_f64(src);
+    let mean = sum / src.len() as f64;
+    let var = (sum_sq / src.len() as f64 - mean * mean).max(0.0);
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// A channel's `(a, b)` of `x * a + b` from its group's statistics and its weight and bias.
+fn channel_ab(mean: f64, rstd: f64, w: f32, bias: f32) -> (f32, f32) {
+    let a = rstd * w as f64;
+    (a as f32, (bias as f64 - mean * a) as f32)
 }
 
 /// The fused kernel (see the module docs).
@@ -133,16 +224,12 @@ impl CustomOp3 for GroupNormOp {
             .enumerate()
             .for_each(|(gi, (dst, src))| {
                 let g = gi % self.groups;
-                let (sum, sum_sq) = sum_sq_f64(src);
-                let mean = sum / glen as f64;
-                let var = (sum_sq / glen as f64 - mean * mean).max(0.0);
-                let rstd = 1.0 / (var + self.eps).sqrt();
+                let (mean, rstd) = group_stats(src, self.eps);
                 for ci in 0..cpg {
                     let ch = g * cpg + ci;
-                    let a = rstd * w[ch] as f64;
-                    let b = bias[ch] as f64 - mean * a;
+                    let (a, b) = channel_ab(mean, rstd, w[ch], bias[ch]);
                     let r = ci * spatial..(ci + 1) * spatial;
-                    affine_silu(&src[r.clone()], &mut dst[r], a as f32, b as f32, self.silu);
+                    affine_silu(&src[r.clone()], &mut dst[r], a, b, self.silu);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
