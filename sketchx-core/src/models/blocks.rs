@@ -239,12 +239,12 @@ impl ResnetBlock {
             }
             None => h,
         };
-        let h = self.conv2.forward_norm_silu(&self.norm2, &h)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        crate::ops::add::add(&skip, &h, self.output_scale_factor)
+        self.conv2
+            .forward_norm_silu_add(&self.norm2, &h, &skip, self.output_scale_factor)
     }
 }
 

@@ -59,7 +59,6 @@ impl FastConv2d {
                 padding: cfg.padding,
                 packed: None,
                 band: BAND_ELEMS,
-                norm: None,
             });
         let d = inner.weight().dims();
         let kernel = [d[0], d[1], d[2], d[3]];
@@ -203,30 +202,69 @@ impl FastConv2d {
     /// write and a read of a tensor the input's size (the VAE decoder's are 128 MiB at 512x512). Timed as the
     /// convolution; elsewhere the two ops as they are.
     pub fn forward_norm_silu(&self, norm: &FastGroupNorm, xs: &Tensor) -> Result<Tensor> {
-        if let ConvImpl::Packed { op, bias, .. } = &self.imp {
-            let channels_last = op
-                .packed
-                .as_ref()
-                .is_some_and(|p| matches!(p.kernel, Packed::Channels(_)));
-            if channels_last
-                && super::kernels_enabled()
-                && xs.device().is_cpu()
-                && xs.dtype() == DType::F32
-            {
-                if let Some(ns) = norm.norm_silu()? {
-                    let op = Conv2dOp {
-                        norm: Some(Arc::new(ns)),
-                        ..op.clone()
-                    };
-                    return super::profile::scope_flops(
-                        "conv3x3",
-                        || self.flops(xs.dims()),
-                        || xs.contiguous()?.apply_op2_no_bwd(bias, &op),
-                    );
-                }
-            }
+        match self.fused(norm, xs, None)? {
+            Some(out) => Ok(out),
+            None => self.forward(&norm.forward_silu(xs)?),
         }
-        self.forward(&norm.forward_silu(xs)?)
+    }
+
+    /// `add(skip, self.forward_norm_silu(norm, xs), divisor)` (a resnet's end, [`super::add::add`]), the addition
+    /// made as the convolution writes its output where the norm is fused: one tensor the output's size less.
+    pub fn forward_norm_silu_add(
+        &self,
+        norm: &FastGroupNorm,
+        xs: &Tensor,
+        skip: &Tensor,
+        divisor: f64,
+    ) -> Result<Tensor> {
+        match self.fused(norm, xs, Some((skip, divisor)))? {
+            Some(out) => Ok(out),
+            None => super::add::add(skip, &self.forward(&norm.forward_silu(xs)?)?, divisor),
+        }
+    }
+
+    /// The fused op of [`Self::forward_norm_silu`] and [`Self::forward_norm_silu_add`]; `None` where it does not
+    /// apply.
+    fn fused(
+        &self,
+        norm: &FastGroupNorm,
+        xs: &Tensor,
+        residual: Option<(&Tensor, f64)>,
+    ) -> Result<Option<Tensor>> {
+        let ConvImpl::Packed { op, bias, .. } = &self.imp else {
+            return Ok(None);
+        };
+        let Some(packed) = &op.packed else {
+            return Ok(None);
+        };
+        let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !matches!(packed.kernel, Packed::Channels(_))
+            || !super::kernels_enabled()
+            || !fits(xs)
+            || residual.is_some_and(|(r, _)| !fits(r))
+        {
+            return Ok(None);
+        }
+        let Some(norm) = norm.norm_silu()? else {
+            return Ok(None);
+        };
+        let op = FusedOp {
+            packed: packed.clone(),
+            norm,
+            scale: residual.map(|(_, d)| ((1.0 / d) as f32, d != 1.0)),
+        };
+        super::profile::scope_flops(
+            "conv3x3",
+            || self.flops(xs.dims()),
+            || {
+                let xs = xs.contiguous()?;
+                match residual {
+                    Some((r, _)) => xs.apply_op3_no_bwd(bias, &r.contiguous()?, &op),
+                    None => xs.apply_op2_no_bwd(bias, &op),
+                }
+            },
+        )
+        .map(Some)
     }
 
     /// Multiply-adds x 2 of the convolution on an input of shape `dims` `(b, c_in, h, w)` (0 when unknown).
@@ -318,9 +356,6 @@ pub struct Conv2dOp {
     packed: Option<Arc<PackedKernel>>,
     /// Most values of the unrolled input built at once ([`BAND_ELEMS`]; smaller in tests).
     band: usize,
-    /// A group norm and SiLU applied to the input as it is read ([`FastConv2d::forward_norm_silu`]; channels-last
-    /// kernels only).
-    norm: Option<Arc<NormSilu>>,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -431,17 +466,10 @@ impl Conv2dOp {
         }
         #[cfg(target_arch = "x86_64")]
         if let Weight::Channels(bm) = weight {
-            let norm = match &self.norm {
-                Some(ns) => Some(ns.channel_affine(x, b, cin, h * wd)?),
-                None => None,
-            };
             let out = SCRATCH.take_with(|(_, words)| {
-                self.taps_channels_last(x, bm, bias, (b, cin, h, wd), norm.as_deref(), words)
+                Self::taps_channels_last(x, bm, bias, (b, cin, h, wd), Fused::default(), words)
             });
             return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
-        }
-        if self.norm.is_some() {
-            candle_core::bail!("conv: a fused group norm needs a channels-last kernel");
         }
         let taps_wide = wd >= TAPS_MIN_WIDTH;
         if let (Weight::Taps(a), true) = (weight, taps_wide) {
@@ -596,6 +624,112 @@ fn word_rows(words: &mut Vec<u32>, rows: usize, min_stride: usize) -> usize {
     }
     words.truncate(rows * stride);
     stride
+}
+
+/// What a channels-last convolution fuses: a group norm and SiLU on its input (`(a, b)` per image and channel),
+/// a residual added to its output (`(skip + y) * scale`, the scale applied when the flag is set).
+#[derive(Clone, Copy, Default)]
+struct Fused<'a> {
+    norm: Option<&'a [(f32, f32)]>,
+    residual: Option<(&'a [f32], (f32, bool))>,
+}
+
+/// A channels-last convolution with its input's group norm and SiLU ([`FastConv2d::forward_norm_silu`]): a
+/// custom op on (input, bias), or on (input, bias, residual) with the residual added to the output
+/// ([`FastConv2d::forward_norm_silu_add`]).
+struct FusedOp {
+    packed: Arc<PackedKernel>,
+    norm: NormSilu,
+    /// The residual's `1 / divisor`, and whether to apply it.
+    scale: Option<(f32, bool)>,
+}
+
+impl FusedOp {
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Packed::Channels(bm) = &self.packed.kernel else {
+            candle_core::bail!("conv: a fused group norm needs a channels-last kernel");
+        };
+        let x = super::cpu::contiguous_f32(s1, l1, "conv input")?;
+        let bias = super::cpu::contiguous_f32(s2, l2, "conv bias")?;
+        let (b, cin, h, w) = l1.shape().dims4()?;
+        let [cout, kcin, ..] = self.packed.shape;
+        if kcin != cin || bias.len() != cout {
+            candle_core::bail!(
+                "conv: input has {cin} channels, kernel {kcin}, bias {}",
+                bias.len()
+            );
+        }
+        let skip = match residual {
+            Some((s3, l3)) => {
+                let r = super::cpu::contiguous_f32(s3, l3, "conv residual")?;
+                if l3.shape().dims() != [b, cout, h, w] {
+                    candle_core::bail!(
+                        "conv: residual {:?} for an output {:?}",
+                        l3.shape().dims(),
+                        [b, cout, h, w]
+                    );
+                }
+                Some(r)
+            }
+            None => None,
+        };
+        let norm = self.norm.channel_affine(x, b, cin, h * w)?;
+        let fused = Fused {
+            norm: Some(&norm),
+            residual: skip.zip(self.scale),
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            let out = SCRATCH.take_with(|(_, words)| {
+                Conv2dOp::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words)
+            });
+            Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (bm, fused);
+            candle_core::bail!("conv: channels-last kernels need AMX")
+        }
+    }
+}
+
+impl CustomOp2 for FusedOp {
+    fn name(&self) -> &'static str {
+        "sketchx-norm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for FusedOp {
+    fn name(&self) -> &'static str {
+        "sketchx-norm-conv2d-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
 }
 
 /// Output positions per image from which a bf16 1x1 convolution runs on channel-pair rows ([`pointwise_bf16`]):
@@ -772,12 +906,11 @@ impl Conv2dOp {
     /// finished tile is transposed into the output's planes.
     #[cfg(target_arch = "x86_64")]
     fn taps_channels_last(
-        &self,
         x: &[f32],
         bm: &PackedB,
         bias: &[f32],
         (b, cin, h, w): (usize, usize, usize, usize),
-        norm: Option<&[(f32, f32)]>,
+        Fused { norm, residual }: Fused,
         words: &mut Vec<u32>,
     ) -> Vec<f32> {
         let cout = bm.n();
@@ -859,16 +992,21 @@ impl Conv2dOp {
                 }
                 let run = (w - xx).min(rows - i);
                 for c in 0..cols {
+                    let at = (bi * cout + col + c) * img + y * w + xx;
+                    let src = &t[c * 16 + i..][..run];
                     // SAFETY: output row y, columns xx..xx + run (<= w) of plane (bi, col + c) (col + c < c_out)
                     // lie inside `out`'s buffer; each output position is one product row, so no other tile writes
                     // them.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            t.as_ptr().add(c * 16 + i),
-                            optr.0.add((bi * cout + col + c) * img + y * w + xx),
-                            run,
-                        )
-                    };
+                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(at), run) };
+                    match residual {
+                        // As `add::add` computes it.
+                        Some((skip, (scale, divide))) => {
+                            for ((d, &v), &r) in dst.iter_mut().zip(src).zip(&skip[at..at + run]) {
+                                *d = if divide { (r + v) * scale } else { r + v };
+                            }
+                        }
+                        None => dst.copy_from_slice(src),
+                    }
                 }
                 i += run;
             }
@@ -1277,8 +1415,9 @@ mod tests {
         });
     }
 
-    /// A group norm and SiLU fused into the convolution's input give exactly the two ops' result (the same
-    /// parameters, arithmetic and rounding), for several group sizes, odd channels and both images.
+    /// A group norm and SiLU fused into the convolution's input, and a residual into its output, give exactly the
+    /// separate ops' result (the same parameters, arithmetic and rounding), for several group sizes, odd channels
+    /// and both images.
     #[test]
     fn norm_silu_fused_matches_the_two_ops() {
         crate::ops::cpu::detected_only(|| {
@@ -1312,6 +1451,19 @@ mod tests {
                     0.0,
                     "cin {cin} cout {cout} groups {groups} {h}x{w}"
                 );
+                // With a residual, plain and divided.
+                let skip = Tensor::randn(0f32, 1., two.dims(), &dev).unwrap();
+                for divisor in [1.0, 1.5] {
+                    let want = crate::ops::add::add(&skip, &two, divisor).unwrap();
+                    let got = conv
+                        .forward_norm_silu_add(&norm, &xs, &skip, divisor)
+                        .unwrap();
+                    assert_eq!(
+                        crate::ops::max_abs_diff(&want, &got),
+                        0.0,
+                        "residual / {divisor}"
+                    );
+                }
             }
         });
     }
