@@ -979,9 +979,10 @@ impl Conv2dOp {
         // (j % plane) / l, (j % plane) % l; x < w and y < h are outputs).
         let epilogue = |row: usize, col: usize, tile: &[f32; 256], rows: usize, cols: usize| {
             let optr = &optr;
+            // A whole run of 16 without a residual goes straight from the tile into the planes (through registers);
+            // others through a transposed copy, made once.
             let mut t = [0f32; 256];
-            // SAFETY: both hold 16 x 16 values.
-            unsafe { transpose_32(tile.as_ptr(), 16, t.as_mut_ptr(), 16, 16, 16) };
+            let mut transposed = false;
             let mut i = 0;
             while i < rows {
                 let (bi, r) = ((row + i) / plane, (row + i) % plane);
@@ -991,13 +992,24 @@ impl Conv2dOp {
                     continue;
                 }
                 let run = (w - xx).min(rows - i);
+                let at = (bi * cout + col) * img + y * w + xx;
+                // SAFETY (all writes below): output row y, columns xx..xx + run (<= w) of planes (bi, col + c) for
+                // c < cols (col + c < c_out) lie inside `out`'s buffer; each output position is one product row, so
+                // no other tile writes them; tile rows i..i + run hold them.
+                if residual.is_none() && run == 16 {
+                    unsafe { transpose_32(tile.as_ptr(), 16, optr.0.add(at), img, 16, cols) };
+                    i += run;
+                    continue;
+                }
+                if !transposed {
+                    // SAFETY: both hold 16 x 16 values.
+                    unsafe { transpose_32(tile.as_ptr(), 16, t.as_mut_ptr(), 16, 16, 16) };
+                    transposed = true;
+                }
                 for c in 0..cols {
-                    let at = (bi * cout + col + c) * img + y * w + xx;
-                    let src = &t[c * 16 + i..][..run];
-                    // SAFETY: output row y, columns xx..xx + run (<= w) of plane (bi, col + c) (col + c < c_out)
-                    // lie inside `out`'s buffer; each output position is one product row, so no other tile writes
-                    // them.
+                    let at = at + c * img;
                     let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(at), run) };
+                    let src = &t[c * 16 + i..][..run];
                     match residual {
                         // As `add::add` computes it.
                         Some((skip, (scale, divide))) => {
