@@ -65,13 +65,14 @@ fn request_permission() -> bool {
     false
 }
 
-/// `C += A B`, or `C = A B` when `overwrite` (`C`'s old values are then never read): `A` row-major bf16 bit
-/// patterns (`m` rows of `b.k()` entries, `lda` apart), `B` packed in bf16, `C` row-major f32 (`m` rows of
-/// `b.n()`, `ldc` apart); tasks in parallel when `parallel`.
+/// `C = start + A B` (`start`: `C`'s own values, zero, or a bias per column; only the first reads `C`): `A`
+/// row-major bf16 bit patterns (`m` rows of `b.k()` entries, `lda` apart), `B` packed in bf16, `C` row-major f32
+/// (`m` rows of `b.n()`, `ldc` apart); tasks in parallel when `parallel`.
 ///
 /// # Safety
 /// [`available`] must have returned `true`. `a` must point to `m` rows of `b.k()` readable entries `lda` apart
-/// and `c` to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes meanwhile.
+/// and `c` to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes meanwhile; a bias must hold
+/// `b.n()` values.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)] // a BLAS-style raw-pointer product: each argument is one of its operands' facts
 pub(crate) unsafe fn gemm(
@@ -82,14 +83,9 @@ pub(crate) unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
     parallel: bool,
-    overwrite: bool,
+    init: Init,
 ) {
     let source = Source::Packed(b);
-    let init = if overwrite {
-        Init::Zero
-    } else {
-        Init::Accumulate
-    };
     // SAFETY: the caller's contract.
     unsafe {
         run(
@@ -274,12 +270,12 @@ enum Source<'a> {
 /// What `C`'s tiles start from.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-enum Init {
+pub(crate) enum Init {
     /// `C`'s values.
     Accumulate,
     /// Zero (`C`'s values are never read).
     Zero,
-    /// `bias[j]` in column `j` (`C`'s values are never read).
+    /// `bias[j]` in column `j` (`C`'s values are never read), one 64-byte row loaded into all 16 rows of a tile.
     Cols(*const f32),
 }
 
@@ -751,7 +747,7 @@ mod tests {
 
     /// The AMX product equals the f64 product of the bf16-rounded operands (up to f32 summation error) on shapes
     /// with every kind of edge: rows, columns and `k` that fill no tile, odd `k`, a row stride past the row; added
-    /// to `C` or overwriting it (and never past its `n` columns).
+    /// to `C`, or from zero or a column bias (and never past its `n` columns).
     #[test]
     fn matches_the_rounded_product() {
         if !available() {
@@ -787,9 +783,16 @@ mod tests {
             });
             let ldc = n + 2;
             let c0 = values(m * ldc, idx as u64 + 200);
-            for (parallel, overwrite) in
-                [(false, false), (true, false), (false, true), (true, true)]
-            {
+            let bias = values(n, idx as u64 + 300);
+            // 0: C's values, 1: zero, 2: the bias.
+            for (parallel, start) in [
+                (false, 0),
+                (true, 0),
+                (false, 1),
+                (true, 1),
+                (true, 2),
+                (false, 2),
+            ] {
                 let mut c = c0.clone();
                 // SAFETY: AMX is available (checked); the buffers have the sizes the strides describe.
                 unsafe {
@@ -801,7 +804,7 @@ mod tests {
                         c.as_mut_ptr(),
                         ldc,
                         parallel,
-                        overwrite,
+                        [Init::Accumulate, Init::Zero, Init::Cols(bias.as_ptr())][start],
                     )
                 };
                 for i in 0..m {
@@ -815,11 +818,7 @@ mod tests {
                             );
                             continue;
                         }
-                        let mut want = if overwrite {
-                            0.0
-                        } else {
-                            c0[i * ldc + j] as f64
-                        };
+                        let mut want = [c0[i * ldc + j] as f64, 0.0, bias[j] as f64][start];
                         for p in 0..k {
                             let bv = half::bf16::from_f32(bm[p * n + j]).to_f32() as f64;
                             want += to_f(a[i * lda + p]) * bv;

@@ -374,6 +374,7 @@ unsafe fn on_tiles(
     heads: usize,
     scale: f32,
 ) -> Vec<f32> {
+    use super::amx::Init;
     use super::gemm::{convert_bf16, Format};
     use super::simd::exp_sum_row_bf16;
 
@@ -407,7 +408,16 @@ unsafe fn on_tiles(
             // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
             // is this task's own `rows x m` block (overwritten).
             unsafe {
-                super::amx::gemm(rows, qb.as_ptr(), dp, keys, sc.as_mut_ptr(), m, false, true)
+                super::amx::gemm(
+                    rows,
+                    qb.as_ptr(),
+                    dp,
+                    keys,
+                    sc.as_mut_ptr(),
+                    m,
+                    false,
+                    Init::Zero,
+                )
             };
             // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones), rounded in the
             // same pass; each output row is divided by its sum after the product.
@@ -423,7 +433,7 @@ unsafe fn on_tiles(
             // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities.
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
-                super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false, true);
+                super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false, Init::Zero);
                 divide_rows(op, inner, d, &sums[..rows]);
             }
         },

@@ -1038,10 +1038,20 @@ fn run(
     if let (Format::Bf16, true, AView::Rows { ptr, elem: 2, lda }) =
         (b.format, super::amx::available(), a)
     {
-        start.fill(m, b.n, c, ldc);
-        // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart and `c` the m x n
-        // block (checked by the callers).
-        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, parallel, false) };
+        use super::amx::Init;
+        // The tiles start from zero or a column bias themselves; a row bias is written into C first.
+        let init = match start {
+            Start::Accumulate => Init::Accumulate,
+            Start::Zero => Init::Zero,
+            Start::Cols(bias) => Init::Cols(bias.as_ptr()),
+            Start::Rows(_) => {
+                start.fill(m, b.n, c, ldc);
+                Init::Accumulate
+            }
+        };
+        // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart, `c` the m x n block
+        // and a column bias n values (checked by the callers).
+        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, parallel, init) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
