@@ -883,6 +883,9 @@ fn direct_applies(kernel: [usize; 4], op: &Conv2dOp) -> bool {
 fn tap_major(w: &[f32], [cout, cin, kh, kw]: [usize; 4]) -> Vec<f32> {
     let (taps, cin2) = (kh * kw, cin.next_multiple_of(2));
     let mut out = vec![0f32; cout * taps * cin2];
+    if out.is_empty() {
+        return out;
+    }
     out.par_chunks_mut(taps * cin2)
         .enumerate()
         .for_each(|(co, dst)| {
@@ -920,6 +923,20 @@ impl Conv2dOp {
         }
         let pairs = cin.div_ceil(2);
         assert_eq!(bm.k(), 18 * pairs, "kernel and input channels");
+        if pairs == 0 {
+            // No input channels (a product over nothing): every plane is its bias, plus the residual.
+            let mut out = super::cpu::output_f32(len);
+            let img = h * w;
+            out.par_chunks_mut(img).enumerate().for_each(|(t, plane)| {
+                plane.fill(bias[t % cout]);
+                if let Some((skip, (scale, divide))) = residual {
+                    for (d, &r) in plane.iter_mut().zip(&skip[t * img..(t + 1) * img]) {
+                        *d = if divide { (r + *d) * scale } else { r + *d };
+                    }
+                }
+            });
+            return out;
+        }
         // Rows start on cache lines.
         let lda = pairs.next_multiple_of(NR);
         let l = w + 1;
@@ -1476,6 +1493,43 @@ mod tests {
                         "residual / {divisor}"
                     );
                 }
+            }
+        });
+    }
+
+    /// A kernel without input channels (a hostile or degenerate file) gives the bias in every plane, on every
+    /// path, never uninitialised values.
+    #[test]
+    fn no_input_channels_give_the_bias() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let bias = Tensor::new(&[0.5f32, -1.0, 2.0], &dev).unwrap();
+            let conv = Conv2d::new(
+                Tensor::zeros((3, 0, 3, 3), DType::F32, &dev).unwrap(),
+                Some(bias.clone()),
+                cfg,
+            );
+            let xs = Tensor::zeros((2, 0, 4, 5), DType::F32, &dev).unwrap();
+            let want = bias
+                .reshape((1, 3, 1, 1))
+                .unwrap()
+                .broadcast_as((2, 3, 4, 5))
+                .unwrap();
+            for fast in [
+                FastConv2d::new(conv.clone()),
+                FastConv2d::new(conv.clone()).into_cpu_bf16().unwrap(),
+            ] {
+                let got = fast.forward(&xs).unwrap();
+                assert_eq!(crate::ops::max_abs_diff(&got, &want), 0.0);
+                let norm =
+                    FastGroupNorm::new(1, 0, 1e-6, VarBuilder::zeros(DType::F32, &dev)).unwrap();
+                let skip = Tensor::ones((2, 3, 4, 5), DType::F32, &dev).unwrap();
+                let got = fast.forward_norm_silu_add(&norm, &xs, &skip, 1.0).unwrap();
+                assert_eq!(crate::ops::max_abs_diff(&got, &(&want + 1.0).unwrap()), 0.0);
             }
         });
     }

@@ -219,6 +219,10 @@ impl CustomOp3 for GroupNormOp {
         let cpg = c / self.groups;
         let glen = cpg * spatial;
         let mut out = super::cpu::output_f32(x.len());
+        if glen == 0 {
+            // No channels or no positions: nothing to normalise.
+            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+        }
         out.par_chunks_mut(glen)
             .zip(x.par_chunks(glen))
             .enumerate()
