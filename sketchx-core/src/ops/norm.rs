@@ -5,7 +5,8 @@
 //! shift), each a full pass over memory, and the SiLU is one more. Here each (image, group) is one parallel task:
 //! the sum and the sum of squares accumulated in f64 in one pass (a VAE's groups at 512x512 are 4 MiB, past the
 //! L2 cache, so every pass is one over memory), then `y = x * a_c + b_c` per channel with the SiLU applied in the
-//! same write. Non-f32 or non-CPU tensors use candle.
+//! same write. Non-f32 or non-CPU tensors use candle. A convolution that runs channels last takes the norm's
+//! per-channel parameters instead ([`NormSilu`]) and applies them while it reads its input.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
