@@ -1367,7 +1367,8 @@ mod x86 {
         }
     }
 
-    /// f32 to bf16 bits, 16 at a time, scalar for the rest.
+    /// f32 to bf16 bits, 16 at a time, the last vector masked (short rows, such as an attention head's 40 values,
+    /// are mostly tail).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW and BF16.
@@ -1386,8 +1387,14 @@ mod x86 {
             }
             i += 16;
         }
-        for j in i..n {
-            d[j] = super::round_bf16(s[j]);
+        if i < n {
+            let mask: __mmask16 = (1u16 << (n - i)) - 1;
+            // SAFETY: the lanes under `mask` (n - i < 16 of them) lie inside both slices.
+            unsafe {
+                let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, s.as_ptr().add(i)));
+                let v = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(v));
+                _mm512_mask_cvtepi32_storeu_epi16(d.as_mut_ptr().add(i).cast(), mask, v);
+            }
         }
     }
 
@@ -1999,6 +2006,9 @@ mod tests {
         let got = to_bf16(&long);
         assert_eq!(&got[..6], &want[..]);
         assert_eq!(got[42], round_bf16(2.5));
+        // Whole vectors and the masked tail alike.
+        let each: Vec<u16> = long.iter().map(|&x| round_bf16(x)).collect();
+        assert_eq!(got, each);
         assert!(bf16::from_bits(to_bf16(&[f32::NAN])[0]).is_nan());
     }
 }
