@@ -431,6 +431,65 @@ impl Job<'_> {
         }
     }
 
+    /// The first entry of the `A` tile of rows `row..row + 16` for the step at word `w` of segment `seg` (word
+    /// `w0` of `k`).
+    ///
+    /// # Safety
+    /// The tile's rows lie inside `A` (the caller's rows and steps).
+    #[inline(always)]
+    unsafe fn a_tile(&self, row: usize, (seg, w, w0): (usize, usize, usize)) -> *const u16 {
+        let (row, entry) = match self.a_shifts {
+            None => (row, 2 * w0),
+            Some(shifts) => (row + shifts[seg], 2 * w),
+        };
+        // SAFETY: the contract.
+        unsafe { self.a.0.cast_const().add(row * self.lda + entry) }
+    }
+
+    /// The first word of column panel `panel`'s `B` tile for the step at word `w` of segment `seg` (word `w0`
+    /// of `k`), and the words between its rows.
+    ///
+    /// # Safety
+    /// The panel and step lie inside `B`.
+    #[inline(always)]
+    unsafe fn b_tile(
+        &self,
+        panel: usize,
+        (seg, w, w0): (usize, usize, usize),
+    ) -> (*const u32, usize) {
+        // SAFETY (both arms): the contract.
+        match &self.b {
+            Source::Packed(b) => {
+                let words = self.k.div_ceil(2);
+                (unsafe { b.data_ptr().add((panel * words + w0) * NR) }, NR)
+            }
+            Source::Shifted {
+                ptr,
+                stride,
+                shifts,
+                ..
+            } => (
+                unsafe {
+                    ptr.0
+                        .cast_const()
+                        .add(shifts[seg] + w * stride + panel * NR)
+                },
+                *stride,
+            ),
+        }
+    }
+
+    /// Words of `k` per segment (the whole of `k` for a plain product).
+    #[inline(always)]
+    fn seg_words(&self) -> usize {
+        let words = self.k.div_ceil(2);
+        match (&self.b, self.a_shifts) {
+            (Source::Shifted { seg_words, .. }, _) => *seg_words,
+            (Source::Packed(_), Some(shifts)) => words / shifts.len(),
+            (Source::Packed(_), None) => words,
+        }
+    }
+
     /// One 32 x 32 block of `C` (`rows[i]` rows in row tile `i`, `cols[j]` columns in column tile `j`; 0 for a
     /// tile past the edge) over all of `k`.
     ///
@@ -444,17 +503,12 @@ impl Job<'_> {
         cols: [usize; 2],
         scratch: &mut Scratches,
     ) {
-        let words = self.k.div_ceil(2);
         // The steps of k: whole segments (a convolution tap's words) in steps of 16 words.
-        let (segments, seg_words) = match (&self.b, self.a_shifts) {
-            (Source::Packed(_), None) => (1, words),
-            (Source::Packed(_), Some(shifts)) => (shifts.len(), words / shifts.len()),
-            (
-                Source::Shifted {
-                    seg_words, shifts, ..
-                },
-                _,
-            ) => (shifts.len(), *seg_words),
+        let seg_words = self.seg_words();
+        let segments = match (&self.b, self.a_shifts) {
+            (Source::Shifted { shifts, .. }, _) => shifts.len(),
+            (Source::Packed(_), Some(shifts)) => shifts.len(),
+            (Source::Packed(_), None) => 1,
         };
         let Scratches {
             c: c_scratch,
@@ -555,26 +609,9 @@ impl Job<'_> {
                 if full && ke == 2 * TW {
                     // The common step, all four tiles whole, in one block: each load as close as possible before
                     // its first product, so that the next step's loads overlap this step's last products.
-                    let a0 = match self.a_shifts {
-                        None => self.a.0.add(r * self.lda + 2 * w0),
-                        Some(shifts) => self.a.0.add((r + shifts[seg]) * self.lda + 2 * w),
-                    };
-                    // The first column tile's first word, the words between its rows, the second's first word.
-                    let (b0, b_row, b1) = match &self.b {
-                        Source::Packed(b) => {
-                            let b0 = b.data_ptr().add((p0 * words + w0) * NR);
-                            (b0, NR, b0.add(words * NR))
-                        }
-                        Source::Shifted {
-                            ptr,
-                            stride,
-                            shifts,
-                            ..
-                        } => {
-                            let b0 = ptr.0.cast_const().add(shifts[seg] + w * stride + p0 * NR);
-                            (b0, *stride, b0.add(NR))
-                        }
-                    };
+                    let step = (seg, w, w0);
+                    let (a0, a1) = (self.a_tile(r, step), self.a_tile(r + TILE, step));
+                    let ((b0, b_row), (b1, _)) = (self.b_tile(p0, step), self.b_tile(p0 + 1, step));
                     std::arch::asm!(
                         "tileloadd tmm4, [{a0} + {sa} * 1]",
                         "tileloadd tmm6, [{b0} + {sb} * 1]",
@@ -585,7 +622,7 @@ impl Job<'_> {
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
                         a0 = in(reg) a0,
-                        a1 = in(reg) a0.add(TILE * self.lda),
+                        a1 = in(reg) a1,
                         sa = in(reg) self.lda * 2,
                         b0 = in(reg) b0,
                         b1 = in(reg) b1,
@@ -598,15 +635,9 @@ impl Job<'_> {
                     if rows[i] == 0 {
                         continue;
                     }
-                    let origin = match self.a_shifts {
-                        None => self.a.0.add((r + i * TILE) * self.lda + 2 * w0),
-                        Some(shifts) => self
-                            .a
-                            .0
-                            .add((r + i * TILE + shifts[seg]) * self.lda + 2 * w),
-                    };
+                    let origin = self.a_tile(r + i * TILE, (seg, w, w0));
                     let (ptr, stride) = if rows[i] == TILE && ke == 2 * TW {
-                        (origin.cast_const().cast::<u8>(), self.lda * 2)
+                        (origin.cast::<u8>(), self.lda * 2)
                     } else {
                         let s = a_scratch[i].0.as_mut_ptr().cast::<u16>();
                         std::ptr::write_bytes(s, 0, TILE * 2 * TW);
@@ -629,23 +660,7 @@ impl Job<'_> {
                     if cols[j] == 0 {
                         continue;
                     }
-                    // The tile's first word and the words between its rows.
-                    let (origin, row_words) = match &self.b {
-                        Source::Packed(b) => {
-                            (b.data_ptr().add((p0 + j) * words * NR + w0 * NR), NR)
-                        }
-                        Source::Shifted {
-                            ptr,
-                            stride,
-                            shifts,
-                            ..
-                        } => (
-                            ptr.0
-                                .cast_const()
-                                .add(shifts[seg] + w * stride + (p0 + j) * NR),
-                            *stride,
-                        ),
-                    };
+                    let (origin, row_words) = self.b_tile(p0 + j, (seg, w, w0));
                     let (ptr, stride) = if kw == TW {
                         (origin, row_words * 4)
                     } else {
