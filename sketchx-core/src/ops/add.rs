@@ -18,10 +18,7 @@ pub fn add(a: &Tensor, b: &Tensor, divisor: f64) -> Result<Tensor> {
             && b.dtype() == DType::F32
             && a.dims() == b.dims()
         {
-            let op = AddOp {
-                scale: (1.0 / divisor) as f32,
-                divide: divisor != 1.0,
-            };
+            let op = AddOp(Divisor::new(divisor));
             return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op);
         }
         reference(a, b, divisor)
@@ -104,9 +101,33 @@ pub fn reference(a: &Tensor, b: &Tensor, divisor: f64) -> Result<Tensor> {
 
 /// The kernel: one pass, in parallel chunks.
 #[derive(Debug, Clone, Copy)]
-struct AddOp {
+struct AddOp(Divisor);
+
+/// `(a + b) / divisor` as candle computes it (a multiplication by the inverse, skipped for a divisor of 1): for
+/// [`add`] and the additions fused into other ops' outputs, so that both give the same bits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Divisor {
     scale: f32,
     divide: bool,
+}
+
+impl Divisor {
+    pub(crate) fn new(divisor: f64) -> Self {
+        Self {
+            scale: (1.0 / divisor) as f32,
+            divide: divisor != 1.0,
+        }
+    }
+
+    /// `(a + b) / divisor`.
+    #[inline(always)]
+    pub(crate) fn sum(self, a: f32, b: f32) -> f32 {
+        if self.divide {
+            (a + b) * self.scale
+        } else {
+            a + b
+        }
+    }
 }
 
 impl CustomOp2 for AddOp {
@@ -128,13 +149,12 @@ impl CustomOp2 for AddOp {
         }
         let mut out = super::cpu::output_f32(a.len());
         const CHUNK: usize = 1 << 15;
-        let (scale, divide) = (self.scale, self.divide);
+        let d = self.0;
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
             .for_each(|(o, (a, b))| {
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    // candle divides by the scalar as a multiplication by its inverse (affine), as here.
-                    *o = if divide { (a + b) * scale } else { a + b };
+                    *o = d.sum(a, b);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -18,6 +18,7 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::precision::Weights;
 use rayon::prelude::*;
 
+use super::add::Divisor;
 use super::cpu::{Kept, SendPtr};
 use super::gemm::{
     gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted,
@@ -234,11 +235,12 @@ impl FastConv2d {
         let ConvImpl::Packed { op, bias, .. } = &self.imp else {
             return Ok(None);
         };
-        let Some(packed) = &op.packed else {
-            return Ok(None);
-        };
+        let channels_last = op
+            .packed
+            .as_ref()
+            .is_some_and(|p| matches!(p.kernel, Packed::Channels(_)));
         let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !matches!(packed.kernel, Packed::Channels(_))
+        if !channels_last
             || !super::kernels_enabled()
             || !fits(xs)
             || residual.is_some_and(|(r, _)| !fits(r))
@@ -249,9 +251,9 @@ impl FastConv2d {
             return Ok(None);
         };
         let op = FusedOp {
-            packed: packed.clone(),
+            op: op.clone(),
             norm,
-            scale: residual.map(|(_, d)| ((1.0 / d) as f32, d != 1.0)),
+            divisor: residual.map(|(_, d)| Divisor::new(d)),
         };
         super::profile::scope_flops(
             "conv3x3",
@@ -627,21 +629,22 @@ fn word_rows(words: &mut Vec<u32>, rows: usize, min_stride: usize) -> usize {
 }
 
 /// What a channels-last convolution fuses: a group norm and SiLU on its input (`(a, b)` per image and channel),
-/// a residual added to its output (`(skip + y) * scale`, the scale applied when the flag is set).
+/// a residual added to its output (`(skip + y) / divisor` as [`super::add::add`] computes it).
 #[derive(Clone, Copy, Default)]
 struct Fused<'a> {
     norm: Option<&'a [(f32, f32)]>,
-    residual: Option<(&'a [f32], (f32, bool))>,
+    residual: Option<(&'a [f32], Divisor)>,
 }
 
 /// A channels-last convolution with its input's group norm and SiLU ([`FastConv2d::forward_norm_silu`]): a
 /// custom op on (input, bias), or on (input, bias, residual) with the residual added to the output
 /// ([`FastConv2d::forward_norm_silu_add`]).
 struct FusedOp {
-    packed: Arc<PackedKernel>,
+    /// The convolution, with its kernel packed channels last.
+    op: Conv2dOp,
     norm: NormSilu,
-    /// The residual's `1 / divisor`, and whether to apply it.
-    scale: Option<(f32, bool)>,
+    /// What the sum with the residual is divided by.
+    divisor: Option<Divisor>,
 }
 
 impl FusedOp {
@@ -651,19 +654,15 @@ impl FusedOp {
         (s2, l2): (&CpuStorage, &Layout),
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let Packed::Channels(bm) = &self.packed.kernel else {
+        let Some(PackedKernel {
+            kernel: Packed::Channels(bm),
+            shape,
+        }) = self.op.packed.as_deref()
+        else {
             candle_core::bail!("conv: a fused group norm needs a channels-last kernel");
         };
-        let x = super::cpu::contiguous_f32(s1, l1, "conv input")?;
-        let bias = super::cpu::contiguous_f32(s2, l2, "conv bias")?;
-        let (b, cin, h, w) = l1.shape().dims4()?;
-        let [cout, kcin, ..] = self.packed.shape;
-        if kcin != cin || bias.len() != cout {
-            candle_core::bail!(
-                "conv: input has {cin} channels, kernel {kcin}, bias {}",
-                bias.len()
-            );
-        }
+        let (x, bias, (b, cin, h, w), _) = self.op.operands(s1, l1, *shape, s2, l2)?;
+        let cout = shape[0];
         let skip = match residual {
             Some((s3, l3)) => {
                 let r = super::cpu::contiguous_f32(s3, l3, "conv residual")?;
@@ -681,7 +680,7 @@ impl FusedOp {
         let norm = self.norm.channel_affine(x, b, cin, h * w)?;
         let fused = Fused {
             norm: Some(&norm),
-            residual: skip.zip(self.scale),
+            residual: skip.zip(self.divisor),
         };
         #[cfg(target_arch = "x86_64")]
         {
@@ -868,8 +867,8 @@ enum Packed {
 /// the padding rows between images); narrower ones take the im2col product on the same tap-major kernel.
 const TAPS_MIN_WIDTH: usize = 32;
 
-/// Whether a convolution of this kernel is packed tap-major for [`Conv2dOp::taps_3x3`]: 3x3, stride 1,
-/// padding 1, in bf16 on the AVX-512 BF16 micro-kernel or AMX tiles.
+/// Whether a convolution of this kernel is packed tap-major: 3x3, stride 1, padding 1, in bf16 on the AVX-512 BF16
+/// micro-kernel ([`Conv2dOp::taps_3x3`]) or AMX tiles ([`Conv2dOp::taps_channels_last`]).
 fn direct_applies(kernel: [usize; 4], op: &Conv2dOp) -> bool {
     kernel[2] == 3
         && kernel[3] == 3
@@ -929,9 +928,9 @@ impl Conv2dOp {
             let img = h * w;
             out.par_chunks_mut(img).enumerate().for_each(|(t, plane)| {
                 plane.fill(bias[t % cout]);
-                if let Some((skip, (scale, divide))) = residual {
+                if let Some((skip, divisor)) = residual {
                     for (d, &r) in plane.iter_mut().zip(&skip[t * img..(t + 1) * img]) {
-                        *d = if divide { (r + *d) * scale } else { r + *d };
+                        *d = divisor.sum(r, *d);
                     }
                 }
             });
@@ -1028,10 +1027,9 @@ impl Conv2dOp {
                     let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(at), run) };
                     let src = &t[c * 16 + i..][..run];
                     match residual {
-                        // As `add::add` computes it.
-                        Some((skip, (scale, divide))) => {
+                        Some((skip, divisor)) => {
                             for ((d, &v), &r) in dst.iter_mut().zip(src).zip(&skip[at..at + run]) {
-                                *d = if divide { (r + v) * scale } else { r + v };
+                                *d = divisor.sum(r, v);
                             }
                         }
                         None => dst.copy_from_slice(src),
