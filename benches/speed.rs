@@ -6,7 +6,8 @@
 //! without it, on `--step-size` pixels), `vae` (decode
 //! of one `--vae-size` image) and `job` (a whole `Engine::generate` at `--job-size` with `--job-steps` steps).
 //! `--pieces load,text,step,vae,job` picks which; `--profile` also prints where a step's (and a VAE decode's) time
-//! goes per operation kind, with the GFLOP/s of the products (convolutions, linear layers, attention); `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
+//! goes per operation kind, with the GFLOP/s of the products (convolutions, linear layers, attention), and
+//! `--profile-shapes` per kind and input shape; `--dtype f32|bf16`. `first_step` is the warm-up step's time (after `load`, the first step of the
 //! process). The few-step recipe of the `job` piece: `--scheduler NAME` (default `euler_a`), `--guidance G`
 //! (default the request's), `--lora PATH[:SCALE]`, `--tiny-vae DIR` with `--vae tiny` (decode the job's image with
 //! it), `--job-warmup 0` (no untimed job first); the piece `tinyvae` times the tiny VAE's decode of one `--vae-size` image. The last stdout line is a JSON
@@ -60,7 +61,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if let Some(k) = a.strip_prefix("--") {
-            if k == "profile" || k == "bench" {
+            if k == "profile" || k == "profile-shapes" || k == "bench" {
                 opts.insert(k.into(), "1".into());
             } else {
                 opts.insert(k.into(), args.next().expect("option value"));
@@ -83,7 +84,8 @@ fn main() {
         "bf16" => DType::BF16,
         other => panic!("unknown dtype {other}"),
     };
-    let want_profile = opts.contains_key("profile");
+    let want_profile = opts.contains_key("profile") || opts.contains_key("profile-shapes");
+    profile::enable_shapes(opts.contains_key("profile-shapes"));
 
     let mut config = EngineConfig::new(&model, &cn).expect("config");
     config.dtype = dtype;

@@ -31,7 +31,10 @@ pub fn attention(
         (Ok((b, n, inner)), Ok(m)) => (4 * b * n * m * inner) as u64,
         _ => 0,
     };
-    super::profile::scope_flops("attention", flops, || {
+    let kind = super::profile::shaped("attention", || {
+        format!("{:?} {:?} {heads}", q.dims(), k.dims())
+    });
+    super::profile::scope_flops(kind, flops, || {
         attention_untimed(q, k, v, heads, scale, bf16)
     })
 }

@@ -193,6 +193,7 @@ impl Module for FastConv2d {
         } else {
             "conv3x3"
         };
+        let kind = super::profile::shaped(kind, || format!("{:?} {:?}", xs.dims(), self.kernel));
         super::profile::scope_flops(kind, || self.flops(xs.dims()), || self.forward_untimed(xs))
     }
 }
@@ -256,7 +257,9 @@ impl FastConv2d {
             divisor: residual.map(|(_, d)| Divisor::new(d)),
         };
         super::profile::scope_flops(
-            "conv3x3",
+            super::profile::shaped("conv3x3", || {
+                format!("{:?} {:?} fused", xs.dims(), self.kernel)
+            }),
             || self.flops(xs.dims()),
             || {
                 let xs = xs.contiguous()?;

@@ -156,7 +156,15 @@ impl Module for FastLinear {
             let (k, n) = (self.in_dim().unwrap_or(0), self.out_dim().unwrap_or(0));
             (2 * (xs.elem_count() / k.max(1)) * k * n) as u64
         };
-        super::profile::scope_flops("linear", flops, || match self {
+        let kind = super::profile::shaped("linear", || {
+            format!(
+                "{:?} {}x{}",
+                xs.dims(),
+                self.in_dim().unwrap_or(0),
+                self.out_dim().unwrap_or(0)
+            )
+        });
+        super::profile::scope_flops(kind, flops, || match self {
             Self::Candle(l) => l.forward(xs),
             Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
         })

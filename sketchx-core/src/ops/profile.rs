@@ -3,7 +3,8 @@
 //! Off by default (one relaxed atomic load per operation). When [`enable`]d, every operation that the blocks run
 //! through [`scope`] adds its wall time to its kind, and the products that go through [`scope_flops`] also their
 //! floating-point operations (a multiply-add counts two), so a kind's rate can be set against the machine's peak;
-//! [`take`] returns and clears the totals. candle's CPU operations are synchronous, so wall time around a call is
+//! [`take`] returns and clears the totals. With [`enable_shapes`] the convolutions, linear layers and attention are
+//! timed per input shape as well as per kind. candle's CPU operations are synchronous, so wall time around a call is
 //! the time of that call.
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+static SHAPES: AtomicBool = AtomicBool::new(false);
 static TOTALS: Mutex<BTreeMap<&'static str, Totals>> = Mutex::new(BTreeMap::new());
 
 /// One kind's accumulated time, calls and floating-point operations.
@@ -32,6 +34,29 @@ pub fn enable(on: bool) {
 #[inline]
 pub fn scope<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
     scope_flops(kind, || 0, f)
+}
+
+/// `kind`, or `kind` followed by `shape()` while timing by shape ([`enable_shapes`]) is on, so that each shape of
+/// an operation kind is timed apart (the names are kept for the process: a few dozen shapes per model).
+pub fn shaped(kind: &'static str, shape: impl FnOnce() -> String) -> &'static str {
+    if !ENABLED.load(Ordering::Relaxed) || !SHAPES.load(Ordering::Relaxed) {
+        return kind;
+    }
+    static NAMES: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
+    let key = format!("{kind} {}", shape());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&name) = names.get(&key) {
+        return name;
+    }
+    let name: &'static str = Box::leak(key.clone().into_boxed_str());
+    names.insert(key, name);
+    name
+}
+
+/// Turns timing by shape ([`shaped`]) on or off.
+#[cfg(any(test, feature = "bench-internals"))]
+pub fn enable_shapes(on: bool) {
+    SHAPES.store(on, Ordering::Relaxed);
 }
 
 /// [`scope`] for an operation of `flops()` floating-point operations (computed only when timing is enabled).
@@ -106,5 +131,14 @@ mod tests {
         assert_eq!((f.calls, f.flops), (2, 1024));
         let p = get("test-plain").expect("kind recorded");
         assert_eq!((p.calls, p.flops), (1, 0));
+        // By shape: one name per shape, the same name for the same shape.
+        enable(true);
+        assert_eq!(shaped("test-shape", || "[1]".into()), "test-shape");
+        enable_shapes(true);
+        let a = shaped("test-shape", || "[1]".into());
+        assert_eq!(a, "test-shape [1]");
+        assert!(std::ptr::eq(a, shaped("test-shape", || "[1]".into())));
+        enable_shapes(false);
+        enable(false);
     }
 }
