@@ -614,18 +614,16 @@ pub(crate) fn gemm_f32_from(
     }
 }
 
-/// Whether [`gemm_rows_uninit`] can run a product with `b`: on the AVX-512 micro-kernel (bf16 on AMX takes another
-/// path, which writes the start into `C` first), over a non-empty `k`.
+/// Whether [`gemm_rows_uninit`] can run a product with `b`: on the AVX-512 micro-kernel or on AMX tiles, over a
+/// non-empty `k`.
 pub(crate) fn fills_uninit(b: &PackedB) -> bool {
-    cfg!(target_arch = "x86_64")
-        && b.k > 0
-        && b.format.has_fast_kernel()
-        && !(b.format == Format::Bf16 && super::amx::available())
+    cfg!(target_arch = "x86_64") && b.k > 0 && b.format.has_fast_kernel()
 }
 
 /// `C = start + A B` with `A` row-major (`m x b.k()`, row stride `lda`: f32 for a B packed in f32, bf16 bit
-/// patterns for bf16) into `C` memory that may be uninitialised: the micro-kernel writes every entry of `C` in
-/// its first block of `k`, before it reads any. For outputs that would otherwise be zeroed first, only to be
+/// patterns for bf16) into `C` memory that may be uninitialised: the AVX-512 micro-kernel writes every entry of
+/// `C` in its first block of `k` before it reads any, and the AMX kernel stores each tile once, after a row bias is
+/// written. For outputs that would otherwise be zeroed first, only to be
 /// overwritten.
 ///
 /// # Safety
@@ -665,6 +663,11 @@ pub(crate) unsafe fn gemm_rows_uninit<T: Copy>(
         elem,
         lda,
     };
+    // SAFETY: the contract; `a` holds the rows (checked).
+    #[cfg(target_arch = "x86_64")]
+    if unsafe { on_amx(m, view, b, c, ldc, start, true) } {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     tiles(
         m,
@@ -1034,24 +1037,9 @@ fn run(
     parallel: bool,
     widen: impl FnOnce() -> Vec<f32>,
 ) {
+    // SAFETY: `c` holds the m x n block (checked by the callers), initialised.
     #[cfg(target_arch = "x86_64")]
-    if let (Format::Bf16, true, AView::Rows { ptr, elem: 2, lda }) =
-        (b.format, super::amx::available(), a)
-    {
-        use super::amx::Init;
-        // The tiles start from zero or a column bias themselves; a row bias is written into C first.
-        let init = match start {
-            Start::Accumulate => Init::Accumulate,
-            Start::Zero => Init::Zero,
-            Start::Cols(bias) => Init::Cols(bias.as_ptr()),
-            Start::Rows(_) => {
-                start.fill(m, b.n, c, ldc);
-                Init::Accumulate
-            }
-        };
-        // SAFETY: AMX is available (checked); `a` holds m rows of k bf16 entries `lda` apart, `c` the m x n block
-        // and a column bias n values (checked by the callers).
-        unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c.as_mut_ptr(), ldc, parallel, init) };
+    if unsafe { on_amx(m, a, b, c.as_mut_ptr(), ldc, start, parallel) } {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1072,6 +1060,50 @@ fn run(
     let (k, n) = (b.k, b.n);
     start.fill(m, n, c, ldc);
     plain_gemm_f32(m, n, k, &widen(), &b.to_f32(), c, ldc);
+}
+
+/// The product on AMX tiles where it runs there (bf16, row-major `A`, the CPU has the tiles); `false` (nothing done)
+/// elsewhere. The tiles start from zero or a column bias themselves; a row bias is written into `C` first. Only
+/// [`Start::Accumulate`] reads `C`.
+///
+/// # Safety
+/// `a` must hold m rows of `b.k()` entries as it says, `c` must be valid for the m x `b.n()` block with row stride
+/// `ldc` (initialised for `Accumulate`) and accessed by nothing else meanwhile, a bias must hold what it covers.
+#[cfg(target_arch = "x86_64")]
+unsafe fn on_amx(
+    m: usize,
+    a: AView,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    start: Start,
+    parallel: bool,
+) -> bool {
+    use super::amx::Init;
+    let (Format::Bf16, true, AView::Rows { ptr, elem: 2, lda }) =
+        (b.format, super::amx::available(), a)
+    else {
+        return false;
+    };
+    let init = match start {
+        Start::Accumulate => Init::Accumulate,
+        Start::Zero => Init::Zero,
+        Start::Cols(bias) => Init::Cols(bias.as_ptr()),
+        Start::Rows(bias) => {
+            let c = SendPtr(c);
+            (0..m).into_par_iter().for_each(|i| {
+                let c = &c;
+                for j in 0..b.n {
+                    // SAFETY: row i < m of the block (the contract); written, never read.
+                    unsafe { c.0.add(i * ldc + j).write(bias[i]) };
+                }
+            });
+            Init::Accumulate
+        }
+    };
+    // SAFETY: AMX is available (checked); the operands as the contract says.
+    unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c, ldc, parallel, init) };
+    true
 }
 
 /// `dst[m, n] += lhs[m, k] rhs[k, n]` in f32 through the `gemm` crate, row-major; `lhs` and `rhs` contiguous, `dst` with row stride `ldc`.
