@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{GroupNorm, VarBuilder};
 use rayon::prelude::*;
 
-use super::simd::{affine_silu, layer_norm_row, sum_sq_f64};
+use super::simd::{affine_silu_into, layer_norm_row, sum_sq_f64};
 
 /// diffusers' `GroupNorm` (affine), optionally followed by SiLU.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ pub(crate) struct NormSilu {
 
 impl NormSilu {
     /// `(a, b)` for every (image, channel) of `x` (`b` images of `c` channels of `spatial` values), so that the
-    /// normalised value is `x * a + b` (then SiLU, [`affine_silu`]): the statistics pass of [`GroupNormOp`], one
+    /// normalised value is `x * a + b` (then SiLU, [`affine_silu`](super::simd::affine_silu)): the statistics pass of [`GroupNormOp`], one
     /// parallel task per (image, group), with the same arithmetic.
     pub(crate) fn channel_affine(
         &self,
@@ -219,12 +219,14 @@ impl CustomOp3 for GroupNormOp {
         let spatial: usize = dims[2..].iter().product();
         let cpg = c / self.groups;
         let glen = cpg * spatial;
-        let mut out = super::cpu::output_f32(x.len());
         if glen == 0 {
-            // No channels or no positions: nothing to normalise.
-            return Ok((CpuStorage::F32(out), l1.shape().clone()));
+            // No channels or no positions: nothing to normalise (and no values).
+            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
         }
-        out.par_chunks_mut(glen)
+        // Never zeroed: every group's values are written below.
+        let mut out = super::cpu::output_uninit_f32(x.len());
+        out.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(glen)
             .zip(x.par_chunks(glen))
             .enumerate()
             .for_each(|(gi, (dst, src))| {
@@ -234,9 +236,11 @@ impl CustomOp3 for GroupNormOp {
                     let ch = g * cpg + ci;
                     let (a, b) = channel_ab(mean, rstd, w[ch], bias[ch]);
                     let r = ci * spatial..(ci + 1) * spatial;
-                    affine_silu(&src[r.clone()], &mut dst[r], a, b, self.silu);
+                    affine_silu_into(&src[r.clone()], &mut dst[r], a, b, self.silu);
                 }
             });
+        // SAFETY: the groups (x.len() / glen of them, glen values each) cover the x.len() values, all written.
+        unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
