@@ -137,18 +137,31 @@ fn main() {
     if pieces.contains(&"step") {
         let l = step_size / 8;
         let hidden = engine.unet().cross_attention_dim;
-        let lat = Tensor::randn(0f32, 1., (step_batch, 4, l, l), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        // As a job's step: with guidance (an even batch) the latents and the control image are the same in both
+        // halves, only the texts differ.
+        let halves = if step_batch.is_multiple_of(2) { 2 } else { 1 };
+        let twice = |t: Tensor| Tensor::cat(&vec![&t; halves], 0).unwrap();
+        let lat = twice(
+            Tensor::randn(0f32, 1., (step_batch / halves, 4, l, l), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        );
         let ctx = Tensor::randn(0f32, 1., (step_batch, 77, hidden), &dev)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let cond = Tensor::rand(0f32, 1., (step_batch, 3, step_size, step_size), &dev)
+        let cond = twice(
+            Tensor::rand(
+                0f32,
+                1.,
+                (step_batch / halves, 3, step_size, step_size),
+                &dev,
+            )
             .unwrap()
             .to_dtype(dtype)
-            .unwrap();
+            .unwrap(),
+        );
         let run = || {
             let r = engine
                 .controlnet()

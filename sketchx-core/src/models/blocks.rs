@@ -285,7 +285,9 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: Option<&Tensor>) -> CResult<Tensor> {
+    /// The attention of `xs` to itself, or to `ctx`, plus `residual` (added as the output projection stores its
+    /// result, [`Linear::forward_add`]).
+    fn forward_add(&self, xs: &Tensor, ctx: Option<&Tensor>, residual: &Tensor) -> CResult<Tensor> {
         let q = self.to_q.forward(xs)?;
         let kv = |c: &Tensor| -> CResult<(Tensor, Tensor)> {
             Ok((self.to_k.forward(c)?, self.to_v.forward(c)?))
@@ -295,8 +297,17 @@ impl Attention {
             None => kv(xs)?,
         };
         let o = (crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale, self.bf16))?;
-        self.to_out.forward(&o)
+        self.to_out.forward_add(&o, residual)
     }
+}
+
+/// `t` twice along the batch. Classifier-free guidance runs one latent with two texts, and every layer before the
+/// first that reads the text computes the same values for both halves: those run once, on one half, and are
+/// doubled here (the blocks' `forward_shared`). Every kernel computes an image's values from that image alone, so
+/// the result is the whole batch's, bit for bit wherever the half batch runs the same kernels (f32 Winograd, for
+/// one, needs 1,024 output pixels: a smaller half takes the direct convolution, equal to rounding).
+pub(crate) fn twice(t: &Tensor) -> CResult<Tensor> {
+    Tensor::cat(&[t, t], 0)
 }
 
 #[derive(Debug)]
@@ -331,13 +342,27 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let a = self.attn1.forward(&self.norm1.forward(xs)?, None)?;
-        let xs = crate::ops::add::add(&a, xs, 1.0)?;
-        let a = self.attn2.forward(&self.norm2.forward(&xs)?, Some(ctx))?;
-        let xs = crate::ops::add::add(&a, &xs, 1.0)?;
+        let xs = self.self_attention(xs)?;
+        self.after_self_attention(&xs, ctx)
+    }
+
+    /// [`Self::forward`] on the batch `twice(half)`: the self-attention (which does not read the text) on `half`
+    /// only.
+    fn forward_shared(&self, half: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+        let xs = twice(&self.self_attention(half)?)?;
+        self.after_self_attention(&xs, ctx)
+    }
+
+    fn self_attention(&self, xs: &Tensor) -> CResult<Tensor> {
+        self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)
+    }
+
+    fn after_self_attention(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+        let xs = self
+            .attn2
+            .forward_add(&self.norm2.forward(xs)?, Some(ctx), xs)?;
         let h = self.ff_in.forward_geglu(&self.norm3.forward(&xs)?)?;
-        let o = self.ff_out.forward(&h)?;
-        crate::ops::add::add(&o, &xs, 1.0)
+        self.ff_out.forward_add(&h, &xs)
     }
 }
 
@@ -400,16 +425,40 @@ impl SpatialTransformer {
 
     /// Applies the transformer to `xs` `(b, c, h, w)` attending to `ctx` `(b, tokens, cross_dim)`.
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let to_seq = |t: Tensor| crate::ops::layout::to_tokens(&t);
-        let normed = self.norm.forward(xs)?;
-        let mut hs = match &self.proj_in {
-            Proj::Conv(c) => to_seq(c.forward(&normed)?)?,
-            Proj::Linear(l) => l.forward(&to_seq(normed)?)?,
-        };
+        let mut hs = self.project_in(xs)?;
         for blk in &self.blocks {
             hs = blk.forward(&hs, ctx)?;
         }
+        self.project_out(hs, xs)
+    }
+
+    /// [`Self::forward`] on the batch `twice(half)`: what comes before the first block's cross-attention (the
+    /// first layer that reads `ctx`) on `half` only.
+    pub fn forward_shared(&self, half: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+        let hs = self.project_in(half)?;
+        let Some((first, rest)) = self.blocks.split_first() else {
+            return twice(&self.project_out(hs, half)?);
+        };
+        let mut hs = first.forward_shared(&hs, ctx)?;
+        for blk in rest {
+            hs = blk.forward(&hs, ctx)?;
+        }
+        self.project_out(hs, &twice(half)?)
+    }
+
+    /// The group norm and the projection in, as tokens `(b, h * w, inner)`.
+    fn project_in(&self, xs: &Tensor) -> CResult<Tensor> {
+        let to_seq = |t: Tensor| crate::ops::layout::to_tokens(&t);
+        let normed = self.norm.forward(xs)?;
+        match &self.proj_in {
+            Proj::Conv(c) => to_seq(c.forward(&normed)?),
+            Proj::Linear(l) => l.forward(&to_seq(normed)?),
+        }
+    }
+
+    /// The projection out of the tokens `hs`, as an image the size of `xs`, plus `xs`.
+    fn project_out(&self, hs: Tensor, xs: &Tensor) -> CResult<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
         let to_img = |t: Tensor| crate::ops::layout::to_image(&t, h, w);
         let out = match &self.proj_out {
             Proj::Conv(c) => c.forward(&to_img(hs)?)?,
@@ -481,8 +530,40 @@ impl DownBlock {
         ctx: &Tensor,
         states: &mut Vec<Tensor>,
     ) -> CResult<Tensor> {
-        let mut xs = xs.clone();
-        for (i, r) in self.resnets.iter().enumerate() {
+        self.forward_from(xs.clone(), 0, temb, ctx, states)
+    }
+
+    /// [`Self::forward`] on the batch `twice(half)` with the time embedding `temb = twice(half_temb)`: the first
+    /// resnet, and the first transformer up to its cross-attention, on `half` only (see [`twice`]).
+    pub fn forward_shared(
+        &self,
+        (half, half_temb): (&Tensor, &Tensor),
+        temb: &Tensor,
+        ctx: &Tensor,
+        states: &mut Vec<Tensor>,
+    ) -> CResult<Tensor> {
+        let Some(first) = self.resnets.first() else {
+            return self.forward(&twice(half)?, temb, ctx, states);
+        };
+        let xs = first.forward(half, half_temb)?;
+        let xs = match self.attentions.first() {
+            Some(a) => a.forward_shared(&xs, ctx)?,
+            None => twice(&xs)?,
+        };
+        states.push(xs.clone());
+        self.forward_from(xs, 1, temb, ctx, states)
+    }
+
+    /// The block from resnet `start` (whose input is `xs`) on.
+    fn forward_from(
+        &self,
+        mut xs: Tensor,
+        start: usize,
+        temb: &Tensor,
+        ctx: &Tensor,
+        states: &mut Vec<Tensor>,
+    ) -> CResult<Tensor> {
+        for (i, r) in self.resnets.iter().enumerate().skip(start) {
             xs = r.forward(&xs, temb)?;
             if let Some(a) = self.attentions.get(i) {
                 xs = a.forward(&xs, ctx)?;

@@ -278,7 +278,17 @@ impl Encoder {
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut states = vec![xs.clone()];
         let mut xs = xs;
-        for b in &self.down {
+        let mut blocks = self.down.iter();
+        // Classifier-free guidance: both halves of the batch hold the same latents (and time), so the first block
+        // runs on one half until its first cross-attention (`DownBlock::forward_shared`).
+        if let Some((half, half_temb)) = shared_halves(&xs, temb)? {
+            #[cfg(test)]
+            tests::SHARED_PASSES.with(|c| c.set(c.get() + 1));
+            if let Some(b) = blocks.next() {
+                xs = b.forward_shared((&half, &half_temb), temb, ctx, &mut states)?;
+            }
+        }
+        for b in blocks {
             xs = b.forward(&xs, temb, ctx, &mut states)?;
         }
         Ok((xs, states))
@@ -288,6 +298,37 @@ impl Encoder {
     pub fn mid(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
         self.mid.forward(xs, temb, ctx)
     }
+}
+
+/// The first halves of `xs` and `temb` when the batch splits into two halves of the same bits in both (f32 on the
+/// CPU; anything else is never shared).
+fn shared_halves(xs: &Tensor, temb: &Tensor) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    #[cfg(test)]
+    if !tests::SHARE_HALVES.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(None);
+    }
+    let b = xs.dim(0)?;
+    if b < 2 || !b.is_multiple_of(2) || temb.dim(0)? != b {
+        return Ok(None);
+    }
+    if !(halves_equal(xs)? && halves_equal(temb)?) {
+        return Ok(None);
+    }
+    Ok(Some((xs.narrow(0, 0, b / 2)?, temb.narrow(0, 0, b / 2)?)))
+}
+
+/// Whether the two halves of `t` (an even batch along the first dimension) are the same bits; `false` for tensors
+/// other than contiguous f32 ones on the CPU.
+fn halves_equal(t: &Tensor) -> candle_core::Result<bool> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(false);
+    };
+    let (a, b) = v[start..end].split_at((end - start) / 2);
+    Ok(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()))
 }
 
 /// A loaded UNet with the facts the sampler needs.
@@ -472,4 +513,92 @@ pub fn guidance_scale_embedding(
         }
     }
     Ok(Tensor::from_vec(out, (w.len(), embedding_dim), device)?)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::models::controlnet::ControlNet;
+    use crate::models::loader::{weights, ModelSource, Resolver};
+    use crate::precision::Precision;
+
+    /// Off: every batch runs whole (the tests' reference for the shared halves).
+    pub(crate) static SHARE_HALVES: AtomicBool = AtomicBool::new(true);
+
+    thread_local! {
+        /// Down passes on this thread that shared their halves.
+        pub(crate) static SHARED_PASSES: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn fixture(dir: &str) -> Resolver {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/");
+        Resolver::new(ModelSource::Local(format!("{root}{dir}").into())).unwrap()
+    }
+
+    fn config(r: &Resolver, file: &str) -> ConfigFile {
+        ConfigFile::from_value(r.json(file).unwrap(), file).unwrap()
+    }
+
+    /// A classifier-free-guidance batch (the same latents twice, two texts) gives the same bits whether the first
+    /// down block runs on one half until its cross-attention or on the whole batch, through the ControlNet and the
+    /// UNet, in f32 and in the CPU bf16 mode; a batch whose halves differ is never shared.
+    #[test]
+    fn shared_halves_give_the_whole_batch_bits() {
+        let dev = Device::Cpu;
+        let sd = fixture("tiny-sd");
+        let cn_dir = fixture("tiny-controlnet");
+        for precision in [Precision::F32, Precision::CpuBf16] {
+            let w = weights(&sd.weights("unet", None).unwrap(), precision, &dev).unwrap();
+            let unet = UNet::load(w, &config(&sd, "unet/config.json")).unwrap();
+            let w = weights(&cn_dir.weights("", None).unwrap(), precision, &dev).unwrap();
+            let cn = ControlNet::load(w, &config(&cn_dir, "config.json")).unwrap();
+            let latent = Tensor::randn(0f32, 1., (1, 4, 8, 8), &dev).unwrap();
+            let xs = Tensor::cat(&[&latent, &latent], 0).unwrap();
+            let ctx = Tensor::randn(0f32, 1., (2, 7, 32), &dev).unwrap();
+            let cond = Tensor::rand(0f32, 1., (1, 3, 64, 64), &dev).unwrap();
+            let cond = Tensor::cat(&[&cond, &cond], 0).unwrap();
+            let run = |share: bool| {
+                SHARE_HALVES.store(share, Ordering::Relaxed);
+                SHARED_PASSES.with(|c| c.set(0));
+                let res = cn.forward(&xs, 500.0, &ctx, &cond, 1.0, false).unwrap();
+                let out = unet
+                    .forward(&xs, 500.0, &ctx, Some(&res.down), Some(&res.mid))
+                    .unwrap();
+                SHARE_HALVES.store(true, Ordering::Relaxed);
+                let bits: Vec<u32> = out
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                (bits, SHARED_PASSES.with(|c| c.get()))
+            };
+            let (shared, passes) = run(true);
+            let (whole, none) = run(false);
+            assert_eq!(
+                (passes, none),
+                (2, 0),
+                "{precision:?}: ControlNet and UNet share"
+            );
+            assert!(
+                shared == whole,
+                "{precision:?}: shared halves changed the output"
+            );
+            // The two texts give two different halves (the sharing ends before the cross-attention).
+            let half = shared.len() / 2;
+            assert!(shared[..half] != shared[half..], "{precision:?}");
+            // Different latents: nothing shared.
+            SHARED_PASSES.with(|c| c.set(0));
+            let other = Tensor::cat(&[&latent, &(&latent + 1.0).unwrap()], 0).unwrap();
+            unet.forward(&other, 500.0, &ctx, None, None).unwrap();
+            assert_eq!(SHARED_PASSES.with(|c| c.get()), 0);
+        }
+    }
 }

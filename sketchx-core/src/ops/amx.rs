@@ -67,12 +67,13 @@ fn request_permission() -> bool {
 
 /// `C = start + A B` (`start`: `C`'s own values, zero, or a bias per column; only the first reads `C`): `A`
 /// row-major bf16 bit patterns (`m` rows of `b.k()` entries, `lda` apart), `B` packed in bf16, `C` row-major f32
-/// (`m` rows of `b.n()`, `ldc` apart); tasks in parallel when `parallel`.
+/// (`m` rows of `b.n()`, `ldc` apart); tasks in parallel when `parallel`. With `add` (values laid out as `C`),
+/// `C = (start + A B) + add`, added to each tile right after it is stored.
 ///
 /// # Safety
 /// [`available`] must have returned `true`. `a` must point to `m` rows of `b.k()` readable entries `lda` apart
 /// and `c` to `m` rows of `b.n()` values `ldc` apart that no one else reads or writes meanwhile; a bias must hold
-/// `b.n()` values.
+/// `b.n()` values, and `add` the values of `C`'s rows and columns.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)] // a BLAS-style raw-pointer product: each argument is one of its operands' facts
 pub(crate) unsafe fn gemm(
@@ -80,10 +81,10 @@ pub(crate) unsafe fn gemm(
     a: *const u16,
     lda: usize,
     b: &PackedB,
-    c: *mut f32,
-    ldc: usize,
+    (c, ldc): (*mut f32, usize),
     parallel: bool,
     init: Init,
+    add: Option<SendPtr<f32>>,
 ) {
     let source = Source::Packed(b);
     // SAFETY: the caller's contract.
@@ -92,7 +93,11 @@ pub(crate) unsafe fn gemm(
             m,
             (a, lda, None),
             (b.k(), b.n(), source),
-            Dest::Rows { c: SendPtr(c), ldc },
+            Dest::Rows {
+                c: SendPtr(c),
+                ldc,
+                add,
+            },
             parallel,
             init,
         )
@@ -162,7 +167,11 @@ pub(crate) unsafe fn gemm_shifted(
     } else {
         Init::Accumulate
     };
-    let dest = Dest::Rows { c: SendPtr(c), ldc };
+    let dest = Dest::Rows {
+        c: SendPtr(c),
+        ldc,
+        add: None,
+    };
     // SAFETY: the caller's contract.
     unsafe { run(m, (a, lda, None), (k, n, source), dest, true, init) }
 }
@@ -181,7 +190,7 @@ unsafe fn run(
     parallel: bool,
     init: Init,
 ) {
-    if let (0, Init::Zero, Dest::Rows { c, ldc }) = (k, init, &dest) {
+    if let (0, Init::Zero, Dest::Rows { c, ldc, .. }) = (k, init, &dest) {
         for i in 0..m {
             // SAFETY: row i of C holds n values (the contract).
             unsafe { std::ptr::write_bytes(c.0.add(i * ldc), 0, n) };
@@ -302,8 +311,12 @@ pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, usize, &[f32; TILE * TILE], us
 /// Where a product's `C` goes.
 #[cfg(target_arch = "x86_64")]
 enum Dest<'a> {
-    /// Row-major `C`, rows `ldc` apart.
-    Rows { c: SendPtr<f32>, ldc: usize },
+    /// Row-major `C`, rows `ldc` apart, and values laid out as `C` to add to it, if any.
+    Rows {
+        c: SendPtr<f32>,
+        ldc: usize,
+        add: Option<SendPtr<f32>>,
+    },
     /// Each tile to the epilogue.
     Tiles(Epilogue<'a>),
 }
@@ -527,7 +540,7 @@ impl Job<'_> {
                 let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
                 let (origin, ldc) = match &self.dest {
                     // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C (rows/cols > 0).
-                    &Dest::Rows { ref c, ldc } => (
+                    &Dest::Rows { ref c, ldc, .. } => (
                         unsafe { c.0.add((r + i * TILE) * ldc + (p0 + j) * NR) },
                         ldc,
                     ),
@@ -713,8 +726,12 @@ impl Job<'_> {
                 if !has(i, j) {
                     continue;
                 }
-                let (c, ldc) = match &self.dest {
-                    &Dest::Rows { ref c, ldc } => (c, ldc),
+                let (c, ldc, add) = match &self.dest {
+                    &Dest::Rows {
+                        ref c,
+                        ldc,
+                        ref add,
+                    } => (c, ldc, add),
                     Dest::Tiles(epilogue) => {
                         // SAFETY: the scratch holds the tile's 256 f32 values (stored above).
                         let tile =
@@ -723,21 +740,52 @@ impl Job<'_> {
                         continue;
                     }
                 };
-                if rows[i] == TILE && cols[j] == NR {
-                    continue;
+                let origin = (r + i * TILE) * ldc + (p0 + j) * NR;
+                if rows[i] < TILE || cols[j] < NR {
+                    let s = c_scratch[i][j].0.as_ptr().cast::<f32>();
+                    for y in 0..rows[i] {
+                        // SAFETY: as when the tile was copied out.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                s.add(y * TILE),
+                                c.0.add(origin + y * ldc),
+                                cols[j],
+                            )
+                        };
+                    }
                 }
-                let s = c_scratch[i][j].0.as_ptr().cast::<f32>();
-                for y in 0..rows[i] {
-                    // SAFETY: as when the tile was copied out.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            s.add(y * TILE),
-                            c.0.add((r + i * TILE + y) * ldc + (p0 + j) * NR),
-                            cols[j],
-                        )
-                    };
+                if let Some(add) = add {
+                    // SAFETY: the tile's rows and columns of C (this task's) and of `add` (laid out as C).
+                    unsafe { add_tile(c.0.add(origin), add.0.add(origin), ldc, rows[i], cols[j]) };
                 }
             }
+        }
+    }
+}
+
+/// `c[y * ld + x] += add[y * ld + x]` for `y < rows`, `x < cols` (at most 16): a tile of `C` just stored, still
+/// in L1.
+///
+/// # Safety
+/// Both must hold the `rows x cols` block with row stride `ld`; the CPU has AVX-512 (every AMX CPU does).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_tile(c: *mut f32, add: *const f32, ld: usize, rows: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    let mask: __mmask16 = if cols >= TILE {
+        0xffff
+    } else {
+        (1 << cols) - 1
+    };
+    for y in 0..rows {
+        // SAFETY: row y < rows, the masked columns < cols (the contract).
+        unsafe {
+            let (c, a) = (c.add(y * ld), add.add(y * ld));
+            let v = _mm512_add_ps(
+                _mm512_maskz_loadu_ps(mask, c),
+                _mm512_maskz_loadu_ps(mask, a),
+            );
+            _mm512_mask_storeu_ps(c, mask, v);
         }
     }
 }
@@ -799,14 +847,18 @@ mod tests {
             let ldc = n + 2;
             let c0 = values(m * ldc, idx as u64 + 200);
             let bias = values(n, idx as u64 + 300);
+            // Values laid out as C, added at the end in the last two runs.
+            let extra = values(m * ldc, idx as u64 + 4);
             // 0: C's values, 1: zero, 2: the bias.
-            for (parallel, start) in [
-                (false, 0),
-                (true, 0),
-                (false, 1),
-                (true, 1),
-                (true, 2),
-                (false, 2),
+            for (parallel, start, add) in [
+                (false, 0, false),
+                (true, 0, false),
+                (false, 1, false),
+                (true, 1, false),
+                (true, 2, false),
+                (false, 2, false),
+                (true, 2, true),
+                (false, 1, true),
             ] {
                 let mut c = c0.clone();
                 // SAFETY: AMX is available (checked); the buffers have the sizes the strides describe.
@@ -816,10 +868,10 @@ mod tests {
                         a.as_ptr(),
                         lda,
                         &b,
-                        c.as_mut_ptr(),
-                        ldc,
+                        (c.as_mut_ptr(), ldc),
                         parallel,
                         [Init::Accumulate, Init::Zero, Init::Cols(bias.as_ptr())][start],
+                        add.then(|| SendPtr(extra.as_ptr().cast_mut())),
                     )
                 };
                 for i in 0..m {
@@ -837,6 +889,9 @@ mod tests {
                         for p in 0..k {
                             let bv = half::bf16::from_f32(bm[p * n + j]).to_f32() as f64;
                             want += to_f(a[i * lda + p]) * bv;
+                        }
+                        if add {
+                            want += extra[i * ldc + j] as f64;
                         }
                         assert!(
                             (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,

@@ -418,10 +418,10 @@ unsafe fn on_tiles(
                     qb.as_ptr(),
                     dp,
                     keys,
-                    sc.as_mut_ptr(),
-                    m,
+                    (sc.as_mut_ptr(), m),
                     false,
                     Init::Zero,
+                    None,
                 )
             };
             // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones), rounded in the
@@ -438,7 +438,16 @@ unsafe fn on_tiles(
             // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities.
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
-                super::amx::gemm(rows, pb.as_ptr(), m, values, op, inner, false, Init::Zero);
+                super::amx::gemm(
+                    rows,
+                    pb.as_ptr(),
+                    m,
+                    values,
+                    (op, inner),
+                    false,
+                    Init::Zero,
+                    None,
+                );
                 divide_rows(op, inner, d, &sums[..rows]);
             }
         },

@@ -7,6 +7,8 @@
 //! (`(g * 0.5) * (1 + erf(g / sqrt 2))`, then `hidden *`). Non-f32 or non-CPU tensors use candle.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::simd::geglu_row;
@@ -47,14 +49,18 @@ impl CustomOp1 for GegluOp {
         if let Some(last) = dims.last_mut() {
             *last = half;
         }
-        let mut out = super::cpu::output_f32(h.len() / 2);
-        geglu_rows(h, &mut out, half);
+        let len = h.len() / 2;
+        let mut out = super::cpu::output_uninit_f32(len);
+        geglu_rows(h, &mut out.spare_capacity_mut()[..len], half);
+        // SAFETY: geglu_rows wrote all `len` values (h holds len / half rows).
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
-/// The kernel on rows of `2 * half` values in `h`, into rows of `half` in `out`, in parallel.
-pub(crate) fn geglu_rows(h: &[f32], out: &mut [f32], half: usize) {
+/// The kernel on rows of `2 * half` values in `h`, into rows of `half` in `out`, in parallel: every value of
+/// `out` is written when it holds `h.len() / 2` (it may start uninitialised).
+pub(crate) fn geglu_rows(h: &[f32], out: &mut [MaybeUninit<f32>], half: usize) {
     let width = 2 * half;
     // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
     if let Some(rows) = 16_384usize.checked_div(half) {

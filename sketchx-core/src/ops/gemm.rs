@@ -624,7 +624,8 @@ pub(crate) fn fills_uninit(b: &PackedB) -> bool {
 /// patterns for bf16) into `C` memory that may be uninitialised: the AVX-512 micro-kernel writes every entry of
 /// `C` in its first block of `k` before it reads any, and the AMX kernel stores each tile once, after a row bias is
 /// written. For outputs that would otherwise be zeroed first, only to be
-/// overwritten.
+/// overwritten. With `add` (values laid out as `C`: row stride `ldc`), `C = (start + A B) + add`, the addition
+/// made as the result is stored (the same values as adding afterwards).
 ///
 /// # Safety
 /// [`fills_uninit`] must hold for `b`; `start` must not be [`Start::Accumulate`]; `c` must be valid for writes of
@@ -634,9 +635,9 @@ pub(crate) unsafe fn gemm_rows_uninit<T: Copy>(
     a: &[T],
     lda: usize,
     b: &PackedB,
-    c: *mut f32,
-    ldc: usize,
+    (c, ldc): (*mut f32, usize),
     start: Start,
+    add: Option<&[f32]>,
 ) {
     let elem = std::mem::size_of::<T>();
     assert!(
@@ -658,14 +659,21 @@ pub(crate) unsafe fn gemm_rows_uninit<T: Copy>(
     }
     check_a(m, a.len(), lda, b.k);
     start.check(m, b.n);
+    if let Some(add) = add {
+        assert!(
+            add.len() >= (m - 1) * ldc + b.n,
+            "the values to add are shorter than C"
+        );
+    }
     let view = AView::Rows {
         ptr: a.as_ptr().cast(),
         elem,
         lda,
     };
-    // SAFETY: the contract; `a` holds the rows (checked).
+    let add = || add.map(|v| SendPtr(v.as_ptr().cast_mut()));
+    // SAFETY: the contract; `a` and `add` hold what they cover (checked).
     #[cfg(target_arch = "x86_64")]
-    if unsafe { on_amx(m, view, b, c, ldc, start, true) } {
+    if unsafe { on_amx(m, view, b, (c, ldc), start, true, add()) } {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -674,10 +682,10 @@ pub(crate) unsafe fn gemm_rows_uninit<T: Copy>(
         view,
         BView::packed(b),
         (b.k, b.n, b.format),
-        c,
-        ldc,
+        (c, ldc),
         true,
         start,
+        add(),
     );
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (view, c);
@@ -819,10 +827,10 @@ pub(crate) fn gemm_shifted(a: &PackedA, b: &Shifted, c: &mut [f32], ldc: usize, 
             view,
             bv,
             (a.k, n, Format::Bf16),
-            c.as_mut_ptr(),
-            ldc,
+            (c.as_mut_ptr(), ldc),
             true,
             start,
+            None,
         );
         return;
     }
@@ -946,10 +954,10 @@ unsafe fn serial(
         view,
         BView::packed(b),
         (b.k, b.n, b.format),
-        c,
-        ldc,
+        (c, ldc),
         false,
         start,
+        None,
     );
 }
 
@@ -1039,7 +1047,7 @@ fn run(
 ) {
     // SAFETY: `c` holds the m x n block (checked by the callers), initialised.
     #[cfg(target_arch = "x86_64")]
-    if unsafe { on_amx(m, a, b, c.as_mut_ptr(), ldc, start, parallel) } {
+    if unsafe { on_amx(m, a, b, (c.as_mut_ptr(), ldc), start, parallel, None) } {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -1049,10 +1057,10 @@ fn run(
             a,
             BView::packed(b),
             (b.k, b.n, b.format),
-            c.as_mut_ptr(),
-            ldc,
+            (c.as_mut_ptr(), ldc),
             parallel,
             start,
+            None,
         );
         return;
     }
@@ -1064,20 +1072,21 @@ fn run(
 
 /// The product on AMX tiles where it runs there (bf16, row-major `A`, the CPU has the tiles); `false` (nothing done)
 /// elsewhere. The tiles start from zero or a column bias themselves; a row bias is written into `C` first. Only
-/// [`Start::Accumulate`] reads `C`.
+/// [`Start::Accumulate`] reads `C`. `add` (values laid out as `C`) is added to each tile as it is stored.
 ///
 /// # Safety
 /// `a` must hold m rows of `b.k()` entries as it says, `c` must be valid for the m x `b.n()` block with row stride
-/// `ldc` (initialised for `Accumulate`) and accessed by nothing else meanwhile, a bias must hold what it covers.
+/// `ldc` (initialised for `Accumulate`) and accessed by nothing else meanwhile, a bias and `add` must hold what
+/// they cover.
 #[cfg(target_arch = "x86_64")]
 unsafe fn on_amx(
     m: usize,
     a: AView,
     b: &PackedB,
-    c: *mut f32,
-    ldc: usize,
+    (c, ldc): (*mut f32, usize),
     start: Start,
     parallel: bool,
+    add: Option<SendPtr<f32>>,
 ) -> bool {
     use super::amx::Init;
     let (Format::Bf16, true, AView::Rows { ptr, elem: 2, lda }) =
@@ -1102,7 +1111,7 @@ unsafe fn on_amx(
         }
     };
     // SAFETY: AMX is available (checked); the operands as the contract says.
-    unsafe { super::amx::gemm(m, ptr.cast(), lda, b, c, ldc, parallel, init) };
+    unsafe { super::amx::gemm(m, ptr.cast(), lda, b, (c, ldc), parallel, init, add) };
     true
 }
 
@@ -1212,7 +1221,8 @@ impl BView {
 
 /// Splits `C` (`m x n` from `c`, row stride `ldc`, which the caller has checked) into tiles of up to [`MB_MAX`]
 /// rows x `NP * NR` columns, run in parallel (or one after the other), each walking `k` (`words` words of
-/// `format`) in blocks of up to [`KC`] words and its rows in groups of [`MR`].
+/// `format`) in blocks of up to [`KC`] words and its rows in groups of [`MR`]. `add` (values laid out as `C`) is added
+/// to the result as its last block of `k` is stored.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn tiles(
@@ -1220,12 +1230,13 @@ fn tiles(
     a: AView,
     b: BView,
     (k, n, format): (usize, usize, Format),
-    c: *mut f32,
-    ldc: usize,
+    (c, ldc): (*mut f32, usize),
     parallel: bool,
     start: Start,
+    add: Option<SendPtr<f32>>,
 ) {
     start.check(m, n);
+    let add = &add;
     let per = format.per_word();
     let words = k.div_ceil(per);
     let panels = n.div_ceil(NR);
@@ -1310,6 +1321,12 @@ fn tiles(
                     b_step,
                     c: unsafe { cptr.0.add(r * ldc + p0 * NR) },
                     ldc,
+                    add: match add {
+                        Some(add) if w1 == words => {
+                            add.0.cast_const().wrapping_add(r * ldc + p0 * NR)
+                        }
+                        _ => std::ptr::null(),
+                    },
                     last_cols,
                 };
                 // SAFETY: the CPU has the kernel's features (checked by the callers); tiles of C are disjoint.
@@ -1471,6 +1488,9 @@ mod x86 {
         pub b_step: usize,
         pub c: *mut f32,
         pub ldc: usize,
+        /// Null, or values laid out as `C` (from the call's first row and column, row stride `ldc`) added to the
+        /// result as it is stored (the last block of `k` only).
+        pub add: *const f32,
         /// Columns stored of the last panel (1..=16).
         pub last_cols: usize,
     }
@@ -1596,7 +1616,13 @@ mod x86 {
                     }
                     for (r, row) in acc.iter().enumerate() {
                         for (q, v) in row.iter().enumerate() {
-                            _mm512_mask_storeu_ps(k.c.add(r * k.ldc + q * NR), mask(q), *v);
+                            let at = r * k.ldc + q * NR;
+                            let v = if k.add.is_null() {
+                                *v
+                            } else {
+                                _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask(q), k.add.add(at)))
+                            };
+                            _mm512_mask_storeu_ps(k.c.add(at), mask(q), v);
                         }
                     }
                 }
@@ -1821,7 +1847,10 @@ mod tests {
                         continue;
                     }
                     let a16: Vec<u16> = a.iter().map(|&v| round_bf16(v)).collect();
-                    for start in [Start::Zero, Start::Cols(&bias), Start::Rows(&bias)] {
+                    let extra: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+                    let starts = [Start::Zero, Start::Cols(&bias), Start::Rows(&bias)];
+                    for (start, add) in starts.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+                        let add = add.then_some(&extra[..]);
                         let mut want = vec![0f32; m * n];
                         let mut got = vec![f32::NAN; m * n];
                         // SAFETY: the kernel exists (checked), the start does not accumulate, `got` holds m x n.
@@ -1829,21 +1858,41 @@ mod tests {
                             Format::F32 => {
                                 gemm_f32_from(m, &a, k, &b, &mut want, n, start);
                                 unsafe {
-                                    gemm_rows_uninit(m, &a, k, &b, got.as_mut_ptr(), n, start)
+                                    gemm_rows_uninit(
+                                        m,
+                                        &a,
+                                        k,
+                                        &b,
+                                        (got.as_mut_ptr(), n),
+                                        start,
+                                        add,
+                                    )
                                 };
                             }
                             Format::Bf16 => {
                                 gemm_bf16_from(m, &a16, k, &b, &mut want, n, start);
                                 unsafe {
-                                    gemm_rows_uninit(m, &a16, k, &b, got.as_mut_ptr(), n, start)
+                                    gemm_rows_uninit(
+                                        m,
+                                        &a16,
+                                        k,
+                                        &b,
+                                        (got.as_mut_ptr(), n),
+                                        start,
+                                        add,
+                                    )
                                 };
                             }
+                        }
+                        // With values to add: the product's, then the addition.
+                        if let Some(add) = add {
+                            want.iter_mut().zip(add).for_each(|(w, a)| *w += a);
                         }
                         let same = want
                             .iter()
                             .zip(&got)
                             .all(|(w, g)| w.to_bits() == g.to_bits());
-                        assert!(same, "{m}x{n}x{k} {p:?} {start:?}");
+                        assert!(same, "{m}x{n}x{k} {p:?} {start:?} add {}", add.is_some());
                     }
                 }
             }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
 
 use crate::precision::Weights;
@@ -88,6 +88,24 @@ impl FastLinear {
         }
     }
 
+    /// `self.forward(xs) + residual` (a transformer block's residual connection; `residual` has the output's
+    /// shape): a packed layer adds it as the product stores its result, which saves a pass over both and the
+    /// output-sized temporary; the values are the same bits as the two steps apart. Timed as `linear`.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        match self {
+            Self::Packed(op) if fits(residual) && super::kernels_enabled() => {
+                let flops = || (2 * residual.elem_count() * op.weight.k()) as u64;
+                super::profile::scope_flops("linear", flops, || {
+                    xs.to_dtype(DType::F32)?
+                        .contiguous()?
+                        .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))
+                })
+            }
+            _ => super::add::add(&self.forward(xs)?, residual, 1.0),
+        }
+    }
+
     /// `geglu(x W^T + b)` ([`super::geglu::geglu`] over this layer's output). A packed layer runs the product in
     /// blocks of rows, each block through GEGLU straight away, so that the projection at full width (42 MB per
     /// image on 64 x 64 latents, fresh pages at every call at that size) is never allocated; the values are the
@@ -135,16 +153,20 @@ impl CustomOp1 for GegluLinearOp<'_> {
         }
         let k = self.linear.weight.k();
         let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m);
-        let mut out = super::cpu::output_f32(m * half);
+        // Never zeroed: each block's GEGLU writes its rows (the blocks cover the m rows).
+        let mut out = super::cpu::output_uninit_f32(m * half);
         static BLOCK: Kept<Vec<f32>> = Kept::new(Vec::new());
         BLOCK.with(rows * n, |block| {
-            for (xb, ob) in x.chunks(rows * k).zip(out.chunks_mut(rows * half)) {
+            let blocks = out.spare_capacity_mut()[..m * half].chunks_mut(rows * half);
+            for (xb, ob) in x.chunks(rows * k).zip(blocks) {
                 let h = &mut block[..xb.len() / k * n];
                 let flops = (2 * h.len() * k) as u64;
                 super::profile::scope_flops("linear", || flops, || self.linear.product(xb, h));
                 super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
             }
         });
+        // SAFETY: every block's rows were written (above).
+        unsafe { out.set_len(m * half) };
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -178,6 +200,44 @@ impl CustomOp1 for PackedLinearOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::cpu::contiguous_f32(s, l, "linear input")?;
+        self.forward_rows(x, l, None)
+    }
+}
+
+/// A packed layer's product plus values of the output's shape ([`FastLinear::forward_add`]).
+struct LinearAddOp<'a>(&'a PackedLinearOp);
+
+impl CustomOp2 for LinearAddOp<'_> {
+    fn name(&self) -> &'static str {
+        "sketchx-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = super::cpu::contiguous_f32(s1, l1, "linear input")?;
+        let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
+        let (_, shape) = self.0.rows_and_shape(l1, self.0.weight.n())?;
+        if l2.shape() != &shape {
+            candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
+        }
+        self.0.forward_rows(x, l1, Some(add))
+    }
+}
+
+impl PackedLinearOp {
+    /// `x W^T + b` for the rows of `x` (layout `l`), plus `add` (laid out as the output) when given: added as the
+    /// product stores its result, the same values as adding afterwards.
+    fn forward_rows(
+        &self,
+        x: &[f32],
+        l: &Layout,
+        add: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
         let len = m * n;
@@ -186,14 +246,15 @@ impl CustomOp1 for PackedLinearOp {
             let mut out = super::cpu::output_uninit_f32(len);
             let (k, c) = (self.weight.k(), out.as_mut_ptr());
             let start = self.start();
-            // SAFETY: `fills_uninit` holds, the start is not `Accumulate`, and `c` has capacity for the `m` rows of
-            // `n` values, all of which the product writes before `set_len`.
+            // SAFETY: `fills_uninit` holds, the start is not `Accumulate`, `c` has capacity for the `m` rows of `n`
+            // values, all of which the product writes before `set_len`, and `add` holds as many (checked by the
+            // caller).
             unsafe {
                 match self.weight.format() {
-                    Format::F32 => gemm_rows_uninit(m, x, k, &self.weight, c, n, start),
+                    Format::F32 => gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add),
                     Format::Bf16 => ROUNDED.with(x.len(), |rounded| {
                         convert_bf16_parallel(x, rounded);
-                        gemm_rows_uninit(m, rounded, k, &self.weight, c, n, start)
+                        gemm_rows_uninit(m, rounded, k, &self.weight, (c, n), start, add)
                     }),
                 }
                 out.set_len(len);
@@ -202,11 +263,12 @@ impl CustomOp1 for PackedLinearOp {
         }
         let mut out = super::cpu::output_f32(len);
         self.product(x, &mut out);
+        if let Some(add) = add {
+            out.iter_mut().zip(add).for_each(|(o, a)| *o += a);
+        }
         Ok((CpuStorage::F32(out), shape))
     }
-}
 
-impl PackedLinearOp {
     /// What the product starts from: the bias, or zero.
     fn start(&self) -> Start<'_> {
         self.bias.as_deref().map_or(Start::Zero, |b| Start::Cols(b))
@@ -293,6 +355,67 @@ mod tests {
         let want = Linear::new(w, Some(b)).forward(&x).unwrap();
         let diff = crate::ops::max_abs_diff(&want, &f32_layer.forward(&x).unwrap());
         assert!(diff < 1e-4, "f32: max diff {diff}");
+    }
+
+    /// The product with the residual added as it is stored gives the same bits as the product and an addition
+    /// apart, in f32 and bf16, with and without a bias, on row counts that fill no tile and on none; a residual of
+    /// another shape is an error.
+    #[test]
+    fn forward_add_is_the_product_plus_the_residual() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let (i, o) = (37, 53);
+            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let vm = VarMap::new();
+            vm.data().lock().unwrap().extend([
+                (
+                    "l.weight".to_string(),
+                    candle_core::Var::from_tensor(&w).unwrap(),
+                ),
+                (
+                    "l.bias".to_string(),
+                    candle_core::Var::from_tensor(&b).unwrap(),
+                ),
+            ]);
+            let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            for precision in [Precision::F32, Precision::CpuBf16] {
+                for bias in [true, false] {
+                    let weights = Weights::new(vb.clone(), precision);
+                    let layer = FastLinear::load(i, o, bias, &weights.pp("l")).unwrap();
+                    for rows in [0, 1, 5, 37, 300] {
+                        if rows == 0 && !matches!(layer, FastLinear::Packed(_)) {
+                            continue;
+                        }
+                        let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
+                        let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
+                        let want =
+                            crate::ops::add::add(&layer.forward(&x).unwrap(), &r, 1.0).unwrap();
+                        let got = layer.forward_add(&x, &r).unwrap();
+                        assert_eq!(got.dims(), want.dims());
+                        let bits = |t: &Tensor| {
+                            t.flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|v| v.to_bits())
+                                .collect::<Vec<_>>()
+                        };
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{precision:?} bias {bias} rows {rows}"
+                        );
+                    }
+                    if matches!(layer, FastLinear::Packed(_)) {
+                        let x = Tensor::randn(0f32, 1., (2, 3, i), &dev).unwrap();
+                        let wrong = Tensor::randn(0f32, 1., (2, 4, o), &dev).unwrap();
+                        assert!(layer.forward_add(&x, &wrong).is_err());
+                    }
+                }
+            }
+        });
     }
 
     /// The fused product + GEGLU gives the same bits as the two steps apart, in f32 and bf16, with and without a

@@ -199,8 +199,8 @@ pub fn exp_sum_row_bf16(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
     exp_sum_row_bf16_rounded(row, out, scale)
 }
 
-/// [`exp_sum_row_bf16`] with explicit vectors: the same operations as [`exp2_nonpositive`] in the same order
-/// (fused where it fuses), then `vcvtneps2bf16`.
+/// [`exp_sum_row_bf16`] with explicit vectors: the same values as [`exp2_nonpositive`] (its rounding to an integer
+/// by `vrndscaleps` and its power of two by `vscalefps`, both exact), then `vcvtneps2bf16`.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BF16; `out` must hold at least `row.len()` entries.
@@ -229,17 +229,15 @@ unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f
                 vscale,
             );
             let t = _mm512_max_ps(x, c(EXP2_MIN));
-            let shifted = _mm512_add_ps(t, c(EXP_SHIFT));
-            let f = _mm512_sub_ps(t, _mm512_sub_ps(shifted, c(EXP_SHIFT)));
+            // The nearest integer (ties to even, as the shift's rounding) and 2^n by scaling: the same values
+            // in two instructions where the shift and the exponent bits take five.
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let f = _mm512_sub_ps(t, n);
             let mut p = c(EXP2_POLY[0]);
             for &k in &EXP2_POLY[1..] {
                 p = _mm512_fmadd_ps(p, f, c(k));
             }
-            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_castps_si512(shifted),
-                _mm512_set1_epi32(EXP2_BIAS as i32),
-            ));
-            let e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+            let e = _mm512_scalef_ps(p, n);
             acc = _mm512_mask_add_ps(acc, mask, acc, e);
             let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
             let dst = out.as_mut_ptr().add(i);
@@ -394,10 +392,11 @@ pub fn erf_f32(x: f32) -> f32 {
 }
 
 dispatch! {
-    /// `out = a * gelu(g)` (the exact, erf-based GELU) element by element: one row of GEGLU.
-    pub fn geglu_row(a: &[f32], g: &[f32], out: &mut [f32]) {
+    /// `out = a * gelu(g)` (the exact, erf-based GELU) element by element: one row of GEGLU, into memory that may
+    /// be uninitialised.
+    pub fn geglu_row(a: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
         for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
-            *o = a * ((g * 0.5) * (1.0 + erf_f32(g * std::f32::consts::FRAC_1_SQRT_2)));
+            o.write(a * ((g * 0.5) * (1.0 + erf_f32(g * std::f32::consts::FRAC_1_SQRT_2))));
         }
     }
 }
