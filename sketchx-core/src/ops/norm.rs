@@ -124,19 +124,9 @@ impl NormSilu {
         c: usize,
         spatial: usize,
     ) -> Result<Vec<(f32, f32)>> {
-        if c != self.weight.len()
-            || c != self.bias.len()
-            || !c.is_multiple_of(self.groups)
-            || x.len() != b * c * spatial
-        {
-            candle_core::bail!(
-                "group norm: {} values for {b}x{c}x{spatial}, {} weights, {} groups",
-                x.len(),
-                self.weight.len(),
-                self.groups
-            );
-        }
-        let cpg = c / self.groups;
+        let shape = || format!("{} values for {b}x{c}x{spatial}", x.len());
+        let params = (self.weight.len(), self.bias.len(), self.groups);
+        let cpg = channels_per_group(c, params, x.len() != b * c * spatial, shape)?;
         let glen = cpg * spatial;
         let mut out = vec![(0f32, 0f32); b * c];
         if glen == 0 {
@@ -159,6 +149,23 @@ impl NormSilu {
             });
         Ok(out)
     }
+}
+
+/// The channels per group of a group norm over `c` channels with `(weights, biases, groups)`; an error that names
+/// the input (`shape()`) where they do not fit (or `mismatch` says the input's values do not).
+fn channels_per_group(
+    c: usize,
+    (weights, biases, groups): (usize, usize, usize),
+    mismatch: bool,
+    shape: impl FnOnce() -> String,
+) -> Result<usize> {
+    if mismatch || groups == 0 || c != weights || c != biases || !c.is_multiple_of(groups) {
+        candle_core::bail!(
+            "group norm: input {}, {weights} weights, {biases} biases, {groups} groups",
+            shape()
+        );
+    }
+    Ok(c / groups)
 }
 
 /// The mean and `1 / sqrt(var + eps)` of a group's values (sums in f64, one pass).
@@ -204,20 +211,10 @@ impl CustomOp3 for GroupNormOp {
         let w = super::cpu::contiguous_f32(s2, l2, "group norm weight")?;
         let bias = super::cpu::contiguous_f32(s3, l3, "group norm bias")?;
         let dims = l1.shape().dims();
-        if dims.len() < 2
-            || dims[1] != w.len()
-            || dims[1] != bias.len()
-            || !dims[1].is_multiple_of(self.groups)
-        {
-            candle_core::bail!(
-                "group norm: input {dims:?}, {} weights, {} groups",
-                w.len(),
-                self.groups
-            );
-        }
-        let c = dims[1];
+        let c = dims.get(1).copied().unwrap_or(0);
+        let params = (w.len(), bias.len(), self.groups);
+        let cpg = channels_per_group(c, params, dims.len() < 2, || format!("{dims:?}"))?;
         let spatial: usize = dims[2..].iter().product();
-        let cpg = c / self.groups;
         let glen = cpg * spatial;
         if glen == 0 {
             // No channels or no positions: nothing to normalise (and no values).
@@ -390,6 +387,49 @@ mod tests {
                 "groups {groups} c {c} {h}x{w} silu {silu}: max diff {diff}"
             );
         }
+    }
+
+    /// Parameters that do not fit the input (channels, weights, biases, groups, zero groups, values) are errors
+    /// naming the shapes, from the op and from the fused norm alike, never a panic.
+    #[test]
+    fn mismatched_group_norms_are_errors() {
+        let dev = Device::Cpu;
+        let xs = Tensor::zeros((2, 8, 3, 3), DType::F32, &dev).unwrap();
+        let v = |n: usize| Tensor::ones(n, DType::F32, &dev).unwrap();
+        for (groups, w, b) in [(4, 6, 8), (4, 8, 6), (3, 8, 8), (0, 8, 8)] {
+            let op = GroupNormOp {
+                groups,
+                eps: 1e-5,
+                silu: true,
+            };
+            let err = xs
+                .apply_op3_no_bwd(&v(w), &v(b), &op)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("group norm") && err.contains("[2, 8, 3, 3]"),
+                "{err}"
+            );
+            let norm = NormSilu {
+                weight: vec![1.0; w],
+                bias: vec![0.0; b],
+                groups,
+                eps: 1e-5,
+            };
+            assert!(norm.channel_affine(&[0.0; 144], 2, 8, 9).is_err());
+        }
+        let norm = NormSilu {
+            weight: vec![1.0; 8],
+            bias: vec![0.0; 8],
+            groups: 4,
+            eps: 1e-5,
+        };
+        assert!(norm.channel_affine(&[0.0; 144], 2, 8, 9).is_ok());
+        let err = norm
+            .channel_affine(&[0.0; 143], 2, 8, 9)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("143 values for 2x8x9"), "{err}");
     }
 
     #[test]
