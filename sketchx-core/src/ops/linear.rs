@@ -90,20 +90,38 @@ impl FastLinear {
 
     /// `self.forward(xs) + residual` (a transformer block's residual connection; `residual` has the output's
     /// shape): a packed layer adds it as the product stores its result, which saves a pass over both and the
-    /// output-sized temporary; the values are the same bits as the two steps apart. Timed as `linear`.
+    /// output-sized temporary; the values are the same bits as the two steps apart. Timed as `linear` (with the
+    /// residual's addition).
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         match self {
             Self::Packed(op) if fits(residual) && super::kernels_enabled() => {
-                let flops = || (2 * residual.elem_count() * op.weight.k()) as u64;
-                super::profile::scope_flops("linear", flops, || {
-                    xs.to_dtype(DType::F32)?
-                        .contiguous()?
-                        .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))
-                })
+                super::profile::scope_flops(
+                    self.profile_kind(xs),
+                    || self.flops(xs),
+                    || {
+                        xs.to_dtype(DType::F32)?
+                            .contiguous()?
+                            .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))
+                    },
+                )
             }
             _ => super::add::add(&self.forward(xs)?, residual, 1.0),
         }
+    }
+
+    /// The profile's kind for this layer on `xs`: `linear`, with the shapes when timing by shape.
+    fn profile_kind(&self, xs: &Tensor) -> &'static str {
+        super::profile::shaped("linear", || {
+            let (k, n) = (self.in_dim().unwrap_or(0), self.out_dim().unwrap_or(0));
+            format!("{:?} {k}x{n}", xs.dims())
+        })
+    }
+
+    /// Multiply-adds x 2 of the product on `xs`.
+    fn flops(&self, xs: &Tensor) -> u64 {
+        let (k, n) = (self.in_dim().unwrap_or(0), self.out_dim().unwrap_or(0));
+        (2 * (xs.elem_count() / k.max(1)) * k * n) as u64
     }
 
     /// `geglu(x W^T + b)` ([`super::geglu::geglu`] over this layer's output). A packed layer runs the product in
@@ -174,22 +192,14 @@ impl CustomOp1 for GegluLinearOp<'_> {
 impl Module for FastLinear {
     /// `x W^T + b`, timed as `linear`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let flops = || {
-            let (k, n) = (self.in_dim().unwrap_or(0), self.out_dim().unwrap_or(0));
-            (2 * (xs.elem_count() / k.max(1)) * k * n) as u64
-        };
-        let kind = super::profile::shaped("linear", || {
-            format!(
-                "{:?} {}x{}",
-                xs.dims(),
-                self.in_dim().unwrap_or(0),
-                self.out_dim().unwrap_or(0)
-            )
-        });
-        super::profile::scope_flops(kind, flops, || match self {
-            Self::Candle(l) => l.forward(xs),
-            Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
-        })
+        super::profile::scope_flops(
+            self.profile_kind(xs),
+            || self.flops(xs),
+            || match self {
+                Self::Candle(l) => l.forward(xs),
+                Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
+            },
+        )
     }
 }
 
@@ -313,6 +323,28 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
+    /// A var builder holding `w` and `b` as the layer `l`'s weight and bias.
+    fn layer_vars(w: &Tensor, b: &Tensor) -> candle_nn::VarBuilder<'static> {
+        let vm = VarMap::new();
+        vm.data().lock().unwrap().extend([
+            (
+                "l.weight".to_string(),
+                candle_core::Var::from_tensor(w).unwrap(),
+            ),
+            (
+                "l.bias".to_string(),
+                candle_core::Var::from_tensor(b).unwrap(),
+            ),
+        ]);
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, w.device())
+    }
+
+    /// A tensor's values as bits.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
     #[test]
     fn bf16_layer_matches_candle_on_rounded_weights() {
         let dev = Device::Cpu;
@@ -320,18 +352,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
         let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 5, i), &dev).unwrap();
-        let vm = VarMap::new();
-        vm.data().lock().unwrap().extend([
-            (
-                "l.weight".to_string(),
-                candle_core::Var::from_tensor(&w).unwrap(),
-            ),
-            (
-                "l.bias".to_string(),
-                candle_core::Var::from_tensor(&b).unwrap(),
-            ),
-        ]);
-        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let vb = layer_vars(&w, &b);
         let bf16 = Weights::new(vb.clone(), Precision::CpuBf16);
         let layer = FastLinear::load(i, o, true, &bf16.pp("l")).unwrap();
         assert!(matches!(&layer, FastLinear::Packed(op) if op.weight.format() == Format::Bf16));
@@ -367,18 +388,7 @@ mod tests {
             let (i, o) = (37, 53);
             let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
-            let vm = VarMap::new();
-            vm.data().lock().unwrap().extend([
-                (
-                    "l.weight".to_string(),
-                    candle_core::Var::from_tensor(&w).unwrap(),
-                ),
-                (
-                    "l.bias".to_string(),
-                    candle_core::Var::from_tensor(&b).unwrap(),
-                ),
-            ]);
-            let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let vb = layer_vars(&w, &b);
             for precision in [Precision::F32, Precision::CpuBf16] {
                 for bias in [true, false] {
                     let weights = Weights::new(vb.clone(), precision);
@@ -393,15 +403,6 @@ mod tests {
                             crate::ops::add::add(&layer.forward(&x).unwrap(), &r, 1.0).unwrap();
                         let got = layer.forward_add(&x, &r).unwrap();
                         assert_eq!(got.dims(), want.dims());
-                        let bits = |t: &Tensor| {
-                            t.flatten_all()
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap()
-                                .iter()
-                                .map(|v| v.to_bits())
-                                .collect::<Vec<_>>()
-                        };
                         assert_eq!(
                             bits(&got),
                             bits(&want),
@@ -430,18 +431,7 @@ mod tests {
         let (i, o) = (24, 40);
         let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
         let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
-        let vm = VarMap::new();
-        vm.data().lock().unwrap().extend([
-            (
-                "l.weight".to_string(),
-                candle_core::Var::from_tensor(&w).unwrap(),
-            ),
-            (
-                "l.bias".to_string(),
-                candle_core::Var::from_tensor(&b).unwrap(),
-            ),
-        ]);
-        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let vb = layer_vars(&w, &b);
         for precision in [Precision::F32, Precision::CpuBf16] {
             for bias in [true, false] {
                 let weights = Weights::new(vb.clone(), precision);
@@ -468,14 +458,8 @@ mod tests {
                         };
                         let got = x.apply_op1_no_bwd(&fused).unwrap();
                         assert_eq!(got.dims(), &[2, rows, o / 2]);
-                        let (want, got) = (
-                            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                        );
                         assert!(
-                            want.iter()
-                                .zip(&got)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            bits(&want) == bits(&got),
                             "{precision:?} bias {bias} rows {rows} block {block_values}"
                         );
                     }
