@@ -12,6 +12,8 @@
 //! Without AVX-512 (or AVX-512 BF16 for bf16) the same operands go through the `gemm` crate in f32: the same
 //! numbers up to summation order, without the speed.
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -623,8 +625,7 @@ pub(crate) fn fills_uninit(b: &PackedB) -> bool {
 /// `C = start + A B` with `A` row-major (`m x b.k()`, row stride `lda`: f32 for a B packed in f32, bf16 bit
 /// patterns for bf16) into `C` memory that may be uninitialised: the AVX-512 micro-kernel writes every entry of
 /// `C` in its first block of `k` before it reads any, and the AMX kernel stores each tile once, after a row bias is
-/// written. For outputs that would otherwise be zeroed first, only to be
-/// overwritten. With `add` (values laid out as `C`: row stride `ldc`), `C = (start + A B) + add`, the addition
+/// written. For outputs that would otherwise be zeroed first, only to be overwritten. With `add` (values laid out as `C`: row stride `ldc`), `C = (start + A B) + add`, the addition
 /// made as the result is stored (the same values as adding afterwards).
 ///
 /// # Safety
@@ -977,13 +978,40 @@ pub(crate) enum Start<'a> {
 impl Start<'_> {
     /// Writes the start into `C` (`m x n`, row stride `ldc`), for the paths that only accumulate.
     fn fill(self, m: usize, n: usize, c: &mut [f32], ldc: usize) {
-        let rows = c.par_chunks_mut(ldc).take(m).enumerate();
-        match self {
-            Self::Accumulate => {}
-            Self::Zero => rows.for_each(|(_, r)| r[..n].fill(0.0)),
-            Self::Cols(b) => rows.for_each(|(_, r)| r[..n].copy_from_slice(&b[..n])),
-            Self::Rows(b) => rows.for_each(|(i, r)| r[..n].fill(b[i])),
+        assert!(
+            m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n,
+            "C is too small"
+        );
+        // SAFETY: `c` holds the block (checked just above) and is borrowed mutably.
+        unsafe { self.fill_raw(m, n, c.as_mut_ptr(), ldc) };
+    }
+
+    /// [`Self::fill`] into memory that may be uninitialised (only written).
+    ///
+    /// # Safety
+    /// `c` must be valid for writes of `m` rows of `n` values `ldc` apart, accessed by nothing else meanwhile, and
+    /// a bias must hold what it covers.
+    unsafe fn fill_raw(self, m: usize, n: usize, c: *mut f32, ldc: usize) {
+        if let Self::Accumulate = self {
+            return;
         }
+        let c = SendPtr(c);
+        (0..m).into_par_iter().for_each(|i| {
+            let c = &c;
+            // SAFETY: row i < m of the block (the contract), viewed as values that may be uninitialised and only
+            // written.
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(c.0.add(i * ldc).cast::<MaybeUninit<f32>>(), n)
+            };
+            match self {
+                Self::Accumulate => {}
+                Self::Zero => row.fill(MaybeUninit::new(0.0)),
+                Self::Cols(b) => row.iter_mut().zip(&b[..n]).for_each(|(d, &v)| {
+                    d.write(v);
+                }),
+                Self::Rows(b) => row.fill(MaybeUninit::new(b[i])),
+            }
+        });
     }
 
     /// Checks that a bias holds what the product reads.
@@ -1098,15 +1126,9 @@ unsafe fn on_amx(
         Start::Accumulate => Init::Accumulate,
         Start::Zero => Init::Zero,
         Start::Cols(bias) => Init::Cols(bias.as_ptr()),
-        Start::Rows(bias) => {
-            let c = SendPtr(c);
-            (0..m).into_par_iter().for_each(|i| {
-                let c = &c;
-                for j in 0..b.n {
-                    // SAFETY: row i < m of the block (the contract); written, never read.
-                    unsafe { c.0.add(i * ldc + j).write(bias[i]) };
-                }
-            });
+        Start::Rows(_) => {
+            // SAFETY: the contract (C's block, the bias's rows).
+            unsafe { start.fill_raw(m, b.n, c, ldc) };
             Init::Accumulate
         }
     };
