@@ -21,8 +21,8 @@ use rayon::prelude::*;
 use super::add::Divisor;
 use super::cpu::{Kept, SendPtr};
 use super::gemm::{
-    gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA, PackedB, Shifted,
-    Start, NR,
+    gemm_f32_from, gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA,
+    PackedB, Shifted, Start, NR,
 };
 use super::layout::transpose_32;
 use super::norm::{FastGroupNorm, NormSilu};
@@ -512,20 +512,21 @@ impl Conv2dOp {
         // The unrolled input's memory is kept between calls (each call overwrites what it uses): fresh buffers
         // of this size come straight from the OS and fault in page by page every time.
         let out = SCRATCH.take_with(|(col, packed)| {
-            if let (Weight::F32(_), false) = (weight, direct) {
-                col.resize(col.len().max(k * band_rows * ow), 0.0);
-            }
-            // Small images in the packed formats: one product over all of them, so that the kernel is read once, not
-            // once per image (and the product has enough columns for whole micro-kernel blocks); its columns are
-            // then spread over the images.
+            // Small images: one product over all of them, so that the kernel is read once, not once per image
+            // (and the product has enough columns for whole micro-kernel blocks); its columns are then spread
+            // over the images.
+            let small = n < BATCH_BELOW && band_rows == oh;
             let batch = match weight {
-                Weight::Packed(w) | Weight::Taps(w)
-                    if b > 1 && n < BATCH_BELOW && band_rows == oh =>
-                {
-                    Some(w)
-                }
+                Weight::Packed(w) | Weight::Taps(w) if small && b > 1 => Some(Batched::Packed(w)),
+                // An f32 kernel as stored is the left operand of the crate's f32 product (the `gemm` crate's,
+                // image by image, gained nothing on larger images and lost on a few output channels); one image
+                // too, so that an image's values do not depend on the batch (see `blocks::twice`).
+                Weight::F32(w) if small && Format::F32.has_fast_kernel() => Some(Batched::F32(w)),
                 _ => None,
             };
+            if let (Weight::F32(_), false, None) = (weight, direct, batch) {
+                col.resize(col.len().max(k * band_rows * ow), 0.0);
+            }
             let len = b * cout * n;
             // The batched product's output is copied into every position of `out`, so that one is never zeroed.
             let mut out = if batch.is_some() {
@@ -535,6 +536,10 @@ impl Conv2dOp {
             };
             if let Some(w) = batch {
                 let cols = b * n;
+                let format = match w {
+                    Batched::Packed(w) => w.format(),
+                    Batched::F32(_) => Format::F32,
+                };
                 let rhs = pack(
                     std::mem::take(packed),
                     x,
@@ -543,11 +548,16 @@ impl Conv2dOp {
                     k,
                     &g,
                     0..oh,
-                    w.format(),
+                    format,
                 );
                 col.resize(col.len().max(cout * cols), 0.0);
                 let all = &mut col[..cout * cols];
-                gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias));
+                match w {
+                    Batched::Packed(w) => gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias)),
+                    Batched::F32(w) => {
+                        gemm_f32_from(cout, w, k, &rhs, all, cols, Start::Rows(bias))
+                    }
+                }
                 let all = &*all;
                 let optr = SendPtr(out.as_mut_ptr());
                 (0..b * cout).into_par_iter().for_each(|t| {
@@ -821,7 +831,14 @@ fn pack(
     })
 }
 
-/// Below this many output positions per image, the packed formats run one product over all images.
+/// The left operand of a product over all images at once: a packed kernel, or an f32 one as stored.
+#[derive(Clone, Copy)]
+enum Batched<'a> {
+    Packed(&'a PackedA),
+    F32(&'a [f32]),
+}
+
+/// Below this many output positions per image, one product runs over all images.
 const BATCH_BELOW: usize = 512;
 
 /// The unrolled input's buffers (f32 im2col, packed), kept for the next convolution; one caller at a time takes
