@@ -549,6 +549,11 @@ pub(crate) mod tests {
     /// UNet, in f32 and in the CPU bf16 mode; a batch whose halves differ is never shared.
     #[test]
     fn shared_halves_give_the_whole_batch_bits() {
+        // Bit-exact: not while another test forces the portable kernels.
+        crate::ops::cpu::detected_only(shared_halves_bits);
+    }
+
+    fn shared_halves_bits() {
         let dev = Device::Cpu;
         let sd = fixture("tiny-sd");
         let cn_dir = fixture("tiny-controlnet");
