@@ -30,6 +30,8 @@ const NP: usize = 3;
 const KC: usize = 128;
 /// Largest number of rows per parallel task.
 const MB_MAX: usize = 128;
+/// Bytes of a task's rows of `A` (over the whole `k`) that stay cached from one column block to the next.
+const A_ROWS_CACHED: usize = 512 << 10;
 
 /// The element type of the operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1241,6 +1243,16 @@ impl BView {
     }
 }
 
+/// Whether a task of [`tiles`] takes all the column blocks of its rows, one block of `k` at a time, instead of one
+/// column block over the whole `k`: a task's rows of `A` are read once per column block, and when they outgrow
+/// the L2 cache (the kernel of a convolution on a small image) that is once from memory each; swept, each block of
+/// `k` of `A` is read once and used for all of them. Only with enough row blocks to keep `threads` busy.
+fn sweeps_columns(m: usize, words: usize, col_blocks: usize, threads: usize) -> bool {
+    col_blocks > 1
+        && MB_MAX.min(m) * words * 4 > A_ROWS_CACHED
+        && m.div_ceil(MB_MAX) >= 2 * threads.max(1)
+}
+
 /// Splits `C` (`m x n` from `c`, row stride `ldc`, which the caller has checked) into tiles of up to [`MB_MAX`]
 /// rows x `NP * NR` columns, run in parallel (or one after the other), each walking `k` (`words` words of
 /// `format`) in blocks of up to [`KC`] words and its rows in groups of [`MR`]. `add` (values laid out as `C`) is added
@@ -1269,99 +1281,119 @@ fn tiles(
     } else {
         0
     };
+    let wide = sweeps_columns(m, words, col_blocks, threads);
+    let tasks_per_rows = if wide { 1 } else { col_blocks };
     let mut mb = MB_MAX.min(m.div_ceil(MR) * MR);
-    while mb > MR && m.div_ceil(mb) * col_blocks < 4 * threads {
+    while mb > MR && m.div_ceil(mb) * tasks_per_rows < 4 * threads {
         mb = (mb / 2).div_ceil(MR) * MR;
     }
     let row_blocks = m.div_ceil(mb);
     let cptr = SendPtr(c);
     let bf16 = format == Format::Bf16;
-    let task = |t: usize| {
+    // The micro-kernel calls of row block `rb`, column block `cb` and `k` words `w0..w1`; `then_w` is the block
+    // of `k` of the call that comes after the last rows (for the prefetch).
+    let block = |rb: usize, cb: usize, w0: usize, w1: usize, then_w: usize| {
         let cptr = &cptr;
-        let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
         let p0 = cb * NP;
         let np = (panels - p0).min(NP);
         let last_cols = n - (p0 + np - 1) * NR;
+        // Whole words in this block, and whether it ends with a lone bf16 entry (odd k) of a row-major A
+        // (a packed A pairs it with zero).
+        let tail = bf16 && w1 == words && k % 2 == 1 && matches!(a, AView::Rows { .. });
+        let full = w1 - w0 - tail as usize;
+        // SAFETY: panels p0..p0 + np and words w0..w1 exist.
+        let (b_ptr, panel_len, b_step) = unsafe { b.at(p0, w0) };
+        let mut r = r0;
+        while r < r1 {
+            let mr = (r1 - r).min(MR);
+            // SAFETY (for the pointer offsets): row r < m of A from entry per * w0 < k (r is a multiple of MR
+            // for a packed A); rows r..r + mr and columns from p0 * NR are the task's own tile of C.
+            let (a_ptr, lda, a_step) = match a {
+                AView::Rows { ptr, elem, lda } => (
+                    unsafe { ptr.add((r * lda + per * w0) * elem) },
+                    lda * elem,
+                    4,
+                ),
+                AView::Packed { ptr, words } => (
+                    unsafe { ptr.add(((r / MR) * words + w0) * MR) }.cast::<u8>(),
+                    4,
+                    4 * MR,
+                ),
+            };
+            // The A block of the next call (the next rows, else the first rows of the next k block):
+            // prefetched during this one, as eight rows or one contiguous packed run.
+            let (next_r, next_w) = if r + mr < r1 {
+                (r + mr, w0)
+            } else {
+                (r0, then_w)
+            };
+            let prefetch = if next_w >= words {
+                x86::Prefetch::None
+            } else {
+                match a {
+                    AView::Rows { ptr, elem, lda } => {
+                        x86::Prefetch::Rows(ptr.wrapping_add((next_r * lda + per * next_w) * elem))
+                    }
+                    AView::Packed { ptr, words } => x86::Prefetch::Run(
+                        ptr.wrapping_add(((next_r / MR) * words + next_w) * MR)
+                            .cast(),
+                    ),
+                }
+            };
+            let call = x86::Call {
+                full,
+                tail,
+                init: match (w0, start) {
+                    (0, Start::Zero) => x86::Init::Zero,
+                    (0, Start::Cols(bias)) => x86::Init::Cols(bias[p0 * NR..].as_ptr()),
+                    (0, Start::Rows(bias)) => x86::Init::Rows(bias[r..].as_ptr()),
+                    _ => x86::Init::Load,
+                },
+                prefetch,
+                a: a_ptr,
+                lda,
+                a_step,
+                b: b_ptr,
+                panel_len,
+                b_step,
+                c: unsafe { cptr.0.add(r * ldc + p0 * NR) },
+                ldc,
+                add: match add {
+                    Some(add) if w1 == words => add.0.cast_const().wrapping_add(r * ldc + p0 * NR),
+                    _ => std::ptr::null(),
+                },
+                last_cols,
+            };
+            // SAFETY: the CPU has the kernel's features (checked by the callers); tiles of C are disjoint.
+            unsafe { x86::dispatch(bf16, mr, np, &call) };
+            r += mr;
+        }
+    };
+    let task = |t: usize| {
+        let (rb, cb) = if wide {
+            (t, 0)
+        } else {
+            (t / col_blocks, t % col_blocks)
+        };
         let mut w0 = 0;
         while w0 < words {
             let w1 = b.block_end(w0, words);
-            // Whole words in this block, and whether it ends with a lone bf16 entry (odd k) of a row-major A
-            // (a packed A pairs it with zero).
-            let tail = bf16 && w1 == words && k % 2 == 1 && matches!(a, AView::Rows { .. });
-            let full = w1 - w0 - tail as usize;
-            // SAFETY: panels p0..p0 + np and words w0..w1 exist.
-            let (b_ptr, panel_len, b_step) = unsafe { b.at(p0, w0) };
-            let mut r = r0;
-            while r < r1 {
-                let mr = (r1 - r).min(MR);
-                // SAFETY (for the pointer offsets): row r < m of A from entry per * w0 < k (r is a multiple of MR
-                // for a packed A); rows r..r + mr and columns from p0 * NR are the task's own tile of C.
-                let (a_ptr, lda, a_step) = match a {
-                    AView::Rows { ptr, elem, lda } => (
-                        unsafe { ptr.add((r * lda + per * w0) * elem) },
-                        lda * elem,
-                        4,
-                    ),
-                    AView::Packed { ptr, words } => (
-                        unsafe { ptr.add(((r / MR) * words + w0) * MR) }.cast::<u8>(),
-                        4,
-                        4 * MR,
-                    ),
-                };
-                // The A block of the next call (the next rows, else the first rows of the next k block):
-                // prefetched during this one, as eight rows or one contiguous packed run.
-                let (next_r, next_w) = if r + mr < r1 { (r + mr, w0) } else { (r0, w1) };
-                let prefetch = if next_w >= words {
-                    x86::Prefetch::None
-                } else {
-                    match a {
-                        AView::Rows { ptr, elem, lda } => x86::Prefetch::Rows(
-                            ptr.wrapping_add((next_r * lda + per * next_w) * elem),
-                        ),
-                        AView::Packed { ptr, words } => x86::Prefetch::Run(
-                            ptr.wrapping_add(((next_r / MR) * words + next_w) * MR)
-                                .cast(),
-                        ),
-                    }
-                };
-                let call = x86::Call {
-                    full,
-                    tail,
-                    init: match (w0, start) {
-                        (0, Start::Zero) => x86::Init::Zero,
-                        (0, Start::Cols(bias)) => x86::Init::Cols(bias[p0 * NR..].as_ptr()),
-                        (0, Start::Rows(bias)) => x86::Init::Rows(bias[r..].as_ptr()),
-                        _ => x86::Init::Load,
-                    },
-                    prefetch,
-                    a: a_ptr,
-                    lda,
-                    a_step,
-                    b: b_ptr,
-                    panel_len,
-                    b_step,
-                    c: unsafe { cptr.0.add(r * ldc + p0 * NR) },
-                    ldc,
-                    add: match add {
-                        Some(add) if w1 == words => {
-                            add.0.cast_const().wrapping_add(r * ldc + p0 * NR)
-                        }
-                        _ => std::ptr::null(),
-                    },
-                    last_cols,
-                };
-                // SAFETY: the CPU has the kernel's features (checked by the callers); tiles of C are disjoint.
-                unsafe { x86::dispatch(bf16, mr, np, &call) };
-                r += mr;
+            if wide {
+                for cb in 0..col_blocks {
+                    block(rb, cb, w0, w1, if cb + 1 < col_blocks { w0 } else { w1 });
+                }
+            } else {
+                block(rb, cb, w0, w1, w1);
             }
             w0 = w1;
         }
     };
+    let tasks = row_blocks * tasks_per_rows;
     if parallel {
-        (0..row_blocks * col_blocks).into_par_iter().for_each(task);
+        (0..tasks).into_par_iter().for_each(task);
     } else {
-        (0..row_blocks * col_blocks).for_each(task);
+        (0..tasks).for_each(task);
     }
 }
 
@@ -2003,6 +2035,32 @@ mod tests {
         for &(m, n, k) in shapes() {
             check(Format::Bf16, m, n, k);
         }
+    }
+
+    /// Products whose rows of `A` outgrow the cache sweep all column blocks per block of `k` (a partial last
+    /// column block, an odd bf16 `k`), with the same results.
+    #[test]
+    #[cfg_attr(miri, ignore = "no SIMD under Miri; large")]
+    fn tall_products_sweep_column_blocks() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (p, k) in [
+                (Format::F32, 1100usize),
+                (Format::Bf16, 2200),
+                (Format::Bf16, 2201),
+            ] {
+                let (m, n) = (600usize, 100usize);
+                let words = k.div_ceil(p.per_word());
+                assert!(sweeps_columns(m, words, n.div_ceil(NR).div_ceil(NP), 2));
+                check(p, m, n, k);
+            }
+        });
+        assert!(!sweeps_columns(600, 100, 3, 2), "rows that stay cached");
+        assert!(!sweeps_columns(600, 1100, 1, 2), "one column block");
+        assert!(!sweeps_columns(300, 1100, 3, 2), "too few row blocks");
     }
 
     #[test]
