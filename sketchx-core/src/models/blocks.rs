@@ -285,6 +285,12 @@ impl Attention {
         })
     }
 
+    /// Whether the layers that read the hidden states `xs` of [`Self::forward_add`] take bf16 as it is: the
+    /// queries', and for self-attention (not `cross`) the keys' and values' too.
+    fn takes_bf16(&self, cross: bool) -> bool {
+        self.to_q.takes_bf16() && (cross || (self.to_k.takes_bf16() && self.to_v.takes_bf16()))
+    }
+
     /// The attention of `xs` to itself, or to `ctx`, plus `residual` (added as the output projection stores its
     /// result, [`Linear::forward_add`]).
     fn forward_add(&self, xs: &Tensor, ctx: Option<&Tensor>, residual: &Tensor) -> CResult<Tensor> {
@@ -354,15 +360,26 @@ impl TransformerBlock {
     }
 
     fn self_attention(&self, xs: &Tensor) -> CResult<Tensor> {
-        self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)
+        let h = normed(&self.norm1, xs, self.attn1.takes_bf16(false))?;
+        self.attn1.forward_add(&h, None, xs)
     }
 
     fn after_self_attention(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
-        let xs = self
-            .attn2
-            .forward_add(&self.norm2.forward(xs)?, Some(ctx), xs)?;
-        let h = self.ff_in.forward_geglu(&self.norm3.forward(&xs)?)?;
+        let h = normed(&self.norm2, xs, self.attn2.takes_bf16(true))?;
+        let xs = self.attn2.forward_add(&h, Some(ctx), xs)?;
+        let h = normed(&self.norm3, &xs, self.ff_in.takes_bf16())?;
+        let h = self.ff_in.forward_geglu(&h, self.ff_out.takes_bf16())?;
         self.ff_out.forward_add(&h, &xs)
+    }
+}
+
+/// `norm(xs)`, rounded to bf16 when every layer that reads it takes bf16 as it is (`bf16`): the same values they
+/// would round it to, without the f32 copy.
+fn normed(norm: &FastLayerNorm, xs: &Tensor, bf16: bool) -> CResult<Tensor> {
+    if bf16 {
+        norm.forward_bf16(xs)
+    } else {
+        norm.forward(xs)
     }
 }
 

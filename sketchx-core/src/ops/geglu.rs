@@ -76,6 +76,32 @@ pub(crate) fn geglu_rows(h: &[f32], out: &mut [MaybeUninit<f32>], half: usize) {
     }
 }
 
+/// [`geglu_rows`] into bf16 bit patterns (each row computed in f32, then rounded to nearest even: the same bits
+/// as rounding `geglu_rows`' output), for a consumer that rounds its input to bf16 anyway. `out` holds
+/// `h.len() / 2` values.
+pub(crate) fn geglu_rows_bf16(h: &[f32], out: &mut [u16], half: usize) {
+    let width = 2 * half;
+    if let Some(rows) = 16_384usize.checked_div(half) {
+        let rows = rows.max(1);
+        out.par_chunks_mut(rows * half)
+            .zip(h.par_chunks(rows * width))
+            .for_each_init(
+                || vec![MaybeUninit::<f32>::uninit(); half],
+                |row, (o, h)| {
+                    for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
+                        let (a, g) = h.split_at(half);
+                        geglu_row(a, g, row);
+                        // SAFETY: geglu_row wrote all `half` values of `row`.
+                        let row = unsafe {
+                            &*(row.as_slice() as *const [MaybeUninit<f32>] as *const [f32])
+                        };
+                        super::gemm::convert_bf16(row, o);
+                    }
+                },
+            );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

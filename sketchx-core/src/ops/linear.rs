@@ -3,7 +3,8 @@
 //! The weight is packed once, at load, into the layout of the GEMM's right operand (`W^T` in column panels),
 //! replacing the plain copy: in f32 when the CPU has AVX-512, and rounded to bf16 in the CPU bf16 mode (see
 //! [`crate::precision::Precision::CpuBf16`]), where each call also rounds the input to bf16 and accumulates in f32 on top of the (f32) bias.
-//! Everything around the product stays f32.
+//! Such a layer also takes a bf16 input as it is (a producer that rounded its output already, [`FastLinear::takes_bf16`]);
+//! everything else around the product stays f32.
 
 use std::sync::Arc;
 
@@ -20,6 +21,47 @@ use super::gemm::{
 
 /// A linear layer's input in bf16, in memory kept between calls.
 static ROUNDED: Kept<Vec<u16>> = Kept::new(Vec::new());
+
+/// A packed layer's input rows: f32 values, or bf16 bit patterns (for a layer packed in bf16).
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Rows<'a> {
+    /// The contiguous values of `s` (layout `l`), f32 or bf16.
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        match s {
+            CpuStorage::BF16(v) => {
+                let Some((a, b)) = l.contiguous_offsets() else {
+                    candle_core::bail!("{what}: expected a contiguous tensor");
+                };
+                let v = &v[a..b];
+                // SAFETY: `half::bf16` is a transparent wrapper of its `u16` bits.
+                Ok(Self::Bf16(unsafe {
+                    std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len())
+                }))
+            }
+            _ => Ok(Self::F32(super::cpu::contiguous_f32(s, l, what)?)),
+        }
+    }
+
+    /// Entries `start..end`.
+    fn slice(self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            Self::F32(x) => Self::F32(&x[range]),
+            Self::Bf16(x) => Self::Bf16(&x[range]),
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Self::F32(x) => x.len(),
+            Self::Bf16(x) => x.len(),
+        }
+    }
+}
 
 /// A linear layer `y = x W^T + b`.
 #[derive(Debug, Clone)]
@@ -88,6 +130,22 @@ impl FastLinear {
         }
     }
 
+    /// Whether the layer takes a bf16 tensor as it is: packed in bf16, it rounds its input to bf16 anyway, so a
+    /// producer may hand it rounded values (the same bits, without the f32 copy and the rounding pass). Every
+    /// layer accepts bf16 inputs; the others convert them to f32 first.
+    pub fn takes_bf16(&self) -> bool {
+        matches!(self, Self::Packed(op) if op.weight.format() == Format::Bf16)
+    }
+
+    /// `xs` as the packed op `op` reads it: contiguous, bf16 as it is for a layer packed in bf16, else f32.
+    fn op_input(op: &PackedLinearOp, xs: &Tensor) -> Result<Tensor> {
+        if xs.dtype() == DType::BF16 && op.weight.format() == Format::Bf16 {
+            xs.contiguous()
+        } else {
+            xs.to_dtype(DType::F32)?.contiguous()
+        }
+    }
+
     /// `self.forward(xs) + residual` (a transformer block's residual connection; `residual` has the output's
     /// shape): a packed layer adds it as the product stores its result, which saves a pass over both and the
     /// output-sized temporary; the values are the same bits as the two steps apart. Timed as `linear` (with the
@@ -100,8 +158,7 @@ impl FastLinear {
                     self.profile_kind(xs),
                     || self.flops(xs),
                     || {
-                        xs.to_dtype(DType::F32)?
-                            .contiguous()?
+                        Self::op_input(op, xs)?
                             .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))
                     },
                 )
@@ -127,16 +184,18 @@ impl FastLinear {
     /// `geglu(x W^T + b)` ([`super::geglu::geglu`] over this layer's output). A packed layer runs the product in
     /// blocks of rows, each block through GEGLU straight away, so that the projection at full width (42 MB per
     /// image on 64 x 64 latents, fresh pages at every call at that size) is never allocated; the values are the
-    /// same bits as the two steps apart. The product is timed as `linear`, GEGLU as `geglu`.
-    pub fn forward_geglu(&self, xs: &Tensor) -> Result<Tensor> {
+    /// same bits as the two steps apart. The product is timed as `linear`, GEGLU as `geglu`. With `bf16`, a packed
+    /// layer's result is rounded to bf16 (a BF16 tensor) for a consumer that takes it as it is
+    /// ([`Self::takes_bf16`]); the result is f32 otherwise.
+    pub fn forward_geglu(&self, xs: &Tensor, bf16: bool) -> Result<Tensor> {
         match self {
-            Self::Packed(op) if op.weight.n() % 2 == 0 && op.weight.k() > 0 => xs
-                .to_dtype(DType::F32)?
-                .contiguous()?
-                .apply_op1_no_bwd(&GegluLinearOp {
+            Self::Packed(op) if op.weight.n() % 2 == 0 && op.weight.k() > 0 => {
+                Self::op_input(op, xs)?.apply_op1_no_bwd(&GegluLinearOp {
                     linear: op,
                     block_values: GEGLU_BLOCK_VALUES,
-                }),
+                    bf16,
+                })
+            }
             _ => super::geglu::geglu(&self.forward(xs)?),
         }
     }
@@ -154,6 +213,8 @@ struct GegluLinearOp<'a> {
     linear: &'a PackedLinearOp,
     /// Values of the projection per block (smaller in tests, to cross block edges on small inputs).
     block_values: usize,
+    /// Output in bf16.
+    bf16: bool,
 }
 
 impl CustomOp1 for GegluLinearOp<'_> {
@@ -162,30 +223,72 @@ impl CustomOp1 for GegluLinearOp<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::cpu::contiguous_f32(s, l, "linear input")?;
+        let x = Rows::of(s, l, "linear input")?;
         let n = self.linear.weight.n();
         let half = n / 2;
         let (m, shape) = self.linear.rows_and_shape(l, half)?;
-        if m == 0 {
-            return Ok((CpuStorage::F32(Vec::new()), shape));
-        }
         let k = self.linear.weight.k();
-        let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m);
-        // Never zeroed: each block's GEGLU writes its rows (the blocks cover the m rows).
-        let mut out = super::cpu::output_uninit_f32(m * half);
+        let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m).max(1);
+        // Never zeroed in f32: each block's GEGLU writes its rows (the blocks cover the m rows).
+        let mut out = Output::new(m * half, self.bf16);
         static BLOCK: Kept<Vec<f32>> = Kept::new(Vec::new());
-        BLOCK.with(rows * n, |block| {
-            let blocks = out.spare_capacity_mut()[..m * half].chunks_mut(rows * half);
-            for (xb, ob) in x.chunks(rows * k).zip(blocks) {
+        BLOCK.with(rows * n, |block| -> Result<()> {
+            for (i, r0) in (0..x.len()).step_by(rows * k).enumerate() {
+                let xb = x.slice(r0..(r0 + rows * k).min(x.len()));
                 let h = &mut block[..xb.len() / k * n];
                 let flops = (2 * h.len() * k) as u64;
-                super::profile::scope_flops("linear", || flops, || self.linear.product(xb, h));
-                super::profile::scope("geglu", || super::geglu::geglu_rows(h, ob, half));
+                super::profile::scope_flops("linear", || flops, || self.linear.product(xb, h))?;
+                let outs = i * rows * half..i * rows * half + h.len() / 2;
+                super::profile::scope("geglu", || match &mut out {
+                    Output::F32(o) => {
+                        super::geglu::geglu_rows(h, &mut o.spare_capacity_mut()[outs], half)
+                    }
+                    Output::Bf16(o) => {
+                        let o = &mut o[outs];
+                        // SAFETY: `half::bf16` is a transparent wrapper of its `u16` bits.
+                        let bits = unsafe {
+                            std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<u16>(), o.len())
+                        };
+                        super::geglu::geglu_rows_bf16(h, bits, half)
+                    }
+                });
             }
-        });
+            Ok(())
+        })?;
         // SAFETY: every block's rows were written (above).
-        unsafe { out.set_len(m * half) };
-        Ok((CpuStorage::F32(out), shape))
+        Ok((unsafe { out.written(m * half) }, shape))
+    }
+}
+
+/// A fused op's output: f32 written through spare capacity, or bf16 bit patterns.
+enum Output {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Output {
+    /// Room for `len` values, bf16 when `bf16`.
+    fn new(len: usize, bf16: bool) -> Self {
+        if bf16 {
+            Self::Bf16(vec![half::bf16::ZERO; len])
+        } else {
+            Self::F32(super::cpu::output_uninit_f32(len))
+        }
+    }
+
+    /// The storage, `len` values.
+    ///
+    /// # Safety
+    /// In f32, all `len` values of the spare capacity must have been written.
+    unsafe fn written(self, len: usize) -> CpuStorage {
+        match self {
+            Self::F32(mut v) => {
+                // SAFETY: the contract.
+                unsafe { v.set_len(len) };
+                CpuStorage::F32(v)
+            }
+            Self::Bf16(v) => CpuStorage::BF16(v),
+        }
     }
 }
 
@@ -196,8 +299,8 @@ impl Module for FastLinear {
             self.profile_kind(xs),
             || self.flops(xs),
             || match self {
-                Self::Candle(l) => l.forward(xs),
-                Self::Packed(op) => xs.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(op),
+                Self::Candle(l) => l.forward(&xs.to_dtype(l.weight().dtype())?),
+                Self::Packed(op) => Self::op_input(op, xs)?.apply_op1_no_bwd(op),
             },
         )
     }
@@ -209,8 +312,7 @@ impl CustomOp1 for PackedLinearOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::cpu::contiguous_f32(s, l, "linear input")?;
-        self.forward_rows(x, l, None)
+        self.forward_rows(Rows::of(s, l, "linear input")?, l, None)
     }
 }
 
@@ -229,7 +331,7 @@ impl CustomOp2 for LinearAddOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = super::cpu::contiguous_f32(s1, l1, "linear input")?;
+        let x = Rows::of(s1, l1, "linear input")?;
         let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
         let (_, shape) = self.0.rows_and_shape(l1, self.0.weight.n())?;
         if l2.shape() != &shape {
@@ -244,7 +346,7 @@ impl PackedLinearOp {
     /// product stores its result, the same values as adding afterwards.
     fn forward_rows(
         &self,
-        x: &[f32],
+        x: Rows,
         l: &Layout,
         add: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
@@ -260,19 +362,27 @@ impl PackedLinearOp {
             // values, all of which the product writes before `set_len`, and `add` holds as many (checked by the
             // caller).
             unsafe {
-                match self.weight.format() {
-                    Format::F32 => gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add),
-                    Format::Bf16 => ROUNDED.with(x.len(), |rounded| {
+                match (self.weight.format(), x) {
+                    (Format::F32, Rows::F32(x)) => {
+                        gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add)
+                    }
+                    (Format::Bf16, Rows::Bf16(x)) => {
+                        gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add)
+                    }
+                    (Format::Bf16, Rows::F32(x)) => ROUNDED.with(x.len(), |rounded| {
                         convert_bf16_parallel(x, rounded);
                         gemm_rows_uninit(m, rounded, k, &self.weight, (c, n), start, add)
                     }),
+                    (Format::F32, Rows::Bf16(_)) => {
+                        candle_core::bail!("linear: a bf16 input to a layer packed in f32")
+                    }
                 }
                 out.set_len(len);
             }
             return Ok((CpuStorage::F32(out), shape));
         }
         let mut out = super::cpu::output_f32(len);
-        self.product(x, &mut out);
+        self.product(x, &mut out)?;
         if let Some(add) = add {
             out.iter_mut().zip(add).for_each(|(o, a)| *o += a);
         }
@@ -299,20 +409,25 @@ impl PackedLinearOp {
 
     /// `out = x W^T + b` for the rows of `x` (contiguous, `k` values each) into `out` (`n` values each, its old
     /// values never read: the product starts from the bias); in bf16 the input is rounded in parallel first.
-    fn product(&self, x: &[f32], out: &mut [f32]) {
+    fn product(&self, x: Rows, out: &mut [f32]) -> Result<()> {
         if out.is_empty() {
-            return;
+            return Ok(());
         }
         let (k, n) = (self.weight.k(), self.weight.n());
         let m = out.len() / n;
         let start = self.start();
-        match self.weight.format() {
-            Format::F32 => gemm_f32_from(m, x, k, &self.weight, out, n, start),
-            Format::Bf16 => ROUNDED.with(x.len(), |rounded| {
+        match (self.weight.format(), x) {
+            (Format::F32, Rows::F32(x)) => gemm_f32_from(m, x, k, &self.weight, out, n, start),
+            (Format::Bf16, Rows::Bf16(x)) => gemm_bf16_from(m, x, k, &self.weight, out, n, start),
+            (Format::Bf16, Rows::F32(x)) => ROUNDED.with(x.len(), |rounded| {
                 convert_bf16_parallel(x, rounded);
                 gemm_bf16_from(m, rounded, k, &self.weight, out, n, start)
             }),
+            (Format::F32, Rows::Bf16(_)) => {
+                candle_core::bail!("linear: a bf16 input to a layer packed in f32")
+            }
         }
+        Ok(())
     }
 }
 
@@ -376,6 +491,73 @@ mod tests {
         let want = Linear::new(w, Some(b)).forward(&x).unwrap();
         let diff = crate::ops::max_abs_diff(&want, &f32_layer.forward(&x).unwrap());
         assert!(diff < 1e-4, "f32: max diff {diff}");
+    }
+
+    /// A bf16 input gives a layer packed in bf16 the same bits as the f32 input it rounds (`forward`,
+    /// `forward_add`, `forward_geglu`), and every other layer the same as that input in f32; a GEGLU result in
+    /// bf16 is the f32 one rounded, bit for bit.
+    #[test]
+    fn bf16_inputs_and_outputs_are_the_rounded_values() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let (i, o) = (24, 40);
+            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let vb = layer_vars(&w, &b);
+            let x = Tensor::randn(0f32, 1., (2, 150, i), &dev).unwrap();
+            let x16 = x.to_dtype(DType::BF16).unwrap();
+            let rounded = x16.to_dtype(DType::F32).unwrap();
+            let r = Tensor::randn(0f32, 1., (2, 150, o), &dev).unwrap();
+            let bf16_bits = |t: &Tensor| {
+                assert_eq!(t.dtype(), DType::BF16);
+                bits(&t.to_dtype(DType::F32).unwrap())
+            };
+            for precision in [Precision::F32, Precision::CpuBf16] {
+                let weights = Weights::new(vb.clone(), precision);
+                let layer = FastLinear::load(i, o, true, &weights.pp("l")).unwrap();
+                let packed_bf16 = precision == Precision::CpuBf16;
+                assert_eq!(layer.takes_bf16(), packed_bf16);
+                // A bf16 layer rounds `x` itself: the bf16 input is what it reads either way.
+                let same = if packed_bf16 { &x } else { &rounded };
+                let same_bits = |a: Tensor, b: Tensor| bits(&a) == bits(&b);
+                assert!(same_bits(
+                    layer.forward(&x16).unwrap(),
+                    layer.forward(same).unwrap()
+                ));
+                assert!(same_bits(
+                    layer.forward_add(&x16, &r).unwrap(),
+                    layer.forward_add(same, &r).unwrap()
+                ));
+                let geglu = layer.forward_geglu(&x16, false).unwrap();
+                assert!(same_bits(
+                    geglu.clone(),
+                    layer.forward_geglu(same, false).unwrap()
+                ));
+                let geglu16 = layer.forward_geglu(&x16, true).unwrap();
+                if matches!(layer, FastLinear::Packed(_)) {
+                    let want = bits(
+                        &geglu
+                            .to_dtype(DType::BF16)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap(),
+                    );
+                    assert_eq!(bf16_bits(&geglu16), want, "{precision:?}");
+                } else {
+                    assert_eq!(
+                        bits(&geglu16),
+                        bits(&geglu),
+                        "candle's layer answers in f32"
+                    );
+                }
+            }
+            // A bf16 input to a layer packed in f32 is an error inside the op, never a panic.
+            let weights = Weights::new(vb, Precision::F32);
+            if let FastLinear::Packed(op) = FastLinear::load(i, o, true, &weights.pp("l")).unwrap()
+            {
+                assert!(x16.contiguous().unwrap().apply_op1_no_bwd(&op).is_err());
+            }
+        });
     }
 
     /// The product with the residual added as it is stored gives the same bits as the product and an addition
@@ -446,7 +628,10 @@ mod tests {
                     let FastLinear::Packed(op) = &layer else {
                         // No AVX-512: the layer is candle's, and forward_geglu the two steps.
                         assert_eq!(
-                            crate::ops::max_abs_diff(&want, &layer.forward_geglu(&x).unwrap()),
+                            crate::ops::max_abs_diff(
+                                &want,
+                                &layer.forward_geglu(&x, false).unwrap()
+                            ),
                             0.0
                         );
                         continue;
@@ -455,6 +640,7 @@ mod tests {
                         let fused = GegluLinearOp {
                             linear: op,
                             block_values,
+                            bf16: false,
                         };
                         let got = x.apply_op1_no_bwd(&fused).unwrap();
                         assert_eq!(got.dims(), &[2, rows, o / 2]);

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::{GroupNorm, VarBuilder};
 use rayon::prelude::*;
 
+use super::gemm::convert_bf16;
 use super::simd::{affine_silu_into, layer_norm_row, sum_sq_f64};
 
 /// diffusers' `GroupNorm` (affine), optionally followed by SiLU.
@@ -274,9 +275,15 @@ impl FastLayerNorm {
     }
 }
 
-impl Module for FastLayerNorm {
-    /// Normalises `xs` over its last dimension. Timed as `layer_norm`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl FastLayerNorm {
+    /// [`Module::forward`], its values rounded to bf16 (a BF16 tensor, the same bits as rounding the f32 result)
+    /// where the kernel runs: for consumers that round their input to bf16 anyway
+    /// ([`super::linear::FastLinear::takes_bf16`]). Elsewhere the f32 result.
+    pub fn forward_bf16(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    fn run(&self, xs: &Tensor, bf16: bool) -> Result<Tensor> {
         super::profile::scope("layer_norm", || {
             if super::kernels_enabled()
                 && xs.device().is_cpu()
@@ -284,7 +291,10 @@ impl Module for FastLayerNorm {
                 && self.weight.dtype() == DType::F32
                 && self.bias.dtype() == DType::F32
             {
-                let op = LayerNormOp { eps: self.eps };
+                let op = LayerNormOp {
+                    eps: self.eps,
+                    bf16,
+                };
                 return xs
                     .contiguous()?
                     .apply_op3_no_bwd(&self.weight, &self.bias, &op);
@@ -294,11 +304,20 @@ impl Module for FastLayerNorm {
     }
 }
 
+impl Module for FastLayerNorm {
+    /// Normalises `xs` over its last dimension. Timed as `layer_norm`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+}
+
 /// The layer norm kernel: blocks of rows in parallel, each row by [`layer_norm_row`].
 #[derive(Debug, Clone, Copy)]
 pub struct LayerNormOp {
     /// Added to the variance.
     pub eps: f64,
+    /// Output in bf16 (each row computed in f32, then rounded to nearest even).
+    pub bf16: bool,
 }
 
 /// Values per parallel task (enough to amortise a task, few enough to balance the threads).
@@ -330,9 +349,28 @@ impl CustomOp3 for LayerNormOp {
                 bias.len()
             );
         }
-        let mut out = super::cpu::output_f32(x.len());
         let rows = (LAYER_NORM_BLOCK / dim).max(1) * dim;
         let eps = self.eps as f32;
+        if self.bf16 {
+            let mut out = vec![half::bf16::ZERO; x.len()];
+            // SAFETY: `half::bf16` is a transparent wrapper of its `u16` bits.
+            let bits = unsafe {
+                std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), out.len())
+            };
+            bits.par_chunks_mut(rows)
+                .zip(x.par_chunks(rows))
+                .for_each_init(
+                    || vec![0f32; dim],
+                    |row, (dst, src)| {
+                        for (d, s) in dst.chunks_exact_mut(dim).zip(src.chunks_exact(dim)) {
+                            layer_norm_row(s, row, w, bias, eps);
+                            convert_bf16(row, d);
+                        }
+                    },
+                );
+            return Ok((CpuStorage::BF16(out), l1.shape().clone()));
+        }
+        let mut out = super::cpu::output_f32(x.len());
         out.par_chunks_mut(rows)
             .zip(x.par_chunks(rows))
             .for_each(|(dst, src)| {
@@ -457,6 +495,14 @@ mod tests {
                 .to_dtype(DType::F32)
                 .unwrap();
             let got = ln.forward(&xs).unwrap();
+            // Rounded to bf16: the f32 result's values, rounded to nearest even, bit for bit.
+            let got16 = ln.forward_bf16(&xs).unwrap();
+            assert_eq!(got16.dtype(), DType::BF16);
+            let bits = |t: &Tensor| {
+                let v = t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+                v.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got16), bits(&got.to_dtype(DType::BF16).unwrap()));
             let diff = crate::ops::max_abs_diff(&want, &got);
             // The f32 mean of values near `offset` is off by a few of their ulps (E[x^2] - E[x]^2 in f32, as candle
             // computes it, would be off by ~1e-3 at offset 100).
