@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use sketchx::engine::{Engine, EngineConfig};
 use sketchx::models::loader::ModelSource;
 use sketchx::models::lora::LoraSpec;
-use sketchx::ops::profile;
+use sketchx::ops::{on_pool, profile};
 use sketchx::request::GenerationRequest;
 use sketchx::sketch::Sketch;
 
@@ -126,7 +126,7 @@ fn main() {
         let run = || {
             let ids = engine.tokenizer().encode_padded(text);
             let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &dev).unwrap();
-            engine.text_encoder().forward(&ids).unwrap()
+            on_pool(|| engine.text_encoder().forward(&ids).unwrap())
         };
         run();
         record("text", (0..runs).map(|_| time(run).0).collect());
@@ -162,15 +162,18 @@ fn main() {
             .to_dtype(dtype)
             .unwrap(),
         );
+        // On the pool, as a job's step runs (`Engine::generate`).
         let run = || {
-            let r = engine
-                .controlnet()
-                .forward(&lat, 500.0, &ctx, &cond, 1.0, false)
-                .unwrap();
-            engine
-                .unet()
-                .forward(&lat, 500.0, &ctx, Some(&r.down), Some(&r.mid))
-                .unwrap()
+            on_pool(|| {
+                let r = engine
+                    .controlnet()
+                    .forward(&lat, 500.0, &ctx, &cond, 1.0, false)
+                    .unwrap();
+                engine
+                    .unet()
+                    .forward(&lat, 500.0, &ctx, Some(&r.down), Some(&r.mid))
+                    .unwrap()
+            })
         };
         // The untimed warm-up, timed on its own: right after `load` (with `--pieces load,step`) it is the first
         // step of a fresh process, which diffusers' lazily paged-in weights make slower than the others.
@@ -203,7 +206,7 @@ fn main() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let run = || engine.vae().decode(&lat).unwrap();
+        let run = || on_pool(|| engine.vae().decode(&lat).unwrap());
         run();
         profile::enable(want_profile);
         record("vae", (0..runs).map(|_| time(run).0).collect());
@@ -224,7 +227,7 @@ fn main() {
             .to_dtype(dtype)
             .unwrap();
         let tiny = engine.tiny_vae().expect("--tiny-vae for the tinyvae piece");
-        let run = || tiny.decode(&lat).unwrap();
+        let run = || on_pool(|| tiny.decode(&lat).unwrap());
         run();
         profile::enable(want_profile);
         record("tinyvae", (0..runs).map(|_| time(run).0).collect());

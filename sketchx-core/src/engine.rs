@@ -22,6 +22,7 @@ use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
 use crate::models::vae_encoder::{image_to_tensor, VaeEncoder};
+use crate::ops::cpu::on_pool;
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
 use crate::request::{GenerationRequest, StartImage, VaeKind};
@@ -384,9 +385,10 @@ impl Engine {
         drop(cache);
         let ids = self.prompt_ids(text);
         let ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
-        let emb = self
-            .text_encoder
-            .forward_clip_skip(&ids, clip_skip as usize)?;
+        let emb = on_pool(|| {
+            self.text_encoder
+                .forward_clip_skip(&ids, clip_skip as usize)
+        })?;
         let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.push_front(((text.to_string(), clip_skip), emb.clone()));
         cache.truncate(PROMPT_CACHE_ENTRIES);
@@ -586,11 +588,13 @@ impl Engine {
             self.dtype,
             &self.device,
         )?;
-        let dist = if self.vae_tiling {
-            encoder.encode_tiled(&pixels)?
-        } else {
-            encoder.encode(&pixels)?
-        };
+        let dist = on_pool(|| {
+            if self.vae_tiling {
+                encoder.encode_tiled(&pixels)
+            } else {
+                encoder.encode(&pixels)
+            }
+        })?;
         let latents = dist.sample(rng)?.to_dtype(DType::F32)?;
         let latents = (latents * encoder.scaling_factor)?.repeat((g.n, 1, 1, 1))?;
         let noise = rng
@@ -644,14 +648,16 @@ impl Engine {
                 } else {
                     model_in.clone()
                 };
-                let r = self.controlnet.forward(
-                    &control_in,
-                    t,
-                    &text.controlnet,
-                    control,
-                    g.scale,
-                    g.guess,
-                )?;
+                let r = on_pool(|| {
+                    self.controlnet.forward(
+                        &control_in,
+                        t,
+                        &text.controlnet,
+                        control,
+                        g.scale,
+                        g.guess,
+                    )
+                })?;
                 Some(if g.conditional_only() {
                     pad_uncond(r)?
                 } else {
@@ -660,14 +666,16 @@ impl Engine {
             } else {
                 None
             };
-            let noise = self.unet.forward_cond(
-                &model_in,
-                t,
-                &text.unet,
-                timestep_cond.as_ref(),
-                residuals.as_ref().map(|r| r.down.as_slice()),
-                residuals.as_ref().map(|r| &r.mid),
-            )?;
+            let noise = on_pool(|| {
+                self.unet.forward_cond(
+                    &model_in,
+                    t,
+                    &text.unet,
+                    timestep_cond.as_ref(),
+                    residuals.as_ref().map(|r| r.down.as_slice()),
+                    residuals.as_ref().map(|r| &r.mid),
+                )
+            })?;
             let noise = g.combine(noise.to_dtype(DType::F32)?, req.guidance_scale)?;
             let out = scheduler.step_output(&noise, begin + i, &latents, rng)?;
             latents = out.prev_sample;
@@ -701,9 +709,12 @@ impl Engine {
             let lat = latents.narrow(0, k, 1)?.to_dtype(self.dtype)?;
             let img = match vae {
                 // diffusers' pipeline with the tiny VAE as its `vae` decodes `latents / its scaling_factor`.
-                VaeKind::Tiny => self.require_tiny()?.decode(&lat)?,
-                VaeKind::Full if self.vae_tiling => self.vae.decode_tiled(&lat)?,
-                VaeKind::Full => self.vae.decode(&lat)?,
+                VaeKind::Tiny => {
+                    let tiny = self.require_tiny()?;
+                    on_pool(|| tiny.decode(&lat))?
+                }
+                VaeKind::Full if self.vae_tiling => on_pool(|| self.vae.decode_tiled(&lat))?,
+                VaeKind::Full => on_pool(|| self.vae.decode(&lat))?,
             };
             images.push(to_u8_like_diffusers(&to_hwc(&img)?));
             let info = StepInfo {

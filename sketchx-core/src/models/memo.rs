@@ -22,25 +22,33 @@ impl<T> Default for PerTensor<T> {
 
 impl<T: Clone> PerTensor<T> {
     /// `f(key)`, computed only when the last call was on another tensor. Errors are returned and not kept.
+    ///
+    /// `f` runs without the lock held: a forward pass runs on a rayon pool thread ([`crate::ops::on_pool`]),
+    /// which while it waits for its own parallel work may take up another job's forward pass and come back here
+    /// (with the lock held across `f`, it would wait for itself). Two calls on a new tensor at once both compute.
     pub(crate) fn get<E>(
         &self,
         key: &Tensor,
         f: impl FnOnce(&Tensor) -> Result<T, E>,
     ) -> Result<T, E> {
-        // A poisoned lock only means a panic elsewhere while it was held; the slot is then recomputed.
-        let mut slot = self.0.lock().unwrap_or_else(|e| {
-            let mut g = e.into_inner();
-            *g = None;
-            g
-        });
-        if let Some((id, v)) = slot.as_ref() {
+        if let Some((id, v)) = self.slot().as_ref() {
             if *id == key.id() {
                 return Ok(v.clone());
             }
         }
         let v = f(key)?;
-        *slot = Some((key.id(), v.clone()));
+        *self.slot() = Some((key.id(), v.clone()));
         Ok(v)
+    }
+
+    /// The slot, locked. A poisoned lock only means a panic elsewhere while it was held; the slot is then
+    /// recomputed.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(TensorId, T)>> {
+        self.0.lock().unwrap_or_else(|e| {
+            let mut g = e.into_inner();
+            *g = None;
+            g
+        })
     }
 }
 
@@ -74,5 +82,13 @@ mod tests {
         );
         assert_eq!(memo.get(&a, twice).unwrap(), [2., 4.]);
         assert_eq!(calls.get(), 3, "and nothing was kept in its place");
+        // A computation that comes back to the memo (a pool thread taking up another job meanwhile) does not
+        // wait for itself; the last to finish is kept.
+        let c = Tensor::new(&[3f32], &Device::Cpu).unwrap();
+        let nested = memo.get(&b, |_| memo.get(&c, twice)).unwrap();
+        assert_eq!(nested, [6.]);
+        assert_eq!(calls.get(), 4);
+        assert_eq!(memo.get(&b, twice).unwrap(), [6.], "b's result was kept");
+        assert_eq!(calls.get(), 4);
     }
 }

@@ -39,6 +39,14 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
+/// Runs `f` on one of rayon's pool threads while the caller waits (in place on a pool thread). A network's forward
+/// pass runs this way: its parallel kernels then split their work from a pool thread, where from any other thread
+/// each kernel hands its work to the pool and sleeps until it is done, two thread wake-ups per kernel and
+/// thousands per step.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// A zeroed buffer of `len` f32 values for an operation's output.
 ///
 /// Buffers of tens of megabytes (a VAE decoder's activations at 512x512) come from the allocator as fresh maps each

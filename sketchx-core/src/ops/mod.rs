@@ -32,6 +32,7 @@ pub(crate) mod amx;
 pub mod attention;
 pub mod conv;
 pub(crate) mod cpu;
+pub use cpu::on_pool;
 pub mod geglu;
 pub mod gemm;
 pub mod layout;
