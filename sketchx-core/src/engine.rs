@@ -22,7 +22,7 @@ use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::{guidance_scale_embedding, UNet};
 use crate::models::vae::Vae;
 use crate::models::vae_encoder::{image_to_tensor, VaeEncoder};
-use crate::ops::cpu::on_pool;
+use crate::ops::on_pool;
 use crate::output::to_u8_like_diffusers;
 use crate::precision::Precision;
 use crate::request::{GenerationRequest, StartImage, VaeKind};
