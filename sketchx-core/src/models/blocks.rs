@@ -707,12 +707,11 @@ impl UpBlock {
         if let Some(conv) = &self.upsample {
             let (_, _, h, w) = xs.dims4()?;
             let (nh, nw) = size.unwrap_or((2 * h, 2 * w));
-            let up = if (nh, nw) == (2 * h, 2 * w) {
-                crate::ops::layout::upsample_nearest(&xs, 2)?
+            xs = if (nh, nw) == (2 * h, 2 * w) {
+                conv.forward_upsampled(&xs)?
             } else {
-                xs.upsample_nearest2d(nh, nw)?
+                conv.forward(&xs.upsample_nearest2d(nh, nw)?)?
             };
-            xs = conv.forward(&up)?;
         }
         Ok(xs)
     }

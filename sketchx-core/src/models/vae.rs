@@ -184,7 +184,7 @@ impl Decoder {
                 xs = r.forward(&xs, &none)?;
             }
             if let Some(c) = &blk.upsample {
-                xs = c.forward(&crate::ops::layout::upsample_nearest(&xs, 2)?)?;
+                xs = c.forward_upsampled(&xs)?;
             }
         }
         self.conv_out.forward_norm_silu(&self.norm_out, &xs)
