@@ -230,20 +230,9 @@ impl FastConv2d {
     /// rows, and the upsampled tensor (256 MiB in the VAE decoder at 512x512) is never made. Timed as the
     /// convolution; elsewhere the two ops as they are.
     pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
-        let ConvImpl::Packed { op, bias, .. } = &self.imp else {
+        let Some((op, bias)) = self.channels_last(xs) else {
             return self.forward(&super::layout::upsample_nearest(xs, 2)?);
         };
-        let channels_last = op
-            .packed
-            .as_ref()
-            .is_some_and(|p| matches!(p.kernel, Packed::Channels(_)));
-        if !channels_last
-            || !super::kernels_enabled()
-            || !xs.device().is_cpu()
-            || xs.dtype() != DType::F32
-        {
-            return self.forward(&super::layout::upsample_nearest(xs, 2)?);
-        }
         let dims = match xs.dims() {
             &[b, c, h, w] => vec![b, c, 2 * h, 2 * w],
             d => d.to_vec(),
@@ -260,6 +249,23 @@ impl FastConv2d {
         )
     }
 
+    /// The op and bias of a convolution that runs channels last (bf16 on AMX) on `xs` (f32 on the CPU, kernels
+    /// on): where the fused forms ([`Self::forward_norm_silu`], [`Self::forward_upsampled`]) apply.
+    fn channels_last(&self, xs: &Tensor) -> Option<(&Conv2dOp, &Tensor)> {
+        let ConvImpl::Packed { op, bias, .. } = &self.imp else {
+            return None;
+        };
+        let channels_last = op
+            .packed
+            .as_ref()
+            .is_some_and(|p| matches!(p.kernel, Packed::Channels(_)));
+        (channels_last
+            && super::kernels_enabled()
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32)
+            .then_some((op, bias))
+    }
+
     /// The fused op of [`Self::forward_norm_silu`] and [`Self::forward_norm_silu_add`]; `None` where it does not
     /// apply.
     fn fused(
@@ -268,19 +274,10 @@ impl FastConv2d {
         xs: &Tensor,
         residual: Option<(&Tensor, f64)>,
     ) -> Result<Option<Tensor>> {
-        let ConvImpl::Packed { op, bias, .. } = &self.imp else {
+        let Some((op, bias)) = self.channels_last(xs) else {
             return Ok(None);
         };
-        let channels_last = op
-            .packed
-            .as_ref()
-            .is_some_and(|p| matches!(p.kernel, Packed::Channels(_)));
-        let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !channels_last
-            || !super::kernels_enabled()
-            || !fits(xs)
-            || residual.is_some_and(|(r, _)| !fits(r))
-        {
+        if residual.is_some_and(|(r, _)| !(r.device().is_cpu() && r.dtype() == DType::F32)) {
             return Ok(None);
         }
         let Some(norm) = norm.norm_silu()? else {
@@ -504,12 +501,8 @@ impl Conv2dOp {
                 return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
             }
         }
-        #[cfg(target_arch = "x86_64")]
         if let Weight::Channels(bm) = weight {
-            let out = SCRATCH.take_with(|(_, words)| {
-                Self::taps_channels_last(x, bm, bias, (b, cin, h, wd), Fused::default(), words)
-            });
-            return Ok((CpuStorage::F32(out), Shape::from((b, cout, oh, ow))));
+            return Self::channels_last_storage(x, bm, bias, (b, cin, h, wd), Fused::default());
         }
         let taps_wide = wd >= TAPS_MIN_WIDTH;
         if let (Weight::Taps(a), true) = (weight, taps_wide) {
@@ -704,14 +697,8 @@ impl FusedOp {
         (s2, l2): (&CpuStorage, &Layout),
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(PackedKernel {
-            kernel: Packed::Channels(bm),
-            shape,
-        }) = self.op.packed.as_deref()
-        else {
-            candle_core::bail!("conv: a fused group norm needs a channels-last kernel");
-        };
-        let (x, bias, (b, cin, h, w), _) = self.op.operands(s1, l1, *shape, s2, l2)?;
+        let (bm, shape) = self.op.channels_kernel("a fused group norm")?;
+        let (x, bias, (b, cin, h, w), _) = self.op.operands(s1, l1, shape, s2, l2)?;
         let cout = shape[0];
         let skip = match residual {
             Some((s3, l3)) => {
@@ -733,18 +720,7 @@ impl FusedOp {
             residual: skip.zip(self.divisor),
             upsample: false,
         };
-        #[cfg(target_arch = "x86_64")]
-        {
-            let out = SCRATCH.take_with(|(_, words)| {
-                Conv2dOp::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words)
-            });
-            Ok((CpuStorage::F32(out), Shape::from((b, cout, h, w))))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (bm, fused);
-            candle_core::bail!("conv: channels-last kernels need AMX")
-        }
+        Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, h, w), fused)
     }
 }
 
@@ -764,33 +740,15 @@ impl CustomOp2 for UpsampledOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(PackedKernel {
-            kernel: Packed::Channels(bm),
-            shape,
-        }) = self.0.packed.as_deref()
-        else {
-            candle_core::bail!("conv: an upsampled input needs a channels-last kernel");
-        };
+        let (bm, shape) = self.0.channels_kernel("an upsampled input")?;
         // The input and bias checked against the kernel (at the input's size: the geometry is the same 3x3
         // "same" convolution at twice it).
-        let (x, bias, (b, cin, h, w), _) = self.0.operands(s1, l1, *shape, s2, l2)?;
-        let (h, w) = (2 * h, 2 * w);
+        let (x, bias, (b, cin, h, w), _) = self.0.operands(s1, l1, shape, s2, l2)?;
         let fused = Fused {
             upsample: true,
             ..Fused::default()
         };
-        #[cfg(target_arch = "x86_64")]
-        {
-            let out = SCRATCH.take_with(|(_, words)| {
-                Conv2dOp::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words)
-            });
-            Ok((CpuStorage::F32(out), Shape::from((b, shape[0], h, w))))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (bm, fused, x, bias, b, cin, h, w);
-            candle_core::bail!("conv: channels-last kernels need AMX")
-        }
+        Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, 2 * h, 2 * w), fused)
     }
 }
 
@@ -1002,6 +960,40 @@ fn tap_major(w: &[f32], [cout, cin, kh, kw]: [usize; 4]) -> Vec<f32> {
 }
 
 impl Conv2dOp {
+    /// The channels-last kernel and its shape `[c_out, c_in, kh, kw]`; an error naming `what` needs it otherwise.
+    fn channels_kernel(&self, what: &str) -> Result<(&PackedB, [usize; 4])> {
+        match self.packed.as_deref() {
+            Some(PackedKernel {
+                kernel: Packed::Channels(bm),
+                shape,
+            }) => Ok((bm, *shape)),
+            _ => candle_core::bail!("conv: {what} needs a channels-last kernel"),
+        }
+    }
+
+    /// [`Self::taps_channels_last`] on the kept scratch words, as the op's output storage and shape
+    /// `(b, c_out, h, w)` (`h`, `w`: the output's).
+    fn channels_last_storage(
+        x: &[f32],
+        bm: &PackedB,
+        bias: &[f32],
+        (b, cin, h, w): (usize, usize, usize, usize),
+        fused: Fused,
+    ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let out = SCRATCH.take_with(|(_, words)| {
+                Self::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words)
+            });
+            Ok((CpuStorage::F32(out), Shape::from((b, bm.n(), h, w))))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, bm, bias, b, cin, h, w, fused);
+            candle_core::bail!("conv: channels-last kernels need AMX")
+        }
+    }
+
     /// A 3x3 convolution (stride 1, padding 1) of `b` images `(cin, h, w)` on AMX tiles, channels last: the
     /// input is written once as rows of bf16 channel pairs, one row per position, in the padded geometry of
     /// [`Conv2dOp::taps_3x3`] (rows of `w + 1` positions, the zero one shared by neighbouring rows, images one

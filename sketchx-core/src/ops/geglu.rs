@@ -61,44 +61,47 @@ impl CustomOp1 for GegluOp {
 /// The kernel on rows of `2 * half` values in `h`, into rows of `half` in `out`, in parallel: every value of
 /// `out` is written when it holds `h.len() / 2` (it may start uninitialised).
 pub(crate) fn geglu_rows(h: &[f32], out: &mut [MaybeUninit<f32>], half: usize) {
-    let width = 2 * half;
-    // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
-    if let Some(rows) = 16_384usize.checked_div(half) {
-        let rows = rows.max(1);
-        out.par_chunks_mut(rows * half)
-            .zip(h.par_chunks(rows * width))
-            .for_each(|(o, h)| {
-                for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
-                    let (a, g) = h.split_at(half);
-                    geglu_row(a, g, o);
-                }
-            });
-    }
+    in_blocks(h, out, half, || (), |_, (a, g), o| geglu_row(a, g, o));
 }
 
 /// [`geglu_rows`] into bf16 bit patterns (each row computed in f32, then rounded to nearest even: the same bits
 /// as rounding `geglu_rows`' output), for a consumer that rounds its input to bf16 anyway. `out` holds
 /// `h.len() / 2` values.
 pub(crate) fn geglu_rows_bf16(h: &[f32], out: &mut [u16], half: usize) {
+    in_blocks(
+        h,
+        out,
+        half,
+        || vec![MaybeUninit::<f32>::uninit(); half],
+        |row, (a, g), o| {
+            geglu_row(a, g, row);
+            // SAFETY: geglu_row wrote all `half` values of `row`.
+            let row = unsafe { &*(row.as_slice() as *const [MaybeUninit<f32>] as *const [f32]) };
+            super::gemm::convert_bf16(row, o);
+        },
+    );
+}
+
+/// `row(scratch, (hidden, gate), out)` for every row of `h` (`2 * half` values) and of `out` (`half`), in parallel
+/// blocks of rows, each task with its own scratch from `init`.
+fn in_blocks<O: Send, S>(
+    h: &[f32],
+    out: &mut [O],
+    half: usize,
+    init: impl Fn() -> S + Send + Sync,
+    row: impl Fn(&mut S, (&[f32], &[f32]), &mut [O]) + Send + Sync,
+) {
     let width = 2 * half;
+    // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
     if let Some(rows) = 16_384usize.checked_div(half) {
         let rows = rows.max(1);
         out.par_chunks_mut(rows * half)
             .zip(h.par_chunks(rows * width))
-            .for_each_init(
-                || vec![MaybeUninit::<f32>::uninit(); half],
-                |row, (o, h)| {
-                    for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
-                        let (a, g) = h.split_at(half);
-                        geglu_row(a, g, row);
-                        // SAFETY: geglu_row wrote all `half` values of `row`.
-                        let row = unsafe {
-                            &*(row.as_slice() as *const [MaybeUninit<f32>] as *const [f32])
-                        };
-                        super::gemm::convert_bf16(row, o);
-                    }
-                },
-            );
+            .for_each_init(init, |scratch, (o, h)| {
+                for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
+                    row(scratch, h.split_at(half), o);
+                }
+            });
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Linear;
+use half::slice::HalfFloatSliceExt;
 
 use crate::precision::Weights;
 
@@ -37,11 +38,7 @@ impl<'a> Rows<'a> {
                 let Some((a, b)) = l.contiguous_offsets() else {
                     candle_core::bail!("{what}: expected a contiguous tensor");
                 };
-                let v = &v[a..b];
-                // SAFETY: `half::bf16` is a transparent wrapper of its `u16` bits.
-                Ok(Self::Bf16(unsafe {
-                    std::slice::from_raw_parts(v.as_ptr().cast::<u16>(), v.len())
-                }))
+                Ok(Self::Bf16(v[a..b].reinterpret_cast()))
             }
             _ => Ok(Self::F32(super::cpu::contiguous_f32(s, l, what)?)),
         }
@@ -244,12 +241,7 @@ impl CustomOp1 for GegluLinearOp<'_> {
                         super::geglu::geglu_rows(h, &mut o.spare_capacity_mut()[outs], half)
                     }
                     Output::Bf16(o) => {
-                        let o = &mut o[outs];
-                        // SAFETY: `half::bf16` is a transparent wrapper of its `u16` bits.
-                        let bits = unsafe {
-                            std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<u16>(), o.len())
-                        };
-                        super::geglu::geglu_rows_bf16(h, bits, half)
+                        super::geglu::geglu_rows_bf16(h, o[outs].reinterpret_cast_mut(), half)
                     }
                 });
             }

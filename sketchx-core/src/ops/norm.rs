@@ -10,6 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::gemm::convert_bf16;
@@ -353,11 +354,8 @@ impl CustomOp3 for LayerNormOp {
         let eps = self.eps as f32;
         if self.bf16 {
             let mut out = vec![half::bf16::ZERO; x.len()];
-            // SAFETY: `half::bf16` is a transparent wrapper of its `u16` bits.
-            let bits = unsafe {
-                std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), out.len())
-            };
-            bits.par_chunks_mut(rows)
+            out.reinterpret_cast_mut()
+                .par_chunks_mut(rows)
                 .zip(x.par_chunks(rows))
                 .for_each_init(
                     || vec![0f32; dim],
