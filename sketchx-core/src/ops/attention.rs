@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::SendPtr;
+use super::cpu::{padded_stride, SendPtr};
 use super::simd::{exp_sum_row, softmax_row};
 
 /// Queries per task: a `QUERY_TILE x keys` score block (1 MiB at 4096 keys) stays in the L2 cache.
@@ -299,13 +299,14 @@ unsafe fn packed(
     let mut out = super::cpu::output_uninit_f32(len);
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
+    let (ls, lp) = (padded_stride(m, 4), padded_stride(m, 2));
     (0..b * heads * tiles).into_par_iter().for_each_init(
         || {
             let words = |len: usize| vec![0u16; if bf16 { len } else { 0 }];
             (
-                vec![0f32; QUERY_TILE * m],
+                vec![0f32; QUERY_TILE * ls],
                 words(QUERY_TILE * d),
-                words(QUERY_TILE * m),
+                words(QUERY_TILE * lp),
             )
         },
         |(scores, qb, pb), task| {
@@ -314,29 +315,29 @@ unsafe fn packed(
             let (keys, values) = &packed[bh];
             let r0 = t * QUERY_TILE;
             let rows = QUERY_TILE.min(n - r0);
-            let sc = &mut scores[..rows * m];
+            let sc = &mut scores[..rows * ls];
             let q0 = (bi * n + r0) * inner + hi * d;
             let mut sums = [0f32; QUERY_TILE];
             // SAFETY (both products): the CPU has the format's kernel (this function's contract); the query rows
             // start `rows` rows of `d` values, `inner` apart, inside `q` (or `qb` holds them, `d` apart); `sc` is
-            // this task's own `rows x m` block (overwritten); the output block (rows r0..r0 + rows of image bi,
+            // this task's own `rows x m` block, rows `ls` apart (overwritten; `pb` holds them in bf16, `lp` apart); the output block (rows r0..r0 + rows of image bi,
             // columns of head hi) lies inside `out`'s buffer and is written by this task only, by `P V` first.
             let op = unsafe { dst.0.add(q0) };
             if bf16 {
                 for r in 0..rows {
                     convert_bf16(&q[q0 + r * inner..][..d], &mut qb[r * d..][..d]);
                 }
-                unsafe { gemm_bf16_serial(rows, qb.as_ptr(), d, keys, sc.as_mut_ptr(), m, true) };
+                unsafe { gemm_bf16_serial(rows, qb.as_ptr(), d, keys, sc.as_mut_ptr(), ls, true) };
                 // Unnormalised probabilities, scaled inside the exponential and rounded to bf16 in the same pass;
                 // each output row is divided by its sum after the product.
                 for ((row, p), sum) in sc
-                    .chunks_exact(m)
-                    .zip(pb.chunks_exact_mut(m))
+                    .chunks_exact(ls)
+                    .zip(pb.chunks_exact_mut(lp))
                     .zip(sums.iter_mut())
                 {
-                    *sum = exp_sum_row_bf16(row, p, scale);
+                    *sum = exp_sum_row_bf16(&row[..m], &mut p[..m], scale);
                 }
-                unsafe { gemm_bf16_serial(rows, pb.as_ptr(), m, values, op, inner, true) };
+                unsafe { gemm_bf16_serial(rows, pb.as_ptr(), lp, values, op, inner, true) };
             } else {
                 unsafe {
                     gemm_f32_serial(
@@ -345,14 +346,14 @@ unsafe fn packed(
                         inner,
                         keys,
                         sc.as_mut_ptr(),
-                        m,
+                        ls,
                         true,
                     )
                 };
-                for (row, sum) in sc.chunks_exact_mut(m).zip(sums.iter_mut()) {
-                    *sum = exp_sum_row(row, scale);
+                for (row, sum) in sc.chunks_exact_mut(ls).zip(sums.iter_mut()) {
+                    *sum = exp_sum_row(&mut row[..m], scale);
                 }
-                unsafe { gemm_f32_serial(rows, sc.as_ptr(), m, values, op, inner, true) };
+                unsafe { gemm_f32_serial(rows, sc.as_ptr(), ls, values, op, inner, true) };
             }
             // SAFETY: as above.
             unsafe { divide_rows(op, inner, d, &sums[..rows]) };
@@ -390,12 +391,13 @@ unsafe fn on_tiles(
     let mut out = super::cpu::output_uninit_f32(len);
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
+    let (ls, lp) = (padded_stride(m, 4), padded_stride(m, 2));
     (0..b * heads * tiles).into_par_iter().for_each_init(
         || {
             (
-                vec![0f32; QUERY_TILE * m],
+                vec![0f32; QUERY_TILE * ls],
                 vec![0u16; QUERY_TILE * dp],
-                vec![0u16; QUERY_TILE * m],
+                vec![0u16; QUERY_TILE * lp],
             )
         },
         |(scores, qb, pb), task| {
@@ -409,16 +411,16 @@ unsafe fn on_tiles(
                 let src = &q[(bi * n + r0 + r) * inner + hi * d..][..d];
                 convert_bf16(src, &mut qb[r * dp..r * dp + d]);
             }
-            let sc = &mut scores[..rows * m];
+            let sc = &mut scores[..rows * ls];
             // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
-            // is this task's own `rows x m` block (overwritten).
+            // is this task's own `rows x m` block, rows `ls` apart (overwritten).
             unsafe {
                 super::amx::gemm(
                     rows,
                     qb.as_ptr(),
                     dp,
                     keys,
-                    (sc.as_mut_ptr(), m),
+                    (sc.as_mut_ptr(), ls),
                     false,
                     Init::Zero,
                     None,
@@ -428,20 +430,20 @@ unsafe fn on_tiles(
             // same pass; each output row is divided by its sum after the product.
             let mut sums = [0f32; QUERY_TILE];
             for ((row, p), sum) in sc
-                .chunks_exact(m)
-                .zip(pb.chunks_exact_mut(m))
+                .chunks_exact(ls)
+                .zip(pb.chunks_exact_mut(lp))
                 .zip(sums.iter_mut())
             {
-                *sum = exp_sum_row_bf16(row, p, scale);
+                *sum = exp_sum_row_bf16(&row[..m], &mut p[..m], scale);
             }
             // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
-            // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities.
+            // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities, `lp` apart.
             unsafe {
                 let op = dst.0.add((bi * n + r0) * inner + hi * d);
                 super::amx::gemm(
                     rows,
                     pb.as_ptr(),
-                    m,
+                    lp,
                     values,
                     (op, inner),
                     false,

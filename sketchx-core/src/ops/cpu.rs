@@ -217,3 +217,28 @@ pub(crate) fn force_portable<T>(f: impl FnOnce() -> T) -> T {
     let _reset = Reset;
     f()
 }
+
+/// A row stride of at least `len` values of `bytes` each (a power of two up to 64) that is an odd number of 64-byte
+/// lines, so that 16 consecutive rows fall into 16 different L1 sets: rows a multiple of 4 KiB apart (1024 f32
+/// attention scores) all map to one of the 64 sets and evict each other as a tile of them is written or read.
+pub(crate) fn padded_stride(len: usize, bytes: usize) -> usize {
+    let lines = (len * bytes).div_ceil(64);
+    (lines | 1) * 64 / bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_strides_are_odd_lines() {
+        for bytes in [2, 4] {
+            for len in [1, 40, 77, 320, 1000, 1024, 2048, 4096, 5120, 10240] {
+                let s = padded_stride(len, bytes);
+                assert!(s >= len && s * bytes % 64 == 0, "{len} x {bytes}: {s}");
+                assert_eq!(s * bytes / 64 % 2, 1, "{len} x {bytes}: {s}");
+                assert!(s * bytes < len * bytes + 128, "{len} x {bytes}: {s}");
+            }
+        }
+    }
+}

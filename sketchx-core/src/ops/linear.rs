@@ -234,7 +234,8 @@ impl CustomOp1 for GegluLinearOp<'_> {
                 let xb = x.slice(r0..(r0 + rows * k).min(x.len()));
                 let h = &mut block[..xb.len() / k * n];
                 let flops = (2 * h.len() * k) as u64;
-                super::profile::scope_flops("linear", || flops, || self.linear.product(xb, h))?;
+                let kind = super::profile::shaped("linear", || format!("{m} rows {k}x{n} GEGLU"));
+                super::profile::scope_flops(kind, || flops, || self.linear.product(xb, h))?;
                 let outs = i * rows * half..i * rows * half + h.len() / 2;
                 super::profile::scope("geglu", || match &mut out {
                     Output::F32(o) => {
