@@ -189,7 +189,7 @@ impl FastLinear {
             Self::Packed(op) if op.weight.n() % 2 == 0 && op.weight.k() > 0 => {
                 Self::op_input(op, xs)?.apply_op1_no_bwd(&GegluLinearOp {
                     linear: op,
-                    block_values: GEGLU_BLOCK_VALUES,
+                    block_rows: None,
                     bf16,
                 })
             }
@@ -198,18 +198,36 @@ impl FastLinear {
     }
 }
 
-/// Values of the projection computed at once by [`FastLinear::forward_geglu`] (16 MiB), at least
-/// [`GEGLU_MIN_ROWS`] rows.
+/// Values of the projection computed at once by [`FastLinear::forward_geglu`] (16 MiB) when a block does not stay
+/// in the caches, at least [`GEGLU_MIN_ROWS`] rows.
 const GEGLU_BLOCK_VALUES: usize = 1 << 22;
 
-/// The fewest rows per block: the GEMM splits a block into tiles of up to 128 rows.
+/// The fewest rows per such block: the GEMM splits a block into tiles of up to 128 rows.
 const GEGLU_MIN_ROWS: usize = 128;
+
+/// Bytes of a block of the projection per thread (f32) that stay in its L2 cache between the product and GEGLU
+/// (half of a Zen 4 core's 1 MiB).
+const GEGLU_CACHED_BYTES: usize = 1 << 19;
+
+/// Rows per block of [`FastLinear::forward_geglu`] for a `k x n` layer and `threads` threads: as many as stay in
+/// the threads' caches ([`GEGLU_CACHED_BYTES`] each, f32) when that is at least `k / 4` rows, for then reading the
+/// weights again per block (`2 k n` bytes in bf16) costs less than writing the block to memory and reading it
+/// back (about `8 n` bytes per row); [`GEGLU_BLOCK_VALUES`] otherwise.
+fn geglu_block_rows(k: usize, n: usize, threads: usize) -> usize {
+    let cached = threads * GEGLU_CACHED_BYTES / (4 * n.max(1));
+    if cached >= (k / 4).max(32) {
+        cached
+    } else {
+        (GEGLU_BLOCK_VALUES / n.max(1)).max(GEGLU_MIN_ROWS)
+    }
+}
 
 /// A packed layer's product followed by GEGLU, block by block (see [`FastLinear::forward_geglu`]).
 struct GegluLinearOp<'a> {
     linear: &'a PackedLinearOp,
-    /// Values of the projection per block (smaller in tests, to cross block edges on small inputs).
-    block_values: usize,
+    /// Rows of the projection per block: [`geglu_block_rows`]'s when `None` (set in tests, to cross block edges
+    /// on small inputs).
+    block_rows: Option<usize>,
     /// Output in bf16.
     bf16: bool,
 }
@@ -225,7 +243,11 @@ impl CustomOp1 for GegluLinearOp<'_> {
         let half = n / 2;
         let (m, shape) = self.linear.rows_and_shape(l, half)?;
         let k = self.linear.weight.k();
-        let rows = (self.block_values / n).max(GEGLU_MIN_ROWS).min(m).max(1);
+        let rows = self
+            .block_rows
+            .unwrap_or_else(|| geglu_block_rows(k, n, rayon::current_num_threads()))
+            .min(m)
+            .max(1);
         // Never zeroed in f32: each block's GEGLU writes its rows (the blocks cover the m rows).
         let mut out = Output::new(m * half, self.bf16);
         static BLOCK: Kept<Vec<f32>> = Kept::new(Vec::new());
@@ -629,17 +651,17 @@ mod tests {
                         );
                         continue;
                     };
-                    for block_values in [GEGLU_BLOCK_VALUES, 7 * o, 200 * o] {
+                    for block_rows in [None, Some(7), Some(200)] {
                         let fused = GegluLinearOp {
                             linear: op,
-                            block_values,
+                            block_rows,
                             bf16: false,
                         };
                         let got = x.apply_op1_no_bwd(&fused).unwrap();
                         assert_eq!(got.dims(), &[2, rows, o / 2]);
                         assert!(
                             bits(&want) == bits(&got),
-                            "{precision:?} bias {bias} rows {rows} block {block_values}"
+                            "{precision:?} bias {bias} rows {rows} block {block_rows:?}"
                         );
                     }
                 }
