@@ -121,11 +121,12 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
-/// The largest value of `row` (negative infinity when empty), kept in 16 lanes so that the loop vectorises (a
-/// float reduction in one accumulator cannot); inlined into the dispatched callers, it takes their features.
+/// The largest value of `row` (negative infinity when empty; NaNs are skipped), kept in 64 lanes (four vectors of
+/// independent maxima, so that the loop runs at the loads' rate rather than one maximum's latency) and reduced
+/// in a tree; inlined into the dispatched callers, it takes their features.
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
-    const L: usize = 16;
+    const L: usize = 64;
     let mut lanes = [f32::NEG_INFINITY; L];
     let chunks = row.chunks_exact(L);
     let rest = chunks.remainder();
@@ -134,13 +135,35 @@ fn row_max(row: &[f32]) -> f32 {
             lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
-    let mut max = f32::NEG_INFINITY;
-    for &m in lanes.iter().chain(rest) {
-        if m > max {
-            max = m;
-        }
+    for (i, &x) in rest.iter().enumerate() {
+        lanes[i] = if x > lanes[i] { x } else { lanes[i] };
     }
-    max
+    let mut width = L / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] = if lanes[i + width] > lanes[i] {
+                lanes[i + width]
+            } else {
+                lanes[i]
+            };
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// The sum of 16 lanes in a tree (lane `i` plus lane `i + 8`, and so on): four dependent additions instead of
+/// fifteen, the same order on every path.
+#[inline(always)]
+fn tree_sum16(mut lanes: [f32; 16]) -> f32 {
+    let mut width = 8;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
 }
 
 dispatch! {
@@ -224,46 +247,58 @@ unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f
     let scale = scale * std::f32::consts::LOG2_E;
     let (vshift, vscale) = (_mm512_set1_ps(max * scale), _mm512_set1_ps(scale));
     let c = |v: f32| _mm512_set1_ps(v);
-    let mut acc = _mm512_setzero_ps();
-    for i in (0..row.len()).step_by(L) {
-        // The last vector partly: its lanes past the row are neither read, added nor stored.
-        let mask: __mmask16 = if row.len() - i >= L {
-            0xffff
-        } else {
-            (1u16 << (row.len() - i)) - 1
-        };
-        // SAFETY: the lanes under `mask` lie inside `row` and `out` (at least `row.len()` entries).
-        unsafe {
-            let x = _mm512_fmsub_ps(
+    // The values of the 16 (or `mask`) entries from `i`: 2^t as the nearest integer n (ties to even, as the
+    // shift's rounding) and 2^n by scaling, the same values in two instructions where the shift and the exponent
+    // bits take five.
+    let exp = |i: usize, mask: __mmask16| {
+        // SAFETY: the lanes under `mask` lie inside `row` (the callers below).
+        let x = unsafe {
+            _mm512_fmsub_ps(
                 _mm512_maskz_loadu_ps(mask, row.as_ptr().add(i)),
                 vscale,
                 vshift,
-            );
-            let t = _mm512_max_ps(x, c(EXP2_MIN));
-            // The nearest integer (ties to even, as the shift's rounding) and 2^n by scaling: the same values
-            // in two instructions where the shift and the exponent bits take five.
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-            let f = _mm512_sub_ps(t, n);
-            let mut p = c(EXP2_POLY_BF16[0]);
-            for &k in &EXP2_POLY_BF16[1..] {
-                p = _mm512_fmadd_ps(p, f, c(k));
-            }
-            let e = _mm512_scalef_ps(p, n);
-            acc = _mm512_mask_add_ps(acc, mask, acc, e);
+            )
+        };
+        let t = _mm512_max_ps(x, c(EXP2_MIN));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm512_sub_ps(t, n);
+        let mut p = c(EXP2_POLY_BF16[0]);
+        for &k in &EXP2_POLY_BF16[1..] {
+            p = _mm512_fmadd_ps(p, f, c(k));
+        }
+        _mm512_scalef_ps(p, n)
+    };
+    let mut acc = _mm512_setzero_ps();
+    let whole = row.len() / L * L;
+    for i in (0..whole).step_by(L) {
+        let e = exp(i, 0xffff);
+        acc = _mm512_add_ps(acc, e);
+        // SAFETY: entries i..i + 16 lie inside `out` (at least `row.len()` entries).
+        unsafe {
             let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-            let dst = out.as_mut_ptr().add(i);
-            if mask == 0xffff {
-                _mm256_storeu_si256(dst.cast(), h);
-            } else {
-                // (A masked 16-bit store of 256 bits would need AVX-512 VL.)
-                _mm512_mask_cvtepi32_storeu_epi16(dst.cast(), mask, _mm512_cvtepu16_epi32(h));
-            }
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), h);
+        }
+    }
+    if whole < row.len() {
+        // The last vector partly: its lanes past the row are neither read, added nor stored.
+        let mask: __mmask16 = (1u16 << (row.len() - whole)) - 1;
+        let e = exp(whole, mask);
+        acc = _mm512_mask_add_ps(acc, mask, acc, e);
+        // SAFETY: the lanes under `mask` lie inside `out`. (A masked 16-bit store of 256 bits would need AVX-512
+        // VL.)
+        unsafe {
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm512_mask_cvtepi32_storeu_epi16(
+                out.as_mut_ptr().add(whole).cast(),
+                mask,
+                _mm512_cvtepu16_epi32(h),
+            );
         }
     }
     let mut lanes = [0f32; L];
     // SAFETY: `lanes` holds 16 values.
     unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-    lanes.iter().sum::<f32>()
+    tree_sum16(lanes)
 }
 
 dispatch! {
@@ -291,7 +326,7 @@ dispatch! {
             *a += e;
             *o = f32_bits_to_bf16_bits(e.to_bits());
         }
-        acc.iter().sum::<f32>()
+        tree_sum16(acc)
     }
 }
 
@@ -700,7 +735,7 @@ mod tests {
                 );
                 lanes[i % 16] += e;
             }
-            let want_sum = lanes.iter().sum::<f32>();
+            let want_sum = tree_sum16(lanes);
             assert_eq!(sum.to_bits(), want_sum.to_bits(), "len {len}");
             assert!(
                 (sum as f64 / exact - 1.0).abs() < 4e-6,
