@@ -383,20 +383,14 @@ fn normed(norm: &FastLayerNorm, xs: &Tensor, bf16: bool) -> CResult<Tensor> {
     }
 }
 
-#[derive(Debug)]
-enum Proj {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
 /// diffusers' `Transformer2DModel` for spatial inputs: group norm, projection in, transformer blocks (self- and
 /// cross-attention, GEGLU feed-forward), projection out, residual.
 #[derive(Debug)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in: Proj,
+    proj_in: Linear,
     blocks: Vec<TransformerBlock>,
-    proj_out: Proj,
+    proj_out: Linear,
 }
 
 impl SpatialTransformer {
@@ -410,15 +404,18 @@ impl SpatialTransformer {
     ) -> CResult<Self> {
         let head_dim = channels / heads;
         let inner = heads * head_dim;
+        // 1x1 convolutions (`use_linear_projection: false`) run as linear layers on the tokens: the same product,
+        // with the layout change on the other side, where the packed linear kernels take it without packing the
+        // activations at every call.
         let (proj_in, proj_out) = if p.linear_projection {
             (
-                Proj::Linear(linear(channels, inner, vb.pp("proj_in"))?),
-                Proj::Linear(linear(inner, channels, vb.pp("proj_out"))?),
+                linear(channels, inner, vb.pp("proj_in"))?,
+                linear(inner, channels, vb.pp("proj_out"))?,
             )
         } else {
             (
-                Proj::Conv(conv1(vb.pp("proj_in"), channels, inner)?),
-                Proj::Conv(conv1(vb.pp("proj_out"), inner, channels)?),
+                Linear::load_1x1(channels, inner, &vb.pp("proj_in"))?,
+                Linear::load_1x1(inner, channels, &vb.pp("proj_out"))?,
             )
         };
         let blocks = (0..depth)
@@ -465,22 +462,15 @@ impl SpatialTransformer {
 
     /// The group norm and the projection in, as tokens `(b, h * w, inner)`.
     fn project_in(&self, xs: &Tensor) -> CResult<Tensor> {
-        let to_seq = |t: Tensor| crate::ops::layout::to_tokens(&t);
         let normed = self.norm.forward(xs)?;
-        match &self.proj_in {
-            Proj::Conv(c) => to_seq(c.forward(&normed)?),
-            Proj::Linear(l) => l.forward(&to_seq(normed)?),
-        }
+        self.proj_in
+            .forward(&crate::ops::layout::to_tokens(&normed)?)
     }
 
     /// The projection out of the tokens `hs`, as an image the size of `xs`, plus `xs`.
     fn project_out(&self, hs: Tensor, xs: &Tensor) -> CResult<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let to_img = |t: Tensor| crate::ops::layout::to_image(&t, h, w);
-        let out = match &self.proj_out {
-            Proj::Conv(c) => c.forward(&to_img(hs)?)?,
-            Proj::Linear(l) => to_img(l.forward(&hs)?)?,
-        };
+        let out = crate::ops::layout::to_image(&self.proj_out.forward(&hs)?, h, w)?;
         crate::ops::add::add(&out, xs, 1.0)
     }
 }

@@ -80,6 +80,22 @@ impl FastLinear {
     /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`) from `weights`, packed in bf16 when its precision
     /// says so (the CPU bf16 mode).
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, weights: &Weights) -> Result<Self> {
+        Self::load_shaped(in_dim, out_dim, bias, weights, false)
+    }
+
+    /// [`Self::load`] from a 1x1 convolution's `weight` (`[out, in, 1, 1]`), with its bias: the same product on
+    /// channels-last rows (positions), e.g. a transformer's `proj_in` on its tokens.
+    pub fn load_1x1(in_dim: usize, out_dim: usize, weights: &Weights) -> Result<Self> {
+        Self::load_shaped(in_dim, out_dim, true, weights, true)
+    }
+
+    fn load_shaped(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        weights: &Weights,
+        conv_1x1: bool,
+    ) -> Result<Self> {
         let vb = weights.vb();
         let precision = if super::packs_bf16(weights.precision()) {
             Format::Bf16
@@ -91,7 +107,12 @@ impl FastLinear {
                 && vb.device().is_cpu()
                 && super::kernels_enabled()
                 && Format::F32.has_fast_kernel());
-        let w = vb.get((out_dim, in_dim), "weight")?;
+        let w = if conv_1x1 {
+            vb.get((out_dim, in_dim, 1, 1), "weight")?
+                .reshape((out_dim, in_dim))?
+        } else {
+            vb.get((out_dim, in_dim), "weight")?
+        };
         let b = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
