@@ -470,8 +470,7 @@ impl SpatialTransformer {
     /// The projection out of the tokens `hs`, as an image the size of `xs`, plus `xs`.
     fn project_out(&self, hs: Tensor, xs: &Tensor) -> CResult<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let out = crate::ops::layout::to_image(&self.proj_out.forward(&hs)?, h, w)?;
-        crate::ops::add::add(&out, xs, 1.0)
+        crate::ops::layout::to_image_add(&self.proj_out.forward(&hs)?, h, w, xs)
     }
 }
 

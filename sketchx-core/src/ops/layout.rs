@@ -4,7 +4,7 @@
 //! integer factor, one parallel task per plane (candle's computes a source index per pixel on one thread).
 //! Other dtypes and devices use candle. [`transpose_32`] is the blocked transpose the CPU ops share.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::SendPtr;
@@ -40,6 +40,28 @@ pub fn to_image(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
             return x.contiguous()?.apply_op1_no_bwd(&op)?.reshape((b, c, h, w));
         }
         x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+    })
+}
+
+/// `to_image(x, h, w) + residual` (`residual` `(b, c, h, w)`) in one pass: each block of the transposed image gets
+/// its residual added while it is in L1. The same values as the two ops. Timed as `layout`.
+pub fn to_image_add(x: &Tensor, h: usize, w: usize, residual: &Tensor) -> Result<Tensor> {
+    super::profile::scope("layout", || {
+        let (b, hw, c) = x.dims3()?;
+        if hw != h * w || residual.dims() != [b, c, h, w] {
+            candle_core::bail!(
+                "to_image_add: {hw} tokens of {c} channels for a {h}x{w} image plus {:?}",
+                residual.dims()
+            );
+        }
+        if fast(x) && fast(residual) {
+            let op = Transpose { rows: hw, cols: c };
+            return x
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, &op)?
+                .reshape((b, c, h, w));
+        }
+        to_image(x, h, w)? + residual
     })
 }
 
@@ -83,6 +105,39 @@ impl CustomOp1 for Transpose {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::cpu::contiguous_f32(s, l, "transpose input")?;
+        self.run(x, None)
+    }
+}
+
+/// The transpose plus a residual laid out as its output (for [`to_image_add`]).
+impl CustomOp2 for Transpose {
+    fn name(&self) -> &'static str {
+        "sketchx-transpose-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = super::cpu::contiguous_f32(s1, l1, "transpose input")?;
+        let residual = super::cpu::contiguous_f32(s2, l2, "residual")?;
+        if residual.len() != x.len() {
+            candle_core::bail!(
+                "transpose: {} residual values for {}",
+                residual.len(),
+                x.len()
+            );
+        }
+        self.run(x, Some(residual))
+    }
+}
+
+impl Transpose {
+    /// Every matrix of `x` transposed, plus `residual` (laid out as the output) when given.
+    fn run(&self, x: &[f32], residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let (rows, cols) = (self.rows, self.cols);
         let per = rows * cols;
         if per == 0 || x.len() % per != 0 {
@@ -113,6 +168,16 @@ impl CustomOp1 for Transpose {
                         c1 - c0,
                     )
                 };
+                if let Some(residual) = residual {
+                    for c in c0..c1 {
+                        let at = bi * per + c * rows + r0;
+                        // SAFETY: as above (the block just written).
+                        let d = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), r1 - r0) };
+                        for (d, &r) in d.iter_mut().zip(&residual[at..at + (r1 - r0)]) {
+                            *d += r;
+                        }
+                    }
+                }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, cols, rows))))
@@ -280,6 +345,29 @@ mod tests {
         }
         let t = Tensor::zeros((1, 6, 2), DType::F32, &dev).unwrap();
         assert!(to_image(&t, 2, 2).is_err(), "6 tokens are not a 2x2 image");
+        let r = Tensor::zeros((1, 2, 3, 2), DType::F32, &dev).unwrap();
+        assert!(
+            to_image_add(&t, 3, 2, &r.t().unwrap()).is_err(),
+            "a residual of another shape"
+        );
+    }
+
+    /// The fused residual: the same bits as the transpose, then the addition.
+    #[test]
+    fn to_image_add_is_the_two_ops() {
+        let dev = Device::Cpu;
+        for (b, c, h, w) in [(2, 5, 3, 7), (1, 33, 1, 1), (3, 64, 9, 5), (1, 40, 8, 8)] {
+            let t = Tensor::randn(0f32, 1., (b, h * w, c), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap();
+            let want = (to_image(&t, h, w).unwrap() + &r).unwrap();
+            let got = to_image_add(&t, h, w, &r).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert!(bits(&got) == bits(&want), "{b}x{c}x{h}x{w}");
+        }
     }
 
     #[test]
