@@ -235,7 +235,10 @@ mod tests {
         for bytes in [2, 4] {
             for len in [1, 40, 77, 320, 1000, 1024, 2048, 4096, 5120, 10240] {
                 let s = padded_stride(len, bytes);
-                assert!(s >= len && s * bytes % 64 == 0, "{len} x {bytes}: {s}");
+                assert!(
+                    s >= len && (s * bytes).is_multiple_of(64),
+                    "{len} x {bytes}: {s}"
+                );
                 assert_eq!(s * bytes / 64 % 2, 1, "{len} x {bytes}: {s}");
                 assert!(s * bytes < len * bytes + 128, "{len} x {bytes}: {s}");
             }

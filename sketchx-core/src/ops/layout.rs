@@ -140,7 +140,7 @@ impl Transpose {
     fn run(&self, x: &[f32], residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let (rows, cols) = (self.rows, self.cols);
         let per = rows * cols;
-        if per == 0 || x.len() % per != 0 {
+        if per == 0 || !x.len().is_multiple_of(per) {
             candle_core::bail!("transpose: {} values for {rows}x{cols} matrices", x.len());
         }
         let b = x.len() / per;
