@@ -231,20 +231,32 @@ impl ResnetBlock {
 
     /// `(x + block(x, temb)) / output_scale_factor`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> CResult<Tensor> {
-        let h = self.conv1.forward_norm_silu(&self.norm1, xs)?;
-        let h = match &self.time_emb_proj {
-            Some(p) => {
-                let t = p.forward(&candle_nn::ops::silu(temb)?)?;
-                crate::ops::add::add_channels(&h, &t)?
-            }
-            None => h,
+        let t = match &self.time_emb_proj {
+            Some(p) => Some(p.forward(&candle_nn::ops::silu(temb)?)?),
+            None => None,
         };
         let skip = match &self.shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        self.conv2
-            .forward_norm_silu_add(&self.norm2, &h, &skip, self.output_scale_factor)
+        let (norm2, scale) = (&self.norm2, self.output_scale_factor);
+        if let Some(out) = self.conv1.forward_resnet(
+            &self.norm1,
+            xs,
+            t.as_ref(),
+            norm2,
+            &self.conv2,
+            &skip,
+            scale,
+        )? {
+            return Ok(out);
+        }
+        let h = self.conv1.forward_norm_silu(&self.norm1, xs)?;
+        let h = match &t {
+            Some(t) => crate::ops::add::add_channels(&h, t)?,
+            None => h,
+        };
+        self.conv2.forward_norm_silu_add(norm2, &h, &skip, scale)
     }
 }
 

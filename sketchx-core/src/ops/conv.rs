@@ -21,12 +21,12 @@ use rayon::prelude::*;
 use super::add::Divisor;
 use super::cpu::{Kept, SendPtr};
 use super::gemm::{
-    gemm_f32_from, gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32, Format, PackedA,
-    PackedB, Shifted, Start, NR,
+    convert_bf16, gemm_f32_from, gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32,
+    Format, PackedA, PackedB, Shifted, Start, NR,
 };
 use super::layout::transpose_32;
 use super::norm::{FastGroupNorm, NormSilu};
-use super::simd::affine_silu;
+use super::simd::{affine_silu, affine_silu_channels_bf16};
 use super::winograd_bf16::{self, Filters};
 
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
@@ -287,6 +287,7 @@ impl FastConv2d {
             op: op.clone(),
             norm,
             divisor: residual.map(|(_, d)| Divisor::new(d)),
+            last: Last::Neither,
         };
         super::profile::scope_flops(
             super::profile::shaped("conv3x3", || {
@@ -300,6 +301,84 @@ impl FastConv2d {
                     None => xs.apply_op2_no_bwd(bias, &op),
                 }
             },
+        )
+        .map(Some)
+    }
+
+    /// A resnet's two 3x3 convolutions and what lies between them: `skip + conv2(silu(norm2(h)))` divided by
+    /// `divisor` ([`super::add::add`]), with `h = self(silu(norm1(xs))) + t` (`t`: `(b, c)` values per image and
+    /// channel, the time embedding's projection). Where both convolutions run channels last (bf16 on AMX), `h` is
+    /// kept channels last between them: the first writes each position's channels in a row (adding `t` as it
+    /// does), the second reads those rows as its bf16 input rows with the norm and SiLU applied, so `h` is never
+    /// transposed and `t` needs no pass of its own. `None` where that does not apply (the caller then runs the ops
+    /// one by one). Each convolution is timed as `conv3x3`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_resnet(
+        &self,
+        norm1: &FastGroupNorm,
+        xs: &Tensor,
+        t: Option<&Tensor>,
+        norm2: &FastGroupNorm,
+        conv2: &FastConv2d,
+        skip: &Tensor,
+        divisor: f64,
+    ) -> Result<Option<Tensor>> {
+        let (Some((op1, bias1)), Some((op2, bias2))) =
+            (self.channels_last(xs), conv2.channels_last(xs))
+        else {
+            return Ok(None);
+        };
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let batch = xs.dims().first().copied().unwrap_or(0);
+        if self.kernel[0] < RESNET_LAST_MIN_CHANNELS
+            || !cpu_f32(skip)
+            || t.is_some_and(|t| !cpu_f32(t) || t.dims() != [batch, self.kernel[0]])
+        {
+            return Ok(None);
+        }
+        let (Some(n1), Some(n2)) = (norm1.norm_silu()?, norm2.norm_silu()?) else {
+            return Ok(None);
+        };
+        let first = FusedOp {
+            op: op1.clone(),
+            norm: n1,
+            divisor: None,
+            last: Last::Output,
+        };
+        let second = FusedOp {
+            op: op2.clone(),
+            norm: n2,
+            divisor: Some(Divisor::new(divisor)),
+            last: Last::Input,
+        };
+        let h = super::profile::scope_flops(
+            super::profile::shaped("conv3x3", || {
+                format!(
+                    "{:?} {:?} fused, output channels last",
+                    xs.dims(),
+                    self.kernel
+                )
+            }),
+            || self.flops(xs.dims()),
+            || {
+                let xs = xs.contiguous()?;
+                match t {
+                    Some(t) => xs.apply_op3_no_bwd(bias1, &t.contiguous()?, &first),
+                    None => xs.apply_op2_no_bwd(bias1, &first),
+                }
+            },
+        )?;
+        // The second convolution's flops on `h`'s planar dimensions.
+        let planar = match h.dims() {
+            &[b, hh, w, c] => vec![b, c, hh, w],
+            d => d.to_vec(),
+        };
+        super::profile::scope_flops(
+            super::profile::shaped("conv3x3", || {
+                format!("{:?} {:?} fused, input channels last", planar, conv2.kernel)
+            }),
+            || conv2.flops(&planar),
+            || h.apply_op3_no_bwd(bias2, &skip.contiguous()?, &second),
         )
         .map(Some)
     }
@@ -343,6 +422,10 @@ impl FastConv2d {
         }
     }
 }
+
+/// The fewest channels between a resnet's convolutions for which [`FastConv2d::forward_resnet`] keeps them
+/// channels last: at 128 (the VAE decoder's 512x512 level) the planar path measured faster.
+const RESNET_LAST_MIN_CHANNELS: usize = 256;
 
 /// The largest channel count for which the CPU bf16 mode also keeps a convolution's f32 kernel for the Winograd
 /// path (the wide, deep layers run on small images, where it does not apply).
@@ -677,6 +760,11 @@ struct Fused<'a> {
     residual: Option<(&'a [f32], Divisor)>,
     /// The input is the convolution's input at half its height and width, upsampled 2x (nearest) as it is written.
     upsample: bool,
+    /// The input is laid out channels last, `(b, h, w, c_in)`, instead of `(b, c_in, h, w)`.
+    input_last: bool,
+    /// The output is written channels last, `(b, h, w, c_out)` (no residual then), plus `(b, c_out)` values per
+    /// image and channel when given (a resnet's time embedding, as [`super::add::add_channels`] adds it).
+    output_last: Option<Option<&'a [f32]>>,
 }
 
 /// A channels-last convolution with its input's group norm and SiLU ([`FastConv2d::forward_norm_silu`]): a
@@ -688,6 +776,22 @@ struct FusedOp {
     norm: NormSilu,
     /// What the sum with the residual is divided by.
     divisor: Option<Divisor>,
+    /// Which side of the convolution is laid out channels last, if any.
+    last: Last,
+}
+
+/// The layouts of a [`FusedOp`]: a resnet's first convolution writes its output channels last for its second to
+/// read (the tensor between them is never transposed, and the time embedding is added as it is written).
+#[derive(Clone, Copy, PartialEq)]
+enum Last {
+    /// Both sides `(b, c, h, w)`; the third operand, if any, is the residual.
+    Neither,
+    /// The output is `(b, h, w, c_out)`; the third operand, if any, is `(b, c_out)` values to add per image and
+    /// channel.
+    Output,
+    /// The input is `(b, h, w, c_in)` (its norm's statistics taken in that layout); the third operand, if any, is
+    /// the residual, `(b, c_out, h, w)` as the output.
+    Input,
 }
 
 impl FusedOp {
@@ -695,30 +799,61 @@ impl FusedOp {
         &self,
         (s1, l1): (&CpuStorage, &Layout),
         (s2, l2): (&CpuStorage, &Layout),
-        residual: Option<(&CpuStorage, &Layout)>,
+        third: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (bm, shape) = self.op.channels_kernel("a fused group norm")?;
-        let (x, bias, (b, cin, h, w), _) = self.op.operands(s1, l1, shape, s2, l2)?;
+        let (x, bias, (b, cin, h, w)) = if self.last == Last::Input {
+            // The operands' checks of `Conv2dOp::operands` on the channels-last dimensions.
+            let x = super::cpu::contiguous_f32(s1, l1, "conv input")?;
+            let bias = super::cpu::contiguous_f32(s2, l2, "conv bias")?;
+            let (b, h, w, cin) = l1.shape().dims4()?;
+            if shape[1] != cin || bias.len() != shape[0] || (shape[2], shape[3]) != (3, 3) {
+                candle_core::bail!(
+                    "conv: channels-last input has {cin} channels, kernel {:?}, bias {}",
+                    shape,
+                    bias.len()
+                );
+            }
+            (x, bias, (b, cin, h, w))
+        } else {
+            let (x, bias, dims, _) = self.op.operands(s1, l1, shape, s2, l2)?;
+            (x, bias, dims)
+        };
         let cout = shape[0];
-        let skip = match residual {
+        let third = match third {
             Some((s3, l3)) => {
-                let r = super::cpu::contiguous_f32(s3, l3, "conv residual")?;
-                if l3.shape().dims() != [b, cout, h, w] {
+                let expected = match self.last {
+                    Last::Output => vec![b, cout],
+                    Last::Neither | Last::Input => vec![b, cout, h, w],
+                };
+                let v = super::cpu::contiguous_f32(s3, l3, "conv residual")?;
+                if l3.shape().dims() != expected {
                     candle_core::bail!(
-                        "conv: residual {:?} for an output {:?}",
+                        "conv: residual or shift {:?} for an output {:?}",
                         l3.shape().dims(),
-                        [b, cout, h, w]
+                        expected
                     );
                 }
-                Some(r)
+                Some(v)
             }
             None => None,
         };
-        let norm = self.norm.channel_affine(x, b, cin, h * w)?;
-        let fused = Fused {
-            norm: Some(&norm),
-            residual: skip.zip(self.divisor),
-            upsample: false,
+        let norm = match self.last {
+            Last::Input => self.norm.channel_affine_last(x, b, cin, h * w)?,
+            Last::Neither | Last::Output => self.norm.channel_affine(x, b, cin, h * w)?,
+        };
+        let fused = match self.last {
+            Last::Output => Fused {
+                norm: Some(&norm),
+                output_last: Some(third),
+                ..Fused::default()
+            },
+            Last::Neither | Last::Input => Fused {
+                norm: Some(&norm),
+                residual: third.zip(self.divisor),
+                input_last: self.last == Last::Input,
+                ..Fused::default()
+            },
         };
         Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, h, w), fused)
     }
@@ -985,7 +1120,12 @@ impl Conv2dOp {
             let out = SCRATCH.take_with(|(_, words)| {
                 Self::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words)
             });
-            Ok((CpuStorage::F32(out), Shape::from((b, bm.n(), h, w))))
+            let shape = if fused.output_last.is_some() {
+                Shape::from((b, h, w, bm.n()))
+            } else {
+                Shape::from((b, bm.n(), h, w))
+            };
+            Ok((CpuStorage::F32(out), shape))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -1012,6 +1152,8 @@ impl Conv2dOp {
             norm,
             residual,
             upsample,
+            input_last,
+            output_last,
         }: Fused,
         words: &mut Vec<u32>,
     ) -> Vec<f32> {
@@ -1022,10 +1164,23 @@ impl Conv2dOp {
         }
         let pairs = cin.div_ceil(2);
         assert_eq!(bm.k(), 18 * pairs, "kernel and input channels");
+        assert!(
+            !((upsample && input_last) || (residual.is_some() && output_last.is_some())),
+            "conv: no such fused form"
+        );
         if pairs == 0 {
             // No input channels (a product over nothing): every plane is its bias, plus the residual.
             let mut out = super::cpu::output_f32(len);
             let img = h * w;
+            if let Some(add) = output_last {
+                out.par_chunks_mut(cout).enumerate().for_each(|(q, row)| {
+                    let bi = q / img;
+                    for (c, d) in row.iter_mut().enumerate() {
+                        *d = bias[c] + add.map_or(0.0, |t| t[bi * cout + c]);
+                    }
+                });
+                return out;
+            }
             out.par_chunks_mut(img).enumerate().for_each(|(t, plane)| {
                 plane.fill(bias[t % cout]);
                 if let Some((skip, divisor)) = residual {
@@ -1060,11 +1215,40 @@ impl Conv2dOp {
         // The input's rows: `w` values, or `w / 2` repeated twice each (upsampled; `h` and `w` are even then).
         let (sh, sw) = if upsample { (h / 2, w / 2) } else { (h, w) };
         let aptr = SendPtr(a.as_mut_ptr());
+        // A channels-last input's norm parameters as two rows per image (scales, shifts).
+        let (norm_scales, norm_shifts): (Vec<f32>, Vec<f32>) = match norm {
+            Some(ab) if input_last => ab.iter().copied().unzip(),
+            _ => (Vec::new(), Vec::new()),
+        };
         (0..b * h).into_par_iter().for_each_init(
             || (vec![0u32; pairs * w], vec![0f32; 2 * w], vec![0f32; 2 * w]),
             |(tmp, normed, wide), t| {
                 let aptr = &aptr;
                 let (bi, y) = (t / h, t % h);
+                let q0 = guard + bi * plane + (y + 1) * l + 1;
+                if input_last {
+                    // Each position's channels are one row already: rounded (normalised first) in place.
+                    for xx in 0..w {
+                        let src = &x[((bi * h + y) * w + xx) * cin..][..cin];
+                        // SAFETY: row q0 + xx (image bi, row y, column xx) lies inside `a` and is written by this
+                        // task only: its first `pairs` words, 2 pairs bf16 values.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                aptr.0.add((q0 + xx) * lda).cast::<u16>(),
+                                2 * pairs,
+                            )
+                        };
+                        if norm.is_some() {
+                            let sc = &norm_scales[bi * cin..][..cin];
+                            let sh = &norm_shifts[bi * cin..][..cin];
+                            affine_silu_channels_bf16(src, sc, sh, dst);
+                        } else {
+                            convert_bf16(src, dst);
+                        }
+                        dst[cin..].fill(0);
+                    }
+                    return;
+                }
                 let (nlo, nhi) = normed.split_at_mut(w);
                 let (wlo, whi) = wide.split_at_mut(w);
                 let sy = if upsample { y / 2 } else { y };
@@ -1097,7 +1281,6 @@ impl Conv2dOp {
                     }
                     pair_words(lo, hi, &mut tmp[cp * w..(cp + 1) * w]);
                 }
-                let q0 = guard + bi * plane + (y + 1) * l + 1;
                 // SAFETY: rows q0..q0 + w (image bi, row y) lie inside `a` and are written by this task only (words
                 // 0..pairs of each); `tmp` holds pairs x w words.
                 unsafe { transpose_32(tmp.as_ptr(), w, aptr.0.add(q0 * lda), lda, pairs, w) };
@@ -1111,6 +1294,35 @@ impl Conv2dOp {
         // (j % plane) / l, (j % plane) % l; x < w and y < h are outputs).
         let epilogue = |row: usize, col: usize, tile: &[f32; 256], rows: usize, cols: usize| {
             let optr = &optr;
+            if let Some(add) = output_last {
+                // Channels last: each tile row is one position's run of channels.
+                for i in 0..rows {
+                    let (bi, r) = ((row + i) / plane, (row + i) % plane);
+                    let (y, xx) = (r / l, r % l);
+                    if y >= h || xx >= w {
+                        continue;
+                    }
+                    // SAFETY: position (bi, y, xx) is an output, its channels col..col + cols (<= c_out) lie inside
+                    // `out`'s buffer and are written by this tile only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            optr.0.add(((bi * h + y) * w + xx) * cout + col),
+                            cols,
+                        )
+                    };
+                    let src = &tile[i * 16..][..cols];
+                    match add {
+                        Some(t) => {
+                            let t = &t[bi * cout + col..][..cols];
+                            for ((d, &v), &a) in dst.iter_mut().zip(src).zip(t) {
+                                *d = v + a;
+                            }
+                        }
+                        None => dst.copy_from_slice(src),
+                    }
+                }
+                return;
+            }
             // A whole run of 16 without a residual goes straight from the tile into the planes (through registers);
             // others through a transposed copy, made once.
             let mut t = [0f32; 256];
@@ -1607,6 +1819,110 @@ mod tests {
                         "residual / {divisor}"
                     );
                 }
+            }
+        });
+    }
+
+    /// A resnet's two convolutions with the tensor between them kept channels last ([`FastConv2d::forward_resnet`])
+    /// give the ops one by one: the first half exactly (its output is the same tensor, transposed, the time
+    /// embedding added), the whole up to the order of the second norm's f64 sums; odd channels and sizes, with
+    /// and without a time embedding, both images. Without channels-last kernels (no AMX), or below
+    /// [`RESNET_LAST_MIN_CHANNELS`], it declines.
+    #[test]
+    fn resnet_channels_last_matches_the_ops() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let norm = |groups: usize, c: usize| {
+                let map = [
+                    ("weight", Tensor::randn(1f32, 0.5, c, &dev).unwrap()),
+                    ("bias", Tensor::randn(0f32, 0.5, c, &dev).unwrap()),
+                ]
+                .map(|(k, v)| (k.to_string(), v))
+                .into_iter()
+                .collect();
+                FastGroupNorm::new(
+                    groups,
+                    c,
+                    1e-6,
+                    VarBuilder::from_tensors(map, DType::F32, &dev),
+                )
+                .unwrap()
+            };
+            for (cin, cout, g1, g2, h, w, temb) in [
+                (64, 256, 32, 16, 9, 13, true),
+                (30, 259, 5, 7, 6, 33, true),
+                (96, 320, 8, 32, 4, 4, false),
+                (64, 48, 32, 16, 5, 5, true),
+            ] {
+                let conv = |cin, cout| {
+                    let vm = VarMap::new();
+                    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+                    let c = candle_nn::conv2d(cin, cout, 3, cfg, vb).unwrap();
+                    FastConv2d::new(c).into_cpu_bf16().unwrap()
+                };
+                let (conv1, conv2) = (conv(cin, cout), conv(cout, cout));
+                let (norm1, norm2) = (norm(g1, cin), norm(g2, cout));
+                if crate::ops::amx::available() && super::super::kernels_enabled() {
+                    assert!(conv1
+                        .channels_last(&Tensor::zeros(1, DType::F32, &dev).unwrap())
+                        .is_some());
+                }
+                let xs = (Tensor::randn(0f32, 2., (2, cin, h, w), &dev).unwrap() + 0.7).unwrap();
+                let t = temb.then(|| Tensor::randn(0f32, 1., (2, cout), &dev).unwrap());
+                let skip = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
+                let got = conv1
+                    .forward_resnet(&norm1, &xs, t.as_ref(), &norm2, &conv2, &skip, 1.5)
+                    .unwrap();
+                let Some(got) = got else {
+                    assert!(
+                        conv1.channels_last(&xs).is_none() || cout < RESNET_LAST_MIN_CHANNELS,
+                        "declined channels-last kernels"
+                    );
+                    continue;
+                };
+                let mut hs = conv1.forward_norm_silu(&norm1, &xs).unwrap();
+                if let Some(t) = &t {
+                    hs = crate::ops::add::add_channels(&hs, t).unwrap();
+                }
+                let want = conv2
+                    .forward_norm_silu_add(&norm2, &hs, &skip, 1.5)
+                    .unwrap();
+                // The first half alone.
+                let (op, bias) = conv1.channels_last(&xs).unwrap();
+                let first = FusedOp {
+                    op: op.clone(),
+                    norm: norm1.norm_silu().unwrap().unwrap(),
+                    divisor: None,
+                    last: Last::Output,
+                };
+                let half = match &t {
+                    Some(t) => xs.apply_op3_no_bwd(bias, t, &first),
+                    None => xs.apply_op2_no_bwd(bias, &first),
+                }
+                .unwrap();
+                let planar = half.permute((0, 3, 1, 2)).unwrap();
+                assert_eq!(
+                    crate::ops::max_abs_diff(&planar, &hs),
+                    0.0,
+                    "first half: cin {cin} cout {cout} {h}x{w}"
+                );
+                assert_eq!(got.dims(), want.dims());
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = crate::ops::max_abs_diff(&got, &want);
+                assert!(
+                    diff <= 1e-3 * scale,
+                    "cin {cin} cout {cout} {h}x{w}: max diff {diff} (values up to {scale})"
+                );
             }
         });
     }

@@ -149,7 +149,7 @@ pub(crate) fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
 pub(crate) struct Features {
     /// AVX2 and FMA (the element-wise helpers' 256-bit path).
     pub avx2_fma: bool,
-    /// AVX-512 F and BW (the f32 GEMM micro-kernel, the element-wise helpers' 512-bit path).
+    /// AVX-512 F, BW and VL (the f32 GEMM micro-kernel, the element-wise helpers' 512-bit path).
     pub avx512: bool,
     /// AVX-512 BF16 on top of [`Features::avx512`] (the bf16 GEMM micro-kernel and conversions).
     pub avx512_bf16: bool,
@@ -172,7 +172,7 @@ pub(crate) fn features() -> Features {
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Features {
     use std::arch::is_x86_feature_detected as has;
-    let avx512 = has!("avx512f") && has!("avx512bw");
+    let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
     Features {
         avx2_fma: has!("avx2") && has!("fma"),
         avx512,

@@ -151,6 +151,66 @@ impl NormSilu {
             });
         Ok(out)
     }
+
+    /// [`Self::channel_affine`] of `x` laid out channels last (`b` images of `spatial` positions of `c` channels):
+    /// the same statistics (sums in f64), summed per channel over runs of positions in parallel and then per
+    /// group, so only the order of the f64 additions differs.
+    pub(crate) fn channel_affine_last(
+        &self,
+        x: &[f32],
+        b: usize,
+        c: usize,
+        spatial: usize,
+    ) -> Result<Vec<(f32, f32)>> {
+        let shape = || format!("{} values for {b}x{spatial}x{c} (channels last)", x.len());
+        let params = (self.weight.len(), self.bias.len(), self.groups);
+        let cpg = channels_per_group(c, params, x.len() != b * c * spatial, shape)?;
+        let mut out = vec![(0f32, 0f32); b * c];
+        if cpg == 0 || spatial == 0 {
+            return Ok(out);
+        }
+        // Runs of positions small enough to spread over the threads, large enough that the per-run sums are few.
+        let run = spatial
+            .div_ceil(4 * rayon::current_num_threads().max(1))
+            .max(64);
+        for (bi, ab) in out.chunks_mut(c).enumerate() {
+            let img = &x[bi * spatial * c..(bi + 1) * spatial * c];
+            let sums = img
+                .par_chunks(run * c)
+                .map(|rows| {
+                    let mut s = vec![0f64; 2 * c];
+                    let (s1, s2) = s.split_at_mut(c);
+                    for row in rows.chunks_exact(c) {
+                        for ((a, a2), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                            let v = v as f64;
+                            *a += v;
+                            *a2 += v * v;
+                        }
+                    }
+                    s
+                })
+                .reduce(
+                    || vec![0f64; 2 * c],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                );
+            let n = (cpg * spatial) as f64;
+            for g in 0..self.groups {
+                let range = g * cpg..(g + 1) * cpg;
+                let sum: f64 = sums[range.clone()].iter().sum();
+                let sum_sq: f64 = sums[c + range.start..c + range.end].iter().sum();
+                let mean = sum / n;
+                let var = (sum_sq / n - mean * mean).max(0.0);
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                for ci in range {
+                    ab[ci] = channel_ab(mean, rstd, self.weight[ci], self.bias[ci]);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The channels per group of a group norm over `c` channels with `(weights, biases, groups)`; an error that names
@@ -466,6 +526,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("143 values for 2x8x9"), "{err}");
+    }
+
+    /// The statistics of a channels-last input are those of the same values channels first (only the f64 sums'
+    /// order differs); mismatched inputs are errors there too.
+    #[test]
+    fn channels_last_statistics_match() {
+        let dev = Device::Cpu;
+        for (groups, c, h, w, offset) in [
+            (4, 8, 5, 7, 3.0),
+            (32, 64, 3, 3, 0.0),
+            (7, 21, 33, 6, 100.0),
+        ] {
+            let norm = NormSilu {
+                weight: Tensor::randn(1f32, 0.5, c, &dev)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+                bias: Tensor::randn(0f32, 0.5, c, &dev)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+                groups,
+                eps: 1e-5,
+            };
+            let xs = (Tensor::randn(0f32, 2., (2, c, h, w), &dev).unwrap() + offset).unwrap();
+            let planar: Vec<f32> = xs.flatten_all().unwrap().to_vec1().unwrap();
+            let last = xs.permute((0, 2, 3, 1)).unwrap().flatten_all().unwrap();
+            let last: Vec<f32> = last.to_vec1().unwrap();
+            let want = norm.channel_affine(&planar, 2, c, h * w).unwrap();
+            let got = norm.channel_affine_last(&last, 2, c, h * w).unwrap();
+            for (i, ((a0, b0), (a1, b1))) in want.iter().zip(&got).enumerate() {
+                let close =
+                    |x: f32, y: f32| (x - y).abs() <= 1e-6 * (1.0 + x.abs() * offset as f32);
+                assert!(
+                    close(*a0, *a1) && close(*b0, *b1),
+                    "channel {i}: {:?} vs {:?}",
+                    (a0, b0),
+                    (a1, b1)
+                );
+            }
+            let err = norm
+                .channel_affine_last(&last[1..], 2, c, h * w)
+                .unwrap_err();
+            assert!(err.to_string().contains("channels last"), "{err}");
+        }
     }
 
     #[test]

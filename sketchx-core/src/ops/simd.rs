@@ -378,7 +378,6 @@ unsafe fn affine_silu_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>], a: f32, 
     const L: usize = 16;
     let n = src.len().min(dst.len());
     let (va, vb) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
-    let c = |v: f32| _mm512_set1_ps(v);
     for i in (0..n).step_by(L) {
         let mask: __mmask16 = if n - i >= L {
             0xffff
@@ -388,21 +387,83 @@ unsafe fn affine_silu_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>], a: f32, 
         // SAFETY: the lanes under `mask` lie inside both slices.
         unsafe {
             let x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, src.as_ptr().add(i)), va, vb);
-            // z = -y log2(e) with log2(e) in two parts, so that f keeps the bits a plain product would lose
-            // (about |z| * 2^-24, which 2^f turns into a relative error of millionths at |y| ~ 40).
-            let y = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(87.0));
-            let z = _mm512_mul_ps(y, c(-LOG2_E_HI));
-            let whole =
-                _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(z);
-            let f = _mm512_fmadd_ps(y, c(-LOG2_E_LO), _mm512_fmsub_ps(y, c(-LOG2_E_HI), whole));
-            let mut p = c(EXP2_POLY[0]);
-            for &k in &EXP2_POLY[1..] {
-                p = _mm512_fmadd_ps(p, f, c(k));
-            }
-            let d = _mm512_add_ps(_mm512_scalef_ps(p, whole), c(1.0));
-            let r = _mm512_rcp14_ps(d);
-            let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, c(2.0)));
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i).cast(), mask, _mm512_mul_ps(x, r));
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i).cast(), mask, silu_avx512(x));
+        }
+    }
+}
+
+/// SiLU of 16 lanes, [`affine_silu_avx512`]'s arithmetic.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn silu_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    // z = -y log2(e) with log2(e) in two parts, so that f keeps the bits a plain product would lose
+    // (about |z| * 2^-24, which 2^f turns into a relative error of millionths at |y| ~ 40).
+    let y = _mm512_min_ps(_mm512_max_ps(x, c(-87.0)), c(87.0));
+    let z = _mm512_mul_ps(y, c(-LOG2_E_HI));
+    let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(z);
+    let f = _mm512_fmadd_ps(y, c(-LOG2_E_LO), _mm512_fmsub_ps(y, c(-LOG2_E_HI), whole));
+    let mut p = c(EXP2_POLY[0]);
+    for &k in &EXP2_POLY[1..] {
+        p = _mm512_fmadd_ps(p, f, c(k));
+    }
+    let d = _mm512_add_ps(_mm512_scalef_ps(p, whole), c(1.0));
+    let r = _mm512_rcp14_ps(d);
+    let r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, c(2.0)));
+    _mm512_mul_ps(x, r)
+}
+
+/// `silu(x * a + b)` per channel over one position's channels (`a`, `b`: the channels' parameters, as
+/// [`affine_silu`] takes one channel's), rounded to bf16 bit patterns into `dst` (as [`super::gemm::round_bf16`]);
+/// as many values as the shortest slice holds. The same values as [`affine_silu`] and then rounding.
+pub(crate) fn affine_silu_channels_bf16(src: &[f32], a: &[f32], b: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(a.len()).min(b.len()).min(dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::features().avx512_bf16 {
+        // SAFETY: the CPU has AVX-512 F and BF16 (checked); the slices hold `n` values.
+        unsafe { affine_silu_channels_bf16_avx512(&src[..n], &a[..n], &b[..n], &mut dst[..n]) };
+        return;
+    }
+    let mut y = [MaybeUninit::<f32>::uninit(); 1];
+    for i in 0..n {
+        affine_silu_into(&src[i..i + 1], &mut y, a[i], b[i], true);
+        // SAFETY: `affine_silu_into` wrote the value.
+        dst[i] = super::gemm::round_bf16(unsafe { y[0].assume_init() });
+    }
+}
+
+/// [`affine_silu_channels_bf16`] on AVX-512: [`affine_silu_avx512`]'s arithmetic lane by lane, rounded by
+/// `vcvtneps2bf16` (round to nearest even, as [`super::gemm::convert_bf16`]).
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and BF16; all four slices hold the same number of values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
+unsafe fn affine_silu_channels_bf16_avx512(src: &[f32], a: &[f32], b: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let n = src.len();
+    for i in (0..n).step_by(L) {
+        let mask: __mmask16 = if n - i >= L {
+            0xffff
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        // SAFETY: the lanes under `mask` lie inside all four slices.
+        unsafe {
+            let load = |p: &[f32]| _mm512_maskz_loadu_ps(mask, p.as_ptr().add(i));
+            let x = _mm512_fmadd_ps(load(src), load(a), load(b));
+            let h = _mm512_cvtneps_pbh(silu_avx512(x));
+            _mm256_mask_storeu_epi16(
+                dst.as_mut_ptr().add(i).cast(),
+                mask,
+                std::mem::transmute::<__m256bh, __m256i>(h),
+            );
         }
     }
 }
