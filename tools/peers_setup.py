@@ -42,8 +42,9 @@ What it makes under --dir (default target/peers; everything is scratch, nothing 
   versions.json  what pip installed (openvino, torch, diffusers, transformers, stable-diffusion-cpp-python) and
                  sd.cpp's commit and system info.
 
-Steps can be run alone: --only install|openvino|sdcpp (repeatable); an existing venv is reused (pip then only
-checks the pins), an existing converted file is kept unless --force.
+Steps can be run alone: --only install|openvino|sdcpp (repeatable); --peers openvino sets up OpenVINO alone
+(no sd.cpp build); an existing venv is reused (pip then only checks the pins), an existing converted file is kept
+unless --force.
 """
 import argparse
 import json
@@ -79,10 +80,15 @@ def make_venv(d, name, packages, env=None):
 
 def install(a):
     os.makedirs(a.dir, exist_ok=True)
-    make_venv(a.dir, "ov-venv", ["-r", os.path.join(HERE, "requirements-fixtures.txt"), f"openvino=={OPENVINO}"])
-    env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", SDCPP_CMAKE_ARGS),
-               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count()))
-    make_venv(a.dir, "sdcpp-venv", ["-v", f"stable-diffusion-cpp-python=={SDCPP}", "numpy", "pillow"], env=env)
+    # ov-venv is always made: the conversions of both peers run under it (and tools/make_full_size.py can).
+    ov = make_venv(a.dir, "ov-venv", ["-r", os.path.join(HERE, "requirements-fixtures.txt"), f"openvino=={OPENVINO}"])
+    # Only for its CLIP vocabulary file (tools/make_full_size.py writes the tokenizer from it); its dependencies
+    # (torchvision and more) are not needed.
+    sh([ov, "-m", "pip", "install", "-q", "--no-deps", "open-clip-torch==3.3.0"])
+    if "sdcpp" in a.peers:
+        env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", SDCPP_CMAKE_ARGS),
+                   CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count()))
+        make_venv(a.dir, "sdcpp-venv", ["-v", f"stable-diffusion-cpp-python=={SDCPP}", "numpy", "pillow"], env=env)
 
 
 def record_versions(a):
@@ -93,7 +99,7 @@ def record_versions(a):
         pkgs = ["openvino", "torch", "diffusers", "transformers", "peft", "safetensors", "numpy"]
         out["ov-venv"] = json.loads(subprocess.check_output([ov, "-c", probe % pkgs], text=True))
     sd = venv_python(a.dir, "sdcpp-venv")
-    if os.path.exists(sd):
+    if os.path.exists(sd) and "sdcpp" in a.peers:
         out["sdcpp-venv"] = json.loads(subprocess.check_output(
             [sd, "-c", probe % ["stable-diffusion-cpp-python", "numpy", "pillow"]], text=True))
         info = ("import stable_diffusion_cpp as s, json; print(json.dumps({'commit': s.sd_commit().decode(), "
@@ -302,10 +308,17 @@ def main():
     ap.add_argument("--lora", help="FILE[:SCALE]: the LoRA fused into OpenVINO's unet_lora and linked for sd.cpp")
     ap.add_argument("--only", action="append", choices=["install", "openvino", "sdcpp"],
                     help="run only these steps (repeatable; default: all)")
+    ap.add_argument("--peers", default="openvino,sdcpp",
+                    help="which peers to set up, comma-separated (default: openvino,sdcpp; sd.cpp's build takes "
+                         "~20 min on 2 cores)")
     ap.add_argument("--force", action="store_true", help="convert again even where the output exists")
     ap.add_argument("--convert", help=argparse.SUPPRESS)  # internal: one conversion, run under ov-venv's Python
     a = ap.parse_args()
     a.dir = os.path.abspath(a.dir)
+    a.peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    unknown = sorted(set(a.peers) - {"openvino", "sdcpp"})
+    if unknown:
+        ap.error(f"--peers: unknown {', '.join(unknown)} (known: openvino, sdcpp)")
     if a.convert:
         if a.convert == "sdcpp":
             return convert_sdcpp(a)
@@ -316,10 +329,10 @@ def main():
     ov = venv_python(a.dir, "ov-venv")
     common = ["--dir", a.dir, "--model", a.model, "--controlnet", a.controlnet] + (["--lora", a.lora] if a.lora else [])
     common += ["--force"] if a.force else []
-    if "openvino" in steps:
+    if "openvino" in steps and "openvino" in a.peers:
         for part in OV_PARTS:  # one process each: torch's and OpenVINO's memory go back between the conversions
             sh([ov, os.path.abspath(__file__), "--convert", "openvino:" + part] + common)
-    if "sdcpp" in steps:
+    if "sdcpp" in steps and "sdcpp" in a.peers:
         sh([ov, os.path.abspath(__file__), "--convert", "sdcpp"] + common)
     record_versions(a)
 
