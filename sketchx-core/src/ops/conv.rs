@@ -1770,6 +1770,25 @@ mod tests {
         });
     }
 
+    /// A group norm over `c` channels with random weights and biases (so that its parameters matter).
+    fn random_norm(groups: usize, c: usize) -> FastGroupNorm {
+        let dev = Device::Cpu;
+        let map = [
+            ("weight", Tensor::randn(1f32, 0.5, c, &dev).unwrap()),
+            ("bias", Tensor::randn(0f32, 0.5, c, &dev).unwrap()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .into_iter()
+        .collect();
+        FastGroupNorm::new(
+            groups,
+            c,
+            1e-6,
+            VarBuilder::from_tensors(map, DType::F32, &dev),
+        )
+        .unwrap()
+    }
+
     /// A group norm and SiLU fused into the convolution's input, and a residual into its output, give exactly the
     /// separate ops' result (the same parameters, arithmetic and rounding), for several group sizes, odd channels
     /// and both images.
@@ -1788,15 +1807,7 @@ mod tests {
                 };
                 let conv = candle_nn::conv2d(cin, cout, 3, cfg, vb).unwrap();
                 let conv = FastConv2d::new(conv).into_cpu_bf16().unwrap();
-                let map = [
-                    ("weight", Tensor::randn(1f32, 0.5, cin, &dev).unwrap()),
-                    ("bias", Tensor::randn(0f32, 0.5, cin, &dev).unwrap()),
-                ]
-                .map(|(k, v)| (k.to_string(), v))
-                .into_iter()
-                .collect();
-                let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-                let norm = FastGroupNorm::new(groups, cin, 1e-6, vb).unwrap();
+                let norm = random_norm(groups, cin);
                 // An offset and scale per channel, so that the statistics matter.
                 let xs = (Tensor::randn(0f32, 2., (2, cin, h, w), &dev).unwrap() + 0.7).unwrap();
                 let two = conv.forward(&norm.forward_silu(&xs).unwrap()).unwrap();
@@ -1836,22 +1847,6 @@ mod tests {
                 padding: 1,
                 ..Default::default()
             };
-            let norm = |groups: usize, c: usize| {
-                let map = [
-                    ("weight", Tensor::randn(1f32, 0.5, c, &dev).unwrap()),
-                    ("bias", Tensor::randn(0f32, 0.5, c, &dev).unwrap()),
-                ]
-                .map(|(k, v)| (k.to_string(), v))
-                .into_iter()
-                .collect();
-                FastGroupNorm::new(
-                    groups,
-                    c,
-                    1e-6,
-                    VarBuilder::from_tensors(map, DType::F32, &dev),
-                )
-                .unwrap()
-            };
             for (cin, cout, g1, g2, h, w, temb) in [
                 (64, 256, 32, 16, 9, 13, true),
                 (30, 259, 5, 7, 6, 33, true),
@@ -1865,7 +1860,7 @@ mod tests {
                     FastConv2d::new(c).into_cpu_bf16().unwrap()
                 };
                 let (conv1, conv2) = (conv(cin, cout), conv(cout, cout));
-                let (norm1, norm2) = (norm(g1, cin), norm(g2, cout));
+                let (norm1, norm2) = (random_norm(g1, cin), random_norm(g2, cout));
                 if crate::ops::amx::available() && super::super::kernels_enabled() {
                     assert!(conv1
                         .channels_last(&Tensor::zeros(1, DType::F32, &dev).unwrap())
@@ -1911,13 +1906,7 @@ mod tests {
                     "first half: cin {cin} cout {cout} {h}x{w}"
                 );
                 assert_eq!(got.dims(), want.dims());
-                let scale = want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = crate::ops::max_abs(&want);
                 let diff = crate::ops::max_abs_diff(&got, &want);
                 assert!(
                     diff <= 1e-3 * scale,

@@ -55,9 +55,13 @@ fn winograd_enabled() -> bool {
 /// Largest absolute element-wise difference of two tensors (the kernels' unit tests compare against candle).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// Largest absolute value of a tensor (the unit tests' scale for a bound).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()

@@ -201,9 +201,7 @@ impl NormSilu {
                 let range = g * cpg..(g + 1) * cpg;
                 let sum: f64 = sums[range.clone()].iter().sum();
                 let sum_sq: f64 = sums[c + range.start..c + range.end].iter().sum();
-                let mean = sum / n;
-                let var = (sum_sq / n - mean * mean).max(0.0);
-                let rstd = 1.0 / (var + self.eps).sqrt();
+                let (mean, rstd) = stats_from_sums(sum, sum_sq, n, self.eps);
                 for ci in range {
                     ab[ci] = channel_ab(mean, rstd, self.weight[ci], self.bias[ci]);
                 }
@@ -233,8 +231,13 @@ fn channels_per_group(
 /// The mean and `1 / sqrt(var + eps)` of a group's values (sums in f64, one pass).
 fn group_stats(src: &[f32], eps: f64) -> (f64, f64) {
     let (sum, sum_sq) = sum_sq_f64(src);
-    let mean = sum / src.len() as f64;
-    let var = (sum_sq / src.len() as f64 - mean * mean).max(0.0);
+    stats_from_sums(sum, sum_sq, src.len() as f64, eps)
+}
+
+/// The mean and `1 / sqrt(var + eps)` of `n` values from their sum and sum of squares.
+fn stats_from_sums(sum: f64, sum_sq: f64, n: f64, eps: f64) -> (f64, f64) {
+    let mean = sum / n;
+    let var = (sum_sq / n - mean * mean).max(0.0);
     (mean, 1.0 / (var + eps).sqrt())
 }
 

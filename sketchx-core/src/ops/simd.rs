@@ -379,16 +379,23 @@ unsafe fn affine_silu_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>], a: f32, 
     let n = src.len().min(dst.len());
     let (va, vb) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
     for i in (0..n).step_by(L) {
-        let mask: __mmask16 = if n - i >= L {
-            0xffff
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let mask = lanes_mask(n - i);
         // SAFETY: the lanes under `mask` lie inside both slices.
         unsafe {
             let x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, src.as_ptr().add(i)), va, vb);
             _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i).cast(), mask, silu_avx512(x));
         }
+    }
+}
+
+/// The mask of the first `remaining` of 16 lanes (all 16 from 16 on): a loop's tail over a slice.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_mask(remaining: usize) -> std::arch::x86_64::__mmask16 {
+    if remaining >= 16 {
+        0xffff
+    } else {
+        (1u16 << remaining) - 1
     }
 }
 
@@ -449,11 +456,7 @@ unsafe fn affine_silu_channels_bf16_avx512(src: &[f32], a: &[f32], b: &[f32], ds
     const L: usize = 16;
     let n = src.len();
     for i in (0..n).step_by(L) {
-        let mask: __mmask16 = if n - i >= L {
-            0xffff
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let mask = lanes_mask(n - i);
         // SAFETY: the lanes under `mask` lie inside all four slices.
         unsafe {
             let load = |p: &[f32]| _mm512_maskz_loadu_ps(mask, p.as_ptr().add(i));
@@ -536,11 +539,7 @@ unsafe fn geglu_row_avx512(a: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     let c = |v: f32| _mm512_set1_ps(v);
     let sign = _mm512_set1_epi32(i32::MIN);
     for i in (0..n).step_by(L) {
-        let mask: __mmask16 = if n - i >= L {
-            0xffff
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let mask = lanes_mask(n - i);
         // SAFETY: the lanes under `mask` lie inside the three slices.
         unsafe {
             let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
