@@ -19,15 +19,35 @@ struct Server {
     base: String,
     _rt: tokio::runtime::Runtime,
     dir: PathBuf,
+    pipe: Pipeline,
+}
+
+impl Server {
+    /// Stops the pipeline (cancelling what is queued and joining its worker, so no job still writes an image) and
+    /// removes the output directory.
+    fn finish(self) {
+        self.pipe.shutdown();
+        std::fs::remove_dir_all(&self.dir).unwrap();
+    }
 }
 
 /// Serves the REST API on `pipe` over loopback.
 fn serve(pipe: Pipeline, dir: PathBuf) -> Server {
-    serve_router(app::router(pipe), dir, app::HEADER_READ_TIMEOUT)
+    serve_router(
+        app::router(pipe.clone()),
+        pipe,
+        dir,
+        app::HEADER_READ_TIMEOUT,
+    )
 }
 
-/// Serves `router` over loopback with the example's own accept loop.
-fn serve_router(router: axum::Router, dir: PathBuf, header_timeout: Duration) -> Server {
+/// Serves `router` (built on `pipe`) over loopback with the example's own accept loop.
+fn serve_router(
+    router: axum::Router,
+    pipe: Pipeline,
+    dir: PathBuf,
+    header_timeout: Duration,
+) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -44,7 +64,12 @@ fn serve_router(router: axum::Router, dir: PathBuf, header_timeout: Duration) ->
         std::future::pending(),
         Duration::ZERO,
     ));
-    Server { base, _rt: rt, dir }
+    Server {
+        base,
+        _rt: rt,
+        dir,
+        pipe,
+    }
 }
 
 fn start(queue_capacity: usize) -> Server {
@@ -74,7 +99,12 @@ fn start_with(queue_capacity: usize, body_timeout: Duration, header_timeout: Dur
     cfg.queue_capacity = queue_capacity;
     cfg.cleanup_interval = None;
     let pipe = Pipeline::new(cfg).unwrap();
-    serve_router(app::router_with(pipe, body_timeout), dir, header_timeout)
+    serve_router(
+        app::router_with(pipe.clone(), body_timeout),
+        pipe,
+        dir,
+        header_timeout,
+    )
 }
 
 /// A multipart/form-data body with text fields and an optional `sketch` file.
@@ -233,7 +263,7 @@ fn the_original_rest_api_over_http() {
     assert!(doc["paths"]["/api/generate"]["post"].is_object());
     let (code, _, _) = call(ureq::get(&format!("{}/docs", s.base)), None);
     assert_eq!(code, 200);
-    std::fs::remove_dir_all(&s.dir).unwrap();
+    s.finish();
 }
 
 #[test]
@@ -281,7 +311,7 @@ fn bad_input_is_422_naming_the_field_never_500() {
         Some(("text/plain".into(), b"hi".to_vec())),
     );
     assert!((400..500).contains(&code), "{code}");
-    std::fs::remove_dir_all(&s.dir).unwrap();
+    s.finish();
 }
 
 #[test]
@@ -301,7 +331,7 @@ fn a_full_queue_is_429_with_retry_after() {
     assert_eq!(code, 429, "{body}");
     assert!(retry.is_some_and(|r| r.parse::<u64>().is_ok()));
     call(ureq::delete(&format!("{}/api/jobs/{id}", s.base)), None);
-    std::fs::remove_dir_all(&s.dir).unwrap();
+    s.finish();
 }
 
 #[test]
@@ -475,7 +505,10 @@ fn the_few_step_fields_reach_the_request() {
     let mut tcd = small("2");
     tcd.push(("scheduler", "TCD".into()));
     tcd.push(("timestep_spacing", "".into()));
-    assert_eq!(post(&s, &tcd, Some(&sk)).0, 200);
+    let (code, body, _) = post(&s, &tcd, Some(&sk));
+    assert_eq!(code, 200, "{body}");
+    let st = wait_final(&s, body["job_id"].as_str().unwrap());
+    assert_eq!(st["status"], "completed", "{st}");
 
     for (field, value) in [
         ("eta", "1.5"),
@@ -493,7 +526,7 @@ fn the_few_step_fields_reach_the_request() {
         assert_eq!(code, 422, "{field}={value}: {body}");
         assert_eq!(body["field"], field, "{body}");
     }
-    std::fs::remove_dir_all(&s.dir).unwrap();
+    s.finish();
 }
 
 #[test]
@@ -621,7 +654,7 @@ fn img2img_and_the_preprocessors_over_http() {
         Some(u64::from(d.canny_high_threshold))
     );
     assert!(p.get("start_image").is_some());
-    std::fs::remove_dir_all(&s.dir).unwrap();
+    s.finish();
 }
 
 /// One raw HTTP exchange on loopback: writes `request`, reads until the server closes or a whole response with a
