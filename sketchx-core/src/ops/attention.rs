@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{padded_stride, SendPtr};
+use super::cpu::{line_aligned, padded_stride, SendPtr};
 use super::simd::{exp_sum_row, softmax_row};
 
 /// Queries per task: a `QUERY_TILE x keys` score block (1 MiB at 4096 keys) stays in the L2 cache.
@@ -392,15 +392,23 @@ unsafe fn on_tiles(
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
     let (ls, lp) = (padded_stride(m, 4), padded_stride(m, 2));
+    // Each task's tiles start on cache lines (the rows are whole lines apart): a tile row that straddles two
+    // lines loads and stores at up to half speed.
+    let (sl, ql, pl) = (QUERY_TILE * ls, QUERY_TILE * dp, QUERY_TILE * lp);
     (0..b * heads * tiles).into_par_iter().for_each_init(
         || {
             (
-                vec![0f32; QUERY_TILE * ls],
-                vec![0u16; QUERY_TILE * dp],
-                vec![0u16; QUERY_TILE * lp],
+                vec![0f32; sl + 16],
+                vec![0u16; ql + 32],
+                vec![0u16; pl + 32],
             )
         },
         |(scores, qb, pb), task| {
+            let (scores, qb, pb) = (
+                line_aligned(scores, sl),
+                line_aligned(qb, ql),
+                line_aligned(pb, pl),
+            );
             let (bh, t) = (task / tiles, task % tiles);
             let (bi, hi) = (bh / heads, bh % heads);
             let (keys, values) = &packed[bh];

@@ -19,7 +19,7 @@ use crate::precision::Weights;
 use rayon::prelude::*;
 
 use super::add::Divisor;
-use super::cpu::{Kept, SendPtr};
+use super::cpu::{Kept, Out, SendPtr};
 use super::gemm::{
     convert_bf16, gemm_f32_from, gemm_packed_from, gemm_shifted, pair_words, plain_gemm_f32,
     Format, PackedA, PackedB, Shifted, Start, NR,
@@ -243,8 +243,10 @@ impl FastConv2d {
             }),
             || self.flops(&dims),
             || {
-                xs.contiguous()?
-                    .apply_op2_no_bwd(bias, &UpsampledOp(op.clone()))
+                let out = xs
+                    .contiguous()?
+                    .apply_op2_no_bwd(bias, &UpsampledOp(op.clone()))?;
+                super::cpu::lined_view(&out, &planar_out(&dims, self.kernel[0]))
             },
         )
     }
@@ -296,10 +298,11 @@ impl FastConv2d {
             || self.flops(xs.dims()),
             || {
                 let xs = xs.contiguous()?;
-                match residual {
-                    Some((r, _)) => xs.apply_op3_no_bwd(bias, &r.contiguous()?, &op),
-                    None => xs.apply_op2_no_bwd(bias, &op),
-                }
+                let out = match residual {
+                    Some((r, _)) => xs.apply_op3_no_bwd(bias, &r.contiguous()?, &op)?,
+                    None => xs.apply_op2_no_bwd(bias, &op)?,
+                };
+                super::cpu::lined_view(&out, &planar_out(xs.dims(), self.kernel[0]))
             },
         )
         .map(Some)
@@ -362,10 +365,15 @@ impl FastConv2d {
             || self.flops(xs.dims()),
             || {
                 let xs = xs.contiguous()?;
-                match t {
-                    Some(t) => xs.apply_op3_no_bwd(bias1, &t.contiguous()?, &first),
-                    None => xs.apply_op2_no_bwd(bias1, &first),
-                }
+                let out = match t {
+                    Some(t) => xs.apply_op3_no_bwd(bias1, &t.contiguous()?, &first)?,
+                    None => xs.apply_op2_no_bwd(bias1, &first)?,
+                };
+                // Channels last: (b, h, w, c_out).
+                let [b, c, hh, w] = planar_out(xs.dims(), self.kernel[0])[..] else {
+                    candle_core::bail!("conv: input {:?}", xs.dims());
+                };
+                super::cpu::lined_view(&out, &[b, hh, w, c])
             },
         )?;
         // The second convolution's flops on `h`'s planar dimensions.
@@ -378,7 +386,10 @@ impl FastConv2d {
                 format!("{:?} {:?} fused, input channels last", planar, conv2.kernel)
             }),
             || conv2.flops(&planar),
-            || h.apply_op3_no_bwd(bias2, &skip.contiguous()?, &second),
+            || {
+                let out = h.apply_op3_no_bwd(bias2, &skip.contiguous()?, &second)?;
+                super::cpu::lined_view(&out, &planar_out(&planar, conv2.kernel[0]))
+            },
         )
         .map(Some)
     }
@@ -430,6 +441,16 @@ const RESNET_LAST_MIN_CHANNELS: usize = 256;
 /// The largest channel count for which the CPU bf16 mode also keeps a convolution's f32 kernel for the Winograd
 /// path (the wide, deep layers run on small images, where it does not apply).
 const WINOGRAD_KEEP_MAX_CHANNELS: usize = 256;
+
+/// The planar output dimensions `(b, c_out, h, w)` of a 3x3 "same" convolution of an input `dims` `(b, c_in, h,
+/// w)`.
+fn planar_out(dims: &[usize], cout: usize) -> Vec<usize> {
+    let mut d = dims.to_vec();
+    if let Some(c) = d.get_mut(1) {
+        *c = cout;
+    }
+    d
+}
 
 /// Whether the CPU bf16 mode keeps the f32 kernel of a convolution of this kernel `[c_out, c_in, kh, kw]`
 /// besides its bf16 one: narrow enough, and f32 Winograd pays for it.
@@ -585,7 +606,14 @@ impl Conv2dOp {
             }
         }
         if let Weight::Channels(bm) = weight {
-            return Self::channels_last_storage(x, bm, bias, (b, cin, h, wd), Fused::default());
+            return Self::channels_last_storage(
+                x,
+                bm,
+                bias,
+                (b, cin, h, wd),
+                Fused::default(),
+                false,
+            );
         }
         let taps_wide = wd >= TAPS_MIN_WIDTH;
         if let (Weight::Taps(a), true) = (weight, taps_wide) {
@@ -855,7 +883,7 @@ impl FusedOp {
                 ..Fused::default()
             },
         };
-        Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, h, w), fused)
+        Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, h, w), fused, true)
     }
 }
 
@@ -883,7 +911,7 @@ impl CustomOp2 for UpsampledOp {
             upsample: true,
             ..Fused::default()
         };
-        Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, 2 * h, 2 * w), fused)
+        Conv2dOp::channels_last_storage(x, bm, bias, (b, cin, 2 * h, 2 * w), fused, true)
     }
 }
 
@@ -1114,22 +1142,25 @@ impl Conv2dOp {
         bias: &[f32],
         (b, cin, h, w): (usize, usize, usize, usize),
         fused: Fused,
+        lined: bool,
     ) -> Result<(CpuStorage, Shape)> {
         #[cfg(target_arch = "x86_64")]
         {
             let out = SCRATCH.take_with(|(_, words)| {
-                Self::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words)
+                Self::taps_channels_last(x, bm, bias, (b, cin, h, w), fused, words, lined)
             });
             let shape = if fused.output_last.is_some() {
                 Shape::from((b, h, w, bm.n()))
             } else {
                 Shape::from((b, bm.n(), h, w))
             };
-            Ok((CpuStorage::F32(out), shape))
+            // SAFETY: the convolution wrote every value.
+            let (v, shape) = unsafe { out.finish(shape) };
+            Ok((CpuStorage::F32(v), shape))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (x, bm, bias, b, cin, h, w, fused);
+            let _ = (x, bm, bias, b, cin, h, w, fused, lined);
             candle_core::bail!("conv: channels-last kernels need AMX")
         }
     }
@@ -1156,11 +1187,13 @@ impl Conv2dOp {
             output_last,
         }: Fused,
         words: &mut Vec<u32>,
-    ) -> Vec<f32> {
+        lined: bool,
+    ) -> Out<f32> {
         let cout = bm.n();
         let len = b * cout * h * w;
+        let mut out = Out::<f32>::uninit(len, lined);
         if len == 0 {
-            return Vec::new();
+            return out;
         }
         let pairs = cin.div_ceil(2);
         assert_eq!(bm.k(), 18 * pairs, "kernel and input channels");
@@ -1170,25 +1203,33 @@ impl Conv2dOp {
         );
         if pairs == 0 {
             // No input channels (a product over nothing): every plane is its bias, plus the residual.
-            let mut out = super::cpu::output_f32(len);
+            out.spare().fill(std::mem::MaybeUninit::new(0.0));
+            // SAFETY: every value was written just above.
+            let values = unsafe { std::slice::from_raw_parts_mut(out.ptr(), len) };
             let img = h * w;
             if let Some(add) = output_last {
-                out.par_chunks_mut(cout).enumerate().for_each(|(q, row)| {
-                    let bi = q / img;
-                    for (c, d) in row.iter_mut().enumerate() {
-                        *d = bias[c] + add.map_or(0.0, |t| t[bi * cout + c]);
-                    }
-                });
+                values
+                    .par_chunks_mut(cout)
+                    .enumerate()
+                    .for_each(|(q, row)| {
+                        let bi = q / img;
+                        for (c, d) in row.iter_mut().enumerate() {
+                            *d = bias[c] + add.map_or(0.0, |t| t[bi * cout + c]);
+                        }
+                    });
                 return out;
             }
-            out.par_chunks_mut(img).enumerate().for_each(|(t, plane)| {
-                plane.fill(bias[t % cout]);
-                if let Some((skip, divisor)) = residual {
-                    for (d, &r) in plane.iter_mut().zip(&skip[t * img..(t + 1) * img]) {
-                        *d = divisor.sum(r, *d);
+            values
+                .par_chunks_mut(img)
+                .enumerate()
+                .for_each(|(t, plane)| {
+                    plane.fill(bias[t % cout]);
+                    if let Some((skip, divisor)) = residual {
+                        for (d, &r) in plane.iter_mut().zip(&skip[t * img..(t + 1) * img]) {
+                            *d = divisor.sum(r, *d);
+                        }
                     }
-                }
-            });
+                });
             return out;
         }
         // Rows start on cache lines.
@@ -1287,8 +1328,7 @@ impl Conv2dOp {
             },
         );
         let a = &*a;
-        let mut out = super::cpu::output_uninit_f32(len);
-        let optr = SendPtr(out.as_mut_ptr());
+        let optr = SendPtr(out.ptr());
         // Each tile of the product (16 positions x 16 channels) is transposed and its positions that are outputs
         // written into their planes: runs along an image row (product row j is image j / plane, position
         // (j % plane) / l, (j % plane) % l; x < w and y < h are outputs).
@@ -1378,9 +1418,8 @@ impl Conv2dOp {
                 &epilogue,
             )
         };
-        // SAFETY: the product's rows 0..ncols hold every output position (image bi, row y < h, column x < w at
-        // bi * plane + y * l + x), each written by the epilogue.
-        unsafe { out.set_len(len) };
+        // The product's rows 0..ncols hold every output position (image bi, row y < h, column x < w at bi * plane
+        // + y * l + x), each written by the epilogue.
         out
     }
 
@@ -1899,6 +1938,7 @@ mod tests {
                     None => xs.apply_op2_no_bwd(bias, &first),
                 }
                 .unwrap();
+                let half = crate::ops::cpu::lined_view(&half, &[2, h, w, cout]).unwrap();
                 let planar = half.permute((0, 3, 1, 2)).unwrap();
                 assert_eq!(
                     crate::ops::max_abs_diff(&planar, &hs),

@@ -66,6 +66,98 @@ pub(crate) fn output_uninit_f32(len: usize) -> Vec<f32> {
     v
 }
 
+/// A fresh output vector whose values can start on a 64-byte boundary. candle's tensors own plain vectors, 16-byte
+/// aligned at best (and 16 bytes past a page when large), and an AMX tile row or a vector that straddles two cache
+/// lines loads or stores at up to half speed. A lined output holds [`line_pad`] values more and its values start at
+/// the first boundary ([`line_start`]); the op returns the whole vector, one-dimensional, and [`lined_view`] turns
+/// the result into the view of its values (no copy). Unlined, it is a plain output of exactly its values.
+pub(crate) struct Out<E> {
+    vec: Vec<E>,
+    start: usize,
+    len: usize,
+    lined: bool,
+}
+
+/// Values a lined output holds beyond its own.
+pub(crate) const fn line_pad<E>() -> usize {
+    64 / std::mem::size_of::<E>() - 1
+}
+
+/// Index of the first element at `p` on a 64-byte boundary (at most [`line_pad`]).
+pub(crate) fn line_start<E>(p: *const E) -> usize {
+    p.align_offset(64).min(line_pad::<E>())
+}
+
+impl<E: Copy + Default> Out<E> {
+    /// Room for `len` values, never initialised (the op writes them all before [`Self::finish`]).
+    pub(crate) fn uninit(len: usize, lined: bool) -> Self {
+        let cap = if lined { len + line_pad::<E>() } else { len };
+        let mut vec: Vec<E> = Vec::with_capacity(cap);
+        advise_huge_pages(vec.as_mut_ptr().cast(), cap * std::mem::size_of::<E>());
+        let start = if lined { line_start(vec.as_ptr()) } else { 0 };
+        Self {
+            vec,
+            start,
+            len,
+            lined,
+        }
+    }
+
+    /// The first value's address.
+    pub(crate) fn ptr(&mut self) -> *mut E {
+        // SAFETY: `start + len` lies within the capacity.
+        unsafe { self.vec.as_mut_ptr().add(self.start) }
+    }
+
+    /// The values, as memory to write.
+    pub(crate) fn spare(&mut self) -> &mut [std::mem::MaybeUninit<E>] {
+        let (start, len) = (self.start, self.len);
+        &mut self.vec.spare_capacity_mut()[start..start + len]
+    }
+
+    /// The vector and the shape the op returns: `shape` itself, or for a lined output the whole vector (see
+    /// [`lined_view`]).
+    ///
+    /// # Safety
+    /// All `len` values must have been written.
+    pub(crate) unsafe fn finish(
+        mut self,
+        shape: candle_core::Shape,
+    ) -> (Vec<E>, candle_core::Shape) {
+        let cap = if self.lined {
+            self.len + line_pad::<E>()
+        } else {
+            self.len
+        };
+        for i in (0..self.start).chain(self.start + self.len..cap) {
+            self.vec.spare_capacity_mut()[i].write(E::default());
+        }
+        // SAFETY: the contract (the values) and the pad written just above.
+        unsafe { self.vec.set_len(cap) };
+        let shape = if self.lined { cap.into() } else { shape };
+        (self.vec, shape)
+    }
+}
+
+/// The values of a lined op result `t` (see [`Out`]) as a tensor of `shape`: a view from the first 64-byte
+/// boundary, sharing the storage.
+pub(crate) fn lined_view(
+    t: &candle_core::Tensor,
+    shape: &[usize],
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{Storage, Tensor};
+    let len: usize = shape.iter().product();
+    let start = {
+        let (storage, _) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => line_start(v.as_ptr()),
+            Storage::Cpu(CpuStorage::BF16(v)) => line_start(v.as_ptr()),
+            _ => candle_core::bail!("lined output: expected f32 or bf16 on the CPU"),
+        }
+    };
+    Tensor::narrow(t, 0, start, len)?.reshape(shape)
+}
+
 /// Scratch memory kept between an operation's calls, each of which overwrites what it uses: a fresh buffer of
 /// megabytes is zeroed (or faulted in) at every call. A call that finds it taken (another thread's operation
 /// meanwhile) uses a fresh one.
@@ -226,9 +318,64 @@ pub(crate) fn padded_stride(len: usize, bytes: usize) -> usize {
     (lines | 1) * 64 / bytes
 }
 
+/// Whether the values of `t` (a contiguous CPU tensor) start on a 64-byte boundary.
+#[cfg(test)]
+pub(crate) fn starts_on_line(t: &candle_core::Tensor) -> bool {
+    use candle_core::Storage;
+    let (storage, layout) = t.storage_and_layout();
+    let start = layout.start_offset();
+    let addr = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v[start..].as_ptr() as usize,
+        Storage::Cpu(CpuStorage::BF16(v)) => v[start..].as_ptr() as usize,
+        _ => return false,
+    };
+    addr % 64 == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// A lined output's view holds exactly the values written, from a cache line, in f32 and bf16 and at every
+    /// length (the pad around them never shows); an unlined one is exactly its values.
+    #[test]
+    fn lined_outputs_are_their_values_from_a_line() {
+        for len in [0usize, 1, 15, 16, 17, 1000, 100_003] {
+            let mut out = Out::<f32>::uninit(len, true);
+            for (i, v) in out.spare().iter_mut().enumerate() {
+                v.write(i as f32 + 0.5);
+            }
+            // SAFETY: every value was written just above.
+            let (v, shape) = unsafe { out.finish((len,).into()) };
+            assert_eq!(shape.dims(), &[len + line_pad::<f32>()]);
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            let view = lined_view(&t, &[len]).unwrap();
+            assert!(starts_on_line(&view), "f32 {len}");
+            let want: Vec<f32> = (0..len).map(|i| i as f32 + 0.5).collect();
+            assert_eq!(view.to_vec1::<f32>().unwrap(), want);
+
+            let mut out = Out::<half::bf16>::uninit(len, true);
+            for (i, v) in out.spare().iter_mut().enumerate() {
+                v.write(half::bf16::from_f32((i % 256) as f32));
+            }
+            // SAFETY: as above.
+            let (v, shape) = unsafe { out.finish((len,).into()) };
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            let view = lined_view(&t, &[len])
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            let want: Vec<f32> = (0..len).map(|i| (i % 256) as f32).collect();
+            assert_eq!(view.to_vec1::<f32>().unwrap(), want, "bf16 {len}");
+
+            let mut out = Out::<f32>::uninit(len, false);
+            out.spare().fill(std::mem::MaybeUninit::new(1.0));
+            // SAFETY: as above.
+            let (v, shape) = unsafe { out.finish((len,).into()) };
+            assert_eq!((v.len(), shape.dims()), (len, &[len][..]));
+        }
+    }
 
     #[test]
     fn padded_strides_are_odd_lines() {

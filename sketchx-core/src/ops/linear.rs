@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::precision::Weights;
 
-use super::cpu::Kept;
+use super::cpu::{Kept, Out};
 use super::gemm::{
     convert_bf16_parallel, fills_uninit, gemm_bf16_from, gemm_f32_from, gemm_rows_uninit, Format,
     PackedB, Start,
@@ -176,8 +176,9 @@ impl FastLinear {
                     self.profile_kind(xs),
                     || self.flops(xs),
                     || {
-                        Self::op_input(op, xs)?
-                            .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))
+                        let out = Self::op_input(op, xs)?
+                            .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))?;
+                        super::cpu::lined_view(&out, &op.out_dims(xs))
                     },
                 )
             }
@@ -208,11 +209,16 @@ impl FastLinear {
     pub fn forward_geglu(&self, xs: &Tensor, bf16: bool) -> Result<Tensor> {
         match self {
             Self::Packed(op) if op.weight.n() % 2 == 0 && op.weight.k() > 0 => {
-                Self::op_input(op, xs)?.apply_op1_no_bwd(&GegluLinearOp {
+                let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&GegluLinearOp {
                     linear: op,
                     block_rows: None,
                     bf16,
-                })
+                })?;
+                let mut dims = op.out_dims(xs);
+                if let Some(last) = dims.last_mut() {
+                    *last /= 2;
+                }
+                super::cpu::lined_view(&out, &dims)
             }
             _ => super::geglu::geglu(&self.forward(xs)?),
         }
@@ -271,6 +277,9 @@ impl CustomOp1 for GegluLinearOp<'_> {
             .max(1);
         // Never zeroed in f32: each block's GEGLU writes its rows (the blocks cover the m rows).
         let mut out = Output::new(m * half, self.bf16);
+        if let Output::Bf16(o) = &mut out {
+            o.spare().fill(std::mem::MaybeUninit::new(half::bf16::ZERO));
+        }
         static BLOCK: Kept<Vec<f32>> = Kept::new(Vec::new());
         BLOCK.with(rows * n, |block| -> Result<()> {
             for (i, r0) in (0..x.len()).step_by(rows * k).enumerate() {
@@ -281,49 +290,54 @@ impl CustomOp1 for GegluLinearOp<'_> {
                 super::profile::scope_flops(kind, || flops, || self.linear.product(xb, h))?;
                 let outs = i * rows * half..i * rows * half + h.len() / 2;
                 super::profile::scope("geglu", || match &mut out {
-                    Output::F32(o) => {
-                        super::geglu::geglu_rows(h, &mut o.spare_capacity_mut()[outs], half)
-                    }
+                    Output::F32(o) => super::geglu::geglu_rows(h, &mut o.spare()[outs], half),
                     Output::Bf16(o) => {
-                        super::geglu::geglu_rows_bf16(h, o[outs].reinterpret_cast_mut(), half)
+                        // SAFETY: the values were zeroed when the output was made.
+                        let values = unsafe {
+                            std::slice::from_raw_parts_mut(o.ptr().cast::<u16>(), m * half)
+                        };
+                        super::geglu::geglu_rows_bf16(h, &mut values[outs], half)
                     }
                 });
             }
             Ok(())
         })?;
         // SAFETY: every block's rows were written (above).
-        Ok((unsafe { out.written(m * half) }, shape))
+        Ok(unsafe { out.written(shape) })
     }
 }
 
-/// A fused op's output: f32 written through spare capacity, or bf16 bit patterns.
+/// A fused op's output, lined ([`super::cpu::Out`]): f32, or bf16 bit patterns.
 enum Output {
-    F32(Vec<f32>),
-    Bf16(Vec<half::bf16>),
+    F32(Out<f32>),
+    Bf16(Out<half::bf16>),
 }
 
 impl Output {
     /// Room for `len` values, bf16 when `bf16`.
     fn new(len: usize, bf16: bool) -> Self {
         if bf16 {
-            Self::Bf16(vec![half::bf16::ZERO; len])
+            Self::Bf16(Out::uninit(len, true))
         } else {
-            Self::F32(super::cpu::output_uninit_f32(len))
+            Self::F32(Out::uninit(len, true))
         }
     }
 
-    /// The storage, `len` values.
+    /// The storage and the shape the op returns.
     ///
     /// # Safety
-    /// In f32, all `len` values of the spare capacity must have been written.
-    unsafe fn written(self, len: usize) -> CpuStorage {
+    /// All values must have been written.
+    unsafe fn written(self, shape: Shape) -> (CpuStorage, Shape) {
+        // SAFETY (both): the contract.
         match self {
-            Self::F32(mut v) => {
-                // SAFETY: the contract.
-                unsafe { v.set_len(len) };
-                CpuStorage::F32(v)
+            Self::F32(o) => {
+                let (v, shape) = unsafe { o.finish(shape) };
+                (CpuStorage::F32(v), shape)
             }
-            Self::Bf16(v) => CpuStorage::BF16(v),
+            Self::Bf16(o) => {
+                let (v, shape) = unsafe { o.finish(shape) };
+                (CpuStorage::BF16(v), shape)
+            }
         }
     }
 }
@@ -336,7 +350,10 @@ impl Module for FastLinear {
             || self.flops(xs),
             || match self {
                 Self::Candle(l) => l.forward(&xs.to_dtype(l.weight().dtype())?),
-                Self::Packed(op) => Self::op_input(op, xs)?.apply_op1_no_bwd(op),
+                Self::Packed(op) => {
+                    let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&LinedLinearOp(op))?;
+                    super::cpu::lined_view(&out, &op.out_dims(xs))
+                }
             },
         )
     }
@@ -348,7 +365,22 @@ impl CustomOp1 for PackedLinearOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward_rows(Rows::of(s, l, "linear input")?, l, None)
+        self.forward_rows(Rows::of(s, l, "linear input")?, l, None, false)
+    }
+}
+
+/// [`PackedLinearOp`] with its output lined ([`super::cpu::Out`]): [`FastLinear`]'s own calls, which take the
+/// view of the values.
+struct LinedLinearOp<'a>(&'a PackedLinearOp);
+
+impl CustomOp1 for LinedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "sketchx-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0
+            .forward_rows(Rows::of(s, l, "linear input")?, l, None, true)
     }
 }
 
@@ -373,7 +405,7 @@ impl CustomOp2 for LinearAddOp<'_> {
         if l2.shape() != &shape {
             candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
         }
-        self.0.forward_rows(x, l1, Some(add))
+        self.0.forward_rows(x, l1, Some(add), true)
     }
 }
 
@@ -385,14 +417,15 @@ impl PackedLinearOp {
         x: Rows,
         l: &Layout,
         add: Option<&[f32]>,
+        lined: bool,
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
         let len = m * n;
+        let mut out = super::cpu::Out::<f32>::uninit(len, lined);
         if len > 0 && fills_uninit(&self.weight) {
             // The product writes every value: no zeroing pass first.
-            let mut out = super::cpu::output_uninit_f32(len);
-            let (k, c) = (self.weight.k(), out.as_mut_ptr());
+            let (k, c) = (self.weight.k(), out.ptr());
             let start = self.start();
             // SAFETY: `fills_uninit` holds, the start is not `Accumulate`, `c` has capacity for the `m` rows of `n`
             // values, all of which the product writes before `set_len`, and `add` holds as many (checked by the
@@ -413,16 +446,29 @@ impl PackedLinearOp {
                         candle_core::bail!("linear: a bf16 input to a layer packed in f32")
                     }
                 }
-                out.set_len(len);
+                let (v, shape) = out.finish(shape);
+                return Ok((CpuStorage::F32(v), shape));
             }
-            return Ok((CpuStorage::F32(out), shape));
         }
-        let mut out = super::cpu::output_f32(len);
-        self.product(x, &mut out)?;
+        out.spare().fill(std::mem::MaybeUninit::new(0.0));
+        // SAFETY: every value was written just above.
+        let values = unsafe { std::slice::from_raw_parts_mut(out.ptr(), len) };
+        self.product(x, values)?;
         if let Some(add) = add {
-            out.iter_mut().zip(add).for_each(|(o, a)| *o += a);
+            values.iter_mut().zip(add).for_each(|(o, a)| *o += a);
         }
-        Ok((CpuStorage::F32(out), shape))
+        // SAFETY: as above.
+        let (v, shape) = unsafe { out.finish(shape) };
+        Ok((CpuStorage::F32(v), shape))
+    }
+
+    /// The output's dimensions for the input `xs`: its own, the last one the weight's output features.
+    fn out_dims(&self, xs: &Tensor) -> Vec<usize> {
+        let mut dims = xs.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.weight.n();
+        }
+        dims
     }
 
     /// What the product starts from: the bias, or zero.
@@ -637,6 +683,49 @@ mod tests {
         });
     }
 
+    /// A packed layer's results (plain, with a residual, through GEGLU in f32 and bf16) and the bf16 layer norm
+    /// that feeds such layers start on cache lines, so that the AMX tiles that write and read them move whole
+    /// lines; on every row count.
+    #[test]
+    fn packed_results_start_on_cache_lines() {
+        use crate::ops::cpu::starts_on_line;
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let (i, o) = (40, 64);
+            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let vb = layer_vars(&w, &b);
+            let norm = crate::ops::norm::FastLayerNorm::new(
+                i,
+                1e-5,
+                candle_nn::VarBuilder::zeros(DType::F32, &dev).pp("n"),
+            )
+            .unwrap();
+            for precision in [Precision::F32, Precision::CpuBf16] {
+                let layer =
+                    FastLinear::load(i, o, true, &Weights::new(vb.clone(), precision).pp("l"))
+                        .unwrap();
+                if !matches!(layer, FastLinear::Packed(_)) || !crate::ops::kernels_enabled() {
+                    continue;
+                }
+                for rows in [1, 3, 17, 300] {
+                    let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
+                    let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
+                    let normed = norm.forward_bf16(&x).unwrap();
+                    for (what, t) in [
+                        ("forward", layer.forward(&x).unwrap()),
+                        ("forward_add", layer.forward_add(&x, &r).unwrap()),
+                        ("geglu f32", layer.forward_geglu(&x, false).unwrap()),
+                        ("geglu bf16", layer.forward_geglu(&x, true).unwrap()),
+                        ("layer norm bf16", normed),
+                    ] {
+                        assert!(starts_on_line(&t), "{precision:?} {what}, {rows} rows");
+                    }
+                }
+            }
+        });
+    }
+
     /// The fused product + GEGLU gives the same bits as the two steps apart, in f32 and bf16, with and without a
     /// bias, on one block, on blocks that split the rows unevenly, and on inputs of one row and of none.
     #[test]
@@ -678,8 +767,8 @@ mod tests {
                             block_rows,
                             bf16: false,
                         };
-                        let got = x.apply_op1_no_bwd(&fused).unwrap();
-                        assert_eq!(got.dims(), &[2, rows, o / 2]);
+                        let raw = x.apply_op1_no_bwd(&fused).unwrap();
+                        let got = crate::ops::cpu::lined_view(&raw, &[2, rows, o / 2]).unwrap();
                         assert!(
                             bits(&want) == bits(&got),
                             "{precision:?} bias {bias} rows {rows} block {block_rows:?}"
