@@ -152,6 +152,40 @@ fn row_max(row: &[f32]) -> f32 {
     lanes[0]
 }
 
+/// [`row_max`] in AVX-512 registers: four vectors of lanes, the tail masked (its lanes past the row stay `-inf`),
+/// reduced in registers. The same value ([`row_max`]'s lanes only skip NaNs, as `vmaxps` with the new value
+/// first does; which of `+0` and `-0` comes out does not change what the callers compute from it), without the
+/// stores and reloads of a lane array that short rows (cross-attention's 77 keys) spent most of their time on.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let low = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut acc = [low; 4];
+    let mut chunks = row.chunks_exact(4 * L);
+    for c in &mut chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: entries j * 16..j * 16 + 16 of the chunk (64 values).
+            *a = _mm512_max_ps(unsafe { _mm512_loadu_ps(c.as_ptr().add(j * L)) }, *a);
+        }
+    }
+    for (c, a) in chunks.remainder().chunks(L).zip(acc.iter_mut()) {
+        let mask: __mmask16 = if c.len() == L {
+            0xffff
+        } else {
+            (1u16 << c.len()) - 1
+        };
+        // SAFETY: the lanes under `mask` lie inside the row.
+        *a = _mm512_max_ps(unsafe { _mm512_mask_loadu_ps(low, mask, c.as_ptr()) }, *a);
+    }
+    let m = _mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
+    _mm512_reduce_max_ps(m)
+}
+
 /// The sum of 16 lanes in a tree (lane `i` plus lane `i + 8`, and so on): four dependent additions instead of
 /// fifteen, the same order on every path.
 #[inline(always)]
@@ -242,7 +276,8 @@ pub fn exp_sum_row_bf16(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
 unsafe fn exp_sum_row_bf16_avx512(row: &[f32], out: &mut [u16], scale: f32) -> f32 {
     use std::arch::x86_64::*;
     const L: usize = 16;
-    let max = row_max(row);
+    // SAFETY: the CPU has AVX-512 F (this function's contract).
+    let max = unsafe { row_max_avx512(row) };
     // Scores in units of log2: exp(scale (x - max)) = 2^(x s - max s) with s = scale log2(e), one multiply-add.
     let scale = scale * std::f32::consts::LOG2_E;
     let (vshift, vscale) = (_mm512_set1_ps(max * scale), _mm512_set1_ps(scale));
@@ -639,6 +674,39 @@ dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 row maximum is the lane array's on every length around the vector widths, with NaNs (skipped),
+    /// infinities and zeros of both signs among the values (compared as values: `+0 == -0`).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn row_max_paths_agree() {
+        if !crate::ops::cpu::features().avx512 {
+            eprintln!("no AVX-512 on this CPU: only the lane array runs");
+            return;
+        }
+        let mut seed = 5u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32
+        };
+        let special = [f32::NAN, f32::NEG_INFINITY, 0.0, -0.0, f32::INFINITY];
+        for len in [0, 1, 7, 15, 16, 17, 63, 64, 65, 77, 128, 130, 1024, 1031] {
+            for case in 0..4 {
+                let row: Vec<f32> = (0..len)
+                    .map(|i| match (case, i % 7) {
+                        (1, 0) => special[(i / 7) % special.len()],
+                        (2, _) => f32::NEG_INFINITY,
+                        (3, _) => -next(),
+                        _ => next() * 20.0 - 10.0,
+                    })
+                    .collect();
+                // SAFETY: the CPU has AVX-512 F (checked above).
+                let got = unsafe { row_max_avx512(&row) };
+                let want = row_max(&row);
+                assert!(got == want, "len {len} case {case}: {got} against {want}");
+            }
+        }
+    }
 
     /// GEGLU on this CPU's path against the portable one (erf's division): within 3e-7 |a g| (plus 1e-30), on
     /// random and saturating gates (zero, +-9, +-1e30, tiny), on lengths around the vector width.
