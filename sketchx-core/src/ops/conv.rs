@@ -689,8 +689,8 @@ impl Conv2dOp {
                     0..oh,
                     format,
                 );
-                col.resize(col.len().max(cout * cols), 0.0);
-                let all = &mut col[..cout * cols];
+                // From a cache line: the product's tiles load and store whole lines (the start is written first).
+                let all = super::cpu::line_aligned(col, cout * cols);
                 match w {
                     Batched::Packed(w) => gemm_packed_from(w, &rhs, all, cols, Start::Rows(bias)),
                     Batched::F32(w) => {
