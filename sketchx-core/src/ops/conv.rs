@@ -1203,9 +1203,7 @@ impl Conv2dOp {
         );
         if pairs == 0 {
             // No input channels (a product over nothing): every plane is its bias, plus the residual.
-            out.spare().fill(std::mem::MaybeUninit::new(0.0));
-            // SAFETY: every value was written just above.
-            let values = unsafe { std::slice::from_raw_parts_mut(out.ptr(), len) };
+            let values = out.values();
             let img = h * w;
             if let Some(add) = output_last {
                 values

@@ -91,9 +91,29 @@ pub(crate) fn line_start<E>(p: *const E) -> usize {
 impl<E: Copy + Default> Out<E> {
     /// Room for `len` values, never initialised (the op writes them all before [`Self::finish`]).
     pub(crate) fn uninit(len: usize, lined: bool) -> Self {
-        let cap = if lined { len + line_pad::<E>() } else { len };
-        let mut vec: Vec<E> = Vec::with_capacity(cap);
-        advise_huge_pages(vec.as_mut_ptr().cast(), cap * std::mem::size_of::<E>());
+        Self::around(Vec::with_capacity(Self::room(len, lined)), len, lined)
+    }
+
+    /// Room for `len` values, all `E::default()` (zeroed memory from the allocator, as `vec!` gives it).
+    pub(crate) fn zeroed(len: usize, lined: bool) -> Self {
+        Self::around(vec![E::default(); Self::room(len, lined)], len, lined)
+    }
+
+    /// The vector's length for `len` values: with the pad for a lined output.
+    fn room(len: usize, lined: bool) -> usize {
+        if lined {
+            len + line_pad::<E>()
+        } else {
+            len
+        }
+    }
+
+    /// The output in `vec` (room for [`Self::room`] values), hinted like [`output_f32`].
+    fn around(mut vec: Vec<E>, len: usize, lined: bool) -> Self {
+        advise_huge_pages(
+            vec.as_mut_ptr().cast(),
+            vec.capacity() * std::mem::size_of::<E>(),
+        );
         let start = if lined { line_start(vec.as_ptr()) } else { 0 };
         Self {
             vec,
@@ -103,13 +123,26 @@ impl<E: Copy + Default> Out<E> {
         }
     }
 
+    /// All the vector's values: with the pad for a lined output.
+    fn capacity(&self) -> usize {
+        Self::room(self.len, self.lined)
+    }
+
+    /// The values, as initialised memory to write (an output made uninitialised is zeroed first).
+    pub(crate) fn values(&mut self) -> &mut [E] {
+        let cap = self.capacity();
+        // Within the capacity: the vector does not move, so `start` stays on the line.
+        self.vec.resize(cap, E::default());
+        &mut self.vec[self.start..self.start + self.len]
+    }
+
     /// The first value's address.
     pub(crate) fn ptr(&mut self) -> *mut E {
         // SAFETY: `start + len` lies within the capacity.
         unsafe { self.vec.as_mut_ptr().add(self.start) }
     }
 
-    /// The values, as memory to write.
+    /// The values, as memory to write (an output made uninitialised, before [`Self::values`]).
     pub(crate) fn spare(&mut self) -> &mut [std::mem::MaybeUninit<E>] {
         let (start, len) = (self.start, self.len);
         &mut self.vec.spare_capacity_mut()[start..start + len]
@@ -119,21 +152,20 @@ impl<E: Copy + Default> Out<E> {
     /// [`lined_view`]).
     ///
     /// # Safety
-    /// All `len` values must have been written.
+    /// All `len` values must have been written (through [`Self::ptr`] or [`Self::spare`]; those of
+    /// [`Self::values`] are).
     pub(crate) unsafe fn finish(
         mut self,
         shape: candle_core::Shape,
     ) -> (Vec<E>, candle_core::Shape) {
-        let cap = if self.lined {
-            self.len + line_pad::<E>()
-        } else {
-            self.len
-        };
-        for i in (0..self.start).chain(self.start + self.len..cap) {
-            self.vec.spare_capacity_mut()[i].write(E::default());
+        let cap = self.capacity();
+        if self.vec.len() < cap {
+            for i in (0..self.start).chain(self.start + self.len..cap) {
+                self.vec.spare_capacity_mut()[i].write(E::default());
+            }
+            // SAFETY: the contract (the values) and the pad written just above.
+            unsafe { self.vec.set_len(cap) };
         }
-        // SAFETY: the contract (the values) and the pad written just above.
-        unsafe { self.vec.set_len(cap) };
         let shape = if self.lined { cap.into() } else { shape };
         (self.vec, shape)
     }

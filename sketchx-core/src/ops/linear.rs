@@ -69,7 +69,8 @@ pub enum FastLinear {
     Packed(PackedLinearOp),
 }
 
-/// The product of a packed [`FastLinear`], as a candle custom op on f32 CPU tensors.
+/// The product of a packed [`FastLinear`], as a candle custom op on CPU tensors; its result is lined
+/// ([`super::cpu::Out`]: the whole vector, of which [`FastLinear`] takes the view).
 #[derive(Debug, Clone)]
 pub struct PackedLinearOp {
     weight: Arc<PackedB>,
@@ -277,9 +278,6 @@ impl CustomOp1 for GegluLinearOp<'_> {
             .max(1);
         // Never zeroed in f32: each block's GEGLU writes its rows (the blocks cover the m rows).
         let mut out = Output::new(m * half, self.bf16);
-        if let Output::Bf16(o) = &mut out {
-            o.spare().fill(std::mem::MaybeUninit::new(half::bf16::ZERO));
-        }
         static BLOCK: Kept<Vec<f32>> = Kept::new(Vec::new());
         BLOCK.with(rows * n, |block| -> Result<()> {
             for (i, r0) in (0..x.len()).step_by(rows * k).enumerate() {
@@ -291,13 +289,11 @@ impl CustomOp1 for GegluLinearOp<'_> {
                 let outs = i * rows * half..i * rows * half + h.len() / 2;
                 super::profile::scope("geglu", || match &mut out {
                     Output::F32(o) => super::geglu::geglu_rows(h, &mut o.spare()[outs], half),
-                    Output::Bf16(o) => {
-                        // SAFETY: the values were zeroed when the output was made.
-                        let values = unsafe {
-                            std::slice::from_raw_parts_mut(o.ptr().cast::<u16>(), m * half)
-                        };
-                        super::geglu::geglu_rows_bf16(h, &mut values[outs], half)
-                    }
+                    Output::Bf16(o) => super::geglu::geglu_rows_bf16(
+                        h,
+                        o.values()[outs].reinterpret_cast_mut(),
+                        half,
+                    ),
                 });
             }
             Ok(())
@@ -314,10 +310,10 @@ enum Output {
 }
 
 impl Output {
-    /// Room for `len` values, bf16 when `bf16`.
+    /// Room for `len` values, bf16 (zeroed) when `bf16`.
     fn new(len: usize, bf16: bool) -> Self {
         if bf16 {
-            Self::Bf16(Out::uninit(len, true))
+            Self::Bf16(Out::zeroed(len, true))
         } else {
             Self::F32(Out::uninit(len, true))
         }
@@ -351,7 +347,7 @@ impl Module for FastLinear {
             || match self {
                 Self::Candle(l) => l.forward(&xs.to_dtype(l.weight().dtype())?),
                 Self::Packed(op) => {
-                    let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&LinedLinearOp(op))?;
+                    let out = Self::op_input(op, xs)?.apply_op1_no_bwd(op)?;
                     super::cpu::lined_view(&out, &op.out_dims(xs))
                 }
             },
@@ -365,22 +361,7 @@ impl CustomOp1 for PackedLinearOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward_rows(Rows::of(s, l, "linear input")?, l, None, false)
-    }
-}
-
-/// [`PackedLinearOp`] with its output lined ([`super::cpu::Out`]): [`FastLinear`]'s own calls, which take the
-/// view of the values.
-struct LinedLinearOp<'a>(&'a PackedLinearOp);
-
-impl CustomOp1 for LinedLinearOp<'_> {
-    fn name(&self) -> &'static str {
-        "sketchx-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0
-            .forward_rows(Rows::of(s, l, "linear input")?, l, None, true)
+        self.forward_rows(Rows::of(s, l, "linear input")?, l, None)
     }
 }
 
@@ -405,7 +386,7 @@ impl CustomOp2 for LinearAddOp<'_> {
         if l2.shape() != &shape {
             candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
         }
-        self.0.forward_rows(x, l1, Some(add), true)
+        self.0.forward_rows(x, l1, Some(add))
     }
 }
 
@@ -417,13 +398,12 @@ impl PackedLinearOp {
         x: Rows,
         l: &Layout,
         add: Option<&[f32]>,
-        lined: bool,
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.weight.n();
         let (m, shape) = self.rows_and_shape(l, n)?;
         let len = m * n;
-        let mut out = super::cpu::Out::<f32>::uninit(len, lined);
         if len > 0 && fills_uninit(&self.weight) {
+            let mut out = Out::<f32>::uninit(len, true);
             // The product writes every value: no zeroing pass first.
             let (k, c) = (self.weight.k(), out.ptr());
             let start = self.start();
@@ -450,14 +430,13 @@ impl PackedLinearOp {
                 return Ok((CpuStorage::F32(v), shape));
             }
         }
-        out.spare().fill(std::mem::MaybeUninit::new(0.0));
-        // SAFETY: every value was written just above.
-        let values = unsafe { std::slice::from_raw_parts_mut(out.ptr(), len) };
+        let mut out = Out::<f32>::zeroed(len, true);
+        let values = out.values();
         self.product(x, values)?;
         if let Some(add) = add {
             values.iter_mut().zip(add).for_each(|(o, a)| *o += a);
         }
-        // SAFETY: as above.
+        // SAFETY: the values were zeroed when the output was made.
         let (v, shape) = unsafe { out.finish(shape) };
         Ok((CpuStorage::F32(v), shape))
     }

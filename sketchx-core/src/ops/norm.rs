@@ -359,18 +359,14 @@ impl FastLayerNorm {
                     eps: self.eps,
                     bf16,
                 };
-                if !bf16 {
-                    return xs
-                        .contiguous()?
-                        .apply_op3_no_bwd(&self.weight, &self.bias, &op);
-                }
-                // The bf16 form feeds AMX products: lined (see `super::cpu::Out`).
-                let out = xs.contiguous()?.apply_op3_no_bwd(
-                    &self.weight,
-                    &self.bias,
-                    &LinedLayerNorm(op),
-                )?;
-                return super::cpu::lined_view(&out, xs.dims());
+                let out = xs
+                    .contiguous()?
+                    .apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
+                return if bf16 {
+                    super::cpu::lined_view(&out, xs.dims())
+                } else {
+                    Ok(out)
+                };
             }
             self.reference(xs)
         })
@@ -389,7 +385,8 @@ impl Module for FastLayerNorm {
 pub struct LayerNormOp {
     /// Added to the variance.
     pub eps: f64,
-    /// Output in bf16 (each row computed in f32, then rounded to nearest even).
+    /// Output in bf16 (each row computed in f32, then rounded to nearest even), lined for the AMX products that
+    /// read it ([`super::cpu::Out`]: the result is the whole vector, [`FastLayerNorm::forward_bf16`] its view).
     pub bf16: bool,
 }
 
@@ -410,40 +407,6 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), (s2, l2), (s3, l3), false)
-    }
-}
-
-/// [`LayerNormOp`] with its bf16 output lined ([`super::cpu::Out`]).
-struct LinedLayerNorm(LayerNormOp);
-
-impl CustomOp3 for LinedLayerNorm {
-    fn name(&self) -> &'static str {
-        "sketchx-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.0.forward((s1, l1), (s2, l2), (s3, l3), true)
-    }
-}
-
-impl LayerNormOp {
-    /// The op on `x`, `w`, `bias`; a bf16 output lined when `lined`.
-    fn forward(
-        &self,
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-        (s3, l3): (&CpuStorage, &Layout),
-        lined: bool,
-    ) -> Result<(CpuStorage, Shape)> {
         let x = super::cpu::contiguous_f32(s1, l1, "layer norm input")?;
         let w = super::cpu::contiguous_f32(s2, l2, "layer norm weight")?;
         let bias = super::cpu::contiguous_f32(s3, l3, "layer norm bias")?;
@@ -459,12 +422,8 @@ impl LayerNormOp {
         let rows = (LAYER_NORM_BLOCK / dim).max(1) * dim;
         let eps = self.eps as f32;
         if self.bf16 {
-            let mut out = super::cpu::Out::<half::bf16>::uninit(x.len(), lined);
-            out.spare()
-                .fill(std::mem::MaybeUninit::new(half::bf16::ZERO));
-            // SAFETY: every value was written just above.
-            let values = unsafe { std::slice::from_raw_parts_mut(out.ptr(), x.len()) };
-            values
+            let mut out = super::cpu::Out::<half::bf16>::zeroed(x.len(), true);
+            out.values()
                 .reinterpret_cast_mut()
                 .par_chunks_mut(rows)
                 .zip(x.par_chunks(rows))
@@ -477,7 +436,7 @@ impl LayerNormOp {
                         }
                     },
                 );
-            // SAFETY: as above.
+            // SAFETY: the values were zeroed when the output was made.
             let (v, shape) = unsafe { out.finish(l1.shape().clone()) };
             return Ok((CpuStorage::BF16(v), shape));
         }
