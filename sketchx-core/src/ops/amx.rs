@@ -9,7 +9,10 @@
 //! Edges (rows, columns or `k` entries that do not fill a tile) go through zero-filled scratch tiles, so that no
 //! tile load reads past an operand. A 3x3 convolution runs channels last ([`gemm_rows_shifted`]): `A`'s rows are
 //! the image's positions and each tap reads them shifted by whole rows, so that every tile row is one cache line.
-//! Its `C` starts from the bias, one 64-byte row loaded into all 16 rows of a tile (stride 0).
+//! Its `C` starts from the bias, one 64-byte row loaded into all 16 rows of a tile (stride 0). Where a
+//! convolution's rows pass over a column block of its kernel a few times (the small images), `k` goes in chunks
+//! that every pass takes in turn ([`Job::block_chunked`]): each chunk of `B` comes from memory once and serves the
+//! other passes from L1, while the passes prefetch the next one.
 //!
 //! Linux hands out AMX state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once by [`available`];
 //! without it, or with `SKETCHX_NO_AMX=1`, the AVX-512 kernels run. The instructions are written as inline
@@ -26,6 +29,12 @@ const TILE: usize = 16;
 const TW: usize = 16;
 /// Largest number of rows per parallel task.
 const ROWS_MAX: usize = 512;
+/// Tile steps of `k` per chunk when a convolution's rows pass over a column block of `B` several times (16 KiB
+/// of `B`: it stays in L1 while the passes reuse it).
+const CHUNK_STEPS: usize = 8;
+/// Most passes of 32 rows over a column block that still go in chunks: beyond it, the product is compute-bound
+/// and the chunks' round trips of `C` cost more than the cache saves.
+const CHUNK_PASSES_MAX: usize = 8;
 
 /// Whether the AMX kernel runs: the CPU has AMX-TILE and AMX-BF16, the OS granted the tile state, and
 /// `SKETCHX_NO_AMX` is unset (or `0`). Asks the OS once.
@@ -91,7 +100,7 @@ pub(crate) unsafe fn gemm(
     unsafe {
         run(
             m,
-            (a, lda, None),
+            (a, lda, None, false),
             (b.k(), b.n(), source),
             Dest::Rows {
                 c: SendPtr(c),
@@ -112,8 +121,8 @@ pub(crate) unsafe fn gemm(
 ///
 /// # Safety
 /// [`available`] must have returned `true`; `b.k()` must be even and a multiple of `2 * shifts.len()`. For every
-/// shift `s`, rows `s..s + m` of `A` (each `b.k() / shifts.len()` entries) must be readable, and `bias` must hold
-/// `b.n()` values.
+/// shift `s`, rows `s..s + m.next_multiple_of(32)` of `A` (each `b.k() / shifts.len()` entries) must be readable
+/// (rows past `m` fill the last tiles: their products are never handed on), and `bias` must hold `b.n()` values.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn gemm_rows_shifted(
     m: usize,
@@ -128,7 +137,7 @@ pub(crate) unsafe fn gemm_rows_shifted(
     unsafe {
         run(
             m,
-            (a, lda, Some(shifts)),
+            (a, lda, Some(shifts), true),
             (b.k(), b.n(), source),
             Dest::Tiles(epilogue),
             true,
@@ -173,7 +182,7 @@ pub(crate) unsafe fn gemm_shifted(
         add: None,
     };
     // SAFETY: the caller's contract.
-    unsafe { run(m, (a, lda, None), (k, n, source), dest, true, init) }
+    unsafe { run(m, (a, lda, None, false), (k, n, source), dest, true, init) }
 }
 
 /// The product of [`gemm`] and [`gemm_shifted`].
@@ -184,7 +193,7 @@ pub(crate) unsafe fn gemm_shifted(
 #[allow(clippy::too_many_arguments)]
 unsafe fn run(
     m: usize,
-    (a, lda, a_shifts): (*const u16, usize, Option<&[usize]>),
+    (a, lda, a_shifts, a_whole): (*const u16, usize, Option<&[usize]>, bool),
     (k, n, b): (usize, usize, Source),
     dest: Dest,
     parallel: bool,
@@ -218,6 +227,7 @@ unsafe fn run(
         a: SendPtr(a.cast_mut()),
         lda,
         a_shifts,
+        a_whole,
         b,
         dest,
         init,
@@ -298,6 +308,9 @@ struct Job<'a> {
     /// `B`'s segments read `A`'s rows shifted by these (a channels-last convolution's taps); `None`: `A`'s
     /// entries follow `k`.
     a_shifts: Option<&'a [usize]>,
+    /// `A`'s rows past `m` are readable up to the next multiple of 32 (with every shift): a tile of fewer rows
+    /// loads them instead of going through a zero-filled copy (their products fall outside `C`).
+    a_whole: bool,
     b: Source<'a>,
     dest: Dest<'a>,
     init: Init,
@@ -363,6 +376,13 @@ impl TileConfig {
 #[repr(C, align(64))]
 struct Scratch([u32; TILE * TW]);
 
+#[cfg(target_arch = "x86_64")]
+impl Scratch {
+    fn zeroed() -> Self {
+        Self([0; TILE * TW])
+    }
+}
+
 /// The scratch tiles of one thread: made once per task or product (zeroing them per block of `C` would cost
 /// more than the block's products), cleared only where an edge uses them.
 #[cfg(target_arch = "x86_64")]
@@ -370,16 +390,19 @@ struct Scratches {
     c: [[Scratch; 2]; 2],
     a: [Scratch; 2],
     b: [Scratch; 2],
+    /// `C`'s tiles between the chunks of [`Job::block_chunked`] (grown on first use).
+    acc: Vec<Scratch>,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Scratches {
     fn new() -> Self {
-        let z = || Scratch([0; TILE * TW]);
+        let z = Scratch::zeroed;
         Self {
             c: [[z(), z()], [z(), z()]],
             a: [z(), z()],
             b: [z(), z()],
+            acc: Vec::new(),
         }
     }
 }
@@ -435,12 +458,167 @@ impl Job<'_> {
                 0
             }
         });
+        let passes = (r1 - r0).div_ceil(2 * TILE);
+        if (2..=CHUNK_PASSES_MAX).contains(&passes)
+            && self.a_shifts.is_some()
+            && self.steps() > CHUNK_STEPS
+            && matches!(self.b, Source::Packed(_))
+        {
+            // SAFETY: as below.
+            unsafe { self.block_chunked(r0, r1, p0, cols, scratch) };
+            return;
+        }
         let mut r = r0;
         while r < r1 {
             let rows = [0, 1].map(|i| (r1.saturating_sub(r + i * TILE)).min(TILE));
             // SAFETY: the tiles touched lie inside this task's rows and columns (the caller's contract).
             unsafe { self.tile_block(r, rows, p0, cols, scratch) };
             r += 2 * TILE;
+        }
+    }
+
+    /// [`Job::block`] for rows that take several passes of 32 over the column block: `k` in chunks of
+    /// [`CHUNK_STEPS`] steps, every pass through a chunk before the next one, so that `B` comes from memory
+    /// once and its chunk serves the other passes from the cache, while the passes prefetch the next chunk (or
+    /// the next column block's first) at an even pace: memory stays busy while the cached chunk is reused. `C`
+    /// waits between chunks in the thread's scratch tiles.
+    ///
+    /// # Safety
+    /// As [`Job::block`], with `B` packed.
+    unsafe fn block_chunked(
+        &self,
+        r0: usize,
+        r1: usize,
+        p0: usize,
+        cols: [usize; 2],
+        scratch: &mut Scratches,
+    ) {
+        let Source::Packed(packed) = &self.b else {
+            unreachable!("chunked blocks read packed operands")
+        };
+        let passes = (r1 - r0).div_ceil(2 * TILE);
+        let steps = self.steps();
+        let Scratches {
+            a: a_scratch,
+            b: b_scratch,
+            acc,
+            ..
+        } = scratch;
+        if acc.len() < 4 * passes {
+            acc.resize_with(4 * passes, Scratch::zeroed);
+        }
+        let rows_of = |p: usize| {
+            let r = r0 + p * 2 * TILE;
+            [0, 1].map(|i| (r1.saturating_sub(r + i * TILE)).min(TILE))
+        };
+        let tile = |p: usize, i: usize, j: usize| 4 * p + 2 * i + j;
+        // Each tile's start: zero, the bias or C's values (rows and columns inside C only).
+        for p in 0..passes {
+            let (r, rows) = (r0 + p * 2 * TILE, rows_of(p));
+            for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let t = acc[tile(p, i, j)].0.as_mut_ptr().cast::<f32>();
+                // SAFETY: a scratch tile holds 16 x 16 values.
+                unsafe { std::ptr::write_bytes(t, 0, TILE * TILE) };
+                if rows[i] == 0 || cols[j] == 0 {
+                    continue;
+                }
+                // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C and the bias (rows/cols > 0).
+                let (from, step) = match (self.init, &self.dest) {
+                    (Init::Zero, _) | (Init::Accumulate, Dest::Tiles(_)) => continue,
+                    (Init::Cols(bias), _) => (unsafe { bias.add((p0 + j) * NR) }, 0),
+                    (Init::Accumulate, &Dest::Rows { ref c, ldc, .. }) => (
+                        unsafe { c.0.cast_const().add((r + i * TILE) * ldc + (p0 + j) * NR) },
+                        ldc,
+                    ),
+                };
+                for y in 0..rows[i] {
+                    // SAFETY: see above; cols[j] values of the row.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(from.add(y * step), t.add(y * TILE), cols[j])
+                    };
+                }
+            }
+        }
+        let words = self.k.div_ceil(2);
+        let panels = self.n.div_ceil(NR);
+        // The bytes of panel `panel`'s steps `s0..s1` (none past the last panel).
+        let region = |(s0, s1): (usize, usize), panel: usize| -> [*const u8; 2] {
+            if panel >= panels {
+                return [std::ptr::null(); 2];
+            }
+            let at = |s: usize| {
+                // SAFETY: inside the panel (s <= steps).
+                unsafe {
+                    packed
+                        .data_ptr()
+                        .add((panel * words + self.step_word(s)) * NR)
+                }
+                .cast::<u8>()
+            };
+            [at(s0), at(s1)]
+        };
+        let mut s0 = 0;
+        while s0 < steps {
+            let s1 = (s0 + CHUNK_STEPS).min(steps);
+            let (next, np) = if s1 < steps {
+                ((s1, (s1 + CHUNK_STEPS).min(steps)), p0)
+            } else {
+                ((0, CHUNK_STEPS.min(steps)), p0 + 2)
+            };
+            let mut pf =
+                Prefetch::new([region(next, np), region(next, np + 1)], passes * (s1 - s0));
+            for p in 0..passes {
+                let (r, rows) = (r0 + p * 2 * TILE, rows_of(p));
+                let base = acc.as_mut_ptr();
+                let at = |i: usize, j: usize| {
+                    // SAFETY: tile(p, i, j) < 4 * passes <= acc.len().
+                    (rows[i] > 0 && cols[j] > 0)
+                        .then(|| unsafe { (*base.add(tile(p, i, j))).0.as_mut_ptr().cast::<f32>() })
+                };
+                let c_at = [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]];
+                // SAFETY: scratch tiles (16 rows of 64 bytes); the products' contract is the caller's.
+                unsafe {
+                    load_c(c_at.map(|row| row.map(|t| t.map(|t| (t, 64)))));
+                    self.products(r, rows, p0, cols, (s0, s1), (a_scratch, b_scratch), &mut pf);
+                    store_c(c_at.map(|row| row.map(|t| t.map(|t| (t, 64)))));
+                }
+            }
+            s0 = s1;
+        }
+        for p in 0..passes {
+            let (r, rows) = (r0 + p * 2 * TILE, rows_of(p));
+            for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                if rows[i] == 0 || cols[j] == 0 {
+                    continue;
+                }
+                let values = &acc[tile(p, i, j)];
+                // SAFETY: (both arms) the tile's rows and columns of C are this task's; the scratch holds the
+                // tile's 256 values.
+                match &self.dest {
+                    Dest::Tiles(epilogue) => {
+                        let t = unsafe { &*values.0.as_ptr().cast::<[f32; TILE * TILE]>() };
+                        epilogue(r + i * TILE, (p0 + j) * NR, t, rows[i], cols[j]);
+                    }
+                    &Dest::Rows {
+                        ref c,
+                        ldc,
+                        ref add,
+                    } => unsafe {
+                        let origin = (r + i * TILE) * ldc + (p0 + j) * NR;
+                        let s = values.0.as_ptr().cast::<f32>();
+                        for y in 0..rows[i] {
+                            std::ptr::copy_nonoverlapping(
+                                s.add(y * TILE),
+                                c.0.add(origin + y * ldc),
+                                cols[j],
+                            );
+                        }
+                        if let Some(add) = add {
+                            add_tile(c.0.add(origin), add.0.add(origin), ldc, rows[i], cols[j]);
+                        }
+                    },
+                }
+            }
         }
     }
 
@@ -503,126 +681,67 @@ impl Job<'_> {
         }
     }
 
-    /// One 32 x 32 block of `C` (`rows[i]` rows in row tile `i`, `cols[j]` columns in column tile `j`; 0 for a
-    /// tile past the edge) over all of `k`.
+    /// Segments of `k` (a convolution's taps; one for a plain product).
+    #[inline(always)]
+    fn segments(&self) -> usize {
+        match (&self.b, self.a_shifts) {
+            (Source::Shifted { shifts, .. }, _) => shifts.len(),
+            (Source::Packed(_), Some(shifts)) => shifts.len(),
+            (Source::Packed(_), None) => 1,
+        }
+    }
+
+    /// Tile steps over all of `k`: each segment in steps of 16 words, the last one of a segment possibly short.
+    fn steps(&self) -> usize {
+        self.segments() * self.seg_words().div_ceil(TW)
+    }
+
+    /// The word of `k` where step `s` starts (`s == steps()`: the number of words).
+    fn step_word(&self, s: usize) -> usize {
+        let seg_steps = self.seg_words().div_ceil(TW);
+        (s / seg_steps) * self.seg_words() + (s % seg_steps) * TW
+    }
+
+    /// The tile products of steps `s0..s1` of `k` for the 32 x 32 block of `C` at row `r` and panels `p0, p0 +
+    /// 1` (`rows[i]` rows in row tile `i`, `cols[j]` columns in column tile `j`; 0 for a tile past the edge),
+    /// into `C`'s tiles in tmm0..tmm3, issuing `pf`'s prefetches on the way.
     ///
     /// # Safety
-    /// As [`Job::block`], with the tiles configured.
-    unsafe fn tile_block(
+    /// As [`Job::block`], with the tiles configured and holding the block's `C`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)] // one block's coordinates, its steps and the thread's scratch
+    unsafe fn products(
         &self,
         r: usize,
         rows: [usize; 2],
         p0: usize,
         cols: [usize; 2],
-        scratch: &mut Scratches,
+        (s0, s1): (usize, usize),
+        (a_scratch, b_scratch): (&mut [Scratch; 2], &mut [Scratch; 2]),
+        pf: &mut Prefetch,
     ) {
-        // The steps of k: whole segments (a convolution tap's words) in steps of 16 words.
         let seg_words = self.seg_words();
-        let segments = match (&self.b, self.a_shifts) {
-            (Source::Shifted { shifts, .. }, _) => shifts.len(),
-            (Source::Packed(_), Some(shifts)) => shifts.len(),
-            (Source::Packed(_), None) => 1,
-        };
-        let Scratches {
-            c: c_scratch,
-            a: a_scratch,
-            b: b_scratch,
-        } = scratch;
+        let seg_steps = seg_words.div_ceil(TW);
         let has = |i: usize, j: usize| rows[i] > 0 && cols[j] > 0;
         let full = rows == [TILE; 2] && cols == [NR; 2];
-        // Where each C tile lives while it is computed: C itself, or a scratch copy at an edge.
-        let mut c_at = [[(std::ptr::null_mut::<f32>(), 0usize); 2]; 2];
-        for i in 0..2 {
-            for j in 0..2 {
-                if !has(i, j) {
-                    continue;
-                }
-                let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
-                let (origin, ldc) = match &self.dest {
-                    // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C (rows/cols > 0).
-                    &Dest::Rows { ref c, ldc, .. } => (
-                        unsafe { c.0.add((r + i * TILE) * ldc + (p0 + j) * NR) },
-                        ldc,
-                    ),
-                    // Tiles for the epilogue live in the scratch (C's start: zero or the bias).
-                    Dest::Tiles(_) => (s, TILE),
-                };
-                c_at[i][j] = if rows[i] == TILE && cols[j] == NR {
-                    (origin, ldc * 4)
-                } else {
-                    // SAFETY: the scratch holds 16 x 16 values.
-                    unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
-                    // The start's rows: C's own (rows[i] x cols[j] values from `origin`, the task's) or the bias
-                    // (cols[j] values from column (p0 + j) * 16, inside it); the scratch holds 16 x 16.
-                    let (from, step) = match self.init {
-                        Init::Zero => (std::ptr::null(), 0),
-                        Init::Accumulate => (origin.cast_const(), ldc),
-                        // SAFETY: see above.
-                        Init::Cols(bias) => (unsafe { bias.add((p0 + j) * NR) }, 0),
-                    };
-                    for y in 0..if from.is_null() { 0 } else { rows[i] } {
-                        // SAFETY: see above.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                from.add(y * step),
-                                s.add(y * TILE),
-                                cols[j],
-                            )
-                        };
-                    }
-                    (s, 64)
-                };
-            }
-        }
+        let (mut seg, mut w) = (s0 / seg_steps, (s0 % seg_steps) * TW);
         // SAFETY (every tile instruction below): each load reads 16 rows of 64 bytes from `ptr` with `stride`,
-        // which lie inside an operand (full tiles) or a scratch tile (edges); stores write C's own tile or scratch.
+        // which lie inside an operand (full tiles) or a scratch tile (edges).
         unsafe {
-            if let Init::Zero = self.init {
-                // (A tile past the edge is zeroed too: it is neither multiplied nor stored.)
-                std::arch::asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem, preserves_flags)
-                );
-            } else {
-                // A whole tile starting from the bias loads its 16 values into every row (stride 0); edges start
-                // from their scratch copies.
-                let from = |i: usize, j: usize| match self.init {
-                    Init::Cols(bias) if rows[i] == TILE && cols[j] == NR => {
-                        (bias.add((p0 + j) * NR).cast_mut(), 0)
-                    }
-                    _ => c_at[i][j],
-                };
-                if has(0, 0) {
-                    let (p, s) = from(0, 0);
-                    tile_load!("tmm0", p, s);
-                }
-                if has(0, 1) {
-                    let (p, s) = from(0, 1);
-                    tile_load!("tmm1", p, s);
-                }
-                if has(1, 0) {
-                    let (p, s) = from(1, 0);
-                    tile_load!("tmm2", p, s);
-                }
-                if has(1, 1) {
-                    let (p, s) = from(1, 1);
-                    tile_load!("tmm3", p, s);
-                }
-            }
-            for (seg, w) in
-                (0..segments).flat_map(|seg| (0..seg_words).step_by(TW).map(move |w| (seg, w)))
-            {
+            for _ in s0..s1 {
                 let kw = (seg_words - w).min(TW);
                 let w0 = seg * seg_words + w;
                 // Entries of k in this step (the last word of an odd k holds one).
                 let ke = (self.k - 2 * w0).min(2 * kw);
+                let step = (seg, w, w0);
+                w += TW;
+                if w >= seg_words {
+                    (seg, w) = (seg + 1, 0);
+                }
                 if full && ke == 2 * TW {
+                    pf.issue();
                     // The common step, all four tiles whole, in one block: each load as close as possible before
                     // its first product, so that the next step's loads overlap this step's last products.
-                    let step = (seg, w, w0);
                     let (a0, a1) = (self.a_tile(r, step), self.a_tile(r + TILE, step));
                     let ((b0, b_row), (b1, _)) = (self.b_tile(p0, step), self.b_tile(p0 + 1, step));
                     std::arch::asm!(
@@ -648,8 +767,8 @@ impl Job<'_> {
                     if rows[i] == 0 {
                         continue;
                     }
-                    let origin = self.a_tile(r + i * TILE, (seg, w, w0));
-                    let (ptr, stride) = if rows[i] == TILE && ke == 2 * TW {
+                    let origin = self.a_tile(r + i * TILE, step);
+                    let (ptr, stride) = if (rows[i] == TILE || self.a_whole) && ke == 2 * TW {
                         (origin.cast::<u8>(), self.lda * 2)
                     } else {
                         let s = a_scratch[i].0.as_mut_ptr().cast::<u16>();
@@ -673,7 +792,7 @@ impl Job<'_> {
                     if cols[j] == 0 {
                         continue;
                     }
-                    let (origin, row_words) = self.b_tile(p0 + j, (seg, w, w0));
+                    let (origin, row_words) = self.b_tile(p0 + j, step);
                     let (ptr, stride) = if kw == TW {
                         (origin, row_words * 4)
                     } else {
@@ -707,18 +826,106 @@ impl Job<'_> {
                     tile_dp!("tmm3", "tmm5", "tmm7");
                 }
             }
-            if has(0, 0) {
-                tile_store!("tmm0", c_at[0][0].0, c_at[0][0].1);
+        }
+    }
+
+    /// One 32 x 32 block of `C` (`rows[i]` rows in row tile `i`, `cols[j]` columns in column tile `j`; 0 for a
+    /// tile past the edge) over all of `k`.
+    ///
+    /// # Safety
+    /// As [`Job::block`], with the tiles configured.
+    unsafe fn tile_block(
+        &self,
+        r: usize,
+        rows: [usize; 2],
+        p0: usize,
+        cols: [usize; 2],
+        scratch: &mut Scratches,
+    ) {
+        let Scratches {
+            c: c_scratch,
+            a: a_scratch,
+            b: b_scratch,
+            ..
+        } = scratch;
+        let has = |i: usize, j: usize| rows[i] > 0 && cols[j] > 0;
+        // Where each C tile lives while it is computed: C itself, or a scratch copy at an edge.
+        let mut c_at = [[None; 2]; 2];
+        for i in 0..2 {
+            for j in 0..2 {
+                if !has(i, j) {
+                    continue;
+                }
+                let s = c_scratch[i][j].0.as_mut_ptr().cast::<f32>();
+                let (origin, ldc) = match &self.dest {
+                    // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C (rows/cols > 0).
+                    &Dest::Rows { ref c, ldc, .. } => (
+                        unsafe { c.0.add((r + i * TILE) * ldc + (p0 + j) * NR) },
+                        ldc,
+                    ),
+                    // Tiles for the epilogue live in the scratch (C's start: zero or the bias).
+                    Dest::Tiles(_) => (s, TILE),
+                };
+                c_at[i][j] = Some(if rows[i] == TILE && cols[j] == NR {
+                    (origin, ldc * 4)
+                } else {
+                    // SAFETY: the scratch holds 16 x 16 values.
+                    unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
+                    // The start's rows: C's own (rows[i] x cols[j] values from `origin`, the task's) or the bias
+                    // (cols[j] values from column (p0 + j) * 16, inside it); the scratch holds 16 x 16.
+                    let (from, step) = match self.init {
+                        Init::Zero => (std::ptr::null(), 0),
+                        Init::Accumulate => (origin.cast_const(), ldc),
+                        // SAFETY: see above.
+                        Init::Cols(bias) => (unsafe { bias.add((p0 + j) * NR) }, 0),
+                    };
+                    for y in 0..if from.is_null() { 0 } else { rows[i] } {
+                        // SAFETY: see above.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                from.add(y * step),
+                                s.add(y * TILE),
+                                cols[j],
+                            )
+                        };
+                    }
+                    (s, 64)
+                });
             }
-            if has(0, 1) {
-                tile_store!("tmm1", c_at[0][1].0, c_at[0][1].1);
+        }
+        // SAFETY (every tile instruction below): each load reads 16 rows of 64 bytes from `ptr` with `stride`,
+        // which lie inside an operand (full tiles) or a scratch tile (edges); stores write C's own tile or scratch.
+        unsafe {
+            if let Init::Zero = self.init {
+                // (A tile past the edge is zeroed too: it is neither multiplied nor stored.)
+                std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem, preserves_flags)
+                );
+            } else {
+                // A whole tile starting from the bias loads its 16 values into every row (stride 0); edges start
+                // from their scratch copies.
+                let from = |i: usize, j: usize| match (self.init, c_at[i][j]) {
+                    (Init::Cols(bias), Some(_)) if rows[i] == TILE && cols[j] == NR => {
+                        Some((bias.add((p0 + j) * NR).cast_mut(), 0))
+                    }
+                    (_, at) => at,
+                };
+                load_c([[from(0, 0), from(0, 1)], [from(1, 0), from(1, 1)]]);
             }
-            if has(1, 0) {
-                tile_store!("tmm2", c_at[1][0].0, c_at[1][0].1);
-            }
-            if has(1, 1) {
-                tile_store!("tmm3", c_at[1][1].0, c_at[1][1].1);
-            }
+            self.products(
+                r,
+                rows,
+                p0,
+                cols,
+                (0, self.steps()),
+                (a_scratch, b_scratch),
+                &mut Prefetch::none(),
+            );
+            store_c(c_at);
         }
         // Edge tiles back into C, or every tile to the epilogue.
         for i in 0..2 {
@@ -758,6 +965,108 @@ impl Job<'_> {
                     // SAFETY: the tile's rows and columns of C (this task's) and of `add` (laid out as C).
                     unsafe { add_tile(c.0.add(origin), add.0.add(origin), ldc, rows[i], cols[j]) };
                 }
+            }
+        }
+    }
+}
+
+/// Where a block's four `C` tiles live while they are computed (first byte, bytes between rows); `None` for a
+/// tile past the edge.
+#[cfg(target_arch = "x86_64")]
+type CTiles = [[Option<(*mut f32, usize)>; 2]; 2];
+
+/// Loads `C`'s tiles into tmm0..tmm3 (`2 * row tile + column tile`).
+///
+/// # Safety
+/// Each tile's 16 rows of 64 bytes must be readable; the tiles configured.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_c(at: CTiles) {
+    // SAFETY: the contract.
+    unsafe {
+        if let Some((p, s)) = at[0][0] {
+            tile_load!("tmm0", p, s);
+        }
+        if let Some((p, s)) = at[0][1] {
+            tile_load!("tmm1", p, s);
+        }
+        if let Some((p, s)) = at[1][0] {
+            tile_load!("tmm2", p, s);
+        }
+        if let Some((p, s)) = at[1][1] {
+            tile_load!("tmm3", p, s);
+        }
+    }
+}
+
+/// Stores tmm0..tmm3 into `C`'s tiles.
+///
+/// # Safety
+/// Each tile's 16 rows of 64 bytes must be writable by this thread alone; the tiles configured.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_c(at: CTiles) {
+    // SAFETY: the contract.
+    unsafe {
+        if let Some((p, s)) = at[0][0] {
+            tile_store!("tmm0", p, s);
+        }
+        if let Some((p, s)) = at[0][1] {
+            tile_store!("tmm1", p, s);
+        }
+        if let Some((p, s)) = at[1][0] {
+            tile_store!("tmm2", p, s);
+        }
+        if let Some((p, s)) = at[1][1] {
+            tile_store!("tmm3", p, s);
+        }
+    }
+}
+
+/// Software prefetches of the next chunk of `B`, spread evenly over the steps that reuse the current one: two
+/// byte ranges, walked a cache line at a time.
+#[cfg(target_arch = "x86_64")]
+struct Prefetch {
+    ranges: [[*const u8; 2]; 2],
+    per_step: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Prefetch {
+    /// None at all.
+    fn none() -> Self {
+        Self {
+            ranges: [[std::ptr::null(); 2]; 2],
+            per_step: 0,
+        }
+    }
+
+    /// The lines of `ranges` (`[start, end)`; null for none), over `steps` calls of [`Prefetch::issue`].
+    fn new(ranges: [[*const u8; 2]; 2], steps: usize) -> Self {
+        let lines: usize = ranges
+            .iter()
+            .map(|[s, e]| (*e as usize - *s as usize).div_ceil(64))
+            .sum();
+        Self {
+            ranges,
+            per_step: lines.div_ceil(steps.max(1)),
+        }
+    }
+
+    /// One step's share of the lines.
+    #[inline(always)]
+    fn issue(&mut self) {
+        for _ in 0..self.per_step {
+            let Some(range) = self.ranges.iter_mut().find(|[s, e]| s < e) else {
+                self.per_step = 0;
+                return;
+            };
+            // SAFETY: a prefetch never faults; the address stays inside (or one line past) an operand.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    range[0].cast::<i8>(),
+                );
+                range[0] = range[0].wrapping_add(64);
             }
         }
     }
@@ -806,6 +1115,89 @@ mod tests {
                 (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    /// The shifted-rows product (a channels-last convolution's) equals the f64 product of the bf16 operands: rows
+    /// in one pass and in a few (the chunked path: whole and short chunks, short last tiles), segments of whole and
+    /// partial tile steps, columns that fill no tile; every value handed to the epilogue once, none past `C`.
+    #[test]
+    fn rows_shifted_match_the_rounded_product() {
+        if !available() {
+            eprintln!("AMX not available on this CPU (nothing to test)");
+            return;
+        }
+        let to_f = |v: u16| half::bf16::from_bits(v).to_f32() as f64;
+        // Two threads, so that the tasks keep their rows whole where there are enough columns (as on the CI's
+        // two cores) and the chunked path runs.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for (idx, &(m, n, seg, shifts)) in [
+            (20usize, 16usize, 64usize, &[0usize, 3, 7][..]),
+            (100, 260, 96, &[0, 1, 5, 6, 11]),
+            (152, 264, 320, &[0, 1, 2, 9, 10, 11, 18, 19, 20]),
+            (75, 300, 38, &[2, 0, 9]),
+            (600, 20, 64, &[0, 4, 8]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let lda = seg.next_multiple_of(32) + 32;
+            let arows = m.next_multiple_of(32) + shifts.iter().max().unwrap();
+            let a: Vec<u16> = values(arows * lda, idx as u64 + 7)
+                .into_iter()
+                .map(round_bf16)
+                .collect();
+            let k = seg * shifts.len();
+            let bm = values(k * n, idx as u64 + 70);
+            let b = PackedB::from_rows(k, n, Format::Bf16, |r, row| {
+                row.copy_from_slice(&bm[r * n..(r + 1) * n])
+            });
+            let bias = values(n, idx as u64 + 700);
+            let got = std::sync::Mutex::new(vec![f64::NAN; m * n]);
+            let seen = std::sync::Mutex::new(vec![0u8; m * n]);
+            let epilogue =
+                |row: usize, col: usize, tile: &[f32; TILE * TILE], rows: usize, cols: usize| {
+                    assert!(row + rows <= m && col + cols <= n, "a tile past C");
+                    let (mut got, mut seen) = (got.lock().unwrap(), seen.lock().unwrap());
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            got[(row + i) * n + col + j] = tile[i * TILE + j] as f64;
+                            seen[(row + i) * n + col + j] += 1;
+                        }
+                    }
+                };
+            // SAFETY: AMX is available; k = 2 * (seg / 2) words per shift; rows s..s + m rounded up to 32 of `a`
+            // exist for every shift s; the bias holds n values.
+            pool.install(|| unsafe {
+                gemm_rows_shifted(m, (a.as_ptr(), lda, shifts), &b, &bias, &epilogue)
+            });
+            let (got, seen) = (got.into_inner().unwrap(), seen.into_inner().unwrap());
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        seen[i * n + j],
+                        1,
+                        "m {m} n {n}: C[{i}][{j}] handed on {} times",
+                        seen[i * n + j]
+                    );
+                    let mut want = bias[j] as f64;
+                    for (t, &s) in shifts.iter().enumerate() {
+                        for e in 0..seg {
+                            let bv =
+                                half::bf16::from_f32(bm[(t * seg + e) * n + j]).to_f32() as f64;
+                            want += to_f(a[(i + s) * lda + e]) * bv;
+                        }
+                    }
+                    let g = got[i * n + j];
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
+                        "m {m} n {n} seg {seg}: C[{i}][{j}] = {g}, want {want}"
+                    );
+                }
+            }
+        }
     }
 
     /// The AMX product equals the f64 product of the bf16-rounded operands (up to f32 summation error) on shapes

@@ -1233,11 +1233,13 @@ impl Conv2dOp {
         // Rows start on cache lines.
         let lda = pairs.next_multiple_of(NR);
         let l = w + 1;
-        let plane = (h + 2) * l + 1;
+        // Neighbouring images share a zero row (one's bottom padding is the next one's top).
+        let plane = (h + 1) * l;
         let guard = l + 1;
         let ncols = (b - 1) * plane + (h - 1) * l + w;
         let shifts: Vec<usize> = (0..9).map(|t| (t / 3 + 1) * l + t % 3 + 1).collect();
-        let rows = (ncols + 3 * l + 3).max(guard + b * plane);
+        // Rows up to whole tiles past the last position (the product loads them, see `gemm_rows_shifted`).
+        let rows = (ncols.next_multiple_of(32) + 3 * l + 3).max(guard + b * plane);
         let off = super::cpu::line_offset(words, rows * lda);
         let a = &mut words[off..off + rows * lda];
         // Padding rows (guard, top and bottom rows, the zero column, the tail) hold zero pairs.
