@@ -512,31 +512,17 @@ impl Job<'_> {
             [0, 1].map(|i| (r1.saturating_sub(r + i * TILE)).min(TILE))
         };
         let tile = |p: usize, i: usize, j: usize| 4 * p + 2 * i + j;
-        // Each tile's start: zero, the bias or C's values (rows and columns inside C only).
         for p in 0..passes {
             let (r, rows) = (r0 + p * 2 * TILE, rows_of(p));
             for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let t = acc[tile(p, i, j)].0.as_mut_ptr().cast::<f32>();
-                // SAFETY: a scratch tile holds 16 x 16 values.
-                unsafe { std::ptr::write_bytes(t, 0, TILE * TILE) };
-                if rows[i] == 0 || cols[j] == 0 {
-                    continue;
-                }
-                // SAFETY: row r + 16i and column (p0 + j) * 16 are inside C and the bias (rows/cols > 0).
-                let (from, step) = match (self.init, &self.dest) {
-                    (Init::Zero, _) | (Init::Accumulate, Dest::Tiles(_)) => continue,
-                    (Init::Cols(bias), _) => (unsafe { bias.add((p0 + j) * NR) }, 0),
-                    (Init::Accumulate, &Dest::Rows { ref c, ldc, .. }) => (
-                        unsafe { c.0.cast_const().add((r + i * TILE) * ldc + (p0 + j) * NR) },
-                        ldc,
-                    ),
+                // SAFETY: the tile's rows and columns of C are this task's.
+                unsafe {
+                    self.start_tile(
+                        &mut acc[tile(p, i, j)],
+                        (r + i * TILE, rows[i]),
+                        (p0 + j, cols[j]),
+                    )
                 };
-                for y in 0..rows[i] {
-                    // SAFETY: see above; cols[j] values of the row.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(from.add(y * step), t.add(y * TILE), cols[j])
-                    };
-                }
             }
         }
         let words = self.k.div_ceil(2);
@@ -588,37 +574,93 @@ impl Job<'_> {
         for p in 0..passes {
             let (r, rows) = (r0 + p * 2 * TILE, rows_of(p));
             for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                if rows[i] == 0 || cols[j] == 0 {
-                    continue;
-                }
-                let values = &acc[tile(p, i, j)];
-                // SAFETY: (both arms) the tile's rows and columns of C are this task's; the scratch holds the
-                // tile's 256 values.
-                match &self.dest {
-                    Dest::Tiles(epilogue) => {
-                        let t = unsafe { &*values.0.as_ptr().cast::<[f32; TILE * TILE]>() };
-                        epilogue(r + i * TILE, (p0 + j) * NR, t, rows[i], cols[j]);
-                    }
-                    &Dest::Rows {
-                        ref c,
-                        ldc,
-                        ref add,
-                    } => unsafe {
-                        let origin = (r + i * TILE) * ldc + (p0 + j) * NR;
-                        let s = values.0.as_ptr().cast::<f32>();
-                        for y in 0..rows[i] {
-                            std::ptr::copy_nonoverlapping(
-                                s.add(y * TILE),
-                                c.0.add(origin + y * ldc),
-                                cols[j],
-                            );
-                        }
-                        if let Some(add) = add {
-                            add_tile(c.0.add(origin), add.0.add(origin), ldc, rows[i], cols[j]);
-                        }
-                    },
-                }
+                // SAFETY: the tile's rows and columns of C are this task's; the scratch holds their values.
+                unsafe {
+                    self.hand_on(
+                        &acc[tile(p, i, j)],
+                        (r + i * TILE, rows[i]),
+                        (p0 + j, cols[j]),
+                        true,
+                    )
+                };
             }
+        }
+    }
+
+    /// Zeroes a scratch tile and writes its start into the rows and columns inside `C` (`rows` of them from row
+    /// `row`, `cols` from column panel `panel`): nothing (zero), the bias, or `C`'s own values (tiles handed to
+    /// an epilogue start from zero then).
+    ///
+    /// # Safety
+    /// The rows and columns must lie inside `C` and this task's.
+    unsafe fn start_tile(
+        &self,
+        t: &mut Scratch,
+        (row, rows): (usize, usize),
+        (panel, cols): (usize, usize),
+    ) {
+        let t = t.0.as_mut_ptr().cast::<f32>();
+        // SAFETY: a scratch tile holds 16 x 16 values.
+        unsafe { std::ptr::write_bytes(t, 0, TILE * TILE) };
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        // SAFETY: row `row` and column panel * 16 are inside C and the bias (rows/cols > 0).
+        let (from, step) = match (self.init, &self.dest) {
+            (Init::Zero, _) | (Init::Accumulate, Dest::Tiles(_)) => return,
+            (Init::Cols(bias), _) => (unsafe { bias.add(panel * NR) }, 0),
+            (Init::Accumulate, &Dest::Rows { ref c, ldc, .. }) => {
+                (unsafe { c.0.cast_const().add(row * ldc + panel * NR) }, ldc)
+            }
+        };
+        for y in 0..rows {
+            // SAFETY: see above; `cols` values of the row.
+            unsafe { std::ptr::copy_nonoverlapping(from.add(y * step), t.add(y * TILE), cols) };
+        }
+    }
+
+    /// Hands a finished tile on (`rows` rows from row `row`, `cols` columns from column panel `panel`; none past
+    /// an edge): to the epilogue, or into row-major `C` (copied from the scratch tile `t` when `copy`, else
+    /// already stored there) with the values to add.
+    ///
+    /// # Safety
+    /// The rows and columns must lie inside `C` and this task's; `t` holds the tile when it is read.
+    unsafe fn hand_on(
+        &self,
+        t: &Scratch,
+        (row, rows): (usize, usize),
+        (panel, cols): (usize, usize),
+        copy: bool,
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let (c, ldc, add) = match &self.dest {
+            &Dest::Rows {
+                ref c,
+                ldc,
+                ref add,
+            } => (c, ldc, add),
+            Dest::Tiles(epilogue) => {
+                // SAFETY: the scratch holds the tile's 256 f32 values (the contract).
+                let tile = unsafe { &*t.0.as_ptr().cast::<[f32; TILE * TILE]>() };
+                epilogue(row, panel * NR, tile, rows, cols);
+                return;
+            }
+        };
+        let origin = row * ldc + panel * NR;
+        if copy {
+            let s = t.0.as_ptr().cast::<f32>();
+            for y in 0..rows {
+                // SAFETY: the contract.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(s.add(y * TILE), c.0.add(origin + y * ldc), cols)
+                };
+            }
+        }
+        if let Some(add) = add {
+            // SAFETY: the tile's rows and columns of C (this task's) and of `add` (laid out as C).
+            unsafe { add_tile(c.0.add(origin), add.0.add(origin), ldc, rows, cols) };
         }
     }
 
@@ -869,26 +911,14 @@ impl Job<'_> {
                 c_at[i][j] = Some(if rows[i] == TILE && cols[j] == NR {
                     (origin, ldc * 4)
                 } else {
-                    // SAFETY: the scratch holds 16 x 16 values.
-                    unsafe { std::ptr::write_bytes(s, 0, TILE * TILE) };
-                    // The start's rows: C's own (rows[i] x cols[j] values from `origin`, the task's) or the bias
-                    // (cols[j] values from column (p0 + j) * 16, inside it); the scratch holds 16 x 16.
-                    let (from, step) = match self.init {
-                        Init::Zero => (std::ptr::null(), 0),
-                        Init::Accumulate => (origin.cast_const(), ldc),
-                        // SAFETY: see above.
-                        Init::Cols(bias) => (unsafe { bias.add((p0 + j) * NR) }, 0),
+                    // SAFETY: the tile's rows and columns of C are this task's.
+                    unsafe {
+                        self.start_tile(
+                            &mut c_scratch[i][j],
+                            (r + i * TILE, rows[i]),
+                            (p0 + j, cols[j]),
+                        )
                     };
-                    for y in 0..if from.is_null() { 0 } else { rows[i] } {
-                        // SAFETY: see above.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                from.add(y * step),
-                                s.add(y * TILE),
-                                cols[j],
-                            )
-                        };
-                    }
                     (s, 64)
                 });
             }
@@ -930,41 +960,17 @@ impl Job<'_> {
         // Edge tiles back into C, or every tile to the epilogue.
         for i in 0..2 {
             for j in 0..2 {
-                if !has(i, j) {
-                    continue;
-                }
-                let (c, ldc, add) = match &self.dest {
-                    &Dest::Rows {
-                        ref c,
-                        ldc,
-                        ref add,
-                    } => (c, ldc, add),
-                    Dest::Tiles(epilogue) => {
-                        // SAFETY: the scratch holds the tile's 256 f32 values (stored above).
-                        let tile =
-                            unsafe { &*c_scratch[i][j].0.as_ptr().cast::<[f32; TILE * TILE]>() };
-                        epilogue(r + i * TILE, (p0 + j) * NR, tile, rows[i], cols[j]);
-                        continue;
-                    }
+                let copy = rows[i] < TILE || cols[j] < NR;
+                // SAFETY: the tile's rows and columns of C are this task's; the scratch holds an edge tile's
+                // values and every tile's for the epilogue (stored above).
+                unsafe {
+                    self.hand_on(
+                        &c_scratch[i][j],
+                        (r + i * TILE, rows[i]),
+                        (p0 + j, cols[j]),
+                        copy,
+                    )
                 };
-                let origin = (r + i * TILE) * ldc + (p0 + j) * NR;
-                if rows[i] < TILE || cols[j] < NR {
-                    let s = c_scratch[i][j].0.as_ptr().cast::<f32>();
-                    for y in 0..rows[i] {
-                        // SAFETY: as when the tile was copied out.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                s.add(y * TILE),
-                                c.0.add(origin + y * ldc),
-                                cols[j],
-                            )
-                        };
-                    }
-                }
-                if let Some(add) = add {
-                    // SAFETY: the tile's rows and columns of C (this task's) and of `add` (laid out as C).
-                    unsafe { add_tile(c.0.add(origin), add.0.add(origin), ldc, rows[i], cols[j]) };
-                }
             }
         }
     }
