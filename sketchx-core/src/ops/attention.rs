@@ -396,13 +396,8 @@ unsafe fn on_tiles(
     // lines loads and stores at up to half speed.
     let (sl, ql, pl) = (QUERY_TILE * ls, QUERY_TILE * dp, QUERY_TILE * lp);
     (0..b * heads * tiles).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; sl + 16],
-                vec![0u16; ql + 32],
-                vec![0u16; pl + 32],
-            )
-        },
+        // Grown (zeroed) to their sizes and pads by `line_aligned` on first use.
+        || (Vec::<f32>::new(), Vec::<u16>::new(), Vec::<u16>::new()),
         |(scores, qb, pb), task| {
             let (scores, qb, pb) = (
                 line_aligned(scores, sl),
