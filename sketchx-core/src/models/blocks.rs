@@ -11,7 +11,7 @@ use candle_nn::{Conv2dConfig, LayerNorm};
 
 use super::memo::PerTensor;
 use crate::ops::conv::FastConv2d as Conv2d;
-use crate::ops::linear::FastLinear as Linear;
+use crate::ops::linear::{FastLinear as Linear, GegluLinear};
 use crate::ops::norm::{FastGroupNorm as GroupNorm, FastLayerNorm};
 use crate::ops::profile::scope;
 use crate::precision::Weights;
@@ -335,7 +335,7 @@ struct TransformerBlock {
     norm2: FastLayerNorm,
     attn2: Attention,
     norm3: FastLayerNorm,
-    ff_in: Linear,
+    ff_in: GegluLinear,
     ff_out: Linear,
 }
 
@@ -354,7 +354,7 @@ impl TransformerBlock {
             norm2: fast_layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, head_dim)?,
             norm3: fast_layer_norm(dim, 1e-5, vb.pp("norm3"))?,
-            ff_in: linear(dim, ff_inner * 2, vb.pp("ff.net.0.proj"))?,
+            ff_in: GegluLinear::load(dim, ff_inner * 2, &vb.pp("ff.net.0.proj"))?,
             ff_out: linear(ff_inner, dim, vb.pp("ff.net.2"))?,
         })
     }
@@ -380,7 +380,7 @@ impl TransformerBlock {
         let h = normed(&self.norm2, xs, self.attn2.takes_bf16(true))?;
         let xs = self.attn2.forward_add(&h, Some(ctx), xs)?;
         let h = normed(&self.norm3, &xs, self.ff_in.takes_bf16())?;
-        let h = self.ff_in.forward_geglu(&h, self.ff_out.takes_bf16())?;
+        let h = self.ff_in.forward(&h, self.ff_out.takes_bf16())?;
         self.ff_out.forward_add(&h, &xs)
     }
 }

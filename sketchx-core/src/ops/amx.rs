@@ -146,6 +146,42 @@ pub(crate) unsafe fn gemm_rows_shifted(
     }
 }
 
+/// `C = A B + bias` (no bias: from zero) handed to `epilogue` two tiles at a time, never stored: `A` and `B` as
+/// in [`gemm`], each row tile's pair of column tiles of a column block (panels `2j` and `2j + 1`) in one call (see
+/// [`PairEpilogue`]); tasks in parallel.
+///
+/// # Safety
+/// [`available`] must have returned `true`; `a` must point to `m` rows of `b.k()` readable entries `lda` apart, and
+/// a bias must hold `b.n()` values.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn gemm_pairs(
+    m: usize,
+    (a, lda): (*const u16, usize),
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    epilogue: PairEpilogue,
+) {
+    let init = match bias {
+        Some(bias) => {
+            assert!(bias.len() >= b.n(), "bias shorter than the columns");
+            Init::Cols(bias.as_ptr())
+        }
+        None => Init::Zero,
+    };
+    let source = Source::Packed(b);
+    // SAFETY: the caller's contract.
+    unsafe {
+        run(
+            m,
+            (a, lda, None, false),
+            (b.k(), b.n(), source),
+            Dest::Pairs(epilogue),
+            true,
+            init,
+        )
+    }
+}
+
 /// [`gemm`] with `B` an implicit convolution's rows (see [`super::gemm::Shifted`]): `k = 2 * seg_words *
 /// shifts.len()` entries, `n` columns; tasks in parallel.
 ///
@@ -321,6 +357,13 @@ struct Job<'a> {
 /// `C`. Called from the product's tasks, each tile once.
 pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, usize, &[f32; TILE * TILE], usize, usize) + Sync);
 
+/// Takes a row tile's two finished 16 x 16 tiles of one column block (column panels `2j` and `2j + 1`) at once,
+/// instead of `C`: `(row, column, tiles, rows, columns)`, the first row and column of the pair in `C`, the two
+/// tiles' values (row-major, 16 apart) and how many of their rows and of each tile's columns are inside `C` (0 for
+/// a tile past the last column). Called from the product's tasks, each pair once.
+pub(crate) type PairEpilogue<'a> =
+    &'a (dyn Fn(usize, usize, [&[f32; TILE * TILE]; 2], usize, [usize; 2]) + Sync);
+
 /// Where a product's `C` goes.
 #[cfg(target_arch = "x86_64")]
 enum Dest<'a> {
@@ -332,6 +375,8 @@ enum Dest<'a> {
     },
     /// Each tile to the epilogue.
     Tiles(Epilogue<'a>),
+    /// Each row tile's pair of column tiles to the epilogue.
+    Pairs(PairEpilogue<'a>),
 }
 
 // SAFETY: the bias pointer of `Init::Cols` is only read, by tasks of the product whose caller guarantees it stays
@@ -573,14 +618,15 @@ impl Job<'_> {
         }
         for p in 0..passes {
             let (r, rows) = (r0 + p * 2 * TILE, rows_of(p));
-            for (i, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                // SAFETY: the tile's rows and columns of C are this task's; the scratch holds their values.
+            for i in 0..2 {
+                // SAFETY: the tiles' rows and columns of C are this task's; the scratch holds their values.
                 unsafe {
-                    self.hand_on(
-                        &acc[tile(p, i, j)],
+                    self.hand_on_row(
+                        [&acc[tile(p, i, 0)], &acc[tile(p, i, 1)]],
                         (r + i * TILE, rows[i]),
-                        (p0 + j, cols[j]),
-                        true,
+                        p0,
+                        cols,
+                        [true; 2],
                     )
                 };
             }
@@ -607,7 +653,7 @@ impl Job<'_> {
         }
         // SAFETY: row `row` and column panel * 16 are inside C and the bias (rows/cols > 0).
         let (from, step) = match (self.init, &self.dest) {
-            (Init::Zero, _) | (Init::Accumulate, Dest::Tiles(_)) => return,
+            (Init::Zero, _) | (Init::Accumulate, Dest::Tiles(_) | Dest::Pairs(_)) => return,
             (Init::Cols(bias), _) => (unsafe { bias.add(panel * NR) }, 0),
             (Init::Accumulate, &Dest::Rows { ref c, ldc, .. }) => {
                 (unsafe { c.0.cast_const().add(row * ldc + panel * NR) }, ldc)
@@ -616,6 +662,33 @@ impl Job<'_> {
         for y in 0..rows {
             // SAFETY: see above; `cols` values of the row.
             unsafe { std::ptr::copy_nonoverlapping(from.add(y * step), t.add(y * TILE), cols) };
+        }
+    }
+
+    /// Hands a row tile's two finished tiles of the column block from panel `p0` on: the pair to a pair epilogue,
+    /// else each as [`Job::hand_on`] does (copied from its scratch tile when `copy`).
+    ///
+    /// # Safety
+    /// As [`Job::hand_on`], for both tiles.
+    unsafe fn hand_on_row(
+        &self,
+        t: [&Scratch; 2],
+        (row, rows): (usize, usize),
+        p0: usize,
+        cols: [usize; 2],
+        copy: [bool; 2],
+    ) {
+        if let Dest::Pairs(epilogue) = &self.dest {
+            if rows > 0 && cols[0] > 0 {
+                // SAFETY: each scratch holds a tile's 256 f32 values (the contract).
+                let tiles = t.map(|t| unsafe { &*t.0.as_ptr().cast::<[f32; TILE * TILE]>() });
+                epilogue(row, p0 * NR, tiles, rows, cols);
+            }
+            return;
+        }
+        for j in 0..2 {
+            // SAFETY: the contract.
+            unsafe { self.hand_on(t[j], (row, rows), (p0 + j, cols[j]), copy[j]) };
         }
     }
 
@@ -647,6 +720,7 @@ impl Job<'_> {
                 epilogue(row, panel * NR, tile, rows, cols);
                 return;
             }
+            Dest::Pairs(_) => unreachable!("pairs are handed on by hand_on_row"),
         };
         let origin = row * ldc + panel * NR;
         if copy {
@@ -906,7 +980,7 @@ impl Job<'_> {
                         ldc,
                     ),
                     // Tiles for the epilogue live in the scratch (C's start: zero or the bias).
-                    Dest::Tiles(_) => (s, TILE),
+                    Dest::Tiles(_) | Dest::Pairs(_) => (s, TILE),
                 };
                 c_at[i][j] = Some(if rows[i] == TILE && cols[j] == NR {
                     (origin, ldc * 4)
@@ -959,19 +1033,18 @@ impl Job<'_> {
         }
         // Edge tiles back into C, or every tile to the epilogue.
         for i in 0..2 {
-            for j in 0..2 {
-                let copy = rows[i] < TILE || cols[j] < NR;
-                // SAFETY: the tile's rows and columns of C are this task's; the scratch holds an edge tile's
-                // values and every tile's for the epilogue (stored above).
-                unsafe {
-                    self.hand_on(
-                        &c_scratch[i][j],
-                        (r + i * TILE, rows[i]),
-                        (p0 + j, cols[j]),
-                        copy,
-                    )
-                };
-            }
+            let copy = [0, 1].map(|j| rows[i] < TILE || cols[j] < NR);
+            // SAFETY: the tiles' rows and columns of C are this task's; the scratch holds an edge tile's values
+            // and every tile's for an epilogue (stored above).
+            unsafe {
+                self.hand_on_row(
+                    [&c_scratch[i][0], &c_scratch[i][1]],
+                    (r + i * TILE, rows[i]),
+                    p0,
+                    cols,
+                    copy,
+                )
+            };
         }
     }
 }

@@ -51,7 +51,7 @@ impl CustomOp1 for GegluOp {
         }
         let len = h.len() / 2;
         let mut out = super::cpu::output_uninit_f32(len);
-        geglu_rows(h, &mut out.spare_capacity_mut()[..len], half);
+        geglu_rows(h, &mut out.spare_capacity_mut()[..len], half, half);
         // SAFETY: geglu_rows wrote all `len` values (h holds len / half rows).
         unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -59,20 +59,28 @@ impl CustomOp1 for GegluOp {
 }
 
 /// The kernel on rows of `2 * half` values in `h`, into rows of `half` in `out`, in parallel: every value of
-/// `out` is written when it holds `h.len() / 2` (it may start uninitialised).
-pub(crate) fn geglu_rows(h: &[f32], out: &mut [MaybeUninit<f32>], half: usize) {
-    in_blocks(h, out, half, || (), |_, (a, g), o| geglu_row(a, g, o));
+/// `out` is written when it holds `h.len() / 2` (it may start uninitialised). A row's hidden and gate values
+/// alternate in runs of `run` (a divisor of `half`): `run = half` is diffusers' layout (the two halves), a smaller
+/// one a projection whose columns were packed in pairs of runs (see [`super::linear::GegluLinear`]).
+pub(crate) fn geglu_rows(h: &[f32], out: &mut [MaybeUninit<f32>], half: usize, run: usize) {
+    in_blocks(
+        h,
+        out,
+        (half, run),
+        || (),
+        |_, (a, g), o| geglu_row(a, g, o),
+    );
 }
 
 /// [`geglu_rows`] into bf16 bit patterns (each row computed in f32, then rounded to nearest even: the same bits
 /// as rounding `geglu_rows`' output), for a consumer that rounds its input to bf16 anyway. `out` holds
 /// `h.len() / 2` values.
-pub(crate) fn geglu_rows_bf16(h: &[f32], out: &mut [u16], half: usize) {
+pub(crate) fn geglu_rows_bf16(h: &[f32], out: &mut [u16], half: usize, run: usize) {
     in_blocks(
         h,
         out,
-        half,
-        || vec![MaybeUninit::<f32>::uninit(); half],
+        (half, run),
+        || vec![MaybeUninit::<f32>::uninit(); run],
         |row, (a, g), o| {
             geglu_row(a, g, row);
             // SAFETY: geglu_row wrote all `half` values of `row`.
@@ -82,27 +90,33 @@ pub(crate) fn geglu_rows_bf16(h: &[f32], out: &mut [u16], half: usize) {
     );
 }
 
-/// `row(scratch, (hidden, gate), out)` for every row of `h` (`2 * half` values) and of `out` (`half`), in parallel
-/// blocks of rows, each task with its own scratch from `init`.
+/// `each(scratch, (hidden, gate), out)` for every run of `run` values of every row of `h` (`2 * half` values,
+/// hidden and gate runs alternating) and of `out` (`half`), in parallel blocks of rows, each task with its own
+/// scratch from `init`.
 fn in_blocks<O: Send, S>(
     h: &[f32],
     out: &mut [O],
-    half: usize,
+    (half, run): (usize, usize),
     init: impl Fn() -> S + Send + Sync,
-    row: impl Fn(&mut S, (&[f32], &[f32]), &mut [O]) + Send + Sync,
+    each: impl Fn(&mut S, (&[f32], &[f32]), &mut [O]) + Send + Sync,
 ) {
     let width = 2 * half;
-    // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
-    if let Some(rows) = 16_384usize.checked_div(half) {
-        let rows = rows.max(1);
-        out.par_chunks_mut(rows * half)
-            .zip(h.par_chunks(rows * width))
-            .for_each_init(init, |scratch, (o, h)| {
-                for (o, h) in o.chunks_exact_mut(half).zip(h.chunks_exact(width)) {
-                    row(scratch, h.split_at(half), o);
-                }
-            });
+    if half == 0 {
+        return;
     }
+    assert!(
+        run > 0 && half % run == 0,
+        "GEGLU runs of {run} in rows of {half}"
+    );
+    // Enough rows per task to amortise it (at least 16 K outputs), few enough to balance the threads.
+    let rows = (16_384 / half).max(1);
+    out.par_chunks_mut(rows * half)
+        .zip(h.par_chunks(rows * width))
+        .for_each_init(init, |scratch, (o, h)| {
+            for (o, h) in o.chunks_exact_mut(run).zip(h.chunks_exact(2 * run)) {
+                each(scratch, h.split_at(run), o);
+            }
+        });
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::precision::Weights;
 
-use super::cpu::{Kept, Out};
+use super::cpu::{Kept, Out, SendPtr};
 use super::gemm::{
     convert_bf16_parallel, fills_uninit, gemm_bf16_from, gemm_f32_from, gemm_rows_uninit, Format,
-    PackedB, Start,
+    PackedB, Start, NR,
 };
 
 /// A linear layer's input in bf16, in memory kept between calls.
@@ -81,22 +81,25 @@ impl FastLinear {
     /// Loads `weight` (`[out, in]`) and, when `bias`, `bias` (`[out]`) from `weights`, packed in bf16 when its precision
     /// says so (the CPU bf16 mode).
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, weights: &Weights) -> Result<Self> {
-        Self::load_shaped(in_dim, out_dim, bias, weights, false)
+        Ok(Self::load_shaped(in_dim, out_dim, bias, weights, false, false)?.0)
     }
 
     /// [`Self::load`] from a 1x1 convolution's `weight` (`[out, in, 1, 1]`), with its bias: the same product on
     /// channels-last rows (positions), e.g. a transformer's `proj_in` on its tokens.
     pub fn load_1x1(in_dim: usize, out_dim: usize, weights: &Weights) -> Result<Self> {
-        Self::load_shaped(in_dim, out_dim, true, weights, true)
+        Ok(Self::load_shaped(in_dim, out_dim, true, weights, true, false)?.0)
     }
 
+    /// The layer, and whether its output features were packed in GEGLU pairs (asked for with `pairs`; see
+    /// [`GegluLinear`]).
     fn load_shaped(
         in_dim: usize,
         out_dim: usize,
         bias: bool,
         weights: &Weights,
         conv_1x1: bool,
-    ) -> Result<Self> {
+        pairs: bool,
+    ) -> Result<(Self, bool)> {
         let vb = weights.vb();
         let precision = if super::packs_bf16(weights.precision()) {
             Format::Bf16
@@ -120,17 +123,23 @@ impl FastLinear {
             None
         };
         if !packed {
-            return Ok(Self::Candle(Linear::new(w, b)));
+            return Ok((Self::Candle(Linear::new(w, b)), false));
         }
-        let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let bias = match b {
-            Some(b) => Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+        let mut w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut bias = match b {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        Ok(Self::Packed(PackedLinearOp {
+        let pairs = pairs && precision == Format::Bf16 && pairs_fit(out_dim) && in_dim > 0;
+        if pairs {
+            w = in_geglu_pairs(&w, in_dim);
+            bias = bias.map(|b| in_geglu_pairs(&b, 1));
+        }
+        let op = PackedLinearOp {
             weight: Arc::new(PackedB::from_transposed(&w, out_dim, in_dim, precision)),
-            bias,
-        }))
+            bias: bias.map(Arc::new),
+        };
+        Ok((Self::Packed(op), pairs))
     }
 
     /// Output features.
@@ -201,19 +210,16 @@ impl FastLinear {
         (2 * (xs.elem_count() / k.max(1)) * k * n) as u64
     }
 
-    /// `geglu(x W^T + b)` ([`super::geglu::geglu`] over this layer's output). A packed layer runs the product in
-    /// blocks of rows, each block through GEGLU straight away, so that the projection at full width (42 MB per
-    /// image on 64 x 64 latents, fresh pages at every call at that size) is never allocated; the values are the
-    /// same bits as the two steps apart. The product is timed as `linear`, GEGLU as `geglu`. With `bf16`, a packed
-    /// layer's result is rounded to bf16 (a BF16 tensor) for a consumer that takes it as it is
-    /// ([`Self::takes_bf16`]); the result is f32 otherwise.
-    pub fn forward_geglu(&self, xs: &Tensor, bf16: bool) -> Result<Tensor> {
+    /// `geglu(x W^T + b)` ([`super::geglu::geglu`] over this layer's output; see [`GegluLinear::forward`]), its
+    /// output features packed in GEGLU pairs when `pairs`.
+    fn geglu(&self, xs: &Tensor, bf16: bool, pairs: bool) -> Result<Tensor> {
         match self {
             Self::Packed(op) if op.weight.n() % 2 == 0 && op.weight.k() > 0 => {
                 let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&GegluLinearOp {
                     linear: op,
                     block_rows: None,
                     bf16,
+                    pairs,
                 })?;
                 let mut dims = op.out_dims(xs);
                 if let Some(last) = dims.last_mut() {
@@ -226,7 +232,43 @@ impl FastLinear {
     }
 }
 
-/// Values of the projection computed at once by [`FastLinear::forward_geglu`] (16 MiB) when a block does not stay
+/// A feed-forward's projection into GEGLU (diffusers' `GEGLU`: `hidden * gelu(gate)` over the two halves of
+/// `x W^T + b`). In the CPU bf16 mode on AMX its output features are packed in pairs ([`in_geglu_pairs`]), so that
+/// GEGLU runs in the product's epilogue on tiles still in the cache instead of in a pass over the projection
+/// (written in f32, read back); the values are the same bits.
+#[derive(Debug, Clone)]
+pub struct GegluLinear {
+    layer: FastLinear,
+    /// The packed layer's output features are in GEGLU pairs.
+    pairs: bool,
+}
+
+impl GegluLinear {
+    /// Loads the projection `weight` (`[out, in]`: the hidden half, then the gates) and `bias` from `weights`, as
+    /// [`FastLinear::load`] does.
+    pub fn load(in_dim: usize, out_dim: usize, weights: &Weights) -> Result<Self> {
+        let pairs = super::amx::available();
+        let (layer, pairs) = FastLinear::load_shaped(in_dim, out_dim, true, weights, false, pairs)?;
+        Ok(Self { layer, pairs })
+    }
+
+    /// Whether the layer takes a bf16 input as it is ([`FastLinear::takes_bf16`]).
+    pub fn takes_bf16(&self) -> bool {
+        self.layer.takes_bf16()
+    }
+
+    /// `geglu(x W^T + b)`. A packed layer runs the product in blocks of rows, each block through GEGLU straight
+    /// away, so that the projection at full width (42 MB per image on 64 x 64 latents, fresh pages at every call
+    /// at that size) is never allocated, or on AMX with GEGLU in the product's epilogue; the values are the same
+    /// bits as the two steps apart. The product is timed as `linear`, GEGLU as `geglu` (or within `linear` on
+    /// AMX). With `bf16`, a packed layer's result is rounded to bf16 (a BF16 tensor) for a consumer that takes it
+    /// as it is ([`FastLinear::takes_bf16`]); the result is f32 otherwise.
+    pub fn forward(&self, xs: &Tensor, bf16: bool) -> Result<Tensor> {
+        self.layer.geglu(xs, bf16, self.pairs)
+    }
+}
+
+/// Values of the projection computed at once by [`GegluLinear::forward`] (16 MiB) when a block does not stay
 /// in the caches, at least [`GEGLU_MIN_ROWS`] rows.
 const GEGLU_BLOCK_VALUES: usize = 1 << 22;
 
@@ -237,7 +279,7 @@ const GEGLU_MIN_ROWS: usize = 128;
 /// (half of a Zen 4 core's 1 MiB).
 const GEGLU_CACHED_BYTES: usize = 1 << 19;
 
-/// Rows per block of [`FastLinear::forward_geglu`] for a `k x n` layer and `threads` threads: as many as stay in
+/// Rows per block of [`GegluLinear::forward`] for a `k x n` layer and `threads` threads: as many as stay in
 /// the threads' caches ([`GEGLU_CACHED_BYTES`] each, f32) when that is at least `k / 4` rows, for then reading the
 /// weights again per block (`2 k n` bytes in bf16) costs less than writing the block to memory and reading it
 /// back (about `8 n` bytes per row); [`GEGLU_BLOCK_VALUES`] otherwise.
@@ -250,7 +292,8 @@ fn geglu_block_rows(k: usize, n: usize, threads: usize) -> usize {
     }
 }
 
-/// A packed layer's product followed by GEGLU, block by block (see [`FastLinear::forward_geglu`]).
+/// A packed layer's product followed by GEGLU, block by block (see [`GegluLinear::forward`]), or on AMX in the
+/// product's epilogue for a layer packed in pairs (see [`GegluLinear`]).
 struct GegluLinearOp<'a> {
     linear: &'a PackedLinearOp,
     /// Rows of the projection per block: [`geglu_block_rows`]'s when `None` (set in tests, to cross block edges
@@ -258,6 +301,8 @@ struct GegluLinearOp<'a> {
     block_rows: Option<usize>,
     /// Output in bf16.
     bf16: bool,
+    /// The layer's output features are packed in GEGLU pairs ([`in_geglu_pairs`]).
+    pairs: bool,
 }
 
 impl CustomOp1 for GegluLinearOp<'_> {
@@ -271,6 +316,16 @@ impl CustomOp1 for GegluLinearOp<'_> {
         let half = n / 2;
         let (m, shape) = self.linear.rows_and_shape(l, half)?;
         let k = self.linear.weight.k();
+        #[cfg(target_arch = "x86_64")]
+        if self.pairs && super::amx::available() && m > 0 {
+            let mut out = Output::uninit(m * half, self.bf16);
+            let kind = super::profile::shaped("linear", || format!("{m} rows {k}x{n} GEGLU"));
+            let flops = (2 * m * k * n) as u64;
+            super::profile::scope_flops(kind, || flops, || self.fused(x, m, &mut out));
+            // SAFETY: the epilogue wrote every row's `half` values (every pair of tiles is handed on once).
+            return Ok(unsafe { out.written(shape) });
+        }
+        let run = if self.pairs { NR } else { half };
         let rows = self
             .block_rows
             .unwrap_or_else(|| geglu_block_rows(k, n, rayon::current_num_threads()))
@@ -288,11 +343,12 @@ impl CustomOp1 for GegluLinearOp<'_> {
                 super::profile::scope_flops(kind, || flops, || self.linear.product(xb, h))?;
                 let outs = i * rows * half..i * rows * half + h.len() / 2;
                 super::profile::scope("geglu", || match &mut out {
-                    Output::F32(o) => super::geglu::geglu_rows(h, &mut o.spare()[outs], half),
+                    Output::F32(o) => super::geglu::geglu_rows(h, &mut o.spare()[outs], half, run),
                     Output::Bf16(o) => super::geglu::geglu_rows_bf16(
                         h,
                         o.values()[outs].reinterpret_cast_mut(),
                         half,
+                        run,
                     ),
                 });
             }
@@ -301,6 +357,75 @@ impl CustomOp1 for GegluLinearOp<'_> {
         // SAFETY: every block's rows were written (above).
         Ok(unsafe { out.written(shape) })
     }
+}
+
+impl GegluLinearOp<'_> {
+    /// The product on AMX with GEGLU in its epilogue, for a layer packed in pairs: each pair of 16 x 16 tiles
+    /// (16 hidden columns and their 16 gates) becomes 16 x 16 values of `out`, straight from the tiles, in the
+    /// same operations as [`super::geglu::geglu_rows`] (the same bits).
+    #[cfg(target_arch = "x86_64")]
+    fn fused(&self, x: Rows, m: usize, out: &mut Output) {
+        use super::simd::TileOut;
+        const T: usize = NR * NR;
+        let (k, half) = (self.linear.weight.k(), self.linear.weight.n() / 2);
+        let dest = match out {
+            Output::F32(o) => (SendPtr(o.ptr()), SendPtr(std::ptr::null_mut())),
+            Output::Bf16(o) => (
+                SendPtr(std::ptr::null_mut()),
+                SendPtr(o.ptr().cast::<u16>()),
+            ),
+        };
+        let epilogue =
+            |row: usize, col: usize, [h, g]: [&[f32; T]; 2], rows: usize, cols: [usize; 2]| {
+                debug_assert_eq!(cols, [NR, NR], "pairs fill both tiles");
+                // The pair's 32 columns of the projection are 16 of the output.
+                let origin = row * half + col / 2;
+                let (f32_out, bf16_out) = (&dest.0, &dest.1);
+                // SAFETY: AMX implies AVX-512 F and BF16; rows `row..row + rows` of the output (m rows of `half`) are
+                // inside, and these 16 columns of them are this pair's alone.
+                unsafe {
+                    let to = if bf16_out.0.is_null() {
+                        TileOut::F32(f32_out.0.add(origin), half)
+                    } else {
+                        TileOut::Bf16(bf16_out.0.add(origin), half)
+                    };
+                    super::simd::geglu_tile(h, g, rows, to)
+                };
+            };
+        let bias = self.linear.bias.as_deref().map(Vec::as_slice);
+        // SAFETY: AMX is available (the caller checked); `a` holds `m` rows of `k` entries; the bias holds `n`
+        // values; the epilogue writes only its pair's rows and columns of the output.
+        let product = |a: &[u16]| unsafe {
+            super::amx::gemm_pairs(m, (a.as_ptr(), k), &self.linear.weight, bias, &epilogue)
+        };
+        match x {
+            Rows::Bf16(x) => product(x),
+            Rows::F32(x) => ROUNDED.with(x.len(), |rounded| {
+                convert_bf16_parallel(x, rounded);
+                product(rounded)
+            }),
+        }
+    }
+}
+
+/// Whether a layer of `n` output features can be packed in GEGLU pairs: two halves of whole panels.
+fn pairs_fit(n: usize) -> bool {
+    n.is_multiple_of(2 * NR) && n > 0
+}
+
+/// The rows of `w` (`n` rows of `width` values: a GEGLU projection's weight or bias, the hidden half first)
+/// reordered in pairs of panels: 16 hidden rows, their 16 gate rows, the next 16 hidden rows, and so on. Packed,
+/// each column block of the AMX product then holds 16 hidden columns and their gates, and its epilogue applies
+/// GEGLU on the spot.
+fn in_geglu_pairs(w: &[f32], width: usize) -> Vec<f32> {
+    let half = w.len() / width / 2;
+    let mut out = Vec::with_capacity(w.len());
+    for p in 0..half / NR {
+        for from in [p * NR, half + p * NR] {
+            out.extend_from_slice(&w[from * width..(from + NR) * width]);
+        }
+    }
+    out
 }
 
 /// A fused op's output, lined ([`super::cpu::Out`]): f32, or bf16 bit patterns.
@@ -314,6 +439,15 @@ impl Output {
     fn new(len: usize, bf16: bool) -> Self {
         if bf16 {
             Self::Bf16(Out::zeroed(len, true))
+        } else {
+            Self::F32(Out::uninit(len, true))
+        }
+    }
+
+    /// Room for `len` values, never initialised (all written through [`Out::ptr`] before [`Self::written`]).
+    fn uninit(len: usize, bf16: bool) -> Self {
+        if bf16 {
+            Self::Bf16(Out::uninit(len, true))
         } else {
             Self::F32(Out::uninit(len, true))
         }
@@ -555,7 +689,7 @@ mod tests {
     }
 
     /// A bf16 input gives a layer packed in bf16 the same bits as the f32 input it rounds (`forward`,
-    /// `forward_add`, `forward_geglu`), and every other layer the same as that input in f32; a GEGLU result in
+    /// `forward_add`, `geglu`), and every other layer the same as that input in f32; a GEGLU result in
     /// bf16 is the f32 one rounded, bit for bit.
     #[test]
     fn bf16_inputs_and_outputs_are_the_rounded_values() {
@@ -589,12 +723,12 @@ mod tests {
                     layer.forward_add(&x16, &r).unwrap(),
                     layer.forward_add(same, &r).unwrap()
                 ));
-                let geglu = layer.forward_geglu(&x16, false).unwrap();
+                let geglu = layer.geglu(&x16, false, false).unwrap();
                 assert!(same_bits(
                     geglu.clone(),
-                    layer.forward_geglu(same, false).unwrap()
+                    layer.geglu(same, false, false).unwrap()
                 ));
-                let geglu16 = layer.forward_geglu(&x16, true).unwrap();
+                let geglu16 = layer.geglu(&x16, true, false).unwrap();
                 if matches!(layer, FastLinear::Packed(_)) {
                     let want = bits(
                         &geglu
@@ -694,8 +828,8 @@ mod tests {
                     for (what, t) in [
                         ("forward", layer.forward(&x).unwrap()),
                         ("forward_add", layer.forward_add(&x, &r).unwrap()),
-                        ("geglu f32", layer.forward_geglu(&x, false).unwrap()),
-                        ("geglu bf16", layer.forward_geglu(&x, true).unwrap()),
+                        ("geglu f32", layer.geglu(&x, false, false).unwrap()),
+                        ("geglu bf16", layer.geglu(&x, true, false).unwrap()),
                         ("layer norm bf16", normed),
                     ] {
                         assert!(starts_on_line(&t), "{precision:?} {what}, {rows} rows");
@@ -703,6 +837,65 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// A GEGLU projection packed in pairs (the CPU bf16 mode on AMX; its epilogue applies GEGLU) gives the same
+    /// bits as the layer loaded plainly and GEGLU apart, in f32 and bf16, with and without a bias, on row counts
+    /// that fill no tile, one tile pair and several tasks; so does it on the portable kernels (the product, then
+    /// GEGLU over the pairs). A width that is not two halves of whole panels stays unpaired.
+    #[test]
+    fn geglu_in_pairs_is_the_two_steps_apart() {
+        let dev = Device::Cpu;
+        for (i, o) in [(24, 64), (72, 96), (24, 40)] {
+            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let vb = layer_vars(&w, &b);
+            for precision in [Precision::F32, Precision::CpuBf16] {
+                for bias in [true, false] {
+                    let weights = Weights::new(vb.clone(), precision).pp("l");
+                    let plain = FastLinear::load(i, o, bias, &weights).unwrap();
+                    let (layer, pairs) = crate::ops::cpu::detected_only(|| {
+                        FastLinear::load_shaped(i, o, bias, &weights, false, true).unwrap()
+                    });
+                    let paired = GegluLinear { layer, pairs };
+                    let packs_bf16 = matches!(&plain, FastLinear::Packed(op) if op.weight.format() == Format::Bf16);
+                    assert_eq!(pairs, packs_bf16 && o % 32 == 0, "{o} {precision:?}");
+                    if !bias && pairs {
+                        assert_eq!(
+                            GegluLinear::load(i, o, &weights).unwrap().pairs,
+                            crate::ops::amx::available()
+                        );
+                    }
+                    for rows in [1, 5, 17, 40, 300] {
+                        let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
+                        let check = |what: &str| {
+                            let want =
+                                crate::ops::geglu::geglu(&plain.forward(&x).unwrap()).unwrap();
+                            let got = paired.forward(&x, false).unwrap();
+                            assert_eq!(got.dims(), want.dims());
+                            assert!(
+                                bits(&got) == bits(&want),
+                                "{what} {o} {precision:?} bias {bias} rows {rows}"
+                            );
+                            if plain.takes_bf16() {
+                                let got = paired.forward(&x, true).unwrap();
+                                assert_eq!(got.dtype(), DType::BF16);
+                                let want = want.to_dtype(DType::BF16).unwrap();
+                                assert!(
+                                    bits(&got.to_dtype(DType::F32).unwrap())
+                                        == bits(&want.to_dtype(DType::F32).unwrap()),
+                                    "{what} bf16 {o} bias {bias} rows {rows}"
+                                );
+                            }
+                        };
+                        crate::ops::cpu::detected_only(|| check("detected"));
+                        if pairs {
+                            crate::ops::cpu::force_portable(|| check("portable"));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The fused product + GEGLU gives the same bits as the two steps apart, in f32 and bf16, with and without a
@@ -730,11 +923,11 @@ mod tests {
                     let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
                     let want = crate::ops::geglu::geglu(&layer.forward(&x).unwrap()).unwrap();
                     let FastLinear::Packed(op) = &layer else {
-                        // No AVX-512: the layer is candle's, and forward_geglu the two steps.
+                        // No AVX-512: the layer is candle's, and geglu the two steps.
                         assert_eq!(
                             crate::ops::max_abs_diff(
                                 &want,
-                                &layer.forward_geglu(&x, false).unwrap()
+                                &layer.geglu(&x, false, false).unwrap()
                             ),
                             0.0
                         );
@@ -745,6 +938,7 @@ mod tests {
                             linear: op,
                             block_rows,
                             bf16: false,
+                            pairs: false,
                         };
                         let raw = x.apply_op1_no_bwd(&fused).unwrap();
                         let got = crate::ops::cpu::lined_view(&raw, &[2, rows, o / 2]).unwrap();

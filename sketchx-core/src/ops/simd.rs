@@ -571,46 +571,88 @@ unsafe fn geglu_row_avx512(a: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     use std::arch::x86_64::*;
     const L: usize = 16;
     let n = a.len().min(g.len()).min(out.len());
-    let c = |v: f32| _mm512_set1_ps(v);
-    let sign = _mm512_set1_epi32(i32::MIN);
     for i in (0..n).step_by(L) {
         let mask = lanes_mask(n - i);
         // SAFETY: the lanes under `mask` lie inside the three slices.
         unsafe {
             let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
-            let x = _mm512_mul_ps(gv, c(std::f32::consts::FRAC_1_SQRT_2));
-            let ax = _mm512_min_ps(_mm512_abs_ps(x), c(10.0));
-            let d = _mm512_fmadd_ps(ax, c(0.327_591_1), c(1.0));
-            let t = _mm512_rcp14_ps(d);
-            let t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, c(2.0)));
-            let mut r = c(1.061_405_4);
-            for k in [-1.453_152, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
-                r = _mm512_fmadd_ps(r, t, c(k));
-            }
-            // exp(y) for y = -x^2 (>= -100; clamped at -87 as exp_f32 clamps): 2^(y log2 e), log2 e in two parts.
-            let y = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(c(0.0), ax), ax), c(-87.0));
-            let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(y, c(LOG2_E_HI)),
-            );
-            let f = _mm512_fmadd_ps(y, c(LOG2_E_LO), _mm512_fmsub_ps(y, c(LOG2_E_HI), whole));
-            let mut p = c(EXP2_POLY[0]);
-            for &k in &EXP2_POLY[1..] {
-                p = _mm512_fmadd_ps(p, f, c(k));
-            }
-            let e = _mm512_scalef_ps(p, whole);
-            let erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, c(1.0));
-            // erf(x) = sign(x) |erf|: the sign bit of x on the (non-negative) magnitude.
-            let erf = _mm512_castsi512_ps(_mm512_or_si512(
-                _mm512_castps_si512(erf_abs),
-                _mm512_and_si512(_mm512_castps_si512(x), sign),
-            ));
-            let gelu = _mm512_mul_ps(_mm512_mul_ps(gv, c(0.5)), _mm512_add_ps(c(1.0), erf));
             let av = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(i));
-            _mm512_mask_storeu_ps(
-                out.as_mut_ptr().add(i).cast(),
-                mask,
-                _mm512_mul_ps(av, gelu),
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i).cast(), mask, geglu_lanes(av, gv));
+        }
+    }
+}
+
+/// [`geglu_row_avx512`]'s values for 16 lanes: `hidden * gelu(gate)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn geglu_lanes(
+    av: std::arch::x86_64::__m512,
+    gv: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let x = _mm512_mul_ps(gv, c(std::f32::consts::FRAC_1_SQRT_2));
+    let ax = _mm512_min_ps(_mm512_abs_ps(x), c(10.0));
+    let d = _mm512_fmadd_ps(ax, c(0.327_591_1), c(1.0));
+    let t = _mm512_rcp14_ps(d);
+    let t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, c(2.0)));
+    let mut r = c(1.061_405_4);
+    for k in [-1.453_152, 1.421_413_8, -0.284_496_74, 0.254_829_6] {
+        r = _mm512_fmadd_ps(r, t, c(k));
+    }
+    // exp(y) for y = -x^2 (>= -100; clamped at -87 as exp_f32 clamps): 2^(y log2 e), log2 e in two parts.
+    let y = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(c(0.0), ax), ax), c(-87.0));
+    let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(y, c(LOG2_E_HI)),
+    );
+    let f = _mm512_fmadd_ps(y, c(LOG2_E_LO), _mm512_fmsub_ps(y, c(LOG2_E_HI), whole));
+    let mut p = c(EXP2_POLY[0]);
+    for &k in &EXP2_POLY[1..] {
+        p = _mm512_fmadd_ps(p, f, c(k));
+    }
+    let e = _mm512_scalef_ps(p, whole);
+    let erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, c(1.0));
+    // erf(x) = sign(x) |erf|: the sign bit of x on the (non-negative) magnitude.
+    let erf = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(erf_abs),
+        _mm512_and_si512(_mm512_castps_si512(x), sign),
+    ));
+    let gelu = _mm512_mul_ps(_mm512_mul_ps(gv, c(0.5)), _mm512_add_ps(c(1.0), erf));
+    _mm512_mul_ps(av, gelu)
+}
+
+/// Where [`geglu_tile`] writes: rows of 16 values, `.1` values apart, in f32 or as bf16 bit patterns.
+#[cfg(target_arch = "x86_64")]
+pub(crate) enum TileOut {
+    F32(*mut f32, usize),
+    Bf16(*mut u16, usize),
+}
+
+/// GEGLU of the first `rows` rows of two 16 x 16 tiles (`hidden`, `gate`, row-major) into `out`: the values of
+/// [`geglu_row`], rounded to bf16 as [`super::gemm::convert_bf16`] rounds them for a bf16 output.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16; `out`'s `rows` rows of 16 values must be writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn geglu_tile(hidden: &[f32; 256], gate: &[f32; 256], rows: usize, out: TileOut) {
+    use std::arch::x86_64::*;
+    for y in 0..rows.min(16) {
+        // SAFETY: row y < 16 of each tile; the contract for `out`.
+        unsafe {
+            let v = geglu_lanes(
+                _mm512_loadu_ps(hidden.as_ptr().add(16 * y)),
+                _mm512_loadu_ps(gate.as_ptr().add(16 * y)),
             );
+            match out {
+                TileOut::F32(p, stride) => _mm512_storeu_ps(p.add(y * stride), v),
+                TileOut::Bf16(p, stride) => _mm256_storeu_si256(
+                    p.add(y * stride).cast(),
+                    std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)),
+                ),
+            }
         }
     }
 }
