@@ -74,17 +74,21 @@ impl CustomOp2 for ChannelAddOp {
             );
         }
         let plane = h.len() / t.len();
-        let mut out = super::cpu::output_f32(h.len());
+        // Never zeroed: every plane is written (below).
+        let mut out = super::cpu::output_uninit_f32(h.len());
         if plane > 0 {
-            out.par_chunks_mut(plane)
+            out.spare_capacity_mut()[..h.len()]
+                .par_chunks_mut(plane)
                 .zip(h.par_chunks(plane))
                 .zip(t.par_iter())
                 .for_each(|((o, h), &t)| {
                     for (o, &h) in o.iter_mut().zip(h) {
-                        *o = h + t;
+                        o.write(h + t);
                     }
                 });
         }
+        // SAFETY: the planes cover all `h.len()` values (t.len() planes of `plane`), each written in full.
+        unsafe { out.set_len(h.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -147,16 +151,20 @@ impl CustomOp2 for AddOp {
         if a.len() != b.len() {
             candle_core::bail!("addition: {} and {} elements", a.len(), b.len());
         }
-        let mut out = super::cpu::output_f32(a.len());
+        // Never zeroed: every value is written (below).
+        let mut out = super::cpu::output_uninit_f32(a.len());
         const CHUNK: usize = 1 << 15;
         let d = self.0;
-        out.par_chunks_mut(CHUNK)
+        out.spare_capacity_mut()[..a.len()]
+            .par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
             .for_each(|(o, (a, b))| {
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = d.sum(a, b);
+                    o.write(d.sum(a, b));
                 }
             });
+        // SAFETY: the chunks cover all `a.len()` values (as many as `b`), each written.
+        unsafe { out.set_len(a.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -53,9 +53,29 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// time and used to fault in 4 KiB at a time: a fifth of a decode went to the kernel. They are marked for
 /// transparent huge pages before anything touches them ([`advise_huge_pages`]).
 pub(crate) fn output_f32(len: usize) -> Vec<f32> {
-    let mut v = vec![0f32; len];
-    advise_huge_pages(v.as_mut_ptr().cast(), std::mem::size_of_val(v.as_slice()));
+    let mut v = output_uninit_f32(len);
+    zero_parallel(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the `len` values were just zeroed.
+    unsafe { v.set_len(len) };
     v
+}
+
+/// Zeroes `values`, in parallel when they are many. The allocator's zeroed memory (`calloc`) is cleared by one
+/// thread whenever it reuses freed memory, which an op's output usually is: the other threads then wait.
+pub(crate) fn zero_parallel<E: Send>(values: &mut [std::mem::MaybeUninit<E>]) {
+    use rayon::prelude::*;
+    // Bytes per task: enough to amortise a task, few enough to spread a few megabytes over the threads.
+    const CHUNK_BYTES: usize = 1 << 18;
+    let per = (CHUNK_BYTES / std::mem::size_of::<E>().max(1)).max(1);
+    let zero = |c: &mut [std::mem::MaybeUninit<E>]| {
+        // SAFETY: `c` is valid for writes of its length; all-zero bytes are what the callers want.
+        unsafe { std::ptr::write_bytes(c.as_mut_ptr(), 0, c.len()) }
+    };
+    if values.len() <= per {
+        zero(values);
+    } else {
+        values.par_chunks_mut(per).for_each(zero);
+    }
 }
 
 /// An empty buffer with room for `len` f32 values, for an operation that writes all of them through its pointer
@@ -88,15 +108,21 @@ pub(crate) fn line_start<E>(p: *const E) -> usize {
     p.align_offset(64).min(line_pad::<E>())
 }
 
-impl<E: Copy + Default> Out<E> {
+impl<E: Copy + Default + Send> Out<E> {
     /// Room for `len` values, never initialised (the op writes them all before [`Self::finish`]).
     pub(crate) fn uninit(len: usize, lined: bool) -> Self {
         Self::around(Vec::with_capacity(Self::room(len, lined)), len, lined)
     }
 
-    /// Room for `len` values, all `E::default()` (zeroed memory from the allocator, as `vec!` gives it).
+    /// Room for `len` values, all zero bytes (cleared in parallel, [`zero_parallel`]); `E` must be a type whose
+    /// default is all zero bytes (the f32 and bf16 outputs).
     pub(crate) fn zeroed(len: usize, lined: bool) -> Self {
-        Self::around(vec![E::default(); Self::room(len, lined)], len, lined)
+        let room = Self::room(len, lined);
+        let mut out = Self::uninit(len, lined);
+        zero_parallel(&mut out.vec.spare_capacity_mut()[..room]);
+        // SAFETY: the `room` values were just zeroed, and zero bytes are `E::default()` (the contract).
+        unsafe { out.vec.set_len(room) };
+        out
     }
 
     /// The vector's length for `len` values: with the pad for a lined output.

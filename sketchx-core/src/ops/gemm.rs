@@ -572,6 +572,14 @@ pub(crate) fn convert_bf16_parallel(src: &[f32], dst: &mut [u16]) {
 
 /// Converts `src` to bf16 bit patterns into `dst` (as many as the shorter holds), on the calling thread.
 pub(crate) fn convert_bf16(src: &[f32], dst: &mut [u16]) {
+    // SAFETY: the same memory seen as possibly uninitialised, written with initialised values only.
+    let dst = unsafe { &mut *(dst as *mut [u16] as *mut [std::mem::MaybeUninit<u16>]) };
+    convert_bf16_uninit(src, dst);
+}
+
+/// [`convert_bf16`] into memory that may be uninitialised: the first `min(src.len(), dst.len())` values of `dst`
+/// are written.
+pub(crate) fn convert_bf16_uninit(src: &[f32], dst: &mut [std::mem::MaybeUninit<u16>]) {
     #[cfg(target_arch = "x86_64")]
     if Format::Bf16.has_fast_kernel() {
         // SAFETY: the CPU has the features; `convert` stops at the shorter slice.
@@ -579,7 +587,7 @@ pub(crate) fn convert_bf16(src: &[f32], dst: &mut [u16]) {
         return;
     }
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = round_bf16(s);
+        d.write(round_bf16(s));
     }
 }
 
@@ -1476,7 +1484,7 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX-512 F, BW and BF16.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn convert(s: &[f32], d: &mut [u16]) {
+    pub(super) unsafe fn convert(s: &[f32], d: &mut [std::mem::MaybeUninit<u16>]) {
         let n = s.len().min(d.len());
         let mut i = 0;
         while i + 16 <= n {

@@ -144,7 +144,8 @@ impl Transpose {
             candle_core::bail!("transpose: {} values for {rows}x{cols} matrices", x.len());
         }
         let b = x.len() / per;
-        let mut out = super::cpu::output_f32(x.len());
+        // Never zeroed: the stripes write every value (below).
+        let mut out = super::cpu::output_uninit_f32(x.len());
         let stripes = cols.div_ceil(BLOCK);
         let dst = SendPtr(out.as_mut_ptr());
         // One task per stripe of BLOCK destination rows (source columns) of one image.
@@ -180,6 +181,8 @@ impl Transpose {
                 }
             }
         });
+        // SAFETY: the tasks' stripes cover every destination row of every image, each written in full.
+        unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), Shape::from((b, cols, rows))))
     }
 }

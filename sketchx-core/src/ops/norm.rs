@@ -10,10 +10,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::gemm::convert_bf16;
+use super::gemm::convert_bf16_uninit;
 use super::simd::{affine_silu_into, layer_norm_row, sum_sq_f64};
 
 /// diffusers' `GroupNorm` (affine), optionally followed by SiLU.
@@ -422,9 +421,15 @@ impl CustomOp3 for LayerNormOp {
         let rows = (LAYER_NORM_BLOCK / dim).max(1) * dim;
         let eps = self.eps as f32;
         if self.bf16 {
-            let mut out = super::cpu::Out::<half::bf16>::zeroed(x.len(), true);
-            out.values()
-                .reinterpret_cast_mut()
+            // Never zeroed: every row is written (below).
+            let mut out = super::cpu::Out::<half::bf16>::uninit(x.len(), true);
+            let spare = out.spare();
+            // SAFETY: bf16 is a u16 bit pattern (the same size and alignment); nothing is read through the view.
+            let spare = unsafe {
+                &mut *(spare as *mut [std::mem::MaybeUninit<half::bf16>]
+                    as *mut [std::mem::MaybeUninit<u16>])
+            };
+            spare
                 .par_chunks_mut(rows)
                 .zip(x.par_chunks(rows))
                 .for_each_init(
@@ -432,11 +437,11 @@ impl CustomOp3 for LayerNormOp {
                     |row, (dst, src)| {
                         for (d, s) in dst.chunks_exact_mut(dim).zip(src.chunks_exact(dim)) {
                             layer_norm_row(s, row, w, bias, eps);
-                            convert_bf16(row, d);
+                            convert_bf16_uninit(row, d);
                         }
                     },
                 );
-            // SAFETY: the values were zeroed when the output was made.
+            // SAFETY: every row of the output was written above (the chunks cover all `x.len()` values).
             let (v, shape) = unsafe { out.finish(l1.shape().clone()) };
             return Ok((CpuStorage::BF16(v), shape));
         }
