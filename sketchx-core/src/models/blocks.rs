@@ -472,8 +472,14 @@ impl SpatialTransformer {
         self.project_out(hs, &twice(half)?)
     }
 
-    /// The group norm and the projection in, as tokens `(b, h * w, inner)`.
+    /// The group norm and the projection in, as tokens `(b, h * w, inner)`. A projection that takes bf16 gets the
+    /// normalised tokens in bf16 straight from the norm ([`GroupNorm::forward_tokens_bf16`]: the same bits).
     fn project_in(&self, xs: &Tensor) -> CResult<Tensor> {
+        if self.proj_in.takes_bf16() {
+            if let Some(tokens) = self.norm.forward_tokens_bf16(xs)? {
+                return self.proj_in.forward(&tokens);
+            }
+        }
         let normed = self.norm.forward(xs)?;
         self.proj_in
             .forward(&crate::ops::layout::to_tokens(&normed)?)

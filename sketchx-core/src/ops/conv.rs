@@ -25,7 +25,7 @@ use super::gemm::{
     Format, PackedA, PackedB, Shifted, Start, NR,
 };
 use super::layout::transpose_32;
-use super::norm::{FastGroupNorm, NormSilu};
+use super::norm::{ChannelNorm, FastGroupNorm};
 use super::simd::{affine_silu, affine_silu_channels_bf16};
 use super::winograd_bf16::{self, Filters};
 
@@ -282,7 +282,7 @@ impl FastConv2d {
         if residual.is_some_and(|(r, _)| !(r.device().is_cpu() && r.dtype() == DType::F32)) {
             return Ok(None);
         }
-        let Some(norm) = norm.norm_silu()? else {
+        let Some(norm) = norm.channel_norm()? else {
             return Ok(None);
         };
         let op = FusedOp {
@@ -339,7 +339,7 @@ impl FastConv2d {
         {
             return Ok(None);
         }
-        let (Some(n1), Some(n2)) = (norm1.norm_silu()?, norm2.norm_silu()?) else {
+        let (Some(n1), Some(n2)) = (norm1.channel_norm()?, norm2.channel_norm()?) else {
             return Ok(None);
         };
         let first = FusedOp {
@@ -801,7 +801,7 @@ struct Fused<'a> {
 struct FusedOp {
     /// The convolution, with its kernel packed channels last.
     op: Conv2dOp,
-    norm: NormSilu,
+    norm: ChannelNorm,
     /// What the sum with the residual is divided by.
     divisor: Option<Divisor>,
     /// Which side of the convolution is laid out channels last, if any.
@@ -1929,7 +1929,7 @@ mod tests {
                 let (op, bias) = conv1.channels_last(&xs).unwrap();
                 let first = FusedOp {
                     op: op.clone(),
-                    norm: norm1.norm_silu().unwrap().unwrap(),
+                    norm: norm1.channel_norm().unwrap().unwrap(),
                     divisor: None,
                     last: Last::Output,
                 };

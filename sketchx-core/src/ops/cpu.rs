@@ -98,6 +98,16 @@ pub(crate) struct Out<E> {
     lined: bool,
 }
 
+/// Element types of which all-zero bytes are a valid value (zero), for [`Out::zeroed`].
+///
+/// # Safety
+/// All-zero bytes must be a valid value of the type.
+pub(crate) unsafe trait ZeroBytes {}
+// SAFETY: all-zero bytes are 0.0 in f32 and in bf16.
+unsafe impl ZeroBytes for f32 {}
+// SAFETY: as above.
+unsafe impl ZeroBytes for half::bf16 {}
+
 /// Values a lined output holds beyond its own.
 pub(crate) const fn line_pad<E>() -> usize {
     64 / std::mem::size_of::<E>() - 1
@@ -114,13 +124,15 @@ impl<E: Copy + Default + Send> Out<E> {
         Self::around(Vec::with_capacity(Self::room(len, lined)), len, lined)
     }
 
-    /// Room for `len` values, all zero bytes (cleared in parallel, [`zero_parallel`]); `E` must be a type whose
-    /// default is all zero bytes (the f32 and bf16 outputs).
-    pub(crate) fn zeroed(len: usize, lined: bool) -> Self {
+    /// Room for `len` values, all zero (cleared in parallel, [`zero_parallel`]).
+    pub(crate) fn zeroed(len: usize, lined: bool) -> Self
+    where
+        E: ZeroBytes,
+    {
         let room = Self::room(len, lined);
         let mut out = Self::uninit(len, lined);
         zero_parallel(&mut out.vec.spare_capacity_mut()[..room]);
-        // SAFETY: the `room` values were just zeroed, and zero bytes are `E::default()` (the contract).
+        // SAFETY: the `room` values were just zeroed, and all-zero bytes are a valid `E` (`ZeroBytes`).
         unsafe { out.vec.set_len(room) };
         out
     }

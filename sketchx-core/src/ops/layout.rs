@@ -8,6 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::cpu::SendPtr;
+use super::norm::ChannelNorm;
 
 /// `(b, c, h, w)` to `(b, h * w, c)`. Timed as `layout`.
 pub fn to_tokens(x: &Tensor) -> Result<Tensor> {
@@ -26,6 +27,101 @@ pub fn to_tokens(x: &Tensor) -> Result<Tensor> {
         // (The reshape of the permuted view copies it into a contiguous tensor.)
         x.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
     })
+}
+
+/// `(b, c, h, w)` group-normalised by `norm` (without SiLU) and rounded to bf16, as tokens `(b, h * w, c)`: the
+/// statistics ([`ChannelNorm::channel_affine`]), then every value written once, as `x * a + b` per image and
+/// channel, into its token (see [`FastGroupNorm::forward_tokens_bf16`]). A BF16 CPU tensor, lined
+/// ([`super::cpu::Out`]); an f32 CPU input only.
+///
+/// [`FastGroupNorm::forward_tokens_bf16`]: super::norm::FastGroupNorm::forward_tokens_bf16
+pub(crate) fn to_tokens_normed_bf16(x: &Tensor, norm: &ChannelNorm) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if !fast(x) {
+        candle_core::bail!("to_tokens_normed_bf16: expected an f32 CPU tensor");
+    }
+    let out = x.contiguous()?.apply_op1_no_bwd(&TokensNormed { norm })?;
+    super::cpu::lined_view(&out, &[b, h * w, c])
+}
+
+/// The op of [`to_tokens_normed_bf16`].
+struct TokensNormed<'a> {
+    norm: &'a ChannelNorm,
+}
+
+impl CustomOp1 for TokensNormed<'_> {
+    fn name(&self) -> &'static str {
+        "sketchx-tokens-normed-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::cpu::contiguous_f32(s, l, "group norm input")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let hw = h * w;
+        let (a, shift): (Vec<f32>, Vec<f32>) =
+            self.norm.channel_affine(x, b, c, hw)?.into_iter().unzip();
+        let len = b * hw * c;
+        // Never zeroed: the tasks write every token's channels (below).
+        let mut out = super::cpu::Out::<half::bf16>::uninit(len, true);
+        let dst = SendPtr(out.ptr().cast::<u16>());
+        let stripes = hw.div_ceil(16);
+        (0..b * stripes).into_par_iter().for_each(|t| {
+            let dst = &dst;
+            let (bi, st) = (t / stripes, t % stripes);
+            let (p0, np) = (st * 16, (hw - st * 16).min(16));
+            let img = &x[bi * c * hw..][..c * hw];
+            let params = (&a[bi * c..][..c], &shift[bi * c..][..c]);
+            // SAFETY: tokens p0..p0 + np of image bi (c values each) lie inside the output and are this task's.
+            unsafe {
+                tokens_affine_block(img, hw, params, (p0, np), dst.0.add((bi * hw + p0) * c))
+            };
+        });
+        // SAFETY: the stripes cover every token of every image, each written in full.
+        let (v, shape) = unsafe { out.finish(Shape::from((b, hw, c))) };
+        Ok((CpuStorage::BF16(v), shape))
+    }
+}
+
+/// Tokens `p0..p0 + np` of one image (`img`: `c` planes of `hw` values) into `dst` (`np` rows of `c` bf16 values):
+/// `round(x * a + b)` per channel, the product and the sum rounded apart as the group norm rounds them, then to
+/// nearest even. Whole 16 x 16 blocks go through [`x86::transpose_16`] and 16-lane vectors.
+///
+/// # Safety
+/// `dst` must be writable at `np * c` values; `p0 + np <= hw`, and `a`, `b` hold `c` values each.
+unsafe fn tokens_affine_block(
+    img: &[f32],
+    hw: usize,
+    (a, b): (&[f32], &[f32]),
+    (p0, np): (usize, usize),
+    dst: *mut u16,
+) {
+    let c = a.len();
+    let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if np == 16 && super::cpu::features().avx512_bf16 {
+        let mut block = [0f32; 256];
+        while c0 + 16 <= c {
+            // SAFETY: 16 planes from c0, 16 positions from p0, inside `img`; AVX-512 F and BF16 are available;
+            // the 16 rows of 16 values from `dst + c0`, `c` apart, are the caller's.
+            unsafe {
+                x86::transpose_16(
+                    img.as_ptr().add(c0 * hw + p0).cast(),
+                    hw,
+                    block.as_mut_ptr().cast(),
+                    16,
+                );
+                x86::affine_rows_bf16(&block, (&a[c0..c0 + 16], &b[c0..c0 + 16]), dst.add(c0), c);
+            }
+            c0 += 16;
+        }
+    }
+    for ch in c0..c {
+        for r in 0..np {
+            let y = img[ch * hw + p0 + r] * a[ch] + b[ch];
+            // SAFETY: row r < np, channel ch < c (the contract).
+            unsafe { *dst.add(r * c + ch) = super::gemm::round_bf16(y) };
+        }
+    }
 }
 
 /// `(b, h * w, c)` to `(b, c, h, w)`. Timed as `layout`.
@@ -237,6 +333,34 @@ pub(crate) unsafe fn transpose_32<T: Copy>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// The 16 rows of `block` (16 channels each) as `x * a + b` per channel (a product and a sum, each rounded),
+    /// then rounded to bf16 by `vcvtneps2bf16`, into 16 rows of `dst` `ldd` apart.
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16 must be available; `a` and `b` hold 16 values; `dst` is writable at 16 rows of 16 values.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn affine_rows_bf16(
+        block: &[f32; 256],
+        (a, b): (&[f32], &[f32]),
+        dst: *mut u16,
+        ldd: usize,
+    ) {
+        // SAFETY (all loads and stores): the contract.
+        unsafe {
+            let (va, vb) = (_mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(b.as_ptr()));
+            for r in 0..16 {
+                let y = _mm512_add_ps(
+                    _mm512_mul_ps(_mm512_loadu_ps(block.as_ptr().add(16 * r)), va),
+                    vb,
+                );
+                _mm256_storeu_si256(
+                    dst.add(r * ldd).cast(),
+                    std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(y)),
+                );
+            }
+        }
+    }
 
     /// One 16 x 16 block of [`super::transpose_32`]: 32-bit pairs, then 64-bit pairs, then 128-bit lanes twice.
     ///

@@ -6,7 +6,8 @@
 //! the sum and the sum of squares accumulated in f64 in one pass (a VAE's groups at 512x512 are 4 MiB, past the
 //! L2 cache, so every pass is one over memory), then `y = x * a_c + b_c` per channel with the SiLU applied in the
 //! same write. Non-f32 or non-CPU tensors use candle. A convolution that runs channels last takes the norm's
-//! per-channel parameters instead ([`NormSilu`]) and applies them while it reads its input.
+//! per-channel parameters instead ([`ChannelNorm`]) and applies them while it reads its input, as does a
+//! transformer's projection in, whose tokens are written from the input with the norm applied.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
@@ -68,10 +69,10 @@ impl FastGroupNorm {
         self.reference(xs, silu)
     }
 
-    /// This norm with the SiLU after it, as the per-channel parameters a consumer applies on the fly
-    /// ([`super::conv::FastConv2d::forward_norm_silu`]); `None` where [`Self::forward_silu`] would not run the CPU
-    /// kernel.
-    pub(crate) fn norm_silu(&self) -> Result<Option<NormSilu>> {
+    /// This norm as the per-channel parameters a consumer applies on the fly (with the SiLU after it,
+    /// [`super::conv::FastConv2d::forward_norm_silu`]; without, [`Self::forward_tokens_bf16`]); `None`
+    /// where [`Self::run`] would not run the CPU kernel.
+    pub(crate) fn channel_norm(&self) -> Result<Option<ChannelNorm>> {
         if !super::kernels_enabled()
             || self.weight.dtype() != DType::F32
             || self.bias.dtype() != DType::F32
@@ -79,12 +80,29 @@ impl FastGroupNorm {
         {
             return Ok(None);
         }
-        Ok(Some(NormSilu {
+        Ok(Some(ChannelNorm {
             weight: self.weight.flatten_all()?.to_vec1()?,
             bias: self.bias.flatten_all()?.to_vec1()?,
             groups: self.groups,
             eps: self.eps,
         }))
+    }
+
+    /// [`Module::forward`] of `xs` `(b, c, h, w)` as tokens `(b, h * w, c)` rounded to bf16, for a layer that takes
+    /// bf16 ([`super::linear::FastLinear::takes_bf16`]): the statistics, then the normalised values written
+    /// straight into the tokens ([`super::layout::to_tokens_normed_bf16`]) instead of the norm, the transpose and
+    /// the layer's rounding apart, with the same bits. `None` where the CPU kernel would not run (then the caller
+    /// takes those three steps). Timed as `group_norm`.
+    pub fn forward_tokens_bf16(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        super::profile::scope("group_norm", || {
+            let Some(norm) = self.channel_norm()? else {
+                return Ok(None);
+            };
+            if !xs.device().is_cpu() || xs.dtype() != DType::F32 || xs.rank() != 4 {
+                return Ok(None);
+            }
+            super::layout::to_tokens_normed_bf16(xs, &norm).map(Some)
+        })
     }
 
     /// candle's group norm (and SiLU): what [`Self::run`] computes, the slow way.
@@ -104,17 +122,17 @@ impl Module for FastGroupNorm {
     }
 }
 
-/// A group norm (affine) followed by SiLU, for a consumer that applies it while it reads its input, so that the
-/// normalised tensor is never stored.
+/// A group norm (affine), with the SiLU after it where the consumer says so, for a consumer that applies it while
+/// it reads its input, so that the normalised tensor is never stored.
 #[derive(Debug, Clone)]
-pub(crate) struct NormSilu {
+pub(crate) struct ChannelNorm {
     weight: Vec<f32>,
     bias: Vec<f32>,
     groups: usize,
     eps: f64,
 }
 
-impl NormSilu {
+impl ChannelNorm {
     /// `(a, b)` for every (image, channel) of `x` (`b` images of `c` channels of `spatial` values), so that the
     /// normalised value is `x * a + b` (then SiLU, [`affine_silu`](super::simd::affine_silu)): the statistics pass of [`GroupNormOp`], one
     /// parallel task per (image, group), with the same arithmetic.
@@ -502,6 +520,58 @@ mod tests {
         }
     }
 
+    /// The norm written straight into bf16 tokens gives the bits of the norm, the transpose and the rounding
+    /// apart: on whole 16 x 16 blocks, on channels and positions that fill none (the scalar edges), and on the
+    /// portable path.
+    #[test]
+    fn tokens_from_the_norm_are_the_three_steps() {
+        let dev = Device::Cpu;
+        for (groups, c, h, w) in [
+            (32, 64, 8, 8),
+            (4, 40, 5, 7),
+            (32, 320, 16, 16),
+            (2, 18, 4, 5),
+        ] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let mut gn = FastGroupNorm::new(groups, c, 1e-5, vb).unwrap();
+            gn.weight = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+            gn.bias = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+            gn.inner = GroupNorm::new(gn.weight.clone(), gn.bias.clone(), c, groups, 1e-5).unwrap();
+            let xs = (Tensor::randn(0f32, 2., (2, c, h, w), &dev).unwrap() + 0.7).unwrap();
+            let bits = |t: &Tensor| {
+                assert_eq!(t.dtype(), DType::BF16);
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let check = |what: &str| {
+                let normed = gn.forward(&xs).unwrap();
+                let want = crate::ops::layout::to_tokens(&normed)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let got = gn
+                    .forward_tokens_bf16(&xs)
+                    .unwrap()
+                    .expect("the kernel runs");
+                assert_eq!(got.dims(), [2, h * w, c]);
+                assert!(
+                    bits(&got) == bits(&want),
+                    "{what}: {groups} groups, {c} channels, {h}x{w}"
+                );
+            };
+            crate::ops::cpu::detected_only(|| check("detected"));
+            crate::ops::cpu::force_portable(|| check("portable"));
+        }
+    }
+
     /// Parameters that do not fit the input (channels, weights, biases, groups, zero groups, values) are errors
     /// naming the shapes, from the op and from the fused norm alike, never a panic.
     #[test]
@@ -523,7 +593,7 @@ mod tests {
                 err.contains("group norm") && err.contains("[2, 8, 3, 3]"),
                 "{err}"
             );
-            let norm = NormSilu {
+            let norm = ChannelNorm {
                 weight: vec![1.0; w],
                 bias: vec![0.0; b],
                 groups,
@@ -531,7 +601,7 @@ mod tests {
             };
             assert!(norm.channel_affine(&[0.0; 144], 2, 8, 9).is_err());
         }
-        let norm = NormSilu {
+        let norm = ChannelNorm {
             weight: vec![1.0; 8],
             bias: vec![0.0; 8],
             groups: 4,
@@ -555,7 +625,7 @@ mod tests {
             (32, 64, 3, 3, 0.0),
             (7, 21, 33, 6, 100.0),
         ] {
-            let norm = NormSilu {
+            let norm = ChannelNorm {
                 weight: Tensor::randn(1f32, 0.5, c, &dev)
                     .unwrap()
                     .to_vec1()
