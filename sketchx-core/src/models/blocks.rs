@@ -488,7 +488,7 @@ impl SpatialTransformer {
     /// The projection out of the tokens `hs`, as an image the size of `xs`, plus `xs`.
     fn project_out(&self, hs: Tensor, xs: &Tensor) -> CResult<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        crate::ops::layout::to_image_add(&self.proj_out.forward(&hs)?, h, w, xs)
+        self.proj_out.forward_to_image_add(&hs, (h, w), xs)
     }
 }
 

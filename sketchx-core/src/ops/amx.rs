@@ -146,20 +146,28 @@ pub(crate) unsafe fn gemm_rows_shifted(
     }
 }
 
-/// `C = A B + bias` (no bias: from zero) handed to `epilogue` two tiles at a time, never stored: `A` and `B` as
-/// in [`gemm`], each row tile's pair of column tiles of a column block (panels `2j` and `2j + 1`) in one call (see
-/// [`PairEpilogue`]); tasks in parallel.
+/// What a product hands its finished tiles to instead of storing `C` ([`gemm_handed`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) enum Handed<'a> {
+    /// Each tile on its own.
+    Tiles(Epilogue<'a>),
+    /// Each row tile's two column tiles of a column block (panels `2j` and `2j + 1`) at once.
+    Pairs(PairEpilogue<'a>),
+}
+
+/// `C = A B + bias` (no bias: from zero) handed to an epilogue tile by tile or pair by pair, never stored: `A` and
+/// `B` as in [`gemm`]; tasks in parallel.
 ///
 /// # Safety
 /// [`available`] must have returned `true`; `a` must point to `m` rows of `b.k()` readable entries `lda` apart, and
 /// a bias must hold `b.n()` values.
 #[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn gemm_pairs(
+pub(crate) unsafe fn gemm_handed(
     m: usize,
     (a, lda): (*const u16, usize),
     b: &PackedB,
     bias: Option<&[f32]>,
-    epilogue: PairEpilogue,
+    to: Handed,
 ) {
     let init = match bias {
         Some(bias) => {
@@ -168,6 +176,10 @@ pub(crate) unsafe fn gemm_pairs(
         }
         None => Init::Zero,
     };
+    let dest = match to {
+        Handed::Tiles(epilogue) => Dest::Tiles(epilogue),
+        Handed::Pairs(epilogue) => Dest::Pairs(epilogue),
+    };
     let source = Source::Packed(b);
     // SAFETY: the caller's contract.
     unsafe {
@@ -175,7 +187,7 @@ pub(crate) unsafe fn gemm_pairs(
             m,
             (a, lda, None, false),
             (b.k(), b.n(), source),
-            Dest::Pairs(epilogue),
+            dest,
             true,
             init,
         )

@@ -52,6 +52,17 @@ impl<'a> Rows<'a> {
         }
     }
 
+    /// `f` on the rows as bf16 bit patterns: as they are, or rounded into memory kept between calls.
+    fn in_bf16<R>(self, f: impl FnOnce(&[u16]) -> R) -> R {
+        match self {
+            Self::Bf16(x) => f(x),
+            Self::F32(x) => ROUNDED.with(x.len(), |rounded| {
+                convert_bf16_parallel(x, rounded);
+                f(rounded)
+            }),
+        }
+    }
+
     fn len(self) -> usize {
         match self {
             Self::F32(x) => x.len(),
@@ -193,6 +204,43 @@ impl FastLinear {
                 )
             }
             _ => super::add::add(&self.forward(xs)?, residual, 1.0),
+        }
+    }
+
+    /// `self.forward(xs)` on tokens `(b, h * w, k)` as an image `(b, n, h, w)` plus `residual` (of that shape):
+    /// [`super::layout::to_image_add`] of the product, a transformer's projection out. On AMX each finished tile
+    /// of the product is written transposed into the image's planes with the residual added, so the tokens'
+    /// result is never stored; the same bits. Timed as `linear` there (the layout change included), else as
+    /// `linear` and `layout`.
+    pub fn forward_to_image_add(
+        &self,
+        xs: &Tensor,
+        (h, w): (usize, usize),
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let fits = |op: &PackedLinearOp| {
+            super::kernels_enabled()
+                && super::amx::available()
+                && op.weight.format() == Format::Bf16
+                && op.weight.k() > 0
+                && (h * w) % 16 == 0
+                && xs.device().is_cpu()
+                && residual.device().is_cpu()
+                && residual.dtype() == DType::F32
+        };
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Packed(op) if fits(op) => super::profile::scope_flops(
+                self.profile_kind(xs),
+                || self.flops(xs),
+                || {
+                    let (b, n) = (residual.dim(0)?, op.weight.n());
+                    Self::op_input(op, xs)?
+                        .apply_op2_no_bwd(&residual.contiguous()?, &ImageAddOp { op, hw: h * w })?
+                        .reshape((b, n, h, w))
+                },
+            ),
+            _ => super::layout::to_image_add(&self.forward(xs)?, h, w, residual),
         }
     }
 
@@ -393,18 +441,12 @@ impl GegluLinearOp<'_> {
                 };
             };
         let bias = self.linear.bias.as_deref().map(Vec::as_slice);
+        let to = super::amx::Handed::Pairs(&epilogue);
         // SAFETY: AMX is available (the caller checked); `a` holds `m` rows of `k` entries; the bias holds `n`
         // values; the epilogue writes only its pair's rows and columns of the output.
-        let product = |a: &[u16]| unsafe {
-            super::amx::gemm_pairs(m, (a.as_ptr(), k), &self.linear.weight, bias, &epilogue)
-        };
-        match x {
-            Rows::Bf16(x) => product(x),
-            Rows::F32(x) => ROUNDED.with(x.len(), |rounded| {
-                convert_bf16_parallel(x, rounded);
-                product(rounded)
-            }),
-        }
+        x.in_bf16(|a| unsafe {
+            super::amx::gemm_handed(m, (a.as_ptr(), k), &self.linear.weight, bias, to)
+        });
     }
 }
 
@@ -521,6 +563,81 @@ impl CustomOp2 for LinearAddOp<'_> {
             candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
         }
         self.0.forward_rows(x, l1, Some(add))
+    }
+}
+
+/// A packed layer's product on tokens written transposed into an image plus a residual, on AMX
+/// ([`FastLinear::forward_to_image_add`]); `hw` positions per image, a multiple of 16 (so that no tile of 16 rows
+/// spans two images).
+#[cfg(target_arch = "x86_64")]
+struct ImageAddOp<'a> {
+    op: &'a PackedLinearOp,
+    hw: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp2 for ImageAddOp<'_> {
+    fn name(&self) -> &'static str {
+        "sketchx-linear-image-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = Rows::of(s1, l1, "linear input")?;
+        let residual = super::cpu::contiguous_f32(s2, l2, "residual")?;
+        let (k, n, hw) = (self.op.weight.k(), self.op.weight.n(), self.hw);
+        let (m, _) = self.op.rows_and_shape(l1, n)?;
+        let b = m / hw.max(1);
+        let rd = l2.shape().dims();
+        if hw == 0
+            || hw % 16 != 0
+            || m != b * hw
+            || rd.len() != 4
+            || (rd[0], rd[1], rd[2] * rd[3]) != (b, n, hw)
+        {
+            candle_core::bail!(
+                "linear to image: input {:?}, residual {:?}, {hw} positions per image",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        // Never zeroed: every tile of the product writes its 16 positions of its channels (all of them).
+        let mut out = super::cpu::output_uninit_f32(b * n * hw);
+        let dst = SendPtr(out.as_mut_ptr());
+        let epilogue = |row: usize, col: usize, tile: &[f32; NR * NR], rows: usize, cols: usize| {
+            let dst = &dst;
+            // Rows are tokens (16 from a multiple of 16: one image's), columns channels.
+            let (bi, p0) = (row / hw, row % hw);
+            let base = (bi * n + col) * hw + p0;
+            // SAFETY: channels col..col + cols, positions p0..p0 + rows of image bi lie inside the output and are
+            // this tile's alone; the tile holds rows x cols values 16 apart.
+            unsafe {
+                super::layout::transpose_32(tile.as_ptr(), NR, dst.0.add(base), hw, rows, cols)
+            };
+            for c in 0..cols {
+                let at = base + c * hw;
+                // SAFETY: as above (the values just written).
+                let d = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), rows) };
+                d.iter_mut()
+                    .zip(&residual[at..at + rows])
+                    .for_each(|(d, r)| *d += r);
+            }
+        };
+        let bias = self.op.bias.as_deref().map(Vec::as_slice);
+        let to = super::amx::Handed::Tiles(&epilogue);
+        // SAFETY: AMX is available (the caller checked); `a` holds `m` rows of `k` entries; the bias holds `n`
+        // values; each tile's epilogue writes only its own positions and channels.
+        x.in_bf16(|a| unsafe {
+            super::amx::gemm_handed(m, (a.as_ptr(), k), &self.op.weight, bias, to)
+        });
+        // SAFETY: the tiles cover all m tokens and n channels: every value was written.
+        unsafe { out.set_len(b * n * hw) };
+        Ok((CpuStorage::F32(out), Shape::from((b, n, hw))))
     }
 }
 
@@ -896,6 +1013,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The product written into an image with the residual added (on AMX, tile by tile from the product) gives
+    /// the bits of the product, the transpose and the addition apart: in f32 and bf16, with and without a bias, on
+    /// channel counts that fill no tile and on images whose positions are not whole tiles (then the three steps); a
+    /// residual of another shape is an error.
+    #[test]
+    fn image_add_is_the_product_transposed_plus_the_residual() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            for (i, o, (h, w)) in [
+                (40, 48, (4, 4)),
+                (64, 40, (4, 8)),
+                (24, 32, (3, 5)),
+                (320, 64, (8, 8)),
+            ] {
+                let wt = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+                let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+                let vb = layer_vars(&wt, &b);
+                for precision in [Precision::F32, Precision::CpuBf16] {
+                    for bias in [true, false] {
+                        let weights = Weights::new(vb.clone(), precision);
+                        let layer = FastLinear::load(i, o, bias, &weights.pp("l")).unwrap();
+                        let x = Tensor::randn(0f32, 1., (2, h * w, i), &dev).unwrap();
+                        let r = Tensor::randn(0f32, 1., (2, o, h, w), &dev).unwrap();
+                        let want =
+                            crate::ops::layout::to_image_add(&layer.forward(&x).unwrap(), h, w, &r)
+                                .unwrap();
+                        let got = layer.forward_to_image_add(&x, (h, w), &r).unwrap();
+                        assert_eq!(got.dims(), want.dims());
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{i}x{o} {h}x{w} {precision:?} bias {bias}"
+                        );
+                        let wrong = Tensor::randn(0f32, 1., (2, o + 1, h, w), &dev).unwrap();
+                        assert!(layer.forward_to_image_add(&x, (h, w), &wrong).is_err());
+                    }
+                }
+            }
+        });
     }
 
     /// The fused product + GEGLU gives the same bits as the two steps apart, in f32 and bf16, with and without a
