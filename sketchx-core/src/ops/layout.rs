@@ -252,34 +252,52 @@ impl Transpose {
             let src = &x[bi * per..][..per];
             for r0 in (0..rows).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(rows);
+                let at = bi * per + c0 * rows + r0;
                 // SAFETY: source rows r0..r1, columns c0..c1 lie inside image bi's matrix; destination rows c0..c1
                 // of image bi (columns r0..r1 < rows) belong to this task's stripe only, inside `out` (b * cols *
-                // rows values), another buffer.
+                // rows values), another buffer, and inside the residual (laid out as `out`).
                 unsafe {
-                    transpose_32(
+                    transpose_add_f32(
                         src.as_ptr().add(r0 * cols + c0),
                         cols,
-                        dst.0.add(bi * per + c0 * rows + r0),
+                        dst.0.add(at),
                         rows,
-                        r1 - r0,
-                        c1 - c0,
+                        (r1 - r0, c1 - c0),
+                        residual.map(|r| &r[at..]),
                     )
                 };
-                if let Some(residual) = residual {
-                    for c in c0..c1 {
-                        let at = bi * per + c * rows + r0;
-                        // SAFETY: as above (the block just written).
-                        let d = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), r1 - r0) };
-                        for (d, &r) in d.iter_mut().zip(&residual[at..at + (r1 - r0)]) {
-                            *d += r;
-                        }
-                    }
-                }
             }
         });
         // SAFETY: the tasks' stripes cover every destination row of every image, each written in full.
         unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), Shape::from((b, cols, rows))))
+    }
+}
+
+/// [`transpose_32`] of f32 values, with `residual` (laid out as `dst`, from its first value: `residual[c * ldd +
+/// r]`) added to each value written, when given.
+///
+/// # Safety
+/// As [`transpose_32`]; `residual` must hold every `c * ldd + r` (`r < rows`, `c < cols`).
+pub(crate) unsafe fn transpose_add_f32(
+    src: *const f32,
+    lds: usize,
+    dst: *mut f32,
+    ldd: usize,
+    (rows, cols): (usize, usize),
+    residual: Option<&[f32]>,
+) {
+    // SAFETY: the contract.
+    unsafe { transpose_32(src, lds, dst, ldd, rows, cols) };
+    let Some(residual) = residual else {
+        return;
+    };
+    for c in 0..cols {
+        // SAFETY: the contract (the row just written).
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.add(c * ldd), rows) };
+        d.iter_mut()
+            .zip(&residual[c * ldd..c * ldd + rows])
+            .for_each(|(d, r)| *d += r);
     }
 }
 

@@ -416,29 +416,17 @@ impl GegluLinearOp<'_> {
         use super::simd::TileOut;
         const T: usize = NR * NR;
         let (k, half) = (self.linear.weight.k(), self.linear.weight.n() / 2);
-        let dest = match out {
-            Output::F32(o) => (SendPtr(o.ptr()), SendPtr(std::ptr::null_mut())),
-            Output::Bf16(o) => (
-                SendPtr(std::ptr::null_mut()),
-                SendPtr(o.ptr().cast::<u16>()),
-            ),
+        let out = match out {
+            Output::F32(o) => TileOut::F32(o.ptr(), half),
+            Output::Bf16(o) => TileOut::Bf16(o.ptr().cast::<u16>(), half),
         };
         let epilogue =
             |row: usize, col: usize, [h, g]: [&[f32; T]; 2], rows: usize, cols: [usize; 2]| {
                 debug_assert_eq!(cols, [NR, NR], "pairs fill both tiles");
                 // The pair's 32 columns of the projection are 16 of the output.
-                let origin = row * half + col / 2;
-                let (f32_out, bf16_out) = (&dest.0, &dest.1);
-                // SAFETY: AMX implies AVX-512 F and BF16; rows `row..row + rows` of the output (m rows of `half`) are
-                // inside, and these 16 columns of them are this pair's alone.
-                unsafe {
-                    let to = if bf16_out.0.is_null() {
-                        TileOut::F32(f32_out.0.add(origin), half)
-                    } else {
-                        TileOut::Bf16(bf16_out.0.add(origin), half)
-                    };
-                    super::simd::geglu_tile(h, g, rows, to)
-                };
+                // SAFETY: AMX implies AVX-512 F and BF16; rows `row..row + rows` of the output (m rows of `half`)
+                // are inside, and these 16 columns of them are this pair's alone.
+                unsafe { super::simd::geglu_tile(h, g, rows, out.at(row * half + col / 2)) };
             };
         let bias = self.linear.bias.as_deref().map(Vec::as_slice);
         let to = super::amx::Handed::Pairs(&epilogue);
@@ -614,19 +602,18 @@ impl CustomOp2 for ImageAddOp<'_> {
             // Rows are tokens (16 from a multiple of 16: one image's), columns channels.
             let (bi, p0) = (row / hw, row % hw);
             let base = (bi * n + col) * hw + p0;
-            // SAFETY: channels col..col + cols, positions p0..p0 + rows of image bi lie inside the output and are
-            // this tile's alone; the tile holds rows x cols values 16 apart.
+            // SAFETY: channels col..col + cols, positions p0..p0 + rows of image bi lie inside the output (and the
+            // residual, laid out as it) and are this tile's alone; the tile holds rows x cols values 16 apart.
             unsafe {
-                super::layout::transpose_32(tile.as_ptr(), NR, dst.0.add(base), hw, rows, cols)
+                super::layout::transpose_add_f32(
+                    tile.as_ptr(),
+                    NR,
+                    dst.0.add(base),
+                    hw,
+                    (rows, cols),
+                    Some(&residual[base..]),
+                )
             };
-            for c in 0..cols {
-                let at = base + c * hw;
-                // SAFETY: as above (the values just written).
-                let d = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), rows) };
-                d.iter_mut()
-                    .zip(&residual[at..at + rows])
-                    .for_each(|(d, r)| *d += r);
-            }
         };
         let bias = self.op.bias.as_deref().map(Vec::as_slice);
         let to = super::amx::Handed::Tiles(&epilogue);
@@ -666,13 +653,9 @@ impl PackedLinearOp {
                     (Format::F32, Rows::F32(x)) => {
                         gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add)
                     }
-                    (Format::Bf16, Rows::Bf16(x)) => {
-                        gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add)
+                    (Format::Bf16, x) => {
+                        x.in_bf16(|x| gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add))
                     }
-                    (Format::Bf16, Rows::F32(x)) => ROUNDED.with(x.len(), |rounded| {
-                        convert_bf16_parallel(x, rounded);
-                        gemm_rows_uninit(m, rounded, k, &self.weight, (c, n), start, add)
-                    }),
                     (Format::F32, Rows::Bf16(_)) => {
                         candle_core::bail!("linear: a bf16 input to a layer packed in f32")
                     }
@@ -730,11 +713,9 @@ impl PackedLinearOp {
         let start = self.start();
         match (self.weight.format(), x) {
             (Format::F32, Rows::F32(x)) => gemm_f32_from(m, x, k, &self.weight, out, n, start),
-            (Format::Bf16, Rows::Bf16(x)) => gemm_bf16_from(m, x, k, &self.weight, out, n, start),
-            (Format::Bf16, Rows::F32(x)) => ROUNDED.with(x.len(), |rounded| {
-                convert_bf16_parallel(x, rounded);
-                gemm_bf16_from(m, rounded, k, &self.weight, out, n, start)
-            }),
+            (Format::Bf16, x) => {
+                x.in_bf16(|x| gemm_bf16_from(m, x, k, &self.weight, out, n, start))
+            }
             (Format::F32, Rows::Bf16(_)) => {
                 candle_core::bail!("linear: a bf16 input to a layer packed in f32")
             }

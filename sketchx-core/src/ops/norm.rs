@@ -481,6 +481,18 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
+    /// A group norm of `c` channels in `groups` groups with random weights (around 1) and biases (around 0).
+    fn random_group_norm(groups: usize, c: usize) -> FastGroupNorm {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let mut gn = FastGroupNorm::new(groups, c, 1e-5, vb).unwrap();
+        gn.weight = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+        gn.bias = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+        gn.inner = GroupNorm::new(gn.weight.clone(), gn.bias.clone(), c, groups, 1e-5).unwrap();
+        gn
+    }
+
     #[test]
     fn matches_group_norm_in_f64() {
         let dev = Device::Cpu;
@@ -491,12 +503,7 @@ mod tests {
             (2, 6, 1, 1, true, 3.0),
             (4, 8, 16, 16, false, 100.0),
         ] {
-            let vm = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-            let mut gn = FastGroupNorm::new(groups, c, 1e-5, vb).unwrap();
-            gn.weight = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
-            gn.bias = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
-            gn.inner = GroupNorm::new(gn.weight.clone(), gn.bias.clone(), c, groups, 1e-5).unwrap();
+            let gn = random_group_norm(groups, c);
             // An offset mean checks the variance's cancellation (at 100, an f32 E[x^2] - E[x]^2 would be off by
             // ~1e-3; the affine form x a + b, torch's too, by up to ~2e-5). The reference runs in f64.
             let xs = (Tensor::randn(0f32, 2., (2, c, h, w), &dev).unwrap() + offset).unwrap();
@@ -532,12 +539,7 @@ mod tests {
             (32, 320, 16, 16),
             (2, 18, 4, 5),
         ] {
-            let vm = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-            let mut gn = FastGroupNorm::new(groups, c, 1e-5, vb).unwrap();
-            gn.weight = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
-            gn.bias = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
-            gn.inner = GroupNorm::new(gn.weight.clone(), gn.bias.clone(), c, groups, 1e-5).unwrap();
+            let gn = random_group_norm(groups, c);
             let xs = (Tensor::randn(0f32, 2., (2, c, h, w), &dev).unwrap() + 0.7).unwrap();
             let bits = |t: &Tensor| {
                 assert_eq!(t.dtype(), DType::BF16);

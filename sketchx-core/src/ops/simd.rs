@@ -625,9 +625,30 @@ fn geglu_lanes(
 
 /// Where [`geglu_tile`] writes: rows of 16 values, `.1` values apart, in f32 or as bf16 bit patterns.
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 pub(crate) enum TileOut {
     F32(*mut f32, usize),
     Bf16(*mut u16, usize),
+}
+
+// SAFETY: an output shared by parallel tasks, each of which writes only its own rows and columns through it (as
+// `super::cpu::SendPtr`).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for TileOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl TileOut {
+    /// The same output from its value `offset` on.
+    ///
+    /// # Safety
+    /// The value must lie inside the output.
+    pub(crate) unsafe fn at(self, offset: usize) -> Self {
+        // SAFETY (both arms): the contract.
+        match self {
+            Self::F32(p, stride) => Self::F32(unsafe { p.add(offset) }, stride),
+            Self::Bf16(p, stride) => Self::Bf16(unsafe { p.add(offset) }, stride),
+        }
+    }
 }
 
 /// GEGLU of the first `rows` rows of two 16 x 16 tiles (`hidden`, `gate`, row-major) into `out`: the values of
