@@ -379,7 +379,7 @@ unsafe fn on_tiles(
     scale: f32,
 ) -> Vec<f32> {
     use super::amx::Init;
-    use super::gemm::{convert_bf16, Format};
+    use super::gemm::Format;
     use super::simd::exp_sum_row_bf16;
 
     let d = inner / heads;
@@ -394,73 +394,109 @@ unsafe fn on_tiles(
     let (ls, lp) = (padded_stride(m, 4), padded_stride(m, 2));
     // Each task's tiles start on cache lines (the rows are whole lines apart): a tile row that straddles two
     // lines loads and stores at up to half speed.
-    let (sl, ql, pl) = (QUERY_TILE * ls, QUERY_TILE * dp, QUERY_TILE * lp);
-    (0..b * heads * tiles).into_par_iter().for_each_init(
-        // Grown (zeroed) to their sizes and pads by `line_aligned` on first use.
-        || (Vec::<f32>::new(), Vec::<u16>::new(), Vec::<u16>::new()),
-        |(scores, qb, pb), task| {
-            let (scores, qb, pb) = (
-                line_aligned(scores, sl),
-                line_aligned(qb, ql),
-                line_aligned(pb, pl),
-            );
-            let (bh, t) = (task / tiles, task % tiles);
-            let (bi, hi) = (bh / heads, bh % heads);
-            let (keys, values) = &packed[bh];
-            let r0 = t * QUERY_TILE;
-            let rows = QUERY_TILE.min(n - r0);
-            // Entries d..dp of every row stay zero (written nowhere).
-            for r in 0..rows {
-                let src = &q[(bi * n + r0 + r) * inner + hi * d..][..d];
-                convert_bf16(src, &mut qb[r * dp..r * dp + d]);
-            }
-            let sc = &mut scores[..rows * ls];
-            // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
-            // is this task's own `rows x m` block, rows `ls` apart (overwritten).
-            unsafe {
-                super::amx::gemm(
-                    rows,
-                    qb.as_ptr(),
-                    dp,
-                    keys,
-                    (sc.as_mut_ptr(), ls),
-                    false,
-                    Init::Zero,
-                    None,
-                )
-            };
-            // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones), rounded in the
-            // same pass; each output row is divided by its sum after the product.
-            let mut sums = [0f32; QUERY_TILE];
-            for ((row, p), sum) in sc
-                .chunks_exact(ls)
-                .zip(pb.chunks_exact_mut(lp))
-                .zip(sums.iter_mut())
-            {
-                *sum = exp_sum_row_bf16(&row[..m], &mut p[..m], scale);
-            }
-            // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
-            // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities, `lp` apart.
-            unsafe {
-                let op = dst.0.add((bi * n + r0) * inner + hi * d);
-                super::amx::gemm(
-                    rows,
-                    pb.as_ptr(),
-                    lp,
-                    values,
-                    (op, inner),
-                    false,
-                    Init::Zero,
-                    None,
-                );
-                divide_rows(op, inner, d, &sums[..rows]);
-            }
-        },
-    );
+    let (sl, pl) = (QUERY_TILE * ls, QUERY_TILE * lp);
+    QUERIES.with(b * heads * n * dp, |queries| {
+        queries_by_head(q, queries, (b, n, inner), heads, dp);
+        let queries: &[u16] = queries;
+        (0..b * heads * tiles).into_par_iter().for_each_init(
+            // Grown (zeroed) to their sizes and pads by `line_aligned` on first use.
+            || (Vec::<f32>::new(), Vec::<u16>::new()),
+            |(scores, pb), task| {
+                let (scores, pb) = (line_aligned(scores, sl), line_aligned(pb, pl));
+                let (bh, t) = (task / tiles, task % tiles);
+                let (bi, hi) = (bh / heads, bh % heads);
+                let (keys, values) = &packed[bh];
+                let r0 = t * QUERY_TILE;
+                let rows = QUERY_TILE.min(n - r0);
+                let qb = &queries[(bh * n + r0) * dp..][..rows * dp];
+                let sc = &mut scores[..rows * ls];
+                // SAFETY: AMX is available (this function's contract); `qb` holds `rows` rows of `dp` entries, `sc`
+                // is this task's own `rows x m` block, rows `ls` apart (overwritten).
+                unsafe {
+                    super::amx::gemm(
+                        rows,
+                        qb.as_ptr(),
+                        dp,
+                        keys,
+                        (sc.as_mut_ptr(), ls),
+                        false,
+                        Init::Zero,
+                        None,
+                    )
+                };
+                // Unnormalised probabilities (in (0, 1], as precise in bf16 as the normalised ones), rounded in the
+                // same pass; each output row is divided by its sum after the product.
+                let mut sums = [0f32; QUERY_TILE];
+                for ((row, p), sum) in sc
+                    .chunks_exact(ls)
+                    .zip(pb.chunks_exact_mut(lp))
+                    .zip(sums.iter_mut())
+                {
+                    *sum = exp_sum_row_bf16(&row[..m], &mut p[..m], scale);
+                }
+                // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
+                // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities, `lp` apart.
+                unsafe {
+                    let op = dst.0.add((bi * n + r0) * inner + hi * d);
+                    super::amx::gemm(
+                        rows,
+                        pb.as_ptr(),
+                        lp,
+                        values,
+                        (op, inner),
+                        false,
+                        Init::Zero,
+                        None,
+                    );
+                    divide_rows(op, inner, d, &sums[..rows]);
+                }
+            },
+        );
+    });
     // SAFETY: the tasks covered every (image, head, tile) block, and each product wrote its whole block (from
     // zero, every row and column of it) before the division read it.
     unsafe { out.set_len(len) };
     out
+}
+
+/// The queries of every image and head in bf16 for [`on_tiles`], kept between calls (a fresh buffer of megabytes
+/// per call is faulted in or cleared again).
+#[cfg(target_arch = "x86_64")]
+static QUERIES: super::cpu::Kept<Vec<u16>> = super::cpu::Kept::new(Vec::new());
+
+/// `q` (`(b, n, heads * d)` f32) rounded to bf16 into `out`, head by head: `out[((i * heads + h) * n + r) * dp..]`
+/// holds row `r` of image `i`'s head `h`, zero from `d` to `dp`. One pass over `q`'s rows in parallel, so that
+/// each (image, head, tile) task reads its queries as one block of whole lines instead of gathering and rounding
+/// its head's columns row by row.
+#[cfg(target_arch = "x86_64")]
+fn queries_by_head(
+    q: &[f32],
+    out: &mut [u16],
+    (b, n, inner): (usize, usize, usize),
+    heads: usize,
+    dp: usize,
+) {
+    use super::gemm::convert_bf16;
+    // Rows per task: a few per thread's share, each at most a few hundred kilobytes of `q`.
+    const ROWS: usize = 64;
+    let d = inner / heads;
+    let rows = b * n;
+    let dst = SendPtr(out.as_mut_ptr());
+    let dst = &dst;
+    (0..rows.div_ceil(ROWS)).into_par_iter().for_each(|t| {
+        for row in t * ROWS..((t + 1) * ROWS).min(rows) {
+            let (bi, r) = (row / n, row % n);
+            for h in 0..heads {
+                // SAFETY: each (image, head, row) entry block of `dp` lies inside `out` (b * heads * n * dp long)
+                // and is written by the task of its row only.
+                let block = unsafe {
+                    std::slice::from_raw_parts_mut(dst.0.add(((bi * heads + h) * n + r) * dp), dp)
+                };
+                convert_bf16(&q[row * inner + h * d..][..d], &mut block[..d]);
+                block[d..].fill(0);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
