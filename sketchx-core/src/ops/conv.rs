@@ -29,6 +29,13 @@ use super::norm::{ChannelNorm, FastGroupNorm};
 use super::simd::{affine_silu, affine_silu_channels_bf16};
 use super::winograd_bf16::{self, Filters};
 
+/// Whether a channels-last 3x3 convolution over `positions` outputs, whose padded layout gives `padded` product
+/// rows, runs on the positions' gathered taps instead: when they fit one pass of 32 rows and the padded rows
+/// take more (the small images, whose kernels come from memory: one pass reads each byte once).
+fn gather_pays(positions: usize, padded: usize) -> bool {
+    positions <= 32 && padded > 32
+}
+
 /// A 2-D convolution (with bias) that runs [`Conv2dOp`] on f32 CPU tensors and candle's conv2d otherwise.
 #[derive(Debug, Clone)]
 pub struct FastConv2d {
@@ -1329,6 +1336,15 @@ impl Conv2dOp {
         );
         let a = &*a;
         let optr = SendPtr(out.ptr());
+        // Small images: the padded rows take more passes of 32 than the positions themselves (4x4, batch 2: 44 rows,
+        // two passes over a kernel of tens of megabytes that comes from memory), so the positions' taps are
+        // gathered into rows of their own (im2col from the padded rows) and the kernel streams through one pass.
+        let positions = b * img;
+        let gathered = gather_pays(positions, ncols);
+        // The padded layout's product row whose taps are position `o`'s.
+        let padded_row = |o: usize| (o / img) * plane + (o % img) / w * l + (o % img) % w;
+        // The product's rows: padded rows of `l` per image row and `plane` per image, or the positions themselves.
+        let (l, plane) = if gathered { (w, img) } else { (l, plane) };
         // Each tile of the product (16 positions x 16 channels) is transposed and its positions that are outputs
         // written into their planes: runs along an image row (product row j is image j / plane, position
         // (j % plane) / l, (j % plane) % l; x < w and y < h are outputs).
@@ -1406,6 +1422,33 @@ impl Conv2dOp {
                 i += run;
             }
         };
+        if gathered {
+            static GATHERED: Kept<Vec<u32>> = Kept::new(Vec::new());
+            // Rows on cache lines; the words past the nine taps are never read (the product's k ends there).
+            let ldg = (9 * pairs).next_multiple_of(NR);
+            GATHERED.with(positions * ldg, |g| {
+                g.par_chunks_mut(ldg).enumerate().for_each(|(o, row)| {
+                    let j = padded_row(o);
+                    for (t, &s) in shifts.iter().enumerate() {
+                        row[t * pairs..][..pairs].copy_from_slice(&a[(j + s) * lda..][..pairs]);
+                    }
+                });
+                // SAFETY: AMX is available (the kernel is packed this way only then); `g` holds `positions` rows of
+                // 9 x pairs words (k = 18 pairs entries, tap-major as the kernel), `ldg` words apart; `bias` holds
+                // c_out values (checked by `operands`).
+                unsafe {
+                    super::amx::gemm_handed(
+                        positions,
+                        (g.as_ptr().cast(), 2 * ldg),
+                        bm,
+                        Some(bias),
+                        super::amx::Handed::Tiles(&epilogue),
+                    )
+                };
+            });
+            // Every position is a row of the product, written by the epilogue.
+            return out;
+        }
         // SAFETY: AMX is available (the kernel is packed this way only then); k = 18 pairs = 2 x pairs words per
         // tap; for every shift s, rows s..s + ncols of `a` exist (the largest shift is 3l + 3 and `a` holds ncols +
         // 3l + 3 rows), each `pairs` words (2 lda entries apart); `bias` holds c_out values (checked by `operands`).
@@ -1762,6 +1805,10 @@ mod tests {
         check(5, 7, 3, 1, 1, 3, 33);
         check(3, 8, 3, 1, 1, 1, 40);
         check(520, 20, 3, 1, 1, 2, 32);
+        // Small images whose positions fit one pass of 32 rows on AMX (gathered taps, `gather_pays`): whole
+        // tiles, and 30 positions with channel pairs that end mid-step and a short last column tile.
+        check(40, 32, 3, 1, 1, 4, 4);
+        check(33, 20, 3, 1, 1, 3, 5);
         // Channel counts that keep Winograd filters (odd, odd sizes; enough tiles for that path to run).
         check(17, 16, 3, 1, 1, 8, 8);
         check(32, 48, 3, 1, 1, 9, 13);
