@@ -306,9 +306,18 @@ impl Attention {
     /// The attention of `xs` to itself, or to `ctx`, plus `residual` (added as the output projection stores its
     /// result, [`Linear::forward_add`]).
     fn forward_add(&self, xs: &Tensor, ctx: Option<&Tensor>, residual: &Tensor) -> CResult<Tensor> {
-        let q = self.to_q.forward(xs)?;
+        // In the CPU bf16 mode the attention rounds its operands to bf16: the projections may hand them over
+        // rounded (the same values, half the bytes).
+        let project = |l: &Linear, x: &Tensor| {
+            if self.bf16 {
+                l.forward_rounded(x)
+            } else {
+                l.forward(x)
+            }
+        };
+        let q = project(&self.to_q, xs)?;
         let kv = |c: &Tensor| -> CResult<(Tensor, Tensor)> {
-            Ok((self.to_k.forward(c)?, self.to_v.forward(c)?))
+            Ok((project(&self.to_k, c)?, project(&self.to_v, c)?))
         };
         let (k, v) = match ctx {
             Some(c) => self.context_kv.get(c, kv)?,

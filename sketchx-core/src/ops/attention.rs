@@ -47,7 +47,17 @@ fn attention_untimed(
     scale: f64,
     bf16: bool,
 ) -> Result<Tensor> {
-    if super::kernels_enabled() && q.device().is_cpu() && q.dtype() == DType::F32 {
+    let on_tiles =
+        bf16 && super::kernels_enabled() && q.device().is_cpu() && super::amx::available();
+    // Operands rounded to bf16 already (the CPU bf16 mode's projections on AMX, `FastLinear::forward_rounded`) go
+    // to the AMX path as they are; the other paths read their exact f32 values.
+    let widen = |t: &Tensor| match t.dtype() {
+        DType::BF16 if !on_tiles => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    };
+    let (q, k, v) = (&widen(q)?, &widen(k)?, &widen(v)?);
+    let takes = |t: &Tensor| t.dtype() == DType::F32 || (on_tiles && t.dtype() == DType::BF16);
+    if super::kernels_enabled() && q.device().is_cpu() && takes(q) && takes(k) && takes(v) {
         let op = AttentionOp {
             heads,
             scale: scale as f32,
@@ -105,9 +115,6 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = super::cpu::contiguous_f32(s1, l1, "attention queries")?;
-        let k = super::cpu::contiguous_f32(s2, l2, "attention keys")?;
-        let v = super::cpu::contiguous_f32(s3, l3, "attention values")?;
         let (b, n, inner) = l1.shape().dims3()?;
         let (kb, m, kinner) = l2.shape().dims3()?;
         if l3.shape().dims3()? != (kb, m, kinner)
@@ -124,10 +131,16 @@ impl CustomOp3 for AttentionOp {
         }
         #[cfg(target_arch = "x86_64")]
         if self.bf16 && super::amx::available() {
+            let q = Operand::of(s1, l1, "attention queries")?;
+            let k = Operand::of(s2, l2, "attention keys")?;
+            let v = Operand::of(s3, l3, "attention values")?;
             // SAFETY: AMX is available (checked just above).
             let out = unsafe { on_tiles(q, k, v, (b, n, m, inner), self.heads, self.scale) };
             return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
         }
+        let q = super::cpu::contiguous_f32(s1, l1, "attention queries")?;
+        let k = super::cpu::contiguous_f32(s2, l2, "attention keys")?;
+        let v = super::cpu::contiguous_f32(s3, l3, "attention values")?;
         #[cfg(target_arch = "x86_64")]
         if super::gemm::Format::F32.has_fast_kernel() {
             use super::gemm::Format;
@@ -222,14 +235,14 @@ impl CustomOp3 for AttentionOp {
 /// short key sequences (cross-attention) would otherwise pay a parallel region per head for little work.
 #[cfg(target_arch = "x86_64")]
 fn pack_heads(
-    k: &[f32],
-    v: &[f32],
+    k: Operand,
+    v: Operand,
     (b, m, inner): (usize, usize, usize),
     heads: usize,
     dk: usize,
     format: super::gemm::Format,
 ) -> Vec<(super::gemm::PackedB, super::gemm::PackedB)> {
-    use super::gemm::PackedB;
+    use super::gemm::{Column, PackedB};
 
     let d = inner / heads;
     (0..b * heads)
@@ -238,13 +251,46 @@ fn pack_heads(
             let (bi, hi) = (bh / heads, bh % heads);
             let col = |r: usize| (bi * m + r) * inner + hi * d;
             (
-                PackedB::from_columns(m, dk, format, |r| &k[col(r)..][..d]),
-                PackedB::from_rows(m, d, format, |r, row| {
-                    row.copy_from_slice(&v[col(r)..][..d])
+                PackedB::from_columns(m, dk, format, |r| match k {
+                    Operand::F32(k) => Column::F32(&k[col(r)..][..d]),
+                    Operand::Bf16(k) => Column::Bf16(&k[col(r)..][..d]),
+                }),
+                // (A bf16 value widened to f32 packs back to the same bf16.)
+                PackedB::from_rows(m, d, format, |r, row| match v {
+                    Operand::F32(v) => row.copy_from_slice(&v[col(r)..][..d]),
+                    Operand::Bf16(v) => {
+                        for (o, &h) in row.iter_mut().zip(&v[col(r)..][..d]) {
+                            *o = half::bf16::from_bits(h).to_f32();
+                        }
+                    }
                 }),
             )
         })
         .collect()
+}
+
+/// An operand of [`AttentionOp`]: f32 values, or bf16 bit patterns (rounded already, for the AMX path).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> Operand<'a> {
+    /// The contiguous values of `s` (layout `l`), f32 or bf16; `what` names it in the error otherwise.
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        match s {
+            CpuStorage::BF16(v) => match l.contiguous_offsets() {
+                Some((a, b)) => Ok(Self::Bf16(
+                    half::slice::HalfFloatSliceExt::reinterpret_cast(&v[a..b]),
+                )),
+                None => candle_core::bail!("{what}: expected a contiguous tensor"),
+            },
+            _ => Ok(Self::F32(super::cpu::contiguous_f32(s, l, what)?)),
+        }
+    }
 }
 
 /// Divides output row `r` (`d` values at `out + r * stride`) by `sums[r]`: the softmax's normalisation, applied
@@ -292,7 +338,14 @@ unsafe fn packed(
     let d = inner / heads;
     let bf16 = format == Format::Bf16;
     let tiles = n.div_ceil(QUERY_TILE);
-    let packed = pack_heads(k, v, (b, m, inner), heads, d, format);
+    let packed = pack_heads(
+        Operand::F32(k),
+        Operand::F32(v),
+        (b, m, inner),
+        heads,
+        d,
+        format,
+    );
     // Never zeroed: the tasks' `P V` products overwrite every value (each (image, head, tile) block once) before
     // anything reads it.
     let len = b * n * inner;
@@ -371,9 +424,9 @@ unsafe fn packed(
 /// [`super::amx::available`] must have returned `true`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn on_tiles(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: Operand,
+    k: Operand,
+    v: Operand,
     (b, n, m, inner): (usize, usize, usize, usize),
     heads: usize,
     scale: f32,
@@ -470,7 +523,7 @@ static QUERIES: super::cpu::Kept<Vec<u16>> = super::cpu::Kept::new(Vec::new());
 /// its head's columns row by row.
 #[cfg(target_arch = "x86_64")]
 fn queries_by_head(
-    q: &[f32],
+    q: Operand,
     out: &mut [u16],
     (b, n, inner): (usize, usize, usize),
     heads: usize,
@@ -492,7 +545,11 @@ fn queries_by_head(
                 let block = unsafe {
                     std::slice::from_raw_parts_mut(dst.0.add(((bi * heads + h) * n + r) * dp), dp)
                 };
-                convert_bf16(&q[row * inner + h * d..][..d], &mut block[..d]);
+                let from = row * inner + h * d;
+                match q {
+                    Operand::F32(q) => convert_bf16(&q[from..][..d], &mut block[..d]),
+                    Operand::Bf16(q) => block[..d].copy_from_slice(&q[from..][..d]),
+                }
                 block[d..].fill(0);
             }
         }
@@ -549,6 +606,41 @@ mod tests {
             .unwrap()
             .reshape((b, n, inner))
             .unwrap()
+    }
+
+    /// Operands already in bf16 (the projections' rounded results) give the attention of their f32 values, bit for
+    /// bit, with the bf16 products on or off, mixed with f32 ones too.
+    #[test]
+    fn bf16_operands_are_their_values() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            for (n, m, heads, d) in [(70, 77, 2, 40), (33, 33, 4, 8)] {
+                let t = |len: usize| {
+                    Tensor::randn(0f32, 1., (2, len, heads * d), &dev)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                };
+                let (q, k, v) = (t(n), t(m), t(m));
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let scale = (d as f64).powf(-0.5);
+                for bf16 in [true, false] {
+                    let want = attention(&f(&q), &f(&k), &f(&v), heads, scale, bf16).unwrap();
+                    for (q, k, v) in [
+                        (q.clone(), k.clone(), v.clone()),
+                        (q.clone(), f(&k), v.clone()),
+                    ] {
+                        let got = attention(&q, &k, &v, heads, scale, bf16).unwrap();
+                        assert_eq!(got.dtype(), DType::F32);
+                        assert_eq!(
+                            crate::ops::max_abs_diff(&want, &got),
+                            0.0,
+                            "n {n} m {m} heads {heads} d {d}, bf16 products {bf16}"
+                        );
+                    }
+                }
+            }
+        });
     }
 
     fn matches_reference_on_this_path() {

@@ -121,6 +121,13 @@ impl PartialEq for Words {
     }
 }
 
+/// One column of a matrix for [`PackedB::from_columns`]: f32 values, or bf16 bit patterns.
+#[derive(Clone, Copy)]
+pub(crate) enum Column<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
 /// The right-hand operand of [`gemm_f32`] / [`gemm_bf16`]: a `k x n` matrix packed in column panels of [`NR`]
 /// (zeros past `k` and `n`).
 #[derive(Debug, Clone)]
@@ -192,32 +199,42 @@ impl PackedB {
     }
 
     /// Packs a `k x n` matrix given column by column (`B^T` row by row): `column(j)` holds column `j`'s first
-    /// entries (at most `k`; zeros after them), e.g. a head's keys for `K^T`, read in place. On the calling thread,
+    /// entries (at most `k`; zeros after them; f32, or bf16 values that a bf16 packing takes as they are), e.g. a head's keys for `K^T`, read in place. On the calling thread,
     /// for callers that run in parallel already: each column is rounded with the vector conversion and its words
     /// written into its panel's lane.
     pub(crate) fn from_columns<'a>(
         n: usize,
         k: usize,
         format: Format,
-        column: impl Fn(usize) -> &'a [f32],
+        column: impl Fn(usize) -> Column<'a>,
     ) -> Self {
         let words = k.div_ceil(format.per_word());
         let mut data = Words::zeroed(n.div_ceil(NR) * words * NR);
         let mut row = vec![0u32; words];
         let mut halves = vec![0u16; 2 * words];
         for j in 0..n {
-            let src = column(j);
-            let src = &src[..src.len().min(k)];
-            match format {
-                Format::F32 => {
+            match (format, column(j)) {
+                (Format::F32, Column::F32(src)) => {
                     row.fill(0);
-                    for (w, &v) in row.iter_mut().zip(src) {
+                    for (w, &v) in row.iter_mut().zip(&src[..src.len().min(k)]) {
                         *w = v.to_bits();
                     }
                 }
-                Format::Bf16 => {
+                (Format::F32, Column::Bf16(src)) => {
+                    row.fill(0);
+                    for (w, &v) in row.iter_mut().zip(&src[..src.len().min(k)]) {
+                        *w = bf16::from_bits(v).to_f32().to_bits();
+                    }
+                }
+                (Format::Bf16, src) => {
                     halves.fill(0);
-                    convert_bf16(src, &mut halves);
+                    match src {
+                        Column::F32(src) => convert_bf16(&src[..src.len().min(k)], &mut halves),
+                        Column::Bf16(src) => {
+                            let src = &src[..src.len().min(k)];
+                            halves[..src.len()].copy_from_slice(src);
+                        }
+                    }
                     for (w, h) in row.iter_mut().zip(halves.chunks_exact(2)) {
                         *w = u32::from(h[0]) | (u32::from(h[1]) << 16);
                     }
@@ -2137,7 +2154,8 @@ mod tests {
         }
     }
 
-    /// Columns given one by one (shorter than `k`: zeros after) pack as the transpose of the zero-padded matrix.
+    /// Columns given one by one (shorter than `k`: zeros after) pack as the transpose of the zero-padded matrix;
+    /// given in bf16, as the transpose of their values.
     #[test]
     fn columns_pack_like_the_transpose() {
         let mut seed = 3u64;
@@ -2151,10 +2169,22 @@ mod tests {
             }
             for p in [Format::F32, Format::Bf16] {
                 crate::ops::cpu::detected_only(|| {
-                    let got = PackedB::from_columns(n, k, p, |j| &cols[j]);
+                    let got = PackedB::from_columns(n, k, p, |j| Column::F32(&cols[j]));
                     let want = PackedB::from_transposed(&padded, n, k, p);
                     assert_eq!((got.n(), got.k()), (n, k));
                     assert_eq!(got.data, want.data, "{n}x{k} ({given} given), {p:?}");
+                    // The columns rounded to bf16 first: the same panels in bf16, their exact values in f32.
+                    let rounded: Vec<Vec<u16>> = cols
+                        .iter()
+                        .map(|c| c.iter().map(|&v| round_bf16(v)).collect())
+                        .collect();
+                    let got = PackedB::from_columns(n, k, p, |j| Column::Bf16(&rounded[j]));
+                    let widened: Vec<f32> = padded
+                        .iter()
+                        .map(|&v| bf16::from_bits(round_bf16(v)).to_f32())
+                        .collect();
+                    let want = PackedB::from_transposed(&widened, n, k, p);
+                    assert_eq!(got.data, want.data, "bf16 columns, {n}x{k}, {p:?}");
                 });
             }
         }

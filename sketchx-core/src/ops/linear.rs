@@ -244,6 +244,30 @@ impl FastLinear {
         }
     }
 
+    /// `x W^T + b` for a consumer that rounds it to bf16 anyway (attention's products in the CPU bf16 mode): a
+    /// layer packed in bf16 on AMX rounds each tile of the product as it hands it on (as
+    /// [`super::gemm::convert_bf16`] rounds) and returns a bf16 tensor, half the bytes of the f32 result it never
+    /// writes; other layers return [`Module::forward`]'s f32 result. Timed as `linear`.
+    pub fn forward_rounded(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed(op)
+                if op.weight.format() == Format::Bf16
+                    && super::amx::available()
+                    && xs.device().is_cpu() =>
+            {
+                super::profile::scope_flops(
+                    self.profile_kind(xs),
+                    || self.flops(xs),
+                    || {
+                        let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&RoundedLinearOp(op))?;
+                        super::cpu::lined_view(&out, &op.out_dims(xs))
+                    },
+                )
+            }
+            _ => self.forward(xs),
+        }
+    }
+
     /// The profile's kind for this layer on `xs`: `linear`, with the shapes when timing by shape.
     fn profile_kind(&self, xs: &Tensor) -> &'static str {
         super::profile::shaped("linear", || {
@@ -526,6 +550,53 @@ impl CustomOp1 for PackedLinearOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.forward_rows(Rows::of(s, l, "linear input")?, l, None)
+    }
+}
+
+/// A bf16 layer's product on AMX, each tile rounded to bf16 as it is handed on ([`FastLinear::forward_rounded`]).
+struct RoundedLinearOp<'a>(&'a PackedLinearOp);
+
+impl CustomOp1 for RoundedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "sketchx-linear-rounded"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let x = Rows::of(s, l, "linear input")?;
+        let (k, n) = (op.weight.k(), op.weight.n());
+        let (m, shape) = op.rows_and_shape(l, n)?;
+        let mut out = Out::<half::bf16>::uninit(m * n, true);
+        #[cfg(target_arch = "x86_64")]
+        if m > 0 && n > 0 {
+            let o = SendPtr(out.ptr().cast::<u16>());
+            let epilogue = |row: usize, col: usize, tile: &[f32; 256], rows: usize, cols: usize| {
+                let o = &o;
+                // SAFETY: AMX implies AVX-512 F, BW and BF16; the tile's rows and columns lie inside the m x n
+                // output, and no other tile writes them.
+                unsafe { super::simd::round_tile(tile, rows, cols, o.0.add(row * n + col), n) };
+            };
+            let bias = op.bias.as_deref().map(Vec::as_slice);
+            // SAFETY: AMX is available (checked by `forward_rounded`, the only maker of this op); `a` holds `m`
+            // rows of `k` entries; a bias holds `n` values.
+            x.in_bf16(|a| unsafe {
+                super::amx::gemm_handed(
+                    m,
+                    (a.as_ptr(), k),
+                    &op.weight,
+                    bias,
+                    super::amx::Handed::Tiles(&epilogue),
+                )
+            });
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        if m > 0 && n > 0 {
+            let _ = (x, k);
+            candle_core::bail!("linear: rounded tiles need AMX");
+        }
+        // SAFETY: the product handed on every tile of the m x n output (or there is none), each rounded into it.
+        let (v, shape) = unsafe { out.finish(shape) };
+        Ok((CpuStorage::BF16(v), shape))
     }
 }
 
@@ -849,6 +920,49 @@ mod tests {
             if let FastLinear::Packed(op) = FastLinear::load(i, o, true, &weights.pp("l")).unwrap()
             {
                 assert!(x16.contiguous().unwrap().apply_op1_no_bwd(&op).is_err());
+            }
+        });
+    }
+
+    /// A rounded product is the f32 product rounded to bf16, bit for bit, where a bf16 layer on AMX rounds its
+    /// tiles (with and without a bias, rows and columns that fill no tile, a bf16 input, no rows); elsewhere the
+    /// f32 product itself.
+    #[test]
+    fn rounded_product_is_the_product_rounded() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let (i, o) = (45, 40);
+            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+            let vb = layer_vars(&w, &b);
+            for precision in [Precision::F32, Precision::CpuBf16] {
+                for bias in [true, false] {
+                    let weights = Weights::new(vb.clone(), precision);
+                    let layer = FastLinear::load(i, o, bias, &weights.pp("l")).unwrap();
+                    let rounds = precision == Precision::CpuBf16
+                        && matches!(layer, FastLinear::Packed(_))
+                        && crate::ops::amx::available();
+                    for rows in [0, 1, 17, 70] {
+                        let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
+                        for x in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
+                            let got = layer.forward_rounded(&x).unwrap();
+                            let plain = layer.forward(&x).unwrap();
+                            assert_eq!(got.dims(), plain.dims());
+                            let want = if rounds {
+                                assert_eq!(got.dtype(), DType::BF16);
+                                plain.to_dtype(DType::BF16).unwrap()
+                            } else {
+                                plain
+                            };
+                            assert_eq!(
+                                bits(&got.to_dtype(DType::F32).unwrap()),
+                                bits(&want.to_dtype(DType::F32).unwrap()),
+                                "{precision:?}, bias {bias}, {rows} rows, {:?} input",
+                                x.dtype()
+                            );
+                        }
+                    }
+                }
             }
         });
     }
