@@ -323,7 +323,11 @@ impl Attention {
             Some(c) => self.context_kv.get(c, kv)?,
             None => kv(xs)?,
         };
-        let o = (crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale, self.bf16))?;
+        let o = if self.bf16 && self.to_out.takes_bf16() {
+            crate::ops::attention::attention_rounded(&q, &k, &v, self.heads, self.scale)?
+        } else {
+            crate::ops::attention::attention(&q, &k, &v, self.heads, self.scale, self.bf16)?
+        };
         self.to_out.forward_add(&o, residual)
     }
 }

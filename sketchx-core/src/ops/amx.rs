@@ -156,7 +156,7 @@ pub(crate) enum Handed<'a> {
 }
 
 /// `C = A B + bias` (no bias: from zero) handed to an epilogue tile by tile or pair by pair, never stored: `A` and
-/// `B` as in [`gemm`]; tasks in parallel.
+/// `B` as in [`gemm`]; tasks in parallel when `parallel`.
 ///
 /// # Safety
 /// [`available`] must have returned `true`; `a` must point to `m` rows of `b.k()` readable entries `lda` apart, and
@@ -168,6 +168,7 @@ pub(crate) unsafe fn gemm_handed(
     b: &PackedB,
     bias: Option<&[f32]>,
     to: Handed,
+    parallel: bool,
 ) {
     let init = match bias {
         Some(bias) => {
@@ -188,7 +189,7 @@ pub(crate) unsafe fn gemm_handed(
             (a, lda, None, false),
             (b.k(), b.n(), source),
             dest,
-            true,
+            parallel,
             init,
         )
     }

@@ -26,6 +26,31 @@ pub fn attention(
     scale: f64,
     bf16: bool,
 ) -> Result<Tensor> {
+    attention_as(q, k, v, heads, scale, (bf16, false))
+}
+
+/// [`attention`] in the CPU bf16 mode for a consumer that rounds the result to bf16 anyway (a layer packed in
+/// bf16): on AMX each tile of the result is divided by its softmax sums and rounded as the product hands it on, a
+/// bf16 tensor (half the bytes, the same values the consumer would round to); elsewhere [`attention`]'s f32 result.
+pub fn attention_rounded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_as(q, k, v, heads, scale, (true, true))
+}
+
+/// [`attention`] with its products in bf16 (`bf16`) and its result rounded (`rounded`, on AMX).
+fn attention_as(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    (bf16, rounded): (bool, bool),
+) -> Result<Tensor> {
     // Two products per head: q k^T and p v, each n x m x d multiply-adds.
     let flops = || match (q.dims3(), k.dim(1)) {
         (Ok((b, n, inner)), Ok(m)) => (4 * b * n * m * inner) as u64,
@@ -35,7 +60,7 @@ pub fn attention(
         format!("{:?} {:?} {heads}", q.dims(), k.dims())
     });
     super::profile::scope_flops(kind, flops, || {
-        attention_untimed(q, k, v, heads, scale, bf16)
+        attention_untimed(q, k, v, heads, scale, (bf16, rounded))
     })
 }
 
@@ -45,7 +70,7 @@ fn attention_untimed(
     v: &Tensor,
     heads: usize,
     scale: f64,
-    bf16: bool,
+    (bf16, rounded): (bool, bool),
 ) -> Result<Tensor> {
     let on_tiles =
         bf16 && super::kernels_enabled() && q.device().is_cpu() && super::amx::available();
@@ -62,6 +87,7 @@ fn attention_untimed(
             heads,
             scale: scale as f32,
             bf16,
+            rounded: rounded && on_tiles,
         };
         return q
             .contiguous()?
@@ -99,6 +125,8 @@ pub struct AttentionOp {
     pub scale: f32,
     /// Products in bf16 (f32 accumulation) on AMX tiles or AVX-512 BF16, when the CPU has either; f32 otherwise.
     pub bf16: bool,
+    /// With `bf16` on AMX: the result rounded to bf16 (a bf16 tensor), for a consumer that rounds it anyway.
+    pub rounded: bool,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -135,8 +163,18 @@ impl CustomOp3 for AttentionOp {
             let k = Operand::of(s2, l2, "attention keys")?;
             let v = Operand::of(s3, l3, "attention values")?;
             // SAFETY: AMX is available (checked just above).
-            let out = unsafe { on_tiles(q, k, v, (b, n, m, inner), self.heads, self.scale) };
-            return Ok((CpuStorage::F32(out), Shape::from((b, n, inner))));
+            let out = unsafe {
+                on_tiles(
+                    q,
+                    k,
+                    v,
+                    (b, n, m, inner),
+                    self.heads,
+                    self.scale,
+                    self.rounded,
+                )
+            };
+            return Ok((out, Shape::from((b, n, inner))));
         }
         let q = super::cpu::contiguous_f32(s1, l1, "attention queries")?;
         let k = super::cpu::contiguous_f32(s2, l2, "attention keys")?;
@@ -430,7 +468,8 @@ unsafe fn on_tiles(
     (b, n, m, inner): (usize, usize, usize, usize),
     heads: usize,
     scale: f32,
-) -> Vec<f32> {
+    rounded: bool,
+) -> CpuStorage {
     use super::amx::Init;
     use super::gemm::Format;
     use super::simd::exp_sum_row_bf16;
@@ -440,10 +479,17 @@ unsafe fn on_tiles(
     let tiles = n.div_ceil(QUERY_TILE);
     let packed = pack_heads(k, v, (b, m, inner), heads, dp, Format::Bf16);
     let len = b * n * inner;
-    // Never zeroed: the tasks write every value (see the end).
-    let mut out = super::cpu::output_uninit_f32(len);
+    // Never zeroed: the tasks write every value (see the end). One of the two, f32 or rounded.
+    let mut out = if rounded {
+        Vec::new()
+    } else {
+        super::cpu::output_uninit_f32(len)
+    };
+    let mut out16 = Vec::<half::bf16>::with_capacity(if rounded { len } else { 0 });
     let dst = SendPtr(out.as_mut_ptr());
     let dst = &dst;
+    let dst16 = SendPtr(out16.as_mut_ptr().cast::<u16>());
+    let dst16 = &dst16;
     let (ls, lp) = (padded_stride(m, 4), padded_stride(m, 2));
     // Each task's tiles start on cache lines (the rows are whole lines apart): a tile row that straddles two
     // lines loads and stores at up to half speed.
@@ -487,10 +533,47 @@ unsafe fn on_tiles(
                 {
                     *sum = exp_sum_row_bf16(&row[..m], &mut p[..m], scale);
                 }
+                let at = (bi * n + r0) * inner + hi * d;
+                if rounded {
+                    // Each tile of `P V` divided by its rows' sums and rounded as it is handed on: the values of
+                    // the division below, rounded as `convert_bf16` rounds them.
+                    let mut inv = [0f32; QUERY_TILE];
+                    for (i, s) in inv.iter_mut().zip(&sums[..rows]) {
+                        *i = 1.0 / s;
+                    }
+                    let inv = &inv;
+                    let epilogue =
+                        |row: usize, col: usize, tile: &[f32; 256], rs: usize, cs: usize| {
+                            // SAFETY: AMX implies AVX-512 F, BW and BF16; the tile's rows (of this task's `rows`)
+                            // and columns (of the head's `d`) lie inside `out16` and are this task's alone.
+                            unsafe {
+                                super::simd::round_tile(
+                                    tile,
+                                    (rs, cs),
+                                    Some(&inv[row..row + rs]),
+                                    dst16.0.add(at + row * inner + col),
+                                    inner,
+                                )
+                            }
+                        };
+                    // SAFETY: AMX is available (this function's contract); `pb` holds `rows x m` probabilities,
+                    // `lp` apart.
+                    unsafe {
+                        super::amx::gemm_handed(
+                            rows,
+                            (pb.as_ptr(), lp),
+                            values,
+                            None,
+                            super::amx::Handed::Tiles(&epilogue),
+                            false,
+                        )
+                    };
+                    return;
+                }
                 // SAFETY: as above; the output block (rows r0..r0 + rows of image bi, columns of head hi) lies
                 // inside `out` and is written by this task only; `pb` holds `rows x m` probabilities, `lp` apart.
                 unsafe {
-                    let op = dst.0.add((bi * n + r0) * inner + hi * d);
+                    let op = dst.0.add(at);
                     super::amx::gemm(
                         rows,
                         pb.as_ptr(),
@@ -507,9 +590,17 @@ unsafe fn on_tiles(
         );
     });
     // SAFETY: the tasks covered every (image, head, tile) block, and each product wrote its whole block (from
-    // zero, every row and column of it) before the division read it.
-    unsafe { out.set_len(len) };
-    out
+    // zero, every row and column of it) before the division read it, or handed every tile of it on to be divided
+    // and rounded into `out16`.
+    unsafe {
+        if rounded {
+            out16.set_len(len);
+            CpuStorage::BF16(out16)
+        } else {
+            out.set_len(len);
+            CpuStorage::F32(out)
+        }
+    }
 }
 
 /// The queries of every image and head in bf16 for [`on_tiles`], kept between calls (a fresh buffer of megabytes
@@ -638,6 +729,49 @@ mod tests {
                             "n {n} m {m} heads {heads} d {d}, bf16 products {bf16}"
                         );
                     }
+                }
+            }
+        });
+    }
+
+    /// The rounded attention is the attention rounded to bf16, bit for bit, on AMX (rows and head dimensions that
+    /// fill no tile, bf16 operands too); elsewhere the attention itself.
+    #[test]
+    fn rounded_is_the_attention_rounded() {
+        crate::ops::cpu::detected_only(|| {
+            let dev = Device::Cpu;
+            let on_tiles = crate::ops::amx::available() && super::super::kernels_enabled();
+            for (n, m, heads, d) in [
+                (100, 100, 4, 8),
+                (64, 77, 2, 40),
+                (3, 5, 1, 7),
+                (257, 300, 2, 40),
+            ] {
+                let t = |len: usize| Tensor::randn(0f32, 1., (2, len, heads * d), &dev).unwrap();
+                let (q, k, v) = (t(n), t(m), t(m));
+                let scale = (d as f64).powf(-0.5);
+                for (q, k, v) in [
+                    (q.clone(), k.clone(), v.clone()),
+                    (
+                        q.to_dtype(DType::BF16).unwrap(),
+                        k.clone(),
+                        v.to_dtype(DType::BF16).unwrap(),
+                    ),
+                ] {
+                    let plain = attention(&q, &k, &v, heads, scale, true).unwrap();
+                    let got = attention_rounded(&q, &k, &v, heads, scale).unwrap();
+                    let want = if on_tiles {
+                        assert_eq!(got.dtype(), DType::BF16);
+                        plain.to_dtype(DType::BF16).unwrap()
+                    } else {
+                        plain
+                    };
+                    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                    assert_eq!(
+                        crate::ops::max_abs_diff(&f(&want), &f(&got)),
+                        0.0,
+                        "n {n} m {m} heads {heads} d {d}"
+                    );
                 }
             }
         });

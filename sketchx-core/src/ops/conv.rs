@@ -1443,6 +1443,7 @@ impl Conv2dOp {
                         bm,
                         Some(bias),
                         super::amx::Handed::Tiles(&epilogue),
+                        true,
                     )
                 };
             });

@@ -457,7 +457,7 @@ impl GegluLinearOp<'_> {
         // SAFETY: AMX is available (the caller checked); `a` holds `m` rows of `k` entries; the bias holds `n`
         // values; the epilogue writes only its pair's rows and columns of the output.
         x.in_bf16(|a| unsafe {
-            super::amx::gemm_handed(m, (a.as_ptr(), k), &self.linear.weight, bias, to)
+            super::amx::gemm_handed(m, (a.as_ptr(), k), &self.linear.weight, bias, to, true)
         });
     }
 }
@@ -574,7 +574,9 @@ impl CustomOp1 for RoundedLinearOp<'_> {
                 let o = &o;
                 // SAFETY: AMX implies AVX-512 F, BW and BF16; the tile's rows and columns lie inside the m x n
                 // output, and no other tile writes them.
-                unsafe { super::simd::round_tile(tile, rows, cols, o.0.add(row * n + col), n) };
+                unsafe {
+                    super::simd::round_tile(tile, (rows, cols), None, o.0.add(row * n + col), n)
+                };
             };
             let bias = op.bias.as_deref().map(Vec::as_slice);
             // SAFETY: AMX is available (checked by `forward_rounded`, the only maker of this op); `a` holds `m`
@@ -586,6 +588,7 @@ impl CustomOp1 for RoundedLinearOp<'_> {
                     &op.weight,
                     bias,
                     super::amx::Handed::Tiles(&epilogue),
+                    true,
                 )
             });
         }
@@ -691,7 +694,7 @@ impl CustomOp2 for ImageAddOp<'_> {
         // SAFETY: AMX is available (the caller checked); `a` holds `m` rows of `k` entries; the bias holds `n`
         // values; each tile's epilogue writes only its own positions and channels.
         x.in_bf16(|a| unsafe {
-            super::amx::gemm_handed(m, (a.as_ptr(), k), &self.op.weight, bias, to)
+            super::amx::gemm_handed(m, (a.as_ptr(), k), &self.op.weight, bias, to, true)
         });
         // SAFETY: the tiles cover all m tokens and n channels: every value was written.
         unsafe { out.set_len(b * n * hw) };
