@@ -372,16 +372,18 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+    /// The block on `xs`; `rounded`: its output only goes to a layer that rounds it to bf16 (see
+    /// [`Linear::forward_add_rounded`]).
+    fn forward(&self, xs: &Tensor, ctx: &Tensor, rounded: bool) -> CResult<Tensor> {
         let xs = self.self_attention(xs)?;
-        self.after_self_attention(&xs, ctx)
+        self.after_self_attention(&xs, ctx, rounded)
     }
 
     /// [`Self::forward`] on the batch `twice(half)`: the self-attention (which does not read the text) on `half`
     /// only.
-    fn forward_shared(&self, half: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+    fn forward_shared(&self, half: &Tensor, ctx: &Tensor, rounded: bool) -> CResult<Tensor> {
         let xs = twice(&self.self_attention(half)?)?;
-        self.after_self_attention(&xs, ctx)
+        self.after_self_attention(&xs, ctx, rounded)
     }
 
     fn self_attention(&self, xs: &Tensor) -> CResult<Tensor> {
@@ -389,12 +391,16 @@ impl TransformerBlock {
         self.attn1.forward_add(&h, None, xs)
     }
 
-    fn after_self_attention(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
+    fn after_self_attention(&self, xs: &Tensor, ctx: &Tensor, rounded: bool) -> CResult<Tensor> {
         let h = normed(&self.norm2, xs, self.attn2.takes_bf16(true))?;
         let xs = self.attn2.forward_add(&h, Some(ctx), xs)?;
         let h = normed(&self.norm3, &xs, self.ff_in.takes_bf16())?;
         let h = self.ff_in.forward(&h, self.ff_out.takes_bf16())?;
-        self.ff_out.forward_add(&h, &xs)
+        if rounded {
+            self.ff_out.forward_add_rounded(&h, &xs)
+        } else {
+            self.ff_out.forward_add(&h, &xs)
+        }
     }
 }
 
@@ -465,10 +471,16 @@ impl SpatialTransformer {
     /// Applies the transformer to `xs` `(b, c, h, w)` attending to `ctx` `(b, tokens, cross_dim)`.
     pub fn forward(&self, xs: &Tensor, ctx: &Tensor) -> CResult<Tensor> {
         let mut hs = self.project_in(xs)?;
-        for blk in &self.blocks {
-            hs = blk.forward(&hs, ctx)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            hs = blk.forward(&hs, ctx, self.rounds_block(i))?;
         }
         self.project_out(hs, xs)
+    }
+
+    /// Whether block `i`'s output goes only to a projection out that rounds it to bf16 (the last block's, to a
+    /// layer packed in bf16): the block may hand it over rounded.
+    fn rounds_block(&self, i: usize) -> bool {
+        i + 1 == self.blocks.len() && self.proj_out.takes_bf16()
     }
 
     /// [`Self::forward`] on the batch `twice(half)`: what comes before the first block's cross-attention (the
@@ -478,9 +490,9 @@ impl SpatialTransformer {
         let Some((first, rest)) = self.blocks.split_first() else {
             return twice(&self.project_out(hs, half)?);
         };
-        let mut hs = first.forward_shared(&hs, ctx)?;
-        for blk in rest {
-            hs = blk.forward(&hs, ctx)?;
+        let mut hs = first.forward_shared(&hs, ctx, self.rounds_block(0))?;
+        for (i, blk) in rest.iter().enumerate() {
+            hs = blk.forward(&hs, ctx, self.rounds_block(i + 1))?;
         }
         self.project_out(hs, &twice(half)?)
     }

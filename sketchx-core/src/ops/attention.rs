@@ -551,6 +551,7 @@ unsafe fn on_tiles(
                                     tile,
                                     (rs, cs),
                                     Some(&inv[row..row + rs]),
+                                    None,
                                     dst16.0.add(at + row * inner + col),
                                     inner,
                                 )

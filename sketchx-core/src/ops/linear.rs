@@ -268,6 +268,33 @@ impl FastLinear {
         }
     }
 
+    /// [`Self::forward_add`] for a consumer that rounds the sum to bf16 anyway (a transformer block's output,
+    /// which only its projection out reads): a layer packed in bf16 on AMX adds the residual to each tile of the
+    /// product and rounds the sum as the product hands it on ([`Self::forward_rounded`]); others return
+    /// [`Self::forward_add`]'s f32 sum. Timed as `linear`.
+    pub fn forward_add_rounded(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Packed(op)
+                if op.weight.format() == Format::Bf16
+                    && super::amx::available()
+                    && xs.device().is_cpu()
+                    && residual.device().is_cpu()
+                    && residual.dtype() == DType::F32 =>
+            {
+                super::profile::scope_flops(
+                    self.profile_kind(xs),
+                    || self.flops(xs),
+                    || {
+                        let out = Self::op_input(op, xs)?
+                            .apply_op2_no_bwd(&residual.contiguous()?, &RoundedLinearOp(op))?;
+                        super::cpu::lined_view(&out, &op.out_dims(xs))
+                    },
+                )
+            }
+            _ => self.forward_add(xs, residual),
+        }
+    }
+
     /// The profile's kind for this layer on `xs`: `linear`, with the shapes when timing by shape.
     fn profile_kind(&self, xs: &Tensor) -> &'static str {
         super::profile::shaped("linear", || {
@@ -562,8 +589,37 @@ impl CustomOp1 for RoundedLinearOp<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.rounded(Rows::of(s, l, "linear input")?, l, None)
+    }
+}
+
+impl CustomOp2 for RoundedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "sketchx-linear-add-rounded"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = Rows::of(s1, l1, "linear input")?;
+        let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
+        let (_, shape) = self.0.rows_and_shape(l1, self.0.weight.n())?;
+        if l2.shape() != &shape {
+            candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
+        }
+        self.rounded(x, l1, Some(add))
+    }
+}
+
+impl RoundedLinearOp<'_> {
+    /// The product of the rows `x` (layout `l`), plus `add` (laid out as the output, checked by the caller) if
+    /// given, rounded tile by tile into a bf16 output.
+    fn rounded(&self, x: Rows, l: &Layout, add: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let op = self.0;
-        let x = Rows::of(s, l, "linear input")?;
         let (k, n) = (op.weight.k(), op.weight.n());
         let (m, shape) = op.rows_and_shape(l, n)?;
         let mut out = Out::<half::bf16>::uninit(m * n, true);
@@ -573,9 +629,16 @@ impl CustomOp1 for RoundedLinearOp<'_> {
             let epilogue = |row: usize, col: usize, tile: &[f32; 256], rows: usize, cols: usize| {
                 let o = &o;
                 // SAFETY: AMX implies AVX-512 F, BW and BF16; the tile's rows and columns lie inside the m x n
-                // output, and no other tile writes them.
+                // output (and `add`, laid out as it), and no other tile writes them.
                 unsafe {
-                    super::simd::round_tile(tile, (rows, cols), None, o.0.add(row * n + col), n)
+                    super::simd::round_tile(
+                        tile,
+                        (rows, cols),
+                        None,
+                        add.map(|a| (a[row * n + col..].as_ptr(), n)),
+                        o.0.add(row * n + col),
+                        n,
+                    )
                 };
             };
             let bias = op.bias.as_deref().map(Vec::as_slice);
@@ -594,7 +657,7 @@ impl CustomOp1 for RoundedLinearOp<'_> {
         }
         #[cfg(not(target_arch = "x86_64"))]
         if m > 0 && n > 0 {
-            let _ = (x, k);
+            let _ = (x, k, add);
             candle_core::bail!("linear: rounded tiles need AMX");
         }
         // SAFETY: the product handed on every tile of the m x n output (or there is none), each rounded into it.
@@ -927,9 +990,9 @@ mod tests {
         });
     }
 
-    /// A rounded product is the f32 product rounded to bf16, bit for bit, where a bf16 layer on AMX rounds its
-    /// tiles (with and without a bias, rows and columns that fill no tile, a bf16 input, no rows); elsewhere the
-    /// f32 product itself.
+    /// A rounded product (plus a residual) is the f32 product (plus the residual) rounded to bf16, bit for bit, where
+    /// a bf16 layer on AMX rounds its tiles (with and without a bias, rows and columns that fill no tile, a bf16
+    /// input, no rows); elsewhere the f32 result itself.
     #[test]
     fn rounded_product_is_the_product_rounded() {
         crate::ops::cpu::detected_only(|| {
@@ -948,21 +1011,26 @@ mod tests {
                     for rows in [0, 1, 17, 70] {
                         let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
                         for x in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
-                            let got = layer.forward_rounded(&x).unwrap();
-                            let plain = layer.forward(&x).unwrap();
-                            assert_eq!(got.dims(), plain.dims());
-                            let want = if rounds {
-                                assert_eq!(got.dtype(), DType::BF16);
-                                plain.to_dtype(DType::BF16).unwrap()
-                            } else {
-                                plain
-                            };
-                            assert_eq!(
-                                bits(&got.to_dtype(DType::F32).unwrap()),
-                                bits(&want.to_dtype(DType::F32).unwrap()),
-                                "{precision:?}, bias {bias}, {rows} rows, {:?} input",
-                                x.dtype()
-                            );
+                            let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
+                            for (got, plain) in [
+                                (layer.forward_rounded(&x), layer.forward(&x)),
+                                (layer.forward_add_rounded(&x, &r), layer.forward_add(&x, &r)),
+                            ] {
+                                let (got, plain) = (got.unwrap(), plain.unwrap());
+                                assert_eq!(got.dims(), plain.dims());
+                                let want = if rounds {
+                                    assert_eq!(got.dtype(), DType::BF16);
+                                    plain.to_dtype(DType::BF16).unwrap()
+                                } else {
+                                    plain
+                                };
+                                assert_eq!(
+                                    bits(&got.to_dtype(DType::F32).unwrap()),
+                                    bits(&want.to_dtype(DType::F32).unwrap()),
+                                    "{precision:?}, bias {bias}, {rows} rows, {:?} input",
+                                    x.dtype()
+                                );
+                            }
                         }
                     }
                 }

@@ -679,18 +679,19 @@ pub(crate) unsafe fn geglu_tile(hidden: &[f32; 256], gate: &[f32; 256], rows: us
 }
 
 /// The first `rows` rows and `cols` columns (at most 16 each) of a 16 x 16 tile (row-major), each row times its
-/// factor in `scales` if given, rounded to bf16 into `out` (rows `stride` values apart), as
-/// [`super::gemm::convert_bf16`] rounds them.
+/// factor in `scales` if given, plus the values at `add` (rows its stride apart) if given, rounded to bf16 into
+/// `out` (rows `stride` values apart), as [`super::gemm::convert_bf16`] rounds them.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and BF16; `out`'s `rows` rows of `cols` values must be writable; `scales`, if
-/// given, must hold `rows` factors.
+/// The CPU must have AVX-512 F, BW and BF16; `out`'s `rows` rows of `cols` values must be writable and `add`'s
+/// readable; `scales`, if given, must hold `rows` factors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn round_tile(
     tile: &[f32; 256],
     (rows, cols): (usize, usize),
     scales: Option<&[f32]>,
+    add: Option<(*const f32, usize)>,
     out: *mut u16,
     stride: usize,
 ) {
@@ -702,6 +703,9 @@ pub(crate) unsafe fn round_tile(
             let mut v = _mm512_loadu_ps(tile.as_ptr().add(16 * y));
             if let Some(scales) = scales {
                 v = _mm512_mul_ps(v, _mm512_set1_ps(scales[y]));
+            }
+            if let Some((add, add_stride)) = add {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, add.add(y * add_stride)));
             }
             let v = _mm512_cvtneps_pbh(v);
             let v = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(v));
