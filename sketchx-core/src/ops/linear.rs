@@ -193,15 +193,7 @@ impl FastLinear {
         let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         match self {
             Self::Packed(op) if fits(residual) && super::kernels_enabled() => {
-                super::profile::scope_flops(
-                    self.profile_kind(xs),
-                    || self.flops(xs),
-                    || {
-                        let out = Self::op_input(op, xs)?
-                            .apply_op2_no_bwd(&residual.contiguous()?, &LinearAddOp(op))?;
-                        super::cpu::lined_view(&out, &op.out_dims(xs))
-                    },
-                )
+                self.with_residual(op, xs, residual, &LinearAddOp(op))
             }
             _ => super::add::add(&self.forward(xs)?, residual, 1.0),
         }
@@ -281,18 +273,30 @@ impl FastLinear {
                     && residual.device().is_cpu()
                     && residual.dtype() == DType::F32 =>
             {
-                super::profile::scope_flops(
-                    self.profile_kind(xs),
-                    || self.flops(xs),
-                    || {
-                        let out = Self::op_input(op, xs)?
-                            .apply_op2_no_bwd(&residual.contiguous()?, &RoundedLinearOp(op))?;
-                        super::cpu::lined_view(&out, &op.out_dims(xs))
-                    },
-                )
+                self.with_residual(op, xs, residual, &RoundedLinearOp(op))
             }
             _ => self.forward_add(xs, residual),
         }
+    }
+
+    /// `custom` (the packed layer `op`'s product plus `residual`) on `xs`, timed as `linear`: the lined output's
+    /// view in the output's dimensions.
+    fn with_residual(
+        &self,
+        op: &PackedLinearOp,
+        xs: &Tensor,
+        residual: &Tensor,
+        custom: &impl CustomOp2,
+    ) -> Result<Tensor> {
+        super::profile::scope_flops(
+            self.profile_kind(xs),
+            || self.flops(xs),
+            || {
+                let out =
+                    Self::op_input(op, xs)?.apply_op2_no_bwd(&residual.contiguous()?, custom)?;
+                super::cpu::lined_view(&out, &op.out_dims(xs))
+            },
+        )
     }
 
     /// The profile's kind for this layer on `xs`: `linear`, with the shapes when timing by shape.
@@ -605,12 +609,7 @@ impl CustomOp2 for RoundedLinearOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = Rows::of(s1, l1, "linear input")?;
-        let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
-        let (_, shape) = self.0.rows_and_shape(l1, self.0.weight.n())?;
-        if l2.shape() != &shape {
-            candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
-        }
+        let (x, add) = self.0.rows_and_residual((s1, l1), (s2, l2))?;
         self.rounded(x, l1, Some(add))
     }
 }
@@ -681,12 +680,7 @@ impl CustomOp2 for LinearAddOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = Rows::of(s1, l1, "linear input")?;
-        let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
-        let (_, shape) = self.0.rows_and_shape(l1, self.0.weight.n())?;
-        if l2.shape() != &shape {
-            candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
-        }
+        let (x, add) = self.0.rows_and_residual((s1, l1), (s2, l2))?;
         self.0.forward_rows(x, l1, Some(add))
     }
 }
@@ -810,6 +804,22 @@ impl PackedLinearOp {
         // SAFETY: the values were zeroed when the output was made.
         let (v, shape) = unsafe { out.finish(shape) };
         Ok((CpuStorage::F32(v), shape))
+    }
+
+    /// The input rows of storage `s1` (layout `l1`) and the f32 residual `s2` (layout `l2`) that an op adds to
+    /// their product: it must have the output's shape.
+    fn rows_and_residual<'a>(
+        &self,
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+    ) -> Result<(Rows<'a>, &'a [f32])> {
+        let x = Rows::of(s1, l1, "linear input")?;
+        let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
+        let (_, shape) = self.rows_and_shape(l1, self.weight.n())?;
+        if l2.shape() != &shape {
+            candle_core::bail!("linear: residual {:?}, output {:?}", l2.shape(), shape);
+        }
+        Ok((x, add))
     }
 
     /// The output's dimensions for the input `xs`: its own, the last one the weight's output features.
@@ -998,44 +1008,56 @@ mod tests {
         crate::ops::cpu::detected_only(|| {
             let dev = Device::Cpu;
             let (i, o) = (45, 40);
-            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
-            let vb = layer_vars(&w, &b);
-            for precision in [Precision::F32, Precision::CpuBf16] {
-                for bias in [true, false] {
-                    let weights = Weights::new(vb.clone(), precision);
-                    let layer = FastLinear::load(i, o, bias, &weights.pp("l")).unwrap();
-                    let rounds = precision == Precision::CpuBf16
-                        && matches!(layer, FastLinear::Packed(_))
-                        && crate::ops::amx::available();
-                    for rows in [0, 1, 17, 70] {
-                        let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
-                        for x in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
-                            let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
-                            for (got, plain) in [
-                                (layer.forward_rounded(&x), layer.forward(&x)),
-                                (layer.forward_add_rounded(&x, &r), layer.forward_add(&x, &r)),
-                            ] {
-                                let (got, plain) = (got.unwrap(), plain.unwrap());
-                                assert_eq!(got.dims(), plain.dims());
-                                let want = if rounds {
-                                    assert_eq!(got.dtype(), DType::BF16);
-                                    plain.to_dtype(DType::BF16).unwrap()
-                                } else {
-                                    plain
-                                };
-                                assert_eq!(
-                                    bits(&got.to_dtype(DType::F32).unwrap()),
-                                    bits(&want.to_dtype(DType::F32).unwrap()),
-                                    "{precision:?}, bias {bias}, {rows} rows, {:?} input",
-                                    x.dtype()
-                                );
-                            }
+            each_layer(i, o, |precision, bias, layer| {
+                let rounds = precision == Precision::CpuBf16
+                    && matches!(layer, FastLinear::Packed(_))
+                    && crate::ops::amx::available();
+                for rows in [0, 1, 17, 70] {
+                    let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
+                    for x in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
+                        let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
+                        for (got, plain) in [
+                            (layer.forward_rounded(&x), layer.forward(&x)),
+                            (layer.forward_add_rounded(&x, &r), layer.forward_add(&x, &r)),
+                        ] {
+                            let (got, plain) = (got.unwrap(), plain.unwrap());
+                            assert_eq!(got.dims(), plain.dims());
+                            let want = if rounds {
+                                assert_eq!(got.dtype(), DType::BF16);
+                                plain.to_dtype(DType::BF16).unwrap()
+                            } else {
+                                plain
+                            };
+                            assert_eq!(
+                                bits(&got.to_dtype(DType::F32).unwrap()),
+                                bits(&want.to_dtype(DType::F32).unwrap()),
+                                "{precision:?}, bias {bias}, {rows} rows, {:?} input",
+                                x.dtype()
+                            );
                         }
                     }
                 }
-            }
+            });
         });
+    }
+
+    /// `f(precision, bias, layer)` for an `i -> o` layer of random weights in f32 and in the CPU bf16 mode, with
+    /// and without its bias.
+    fn each_layer(i: usize, o: usize, f: impl Fn(Precision, bool, FastLinear)) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
+        let vb = layer_vars(&w, &b);
+        for precision in [Precision::F32, Precision::CpuBf16] {
+            for bias in [true, false] {
+                let weights = Weights::new(vb.clone(), precision);
+                f(
+                    precision,
+                    bias,
+                    FastLinear::load(i, o, bias, &weights.pp("l")).unwrap(),
+                );
+            }
+        }
     }
 
     /// The product with the residual added as it is stored gives the same bits as the product and an addition
@@ -1046,36 +1068,29 @@ mod tests {
         crate::ops::cpu::detected_only(|| {
             let dev = Device::Cpu;
             let (i, o) = (37, 53);
-            let w = Tensor::randn(0f32, 1., (o, i), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1., o, &dev).unwrap();
-            let vb = layer_vars(&w, &b);
-            for precision in [Precision::F32, Precision::CpuBf16] {
-                for bias in [true, false] {
-                    let weights = Weights::new(vb.clone(), precision);
-                    let layer = FastLinear::load(i, o, bias, &weights.pp("l")).unwrap();
-                    for rows in [0, 1, 5, 37, 300] {
-                        if rows == 0 && !matches!(layer, FastLinear::Packed(_)) {
-                            continue;
-                        }
-                        let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
-                        let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
-                        let want =
-                            crate::ops::add::add(&layer.forward(&x).unwrap(), &r, 1.0).unwrap();
-                        let got = layer.forward_add(&x, &r).unwrap();
-                        assert_eq!(got.dims(), want.dims());
-                        assert_eq!(
-                            bits(&got),
-                            bits(&want),
-                            "{precision:?} bias {bias} rows {rows}"
-                        );
+            each_layer(i, o, |precision, bias, layer| {
+                for rows in [0, 1, 5, 37, 300] {
+                    if rows == 0 && !matches!(layer, FastLinear::Packed(_)) {
+                        continue;
                     }
-                    if matches!(layer, FastLinear::Packed(_)) {
-                        let x = Tensor::randn(0f32, 1., (2, 3, i), &dev).unwrap();
-                        let wrong = Tensor::randn(0f32, 1., (2, 4, o), &dev).unwrap();
-                        assert!(layer.forward_add(&x, &wrong).is_err());
-                    }
+                    let x = Tensor::randn(0f32, 1., (2, rows, i), &dev).unwrap();
+                    let r = Tensor::randn(0f32, 1., (2, rows, o), &dev).unwrap();
+                    let want = crate::ops::add::add(&layer.forward(&x).unwrap(), &r, 1.0).unwrap();
+                    let got = layer.forward_add(&x, &r).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{precision:?} bias {bias} rows {rows}"
+                    );
                 }
-            }
+                if matches!(layer, FastLinear::Packed(_)) {
+                    let x = Tensor::randn(0f32, 1., (2, 3, i), &dev).unwrap();
+                    let wrong = Tensor::randn(0f32, 1., (2, 4, o), &dev).unwrap();
+                    assert!(layer.forward_add(&x, &wrong).is_err());
+                    assert!(layer.forward_add_rounded(&x, &wrong).is_err());
+                }
+            });
         });
     }
 
