@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{line_aligned, padded_stride, SendPtr};
+use super::cpu::{line_aligned, padded_stride, SendPtr, Values};
 use super::simd::{exp_sum_row, softmax_row};
 
 /// Queries per task: a `QUERY_TILE x keys` score block (1 MiB at 4096 keys) stays in the L2 cache.
@@ -159,9 +159,9 @@ impl CustomOp3 for AttentionOp {
         }
         #[cfg(target_arch = "x86_64")]
         if self.bf16 && super::amx::available() {
-            let q = Operand::of(s1, l1, "attention queries")?;
-            let k = Operand::of(s2, l2, "attention keys")?;
-            let v = Operand::of(s3, l3, "attention values")?;
+            let q = Values::of(s1, l1, "attention queries")?;
+            let k = Values::of(s2, l2, "attention keys")?;
+            let v = Values::of(s3, l3, "attention values")?;
             // SAFETY: AMX is available (checked just above).
             let out = unsafe {
                 on_tiles(
@@ -273,14 +273,14 @@ impl CustomOp3 for AttentionOp {
 /// short key sequences (cross-attention) would otherwise pay a parallel region per head for little work.
 #[cfg(target_arch = "x86_64")]
 fn pack_heads(
-    k: Operand,
-    v: Operand,
+    k: Values,
+    v: Values,
     (b, m, inner): (usize, usize, usize),
     heads: usize,
     dk: usize,
     format: super::gemm::Format,
 ) -> Vec<(super::gemm::PackedB, super::gemm::PackedB)> {
-    use super::gemm::{Column, PackedB};
+    use super::gemm::PackedB;
 
     let d = inner / heads;
     (0..b * heads)
@@ -289,14 +289,11 @@ fn pack_heads(
             let (bi, hi) = (bh / heads, bh % heads);
             let col = |r: usize| (bi * m + r) * inner + hi * d;
             (
-                PackedB::from_columns(m, dk, format, |r| match k {
-                    Operand::F32(k) => Column::F32(&k[col(r)..][..d]),
-                    Operand::Bf16(k) => Column::Bf16(&k[col(r)..][..d]),
-                }),
+                PackedB::from_columns(m, dk, format, |r| k.slice(col(r)..col(r) + d)),
                 // (A bf16 value widened to f32 packs back to the same bf16.)
                 PackedB::from_rows(m, d, format, |r, row| match v {
-                    Operand::F32(v) => row.copy_from_slice(&v[col(r)..][..d]),
-                    Operand::Bf16(v) => {
+                    Values::F32(v) => row.copy_from_slice(&v[col(r)..][..d]),
+                    Values::Bf16(v) => {
                         for (o, &h) in row.iter_mut().zip(&v[col(r)..][..d]) {
                             *o = half::bf16::from_bits(h).to_f32();
                         }
@@ -305,30 +302,6 @@ fn pack_heads(
             )
         })
         .collect()
-}
-
-/// An operand of [`AttentionOp`]: f32 values, or bf16 bit patterns (rounded already, for the AMX path).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-enum Operand<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<'a> Operand<'a> {
-    /// The contiguous values of `s` (layout `l`), f32 or bf16; `what` names it in the error otherwise.
-    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
-        match s {
-            CpuStorage::BF16(v) => match l.contiguous_offsets() {
-                Some((a, b)) => Ok(Self::Bf16(
-                    half::slice::HalfFloatSliceExt::reinterpret_cast(&v[a..b]),
-                )),
-                None => candle_core::bail!("{what}: expected a contiguous tensor"),
-            },
-            _ => Ok(Self::F32(super::cpu::contiguous_f32(s, l, what)?)),
-        }
-    }
 }
 
 /// Divides output row `r` (`d` values at `out + r * stride`) by `sums[r]`: the softmax's normalisation, applied
@@ -377,8 +350,8 @@ unsafe fn packed(
     let bf16 = format == Format::Bf16;
     let tiles = n.div_ceil(QUERY_TILE);
     let packed = pack_heads(
-        Operand::F32(k),
-        Operand::F32(v),
+        Values::F32(k),
+        Values::F32(v),
         (b, m, inner),
         heads,
         d,
@@ -462,9 +435,9 @@ unsafe fn packed(
 /// [`super::amx::available`] must have returned `true`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn on_tiles(
-    q: Operand,
-    k: Operand,
-    v: Operand,
+    q: Values,
+    k: Values,
+    v: Values,
     (b, n, m, inner): (usize, usize, usize, usize),
     heads: usize,
     scale: f32,
@@ -615,7 +588,7 @@ static QUERIES: super::cpu::Kept<Vec<u16>> = super::cpu::Kept::new(Vec::new());
 /// its head's columns row by row.
 #[cfg(target_arch = "x86_64")]
 fn queries_by_head(
-    q: Operand,
+    q: Values,
     out: &mut [u16],
     (b, n, inner): (usize, usize, usize),
     heads: usize,
@@ -639,8 +612,8 @@ fn queries_by_head(
                 };
                 let from = row * inner + h * d;
                 match q {
-                    Operand::F32(q) => convert_bf16(&q[from..][..d], &mut block[..d]),
-                    Operand::Bf16(q) => block[..d].copy_from_slice(&q[from..][..d]),
+                    Values::F32(q) => convert_bf16(&q[from..][..d], &mut block[..d]),
+                    Values::Bf16(q) => block[..d].copy_from_slice(&q[from..][..d]),
                 }
                 block[d..].fill(0);
             }

@@ -16,6 +16,47 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
     }
 }
 
+/// An op's input values read in place: f32, or bf16 bit patterns (a producer's result rounded already, for a
+/// consumer that rounds it to bf16 anyway).
+#[derive(Clone, Copy)]
+pub(crate) enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Values<'a> {
+    /// The contiguous values of `s` (layout `l`), f32 or bf16; `what` names them in the error otherwise.
+    pub(crate) fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
+        match s {
+            CpuStorage::BF16(v) => {
+                let Some((a, b)) = l.contiguous_offsets() else {
+                    candle_core::bail!("{what}: expected a contiguous tensor");
+                };
+                Ok(Self::Bf16(
+                    half::slice::HalfFloatSliceExt::reinterpret_cast(&v[a..b]),
+                ))
+            }
+            _ => Ok(Self::F32(contiguous_f32(s, l, what)?)),
+        }
+    }
+
+    /// Entries `range`.
+    pub(crate) fn slice(self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            Self::F32(x) => Self::F32(&x[range]),
+            Self::Bf16(x) => Self::Bf16(&x[range]),
+        }
+    }
+
+    /// How many values.
+    pub(crate) fn len(self) -> usize {
+        match self {
+            Self::F32(x) => x.len(),
+            Self::Bf16(x) => x.len(),
+        }
+    }
+}
+
 /// A raw pointer shared by parallel tasks, each of which writes only its own part of the pointee.
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 

@@ -17,7 +17,7 @@ use std::mem::MaybeUninit;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::cpu::SendPtr;
+use super::cpu::{SendPtr, Values};
 
 /// Columns per packed panel (one 512-bit register of f32 accumulators).
 pub const NR: usize = 16;
@@ -121,13 +121,6 @@ impl PartialEq for Words {
     }
 }
 
-/// One column of a matrix for [`PackedB::from_columns`]: f32 values, or bf16 bit patterns.
-#[derive(Clone, Copy)]
-pub(crate) enum Column<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
 /// The right-hand operand of [`gemm_f32`] / [`gemm_bf16`]: a `k x n` matrix packed in column panels of [`NR`]
 /// (zeros past `k` and `n`).
 #[derive(Debug, Clone)]
@@ -206,7 +199,7 @@ impl PackedB {
         n: usize,
         k: usize,
         format: Format,
-        column: impl Fn(usize) -> Column<'a>,
+        column: impl Fn(usize) -> Values<'a>,
     ) -> Self {
         let words = k.div_ceil(format.per_word());
         let mut data = Words::zeroed(n.div_ceil(NR) * words * NR);
@@ -214,13 +207,13 @@ impl PackedB {
         let mut halves = vec![0u16; 2 * words];
         for j in 0..n {
             match (format, column(j)) {
-                (Format::F32, Column::F32(src)) => {
+                (Format::F32, Values::F32(src)) => {
                     row.fill(0);
                     for (w, &v) in row.iter_mut().zip(&src[..src.len().min(k)]) {
                         *w = v.to_bits();
                     }
                 }
-                (Format::F32, Column::Bf16(src)) => {
+                (Format::F32, Values::Bf16(src)) => {
                     row.fill(0);
                     for (w, &v) in row.iter_mut().zip(&src[..src.len().min(k)]) {
                         *w = bf16::from_bits(v).to_f32().to_bits();
@@ -229,8 +222,8 @@ impl PackedB {
                 (Format::Bf16, src) => {
                     halves.fill(0);
                     match src {
-                        Column::F32(src) => convert_bf16(&src[..src.len().min(k)], &mut halves),
-                        Column::Bf16(src) => {
+                        Values::F32(src) => convert_bf16(&src[..src.len().min(k)], &mut halves),
+                        Values::Bf16(src) => {
                             let src = &src[..src.len().min(k)];
                             halves[..src.len()].copy_from_slice(src);
                         }
@@ -2169,7 +2162,7 @@ mod tests {
             }
             for p in [Format::F32, Format::Bf16] {
                 crate::ops::cpu::detected_only(|| {
-                    let got = PackedB::from_columns(n, k, p, |j| Column::F32(&cols[j]));
+                    let got = PackedB::from_columns(n, k, p, |j| Values::F32(&cols[j]));
                     let want = PackedB::from_transposed(&padded, n, k, p);
                     assert_eq!((got.n(), got.k()), (n, k));
                     assert_eq!(got.data, want.data, "{n}x{k} ({given} given), {p:?}");
@@ -2178,7 +2171,7 @@ mod tests {
                         .iter()
                         .map(|c| c.iter().map(|&v| round_bf16(v)).collect())
                         .collect();
-                    let got = PackedB::from_columns(n, k, p, |j| Column::Bf16(&rounded[j]));
+                    let got = PackedB::from_columns(n, k, p, |j| Values::Bf16(&rounded[j]));
                     let widened: Vec<f32> = padded
                         .iter()
                         .map(|&v| bf16::from_bits(round_bf16(v)).to_f32())

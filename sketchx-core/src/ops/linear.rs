@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::precision::Weights;
 
-use super::cpu::{Kept, Out, SendPtr};
+use super::cpu::{Kept, Out, SendPtr, Values};
 use super::gemm::{
     convert_bf16_parallel, fills_uninit, gemm_bf16_from, gemm_f32_from, gemm_rows_uninit, Format,
     PackedB, Start, NR,
@@ -24,34 +24,7 @@ use super::gemm::{
 static ROUNDED: Kept<Vec<u16>> = Kept::new(Vec::new());
 
 /// A packed layer's input rows: f32 values, or bf16 bit patterns (for a layer packed in bf16).
-#[derive(Clone, Copy)]
-enum Rows<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [u16]),
-}
-
-impl<'a> Rows<'a> {
-    /// The contiguous values of `s` (layout `l`), f32 or bf16.
-    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
-        match s {
-            CpuStorage::BF16(v) => {
-                let Some((a, b)) = l.contiguous_offsets() else {
-                    candle_core::bail!("{what}: expected a contiguous tensor");
-                };
-                Ok(Self::Bf16(v[a..b].reinterpret_cast()))
-            }
-            _ => Ok(Self::F32(super::cpu::contiguous_f32(s, l, what)?)),
-        }
-    }
-
-    /// Entries `start..end`.
-    fn slice(self, range: std::ops::Range<usize>) -> Self {
-        match self {
-            Self::F32(x) => Self::F32(&x[range]),
-            Self::Bf16(x) => Self::Bf16(&x[range]),
-        }
-    }
-
+impl Values<'_> {
     /// `f` on the rows as bf16 bit patterns: as they are, or rounded into memory kept between calls.
     fn in_bf16<R>(self, f: impl FnOnce(&[u16]) -> R) -> R {
         match self {
@@ -60,13 +33,6 @@ impl<'a> Rows<'a> {
                 convert_bf16_parallel(x, rounded);
                 f(rounded)
             }),
-        }
-    }
-
-    fn len(self) -> usize {
-        match self {
-            Self::F32(x) => x.len(),
-            Self::Bf16(x) => x.len(),
         }
     }
 }
@@ -242,20 +208,14 @@ impl FastLinear {
     /// writes; other layers return [`Module::forward`]'s f32 result. Timed as `linear`.
     pub fn forward_rounded(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Packed(op)
-                if op.weight.format() == Format::Bf16
-                    && super::amx::available()
-                    && xs.device().is_cpu() =>
-            {
-                super::profile::scope_flops(
-                    self.profile_kind(xs),
-                    || self.flops(xs),
-                    || {
-                        let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&RoundedLinearOp(op))?;
-                        super::cpu::lined_view(&out, &op.out_dims(xs))
-                    },
-                )
-            }
+            Self::Packed(op) if op.rounds_tiles(xs) => super::profile::scope_flops(
+                self.profile_kind(xs),
+                || self.flops(xs),
+                || {
+                    let out = Self::op_input(op, xs)?.apply_op1_no_bwd(&RoundedLinearOp(op))?;
+                    super::cpu::lined_view(&out, &op.out_dims(xs))
+                },
+            ),
             _ => self.forward(xs),
         }
     }
@@ -267,9 +227,7 @@ impl FastLinear {
     pub fn forward_add_rounded(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match self {
             Self::Packed(op)
-                if op.weight.format() == Format::Bf16
-                    && super::amx::available()
-                    && xs.device().is_cpu()
+                if op.rounds_tiles(xs)
                     && residual.device().is_cpu()
                     && residual.dtype() == DType::F32 =>
             {
@@ -414,7 +372,7 @@ impl CustomOp1 for GegluLinearOp<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = Rows::of(s, l, "linear input")?;
+        let x = Values::of(s, l, "linear input")?;
         let n = self.linear.weight.n();
         let half = n / 2;
         let (m, shape) = self.linear.rows_and_shape(l, half)?;
@@ -467,7 +425,7 @@ impl GegluLinearOp<'_> {
     /// (16 hidden columns and their 16 gates) becomes 16 x 16 values of `out`, straight from the tiles, in the
     /// same operations as [`super::geglu::geglu_rows`] (the same bits).
     #[cfg(target_arch = "x86_64")]
-    fn fused(&self, x: Rows, m: usize, out: &mut Output) {
+    fn fused(&self, x: Values, m: usize, out: &mut Output) {
         use super::simd::TileOut;
         const T: usize = NR * NR;
         let (k, half) = (self.linear.weight.k(), self.linear.weight.n() / 2);
@@ -580,7 +538,7 @@ impl CustomOp1 for PackedLinearOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward_rows(Rows::of(s, l, "linear input")?, l, None)
+        self.forward_rows(Values::of(s, l, "linear input")?, l, None)
     }
 }
 
@@ -593,7 +551,7 @@ impl CustomOp1 for RoundedLinearOp<'_> {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.rounded(Rows::of(s, l, "linear input")?, l, None)
+        self.rounded(Values::of(s, l, "linear input")?, l, None)
     }
 }
 
@@ -617,7 +575,7 @@ impl CustomOp2 for RoundedLinearOp<'_> {
 impl RoundedLinearOp<'_> {
     /// The product of the rows `x` (layout `l`), plus `add` (laid out as the output, checked by the caller) if
     /// given, rounded tile by tile into a bf16 output.
-    fn rounded(&self, x: Rows, l: &Layout, add: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+    fn rounded(&self, x: Values, l: &Layout, add: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let op = self.0;
         let (k, n) = (op.weight.k(), op.weight.n());
         let (m, shape) = op.rows_and_shape(l, n)?;
@@ -641,7 +599,7 @@ impl RoundedLinearOp<'_> {
                 };
             };
             let bias = op.bias.as_deref().map(Vec::as_slice);
-            // SAFETY: AMX is available (checked by `forward_rounded`, the only maker of this op); `a` holds `m`
+            // SAFETY: AMX is available (`rounds_tiles` held before the op was made); `a` holds `m`
             // rows of `k` entries; a bias holds `n` values.
             x.in_bf16(|a| unsafe {
                 super::amx::gemm_handed(
@@ -707,7 +665,7 @@ impl CustomOp2 for ImageAddOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = Rows::of(s1, l1, "linear input")?;
+        let x = Values::of(s1, l1, "linear input")?;
         let residual = super::cpu::contiguous_f32(s2, l2, "residual")?;
         let (k, n, hw) = (self.op.weight.k(), self.op.weight.n(), self.hw);
         let (m, _) = self.op.rows_and_shape(l1, n)?;
@@ -764,7 +722,7 @@ impl PackedLinearOp {
     /// product stores its result, the same values as adding afterwards.
     fn forward_rows(
         &self,
-        x: Rows,
+        x: Values,
         l: &Layout,
         add: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
@@ -781,13 +739,13 @@ impl PackedLinearOp {
             // caller).
             unsafe {
                 match (self.weight.format(), x) {
-                    (Format::F32, Rows::F32(x)) => {
+                    (Format::F32, Values::F32(x)) => {
                         gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add)
                     }
                     (Format::Bf16, x) => {
                         x.in_bf16(|x| gemm_rows_uninit(m, x, k, &self.weight, (c, n), start, add))
                     }
-                    (Format::F32, Rows::Bf16(_)) => {
+                    (Format::F32, Values::Bf16(_)) => {
                         candle_core::bail!("linear: a bf16 input to a layer packed in f32")
                     }
                 }
@@ -806,14 +764,20 @@ impl PackedLinearOp {
         Ok((CpuStorage::F32(v), shape))
     }
 
+    /// Whether this layer's product on `xs` can round its tiles as they are handed on ([`RoundedLinearOp`]):
+    /// packed in bf16, on AMX, on the CPU.
+    fn rounds_tiles(&self, xs: &Tensor) -> bool {
+        self.weight.format() == Format::Bf16 && super::amx::available() && xs.device().is_cpu()
+    }
+
     /// The input rows of storage `s1` (layout `l1`) and the f32 residual `s2` (layout `l2`) that an op adds to
     /// their product: it must have the output's shape.
     fn rows_and_residual<'a>(
         &self,
         (s1, l1): (&'a CpuStorage, &Layout),
         (s2, l2): (&'a CpuStorage, &Layout),
-    ) -> Result<(Rows<'a>, &'a [f32])> {
-        let x = Rows::of(s1, l1, "linear input")?;
+    ) -> Result<(Values<'a>, &'a [f32])> {
+        let x = Values::of(s1, l1, "linear input")?;
         let add = super::cpu::contiguous_f32(s2, l2, "linear residual")?;
         let (_, shape) = self.rows_and_shape(l1, self.weight.n())?;
         if l2.shape() != &shape {
@@ -851,7 +815,7 @@ impl PackedLinearOp {
 
     /// `out = x W^T + b` for the rows of `x` (contiguous, `k` values each) into `out` (`n` values each, its old
     /// values never read: the product starts from the bias); in bf16 the input is rounded in parallel first.
-    fn product(&self, x: Rows, out: &mut [f32]) -> Result<()> {
+    fn product(&self, x: Values, out: &mut [f32]) -> Result<()> {
         if out.is_empty() {
             return Ok(());
         }
@@ -859,11 +823,11 @@ impl PackedLinearOp {
         let m = out.len() / n;
         let start = self.start();
         match (self.weight.format(), x) {
-            (Format::F32, Rows::F32(x)) => gemm_f32_from(m, x, k, &self.weight, out, n, start),
+            (Format::F32, Values::F32(x)) => gemm_f32_from(m, x, k, &self.weight, out, n, start),
             (Format::Bf16, x) => {
                 x.in_bf16(|x| gemm_bf16_from(m, x, k, &self.weight, out, n, start))
             }
-            (Format::F32, Rows::Bf16(_)) => {
+            (Format::F32, Values::Bf16(_)) => {
                 candle_core::bail!("linear: a bf16 input to a layer packed in f32")
             }
         }
