@@ -640,40 +640,43 @@ impl Engine {
             let model_in = scheduler
                 .scale_model_input(&model_in, begin + i)?
                 .to_dtype(dt)?;
-            let residuals = if g.controls_step(req, i, total) {
-                let control_in = if g.conditional_only() {
+            let control_in = if g.controls_step(req, i, total) {
+                Some(if g.conditional_only() {
                     scheduler
                         .scale_model_input(&latents, begin + i)?
                         .to_dtype(dt)?
                 } else {
                     model_in.clone()
-                };
-                let r = on_pool(|| {
-                    self.controlnet.forward(
-                        &control_in,
-                        t,
-                        &text.controlnet,
-                        control,
-                        g.scale,
-                        g.guess,
-                    )
-                })?;
-                Some(if g.conditional_only() {
-                    pad_uncond(r)?
-                } else {
-                    r
                 })
             } else {
                 None
             };
+            // The ControlNet's residuals, computed while the UNet's down and mid blocks run.
+            let residuals = || -> Result<Option<ControlResiduals>> {
+                let Some(control_in) = control_in else {
+                    return Ok(None);
+                };
+                let r = self.controlnet.forward(
+                    &control_in,
+                    t,
+                    &text.controlnet,
+                    control,
+                    g.scale,
+                    g.guess,
+                )?;
+                Ok(Some(if g.conditional_only() {
+                    pad_uncond(r)?
+                } else {
+                    r
+                }))
+            };
             let noise = on_pool(|| {
-                self.unet.forward_cond(
+                self.unet.forward_controlled(
                     &model_in,
                     t,
                     &text.unet,
                     timestep_cond.as_ref(),
-                    residuals.as_ref().map(|r| r.down.as_slice()),
-                    residuals.as_ref().map(|r| &r.mid),
+                    residuals,
                 )
             })?;
             let noise = g.combine(noise.to_dtype(DType::F32)?, req.guidance_scale)?;

@@ -12,6 +12,7 @@ use super::blocks::{
     conv2d, group_norm, BlockParams, BlockSpec, DownBlock, MidBlock, TimeEmbedding, UpBlock,
 };
 use super::config::ConfigFile;
+use super::controlnet::ControlResiduals;
 use crate::error::{Error, Result};
 use crate::ops::conv::FastConv2d as Conv2d;
 use crate::ops::norm::FastGroupNorm as GroupNorm;
@@ -443,6 +444,48 @@ impl UNet {
         down: Option<&[Tensor]>,
         mid: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let encoded = self.encode(xs, timestep, ctx, timestep_cond)?;
+        self.decode(encoded, ctx, down, mid)
+    }
+
+    /// [`UNet::forward_cond`] with the ControlNet residuals that `control` computes (`None`: no residuals) while
+    /// this network's time embedding, down blocks and mid block run, which do not depend on them: on the CPU the
+    /// two run side by side on the thread pool (each one's operations still split across it), so that one's
+    /// memory-bound layers overlap the other's compute-bound ones and neither thread waits between operations.
+    /// The same values as computing the residuals first. Sequential on other devices and while the operation
+    /// profiler is on (so that each operation's time is its own).
+    pub fn forward_controlled(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        ctx: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        control: impl FnOnce() -> Result<Option<ControlResiduals>> + Send,
+    ) -> Result<Tensor> {
+        let encode = || self.encode(xs, timestep, ctx, timestep_cond);
+        let (residuals, encoded) = if xs.device().is_cpu() && !crate::ops::profile::enabled() {
+            rayon::join(control, encode)
+        } else {
+            (control(), encode())
+        };
+        let residuals = residuals?;
+        self.decode(
+            encoded?,
+            ctx,
+            residuals.as_ref().map(|r| r.down.as_slice()),
+            residuals.as_ref().map(|r| &r.mid),
+        )
+    }
+
+    /// The time embedding, `conv_in`, the down blocks and the mid block: what the ControlNet's residuals are added
+    /// to.
+    fn encode(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        ctx: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Encoded> {
         let (_, _, h, w) = xs.dims4()?;
         if let (Some(dim), Some(c)) = (self.time_cond_proj_dim, timestep_cond) {
             if c.dims() != [xs.dim(0)?, dim] {
@@ -455,7 +498,30 @@ impl UNet {
         }
         let temb = self.encoder.time_embedding(timestep, xs, timestep_cond)?;
         let x = self.encoder.conv_in(xs)?;
-        let (x, mut skips) = self.encoder.down(x, &temb, ctx)?;
+        let (x, skips) = self.encoder.down(x, &temb, ctx)?;
+        let x = self.encoder.mid(&x, &temb, ctx)?;
+        Ok(Encoded {
+            x,
+            skips,
+            temb,
+            size: (h, w),
+        })
+    }
+
+    /// The ControlNet's residuals added to the skip connections (`down`) and the mid block's output (`mid`), then
+    /// the up blocks and the output layers.
+    fn decode(
+        &self,
+        Encoded {
+            x,
+            mut skips,
+            temb,
+            size: (h, w),
+        }: Encoded,
+        ctx: &Tensor,
+        down: Option<&[Tensor]>,
+        mid: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if let Some(extra) = down {
             if extra.len() != skips.len() {
                 return Err(Error::JobFailed(format!(
@@ -468,7 +534,7 @@ impl UNet {
                 *s = crate::ops::add::add(s, e, 1.0)?;
             }
         }
-        let mut x = self.encoder.mid(&x, &temb, ctx)?;
+        let mut x = x;
         if let Some(m) = mid {
             x = crate::ops::add::add(&x, m, 1.0)?;
         }
@@ -487,6 +553,15 @@ impl UNet {
         }
         Ok(self.conv_out.forward_norm_silu(&self.conv_norm_out, &x)?)
     }
+}
+
+/// The UNet's state where the ControlNet's residuals join it: the mid block's output, the skip connections, the
+/// time embedding and the input's height and width.
+struct Encoded {
+    x: Tensor,
+    skips: Vec<Tensor>,
+    temb: Tensor,
+    size: (usize, usize),
 }
 
 /// diffusers' `get_guidance_scale_embedding` (pipelines' LCM support): the `(w.len(), embedding_dim)` float32
@@ -604,6 +679,79 @@ pub(crate) mod tests {
             let other = Tensor::cat(&[&latent, &(&latent + 1.0).unwrap()], 0).unwrap();
             unet.forward(&other, 500.0, &ctx, None, None).unwrap();
             assert_eq!(SHARED_PASSES.with(|c| c.get()), 0);
+        }
+    }
+
+    /// The ControlNet's residuals computed beside the UNet's down and mid blocks (`forward_controlled`, on a
+    /// two-thread pool) give the same bits as computing them first, in f32 and in the CPU bf16 mode; without
+    /// residuals it is `forward` without them (which differs: the residuals count), and the control's error comes
+    /// back as it is.
+    #[test]
+    fn controlled_forward_gives_the_sequential_bits() {
+        crate::ops::cpu::detected_only(controlled_forward_bits);
+    }
+
+    fn controlled_forward_bits() {
+        let dev = Device::Cpu;
+        let sd = fixture("tiny-sd");
+        let cn_dir = fixture("tiny-controlnet");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let bits = |t: Tensor| -> Vec<u32> {
+            let v = t
+                .flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            v.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        for precision in [Precision::F32, Precision::CpuBf16] {
+            let w = weights(&sd.weights("unet", None).unwrap(), precision, &dev).unwrap();
+            let unet = UNet::load(w, &config(&sd, "unet/config.json")).unwrap();
+            let w = weights(&cn_dir.weights("", None).unwrap(), precision, &dev).unwrap();
+            let cn = ControlNet::load(w, &config(&cn_dir, "config.json")).unwrap();
+            let xs = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev).unwrap();
+            let ctx = Tensor::randn(0f32, 1., (2, 7, 32), &dev).unwrap();
+            let cond = Tensor::rand(0f32, 1., (2, 3, 64, 64), &dev).unwrap();
+            let control = || Ok(Some(cn.forward(&xs, 500.0, &ctx, &cond, 1.0, false)?));
+            let res = control().unwrap().unwrap();
+            let sequential = bits(
+                unet.forward(&xs, 500.0, &ctx, Some(&res.down), Some(&res.mid))
+                    .unwrap(),
+            );
+            let controlled = pool.install(|| {
+                unet.forward_controlled(&xs, 500.0, &ctx, None, control)
+                    .unwrap()
+            });
+            assert!(
+                bits(controlled) == sequential,
+                "{precision:?}: the residuals computed beside the down blocks changed the output"
+            );
+            let plain = bits(unet.forward(&xs, 500.0, &ctx, None, None).unwrap());
+            let none = pool.install(|| {
+                unet.forward_controlled(&xs, 500.0, &ctx, None, || Ok(None))
+                    .unwrap()
+            });
+            assert!(bits(none) == plain, "{precision:?}: no residuals");
+            assert!(
+                plain != sequential,
+                "{precision:?}: the residuals changed nothing"
+            );
+            let failed = pool.install(|| {
+                unet.forward_controlled(&xs, 500.0, &ctx, None, || {
+                    Err(Error::JobFailed("control failed".into()))
+                })
+            });
+            assert!(
+                matches!(failed, Err(Error::JobFailed(m)) if m == "control failed"),
+                "{precision:?}: the control's error"
+            );
         }
     }
 }

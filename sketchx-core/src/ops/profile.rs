@@ -30,6 +30,11 @@ pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether timing is on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Runs `f`, adding its wall time to `kind` when timing is enabled.
 #[inline]
 pub fn scope<T>(kind: &'static str, f: impl FnOnce() -> T) -> T {
