@@ -628,15 +628,21 @@ pub(crate) mod tests {
         crate::ops::cpu::detected_only(shared_halves_bits);
     }
 
+    /// The tiny fixture UNet and ControlNet in `precision`.
+    fn tiny_models(precision: Precision) -> (UNet, ControlNet) {
+        let dev = Device::Cpu;
+        let (sd, cn_dir) = (fixture("tiny-sd"), fixture("tiny-controlnet"));
+        let w = weights(&sd.weights("unet", None).unwrap(), precision, &dev).unwrap();
+        let unet = UNet::load(w, &config(&sd, "unet/config.json")).unwrap();
+        let w = weights(&cn_dir.weights("", None).unwrap(), precision, &dev).unwrap();
+        let cn = ControlNet::load(w, &config(&cn_dir, "config.json")).unwrap();
+        (unet, cn)
+    }
+
     fn shared_halves_bits() {
         let dev = Device::Cpu;
-        let sd = fixture("tiny-sd");
-        let cn_dir = fixture("tiny-controlnet");
         for precision in [Precision::F32, Precision::CpuBf16] {
-            let w = weights(&sd.weights("unet", None).unwrap(), precision, &dev).unwrap();
-            let unet = UNet::load(w, &config(&sd, "unet/config.json")).unwrap();
-            let w = weights(&cn_dir.weights("", None).unwrap(), precision, &dev).unwrap();
-            let cn = ControlNet::load(w, &config(&cn_dir, "config.json")).unwrap();
+            let (unet, cn) = tiny_models(precision);
             let latent = Tensor::randn(0f32, 1., (1, 4, 8, 8), &dev).unwrap();
             let xs = Tensor::cat(&[&latent, &latent], 0).unwrap();
             let ctx = Tensor::randn(0f32, 1., (2, 7, 32), &dev).unwrap();
@@ -693,8 +699,6 @@ pub(crate) mod tests {
 
     fn controlled_forward_bits() {
         let dev = Device::Cpu;
-        let sd = fixture("tiny-sd");
-        let cn_dir = fixture("tiny-controlnet");
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
@@ -712,10 +716,7 @@ pub(crate) mod tests {
                 .collect()
         };
         for precision in [Precision::F32, Precision::CpuBf16] {
-            let w = weights(&sd.weights("unet", None).unwrap(), precision, &dev).unwrap();
-            let unet = UNet::load(w, &config(&sd, "unet/config.json")).unwrap();
-            let w = weights(&cn_dir.weights("", None).unwrap(), precision, &dev).unwrap();
-            let cn = ControlNet::load(w, &config(&cn_dir, "config.json")).unwrap();
+            let (unet, cn) = tiny_models(precision);
             let xs = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev).unwrap();
             let ctx = Tensor::randn(0f32, 1., (2, 7, 32), &dev).unwrap();
             let cond = Tensor::rand(0f32, 1., (2, 3, 64, 64), &dev).unwrap();

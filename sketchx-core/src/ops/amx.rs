@@ -859,14 +859,18 @@ impl Job<'_> {
         unsafe {
             let mut s = s0;
             while s < s1 {
-                if full && pf.per_step == 0 {
+                if full {
                     // A segment's whole steps in one loop of tile instructions, the operands' pointers stepping a
                     // tile at a time: the per-step bookkeeping below held the tiles up by a sixth in a warm
-                    // product. (A short last step of a segment, or of an odd k, is not whole.)
+                    // product. (A short last step of a segment, or of an odd k, is not whole.) One step at a time
+                    // where each step issues its share of prefetches. Each load comes as close as possible before
+                    // its first product, so that the next step's loads overlap this step's last products.
                     let whole_words = (self.k / 2 - seg * seg_words).min(seg_words);
                     let whole_in_seg = (whole_words.saturating_sub(w)) / TW;
                     let run = whole_in_seg.min(s1 - s);
+                    let run = if pf.per_step == 0 { run } else { run.min(1) };
                     if run > 0 {
+                        pf.issue();
                         let w0 = seg * seg_words + w;
                         let step = (seg, w, w0);
                         let (a0, a1) = (self.a_tile(r, step), self.a_tile(r + TILE, step));
@@ -916,31 +920,6 @@ impl Job<'_> {
                 w += TW;
                 if w >= seg_words {
                     (seg, w) = (seg + 1, 0);
-                }
-                if full && ke == 2 * TW {
-                    pf.issue();
-                    // The common step, all four tiles whole, in one block: each load as close as possible before
-                    // its first product, so that the next step's loads overlap this step's last products.
-                    let (a0, a1) = (self.a_tile(r, step), self.a_tile(r + TILE, step));
-                    let ((b0, b_row), (b1, _)) = (self.b_tile(p0, step), self.b_tile(p0 + 1, step));
-                    std::arch::asm!(
-                        "tileloadd tmm4, [{a0} + {sa} * 1]",
-                        "tileloadd tmm6, [{b0} + {sb} * 1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {sb} * 1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {sa} * 1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0,
-                        a1 = in(reg) a1,
-                        sa = in(reg) self.lda * 2,
-                        b0 = in(reg) b0,
-                        b1 = in(reg) b1,
-                        sb = in(reg) b_row * 4,
-                        options(nostack, readonly, preserves_flags)
-                    );
-                    continue;
                 }
                 for i in 0..2 {
                     if rows[i] == 0 {
