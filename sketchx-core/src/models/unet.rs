@@ -513,7 +513,7 @@ impl UNet {
     fn decode(
         &self,
         Encoded {
-            x,
+            mut x,
             mut skips,
             temb,
             size: (h, w),
@@ -534,7 +534,6 @@ impl UNet {
                 *s = crate::ops::add::add(s, e, 1.0)?;
             }
         }
-        let mut x = x;
         if let Some(m) = mid {
             x = crate::ops::add::add(&x, m, 1.0)?;
         }
@@ -628,6 +627,12 @@ pub(crate) mod tests {
         crate::ops::cpu::detected_only(shared_halves_bits);
     }
 
+    /// A network output's values (f32) as bits.
+    fn bits(t: Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
     /// The tiny fixture UNet and ControlNet in `precision`.
     fn tiny_models(precision: Precision) -> (UNet, ControlNet) {
         let dev = Device::Cpu;
@@ -656,15 +661,7 @@ pub(crate) mod tests {
                     .forward(&xs, 500.0, &ctx, Some(&res.down), Some(&res.mid))
                     .unwrap();
                 SHARE_HALVES.store(true, Ordering::Relaxed);
-                let bits: Vec<u32> = out
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                (bits, SHARED_PASSES.with(|c| c.get()))
+                (bits(out), SHARED_PASSES.with(|c| c.get()))
             };
             let (shared, passes) = run(true);
             let (whole, none) = run(false);
@@ -703,18 +700,6 @@ pub(crate) mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let bits = |t: Tensor| -> Vec<u32> {
-            let v = t
-                .flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap();
-            v.to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
         for precision in [Precision::F32, Precision::CpuBf16] {
             let (unet, cn) = tiny_models(precision);
             let xs = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev).unwrap();
